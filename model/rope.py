@@ -1,0 +1,81 @@
+"""3-axis rotary position embedding of Wan2.1 (model_and_inference.md §2.5, §3.3).
+
+The head size ``d`` is read as ``d/2`` pairs of ADJACENT elements ``(x[2j], x[2j+1])``. The pairs are split
+``[c - 2*(c//3), c//3, c//3]`` (c = d/2) between the frame, row and column axes; each axis has its own frequency
+table ``pos * 10000^(-2j/n_a)`` with ``n_a`` = twice its pair count.
+
+The reference rotates in float64 complex arithmetic. Here the angles are computed once in float64 and stored as
+float32 cos/sin tables; the rotation is real float32 arithmetic (about 1e-7 relative difference), which is cheap on
+every backend and compiles cleanly. A frame offset gives streaming blocks their absolute temporal positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+THETA = 10000.0
+
+
+def axis_pairs(head_dim: int) -> tuple[int, int, int]:
+    """Rotation pairs given to the (frame, row, column) axes."""
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def _axis_angles(max_positions: int, pairs: int) -> torch.Tensor:
+    """float64 angles ``[max_positions, pairs]`` of one axis."""
+    n = 2 * pairs
+    inv_freq = 1.0 / (THETA ** (torch.arange(0, n, 2, dtype=torch.float64) / n))
+    return torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+
+
+class RotaryTables:
+    """Per-axis angle tables plus a small cache of per-call ``(cos, sin)`` token tables."""
+
+    def __init__(self, head_dim: int, max_positions: int = 1024):
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.angles = [_axis_angles(max_positions, p) for p in axis_pairs(head_dim)]
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, frame_positions: tuple[int, ...], height: int, width: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of every token, ``[len(frames)·height·width, head_dim/2]`` float32, token order (f, h, w).
+
+        ``frame_positions`` are absolute temporal positions, one per frame of the call (a teacher-forcing call repeats
+        0..F-1 for its clean and noisy halves). Positions are Python integers, so nothing here reads the GPU.
+        """
+        key = (frame_positions, height, width, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if max(frame_positions) >= self.max_positions or max(height, width) > self.max_positions:
+            raise ValueError(f"RoPE supports {self.max_positions} positions per axis; got frame "
+                             f"{max(frame_positions)}, grid {height}x{width}")
+        fa, ha, wa = self.angles
+        f = fa[list(frame_positions)]                         # [F, cf]
+        num_frames = f.shape[0]
+        angles = torch.cat([
+            f[:, None, None, :].expand(num_frames, height, width, -1),
+            ha[:height][None, :, None, :].expand(num_frames, height, width, -1),
+            wa[:width][None, None, :, :].expand(num_frames, height, width, -1),
+        ], dim=-1).reshape(num_frames * height * width, -1)   # [L, d/2] float64
+        out = (angles.cos().float().to(device), angles.sin().float().to(device))
+        if len(self._cache) > 256:  # positions of a long stream; keep memory bounded
+            self._cache.clear()
+        self._cache[key] = out
+        return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of ``x`` ``[B, L, N, d]`` by the token angles ``cos``/``sin`` ``[L, d/2]``.
+
+    Computed in float32 and returned in ``x``'s dtype.
+    """
+    dtype = x.dtype
+    xf = x.float().unflatten(-1, (-1, 2))                    # [B, L, N, d/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).to(dtype)

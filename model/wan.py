@@ -1,0 +1,369 @@
+"""The Wan2.1 diffusion transformer, bidirectional (teacher, critic) and block-causal (generator), in one class.
+
+Parameter names are the original Wan2.1 ones (model_and_inference.md §2.2), so original weights and released Causal
+Forcing checkpoints load with ``strict=True``. Latents are ``[B, F, C, H, W]`` at every boundary; timesteps are per
+frame ``[B, F]`` (a ``[B]`` timestep is broadcast over frames). Every size comes from :class:`WanConfig` and the input
+shape.
+
+Three named attention paths, chosen by the caller:
+
+* :meth:`WanModel.forward` -- one full-sequence pass; no mask for the bidirectional model, the block-causal mask
+  (with optional local window) for the causal one (diffusion forcing).
+* :meth:`WanModel.forward_teacher_forcing` -- ``[clean ; noisy]`` in one pass under the teacher-forcing mask.
+* :meth:`WanModel.forward_cached` -- one block against a :class:`KVCache` (streaming inference and rollouts).
+
+Module order follows the forward pass: norms -> self-attention -> cross-attention -> block -> head -> model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import attention
+from model.config import WanConfig
+from model.kv_cache import KVCache
+from model.masks import (BlockLayout, block_causal_frame_mask, dense_token_mask, flex_block_mask,
+                         teacher_forcing_frame_mask)
+from model.rope import RotaryTables, apply_rope
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[N]`` timesteps -> ``[N, dim]`` features ``[cos(t·w), sin(t·w)]``, ``w_j = 10000^(-j/(dim/2))``, float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim; statistics in float32, then cast back and scaled."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in the input dtype (the affine one is ``norm3``; the others have no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).type_as(x)
+
+
+@dataclass
+class AttnPlan:
+    """How the self-attention of one call runs (shared by all layers of that call)."""
+
+    cos: torch.Tensor                 # [L, d/2] RoPE of every token of the call
+    sin: torch.Tensor
+    mask: Any = None                  # None, dense bool [L, L] or a flex BlockMask (full-sequence paths)
+    cache: KVCache | None = None      # streaming path
+    start_frame: int = 0
+    num_frames: int = 0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, plan: AttnPlan, layer: int) -> torch.Tensor:
+        b, n = x.shape[:2]
+        # 1. projections, q/k RMSNorm over all heads, RoPE at the tokens' positions: [B, L, N, d]
+        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.num_heads, -1), plan.cos, plan.sin)
+        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.num_heads, -1), plan.cos, plan.sin)
+        v = self.v(x).view(b, n, self.num_heads, -1)
+        # 2. attention: full sequence (optionally masked) or against the cache
+        if plan.cache is None:
+            out = attention(q, k, v, plan.mask)
+        else:
+            out = self._cached(q, k, v, plan, layer)
+        return self.o(out.flatten(2))
+
+    @staticmethod
+    def _cached(q, k, v, plan: AttnPlan, layer: int) -> torch.Tensor:
+        cache = plan.cache
+        frames = range(plan.start_frame, plan.start_frame + plan.num_frames)
+        offset = 0
+        for a, b in cache.token_ranges(frames):  # write this block's (rotated) keys and values
+            cache.k[layer, :, a:b].copy_(k[:, offset:offset + b - a].detach())
+            cache.v[layer, :, a:b].copy_(v[:, offset:offset + b - a].detach())
+            offset += b - a
+        if torch.is_grad_enabled():
+            # Training rollout: gradients flow through this block's own K/V only; earlier frames come from the
+            # cache by value (a copy), so later in-place cache writes cannot corrupt what backward needs.
+            others = cache.other_ranges(plan.start_frame, plan.num_frames)
+            keys = torch.cat([cache.k[layer, :, a:b] for a, b in others] + [k], dim=1)
+            values = torch.cat([cache.v[layer, :, a:b] for a, b in others] + [v], dim=1)
+            return attention(q, keys, values)
+        visible = cache.visible_frames(plan.start_frame + plan.num_frames) * cache.tokens_per_frame
+        return attention(q, cache.k[layer, :, :visible], cache.v[layer, :, :visible])
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention; no RoPE, no mask: all ``text_len`` (zero-padded) context rows are attended."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, text_len, N, d]`` of the embedded context (cacheable per prompt)."""
+        b, n = ctx.shape[:2]
+        return (self.norm_k(self.k(ctx)).view(b, n, self.num_heads, -1),
+                self.v(ctx).view(b, n, self.num_heads, -1))
+
+    def forward(self, x: torch.Tensor, ctx_or_kv) -> torch.Tensor:
+        b, n = x.shape[:2]
+        k, v = ctx_or_kv if isinstance(ctx_or_kv, tuple) else self.kv(ctx_or_kv)
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx_or_kv, plan: AttnPlan, layer: int) -> torch.Tensor:
+        """x ``[B, L, D]`` with ``L = F·S``; e0 ``[B, F, 6, D]`` per-frame modulation."""
+        b, num_frames = e0.shape[:2]
+        mod = (self.modulation.unsqueeze(0) + e0).chunk(6, dim=2)   # six [B, F, 1, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod
+
+        def per_frame(t):  # [B, L, D] -> [B, F, S, D]
+            return t.unflatten(1, (num_frames, -1))
+
+        # 1. self-attention, modulated and gated per frame
+        h = (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2)
+        y = self.self_attn(h, plan, layer)
+        x = x + (per_frame(y) * gate1).flatten(1, 2)
+        # 2. cross-attention to the text (no modulation, no gate)
+        x = x + self.cross_attn(self.norm3(x), ctx_or_kv)
+        # 3. feed-forward, modulated and gated per frame
+        h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
+        return x + (per_frame(self.ffn(h)) * gate2).flatten(1, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        out = cfg.out_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x ``[B, F·S, D]``, e ``[B, F, D]`` (time embedding, no SiLU) -> ``[B, F, S, out·prod(patch)]``."""
+        shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).chunk(2, dim=2)  # [B, F, 1, D]
+        h = self.norm(x).unflatten(1, (e.shape[1], -1))
+        return self.head(h * (1 + scale) + shift)
+
+
+class WanModel(nn.Module):
+    """Wan2.1 DiT. ``causal=False``: the bidirectional Wan model; ``causal=True``: the block-causal generator.
+
+    Args:
+        config: architecture (see :mod:`model.config`).
+        causal: whether full-sequence calls use the block-causal mask.
+        num_frame_per_block: latent frames per autoregressive block (1 frame-wise, 3 chunk-wise).
+        independent_first_frame: frame 0 is a block of its own (image-conditioned layouts).
+        local_attn_size: attention window in frames (-1 = everything so far); sink_size: permanent first frames.
+    """
+
+    def __init__(self, config: WanConfig, causal: bool = False, num_frame_per_block: int = 1,
+                 independent_first_frame: bool = False, local_attn_size: int = -1, sink_size: int = 0):
+        super().__init__()
+        self.config = cfg = config
+        self.causal = causal
+        self.layout = BlockLayout(num_frame_per_block, independent_first_frame)
+        self.local_attn_size = local_attn_size
+        self.sink_size = sink_size
+        self.gradient_checkpointing = False
+        d = cfg.dim
+        # Parameter names match the original Wan2.1 state dict.
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.rope = RotaryTables(cfg.head_dim, cfg.rope_max_positions)
+        self._masks: dict[tuple, Any] = {}
+        self.init_weights()
+
+    @property
+    def num_frame_per_block(self) -> int:
+        return self.layout.frames_per_block
+
+    def init_weights(self) -> None:
+        """Wan's initialisation (model_and_inference.md §2.6); pretrained weights usually replace it."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    # ------------------------------------------------------------------------------------------------------------
+    # embeddings
+
+    def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """``[B, F, C, H, W]`` -> tokens ``[B, F'·H'·W', D]`` and the grid ``(F', H', W')``."""
+        h = self.patch_embedding(x.transpose(1, 2))             # [B, D, F', H', W']
+        grid = tuple(h.shape[2:])
+        return h.flatten(2).transpose(1, 2), grid
+
+    def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``[B, F', S, pt·ph·pw·C]`` -> ``[B, F'·pt, C, H'·ph, W'·pw]``."""
+        pt, ph, pw = self.config.patch_size
+        f, hh, ww = grid
+        out = out.reshape(out.shape[0], f, hh, ww, pt, ph, pw, self.config.out_dim)
+        out = out.permute(0, 1, 4, 7, 2, 5, 3, 6)                # [B, F', pt, C, H', ph, W', pw]
+        return out.reshape(out.shape[0], f * pt, self.config.out_dim, hh * ph, ww * pw)
+
+    def _time(self, t: torch.Tensor, num_frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame time embedding ``e [B, F, D]`` and modulation ``e0 [B, F, 6, D]``."""
+        if t.dim() == 1:
+            t = t[:, None].expand(-1, num_frames)
+        b = t.shape[0]
+        e = self.time_embedding(sinusoidal_embedding(t.flatten(), self.config.freq_dim).to(dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, -1))
+        return e.view(b, num_frames, -1), e0.view(b, num_frames, 6, -1)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """``[B, L, text_dim]`` (L <= text_len) -> ``[B, text_len, D]``; rows are zero-padded BEFORE the MLP."""
+        pad = self.config.text_len - context.shape[1]
+        if pad < 0:
+            raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={self.config.text_len}")
+        return self.text_embedding(F.pad(context, (0, 0, 0, pad)))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # shared trunk
+
+    def _run_blocks(self, x, e0, ctx_per_layer, plan: AttnPlan) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, ctx_per_layer(i), plan, i, use_reentrant=False)
+            else:
+                x = block(x, e0, ctx_per_layer(i), plan, i)
+        return x
+
+    def _mask(self, kind: str, num_frames: int, tokens_per_frame: int, device: torch.device):
+        """Cached mask for (kind, frames, tokens, device): dense on CPU, flex BlockMask on CUDA."""
+        key = (kind, num_frames, tokens_per_frame, str(device), self.layout, self.local_attn_size, self.sink_size)
+        if key not in self._masks:
+            if kind == "teacher_forcing":
+                frame_mask = teacher_forcing_frame_mask(num_frames, self.layout)
+            else:
+                frame_mask = block_causal_frame_mask(num_frames, self.layout, self.local_attn_size, self.sink_size)
+            if device.type == "cuda":
+                self._masks[key] = flex_block_mask(frame_mask, tokens_per_frame, device)
+            else:
+                self._masks[key] = dense_token_mask(frame_mask, tokens_per_frame, device)
+        return self._masks[key]
+
+    def _output(self, x, e, grid) -> torch.Tensor:
+        return self._unpatchify(self.head(x, e), grid)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the three attention paths
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Full-sequence pass. x ``[B, F, C, H, W]``, t ``[B]`` or ``[B, F]``, context ``[B, L, text_dim]``.
+
+        Bidirectional model: every token sees every token. Causal model: block-causal mask (diffusion forcing).
+        Returns the flow prediction ``[B, F, C, H, W]``.
+        """
+        tokens, grid = self._patchify(x)
+        e, e0 = self._time(t, grid[0], tokens.dtype)
+        ctx = self.embed_text(context)
+        cos, sin = self.rope.tables(tuple(range(grid[0])), grid[1], grid[2], x.device)
+        mask = self._mask("block_causal", grid[0], grid[1] * grid[2], x.device) if self.causal else None
+        out = self._run_blocks(tokens, e0, lambda i: ctx, AttnPlan(cos, sin, mask))
+        return self._output(out, e, grid)
+
+    def forward_teacher_forcing(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                                clean_x: torch.Tensor, clean_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: noisy ``x`` at ``t`` next to the clean context ``clean_x`` at ``clean_t`` (zeros).
+
+        The sequence is ``[clean ; noisy]``; clean frame i and noisy frame i share temporal position i. Each noisy
+        block sees the clean blocks strictly before it and itself (masks.teacher_forcing_frame_mask), so one pass
+        equals K independent "denoise block b given the clean prefix" problems. Returns the noisy half's flow.
+        """
+        if clean_x.shape != x.shape:
+            raise ValueError(f"clean_x {tuple(clean_x.shape)} must match x {tuple(x.shape)}")
+        noisy, grid = self._patchify(x)
+        clean, _ = self._patchify(clean_x)
+        num_frames = grid[0]
+        if t.dim() == 1:
+            t = t[:, None].expand(-1, num_frames)
+        clean_t = torch.zeros_like(t) if clean_t is None else clean_t
+        e, e0 = self._time(torch.cat([clean_t, t], dim=1), 2 * num_frames, noisy.dtype)
+        ctx = self.embed_text(context)
+        cos, sin = self.rope.tables(tuple(range(num_frames)) * 2, grid[1], grid[2], x.device)
+        mask = self._mask("teacher_forcing", num_frames, grid[1] * grid[2], x.device)
+        out = self._run_blocks(torch.cat([clean, noisy], dim=1), e0, lambda i: ctx, AttnPlan(cos, sin, mask))
+        return self._output(out[:, clean.shape[1]:], e[:, num_frames:], grid)
+
+    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: KVCache,
+                       start_frame: int) -> torch.Tensor:
+        """One block through the KV cache: x ``[B, n, C, H, W]`` are frames ``start_frame .. start_frame+n-1``.
+
+        Writes the block's keys/values at its slots (overwriting what an earlier call at the same position wrote)
+        and attends to everything cached up to and including the block. Cross-attention K/V of the prompt are
+        computed on the first call and reused (recomputed when gradients are on, so they reach the weights).
+        ``start_frame`` is a Python int: nothing here synchronises with the GPU.
+        """
+        tokens, grid = self._patchify(x)
+        cache.check_block(start_frame, grid[0])
+        e, e0 = self._time(t, grid[0], tokens.dtype)
+        ctx_per_layer = self._cross_kv(context, cache)
+        cos, sin = self.rope.tables(tuple(range(start_frame, start_frame + grid[0])), grid[1], grid[2], x.device)
+        plan = AttnPlan(cos, sin, cache=cache, start_frame=start_frame, num_frames=grid[0])
+        out = self._run_blocks(tokens, e0, ctx_per_layer, plan)
+        cache.advance(start_frame, grid[0])
+        return self._output(out, e, grid)
+
+    def _cross_kv(self, context: torch.Tensor, cache: KVCache):
+        """Per-layer cross-attention input: cached (K, V) at inference, the embedded context under autograd."""
+        if torch.is_grad_enabled():
+            ctx = self.embed_text(context)
+            return lambda i: ctx
+        if cache.cross_k is None:
+            ctx = self.embed_text(context)
+            kvs = [blk.cross_attn.kv(ctx) for blk in self.blocks]
+            cache.cross_k = torch.stack([k for k, _ in kvs]).to(cache.k.dtype)
+            cache.cross_v = torch.stack([v for _, v in kvs]).to(cache.v.dtype)
+        return lambda i: (cache.cross_k[i], cache.cross_v[i])
