@@ -1,0 +1,223 @@
+"""The DiT's attention paths against each other and against independent recomputations (tiny model, float32)."""
+
+import math
+
+import pytest
+import torch
+
+from model.config import WanConfig, get_preset
+from model.kv_cache import KVCache
+from model.masks import BlockLayout, block_causal_frame_mask, teacher_forcing_frame_mask
+from model.rope import RotaryTables, apply_rope, axis_pairs
+from model.wan import WanModel
+
+TOL = 1e-5
+CFG = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=24, num_heads=2, num_layers=2, text_len=8)
+
+
+def make(causal=True, n=1, local=-1, sink=0, seed=0, first=False):
+    torch.manual_seed(seed)
+    m = WanModel(CFG, causal=causal, num_frame_per_block=n, local_attn_size=local, sink_size=sink,
+                 independent_first_frame=first)
+    with torch.no_grad():  # Wan zero-inits the head; randomise it so outputs depend on everything
+        m.head.head.weight.normal_(std=0.1)
+    return m.eval()
+
+
+def inputs(num_frames=6, b=1, h=4, w=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, num_frames, 16, h, w, generator=g)
+    clean = torch.randn(b, num_frames, 16, h, w, generator=g)
+    t = torch.rand(b, num_frames, generator=g) * 1000
+    ctx = torch.randn(b, 5, CFG.text_dim, generator=g)
+    return x, clean, t, ctx
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def stream(model, x, t, ctx, capacity, sink=0):
+    """Feed x block by block through a cache; return the concatenated outputs."""
+    b, f, _, h, w = x.shape
+    cache = KVCache.for_model(model, b, h, w, capacity_frames=capacity, sink_frames=sink)
+    outs, start = [], 0
+    for n in model.layout.block_sizes(f):
+        outs.append(model.forward_cached(x[:, start:start + n], t[:, start:start + n], ctx, cache, start))
+        start += n
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("n,local,sink,frames", [(1, -1, 0, 6), (3, -1, 0, 6), (1, 3, 0, 8), (2, 4, 0, 10),
+                                                  (1, 4, 1, 9), (2, 6, 2, 12), (3, 6, 0, 12)])
+@torch.no_grad()
+def test_streaming_equals_full_block_causal(n, local, sink, frames):
+    model = make(n=n, local=local, sink=sink)
+    x, _, t, ctx = inputs(frames)
+    for b in range(frames // n):  # frames of a block share a timestep, as in every pipeline
+        t[:, b * n:(b + 1) * n] = t[:, b * n:b * n + 1]
+    full = model(x, t, ctx)
+    capacity = frames if local < 0 else local
+    streamed, cache = stream(model, x, t, ctx, capacity, sink)
+    assert cache.k.shape[2] == capacity * cache.tokens_per_frame  # memory fixed by the window, not the video
+    assert rel(streamed, full) < TOL
+
+
+@torch.no_grad()
+def test_independent_first_frame_streaming():
+    model = make(n=2, first=True)
+    x, _, t, ctx = inputs(7)
+    t[:, 1:] = t[:, 1:2].expand(-1, 6).clone()
+    t[:, 3:5], t[:, 5:7] = t[:, 3:4], t[:, 5:6]
+    full = model(x, t, ctx)
+    streamed, _ = stream(model, x, t, ctx, 7)
+    assert rel(streamed, full) < TOL
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@torch.no_grad()
+def test_teacher_forcing_equals_streaming_clean_prefix(n):
+    """Noisy block b under teacher forcing == clean blocks 0..b-1 streamed at t=0, then noisy block b."""
+    model = make(n=n)
+    x, clean, t, ctx = inputs(6)
+    for b in range(6 // n):
+        t[:, b * n:(b + 1) * n] = t[:, b * n:b * n + 1]
+    tf = model.forward_teacher_forcing(x, t, ctx, clean_x=clean)
+    b_, f, _, h, w = x.shape
+    cache = KVCache.for_model(model, b_, h, w, capacity_frames=f)
+    for start in range(0, f, n):
+        noisy = model.forward_cached(x[:, start:start + n], t[:, start:start + n], ctx, cache, start)
+        assert rel(noisy, tf[:, start:start + n]) < TOL
+        model.forward_cached(clean[:, start:start + n], torch.zeros(b_, n), ctx, cache, start)
+
+
+def test_cached_forward_with_grad_matches_no_grad_and_reaches_weights():
+    model = make(n=2)
+    x, _, t, ctx = inputs(4)
+    t[:, 1], t[:, 3] = t[:, 0], t[:, 2]
+    with torch.no_grad():
+        ref, _ = stream(model, x, t, ctx, 4)
+    cache = KVCache.for_model(model, 1, 4, 6, capacity_frames=4)
+    with torch.no_grad():
+        model.forward_cached(x[:, :2], t[:, :2], ctx, cache, 0)
+    out = model.forward_cached(x[:, 2:], t[:, 2:], ctx, cache, 2)
+    assert rel(out.detach(), ref[:, 2:]) < TOL
+    out.square().mean().backward()
+    assert model.blocks[0].self_attn.k.weight.grad.abs().sum() > 0
+    assert model.blocks[0].cross_attn.k.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_same_gradients():
+    x, clean, t, ctx = inputs(6)
+    grads = []
+    for ckpt in (False, True):
+        model = make(n=3).train()
+        model.enable_gradient_checkpointing(ckpt)
+        model.forward_teacher_forcing(x, t, ctx, clean_x=clean).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert rel(grads[1], grads[0]) < 1e-6
+
+
+@torch.no_grad()
+def test_block_causal_output_ignores_future_frames():
+    model = make(n=3)
+    x, _, t, ctx = inputs(6)
+    x2 = x.clone()
+    x2[:, 3:] += 1.0
+    a, b = model(x, t, ctx), model(x2, t, ctx)
+    assert torch.equal(a[:, :3], b[:, :3]) and not torch.allclose(a[:, 3:], b[:, 3:])
+
+
+def _naive_block(f, layout):
+    return f if not layout.independent_first_frame else (0 if f == 0 else (f - 1) // layout.frames_per_block + 1)
+
+
+@pytest.mark.parametrize("n,first,local,sink", [(1, False, -1, 0), (3, False, -1, 0), (2, True, -1, 0),
+                                                 (1, False, 3, 0), (2, False, 5, 1)])
+def test_frame_masks_follow_the_rules(n, first, local, sink):
+    layout = BlockLayout(n, first)
+    num = 7 if first else 6
+    blk = [_naive_block(f, layout) if first else f // n for f in range(num)]
+    end = {b: max(f for f in range(num) if blk[f] == b) + 1 for b in set(blk)}
+    mask = block_causal_frame_mask(num, layout, local, sink)
+    for q in range(num):
+        for k in range(num):
+            e = end[blk[q]]
+            ok = blk[k] <= blk[q] and (local < 0 or k >= e - (local - sink) or k < sink)
+            assert bool(mask[q, k]) == ok, (q, k)
+    tf = teacher_forcing_frame_mask(num, layout)
+    for q in range(2 * num):
+        for k in range(2 * num):
+            qn, kn, bq, bk = q >= num, k >= num, blk[q % num], blk[k % num]
+            ok = (not qn and not kn and bk <= bq) or (qn and kn and bk == bq) or (qn and not kn and bk < bq)
+            assert bool(tf[q, k]) == ok, (q, k)
+
+
+@pytest.mark.parametrize("kind", ["block_causal", "teacher_forcing"])
+def test_flex_block_mask_equals_dense(kind):
+    from torch.nn.attention.flex_attention import create_mask
+    from model.masks import dense_token_mask, flex_block_mask, padded_length
+
+    layout = BlockLayout(3, False)
+    frames = 5
+    fm = (block_causal_frame_mask(frames, layout, 4, 1) if kind == "block_causal"
+          else teacher_forcing_frame_mask(frames, layout))
+    s = 20  # tokens per frame: not a divisor of 128, so padding is exercised
+    bm = flex_block_mask(fm, s, "cpu", compile_mask=False)
+    t = fm.shape[0] * s
+    dense_flex = create_mask(bm.mask_mod, None, None, padded_length(t), padded_length(t), device="cpu")[0, 0]
+    assert torch.equal(dense_flex[:t, :t], dense_token_mask(fm, s))
+    pad = torch.arange(t, padded_length(t))
+    assert not dense_flex[:t, t:].any() and dense_flex[pad, pad].all()
+
+
+def test_rope_matches_float64_complex():
+    d, grid = 48, (3, 4, 5)
+    tables = RotaryTables(d)
+    start = 7
+    cos, sin = tables.tables(tuple(range(start, start + grid[0])), grid[1], grid[2], "cpu")
+    x = torch.randn(2, math.prod(grid), 3, d, dtype=torch.float64)
+    ours = apply_rope(x.float(), cos, sin).double()
+    # independent recomputation: complex float64, reference formula per axis
+    c = d // 2
+    splits = axis_pairs(d)
+    ref = torch.empty_like(x)
+    xc = torch.view_as_complex(x.reshape(2, -1, 3, c, 2).contiguous())
+    i = 0
+    for f in range(grid[0]):
+        for h in range(grid[1]):
+            for w in range(grid[2]):
+                ang = []
+                for pos, pairs in zip((start + f, h, w), splits):
+                    ang += [pos * 10000.0 ** (-2 * j / (2 * pairs)) for j in range(pairs)]
+                rot = torch.polar(torch.ones(c, dtype=torch.float64), torch.tensor(ang, dtype=torch.float64))
+                ref[:, i] = torch.view_as_real(xc[:, i] * rot).flatten(-2)
+                i += 1
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-6
+
+
+def test_presets_and_sizes():
+    big = get_preset("Wan2.1-T2V-1.3B")
+    assert (big.dim, big.num_heads, big.head_dim, big.num_layers) == (1536, 12, 128, 30)
+    assert big.tokens_per_frame(60, 104) == 30 * 52
+    with torch.device("meta"):
+        n = sum(p.numel() for p in WanModel(big).parameters())
+        n14 = sum(p.numel() for p in WanModel(get_preset("wan2.1-t2v-14b")).parameters())
+    assert n == 1_418_996_800 and n14 == 14_288_491_584  # counts from the reference classes (spec §2.1)
+    keys = WanModel(get_preset("tiny")).state_dict().keys()
+    assert "blocks.0.self_attn.norm_q.weight" in keys and "head.modulation" in keys and len(keys) == 12 + 27 * 2 + 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_backends_agree_on_gpu():
+    from model import attention as A
+
+    q, k, v = (torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    A.set_backend("sdpa")
+    ref = A.attention(q.float(), k.float(), v.float())
+    out = A.attention(q, k, v).float()
+    assert (out - ref).norm() / ref.norm() < 1e-2
+    if A._load_flash() is not None:
+        A.set_backend("flash_attn")
+        assert (A.attention(q, k, v).float() - ref).norm() / ref.norm() < 1e-2
+    A.set_backend("auto")
