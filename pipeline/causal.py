@@ -1,0 +1,214 @@
+"""The per-block loop of causal generation, written once.
+
+Streaming inference, the self-forcing rollout of Stage 3, causal ODE trajectories of Stage 2 and multi-step sampling
+of Stage-1 models all run :class:`BlockLoop`: for each block, denoise its noise through the KV cache with a list of
+timesteps, then run one *context pass* that writes the block's clean latents into the cache for the blocks after it
+(model_and_inference.md §9.1). What differs between those uses is data, not code:
+
+* the step rule: ``"renoise"`` (few-step generators: predict x0, add fresh noise at the next timestep) or ``"euler"``
+  (ODE sampling of many-step models: ``x + v·(σ_next − σ)``);
+* classifier-free guidance: a negative context and a scale; conditional and unconditional halves run as one batch
+  of ``2B`` against one cache of batch ``2B``;
+* which latents the context pass writes: the block's own prediction (generation), or given ones (teacher-forced ODE
+  trajectories with ground-truth context, I2V prefill);
+* an :class:`ExitPolicy` for the rollout: the step at which a block stops, and whether that step keeps gradients.
+
+Every timestep here is a Python float and every position a Python int, so the loop never waits on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from model.kv_cache import KVCache
+from model.scheduler import FlowMatchScheduler
+from model.wan import WanModel
+
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def randn_like_from(generator: torch.Generator | None) -> NoiseFn:
+    """Fresh Gaussian noise shaped like its argument, drawn from ``generator`` (or the global RNG)."""
+    return lambda like: torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+@dataclass
+class StepSchedule:
+    """Timesteps (already warped, descending) that denoise each block."""
+
+    timesteps: list[float]
+    first_block: list[float] | None = None   # `denoising_step_list_first_chunk`: block 0 only
+    rule: str = "renoise"                    # "renoise" (few-step) or "euler" (ODE sampling)
+
+    def __post_init__(self):
+        if self.rule not in ("renoise", "euler"):
+            raise ValueError(f"step rule must be 'renoise' or 'euler', got {self.rule!r}")
+        self.timesteps = [float(t) for t in self.timesteps]
+        if self.first_block is not None:
+            self.first_block = [float(t) for t in self.first_block]
+
+    def for_block(self, index: int) -> list[float]:
+        return self.first_block if index == 0 and self.first_block is not None else self.timesteps
+
+    @classmethod
+    def from_config(cls, scheduler: FlowMatchScheduler, steps: Sequence[int], first: Sequence[int] | None = None,
+                    warp: bool = True) -> "StepSchedule":
+        """Build from the config's nominal lists (``denoising_step_list``), warped onto the training grid."""
+        def conv(lst):
+            lst = [s for s in lst if s != 0]  # a trailing 0 is dropped, as the reference's pipelines do
+            return scheduler.warp_steps(lst).tolist() if warp else [float(s) for s in lst]
+        return cls(conv(steps), conv(first) if first else None)
+
+
+@dataclass
+class ExitPolicy:
+    """Where each block's denoising stops and whether that last forward keeps gradients (self-forcing rollout)."""
+
+    exit_step: int | None = None            # index into the block's list; None = the last step
+    first_block_exit_step: int | None = None
+    grad_on_exit: bool = False
+    grad_from_frame: int = 0                # only blocks starting at or after this frame get gradients
+
+    def exit_for(self, block_index: int, num_steps: int) -> int:
+        step = self.first_block_exit_step if block_index == 0 and self.first_block_exit_step is not None \
+            else self.exit_step
+        return num_steps - 1 if step is None else min(step, num_steps - 1)
+
+
+@dataclass
+class Guidance:
+    """Text conditioning of a loop: the prompt context and, for CFG, a negative context and scale."""
+
+    context: torch.Tensor                       # [B, L, text_dim]
+    negative: torch.Tensor | None = None        # [B, L', text_dim]
+    scale: float = 1.0
+
+    @property
+    def batched(self) -> bool:
+        return self.negative is not None and self.scale != 1.0
+
+    def model_context(self) -> torch.Tensor:
+        if not self.batched:
+            return self.context
+        neg = self.negative
+        pad = self.context.shape[1] - neg.shape[1]   # both are zero-padded to text_len inside the model anyway
+        if pad > 0:
+            neg = torch.nn.functional.pad(neg, (0, 0, 0, pad))
+        elif pad < 0:
+            return torch.cat([torch.nn.functional.pad(self.context, (0, 0, 0, -pad)), neg])
+        return torch.cat([self.context, neg.expand(self.context.shape[0], -1, -1)])
+
+
+@dataclass
+class BlockLoop:
+    """One model, one cache, one schedule: generates blocks in order (see the module docstring)."""
+
+    model: WanModel
+    scheduler: FlowMatchScheduler
+    schedule: StepSchedule
+    guidance: Guidance
+    cache: KVCache
+    context_noise: float = 0.0
+    noise_fn: NoiseFn = field(default_factory=lambda: randn_like_from(None))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def flow(self, x: torch.Tensor, t: float, start_frame: int) -> torch.Tensor:
+        """Guided flow prediction for block ``x [B, n, C, H, W]`` at timestep ``t``."""
+        b, n = x.shape[:2]
+        tt = torch.full((b, n), t, device=x.device, dtype=torch.float32)
+        if not self.guidance.batched:
+            return self.model.forward_cached(x, tt, self.guidance.context, self.cache, start_frame)
+        out = self.model.forward_cached(torch.cat([x, x]), torch.cat([tt, tt]), self.guidance.model_context(),
+                                        self.cache, start_frame)
+        cond, uncond = out.chunk(2)
+        return uncond + self.guidance.scale * (cond - uncond)
+
+    def denoise(self, noise: torch.Tensor, start_frame: int, block_index: int, policy: ExitPolicy | None = None,
+                record: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Denoise one block from ``noise``; returns its clean prediction (x0) ``[B, n, C, H, W]``.
+
+        ``record(step_index, x)`` sees the state before every step (ODE trajectories).
+        """
+        steps = self.schedule.for_block(block_index)
+        policy = policy or ExitPolicy()
+        last = policy.exit_for(block_index, len(steps))
+        grad = policy.grad_on_exit and start_frame >= policy.grad_from_frame
+        x = noise
+        for j in range(last + 1):
+            if record is not None:
+                record(j, x)
+            t = steps[j]
+            t_next = steps[j + 1] if j + 1 < len(steps) else 0.0
+            with torch.set_grad_enabled(grad and j == last):
+                flow = self.flow(x, t, start_frame)
+                if self.schedule.rule == "euler" and j + 1 == len(steps):
+                    return self.scheduler.step(flow, self._t(x, t), x, self._t(x, 0.0))
+                x0 = self.scheduler.flow_to_x0(flow, x, self._t(x, t))
+            if j == last:
+                return x0
+            if self.schedule.rule == "euler":
+                x = self.scheduler.step(flow, self._t(x, t), x, self._t(x, t_next))
+            else:
+                x = self.scheduler.add_noise(x0, self.noise_fn(x0), self._t(x, t_next))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _t(x: torch.Tensor, t: float) -> torch.Tensor:
+        return torch.full(x.shape[:2], t, device=x.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def commit(self, latents: torch.Tensor, start_frame: int, timestep: float | None = None) -> None:
+        """Context pass: write ``latents`` (the block's clean frames) into the cache.
+
+        The timestep is ``context_noise`` unless given. With ``context_noise > 0`` the latents are first noised to
+        it; at 0 they go in exactly clean (the reference's rollout nudged them by the smallest grid sigma even at 0;
+        its inference did not -- we do the same in both).
+        """
+        t = self.context_noise if timestep is None else timestep
+        x = latents.detach()
+        if t > 0:
+            x = self.scheduler.add_noise(x, self.noise_fn(x), self._t(x, t))
+        self.flow(x, t, start_frame)
+
+    def _blocks_from(self, start_frame: int, num_frames: int) -> list[int]:
+        """Sizes of the blocks covering frames ``start_frame .. start_frame+num_frames-1``."""
+        sizes = self.model.layout.block_sizes(start_frame + num_frames)
+        frame = 0
+        for i, n in enumerate(sizes):
+            if frame == start_frame:
+                return sizes[i:]
+            frame += n
+        raise ValueError(f"start_frame {start_frame} is not a block boundary")
+
+    def run(self, noise: torch.Tensor, start_frame: int = 0, block_index: int = 0,
+            policy: ExitPolicy | None = None, context_latents: torch.Tensor | None = None,
+            commit_last: bool = True, record: Callable[[int, int, torch.Tensor], None] | None = None,
+            ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Generate the blocks of ``noise [B, F, C, H, W]``; yields ``(start_frame, x0 [B, n, C, H, W])`` per block.
+
+        ``block_index`` numbers the first generated block (block 0 uses the first-block step list).
+        ``context_latents`` (same shape as noise) replace the predictions in the context pass (teacher-forced
+        trajectories). ``commit_last=False`` skips the last block's context pass (nothing reads it).
+        ``record(block_start, step_index, x)`` sees every pre-step state.
+        """
+        offset, frame = 0, start_frame
+        for i, n in enumerate(self._blocks_from(start_frame, noise.shape[1])):
+            rec = (lambda j, x, f=frame: record(f, j, x)) if record is not None else None
+            x0 = self.denoise(noise[:, offset:offset + n], frame, block_index + i, policy, rec)
+            yield frame, x0
+            if commit_last or offset + n < noise.shape[1]:
+                self.commit(x0 if context_latents is None else context_latents[:, offset:offset + n], frame)
+            offset += n
+            frame += n
+
+    @torch.no_grad()
+    def prefill(self, latents: torch.Tensor, start_frame: int = 0) -> int:
+        """Write given clean latents (an image's or a clip's) at t = 0, block by block; returns the next frame."""
+        offset = 0
+        for n in self._blocks_from(start_frame, latents.shape[1]):
+            self.commit(latents[:, offset:offset + n], start_frame + offset, timestep=0.0)
+            offset += n
+        return start_frame + offset
