@@ -1,0 +1,461 @@
+"""UMT5-XXL text encoder (the encoder half of google/umt5-xxl), as used by Wan2.1.
+
+The network is ``transformers.UMT5EncoderModel``; this file adds what Wan does around it:
+
+1. key conversion between Wan's own T5 checkpoint naming (``models_t5_umt5-xxl-enc-bf16.pth``) and HF naming,
+2. the prompt cleaning of Wan's tokenizer wrapper (ftfy + HTML unescape + whitespace collapse),
+3. tokenisation to a fixed ``text_len`` and zeroing of the output rows at padded positions,
+4. loading from a Wan weights folder or a transformers/diffusers folder, and device helpers for small GPUs.
+
+Spec: model_and_inference.md §6.2 (encoder), §7.3 (key mapping).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_FILES, WAN_TOKENIZER_SUBDIR
+from utils.errors import CheckpointError, WeightsMissingError
+
+logger = logging.getLogger(__name__)
+
+# Per-block key suffixes: Wan name -> HF name (under ``encoder.block.{i}.``). The FFN is
+# ``fc2(fc1(x) * gelu_tanh(gate(x)))`` in Wan and ``wo(gelu_new(wi_0(x)) * wi_1(x))`` in HF, hence gate <-> wi_0.
+_BLOCK_WAN_TO_HF = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+_BLOCK_HF_TO_WAN = {hf: wan for wan, hf in _BLOCK_WAN_TO_HF.items()}
+_WAN_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_HF_BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
+
+# UMT5-XXL as built by Wan's ``umt5_xxl(encoder_only=True)``; 5,680,910,336 parameters.
+UMT5_XXL = dict(
+    vocab_size=256384, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Key conversion and config
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fmt_keys(keys, limit: int = 8) -> str:
+    keys = sorted(str(k) for k in keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _key_report(missing=(), unexpected=(), mismatched=()) -> str:
+    """``missing keys [..], unexpected keys [..]`` with empty groups left out (one line)."""
+    groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape-mismatched keys", mismatched))
+    return ", ".join(f"{label} [{_fmt_keys(keys)}]" for label, keys in groups if keys)
+
+
+def _num_wan_layers(state_dict: dict) -> int:
+    indices = [int(m.group(1)) for k in state_dict if (m := _WAN_BLOCK_RE.match(k))]
+    return max(indices) + 1 if indices else 0
+
+
+def expected_wan_t5_keys(num_layers: int) -> set[str]:
+    """The exact key set of a Wan T5 encoder checkpoint with ``num_layers`` blocks (242 keys for 24 layers)."""
+    keys = {"token_embedding.weight", "norm.weight"}
+    keys.update(f"blocks.{i}.{suffix}" for i in range(num_layers) for suffix in _BLOCK_WAN_TO_HF)
+    return keys
+
+
+def check_wan_t5_keys(state_dict: dict, source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming missing/unexpected keys unless ``state_dict`` is a complete Wan T5 encoder."""
+    expected = expected_wan_t5_keys(_num_wan_layers(state_dict))
+    missing = expected - state_dict.keys()
+    unexpected = state_dict.keys() - expected
+    if missing or unexpected:
+        raise CheckpointError(f"{source} is not a Wan UMT5 encoder state dict: {_key_report(missing, unexpected)}")
+
+
+def convert_wan_t5_to_hf(state_dict: dict) -> dict:
+    """Rename a Wan T5 encoder state dict to ``UMT5EncoderModel`` keys (tensors are shared, not copied).
+
+    ``token_embedding.weight`` becomes both ``shared.weight`` and ``encoder.embed_tokens.weight`` (the same tensor;
+    HF ties them). Raises CheckpointError on keys that are not part of a Wan T5 encoder.
+    """
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        if key == "token_embedding.weight":
+            out["shared.weight"] = value
+            out["encoder.embed_tokens.weight"] = value
+        elif key == "norm.weight":
+            out["encoder.final_layer_norm.weight"] = value
+        elif (m := _WAN_BLOCK_RE.match(key)) and m.group(2) in _BLOCK_WAN_TO_HF:
+            out[f"encoder.block.{m.group(1)}.{_BLOCK_WAN_TO_HF[m.group(2)]}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unknown keys in Wan T5 state dict: [{_fmt_keys(unknown)}]")
+    return out
+
+
+def convert_hf_t5_to_wan(state_dict: dict) -> dict:
+    """Rename a ``UMT5EncoderModel`` state dict to Wan T5 keys (inverse of :func:`convert_wan_t5_to_hf`).
+
+    The embedding is taken from ``shared.weight`` (or ``encoder.embed_tokens.weight`` if only that is present); if
+    both are present they must be equal, since Wan has one embedding.
+    """
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        if key in ("shared.weight", "encoder.embed_tokens.weight"):
+            continue
+        if key == "encoder.final_layer_norm.weight":
+            out["norm.weight"] = value
+        elif (m := _HF_BLOCK_RE.match(key)) and m.group(2) in _BLOCK_HF_TO_WAN:
+            out[f"blocks.{m.group(1)}.{_BLOCK_HF_TO_WAN[m.group(2)]}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unknown keys in HF UMT5 encoder state dict: [{_fmt_keys(unknown)}]")
+    shared, embed = state_dict.get("shared.weight"), state_dict.get("encoder.embed_tokens.weight")
+    if shared is not None and embed is not None and shared.data_ptr() != embed.data_ptr():
+        if not torch.equal(shared, embed):
+            raise CheckpointError("shared.weight and encoder.embed_tokens.weight differ; Wan T5 has one embedding")
+    embedding = shared if shared is not None else embed
+    if embedding is not None:
+        out["token_embedding.weight"] = embedding
+    return out
+
+
+def umt5_config(**overrides):
+    """A ``UMT5Config`` for the Wan text encoder: UMT5-XXL sizes unless overridden.
+
+    Gated-GELU (tanh) FFN, per-layer relative position bias, eps 1e-6. Dropout is 0 (Wan's 0.1 is inactive in eval
+    and the encoder is frozen, so a stray ``.train()`` must not change its output).
+    """
+    from transformers import UMT5Config
+
+    kwargs = dict(UMT5_XXL, feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6)
+    kwargs.update(overrides)
+    return UMT5Config(**kwargs)
+
+
+def umt5_config_from_wan_state_dict(state_dict: dict):
+    """Infer the ``UMT5Config`` from the shapes of a Wan T5 encoder state dict (works for tiny test models too).
+
+    Shapes: token_embedding [vocab, d_model], attn.q [heads*d_kv, d_model], ffn.fc1 [d_ff, d_model],
+    pos_embedding [buckets, heads]. The maximum relative distance is not stored; Wan uses 128.
+    """
+    check_wan_t5_keys(state_dict)
+    vocab_size, d_model = state_dict["token_embedding.weight"].shape
+    num_buckets, num_heads = state_dict["blocks.0.pos_embedding.embedding.weight"].shape
+    inner_dim = state_dict["blocks.0.attn.q.weight"].shape[0]
+    if inner_dim % num_heads:
+        raise CheckpointError(f"attention width {inner_dim} is not a multiple of the {num_heads} heads")
+    return umt5_config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=inner_dim // num_heads, num_heads=num_heads,
+        d_ff=state_dict["blocks.0.ffn.fc1.weight"].shape[0], num_layers=_num_wan_layers(state_dict),
+        relative_attention_num_buckets=num_buckets,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Prompt cleaning
+# ---------------------------------------------------------------------------------------------------------------
+
+def clean_prompt(text: str) -> str:
+    """Wan's ``clean='whitespace'``: repair mojibake (ftfy), unescape HTML twice, collapse whitespace, strip."""
+    import ftfy  # Wan's cleaning depends on it; imported here so the rest of the module works without it
+
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Loading helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _has_tokenizer(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).is_file() for name in WAN_TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer from a local folder (never by vocab-file argument: transformers 5 ignores it silently)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not _has_tokenizer(path):
+        raise WeightsMissingError(f"no tokenizer in {path} (expected one of {', '.join(WAN_TOKENIZER_FILES)})")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "right"  # padded rows are zeroed by the attention mask, wherever they are
+    return tokenizer
+
+
+def _load_wan_state_dict(path: Path) -> dict:
+    """torch.load the Wan .pth with weights_only; mmap keeps the 11 GB file out of RAM until used."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (got {type(state_dict).__name__})")
+    return state_dict
+
+
+def umt5_from_wan_state_dict(state_dict: dict, dtype: torch.dtype = torch.bfloat16, source: str = "checkpoint"):
+    """Build a ``UMT5EncoderModel`` from a Wan T5 encoder state dict, with a strict key check.
+
+    The model is created on the meta device and the checkpoint tensors are assigned (no random init, no copy).
+    """
+    from transformers import UMT5EncoderModel
+
+    check_wan_t5_keys(state_dict, source)
+    config = umt5_config_from_wan_state_dict(state_dict)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    hf_state_dict = convert_wan_t5_to_hf(state_dict)
+    try:
+        model.load_state_dict(hf_state_dict, strict=True, assign=True)
+    except RuntimeError as err:  # shape mismatch between layers
+        raise CheckpointError(f"{source} does not fit UMT5 ({str(err).splitlines()[-1].strip()})") from err
+    model.tie_weights()  # assign=True replaced the tied Parameter objects; share the embedding again
+    return model.to(dtype)
+
+
+def _load_hf_encoder(folder: Path, dtype: torch.dtype):
+    """``UMT5EncoderModel.from_pretrained`` on a local folder, failing on any missing/unexpected/mismatched key."""
+    from transformers import UMT5EncoderModel
+
+    try:
+        model, info = UMT5EncoderModel.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as err:  # unreadable files, shapes that contradict config.json
+        raise CheckpointError(f"cannot load UMT5 encoder from {folder}: {str(err).strip().splitlines()[0]}") from err
+    # The tied embedding may be stored once; the decoder half of a full UMT5 checkpoint is legitimately unused.
+    missing = [k for k in info.get("missing_keys", ()) if k not in ("encoder.embed_tokens.weight", "shared.weight")]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(("decoder.", "lm_head."))]
+    mismatched = list(info.get("mismatched_keys", ()))
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"{folder} does not fit UMT5EncoderModel: {_key_report(missing, unexpected, mismatched)}")
+    return model
+
+
+def _find_tokenizer(weights: Path, explicit: str | Path | None) -> Path:
+    """The tokenizer folder: explicit, else Wan's ``google/umt5-xxl`` / diffusers' ``../tokenizer`` / the folder."""
+    if explicit is not None:
+        return Path(explicit)
+    base = weights if weights.is_dir() else weights.parent
+    candidates = [base / WAN_TOKENIZER_SUBDIR, base.parent / "tokenizer", base / "tokenizer", base]
+    for candidate in candidates:
+        if _has_tokenizer(candidate):
+            return candidate
+    raise WeightsMissingError(
+        f"no tokenizer found next to {weights} (looked in {', '.join(str(c) for c in candidates)}); "
+        "pass tokenizer_path"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The encoder module
+# ---------------------------------------------------------------------------------------------------------------
+
+class TextEncoder(nn.Module):
+    """Frozen UMT5 encoder + tokenizer: prompts -> ``[B, text_len, d_model]`` with padded rows set to zero.
+
+    Args:
+        encoder: a ``transformers.UMT5EncoderModel``; frozen and put in eval mode here.
+        tokenizer: the matching tokenizer (google/umt5-xxl for Wan).
+        text_len: fixed token length; prompts are padded/truncated to it (512 for Wan, incl. the EOS token).
+        output_device: where :meth:`encode` returns its result; ``None`` = where the encoder runs. Lets the encoder
+            stay on the CPU while the DiT consumes embeddings on the GPU.
+        cache_size: number of (prompt -> embedding) pairs kept, least recently used dropped; 0 disables. Saves
+            re-encoding the same negative prompt or a repeated prompt.
+    """
+
+    def __init__(self, encoder: nn.Module, tokenizer, text_len: int = 512,
+                 output_device: torch.device | str | None = None, cache_size: int = 8):
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        self.output_device = torch.device(output_device) if output_device is not None else None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, torch.dtype], torch.Tensor] = OrderedDict()
+        self._stream_device: torch.device | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder computes: the streaming device if :meth:`streamed` is active, else its weights'."""
+        if self._stream_device is not None:
+            return self._stream_device
+        return next(self.encoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """The encoder is frozen: it stays in eval mode whatever the caller asks."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean and tokenise: returns ids and attention mask, both ``[B, text_len]`` int64 on the CPU."""
+        batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+                               max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    @torch.no_grad()
+    def _run(self, prompts: list[str]) -> torch.Tensor:
+        """Encode without the cache: ``[B, text_len, d_model]`` in the encoder dtype on :attr:`device`."""
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, D]
+        # Wan zeroes rows past each prompt's tokens (EOS included); masked_fill keeps them exactly 0.
+        return hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Embed prompts: ``[B, text_len, d_model]`` in the encoder dtype, on ``output_device`` (or :attr:`device`).
+
+        Runs without gradients (the encoder is frozen); the result may be used as input to a trained network.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        out_device = self.output_device or self.device
+        if self.cache_size <= 0:
+            return self._run(prompts).to(out_device)
+        dtype = self.dtype
+        todo = list(dict.fromkeys(p for p in prompts if (p, dtype) not in self._cache))
+        if todo:
+            for prompt, row in zip(todo, self._run(todo).to(out_device)):
+                self._cache[(prompt, dtype)] = row
+        rows = []
+        for prompt in prompts:
+            self._cache.move_to_end((prompt, dtype))
+            rows.append(self._cache[(prompt, dtype)].to(out_device))
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack(rows)
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """Same as :meth:`encode`."""
+        return self.encode(prompts)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- memory helpers for small GPUs ---------------------------------------------------------------------------
+
+    def offload(self) -> None:
+        """Move the encoder weights to the CPU and release cached CUDA memory."""
+        self.encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def on_device(self, device: torch.device | str) -> Iterator["TextEncoder"]:
+        """Move the whole encoder to ``device`` for the block, then back where it was (CUDA cache released).
+
+        Costs one host-to-device copy of the weights (~11 GB in bf16 for UMT5-XXL) per use.
+        """
+        previous = next(self.encoder.parameters()).device
+        self.encoder.to(device)
+        try:
+            yield self
+        finally:
+            self.encoder.to(previous)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def streamed(self, device: torch.device | str) -> Iterator["TextEncoder"]:
+        """Keep weights where they are (CPU) and copy each layer to ``device`` only while it runs.
+
+        Peak device memory is one layer (~0.5 GB for UMT5-XXL in bf16) plus the 2 GB embedding, at the price of
+        re-copying all weights on every encode; this plays the role of the reference's DynamicSwapInstaller.
+        """
+        device = torch.device(device)
+        stack = self.encoder.encoder
+        units = [stack.embed_tokens, *stack.block, stack.final_layer_norm]
+        handles = []
+        for unit in units:
+            handles.append(unit.register_forward_pre_hook(lambda mod, args, d=device: _swap_in(mod, d)))
+            handles.append(unit.register_forward_hook(lambda mod, args, out: _swap_out(mod)))
+        self._stream_device = device
+        try:
+            yield self
+        finally:
+            self._stream_device = None
+            for handle in handles:
+                handle.remove()
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, tokenizer_path: str | Path | None = None,
+                        dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                        text_len: int = 512, output_device: torch.device | str | None = None,
+                        cache_size: int = 8) -> "TextEncoder":
+        """Load from a Wan weights folder / ``.pth`` file, or a transformers/diffusers folder.
+
+        * Wan: ``<folder>/models_t5_umt5-xxl-enc-bf16.pth`` (or that file itself), tokenizer in
+          ``<folder>/google/umt5-xxl``.
+        * transformers: a folder with ``config.json`` + safetensors (e.g. a diffusers pipeline's ``text_encoder/``,
+          tokenizer from its sibling ``tokenizer/``); a diffusers pipeline root with ``text_encoder/`` also works.
+
+        Keys are checked strictly; a mismatch raises CheckpointError naming the missing/unexpected keys. The weights
+        end up in ``dtype`` on ``device`` (bf16 is lossless for Wan's bf16 file).
+        """
+        path = Path(path)
+        if path.is_dir() and not (path / WAN_T5_FILENAME).is_file() and not (path / "config.json").is_file() \
+                and (path / "text_encoder" / "config.json").is_file():
+            path = path / "text_encoder"  # diffusers pipeline root
+        if path.is_file() or (path / WAN_T5_FILENAME).is_file():
+            weights = path if path.is_file() else path / WAN_T5_FILENAME
+            encoder = umt5_from_wan_state_dict(_load_wan_state_dict(weights), dtype, source=str(weights))
+            kind = "Wan .pth"
+        elif (path / "config.json").is_file():
+            weights, encoder, kind = path, _load_hf_encoder(path, dtype), "transformers"
+        else:
+            raise WeightsMissingError(
+                f"no text encoder in {path}: expected {WAN_T5_FILENAME} (Wan folder) or config.json + safetensors"
+            )
+        tokenizer_dir = _find_tokenizer(path, tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        cfg = encoder.config
+        logger.info("Loaded UMT5 encoder (%s format, %d layers, d_model %d, %s) from %s; tokenizer from %s",
+                    kind, cfg.num_layers, cfg.d_model, dtype, weights, tokenizer_dir)
+        return cls(encoder.to(device), tokenizer, text_len=text_len, output_device=output_device,
+                   cache_size=cache_size)
+
+
+def _swap_in(module: nn.Module, device: torch.device) -> None:
+    """Point each parameter at a device copy, remembering the host tensor (no copy back needed: weights are frozen)."""
+    module._host_tensors = {}
+    for name, param in module.named_parameters():
+        module._host_tensors[name] = param.data
+        param.data = param.data.to(device, non_blocking=True)
+
+
+def _swap_out(module: nn.Module) -> None:
+    for name, param in module.named_parameters():
+        param.data = module._host_tensors[name]
+    del module._host_tensors

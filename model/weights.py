@@ -1,0 +1,138 @@
+"""Checks that downloaded weights are where the code expects them, with the command that fetches what is missing.
+
+A Wan2.1 T2V folder (``hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B``) holds:
+
+* DiT: ``config.json`` and ``diffusion_pytorch_model.safetensors`` (1.3B), or
+  ``diffusion_pytorch_model.safetensors.index.json`` plus the shards its ``weight_map`` names (14B);
+* text encoder: ``models_t5_umt5-xxl-enc-bf16.pth``; tokenizer: ``google/umt5-xxl/`` (spiece.model or tokenizer.json);
+* VAE: ``Wan2.1_VAE.pth``.
+
+Only file presence is checked (no sizes or hashes), so this stays instant; readers report corrupt files themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from utils.errors import WeightsMissingError
+
+WAN_DIT_CONFIG = "config.json"
+WAN_DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"
+WAN_DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+WAN_T5_FILENAME = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_TOKENIZER_SUBDIR = "google/umt5-xxl"
+WAN_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either one is enough for AutoTokenizer
+WAN_VAE_FILENAME = "Wan2.1_VAE.pth"
+WAN_PARTS = ("dit", "text_encoder", "tokenizer", "vae")
+
+WAN_ORG = "Wan-AI"
+_WAN_REPO_RE = re.compile(r"^Wan2\.1-T2V-(1\.3B|14B)$")
+CAUSAL_FORCING_REPO = "zhuhz22/Causal-Forcing"
+# Released checkpoints named in the README: <root>/{framewise,chunkwise}/<stage>.pt.
+_CHECKPOINT_RE = re.compile(r"(?:^|/)(framewise|chunkwise)/(causal_forcing|ar_diffusion|causal_ode|causal_cd)\.pt$")
+
+
+def wan_repo_id(folder: str | Path) -> str | None:
+    """``Wan-AI/<name>`` when the folder is named like a Wan2.1 T2V repository (1.3B or 14B), else None."""
+    name = Path(folder).name
+    return f"{WAN_ORG}/{name}" if _WAN_REPO_RE.match(name) else None
+
+
+def wan_download_hint(folder: str | Path, repo_id: str | None = None) -> str:
+    """The command that fills ``folder``; a generic instruction when the repository cannot be told from its name."""
+    repo_id = repo_id or wan_repo_id(folder)
+    local_dir = shlex.quote(str(folder))
+    if repo_id is None:
+        return (f"download the matching Wan2.1 repository into it, e.g. "
+                f"hf download {WAN_ORG}/Wan2.1-T2V-1.3B --local-dir {local_dir}")
+    return f"get them with: hf download {repo_id} --local-dir {local_dir}"
+
+
+def _missing_dit(folder: Path, repo_id: str | None) -> list[str]:
+    """Missing DiT files: config, and the single safetensors file or the index and every shard it lists."""
+    missing = [] if (folder / WAN_DIT_CONFIG).is_file() else [WAN_DIT_CONFIG]
+    index = folder / WAN_DIT_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return missing + [f"{WAN_DIT_INDEX} (unreadable: {type(err).__name__})"]
+        return missing + [shard for shard in shards if not (folder / shard).is_file()]
+    if (folder / WAN_DIT_WEIGHTS).is_file():
+        return missing
+    # Nothing there: name what this repository ships (14B is sharded), or both forms when it is unknown.
+    name = (repo_id or folder.name).rsplit("/", 1)[-1]
+    if "14B" in name:
+        return missing + [f"{WAN_DIT_INDEX} and its shards"]
+    if "1.3B" in name:
+        return missing + [WAN_DIT_WEIGHTS]
+    return missing + [f"{WAN_DIT_WEIGHTS} (or {WAN_DIT_INDEX} and its shards)"]
+
+
+def missing_wan_files(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo_id: str | None = None) -> list[str]:
+    """Relative names of the files ``need`` requires that are absent from ``folder`` (empty list = complete)."""
+    unknown = set(need) - set(WAN_PARTS)
+    if unknown:
+        raise ValueError(f"unknown Wan parts {sorted(unknown)}; choose from {WAN_PARTS}")
+    folder = Path(folder)
+    missing = []
+    if "dit" in need:
+        missing += _missing_dit(folder, repo_id)
+    if "text_encoder" in need and not (folder / WAN_T5_FILENAME).is_file():
+        missing.append(WAN_T5_FILENAME)
+    if "tokenizer" in need:
+        tokenizer_dir = folder / WAN_TOKENIZER_SUBDIR
+        if not any((tokenizer_dir / name).is_file() for name in WAN_TOKENIZER_FILES):
+            missing.append(f"{WAN_TOKENIZER_SUBDIR}/ ({' or '.join(WAN_TOKENIZER_FILES)})")
+    if "vae" in need and not (folder / WAN_VAE_FILENAME).is_file():
+        missing.append(WAN_VAE_FILENAME)
+    return missing
+
+
+def check_wan_folder(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo_id: str | None = None) -> None:
+    """Raise WeightsMissingError, in one line naming every missing file and the download command, unless complete.
+
+    Args:
+        folder: the Wan2.1 weights folder, e.g. ``wan_models/Wan2.1-T2V-1.3B``.
+        need: which parts to check, any of ``("dit", "text_encoder", "tokenizer", "vae")``.
+        repo_id: the Hugging Face repository to name; by default derived from the folder name.
+    """
+    missing = missing_wan_files(folder, need, repo_id)
+    if not missing:
+        return
+    where = f"{folder} (folder does not exist)" if not Path(folder).is_dir() else str(folder)
+    raise WeightsMissingError(
+        f"Wan2.1 weights incomplete in {where}: missing {', '.join(missing)}; {wan_download_hint(folder, repo_id)}"
+    )
+
+
+def download_hint_for_checkpoint(path: str | Path) -> str | None:
+    """The ``hf download`` command for a released Causal Forcing checkpoint path, else None.
+
+    ``checkpoints/chunkwise/causal_forcing.pt`` ->
+    ``hf download zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt --local-dir checkpoints``.
+    """
+    path = Path(path)
+    match = _CHECKPOINT_RE.search(path.as_posix())
+    if match is None:
+        return None
+    local_dir = path.parent.parent.as_posix() or "."
+    filename = f"{match.group(1)}/{match.group(2)}.pt"
+    return f"hf download {CAUSAL_FORCING_REPO} {filename} --local-dir {shlex.quote(local_dir)}"
+
+
+def check_file(path: str | Path, what: str, how_to_get: str | None = None) -> None:
+    """Raise WeightsMissingError ``"<what> not found: <path>; get it with: <command>"`` unless ``path`` is a file.
+
+    ``how_to_get`` is the command (or instruction) to print; by default a released checkpoint's ``hf download``
+    command when the path is recognised.
+    """
+    path = Path(path)
+    if path.is_file():
+        return
+    how_to_get = how_to_get or download_hint_for_checkpoint(path)
+    hint = f"; get it with: {how_to_get}" if how_to_get else ""
+    raise WeightsMissingError(f"{what} not found: {path}{hint}")

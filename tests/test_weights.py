@@ -1,0 +1,165 @@
+"""Weights-folder and checkpoint-file checks: one message naming every missing file and the command that fetches it."""
+
+import json
+
+import pytest
+
+from model.weights import (
+    WAN_DIT_CONFIG,
+    WAN_DIT_INDEX,
+    WAN_DIT_WEIGHTS,
+    WAN_T5_FILENAME,
+    WAN_TOKENIZER_SUBDIR,
+    WAN_VAE_FILENAME,
+    check_file,
+    check_wan_folder,
+    download_hint_for_checkpoint,
+    missing_wan_files,
+    wan_repo_id,
+)
+from utils.errors import UserError, WeightsMissingError
+
+ALL_FILES = [WAN_DIT_CONFIG, WAN_DIT_WEIGHTS, WAN_T5_FILENAME, WAN_TOKENIZER_SUBDIR, WAN_VAE_FILENAME]
+
+
+def _touch(folder, *names):
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+def _complete_common(folder, tokenizer_file="spiece.model"):
+    _touch(folder, WAN_DIT_CONFIG, WAN_T5_FILENAME, WAN_VAE_FILENAME, f"{WAN_TOKENIZER_SUBDIR}/{tokenizer_file}")
+
+
+def _write_index(folder, shards):
+    weight_map = {f"blocks.{i}.w": shard for i, shard in enumerate(shards)}
+    (folder / WAN_DIT_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _error(folder, **kwargs) -> str:
+    with pytest.raises(WeightsMissingError) as info:
+        check_wan_folder(folder, **kwargs)
+    assert isinstance(info.value, UserError)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_empty_folder_names_every_file_and_the_command(tmp_path):
+    folder = tmp_path / "wan_models" / "Wan2.1-T2V-1.3B"
+    folder.mkdir(parents=True)
+    message = _error(folder)
+    for name in ALL_FILES:
+        assert name in message
+    assert f"hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir {folder}" in message
+
+
+def test_missing_folder_says_so(tmp_path):
+    folder = tmp_path / "Wan2.1-T2V-1.3B"
+    message = _error(folder)
+    assert "does not exist" in message and WAN_VAE_FILENAME in message
+    assert f"hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir {folder}" in message
+
+
+def test_partial_folder_names_only_missing(tmp_path):
+    folder = tmp_path / "Wan2.1-T2V-1.3B"
+    _touch(folder, WAN_DIT_CONFIG, WAN_VAE_FILENAME, f"{WAN_TOKENIZER_SUBDIR}/tokenizer.json")
+    assert missing_wan_files(folder) == [WAN_DIT_WEIGHTS, WAN_T5_FILENAME]
+    message = _error(folder)
+    assert WAN_DIT_WEIGHTS in message and WAN_T5_FILENAME in message
+    assert WAN_VAE_FILENAME not in message and WAN_TOKENIZER_SUBDIR not in message
+
+
+def test_sharded_14b_names_missing_shard(tmp_path):
+    folder = tmp_path / "Wan2.1-T2V-14B"
+    shards = [f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    _complete_common(folder)
+    _write_index(folder, shards)
+    _touch(folder, shards[0], shards[2])
+    message = _error(folder)
+    assert shards[1] in message and shards[0] not in message and shards[2] not in message
+    assert f"hf download Wan-AI/Wan2.1-T2V-14B --local-dir {folder}" in message
+
+
+def test_empty_14b_folder_asks_for_the_index(tmp_path):
+    folder = tmp_path / "Wan2.1-T2V-14B"
+    folder.mkdir()
+    assert WAN_DIT_INDEX in _error(folder, need=("dit",))
+
+
+def test_unreadable_index_is_reported(tmp_path):
+    folder = tmp_path / "Wan2.1-T2V-14B"
+    _complete_common(folder)
+    (folder / WAN_DIT_INDEX).write_text("{not json")
+    assert "unreadable" in _error(folder)
+
+
+def test_complete_fake_folders_pass(tmp_path):
+    small = tmp_path / "Wan2.1-T2V-1.3B"
+    _complete_common(small)
+    _touch(small, WAN_DIT_WEIGHTS)
+    check_wan_folder(small)
+
+    large = tmp_path / "Wan2.1-T2V-14B"
+    shards = ["a.safetensors", "b.safetensors"]
+    _complete_common(large, tokenizer_file="tokenizer.json")
+    _write_index(large, shards)
+    _touch(large, *shards)
+    check_wan_folder(large)
+
+
+def test_need_restricts_the_check(tmp_path):
+    folder = tmp_path / "Wan2.1-T2V-14B"
+    _touch(folder, WAN_T5_FILENAME, f"{WAN_TOKENIZER_SUBDIR}/spiece.model")
+    check_wan_folder(folder, need=("text_encoder", "tokenizer"))
+    message = _error(folder, need=("vae",))
+    assert WAN_VAE_FILENAME in message and WAN_DIT_CONFIG not in message
+    with pytest.raises(ValueError):
+        check_wan_folder(folder, need=("unet",))
+
+
+def test_repo_id_from_name_override_and_generic(tmp_path):
+    assert wan_repo_id("wan_models/Wan2.1-T2V-1.3B") == "Wan-AI/Wan2.1-T2V-1.3B"
+    assert wan_repo_id("wan_models/Wan2.1-T2V-14B/") == "Wan-AI/Wan2.1-T2V-14B"
+    assert wan_repo_id("my_weights") is None
+    folder = tmp_path / "my_weights"
+    folder.mkdir()
+    generic = _error(folder)
+    assert "Wan-AI/my_weights" not in generic and "download the matching Wan2.1 repository" in generic
+    assert f"hf download Wan-AI/Wan2.1-T2V-14B --local-dir {folder}" in _error(folder, repo_id="Wan-AI/Wan2.1-T2V-14B")
+
+
+@pytest.mark.parametrize("variant", ["framewise", "chunkwise"])
+@pytest.mark.parametrize("stage", ["causal_forcing", "ar_diffusion", "causal_ode", "causal_cd"])
+def test_download_hint_for_released_checkpoints(variant, stage):
+    path = f"checkpoints/{variant}/{stage}.pt"
+    expected = f"hf download zhuhz22/Causal-Forcing {variant}/{stage}.pt --local-dir checkpoints"
+    assert download_hint_for_checkpoint(path) == expected
+
+
+def test_download_hint_other_paths():
+    assert download_hint_for_checkpoint("/data/ckpt/chunkwise/causal_forcing.pt") == (
+        "hf download zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt --local-dir /data/ckpt")
+    assert download_hint_for_checkpoint("chunkwise/causal_forcing.pt").endswith("--local-dir .")
+    assert download_hint_for_checkpoint("logs/run/checkpoint_model_000100/model.pt") is None
+    assert download_hint_for_checkpoint("checkpoints/chunkwise/causal_forcing_v2.pt") is None
+
+
+def test_check_file(tmp_path):
+    present = tmp_path / "x.pt"
+    present.write_bytes(b"")
+    check_file(present, "checkpoint")
+
+    missing = tmp_path / "checkpoints" / "framewise" / "causal_forcing.pt"
+    with pytest.raises(WeightsMissingError, match="checkpoint not found") as info:
+        check_file(missing, "checkpoint")
+    assert f"hf download zhuhz22/Causal-Forcing framewise/causal_forcing.pt --local-dir {tmp_path / 'checkpoints'}" \
+        in str(info.value)
+
+    with pytest.raises(WeightsMissingError, match="run the ODE script first"):
+        check_file(tmp_path / "other.pt", "ODE data", "run the ODE script first")
+    with pytest.raises(WeightsMissingError) as info:
+        check_file(tmp_path / "other.pt", "checkpoint")
+    assert "get it with" not in str(info.value)
