@@ -1,0 +1,212 @@
+"""LMDB store and the reference LMDB tools (build from .pt files, merge shards, extract clean latents)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from utils.create_lmdb_iterative import create_ode_lmdb
+from utils.errors import DataError
+from utils.lmdb_store import LMDBReader, LMDBWriter, ShardedLMDBReader, open_env, open_many, write_clean_lmdb
+from utils.merge_and_get_clean import extract_clean
+from utils.merge_lmdb import find_shards, merge_lmdbs
+
+REPO = Path(__file__).resolve().parents[1]
+ROW = (3, 2, 4, 4, 6)  # [S, F, C, H, W], tiny stand-in for [6, 21, 16, 60, 104]
+
+
+def raw_get(path, key: str) -> bytes | None:
+    """A key's stored bytes, read straight from LMDB (independent of LMDBReader's decoding)."""
+    with open_env(path).begin() as txn:
+        return txn.get(key.encode())
+
+
+def make_db(path, rows: int, seed: int, prompt_prefix: str = "p", row_shape=ROW):
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((rows, *row_shape)).astype(np.float16)
+    prompts = [f"{prompt_prefix}{i} ünïcødé 🐱" for i in range(rows)]
+    with LMDBWriter(path) as writer:
+        writer.append(latents, prompts)
+    return latents, prompts
+
+
+def test_round_trip_is_exact_and_byte_compatible(tmp_path):
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((5, *ROW)).astype(np.float32)
+    prompts = ["a cat", "ein Hund", "猫", "emoji 🐶", "tab\tand\nnewline"]
+    with LMDBWriter(tmp_path / "db") as writer:
+        writer.append(latents[:2], prompts[:2])
+        writer.append(torch.from_numpy(latents[2:]), prompts[2:])  # tensors are accepted too
+    reader = LMDBReader(tmp_path / "db")
+    assert len(reader) == 5 and reader.shape("latents") == (5, *ROW) and reader.shape("prompts") == (5,)
+    for i in range(5):
+        row = reader.get("latents", i)
+        assert row.dtype == np.float16 and np.array_equal(row, latents[i].astype(np.float16))  # exact
+        assert reader.get("prompts", i) == prompts[i]
+    # On-disk layout of the reference: raw little-endian fp16 C-order rows and space-separated shape keys.
+    assert raw_get(tmp_path / "db", "latents_shape") == b"5 3 2 4 4 6"
+    assert raw_get(tmp_path / "db", "prompts_shape") == b"5"
+    assert raw_get(tmp_path / "db", "latents_3_data") == latents[3].astype("<f2").tobytes(order="C")
+    assert raw_get(tmp_path / "db", "prompts_2_data") == "猫".encode("utf-8")
+
+
+def test_bfloat16_tensor_and_overflow(tmp_path):
+    x = torch.randn(2, 3, 4).to(torch.bfloat16)
+    with LMDBWriter(tmp_path / "bf16") as writer:
+        writer.append(x, ["a", "b"])
+    assert np.array_equal(LMDBReader(tmp_path / "bf16").get("latents", 1), x[1].float().numpy().astype(np.float16))
+    with pytest.raises(DataError, match="overflow"), LMDBWriter(tmp_path / "big") as writer:
+        writer.append(np.full((1, 2), 1e6, dtype=np.float32), ["x"])
+
+
+def test_map_grows_from_tiny_map_size(tmp_path):
+    latents = np.random.default_rng(1).standard_normal((40, 64, 64)).astype(np.float16)  # 320 KiB
+    with LMDBWriter(tmp_path / "db", map_size=16 * 1024) as writer:
+        for i in range(0, 40, 8):
+            writer.append(latents[i:i + 8], [str(j) for j in range(i, i + 8)])
+    reader = LMDBReader(tmp_path / "db")
+    assert reader.env.info()["map_size"] > 16 * 1024
+    assert len(reader) == 40 and np.array_equal(reader.get("latents", 39), latents[39])
+
+
+def test_interrupted_build_is_refused(tmp_path):
+    with pytest.raises(RuntimeError), LMDBWriter(tmp_path / "db") as writer:
+        writer.append(np.zeros((2, 3), np.float16), ["a", "b"])
+        raise RuntimeError("killed mid-build")
+    with pytest.raises(DataError, match="no shape keys"):
+        LMDBReader(tmp_path / "db")
+    with pytest.raises(DataError, match="already holds data"):  # a new build must not mix with the old rows
+        LMDBWriter(tmp_path / "db")
+
+
+def test_writer_and_reader_errors(tmp_path):
+    with pytest.raises(DataError, match="LMDB not found"):
+        LMDBReader(tmp_path / "missing")
+    with pytest.raises(DataError, match="no rows"), LMDBWriter(tmp_path / "empty"):
+        pass
+    with pytest.raises(DataError, match="row shape"), LMDBWriter(tmp_path / "mixed") as writer:
+        writer.append(np.zeros((1, 2, 3)), ["a"])
+        writer.append(np.zeros((1, 3, 2)), ["b"])
+    with pytest.raises(ValueError, match="prompts"), LMDBWriter(tmp_path / "count") as writer:
+        writer.append(np.zeros((2, 3)), ["only one"])
+    make_db(tmp_path / "ok", 2, 0)
+    reader = LMDBReader(tmp_path / "ok")
+    with pytest.raises(IndexError):
+        reader.get("latents", 2)
+    assert reader.get("prompts", -1) == reader.get("prompts", 1)
+
+
+def test_open_many_natural_order_and_global_index(tmp_path):
+    parts = {i: make_db(tmp_path / "shards" / f"s_{i}", rows, seed=i, prompt_prefix=f"s{i}-")
+             for i, rows in [(0, 2), (10, 3), (2, 1)]}
+    reader = open_many(tmp_path / "shards")
+    assert isinstance(reader, ShardedLMDBReader) and len(reader) == 6
+    assert reader.shape("latents") == (6, *ROW)
+    expected = [(lat, p) for i in (0, 2, 10) for lat, p in zip(*parts[i])]  # s_2 before s_10
+    for k, (lat, prompt) in enumerate(expected):
+        assert reader.get("prompts", k) == prompt and np.array_equal(reader.get("latents", k), lat)
+    assert isinstance(open_many(tmp_path / "shards" / "s_0"), LMDBReader)
+    make_db(tmp_path / "shards" / "s_3", 1, 0, row_shape=(2, 2))
+    with pytest.raises(DataError, match="unlike"):
+        open_many(tmp_path / "shards")
+
+
+def test_write_clean_lmdb(tmp_path):
+    latents = [torch.randn(2, 4, 4, 6), torch.randn(1, 2, 4, 4, 6), np.random.randn(2, 4, 4, 6)]
+    rows = write_clean_lmdb(tmp_path / "clean", iter(latents), iter(["a", "b", "c"]), batch_rows=2)
+    reader = LMDBReader(tmp_path / "clean")
+    assert rows == 3 and reader.shape("latents") == (3, 1, 2, 4, 4, 6)
+    assert np.array_equal(reader.get("latents", 1)[0], latents[1][0].numpy().astype(np.float16))
+    with pytest.raises(DataError, match="different lengths"):
+        write_clean_lmdb(tmp_path / "bad", latents, ["a"])
+
+
+def save_pt(path, prompt: str, trajectory: torch.Tensor):
+    torch.save({prompt: trajectory}, path)
+
+
+def test_create_ode_lmdb_duplicate_in_last_file(tmp_path):
+    """The reference took the shape key from the last file; a skipped duplicate there made it just "N"."""
+    data = tmp_path / "pt"
+    data.mkdir()
+    trajectories = [torch.randn(1, *ROW), torch.randn(*ROW), torch.randn(1, *ROW)]
+    save_pt(data / "00000.pt", "a red circle", trajectories[0])
+    save_pt(data / "00001.pt", "a blue square", trajectories[1])
+    save_pt(data / "00002.pt", "a red circle", trajectories[2])  # duplicate prompt in the LAST file
+    rows = create_ode_lmdb(data, tmp_path / "ode", map_size=1 << 16)
+    assert rows == 2
+    assert raw_get(tmp_path / "ode", "latents_shape") == b"2 3 2 4 4 6"
+    assert raw_get(tmp_path / "ode", "prompts_shape") == b"2"
+    reader = LMDBReader(tmp_path / "ode")
+    assert [reader.get("prompts", i) for i in range(2)] == ["a red circle", "a blue square"]
+    assert np.array_equal(reader.get("latents", 0), trajectories[0][0].numpy().astype(np.float16))  # first kept
+    assert np.array_equal(reader.get("latents", 1), trajectories[1].numpy().astype(np.float16))
+
+
+def test_create_ode_lmdb_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        create_ode_lmdb(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "pt").mkdir()
+    with pytest.raises(DataError, match="no .pt files"):
+        create_ode_lmdb(tmp_path / "pt", tmp_path / "out")
+    save_pt(tmp_path / "pt" / "0.pt", "x", torch.randn(2, 4, 4))
+    with pytest.raises(DataError, match="expected"):
+        create_ode_lmdb(tmp_path / "pt", tmp_path / "out2")
+
+
+def test_create_lmdb_script_runs_from_repo_root(tmp_path):
+    """`python utils/create_lmdb_iterative.py ...` must work as in the README (script-mode imports)."""
+    data = tmp_path / "pt"
+    data.mkdir()
+    for i in range(3):
+        save_pt(data / f"{i:05d}.pt", f"prompt {i}", torch.randn(1, *ROW))
+    cmd = [sys.executable, "utils/create_lmdb_iterative.py", "--data_path", str(data), "--lmdb_path",
+           str(tmp_path / "ode")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert LMDBReader(tmp_path / "ode").shape("latents") == (3, *ROW)
+
+
+def make_shards(directory, base: str, sizes):
+    return [make_db(directory / f"{base}_{i}", n, seed=i, prompt_prefix=f"{i}-") for i, n in enumerate(sizes)]
+
+
+def test_merge_round_trip_keeps_sources_by_default(tmp_path):
+    parts = make_shards(tmp_path, "ODE_chunk", [3, 1, 2])
+    shards = find_shards(tmp_path, "ODE_chunk")
+    assert [p.name for p in shards] == ["ODE_chunk_0", "ODE_chunk_1", "ODE_chunk_2"]
+    assert merge_lmdbs(shards, tmp_path / "ODE_chunk", batch_rows=2) == 6
+    merged = LMDBReader(tmp_path / "ODE_chunk")
+    assert merged.shape("latents") == (6, *ROW)
+    expected = [(lat, p) for latents, prompts in parts for lat, p in zip(latents, prompts)]
+    for k, (lat, prompt) in enumerate(expected):
+        assert merged.get("prompts", k) == prompt and np.array_equal(merged.get("latents", k), lat)
+    assert all(p.exists() for p in shards)
+    assert find_shards(tmp_path, "ODE_chunk") == shards  # the merged db is not mistaken for a shard
+
+
+def test_merge_delete_sources_and_shape_mismatch(tmp_path):
+    make_shards(tmp_path, "b", [1, 1])
+    shards = find_shards(tmp_path, "b")
+    merge_lmdbs(shards, tmp_path / "b", delete_sources=True)
+    assert not any(p.exists() for p in shards) and len(LMDBReader(tmp_path / "b")) == 2
+    make_db(tmp_path / "c_0", 1, 0)
+    make_db(tmp_path / "c_1", 1, 0, row_shape=(2, 2))
+    with pytest.raises(DataError, match="unlike"):
+        merge_lmdbs(find_shards(tmp_path, "c"), tmp_path / "c")
+
+
+def test_extract_clean_takes_last_slot(tmp_path):
+    parts = make_shards(tmp_path, "ODE", [2, 3])
+    assert extract_clean(find_shards(tmp_path, "ODE"), tmp_path / "clean_data") == 5
+    clean = LMDBReader(tmp_path / "clean_data")
+    assert clean.shape("latents") == (5, 1, *ROW[1:])
+    assert raw_get(tmp_path / "clean_data", "latents_shape") == b"5 1 2 4 4 6"
+    expected = [(lat, p) for latents, prompts in parts for lat, p in zip(latents, prompts)]
+    for k, (lat, prompt) in enumerate(expected):
+        assert clean.get("prompts", k) == prompt and np.array_equal(clean.get("latents", k)[0], lat[-1])
+    assert os.path.isdir(tmp_path / "ODE_0") and os.path.isdir(tmp_path / "ODE_1")  # nothing deleted

@@ -1,0 +1,245 @@
+"""Torch datasets for prompts and latent LMDBs, ``cycle``, and a resumable (distributed) sampler.
+
+Prompt file rules (:class:`TextDataset`):
+
+* UTF-8 text (a leading BOM is ignored), one prompt per line; trailing whitespace is stripped and blank lines are
+  skipped, so line numbers in error messages are 1-based *file* lines.
+* Optional extended prompts (the LLM-expanded "document" version of a prompt), either
+  - a second column: ``prompt<TAB>extended prompt``. If any line has a TAB, every item carries ``extended_prompts``;
+    a line without one uses its prompt as its extended prompt;
+  - or a parallel file read by the same rules, which must give the same number of prompts.
+  Giving both is an error (ambiguous).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from utils.errors import DataError
+from utils.lmdb_store import LATENTS, PROMPTS, open_many
+
+logger = logging.getLogger(__name__)
+
+
+def read_prompt_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """Non-blank lines of a UTF-8 prompt file with trailing whitespace stripped, as ``(line_number, text)``."""
+    if not os.path.isfile(path):
+        raise DataError(f"prompt file not found: {path}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"prompt file is not valid UTF-8: {path} (byte {err.start})") from None
+    kept = [(n, line.rstrip()) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not kept:
+        raise DataError(f"prompt file is empty: {path}")
+    return kept
+
+
+class TextDataset(Dataset):
+    """Prompts from a text file. Items: ``{"prompts": str, "idx": int}`` plus ``"extended_prompts": str`` when
+    extended prompts are given (see the module docstring for the file rules)."""
+
+    def __init__(self, prompt_path: str | os.PathLike, extended_prompt_path: str | os.PathLike | None = None):
+        self.prompts: list[str] = []
+        self.extended_prompts: list[str] | None = None
+        lines = read_prompt_lines(prompt_path)
+        has_tabs = any("\t" in text for _, text in lines)
+        if has_tabs and extended_prompt_path is not None:
+            raise DataError(f"{prompt_path} has TAB-separated extended prompts and --extended_prompt_path "
+                            f"{extended_prompt_path} was given too; use one of them")
+        if has_tabs:
+            self.extended_prompts = []
+            for n, text in lines:
+                prompt, _, extended = text.partition("\t")
+                prompt, extended = prompt.rstrip(), extended.strip()
+                if not prompt:
+                    raise DataError(f"{prompt_path}:{n}: empty prompt before the TAB")
+                self.prompts.append(prompt)
+                self.extended_prompts.append(extended or prompt)
+        else:
+            self.prompts = [text for _, text in lines]
+        if extended_prompt_path is not None:
+            self.extended_prompts = [text for _, text in read_prompt_lines(extended_prompt_path)]
+            if len(self.extended_prompts) != len(self.prompts):
+                raise DataError(f"{prompt_path} has {len(self.prompts)} prompts but {extended_prompt_path} has "
+                                f"{len(self.extended_prompts)} extended prompts; they must match line for line")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, idx: int) -> dict:
+        item = {"prompts": self.prompts[idx], "idx": idx}
+        if self.extended_prompts is not None:
+            item["extended_prompts"] = self.extended_prompts[idx]
+        return item
+
+
+class _LatentLMDBBase(Dataset):
+    """Shared opening/length logic of the LMDB datasets (one LMDB or a directory of shards)."""
+
+    def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
+        self.reader = open_many(data_path)
+        self.row_shape = self.reader.shape(LATENTS)[1:]
+        if max_pair < 1:
+            raise DataError(f"max_pair must be >= 1, got {max_pair}")
+        self._len = min(len(self.reader), int(max_pair))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _row(self, idx: int) -> np.ndarray:
+        if not 0 <= idx < self._len:
+            raise IndexError(f"index {idx} out of range for {self._len} samples")
+        return self.reader.get(LATENTS, idx)
+
+
+class LatentLMDBDataset(_LatentLMDBBase):
+    """Clean latents. Items: ``{"prompts": str, "clean_latent": float32 [F, C, H, W]}``.
+
+    Rows of rank 4 ``[F, C, H, W]`` are returned as stored; rows of rank 5 ``[S, F, C, H, W]`` (``clean_data`` with
+    S = 1, or ODE trajectories whose last slot is the ground-truth latent) yield their last slot.
+    """
+
+    def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
+        super().__init__(data_path, max_pair)
+        if len(self.row_shape) not in (4, 5):
+            raise DataError(f"latent rows in {data_path} have shape {self.row_shape}; expected [F, C, H, W] "
+                            f"or [S, F, C, H, W]")
+
+    def __getitem__(self, idx: int) -> dict:
+        row = self._row(idx)
+        latent = row[-1] if row.ndim == 5 else row
+        return {"prompts": self.reader.get(PROMPTS, idx), "clean_latent": torch.from_numpy(latent.astype(np.float32))}
+
+
+class ODERegressionLMDBDataset(_LatentLMDBBase):
+    """ODE trajectories. Items: ``{"prompts": str, "ode_latent": float32 [S, F, C, H, W]}`` (S slots, see
+    training spec §4.2: noise, three intermediate states, teacher output, ground truth)."""
+
+    def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
+        super().__init__(data_path, max_pair)
+        if len(self.row_shape) != 5:
+            raise DataError(f"ODE rows in {data_path} have shape {self.row_shape}; expected [S, F, C, H, W]")
+
+    def __getitem__(self, idx: int) -> dict:
+        row = self._row(idx)
+        return {"prompts": self.reader.get(PROMPTS, idx), "ode_latent": torch.from_numpy(row.astype(np.float32))}
+
+
+def cycle(loader) -> Iterator:
+    """Yield batches from ``loader`` forever.
+
+    A :class:`ResumableSampler` moves to its next epoch by itself; any other sampler with ``set_epoch`` (e.g. torch's
+    ``DistributedSampler``) gets it called before every pass, so each pass is a fresh permutation.
+    """
+    sampler = getattr(loader, "sampler", None)
+    epoch = 0
+    while True:
+        if hasattr(sampler, "set_epoch") and not isinstance(sampler, ResumableSampler):
+            sampler.set_epoch(epoch)
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise DataError("cycle(): the data loader yields no batches (empty dataset, or drop_last with fewer "
+                            "samples than one batch)")
+        epoch += 1
+
+
+class ResumableSampler(Sampler[int]):
+    """Deterministic per-epoch permutation, split across ranks, resumable mid-epoch.
+
+    Epoch ``e`` uses the permutation drawn from ``numpy.random.default_rng([seed, e])`` (or ``0..n-1`` without
+    shuffle). Rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of it. With ``drop_last=True`` the tail that does
+    not divide evenly is dropped so every rank has the same count (training: collectives stay in step); with
+    ``drop_last=False`` every sample is used exactly once and ranks differ by at most one item (inference).
+
+    Iterating yields the rest of the current epoch and then moves to the next epoch, so a ``for`` loop per epoch (or
+    :func:`cycle`) needs no ``set_epoch``. ``state_dict()`` holds ``epoch`` and ``position`` (items of this rank
+    already yielded in that epoch); after ``load_state_dict`` iteration continues exactly where it stopped.
+
+    With DataLoader workers, indices are fetched ahead of use; then save ``state_for(num_consumed)`` with the number of
+    this rank's samples the training loop really consumed instead of ``state_dict()``.
+    """
+
+    def __init__(self, data_source, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 num_replicas: int = 1, rank: int = 0):
+        self.num_samples_total = data_source if isinstance(data_source, int) else len(data_source)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
+        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.position = 0, 0
+        self._start = (0, 0)  # (epoch, position) where the consumed-sample count of state_for() starts
+
+    def _epoch_indices(self, epoch: int) -> np.ndarray:
+        n = self.num_samples_total
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.drop_last:
+            order = order[: (n // self.num_replicas) * self.num_replicas]
+        return order[self.rank::self.num_replicas]
+
+    def __len__(self) -> int:
+        """Samples of this rank per epoch."""
+        n, r = self.num_samples_total, self.num_replicas
+        if self.drop_last:
+            return n // r
+        return len(range(self.rank, n, r))
+
+    def __iter__(self) -> Iterator[int]:
+        if self.position >= len(self) > 0:  # state saved right after an epoch's last item
+            self.epoch, self.position = self.epoch + 1, 0
+        indices = self._epoch_indices(self.epoch)
+        while self.position < len(indices):
+            index = int(indices[self.position])
+            self.position += 1
+            yield index
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to the start of ``epoch`` (no-op if already in it, so a resumed position survives)."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_samples_total": self.num_samples_total, "num_replicas": self.num_replicas}
+
+    def state_for(self, num_consumed: int) -> dict:
+        """State after this rank consumed ``num_consumed`` samples since this sampler was created or loaded."""
+        per_epoch = len(self)
+        if per_epoch == 0:
+            return self.state_dict()
+        absolute = self._start[0] * per_epoch + self._start[1] + num_consumed
+        return {**self.state_dict(), "epoch": absolute // per_epoch, "position": absolute % per_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_samples_total", "num_replicas"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"sampler state has {key}={state[key]} but this run has {getattr(self, key)}; "
+                                f"the dataset or world size changed, cannot resume mid-epoch")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._start = (self.epoch, self.position)
+
+
+class DistributedResumableSampler(ResumableSampler):
+    """:class:`ResumableSampler` whose ``num_replicas``/``rank`` default to the initialised process group."""
+
+    def __init__(self, data_source, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 num_replicas: int | None = None, rank: int | None = None):
+        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if num_replicas is None:
+            num_replicas = torch.distributed.get_world_size() if initialised else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if initialised else 0
+        super().__init__(data_source, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                         num_replicas=num_replicas, rank=rank)
+

@@ -1,0 +1,370 @@
+"""LMDB datasets in the reference (CausVid / Causal Forcing) on-disk layout.
+
+One LMDB environment directory holds named *arrays* stored row by row:
+
+* row key ``<array>_<i>_data`` (ASCII) -> the row's raw little-endian C-order bytes (``latents``, float16) or its
+  UTF-8 text (``prompts``);
+* shape key ``<array>_shape`` -> space-separated decimal integers, the row count first, e.g.
+  ``latents_shape = "N 6 21 16 60 104"`` for ODE trajectories, ``"N 1 21 16 60 104"`` for clean latents,
+  ``prompts_shape = "N"``.
+
+Files written here are byte-compatible with the released data. Two things differ from the reference writer:
+the shape keys are computed from the row shape itself (the reference took them from "the last file", which lost
+the row shape when that file was a skipped duplicate), and they are written **last**, in their own transaction, so an
+interrupted build leaves a database without shape keys that :class:`LMDBReader` refuses.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import lmdb
+import numpy as np
+
+from utils.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+LATENTS = "latents"
+PROMPTS = "prompts"
+TEXT_ARRAYS = frozenset({PROMPTS})
+# Dtype of each numeric array; the format stores no dtype, so reader and writer must agree on it.
+DEFAULT_DTYPES = {LATENTS: np.dtype("<f2")}
+DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB to start; the writer doubles it whenever a transaction does not fit.
+
+
+def row_key(array: str, index: int) -> bytes:
+    return f"{array}_{index}_data".encode("ascii")
+
+
+def shape_key(array: str) -> bytes:
+    return f"{array}_shape".encode("ascii")
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders ``x_2`` before ``x_10`` (numbers compare as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def is_lmdb_dir(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, "data.mdb"))
+
+
+# py-lmdb allows one open environment per path and process, and an environment must not be used across fork().
+# Readers therefore share one read-only environment per path, keyed by real path, and replace an inherited one.
+_SHARED_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+def open_env(path: str | os.PathLike) -> lmdb.Environment:
+    """This process's shared read-only environment of ``path`` (readonly, no lock, no readahead, no meminit)."""
+    key = os.path.realpath(path)
+    entry = _SHARED_ENVS.get(key)
+    if entry is not None and entry[0] != os.getpid():
+        entry[1].close()  # inherited through fork(): unusable here, and it would block a fresh open
+        entry = None
+    if entry is None:
+        env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=True,
+                        max_readers=2048)
+        entry = _SHARED_ENVS[key] = (os.getpid(), env)
+    return entry[1]
+
+
+def close_env(path: str | os.PathLike) -> None:
+    """Close the shared environment of ``path`` (readers reopen it on their next access)."""
+    entry = _SHARED_ENVS.pop(os.path.realpath(path), None)
+    if entry is not None and entry[0] == os.getpid():
+        entry[1].close()
+
+
+def _to_numpy(x) -> np.ndarray:
+    """numpy array or torch tensor (any float dtype, any device) -> numpy array, without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().to("cpu")
+        if not x.dtype.is_floating_point:
+            return x.numpy()
+        return x.float().numpy()  # bfloat16 has no numpy dtype; fp32 holds every fp16/bf16 value exactly
+    return np.asarray(x)
+
+
+class LMDBWriter:
+    """Append-only writer of a ``latents`` + ``prompts`` LMDB; a context manager.
+
+    ``with LMDBWriter(path) as w: w.append(latents, prompts)``. Shape keys are written by :meth:`close` (called by
+    ``__exit__`` on success); after an exception the database is closed *without* them, i.e. left clearly incomplete.
+
+    Args:
+        path: environment directory; created if missing. An existing non-empty database is refused (no silent mixing
+            of two builds).
+        map_size: initial map size in bytes; doubled on ``MapFullError`` (sparse file, so a large value costs nothing
+            on Linux but a small one keeps tests honest).
+        latent_dtype: storage dtype of ``latents`` (float16 in the released data).
+    """
+
+    def __init__(self, path: str | os.PathLike, map_size: int = DEFAULT_MAP_SIZE, latent_dtype=np.float16):
+        self.path = str(path)
+        self.latent_dtype = np.dtype(latent_dtype).newbyteorder("<")
+        self.num_rows = 0
+        self.row_shape: tuple[int, ...] | None = None
+        os.makedirs(self.path, exist_ok=True)
+        close_env(self.path)  # a read-only handle of this process would block opening for writing
+        self._env = lmdb.open(self.path, map_size=int(map_size), subdir=True, meminit=False)
+        if self._env.stat()["entries"] > 0:
+            self._env.close()
+            self._env = None
+            raise DataError(f"LMDB already holds data: {self.path} (remove it or choose another --lmdb_path)")
+
+    def __enter__(self) -> "LMDBWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def append(self, latents, prompts: Sequence[str]) -> int:
+        """Write rows ``latents[k]`` / ``prompts[k]`` in one transaction. Returns the new row count.
+
+        Args:
+            latents: numpy array or tensor ``[rows, *row_shape]``; every call must use the same ``row_shape``.
+            prompts: ``rows`` strings.
+        """
+        arr = _to_numpy(latents)
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        if arr.ndim < 1 or arr.shape[0] != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts for latents of shape {tuple(arr.shape)}")
+        if arr.shape[0] == 0:
+            return self.num_rows
+        if self.row_shape is None:
+            self.row_shape = tuple(int(s) for s in arr.shape[1:])
+        elif tuple(arr.shape[1:]) != self.row_shape:
+            raise DataError(f"row shape {tuple(arr.shape[1:])} differs from earlier rows {self.row_shape} "
+                            f"in {self.path}")
+        with np.errstate(over="ignore"):  # overflow is checked just below, with a clearer message
+            stored = np.ascontiguousarray(arr.astype(self.latent_dtype, copy=False))
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(stored).all() and np.isfinite(arr).all():
+            raise DataError(f"latent values overflow {self.latent_dtype} while writing {self.path}")
+        items = []
+        for k in range(arr.shape[0]):
+            i = self.num_rows + k
+            items.append((row_key(LATENTS, i), stored[k].tobytes(order="C")))
+            items.append((row_key(PROMPTS, i), str(prompts[k]).encode("utf-8")))
+        self._put(items)
+        self.num_rows += arr.shape[0]
+        return self.num_rows
+
+    def _put(self, items: list[tuple[bytes, bytes]]) -> None:
+        """One write transaction; on MapFullError it is rolled back, the map doubled, and the batch retried."""
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key, value in items:
+                        txn.put(key, value)
+                return
+            except lmdb.MapFullError:
+                new_size = self._env.info()["map_size"] * 2
+                logger.debug("LMDB %s full; growing map to %d bytes", self.path, new_size)
+                self._env.set_mapsize(new_size)
+
+    def close(self) -> None:
+        """Write the shape keys (marks the database complete) and close."""
+        if self._env is None:
+            return
+        if self.num_rows == 0:
+            self.abort()
+            raise DataError(f"no rows were written to {self.path}")
+        latents_shape = " ".join(str(s) for s in (self.num_rows, *self.row_shape))
+        self._put([(shape_key(LATENTS), latents_shape.encode()), (shape_key(PROMPTS), str(self.num_rows).encode())])
+        self._env.sync(True)
+        self._env.close()
+        self._env = None
+        logger.info("wrote %d rows of shape %s to %s", self.num_rows, self.row_shape, self.path)
+
+    def abort(self) -> None:
+        """Close without shape keys: the database stays incomplete and readers refuse it."""
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
+def write_clean_lmdb(path, latents_iter: Iterable, prompts_iter: Iterable[str], map_size: int = DEFAULT_MAP_SIZE,
+                     batch_rows: int = 64) -> int:
+    """Build a ``clean_data`` LMDB (rows ``[1, F, C, H, W]`` float16) from per-sample latents.
+
+    Args:
+        latents_iter: yields one latent per sample, ``[F, C, H, W]`` or ``[1, F, C, H, W]`` (numpy or tensor).
+        prompts_iter: yields the matching caption; both iterables must have the same length.
+        batch_rows: rows per write transaction.
+    Returns:
+        the number of rows written.
+    """
+    sentinel = object()
+    with LMDBWriter(path, map_size=map_size) as writer:
+        rows, texts = [], []
+        latents_it, prompts_it = iter(latents_iter), iter(prompts_iter)
+        while True:
+            latent, prompt = next(latents_it, sentinel), next(prompts_it, sentinel)
+            if latent is sentinel or prompt is sentinel:
+                if latent is not prompt:
+                    raise DataError(f"latents and prompts have different lengths while writing {path}")
+                break
+            arr = _to_numpy(latent)
+            if arr.ndim == 4:
+                arr = arr[None]
+            if arr.ndim != 5 or arr.shape[0] != 1:
+                raise DataError(f"clean latent must be [F, C, H, W] or [1, F, C, H, W], got {tuple(arr.shape)}")
+            rows.append(arr)
+            texts.append(prompt)
+            if len(rows) == batch_rows:
+                writer.append(np.stack(rows), texts)
+                rows, texts = [], []
+        if rows:
+            writer.append(np.stack(rows), texts)
+        return writer.num_rows
+
+
+class LMDBReader:
+    """Read-only view of one LMDB dataset (readonly, no lock, no readahead, no meminit).
+
+    Safe to pickle and to use in forked DataLoader workers: each process opens its own environment (:func:`open_env`).
+
+    Args:
+        path: environment directory.
+        arrays: arrays that must be present (each needs its shape key).
+        dtypes: storage dtype per numeric array (default: ``latents`` float16); text arrays are ``prompts``.
+    """
+
+    def __init__(self, path: str | os.PathLike, arrays: Sequence[str] = (LATENTS, PROMPTS), dtypes=None):
+        self.path = str(path)
+        self.dtypes = {**DEFAULT_DTYPES, **{k: np.dtype(v).newbyteorder("<") for k, v in (dtypes or {}).items()}}
+        if not os.path.isdir(self.path):
+            raise DataError(f"LMDB not found: {self.path}")
+        if not is_lmdb_dir(self.path):
+            raise DataError(f"not an LMDB directory (no data.mdb): {self.path}")
+        self._shapes = self._read_shapes(arrays)
+        counts = {name: shape[0] for name, shape in self._shapes.items()}
+        if len(set(counts.values())) != 1:
+            raise DataError(f"arrays of {self.path} have different row counts: {counts}")
+        self._len = next(iter(counts.values()))
+
+    def _read_shapes(self, arrays: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        with self.env.begin() as txn:
+            raw = {name: txn.get(shape_key(name)) for name in arrays}
+        missing = [name for name, value in raw.items() if value is None]
+        if len(missing) == len(arrays):
+            raise DataError(f"LMDB has no shape keys (incomplete build, or not a dataset LMDB): {self.path}")
+        if missing:
+            raise DataError(f"LMDB {self.path} lacks shape keys for arrays {missing}")
+        try:
+            return {name: tuple(int(s) for s in value.decode().split()) for name, value in raw.items()}
+        except ValueError as err:
+            raise DataError(f"malformed shape key in {self.path}: {err}") from None
+
+    @property
+    def env(self) -> lmdb.Environment:
+        return open_env(self.path)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return tuple(self._shapes)
+
+    def shape(self, array: str) -> tuple[int, ...]:
+        """Full shape of ``array``: ``(rows, *row_shape)``."""
+        if array not in self._shapes:
+            raise KeyError(f"array {array!r} not in {self.path} (has {list(self._shapes)})")
+        return self._shapes[array]
+
+    def get(self, array: str, index: int):
+        """Row ``index`` of ``array``: ``str`` for text arrays, else a read-only numpy array of the row shape."""
+        shape = self.shape(array)
+        if not -self._len <= index < self._len:
+            raise IndexError(f"row {index} out of range for {self._len} rows in {self.path}")
+        index %= self._len
+        with self.env.begin() as txn:
+            value = txn.get(row_key(array, index))
+        if value is None:
+            raise DataError(f"row {index} of array {array!r} missing in {self.path} (incomplete build?)")
+        if array in TEXT_ARRAYS:
+            return value.decode("utf-8")
+        dtype = self.dtypes.get(array)
+        if dtype is None:
+            raise KeyError(f"no dtype known for array {array!r}; pass dtypes={{{array!r}: ...}}")
+        expected = int(np.prod(shape[1:])) * dtype.itemsize
+        if len(value) != expected:
+            raise DataError(f"row {index} of {array!r} in {self.path} has {len(value)} bytes, expected {expected} "
+                            f"for shape {shape[1:]} {dtype}")
+        return np.frombuffer(value, dtype=dtype).reshape(shape[1:])
+
+    def close(self) -> None:
+        close_env(self.path)
+
+
+class ShardedLMDBReader:
+    """Several LMDB shards read as one dataset; global index = concatenation of the shards in the given order."""
+
+    def __init__(self, readers: Sequence[LMDBReader]):
+        if not readers:
+            raise DataError("no LMDB shards given")
+        self.readers = list(readers)
+        first = self.readers[0]
+        for reader in self.readers[1:]:
+            if reader.arrays != first.arrays or any(reader.shape(a)[1:] != first.shape(a)[1:] for a in first.arrays):
+                raise DataError(f"shard {reader.path} has arrays {[reader.shape(a) for a in reader.arrays]}, "
+                                f"unlike {first.path} {[first.shape(a) for a in first.arrays]}")
+        self._ends = np.cumsum([len(r) for r in self.readers]).tolist()
+        self.path = os.path.commonpath([r.path for r in self.readers])
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return self.readers[0].arrays
+
+    def shape(self, array: str) -> tuple[int, ...]:
+        return (len(self), *self.readers[0].shape(array)[1:])
+
+    def get(self, array: str, index: int):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows in {self.path}")
+        index %= len(self)
+        shard = bisect.bisect_right(self._ends, index)
+        start = self._ends[shard - 1] if shard else 0
+        return self.readers[shard].get(array, index - start)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+def list_shards(directory: str | os.PathLike) -> list[Path]:
+    """LMDB sub-directories of ``directory`` in natural name order (``x_2`` before ``x_10``)."""
+    subdirs = [p for p in Path(directory).iterdir() if p.is_dir() and is_lmdb_dir(p)]
+    return sorted(subdirs, key=lambda p: natural_key(p.name))
+
+
+def open_many(paths: str | os.PathLike | Sequence[str | os.PathLike], **reader_kwargs):
+    """Open one LMDB, a directory of LMDB shards, or an explicit list of shards as one reader.
+
+    A single LMDB directory gives an :class:`LMDBReader`; otherwise a :class:`ShardedLMDBReader` over the shards
+    (a directory's shards in natural name order, a list in the given order).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        if not os.path.isdir(paths):
+            raise DataError(f"LMDB not found: {paths}")
+        if is_lmdb_dir(paths):
+            return LMDBReader(paths, **reader_kwargs)
+        shards = list_shards(paths)
+        if not shards:
+            raise DataError(f"no LMDB (data.mdb) in {paths} or its sub-directories")
+        paths = shards
+    return ShardedLMDBReader([LMDBReader(p, **reader_kwargs) for p in paths])

@@ -1,0 +1,134 @@
+"""Merge LMDB shards ``<name>_0, <name>_1, ...`` into one LMDB ``<name>``.
+
+    python utils/merge_lmdb.py                        # dataset/ODE6KCausal_{framewise,chunkwise}_<i> -> ..._{...}
+    python utils/merge_lmdb.py --data_dir dataset --names ODE6KCausal_chunkwise --delete_sources
+
+Rows are copied in shard order (shard index numerically, then row index). All shards must have the same arrays and
+row shapes. The shards are kept unless ``--delete_sources`` is given; they are deleted only after the merged database
+was written completely and its row count checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as `python utils/<script>.py`: import `utils` as a package from the repo root
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import numpy as np  # noqa: E402
+
+from utils.errors import DataError, UserError  # noqa: E402
+from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter, ShardedLMDBReader, is_lmdb_dir  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMES = ("ODE6KCausal_framewise", "ODE6KCausal_chunkwise")
+
+
+def find_shards(data_dir: str | os.PathLike, name: str) -> list[Path]:
+    """Directories ``data_dir/<name>_<i>`` (i an integer) holding an LMDB, sorted by i."""
+    pattern = re.compile(rf"^{re.escape(name)}_(\d+)$")
+    found = []
+    if os.path.isdir(data_dir):
+        for path in Path(data_dir).iterdir():
+            match = pattern.match(path.name)
+            if match and path.is_dir() and is_lmdb_dir(path):
+                found.append((int(match.group(1)), path))
+    if not found:
+        raise DataError(f"no LMDB shards {name}_<i> in {data_dir}")
+    return [path for _, path in sorted(found)]
+
+
+def _source_bytes(paths: Sequence[str | os.PathLike]) -> int:
+    return sum(os.path.getsize(os.path.join(p, "data.mdb")) for p in paths)
+
+
+def merge_lmdbs(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, keep_last_slot: bool = False,
+                batch_rows: int = 512, delete_sources: bool = False, progress: bool = False) -> int:
+    """Copy every row of ``sources`` (in order) into a new LMDB ``dest``. Returns the merged row count.
+
+    Args:
+        keep_last_slot: keep only the last entry of each row's leading axis, as ``[1, ...]``: ODE rows
+            ``[S, F, C, H, W]`` become clean rows ``[1, F, C, H, W]`` (the ground-truth latent, slot S-1).
+        batch_rows: rows per write transaction (bounds memory: one batch of rows is held at a time).
+        delete_sources: remove the source directories after a successful, verified merge.
+    """
+    from tqdm import tqdm
+
+    reader = ShardedLMDBReader([LMDBReader(p) for p in sources])
+    if set(reader.arrays) != {LATENTS, PROMPTS}:
+        raise DataError(f"expected arrays {LATENTS!r} and {PROMPTS!r}, found {reader.arrays}")
+    row_shape = reader.shape(LATENTS)[1:]
+    if keep_last_slot and len(row_shape) != 5:
+        raise DataError(f"rows of shape {row_shape} have no trajectory slots to take the last of; expected "
+                        f"[S, F, C, H, W]")
+    # Sized once from the sources so that the sparse map rarely needs to grow; the writer doubles it if needed.
+    map_size = max(int(1.1 * _source_bytes(sources)), 1 << 20)
+    with LMDBWriter(dest, map_size=map_size) as writer:
+        for start in tqdm(range(0, len(reader), batch_rows), desc=f"merging into {dest}", disable=not progress):
+            stop = min(start + batch_rows, len(reader))
+            rows = [reader.get(LATENTS, i) for i in range(start, stop)]
+            if keep_last_slot:
+                rows = [row[-1:] for row in rows]
+            writer.append(np.stack(rows), [reader.get(PROMPTS, i) for i in range(start, stop)])
+        total = writer.num_rows
+    reader.close()
+    merged = LMDBReader(dest)
+    if len(merged) != len(reader):
+        raise DataError(f"merged {dest} has {len(merged)} rows, expected {len(reader)}; sources kept")
+    merged.close()
+    if delete_sources:
+        for path in sources:
+            shutil.rmtree(path)
+        logger.info("deleted %d source shards", len(sources))
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default="dataset",
+                        help="directory holding the shards <name>_<i> (default: %(default)s)")
+    parser.add_argument("--names", nargs="+", default=list(DEFAULT_NAMES),
+                        help="shard base names; each <data_dir>/<name>_<i> set is merged into <data_dir>/<name> "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch_rows", type=int, default=512,
+                        help="rows copied per write transaction (default: %(default)s)")
+    parser.add_argument("--delete_sources", action="store_true",
+                        help="delete the shards after a successful, verified merge (default: keep them)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    merged = 0
+    try:
+        for name in args.names:
+            try:
+                shards = find_shards(args.data_dir, name)
+            except DataError as err:  # e.g. only the chunkwise data was downloaded: merge what is there
+                print(f"skipping {name}: {err}", file=sys.stderr)  # noqa: T201
+                continue
+            dest = os.path.join(args.data_dir, name)
+            print(f"merging {len(shards)} {name} shards into {dest}")  # noqa: T201
+            rows = merge_lmdbs(shards, dest, batch_rows=args.batch_rows, delete_sources=args.delete_sources,
+                               progress=True)
+            print(f"wrote {rows} rows to {dest}")  # noqa: T201
+            merged += 1
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201
+        return 1
+    return 0 if merged else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""MP4 writing/reading (imageio + its bundled ffmpeg, libx264, yuv420p) and safe output file names.
+
+Every writer here is atomic: frames go to a hidden temporary file in the destination directory, which replaces the
+final path (``os.replace``) only after ffmpeg finished successfully. A crash or exception leaves no partial
+``.mp4`` under the final name, so "skip outputs that already exist" logic never skips a broken file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import unicodedata
+import uuid
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FPS = 16
+
+
+def to_uint8_frames(frames, value_range: tuple[float, float] | None = None, layout: str = "THWC") -> np.ndarray:
+    """Frames as a uint8 numpy array ``[T, H, W, 3]``.
+
+    Args:
+        frames: uint8 array/tensor, or a float array/tensor with values in ``value_range``.
+        value_range: ``(low, high)`` of float input, e.g. ``(0, 1)`` or ``(-1, 1)``; required for floats (the range
+            cannot be guessed reliably from the values), must be None or ``(0, 255)`` for uint8. Values outside it are
+            clipped; the mapping rounds to nearest (the reference truncated).
+        layout: ``"THWC"`` or ``"TCHW"`` (channels first, e.g. straight from a VAE decode).
+    """
+    if hasattr(frames, "detach"):
+        frames = frames.detach().to("cpu")
+        frames = frames.float().numpy() if frames.dtype.is_floating_point else frames.numpy()
+    frames = np.asarray(frames)
+    if layout not in ("THWC", "TCHW"):
+        raise ValueError(f"layout must be 'THWC' or 'TCHW', got {layout!r}")
+    if frames.ndim != 4:
+        raise ValueError(f"frames must be rank 4 ({layout}), got shape {frames.shape}")
+    if layout == "TCHW":
+        frames = frames.transpose(0, 2, 3, 1)
+    if frames.shape[-1] != 3:
+        raise ValueError(f"frames must have 3 colour channels ({layout}), got shape {frames.shape}")
+    if frames.dtype == np.uint8:
+        if value_range not in (None, (0, 255)):
+            raise ValueError(f"uint8 frames are already 0..255; value_range={value_range} makes no sense")
+        return np.ascontiguousarray(frames)
+    if not np.issubdtype(frames.dtype, np.floating):
+        raise ValueError(f"frames must be uint8 or float, got {frames.dtype}")
+    if value_range is None:
+        raise ValueError("float frames need value_range=(0, 1) or (-1, 1)")
+    low, high = value_range
+    unit = (np.nan_to_num(frames.astype(np.float32)) - low) / (high - low)
+    return np.ascontiguousarray(np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
+def pad_to_even(frames: np.ndarray) -> np.ndarray:
+    """Pad ``[T, H, W, 3]`` by one replicated row/column at the bottom/right where H or W is odd (yuv420p needs
+    even sizes)."""
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return frames
+
+
+class Mp4StreamWriter:
+    """Append frames chunk by chunk to an mp4 that appears atomically at :meth:`close`.
+
+    Use as a context manager; on an exception (or :meth:`abort`) the temporary file is removed and no final file
+    is created. Frame sizes must stay the same across :meth:`append` calls; odd sizes are padded to even.
+
+    Args:
+        path: final ``.mp4`` path; parent directories are created.
+        fps: frames per second.
+        value_range, layout: how to read float input, see :func:`to_uint8_frames`.
+        quality: imageio quality 1..10 (None: libx264's default CRF 23).
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS, value_range=None, layout: str = "THWC",
+                 quality: float | None = None):
+        self.path = os.fspath(path)
+        self.fps, self.value_range, self.layout, self.quality = fps, value_range, layout, quality
+        self.num_frames = 0
+        self._size: tuple[int, int] | None = None
+        self._writer = None
+        self._tmp_path: str | None = None
+        self._closed = False
+
+    def __enter__(self) -> "Mp4StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def append(self, frames) -> None:
+        """Append ``[T, H, W, 3]`` frames (or ``[T, 3, H, W]`` with ``layout="TCHW"``)."""
+        if self._closed:
+            raise RuntimeError(f"writer for {self.path} is already closed")
+        frames = pad_to_even(to_uint8_frames(frames, self.value_range, self.layout))
+        if self._writer is None:
+            import imageio.v2 as imageio  # imported lazily: only video tools need ffmpeg
+
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, exist_ok=True)
+            # A unique hidden name in the same directory (os.replace is atomic only within one filesystem); ffmpeg
+            # creates it with the usual permissions and picks the container from its .mp4 extension.
+            self._tmp_path = os.path.join(directory, f".tmp_{uuid.uuid4().hex}.mp4")
+            self._size = frames.shape[1:3]
+            self._writer = imageio.get_writer(
+                self._tmp_path, format="FFMPEG", mode="I", fps=self.fps, codec="libx264", pixelformat="yuv420p",
+                quality=self.quality, macro_block_size=1, ffmpeg_log_level="error")
+        elif frames.shape[1:3] != self._size:
+            raise ValueError(f"frame size {frames.shape[1:3]} differs from the first frames' {self._size}")
+        for frame in frames:
+            self._writer.append_data(frame)
+        self.num_frames += len(frames)
+
+    def close(self) -> None:
+        """Finish encoding and move the file to its final path."""
+        if self._closed:
+            return
+        if self.num_frames == 0:
+            self.abort()
+            raise ValueError(f"no frames were written for {self.path}")
+        try:
+            self._writer.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._writer = None
+        os.replace(self._tmp_path, self.path)
+        self._tmp_path = None
+        self._closed = True
+
+    def abort(self) -> None:
+        """Stop and delete the temporary file; the final path is left untouched."""
+        self._closed = True
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # the file is discarded anyway; the original error matters more
+                logger.debug("closing ffmpeg after an error failed", exc_info=True)
+            self._writer = None
+        if self._tmp_path is not None:
+            if os.path.exists(self._tmp_path):
+                os.remove(self._tmp_path)
+            self._tmp_path = None
+
+
+def write_mp4(path: str | os.PathLike, frames, fps: float = DEFAULT_FPS, value_range=None, layout: str = "THWC",
+              quality: float | None = None) -> None:
+    """Write ``frames`` (uint8 ``[T, H, W, 3]``, or float with ``value_range``) to ``path`` atomically."""
+    with Mp4StreamWriter(path, fps=fps, value_range=value_range, layout=layout, quality=quality) as writer:
+        writer.append(frames)
+
+
+def read_mp4(path: str | os.PathLike) -> np.ndarray:
+    """All frames of a video as uint8 ``[T, H, W, 3]`` (for tests and tools)."""
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(os.fspath(path), format="FFMPEG") as reader:
+        frames = [np.asarray(frame) for frame in reader]
+    return np.stack(frames)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output names
+
+_RESERVED_CHARS = set('<>:"/\\|?*')  # path separators plus the characters Windows forbids in names
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+_MAX_NAME_BYTES = 200  # filesystems cap names at 255 bytes; leave room for index, dedup suffix and extension
+_FALLBACK = "prompt"
+
+
+def _trim(name: str) -> str:
+    # Leading dots would hide the file (or make ".."), a leading "-" reads as an option on command lines;
+    # Windows drops trailing dots and spaces.
+    return name.lstrip(" .-").rstrip(" .")
+
+
+def _cut(name: str, max_chars: int) -> str:
+    name = name[:max(max_chars, 0)]
+    while len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+        name = name[:-1]
+    return _trim(name)
+
+
+def safe_output_name(prompt: str, index: int | None = None, used: set | None = None, max_len: int = 100) -> str:
+    """A file-name stem (no extension) for ``prompt``, safe on Linux, macOS and Windows.
+
+    Rule, in order:
+    1. Unicode NFKC normalisation (full-width "／" becomes "/" and is then replaced like "/").
+    2. ``/ \\ < > : " | ? *`` become ``_``; control, format and separator characters (NUL, newline, tab, zero-width
+       and bidi marks, lone surrogates, unassigned code points) become a space.
+    3. Cut to ``max_len`` characters (and at most 200 UTF-8 bytes); then leading ``" .-"`` and trailing
+       ``" ."`` are stripped. An empty result becomes ``"prompt"``; a Windows device name (``CON``, ``nul``,
+       ``COM1`` ...) gets a leading ``_``.
+    4. With ``index``, the stem is prefixed by ``f"{index:05d}_"``.
+    5. With ``used`` (a set of *casefolded* stems already taken, updated in place), a clash, compared without case,
+       gets ``_1``, ``_2``, ... (the stem is cut further so that the suffix keeps it within ``max_len``).
+
+    A plain prompt maps to ``prompt[:max_len]`` as in the reference, so outputs of earlier runs keep their names.
+    Given the same prompt order, the names are the same on every run (a resumed run finds its earlier outputs).
+    """
+    text = unicodedata.normalize("NFKC", prompt or "")
+    chars = []
+    for ch in text:
+        if ch in _RESERVED_CHARS:
+            chars.append("_")
+        elif unicodedata.category(ch)[0] in "CZ":
+            chars.append(" ")
+        else:
+            chars.append(ch)
+    base = "".join(chars)
+    prefix = "" if index is None else f"{index:05d}_"
+
+    def build(suffix: str) -> str:
+        stem = _cut(base, max_len - len(suffix)) or _FALLBACK
+        if stem.split(".")[0].strip().upper() in _WINDOWS_DEVICES:
+            stem = "_" + stem
+        return prefix + stem + suffix
+
+    name, count = build(""), 0
+    if used is not None:
+        while name.casefold() in used:
+            count += 1
+            name = build(f"_{count}")
+        used.add(name.casefold())
+    return name
