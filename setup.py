@@ -1,0 +1,32 @@
+"""Install the project's packages (model, pipeline, trainer, utils) so scripts and tests import them from anywhere.
+
+`pip install -e .` for development; dependencies are read from requirements.txt (test-only ones left out).
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+TEST_ONLY = {"pytest"}
+
+
+def _requirements() -> list:
+    lines = (Path(__file__).parent / "requirements.txt").read_text().splitlines()
+    reqs = [line.split("#", 1)[0].strip() for line in lines]
+    return [r for r in reqs if r and r.split(">")[0].split("=")[0].split("<")[0].strip().lower() not in TEST_ONLY]
+
+
+setup(
+    name="causal-forcing",
+    version="0.1.0",
+    description="Causal Forcing: streaming autoregressive video generation distilled from Wan2.1",
+    python_requires=">=3.10",
+    packages=find_packages(include=["model", "model.*", "pipeline", "pipeline.*", "trainer", "trainer.*",
+                                    "utils", "utils.*"]),
+    install_requires=_requirements(),
+    extras_require={
+        "flash": ["flash-attn"],  # needs a CUDA toolchain: pip install -e .[flash] --no-build-isolation
+        "clip": ["open_clip_torch"],
+        "demo": [],
+    },
+)

@@ -1,0 +1,513 @@
+"""Typed configuration: one schema, every default written once, strict YAML loading.
+
+Where defaults live: the :class:`Config` dataclass below is the single source of every default, each with a one-line
+doc. ``configs/default_config.yaml`` is kept (users know it and ``load_config`` still merges it, so a site may pin
+values there) but ships with no keys; a test keeps it from growing a second copy of the defaults. Stage YAMLs hold only
+what differs from the schema, and may name a ``base:`` YAML (path relative to the file) to inherit from, so a chunk-wise
+file is "the frame-wise file plus ``num_frame_per_block: 3``". ``python -m utils.config [CONFIG] [key=value ...]``
+prints the fully resolved config (or, with no CONFIG, every default with its doc) as one flat YAML.
+
+API: ``load_config(path, overrides) -> Config`` returns the dataclass itself, validated by ``Config.__post_init__``,
+holding plain Python values (``cfg.lr``, ``cfg.model_kwargs.local_attn_size``; lists are lists). ``config_to_dict`` /
+``config_to_yaml`` (or ``OmegaConf.to_yaml(cfg)``) log or print it; ``grad_accum_steps`` gives the micro-steps per
+optimizer step.
+
+Load order (later wins): schema defaults < default_config.yaml < base chain (outermost first) < the YAML < overrides.
+Unknown or misspelt keys, mistyped values and bad values raise :class:`ConfigError` with a one-line message that
+names the file and the key.
+
+Differences from the reference configs (thu-ml/Causal-Forcing), on purpose:
+
+* ``seed: 0`` is a real seed (the reference drew a random one); runs are reproducible by default.
+* ``wandb_key`` / ``wandb_host`` are not config keys: secrets come from the environment (``WANDB_API_KEY``,
+  ``WANDB_BASE_URL``); a YAML that still has them fails with a message saying so. W&B is off unless ``wandb_mode``
+  says otherwise.
+* ``total_batch_size`` is honoured through gradient accumulation (see :func:`grad_accum_steps`); the reference
+  ignored it. ``max_steps`` stops the run (the reference looped forever); ``log_every`` sets the metrics interval;
+  ``log_iters`` keeps its reference meaning, the checkpoint interval.
+* Keys that no reference code reads (``spatial_sf``, ``grad_accum``, ``tf``, ...) still load, are dropped, and are named
+  in one warning (:data:`LEGACY_KEYS`).
+* ``timestep_shift`` defaults to 5.0 (reference code default 1.0; every shipped config that reads it says 5.0) and
+  ``ts_schedule`` to false (reference code default true; every shipped config says false). ``ema_weight: 0`` disables
+  the EMA, which is how the stage-1 configs now say "no EMA" (the reference set ``ema_start_step: 2000000000``).
+"""
+
+import copy
+import dataclasses
+import difflib
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from utils.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TRAINERS = ("diffusion", "ode", "consistency_distillation", "score_distillation")
+SHARDING_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")
+WRAP_STRATEGIES = ("size", "transformer")
+DENOISING_LOSS_TYPES = ("flow", "x0")
+WANDB_MODES = ("disabled", "offline", "online")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn")
+
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+# Reference YAML keys that no code reads (training.md §9): accepted so old files load, dropped, and warned about.
+LEGACY_KEYS = frozenset({
+    "spatial_sf", "generator_grad", "generator_task", "grad_accum", "discriminator_lr_multiplier", "tf",
+    "ckpt_step", "prompt_name", "prompt_path", "eval_first_n", "num_samples", "backward_simulation",
+    "rtf_ema_ratio", "eval_interval", "eval_num_output_frames", "eval_num_init_frames", "rtf_single_gpu_batch",
+    "given_first_chunk",
+})
+# Secrets that the reference kept in YAML; the value names the environment variable to use instead.
+SECRET_KEYS = {"wandb_key": "WANDB_API_KEY", "wandb_host": "WANDB_BASE_URL"}
+# Names people reach for, mapped to ours; only used to suggest the right key in an "unknown key" error.
+KEY_HINTS = {
+    "learning_rate": "lr", "critic_lr": "lr_critic", "ema_decay": "ema_weight", "cfg_scale": "guidance_scale",
+    "max_iters": "max_steps", "num_steps": "max_steps", "train_steps": "max_steps", "save_every": "log_iters",
+    "save_interval": "log_iters", "checkpoint_every": "log_iters", "log_interval": "log_every",
+    "num_frames_per_block": "num_frame_per_block", "num_frames_per_chunk": "num_frame_per_block",
+    "checkpoint_path": "generator_ckpt", "ckpt_path": "generator_ckpt", "shift": "timestep_shift",
+}
+BASE_KEY = "base"
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "") -> Any:
+    """A dataclass field with its one-line doc in ``metadata['doc']`` (printed by ``python -m utils.config``)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def _check(ok: bool, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{message}, got {value!r}")
+
+
+def _check_choice(key: str, value: str, choices: Tuple[str, ...]) -> None:
+    _check(value in choices, f"{key} must be one of {', '.join(choices)}", value)
+
+
+@dataclass
+class ModelKwargs:
+    """Constructor options of the causal generator (reference: ``model_kwargs`` of the generator wrapper)."""
+
+    timestep_shift: float = _f(5.0, "shift of the generator's 1000-step flow-matching grid (reference default 8.0)")
+    local_attn_size: int = _f(-1, "KV-cache attention window in latent frames; -1 attends to every cached frame")
+    sink_size: int = _f(0, "first latent frames kept in the cache when the window slides (attention sink)")
+
+    def __post_init__(self) -> None:
+        _check(self.timestep_shift > 0, "model_kwargs.timestep_shift must be > 0", self.timestep_shift)
+        _check(self.local_attn_size == -1 or self.local_attn_size >= 1,
+               "model_kwargs.local_attn_size must be -1 or >= 1", self.local_attn_size)
+        _check(self.sink_size >= 0, "model_kwargs.sink_size must be >= 0", self.sink_size)
+
+
+@dataclass
+class Config:
+    """Every key a stage YAML may set. Flat like the reference YAMLs, grouped by comments."""
+
+    # --- stage and data ---
+    trainer: str = _f(doc=f"training objective, one of {', '.join(TRAINERS)} (required)")
+    generator_ckpt: Optional[str] = _f(None, "checkpoint that initialises the generator (and the CD teacher/EMA)")
+    data_path: Optional[str] = _f(None, "training data: an LMDB folder (stages 1-2) or a prompt file (stage 3)")
+    max_pair: Optional[int] = _f(None, "use at most this many dataset rows; null uses all")
+    load_raw_video: bool = _f(False, "VAE-encode raw frames instead of reading latents (reference path was broken)")
+    i2v: bool = _f(False, "image-conditioned training (first latent frame given)")
+
+    # --- networks (folders under wan_models_dir) ---
+    wan_models_dir: str = _f("wan_models", "folder holding the downloaded Wan2.1 model folders")
+    generator_name: str = _f("Wan2.1-T2V-1.3B", "model folder of the causal generator")
+    real_name: str = _f("Wan2.1-T2V-1.3B", "model folder of the real-score (teacher) network")
+    fake_name: str = _f("Wan2.1-T2V-1.3B", "model folder of the fake-score (critic) network")
+    text_encoder_name: str = _f("Wan2.1-T2V-1.3B", "model folder providing the umT5 encoder, tokenizer and VAE")
+    model_kwargs: ModelKwargs = _f(ModelKwargs(), "generator constructor options")
+    causal: bool = _f(True, "the generator is block-causal (DMD / base model)")
+    is_causal: bool = _f(True, "the CD student and its EMA target are block-causal")
+    num_frame_per_block: int = _f(1, "latent frames per autoregressive block: 1 frame-wise, 3 chunk-wise")
+    independent_first_frame: bool = _f(False, "latent frame 0 forms a block of its own")
+    attention_backend: str = _f("auto", f"attention kernel, one of {', '.join(ATTENTION_BACKENDS)}")
+    compile: bool = _f(False, "torch.compile the transformer blocks")
+
+    # --- video geometry ---
+    image_or_video_shape: List[int] = _f([1, 21, 16, 60, 104], "latent shape [B, F, C, H, W]; B is set at run time")
+    height: int = _f(480, "video height in pixels")
+    width: int = _f(832, "video width in pixels")
+    num_frames: int = _f(81, "video length in pixel frames")
+    fps: int = _f(16, "frame rate of written videos")
+
+    # --- diffusion schedule ---
+    num_train_timestep: int = _f(1000, "number of training timesteps T (t lies in [0, T])")
+    timestep_shift: float = _f(5.0, "shift used when sampling DMD/critic timesteps and by the multi-step sampler")
+    denoising_step_list: Optional[List[int]] = _f(None, "few-step schedule, descending in (0, T]; null = multi-step")
+    denoising_step_list_first_chunk: Optional[List[int]] = _f(None, "separate schedule for block 0; null = same")
+    warp_denoising_step: bool = _f(False, "map the nominal steps onto the shifted 1000-step grid")
+    context_noise: int = _f(0, "timestep of the KV-cache context pass after each block")
+
+    # --- guidance ---
+    guidance_scale: float = _f(3.0, "classifier-free guidance scale (DMD real score, CD teacher, stage-1 sampling)")
+    real_guidance_scale: Optional[float] = _f(None, "DMD real-score guidance; null = guidance_scale")
+    fake_guidance_scale: Optional[float] = _f(None, "DMD fake-score guidance; null = 0 (no unconditional pass)")
+    negative_prompt: str = _f(WAN_NEGATIVE_PROMPT, "unconditional prompt for guidance (the Wan2.1 one)")
+
+    # --- optimisation ---
+    seed: int = _f(0, "base random seed (rank r uses seed + r); 0 is a real seed, not 'random'")
+    mixed_precision: bool = _f(True, "bf16 compute with fp32 master weights and reductions")
+    gradient_checkpointing: bool = _f(True, "recompute each transformer block in the backward pass")
+    lr: float = _f(2.0e-6, "generator AdamW learning rate")
+    lr_critic: Optional[float] = _f(None, "critic AdamW learning rate; null = lr")
+    beta1: float = _f(0.0, "generator AdamW beta1")
+    beta2: float = _f(0.999, "generator AdamW beta2")
+    beta1_critic: float = _f(0.0, "critic AdamW beta1")
+    beta2_critic: float = _f(0.999, "critic AdamW beta2")
+    weight_decay: float = _f(0.01, "AdamW weight decay (both optimizers)")
+    batch_size: int = _f(1, "samples per GPU per micro-step")
+    total_batch_size: Optional[int] = _f(None, "global batch; a multiple of batch_size x world size reached by "
+                                         "gradient accumulation; null = batch_size x world size")
+    max_grad_norm_generator: float = _f(10.0, "gradient clipping norm of the generator")
+    max_grad_norm_critic: float = _f(10.0, "gradient clipping norm of the critic")
+    ema_weight: float = _f(0.0, "EMA decay of the generator weights; 0 disables the EMA")
+    ema_start_step: int = _f(0, "step from which the EMA is kept and checkpoints hold generator_ema")
+
+    # --- stage 1 (diffusion) ---
+    teacher_forcing: bool = _f(False, "condition on ground-truth clean context (true) or diffusion forcing (false)")
+    noise_augmentation_max_timestep: int = _f(0, "noise the clean context up to this timestep; 0 disables")
+
+    # --- stage 2b (consistency distillation) ---
+    discrete_cd_N: int = _f(48, "number of discretisation steps of consistency distillation")
+
+    # --- stage 3 (DMD with self-forcing rollout) ---
+    dfake_gen_update_ratio: int = _f(5, "the generator steps when step % ratio == 0; the critic every step")
+    distribution_loss: str = _f("dmd", "generator distribution loss (only 'dmd')")
+    denoising_loss_type: str = _f("flow", f"critic loss target, one of {', '.join(DENOISING_LOSS_TYPES)}")
+    same_step_across_blocks: bool = _f(True, "all blocks of a rollout exit at the same denoising step")
+    last_step_only: bool = _f(False, "every rollout block exits at the last denoising step")
+    num_training_frames: int = _f(21, "latent frames generated by the rollout (and its KV-cache length)")
+    ts_schedule: bool = _f(False, "lower the DMD/critic timestep bound to the rollout's exit step")
+    ts_schedule_max: bool = _f(False, "upper the DMD/critic timestep bound to the rollout's exit step")
+    min_score_timestep: int = _f(0, "lowest DMD/critic timestep when ts_schedule is off")
+
+    # --- distribution (FSDP) ---
+    sharding_strategy: str = _f("hybrid_full", f"FSDP sharding, one of {', '.join(SHARDING_STRATEGIES)}")
+    generator_fsdp_wrap_strategy: str = _f("size", "FSDP wrap policy of the generator (and CD EMA target)")
+    real_score_fsdp_wrap_strategy: str = _f("size", "FSDP wrap policy of the real score (and CD teacher)")
+    fake_score_fsdp_wrap_strategy: str = _f("size", "FSDP wrap policy of the fake score")
+    text_encoder_fsdp_wrap_strategy: str = _f("size", "FSDP wrap policy of the text encoder")
+    text_encoder_cpu_offload: bool = _f(False, "keep the text encoder's parameters on the CPU")
+    real_score_cpu_offload: bool = _f(False, "keep the real score's parameters on the CPU")
+
+    # --- run length, checkpoints, logging ---
+    max_steps: int = _f(0, "stop after this many steps; 0 = run until stopped")
+    log_iters: int = _f(1000, "checkpoint interval in steps (reference name kept)")
+    log_every: int = _f(10, "metrics logging interval in steps")
+    gc_interval: int = _f(100, "Python garbage-collection interval in steps; 0 = never")
+    wandb_mode: str = _f("disabled", f"Weights & Biases mode, one of {', '.join(WANDB_MODES)}; key from WANDB_API_KEY")
+    wandb_project: str = _f("causal-forcing", "W&B project")
+    wandb_entity: Optional[str] = _f(None, "W&B entity; null = the key's default")
+    wandb_name: Optional[str] = _f(None, "W&B run name; null = config_name")
+
+    # --- runtime: set by train.py from its flags, not by YAML ---
+    logdir: str = _f("", "output folder of checkpoints and logs")
+    config_name: str = _f("", "stem of the config file; load_config fills it")
+    no_save: bool = _f(False, "write no checkpoints")
+    no_visualize: bool = _f(False, "do not build the VAE for visualisation")
+    disable_wandb: bool = _f(False, "force W&B off whatever wandb_mode says")
+    wandb_save_dir: str = _f("", "folder for W&B files; empty = logdir")
+
+    def __post_init__(self) -> None:
+        """Reject bad values (one message, first problem found) and resolve the documented null fallbacks."""
+        self._check_stage()
+        self._check_schedule()
+        self._check_optim()
+        if self.lr_critic is None:
+            self.lr_critic = self.lr
+        if self.real_guidance_scale is None:
+            self.real_guidance_scale = self.guidance_scale
+        if self.fake_guidance_scale is None:
+            self.fake_guidance_scale = 0.0
+
+    def _check_stage(self) -> None:
+        _check_choice("trainer", self.trainer, TRAINERS)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("sharding_strategy", self.sharding_strategy, SHARDING_STRATEGIES)
+        for name in ("generator", "real_score", "fake_score", "text_encoder"):
+            key = f"{name}_fsdp_wrap_strategy"
+            _check_choice(key, getattr(self, key), WRAP_STRATEGIES)
+        _check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
+        _check_choice("distribution_loss", self.distribution_loss, ("dmd",))
+        _check_choice("denoising_loss_type", self.denoising_loss_type, DENOISING_LOSS_TYPES)
+        k = self.num_frame_per_block
+        _check(k >= 1, "num_frame_per_block must be >= 1", k)
+        local = self.model_kwargs.local_attn_size
+        _check(local == -1 or local >= k, f"model_kwargs.local_attn_size must be -1 or >= num_frame_per_block ({k})",
+               local)
+        shape = self.image_or_video_shape
+        _check(len(shape) == 5 and min(shape) >= 1, "image_or_video_shape must be 5 positive ints [B, F, C, H, W]",
+               shape)
+        for key in ("height", "width", "num_frames", "fps"):
+            _check(getattr(self, key) >= 1, f"{key} must be >= 1", getattr(self, key))
+        for key, frames in (("image_or_video_shape[1]", shape[1]), ("num_training_frames", self.num_training_frames)):
+            rest = frames - 1 if self.independent_first_frame else frames
+            _check(frames >= 1 and rest % k == 0, f"{key} must split into blocks of num_frame_per_block={k}"
+                   + (" after the independent first frame" if self.independent_first_frame else ""), frames)
+        _check(self.max_pair is None or self.max_pair >= 1, "max_pair must be >= 1 or null", self.max_pair)
+
+    def _check_schedule(self) -> None:
+        T = self.num_train_timestep
+        _check(T >= 1, "num_train_timestep must be >= 1", T)
+        _check(self.timestep_shift > 0, "timestep_shift must be > 0", self.timestep_shift)
+        for key in ("denoising_step_list", "denoising_step_list_first_chunk"):
+            steps = getattr(self, key)
+            if steps is None:
+                continue
+            _check(len(steps) >= 1, f"{key} must not be empty (use null for the multi-step sampler)", steps)
+            _check(all(0 < s <= T for s in steps), f"{key} values must lie in (0, {T}] (drop a trailing 0)", steps)
+            _check(all(a > b for a, b in zip(steps, steps[1:])), f"{key} must be strictly descending", steps)
+        _check(0 <= self.context_noise <= T, f"context_noise must lie in [0, {T}]", self.context_noise)
+        _check(0 <= self.noise_augmentation_max_timestep < T, f"noise_augmentation_max_timestep must lie in [0, {T})",
+               self.noise_augmentation_max_timestep)
+        _check(0 <= self.min_score_timestep < T, f"min_score_timestep must lie in [0, {T})", self.min_score_timestep)
+        _check(self.discrete_cd_N >= 2, "discrete_cd_N must be >= 2", self.discrete_cd_N)
+        for key in ("guidance_scale", "real_guidance_scale", "fake_guidance_scale"):
+            value = getattr(self, key)
+            _check(value is None or value >= 0, f"{key} must be >= 0", value)
+
+    def _check_optim(self) -> None:
+        for key in ("lr", "lr_critic", "max_grad_norm_generator", "max_grad_norm_critic"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"{key} must be > 0", value)
+        for key in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
+            _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0", self.weight_decay)
+        _check(self.batch_size >= 1, "batch_size must be >= 1", self.batch_size)
+        total = self.total_batch_size
+        _check(total is None or (total >= 1 and total % self.batch_size == 0),
+               f"total_batch_size must be a positive multiple of batch_size ({self.batch_size}) or null", total)
+        for key in ("ema_start_step", "max_steps", "gc_interval"):
+            _check(getattr(self, key) >= 0, f"{key} must be >= 0", getattr(self, key))
+        for key in ("log_iters", "log_every", "dfake_gen_update_ratio"):
+            _check(getattr(self, key) >= 1, f"{key} must be >= 1", getattr(self, key))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -> Config:
+    """Load a stage YAML into a validated :class:`Config`.
+
+    Args:
+        path: the stage YAML (e.g. ``configs/causal_forcing_dmd_chunkwise.yaml``).
+        overrides: dotlist items applied last, e.g. ``["lr=1e-5", "model_kwargs.local_attn_size=12"]``.
+    Returns:
+        A :class:`Config` dataclass (``cfg.lr``; nested ``cfg.model_kwargs.timestep_shift``); ``config_name`` is the
+        file's stem unless set. ``OmegaConf.to_yaml(cfg)`` / :func:`config_to_yaml` print it.
+    Raises:
+        ConfigError: missing file, bad YAML, unknown/secret key, mistyped or invalid value (one line, names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    layers: List[Tuple[str, DictConfig]] = []
+    default = _find_default_config(path)
+    if default is not None and default.resolve() != path.resolve():
+        layers += _read_chain(default, ())
+    layers += _read_chain(path, ())
+    for item in overrides or []:
+        if "=" not in item or item.startswith(f"{BASE_KEY}="):
+            raise ConfigError(f"override {item!r}: expected key=value with a config key")
+        try:
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except Exception as e:  # OmegaConf grammar or YAML errors; the first line says what
+            raise ConfigError(f"override {item!r}: cannot parse: {str(e).splitlines()[0]}") from None
+
+    merged = OmegaConf.structured(Config)
+    for source, node in layers:
+        dropped = _check_keys(node, Config, source)
+        if dropped:
+            logger.warning("%s: ignoring legacy keys that no code reads: %s", source, ", ".join(dropped))
+        try:
+            merged = OmegaConf.merge(merged, node)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {_describe_type_error(e)}") from None
+    if not merged.config_name:
+        merged.config_name = path.stem
+    try:
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{path}: missing required key '{e.full_key}'") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Any]:
+    """Plain nested dict of ``cfg`` (for W&B, JSON, checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(cfg)
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step so that ``batch_size x world_size x steps == total_batch_size``.
+
+    Raises ConfigError when ``total_batch_size`` is not a multiple of ``batch_size x world_size``.
+    """
+    per_step = cfg.batch_size * world_size
+    if cfg.total_batch_size is None:
+        return 1
+    if cfg.total_batch_size % per_step:
+        raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x world size = "
+                          f"{cfg.batch_size} x {world_size}; change it or set it to null")
+    return cfg.total_batch_size // per_step
+
+
+def _find_default_config(path: Path) -> Optional[Path]:
+    """default_config.yaml beside the given file, else the repository's ``configs/`` one, else none."""
+    for folder in (path.parent, Path(__file__).resolve().parent.parent / "configs"):
+        candidate = folder / "default_config.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_chain(path: Path, seen: Tuple[Path, ...]) -> List[Tuple[str, DictConfig]]:
+    """``[(source, node), ...]`` for ``path`` and its ``base:`` ancestors, outermost ancestor first."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: '{BASE_KEY}:' chain loops back to this file")
+    try:
+        node = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:  # syntax errors and duplicate keys carry a position
+        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise ConfigError(f"{path}: cannot parse YAML: {e.problem}{where}") from None
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    chain: List[Tuple[str, DictConfig]] = []
+    if BASE_KEY in node:
+        base = node.pop(BASE_KEY)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: '{BASE_KEY}' must be a path to another YAML, got {base!r}")
+        if not (path.parent / base).is_file():
+            raise ConfigError(f"{path}: base config {path.parent / base} not found")
+        chain = _read_chain(path.parent / base, seen + (path.resolve(),))
+    return chain + [(str(path), node)]
+
+
+def _check_keys(node: DictConfig, schema: type, source: str, prefix: str = "") -> List[str]:
+    """Raise on unknown or secret keys of ``node``; remove legacy keys from it and return their names."""
+    names = [f.name for f in dataclasses.fields(schema)]
+    hints = get_type_hints(schema)
+    dropped = []
+    for key in list(node.keys()):
+        full = f"{prefix}{key}"
+        if not prefix and key in SECRET_KEYS:
+            raise ConfigError(f"{source}: '{key}' is not a config key: secrets come from the environment; "
+                              f"delete it and set {SECRET_KEYS[key]}")
+        if not prefix and key in LEGACY_KEYS:
+            del node[key]
+            dropped.append(key)
+        elif key not in names:
+            raise ConfigError(f"{source}: unknown key '{full}'{_suggest(str(key), names, prefix)}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            _check_keys(node[key], hints[key], source, prefix=f"{full}.")
+    return dropped
+
+
+def _suggest(key: str, names: List[str], prefix: str) -> str:
+    hints = {} if prefix else KEY_HINTS
+    match = difflib.get_close_matches(key, names + list(hints), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{hints.get(match[0], match[0])}'?)" if match else ""
+
+
+def _describe_type_error(e: OmegaConfBaseException) -> str:
+    """One line for an OmegaConf type error: the key, what it expects, what it got."""
+    full_key = str(getattr(e, "full_key", "") or "")
+    expected = _expected_type(full_key)
+    value = getattr(e, "value", None)
+    if expected and full_key:
+        return f"key '{full_key}' expects {expected}, got {value!r}"
+    return str(e).splitlines()[0]
+
+
+def _expected_type(full_key: str) -> str:
+    """Readable type of a schema field given its dotted key (list indices ignored); '' if unknown."""
+    schema: Any = Config
+    annotation: Any = None
+    for part in full_key.split("[")[0].split("."):
+        if not dataclasses.is_dataclass(schema):
+            return ""
+        annotation = get_type_hints(schema).get(part)
+        if annotation is None:
+            return ""
+        schema = annotation
+    return _type_name(annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    args = get_args(annotation)
+    if get_origin(annotation) is Union and type(None) in args:
+        return _type_name(next(a for a in args if a is not type(None))) + " or null"
+    if get_origin(annotation) in (list, List):
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
+    names = {bool: "a boolean", int: "an int", float: "a float", str: "a string"}
+    return names.get(annotation, f"a {getattr(annotation, '__name__', annotation)} mapping")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `python -m utils.config [CONFIG] [key=value ...]`: print a resolved config, or every default with its doc.
+
+
+def describe_defaults() -> str:
+    """Every key with its default and its one-line doc, as commented YAML."""
+    lines: List[str] = []
+
+    def emit(schema: type, indent: str) -> None:
+        for f in dataclasses.fields(schema):
+            lines.append(f"{indent}# {f.metadata.get('doc', '')}")
+            if dataclasses.is_dataclass(f.type):
+                lines.append(f"{indent}{f.name}:")
+                emit(f.type, indent + "  ")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                lines.append(f"{indent}{f.name}: ???")
+            else:
+                value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                # Dumped inside a one-item flow list so lists stay on one line; the brackets are then cut off.
+                text = yaml.safe_dump([value], allow_unicode=True, default_flow_style=True, width=10_000).strip()
+                lines.append(f"{indent}{f.name}: {text[1:-1]}")
+
+    emit(Config, "")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write("usage: python -m utils.config [CONFIG.yaml [key=value ...]]\n")
+        return 0
+    try:
+        text = config_to_yaml(load_config(argv[0], argv[1:])) if argv else describe_defaults()
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
