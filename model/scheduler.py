@@ -1,0 +1,282 @@
+"""Flow-matching noise schedule shared by training, sampling and the x0 <-> flow conversions.
+
+Conventions (spec model_and_inference.md §8, training.md §2.3):
+
+* A timestep ``t`` lives on the ``0..num_train_timesteps`` scale (1000); ``sigma = t / 1000`` after the shift.
+* Noisy sample ``x_t = (1 - sigma) * x0 + sigma * noise``; the network predicts the flow ``v = noise - x0``.
+* The training grid has ``num_train_timesteps`` entries, descending from 1000. ``add_noise``, ``flow_to_x0``,
+  ``x0_to_flow`` and ``training_weight`` map any timestep to the NEAREST grid entry and use its sigma, as the
+  reference does (so ``t = 0`` is treated as the smallest grid entry, sigma ~= 0.00498 for shift 5).
+* Latent layout is ``[B, F, C, H, W]``; timesteps are ``[B, F]`` (per frame) or ``[B]`` (per sample) and are
+  broadcast over the trailing dimensions.
+
+All lookups are pure tensor ops (no ``.item()``), so they do not synchronise with a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FlowMatchScheduler:
+    """Shifted flow-matching grid with nearest-grid lookups, Euler steps and timestep samplers.
+
+    Args:
+        num_train_timesteps: number of grid entries and the timestep scale (t = num_train_timesteps * sigma).
+        shift: timestep shift ``s``; sigma <- s * sigma / (1 + (s - 1) * sigma).
+        sigma_min: smallest raw (pre-shift) sigma of the linspace.
+        sigma_max: largest raw sigma.
+        extra_one_step: build ``N + 1`` raw values and drop the last (the reference's choice), so the raw grid
+            is ``1 - i / N`` for sigma_min = 0 and never reaches 0.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 5.0,
+        sigma_min: float = 0.0,
+        sigma_max: float = 1.0,
+        extra_one_step: bool = True,
+    ) -> None:
+        if num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = float(shift)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.extra_one_step = extra_one_step
+
+        sigmas64 = self._shifted_grid(num_train_timesteps, self.shift)
+        self.sigmas = sigmas64.float()  # [N], descending
+        self.timesteps = (sigmas64 * num_train_timesteps).float()  # [N], timesteps[0] == N
+        self.weights = self._gaussian_weights(sigmas64 * num_train_timesteps).float()  # [N], mean 1
+        self._tables_by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    # ------------------------------------------------------------------ grid construction (float64)
+
+    def _shifted_grid(self, num_steps: int, shift: float) -> torch.Tensor:
+        """Shifted sigmas of a ``num_steps`` grid, float64 ``[num_steps]``, descending."""
+        if self.extra_one_step:
+            raw = torch.linspace(self.sigma_max, self.sigma_min, num_steps + 1, dtype=torch.float64)[:-1]
+        else:
+            raw = torch.linspace(self.sigma_max, self.sigma_min, num_steps, dtype=torch.float64)
+        return shift * raw / (1 + (shift - 1) * raw)
+
+    def _gaussian_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """exp(-2 ((t - N/2) / N)^2), shifted to a zero minimum and scaled to mean 1 over the grid."""
+        n = self.num_train_timesteps
+        y = torch.exp(-2 * ((timesteps - n / 2) / n) ** 2)
+        y = y - y.min()
+        return y * (len(timesteps) / y.sum())
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas extended with a trailing 0, weights, timesteps extended with 0) on ``device``.
+
+        Copied once per device and memoised, so later lookups issue no host-to-device copies.
+        """
+        device = torch.device(device)
+        if device not in self._tables_by_device:
+            zero = torch.zeros(1)
+            self._tables_by_device[device] = tuple(
+                tensor.to(device)
+                for tensor in (
+                    self.timesteps,
+                    torch.cat([self.sigmas, zero]),
+                    self.weights,
+                    torch.cat([self.timesteps, zero]),
+                )
+            )
+        return self._tables_by_device[device]
+
+    # ------------------------------------------------------------------ lookups
+
+    def index_for(self, t: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest grid timestep (argmin |T - t|; ties go to the earlier, larger entry).
+
+        Args:
+            t: timesteps of any shape (float or int), on any device.
+        Returns:
+            int64 tensor with ``t``'s shape, on ``t``'s device.
+        """
+        t = torch.as_tensor(t)
+        grid = self._tables(t.device)[0]
+        return (grid - t.unsqueeze(-1)).abs().argmin(dim=-1)
+
+    def sigma_for(self, t: torch.Tensor) -> torch.Tensor:
+        """Sigma of the nearest grid entry; float32, ``t``'s shape and device."""
+        t = torch.as_tensor(t)
+        return self._tables(t.device)[1][self.index_for(t)]
+
+    def training_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Loss weight of the nearest grid entry (0 at t = 1000, peak ~2.08 near t = 500); float32, t's shape."""
+        t = torch.as_tensor(t)
+        return self._tables(t.device)[2][self.index_for(t)]
+
+    @staticmethod
+    def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Reshape per-sample / per-frame values ``[B]`` or ``[B, F]`` to broadcast against ``like``."""
+        return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+    # ------------------------------------------------------------------ forward process and conversions
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``(1 - sigma) * x0 + sigma * noise`` with sigma by nearest lookup, cast to ``noise.dtype``.
+
+        Args:
+            x0, noise: ``[B, F, C, H, W]`` (or any shape whose leading dims match ``t``).
+            t: ``[B, F]`` per frame, ``[B]`` per sample, or a scalar.
+        """
+        sigma = self._expand(self.sigma_for(t), x0)
+        return ((1 - sigma) * x0 + sigma * noise).to(noise.dtype)
+
+    @staticmethod
+    def training_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Flow-matching target ``noise - x0`` (independent of t)."""
+        return noise - x0
+
+    def flow_to_x0(self, flow: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x0 = x_t - sigma * flow``, computed in float64 and cast back to ``flow.dtype`` (as the reference)."""
+        sigma = self._expand(self.sigma_for(t), x_t).double()
+        return (x_t.double() - sigma * flow.double()).to(flow.dtype)
+
+    def x0_to_flow(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``flow = (x_t - x0) / sigma``, computed in float64 and cast back to ``x0.dtype``."""
+        sigma = self._expand(self.sigma_for(t), x_t).double()
+        return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)
+
+    def step(
+        self,
+        flow: torch.Tensor,
+        t: torch.Tensor,
+        x: torch.Tensor,
+        t_next: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """One Euler step ``x + flow * (sigma_next - sigma)``; result in ``x.dtype``.
+
+        With ``t_next`` given, both sigmas are exact (``t / N`` and ``t_next / N``), so a sampler may walk any
+        grid (e.g. :meth:`inference_timesteps` with a final 0) and combine CFG flows before stepping.
+        Without it, the reference behaviour: sigma of the nearest training-grid entry and sigma_next of the
+        following entry (0 after the last).
+
+        Args:
+            flow, x: ``[B, F, C, H, W]``.
+            t, t_next: ``[B, F]``, ``[B]`` or scalars (Python numbers allowed for ``t_next``).
+        """
+        t = torch.as_tensor(t, device=x.device)
+        if t_next is None:
+            sigmas_ext = self._tables(t.device)[1]
+            index = self.index_for(t)
+            sigma, sigma_next = sigmas_ext[index], sigmas_ext[index + 1]
+        else:
+            t_next = torch.as_tensor(t_next, device=x.device)
+            sigma = t.double() / self.num_train_timesteps
+            sigma_next = t_next.double() / self.num_train_timesteps
+        delta = self._expand((sigma_next - sigma).float(), x)
+        return (x + flow * delta).to(x.dtype)
+
+    # ------------------------------------------------------------------ step lists
+
+    def warp_steps(self, steps: list[int] | tuple[int, ...]) -> torch.Tensor:
+        """Map nominal steps ``s`` (e.g. [1000, 750, 500, 250]) to grid timesteps ``T[N - s]``.
+
+        ``T`` is the training grid extended with a trailing 0, so ``s = 0`` maps to 0. float32 ``[len(steps)]``.
+        """
+        n = self.num_train_timesteps
+        for s in steps:
+            if int(s) != s or not 0 <= s <= n:
+                raise ValueError(f"denoising steps must be integers in [0, {n}], got {list(steps)}")
+        index = torch.tensor([n - int(s) for s in steps], dtype=torch.long)
+        return self._tables(torch.device("cpu"))[3][index].clone()
+
+    def inference_timesteps(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        """Timesteps of a ``num_steps`` Euler grid (float32 ``[num_steps]``, descending, no trailing 0).
+
+        Built like the training grid with ``num_steps`` entries and ``shift`` (default: this scheduler's).
+        For the final Euler step pass ``t_next=0`` to :meth:`step`.
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        sigmas = self._shifted_grid(num_steps, self.shift if shift is None else float(shift))
+        return (sigmas * self.num_train_timesteps).float()
+
+    # ------------------------------------------------------------------ training timestep samplers
+
+    def sample_block_indices(
+        self,
+        batch_size: int,
+        num_frames: int,
+        num_frame_per_block: int = 1,
+        low: int = 0,
+        high: int | None = None,
+        uniform: bool = False,
+        independent_first_frame: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Integers in ``[low, high)``, int64 ``[B, F]`` (training.md §2.4).
+
+        ``uniform``: one value per sample for all frames. Otherwise one value per block of
+        ``num_frame_per_block`` frames, constant within the block (frame 0 is its own block when
+        ``independent_first_frame``). Draws ``[B, F]`` (``[B, 1]`` if uniform) like the reference, so a seeded
+        generator reproduces its draws. Callers decide whether the integers are grid indices or timesteps.
+        """
+        high = self.num_train_timesteps if high is None else high
+        if uniform:
+            values = torch.randint(low, high, (batch_size, 1), generator=generator, device=device)
+            return values.expand(batch_size, num_frames).clone()
+        block_first = _block_first_frames(num_frames, num_frame_per_block, independent_first_frame)
+        values = torch.randint(low, high, (batch_size, num_frames), generator=generator, device=device)
+        return values[:, block_first.to(values.device)]
+
+    def sample_training_timesteps(self, batch_size: int, num_frames: int, **kwargs) -> torch.Tensor:
+        """Grid timesteps at indices from :meth:`sample_block_indices` (stage-1 diffusion loss); float32 ``[B, F]``."""
+        index = self.sample_block_indices(batch_size, num_frames, **kwargs)
+        return self._tables(index.device)[0][index]
+
+    def sample_dmd_timesteps(
+        self,
+        batch_size: int,
+        num_frames: int,
+        low: int = 0,
+        high: int | None = None,
+        shift: float | None = None,
+        min_t: float | None = None,
+        max_t: float | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """DMD / critic timesteps (training.md §6.4 2a-2c): float32 ``[B, F]``, one value per sample.
+
+        u ~ integers in ``[low, high)``; shifted ``t = N * s u' / (1 + (s - 1) u')`` with ``u' = u / N`` (only when
+        s > 1; default s = this scheduler's shift); clamped to ``[min_t, max_t]`` (default 0.02 N, 0.98 N).
+        """
+        n = self.num_train_timesteps
+        shift = self.shift if shift is None else float(shift)
+        min_t = 0.02 * n if min_t is None else min_t
+        max_t = 0.98 * n if max_t is None else max_t
+        u = self.sample_block_indices(
+            batch_size, num_frames, low=low, high=high, uniform=True, generator=generator, device=device
+        )
+        t = u.float()
+        if shift > 1:
+            frac = t / n
+            t = shift * frac / (1 + (shift - 1) * frac) * n
+        return t.clamp(min_t, max_t)
+
+
+def _block_first_frames(num_frames: int, num_frame_per_block: int, independent_first_frame: bool) -> torch.Tensor:
+    """For each frame, the index of the first frame of its block; int64 ``[num_frames]``."""
+    k = num_frame_per_block
+    blocked = num_frames - 1 if independent_first_frame else num_frames
+    if k < 1 or blocked % k != 0:
+        raise ValueError(
+            f"{blocked} frames (after an independent first frame: {independent_first_frame}) "
+            f"do not split into blocks of {k}"
+        )
+    frames = torch.arange(num_frames)
+    if not independent_first_frame:
+        return frames - frames % k
+    rest = frames[1:] - 1
+    return torch.cat([frames[:1], rest - rest % k + 1])

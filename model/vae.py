@@ -1,0 +1,378 @@
+"""Wan2.1 causal 3-D VAE: a thin wrapper over diffusers' ``AutoencoderKLWan`` (spec model_and_inference.md §6.3).
+
+What the wrapper adds to the diffusers model:
+
+* latent normalisation ``z = (mu - mean) / std`` with the per-channel constants of the VAE config;
+* the repo's latent layout ``[B, F, C, h, w]`` (diffusers uses ``[B, C, F, h, w]``), pixels out as ``[B, T, 3, H, W]``;
+* loading the original ``Wan2.1_VAE.pth`` (original key names, converted here) or a diffusers folder, strictly;
+* :class:`StreamingDecoder`, which keeps the causal-convolution feature cache between calls so that latent
+  frames can be decoded as they are generated.
+
+Compression: ``T = 1 + 4 (F - 1)`` pixel frames for ``F`` latent frames (the first latent frame is one pixel
+frame), 8x spatially, 16 channels; the factors are derived from the config, not assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from safetensors.torch import load_file
+from torch import nn
+
+from utils.errors import CheckpointError, ConfigError, WeightsMissingError
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_VAE_FILENAME = "Wan2.1_VAE.pth"
+"""File name of the original VAE weights inside ``wan_models/Wan2.1-T2V-1.3B/``."""
+DOWNLOAD_HINT = "hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+# Per-channel statistics of Wan2.1 latents (reference utils/wan_wrapper.py); part of the VAE config.
+WAN21_LATENTS_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]  # fmt: skip
+WAN21_LATENTS_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]  # fmt: skip
+
+WAN21_VAE_CONFIG = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    latents_mean=WAN21_LATENTS_MEAN,
+    latents_std=WAN21_LATENTS_STD,
+)
+"""``AutoencoderKLWan`` arguments of the released Wan2.1 VAE (126.9M parameters, 194 tensors)."""
+
+TINY_VAE_CONFIG = dict(WAN21_VAE_CONFIG, base_dim=8)
+"""Same architecture at width 8 (0.92M parameters) for tests and the toy world."""
+
+
+# ---------------------------------------------------------------------------------------------- key conversion
+
+# Original module names -> diffusers module names (spec §7.2). Residual blocks are nn.Sequential in the original.
+_RESIDUAL_PARTS = {
+    "residual.0": "norm1",
+    "residual.2": "conv1",
+    "residual.3": "norm2",
+    "residual.6": "conv2",
+    "shortcut": "conv_shortcut",
+}
+_MIDDLE = {"0": "mid_block.resnets.0", "1": "mid_block.attentions.0", "2": "mid_block.resnets.1"}
+_HEAD = {"0": "norm_out", "2": "conv_out"}
+_TOP_LEVEL = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
+
+
+def convert_original_vae_key(key: str, num_res_blocks: int) -> str | None:
+    """Diffusers name of an original Wan VAE parameter name, or None if the name is not a Wan VAE name.
+
+    The original decoder keeps its stages in one flat ``upsamples`` list: per stage ``num_res_blocks + 1``
+    residual blocks then one resampler (absent after the last stage), which diffusers regroups into
+    ``up_blocks.<stage>.resnets.<i>`` / ``up_blocks.<stage>.upsamplers.0``. The encoder's flat
+    ``downsamples`` list keeps its indices as ``down_blocks``.
+    """
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] in _TOP_LEVEL:
+        return f"{_TOP_LEVEL[parts[0]]}.{parts[1]}"
+    if len(parts) < 3 or parts[0] not in ("encoder", "decoder"):
+        return None
+    side, group, rest = parts[0], parts[1], parts[2:]
+    if group == "conv1":
+        module = "conv_in"
+    elif group == "head" and rest[0] in _HEAD:
+        module, rest = _HEAD[rest[0]], rest[1:]
+    elif group == "middle" and rest[0] in _MIDDLE:
+        module, rest = _MIDDLE[rest[0]], rest[1:]
+    elif group == "downsamples" and side == "encoder" and rest[0].isdigit():
+        module, rest = f"down_blocks.{rest[0]}", rest[1:]
+    elif group == "upsamples" and side == "decoder" and rest[0].isdigit():
+        stage, position = divmod(int(rest[0]), num_res_blocks + 2)
+        inner = f"resnets.{position}" if position <= num_res_blocks else "upsamplers.0"
+        module, rest = f"up_blocks.{stage}.{inner}", rest[1:]
+    else:
+        return None
+    if not rest:
+        return None
+    tail = ".".join(rest)
+    for original, renamed in _RESIDUAL_PARTS.items():
+        if tail.startswith(original + "."):
+            tail = renamed + tail[len(original) :]
+            break
+    return f"{side}.{module}.{tail}"
+
+
+def convert_original_vae_state_dict(state_dict: dict[str, torch.Tensor], num_res_blocks: int) -> dict:
+    """Rename an original-format state dict to diffusers names; unknown names are kept (reported on load)."""
+    converted = {}
+    for key, value in state_dict.items():
+        converted[convert_original_vae_key(key, num_res_blocks) or key] = value
+    return converted
+
+
+def _preview(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... (+{len(keys) - limit})" if len(keys) > limit else shown
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load with ``assign=True`` after checking names and shapes; raises CheckpointError naming the mismatches."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_preview(unexpected)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} wrong shape: {_preview(wrong_shape)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the Wan VAE; " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+
+
+# ---------------------------------------------------------------------------------------------- the wrapper
+
+
+class WanVAE(nn.Module):
+    """Frozen Wan VAE with latent normalisation and the ``[B, F, C, h, w]`` latent layout.
+
+    Args:
+        model: the diffusers ``AutoencoderKLWan``.
+        latents_mean, latents_std: per-channel statistics; default to ``model.config``'s, else Wan2.1's.
+    """
+
+    def __init__(
+        self,
+        model: AutoencoderKLWan,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        config = model.config
+        self.latents_mean = list(latents_mean or config.get("latents_mean") or WAN21_LATENTS_MEAN)
+        self.latents_std = list(latents_std or config.get("latents_std") or WAN21_LATENTS_STD)
+        self.latent_channels = config.z_dim
+        if len(self.latents_mean) != self.latent_channels or len(self.latents_std) != self.latent_channels:
+            raise ConfigError(f"latents_mean/latents_std need {self.latent_channels} values (z_dim)")
+        self.temporal_compression = 2 ** sum(config.temperal_downsample)
+        self.spatial_compression = 2 ** (len(config.dim_mult) - 1)
+        # Upper bound on the decoder's feature-cache slots (one per causal conv; 1x1 shortcuts never use theirs).
+        self.num_decoder_cache_slots = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
+        self.channels_last = False
+        self._stats_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, **config) -> WanVAE:
+        """Randomly initialised VAE from ``AutoencoderKLWan`` arguments (e.g. ``**TINY_VAE_CONFIG``)."""
+        return cls(AutoencoderKLWan(**config))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.float32, **config) -> WanVAE:
+        """Load the original ``Wan2.1_VAE.pth`` (or a folder holding it) or a diffusers VAE folder.
+
+        Args:
+            path: ``.pth``/``.safetensors`` file with original (or diffusers) key names; a folder containing
+                ``Wan2.1_VAE.pth``; a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``),
+                also as the ``vae/`` subfolder of a diffusers pipeline.
+            torch_dtype: dtype of the loaded weights.
+            config: ``AutoencoderKLWan`` arguments overriding the Wan2.1 defaults (or the folder's config.json).
+        Raises:
+            WeightsMissingError: nothing loadable at ``path``. CheckpointError: weights do not fit (strict).
+        """
+        path = Path(path)
+        if path.is_dir() and (path / ORIGINAL_VAE_FILENAME).is_file():
+            path = path / ORIGINAL_VAE_FILENAME
+        elif path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            path = path / "vae"
+        if path.is_dir() and (path / "config.json").is_file():
+            weights = path / DIFFUSERS_WEIGHTS_NAME
+            if not weights.is_file():
+                raise WeightsMissingError(f"VAE weights {weights} not found")
+            full_config = {**AutoencoderKLWan.load_config(str(path)), **config}
+            state_dict = load_file(str(weights))
+        elif path.is_file():
+            full_config = {**WAN21_VAE_CONFIG, **config}
+            state_dict = _read_weights_file(path)
+        else:
+            raise WeightsMissingError(f"VAE weights not found at {path}; download with: {DOWNLOAD_HINT}")
+        with torch.device("meta"):  # weights come from the file; skip the random initialisation
+            model = AutoencoderKLWan.from_config(full_config)
+        if "post_quant_conv.weight" not in state_dict:  # original Wan names
+            state_dict = convert_original_vae_state_dict(state_dict, model.config.num_res_blocks)
+        load_state_dict_strict(model, state_dict, str(path))
+        logger.info("loaded Wan VAE from %s", path)
+        return cls(model.to(torch_dtype))
+
+    def to_channels_last(self) -> WanVAE:
+        """Store Conv3d weights channels-last-3d and feed inputs that way (faster cuDNN kernels on GPU).
+
+        ``.to(memory_format=...)`` on the whole VAE fails because some parameters are not 5-D, so convert
+        the Conv3d modules one by one.
+        """
+        for module in self.model.modules():
+            if isinstance(module, nn.Conv3d):
+                module.to(memory_format=torch.channels_last_3d)
+        self.channels_last = True
+        return self
+
+    # ------------------------------------------------------------------ properties and helpers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.post_quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.post_quant_conv.weight.device
+
+    def num_pixel_frames(self, num_latent_frames: int) -> int:
+        return 1 + self.temporal_compression * (num_latent_frames - 1)
+
+    def num_latent_frames(self, num_pixel_frames: int) -> int:
+        return 1 + (num_pixel_frames - 1) // self.temporal_compression
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 mean/std shaped ``[1, 1, C, 1, 1]`` on ``device``; copied once per device."""
+        if device not in self._stats_by_device:
+            self._stats_by_device[device] = tuple(
+                torch.tensor(values, dtype=torch.float32).view(1, 1, -1, 1, 1).to(device)
+                for values in (self.latents_mean, self.latents_std)
+            )
+        return self._stats_by_device[device]
+
+    def _format(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
+
+    def normalize(self, mu: torch.Tensor) -> torch.Tensor:
+        """``(mu - mean) / std`` in float32; ``mu`` is ``[B, F, C, h, w]``."""
+        mean, std = self._stats(mu.device)
+        return (mu.float() - mean) / std
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """``z * std + mean`` in float32; ``latents`` is ``[B, F, C, h, w]``."""
+        mean, std = self._stats(latents.device)
+        return latents.float() * std + mean
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised posterior means (deterministic).
+
+        Args:
+            pixels: ``[B, 3, T, H, W]`` in [-1, 1], ``T = 1 + 4k``, H and W multiples of 8.
+        Returns:
+            float32 ``[B, 1 + k, 16, H/8, W/8]``.
+        """
+        if pixels.ndim != 5 or (pixels.shape[2] - 1) % self.temporal_compression:
+            raise ValueError(
+                f"encode expects [B, 3, T, H, W] with T = 1 + {self.temporal_compression}k, got {tuple(pixels.shape)}"
+            )
+        mu = self.model.encode(self._format(pixels)).latent_dist.mean  # [B, C, F, h, w]
+        return self.normalize(mu.permute(0, 2, 1, 3, 4))
+
+    def decode(self, latents: torch.Tensor, frames_per_call: int = 4) -> torch.Tensor:
+        """Decode a whole video: normalised ``[B, F, 16, h, w]`` -> float32 ``[B, 1 + 4(F-1), 3, 8h, 8w]``, [-1, 1]."""
+        return self.stream(frames_per_call).decode_chunk(latents)
+
+    def stream(self, frames_per_call: int = 4) -> StreamingDecoder:
+        """A fresh :class:`StreamingDecoder` (its own feature cache) for one video."""
+        return StreamingDecoder(self, frames_per_call)
+
+
+class StreamingDecoder:
+    """Decodes a video chunk by chunk, carrying the decoder's causal feature cache between calls.
+
+    diffusers' public ``decode()`` clears the feature cache at its start and end, so decoding chunk by chunk
+    through it restarts the causal context (chunks [3, 3] give 18 frames instead of 21). This class drives the
+    decoder internals instead — ``post_quant_conv`` then ``decoder(x, feat_cache=..., feat_idx=[0],
+    first_chunk=...)`` — with a cache list it owns, which is what diffusers' own ``_decode`` does per frame.
+    Owning the list (rather than the model's ``_feat_map``) keeps streams independent of each other and of
+    ``model.decode()``. Pinned by tests/test_vae.py (streaming == one-shot decode); re-check on diffusers upgrades.
+
+    The very first decoder call must get exactly ONE latent frame: an empty cache slot of a temporal upsampler
+    marks "first chunk" and skips temporal upsampling for that whole call (so the first latent frame gives one
+    pixel frame). After that, ``frames_per_call`` latent frames go through the decoder at once (fewer, larger
+    calls are faster; results equal per-frame decoding up to float rounding).
+
+    Args:
+        vae: the :class:`WanVAE`.
+        frames_per_call: latent frames per decoder call after the first frame (memory grows with it).
+    """
+
+    def __init__(self, vae: WanVAE, frames_per_call: int = 4) -> None:
+        if frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
+        self.vae = vae
+        self.frames_per_call = frames_per_call
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous video; the next chunk starts a new one."""
+        self._cache: list = [None] * self.vae.num_decoder_cache_slots
+        self._batch_size: int | None = None
+        self.num_latent_frames = 0
+
+    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode the next latent frames of the video.
+
+        Args:
+            latents: normalised ``[B, f, 16, h, w]``, f >= 1; B constant within a video.
+        Returns:
+            float32 ``[B, T_chunk, 3, 8h, 8w]`` in [-1, 1]; ``T_chunk = 1 + 4(f - 1)`` for the first chunk of a
+            video, ``4f`` afterwards.
+        """
+        if latents.ndim != 5 or latents.shape[1] < 1:
+            raise ValueError(f"decode_chunk expects [B, f>=1, C, h, w], got {tuple(latents.shape)}")
+        if self._batch_size not in (None, latents.shape[0]):
+            raise ValueError(f"batch size changed from {self._batch_size} to {latents.shape[0]} within a video")
+        self._batch_size = latents.shape[0]
+        z = self.vae._format(self.vae.denormalize(latents).permute(0, 2, 1, 3, 4))  # [B, C, f, h, w]
+        x = self.vae.model.post_quant_conv(z)  # 1x1x1 conv: no temporal context needed
+        outputs, start = [], 0
+        if self.num_latent_frames == 0:
+            outputs.append(self._decoder_call(x[:, :, :1], first_chunk=True))
+            start = 1
+        for i in range(start, x.shape[2], self.frames_per_call):
+            outputs.append(self._decoder_call(x[:, :, i : i + self.frames_per_call], first_chunk=False))
+        self.num_latent_frames += x.shape[2]
+        pixels = torch.cat(outputs, dim=2).clamp(-1, 1)  # [B, 3, T_chunk, H, W]
+        return pixels.permute(0, 2, 1, 3, 4).float()
+
+    def _decoder_call(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        # feat_idx is the decoder's running slot counter; it must restart at 0 for every call.
+        return self.vae.model.decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=first_chunk)
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """State dict from a ``.safetensors`` or torch file (weights_only)."""
+    try:
+        if path.suffix == ".safetensors":
+            state_dict = load_file(str(path))
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or non-tensor pickle: report the file, not a pickle traceback
+        raise CheckpointError(f"cannot read VAE weights {path}: {error}") from error
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    return state_dict
