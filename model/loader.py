@@ -1,0 +1,438 @@
+"""One checkpoint loader for every weights format, ending in original Wan2.1 key names and a strict load.
+
+Accepted sources (model_and_inference.md §2.2, §7.1, §12; training.md §2.5 item 8, §8.3-8.4):
+
+* an original Wan2.1 folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``, or the
+  ``diffusion_pytorch_model.safetensors.index.json`` + shards layout of the 14B model;
+* a diffusers transformer folder (``WanTransformer3DModel`` / ``SkyReelsV2Transformer3DModel`` config, maybe sharded),
+  or a diffusers pipeline root holding ``transformer/``;
+* a ``.pt`` / ``.pth`` file: a released Causal Forcing / Self Forcing checkpoint (``generator`` / ``generator_ema``),
+  a ``model`` entry, a bare state dict, or our own release format (same keys as the released files);
+* a single ``.safetensors`` file.
+
+Whatever the source, keys are normalised (wrapper segments such as ``model.`` and ``_fsdp_wrapped_module.`` dropped,
+diffusers names converted) and loaded with ``strict=True``; a checkpoint that does not fit raises ONE
+:class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import re
+import tempfile
+
+import torch
+from safetensors.torch import load_file
+
+from model.config import PRESET_ALIASES, WanConfig, get_preset
+from model.rope import RotaryTables
+from model.wan import WanModel
+from utils.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+DIFFUSERS_CLASSES = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
+# Path segments that wrappers insert into parameter names: the reference WanDiffusionWrapper attribute (``model``),
+# DDP (``module``), FSDP, activation checkpointing and torch.compile. No Wan parameter has a segment of these names.
+WRAPPER_SEGMENTS = frozenset({"model", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+RELEASE_PREFIX = "model."  # the reference wrapper's attribute: keys of released checkpoints start with it
+_LIST_LIMIT = 8
+
+# ----------------------------------------------------------------------------------------------------------------
+# original <-> diffusers key names (model_and_inference.md §7.1). Each entry is (original, diffusers); an entry that
+# ends in "." renames a prefix, any other entry renames a whole key (or, inside a block, the rest after "blocks.N.").
+
+_TOP_LEVEL = (
+    ("patch_embedding.", "patch_embedding."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.head.", "proj_out."),
+    ("head.modulation", "scale_shift_table"),
+    # image-conditioned extras (not used by the t2v model, converted so that the mapping stays lossless)
+    ("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
+    ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
+    ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."),
+)
+_IN_BLOCK = (
+    ("modulation", "scale_shift_table"),
+    *((f"{ours}.{a}.", f"{theirs}.to_{a}.") for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+      for a in "qkv"),
+    ("self_attn.o.", "attn1.to_out.0."),
+    ("cross_attn.o.", "attn2.to_out.0."),
+    *((f"{ours}.norm_{a}.", f"{theirs}.norm_{a}.") for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+      for a in "qk"),
+    ("cross_attn.k_img.", "attn2.add_k_proj."),
+    ("cross_attn.v_img.", "attn2.add_v_proj."),
+    ("cross_attn.norm_k_img.", "attn2.norm_added_k."),
+    # diffusers swaps the names of the two post-attention norms: original norm3 (affine, before cross-attention) is
+    # diffusers norm2, original norm2 (no parameters, before the FFN) is diffusers norm3.
+    ("norm3.", "norm2."),
+    ("norm2.", "norm3."),
+    ("ffn.0.", "ffn.net.0.proj."),
+    ("ffn.2.", "ffn.net.2."),
+)
+_BLOCK_RE = re.compile(r"^(blocks\.\d+\.)(.*)$")
+
+
+def _rename(key: str, to_diffusers: bool) -> str:
+    """One key through the table; keys the table does not know pass unchanged (a strict load reports them)."""
+    match = _BLOCK_RE.match(key)
+    prefix, rest, table = (match.group(1), match.group(2), _IN_BLOCK) if match else ("", key, _TOP_LEVEL)
+    for original, diffusers in table:
+        src, dst = (original, diffusers) if to_diffusers else (diffusers, original)
+        if rest == src or (src.endswith(".") and rest.startswith(src)):
+            return prefix + dst + rest[len(src):]
+    return key
+
+
+def _rename_all(sd: dict, rename, what: str) -> dict:
+    out: dict = {}
+    source: dict[str, str] = {}
+    for key, value in sd.items():
+        new = rename(key)
+        if new in out:
+            raise CheckpointError(f"{what}: keys {source[new]!r} and {key!r} both become {new!r}")
+        out[new], source[new] = value, key
+    return out
+
+
+def convert_original_to_diffusers(sd: dict) -> dict:
+    """Original Wan2.1 key names -> diffusers ``WanTransformer3DModel`` names (values untouched)."""
+    return _rename_all(sd, lambda k: _rename(k, True), "original -> diffusers key conversion")
+
+
+def convert_diffusers_to_original(sd: dict) -> dict:
+    """Diffusers ``WanTransformer3DModel`` key names -> original Wan2.1 names (exact inverse of the above)."""
+    return _rename_all(sd, lambda k: _rename(k, False), "diffusers -> original key conversion")
+
+
+def is_diffusers_naming(keys) -> bool:
+    """Whether parameter names follow diffusers (``condition_embedder.``, ``blocks.N.attn1.``, ``proj_out.``)."""
+    pattern = re.compile(r"^(condition_embedder\.|proj_out\.|scale_shift_table$|blocks\.\d+\.(attn1|attn2)\.)")
+    return any(pattern.match(k) for k in keys)
+
+
+def normalize_keys(sd: dict) -> dict:
+    """Drop wrapper segments (``model.``, ``module.``, FSDP / checkpoint / compile wrappers) wherever they occur and
+    convert diffusers names to original ones. Idempotent; values are not copied."""
+    stripped = _rename_all(sd, lambda k: ".".join(s for s in k.split(".") if s not in WRAPPER_SEGMENTS),
+                           "stripping wrapper prefixes")
+    return convert_diffusers_to_original(stripped) if is_diffusers_naming(stripped) else stripped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _download_hint(path: str) -> str | None:
+    """The ``hf download`` command for a known released path, when model/weights.py is there to tell it."""
+    try:
+        from model.weights import download_hint_for_checkpoint, wan_download_hint, wan_repo_id
+    except ImportError:
+        return None
+    hint = download_hint_for_checkpoint(path)
+    if hint:
+        return f"get it with: {hint}"
+    return wan_download_hint(path) if wan_repo_id(path) else None
+
+
+def _not_found(path: str, what: str = "checkpoint") -> CheckpointError:
+    hint = _download_hint(path)
+    return CheckpointError(f"{what} not found: {path}" + (f"; {hint}" if hint else ""))
+
+
+def _resolve_model_folder(folder: str) -> str:
+    """A diffusers pipeline root (``model_index.json`` + ``transformer/``) -> its ``transformer/`` folder."""
+    sub = os.path.join(folder, "transformer")
+    has_own = os.path.isfile(os.path.join(folder, "config.json")) or glob.glob(os.path.join(folder, "*.safetensors"))
+    return sub if not has_own and os.path.isdir(sub) else folder
+
+
+def _read_safetensors(path: str) -> dict:
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # a truncated or foreign file: say which one, in one line
+        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+
+
+def _read_folder(folder: str) -> dict:
+    """All tensors of a Wan / diffusers model folder: one safetensors file, or an index and its shards."""
+    folder = _resolve_model_folder(folder)
+    indexes = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")))
+    preferred = os.path.join(folder, INDEX_NAME)
+    index = preferred if preferred in indexes else (indexes[0] if len(indexes) == 1 else None)
+    if index is not None:
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"unreadable shard index {index}: {type(err).__name__}: {err}") from err
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            hint = _download_hint(folder)
+            raise CheckpointError(f"{folder}: {len(missing)} of {len(shards)} shards listed in "
+                                  f"{os.path.basename(index)} are missing ({', '.join(missing[:_LIST_LIMIT])})"
+                                  + (f"; {hint}" if hint else ""))
+        sd: dict = {}
+        for shard in shards:
+            sd.update(_read_safetensors(os.path.join(folder, shard)))
+        return sd
+    single = os.path.join(folder, WEIGHTS_NAME)
+    files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if len(files) != 1:
+        hint = _download_hint(folder)
+        found = f"{len(files)} .safetensors files and no index" if files else "no weights"
+        raise CheckpointError(f"{folder}: {found}; expected {WEIGHTS_NAME} or {INDEX_NAME} with its shards"
+                              + (f"; {hint}" if hint else ""))
+    return _read_safetensors(files[0])
+
+
+def _torch_load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or holding objects weights_only refuses
+        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _select_entry(obj, path: str, use_ema: bool, key: str | None) -> dict:
+    """The state dict inside a loaded ``.pt``: ``key`` if given, else ``generator_ema`` (use_ema) / ``generator``,
+    else ``model``, else the file itself when it is a bare state dict. Never falls back between EMA and non-EMA."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    if key is None and not use_ema and _is_state_dict(obj):
+        return obj
+    wanted = key or ("generator_ema" if use_ema else "generator")
+    if wanted in obj:
+        entry = obj[wanted]
+    elif key is None and not use_ema and "model" in obj:
+        entry = obj["model"]
+    else:
+        entries = ", ".join(repr(k) for k in obj) if not _is_state_dict(obj) else "none: it is a bare state dict"
+        advice = ""
+        if key is None and use_ema:
+            advice = "; run without --use_ema to load the non-EMA weights"
+        elif key is None and "generator_ema" in obj:
+            advice = "; it holds EMA weights only: pass --use_ema"
+        raise CheckpointError(f"{path} has no {wanted!r} entry (entries: {entries}){advice}")
+    if not _is_state_dict(entry):
+        raise CheckpointError(f"{path}: entry {wanted!r} is not a state dict of tensors")
+    return entry
+
+
+def read_state_dict(path, use_ema: bool = False, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read weights from any supported source; keys come back normalised to original Wan2.1 names (CPU tensors).
+
+    Args:
+        path: Wan / diffusers folder, diffusers pipeline root, ``.safetensors`` file or ``.pt``/``.pth`` checkpoint.
+        use_ema: take ``generator_ema`` of a training/release checkpoint instead of ``generator``.
+        key: take this top-level entry of a ``.pt`` checkpoint instead (e.g. ``"critic"``).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise _not_found(path)
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        if use_ema or key:
+            wanted = key or "generator_ema"
+            raise CheckpointError(f"{path} is a plain state dict with no {wanted!r} entry; run without --use_ema")
+        sd = _read_folder(path) if os.path.isdir(path) else _read_safetensors(path)
+    else:
+        sd = _select_entry(_torch_load(path), path, use_ema, key)
+    return normalize_keys(sd)
+
+
+def _config_from_diffusers(d: dict, path: str) -> WanConfig:
+    """Diffusers ``WanTransformer3DModel`` config -> :class:`WanConfig` (only text-to-video models)."""
+    for name in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        if d.get(name) is not None:
+            raise ConfigError(f"{path}: {name}={d[name]} is an image-conditioned model; only t2v is supported")
+    if d.get("inject_sample_info"):
+        raise ConfigError(f"{path}: inject_sample_info (fps conditioning) is not supported")
+    qk_norm = d.get("qk_norm", "rms_norm_across_heads")
+    if qk_norm not in ("rms_norm_across_heads", None):
+        raise ConfigError(f"{path}: qk_norm={qk_norm!r} is not supported (only 'rms_norm_across_heads' or null)")
+    known = {"patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+             "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim",
+             "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len", "inject_sample_info",
+             "num_frame_per_block", "window_size"}
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
+    if unknown:
+        log.warning("%s: ignoring diffusers config keys %s", path, ", ".join(unknown))
+    try:
+        heads = int(d["num_attention_heads"])
+        return WanConfig(dim=heads * int(d["attention_head_dim"]), num_heads=heads, num_layers=int(d["num_layers"]),
+                         ffn_dim=int(d["ffn_dim"]), freq_dim=int(d["freq_dim"]), text_dim=int(d["text_dim"]),
+                         in_dim=int(d["in_channels"]), out_dim=int(d.get("out_channels") or d["in_channels"]),
+                         patch_size=tuple(d["patch_size"]), qk_norm=qk_norm is not None,
+                         cross_attn_norm=bool(d["cross_attn_norm"]), eps=float(d["eps"]),
+                         rope_max_positions=int(d.get("rope_max_seq_len", 1024)))
+    except KeyError as err:
+        raise ConfigError(f"{path}: diffusers config lacks {err.args[0]!r}") from err
+
+
+def read_model_config(folder) -> WanConfig:
+    """:class:`WanConfig` from the ``config.json`` of an original Wan folder, a diffusers transformer folder or a
+    diffusers pipeline root."""
+    folder = _resolve_model_folder(os.fspath(folder))
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        hint = _download_hint(folder)
+        raise ConfigError(f"model config not found: {path}" + (f"; {hint}" if hint else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"unreadable model config {path}: {err}") from err
+    if d.get("_class_name") in DIFFUSERS_CLASSES or "num_attention_heads" in d:
+        return _config_from_diffusers(d, path)
+    return WanConfig.from_dict(d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_LIST_LIMIT]) + (", ..." if len(items) > _LIST_LIMIT else "")
+    return f"{title} ({len(items)}): {shown}"
+
+
+def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> torch.nn.Module:
+    """Normalise ``sd`` and load it into ``model`` strictly.
+
+    A model whose parameters are on the ``meta`` device takes the tensors themselves (``assign=True``: no second
+    copy); otherwise values are copied into the existing parameters (cast to their dtype and device).
+    Raises one :class:`CheckpointError` listing every missing key, unexpected key and shape mismatch.
+    """
+    sd = normalize_keys(sd)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
+                  for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    problems = [_listing(title, items) for title, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+                if items]
+    if problems:
+        raise CheckpointError(f"{what} does not fit the model: " + "; ".join(problems))
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(sd, strict=True, assign=on_meta)
+    log.info("loaded %d tensors from %s", len(sd), what)
+    return model
+
+
+def _rebuild_python_tables(model: WanModel) -> None:
+    """Tables held as plain Python attributes (RoPE angles) were created on ``meta`` too: rebuild them for real.
+
+    Then make sure no other meta tensor hides outside the parameters (an internal invariant).
+    """
+    model.rope = RotaryTables(model.config.head_dim, model.config.rope_max_positions)
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            values = vars(value).values() if hasattr(value, "__dict__") and not isinstance(value, torch.Tensor) \
+                else [value]
+            for v in values:
+                items = v if isinstance(v, (list, tuple)) else [v]
+                if any(isinstance(t, torch.Tensor) and t.is_meta for t in items):
+                    raise RuntimeError(f"meta tensor left in {name or 'model'}.{attr} after materialisation")
+
+
+def _resolve_source(source) -> tuple[WanConfig, str | None]:
+    """``(config, folder)``; folder is None for a preset name or a WanConfig (random initialisation)."""
+    if isinstance(source, WanConfig):
+        return source, None
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return read_model_config(source), source
+    # A path, or a download folder's name ("Wan2.1-T2V-1.3B"), means weights: never fall back to random init.
+    if os.sep in source or "/" in source or source in PRESET_ALIASES:
+        raise _not_found(source, "Wan model folder")
+    return get_preset(source), None
+
+
+def build_wan_model(source, causal: bool, num_frame_per_block: int = 1, independent_first_frame: bool = False,
+                    local_attn_size: int = -1, sink_size: int = 0, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None, checkpoint_path=None,
+                    use_ema: bool = False) -> WanModel:
+    """Build a :class:`WanModel` from a Wan folder (weights loaded) or a preset name / WanConfig (random init), then
+    optionally load ``checkpoint_path`` (``generator_ema`` with ``use_ema``) on top.
+
+    With weights, the model is built on the ``meta`` device and takes the loaded tensors directly, so 1.3B/14B
+    parameters are neither initialised nor held twice. A checkpoint replaces every tensor (strict load), so when one
+    is given the folder's own weights are not read at all (only its ``config.json``). ``dtype`` defaults to float32.
+    """
+    config, folder = _resolve_source(source)
+    kwargs = dict(causal=causal, num_frame_per_block=num_frame_per_block,
+                  independent_first_frame=independent_first_frame, local_attn_size=local_attn_size,
+                  sink_size=sink_size)
+    weights = os.fspath(checkpoint_path) if checkpoint_path is not None else folder
+    if weights is None:
+        log.info("building %s model from %s with random initialisation", "causal" if causal else "bidirectional",
+                 source)
+        return WanModel(config, **kwargs).to(device=device, dtype=dtype or torch.float32)
+    if folder is not None and checkpoint_path is not None:
+        log.info("%s: using config.json only; the checkpoint %s replaces every weight", folder, weights)
+    sd = read_state_dict(weights, use_ema=use_ema if checkpoint_path is not None else False)
+    with torch.device("meta"):
+        model = WanModel(config, **kwargs)
+    _rebuild_python_tables(model)
+    what = f"{weights} ({'generator_ema' if use_ema else 'weights'})" if checkpoint_path is not None else weights
+    load_into(model, sd, what=what)
+    del sd
+    return model.to(device=device, dtype=dtype or torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving
+
+
+def _release_entry(sd: dict) -> dict:
+    """Normalised keys with the reference wrapper's ``model.`` prefix; CPU tensors that own exactly their data."""
+    out = {}
+    for key, value in normalize_keys(sd).items():
+        t = value.detach().to("cpu")
+        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.clone(memory_format=torch.contiguous_format)  # a view would save its whole (flat) storage
+        out[RELEASE_PREFIX + key] = t
+    return out
+
+
+def save_release_checkpoint(path, generator_sd: dict, generator_ema_sd: dict | None = None) -> None:
+    """Write ``{"generator": {"model.<key>": t}, "generator_ema": ...}`` atomically (same-folder temp + os.replace).
+
+    The layout is the released checkpoints', so the reference code (``state_dict["generator"]`` loaded into its
+    wrapper) and :func:`read_state_dict` both read it.
+    """
+    payload = {"generator": _release_entry(generator_sd)}
+    if generator_ema_sd is not None:
+        payload["generator_ema"] = _release_entry(generator_ema_sd)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    log.info("saved %s (%s)", path, ", ".join(f"{k}: {len(v)} tensors" for k, v in payload.items()))
