@@ -1,0 +1,51 @@
+"""Sampling the bidirectional Wan model (the teacher, or the toy world's base model): all frames at once.
+
+Many-step Euler with classifier-free guidance on the negative prompt (``uncond + s·(cond − uncond)``), or few-step
+sampling that re-noises the x0 prediction between steps. Unlike the reference's few-step bidirectional pipeline,
+the last listed timestep is evaluated too (model_and_inference.md §15 item 7).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.scheduler import FlowMatchScheduler
+from model.wan import WanModel
+from pipeline.causal import NoiseFn, randn_like_from
+
+
+@torch.no_grad()
+def sample_bidirectional(model: WanModel, scheduler: FlowMatchScheduler, noise: torch.Tensor,
+                         context: torch.Tensor, timesteps: list[float], negative: torch.Tensor | None = None,
+                         guidance_scale: float = 1.0, rule: str = "euler",
+                         noise_fn: NoiseFn | None = None) -> torch.Tensor:
+    """Denoise ``noise [B, F, C, H, W]`` over ``timesteps`` (descending); returns the clean latents.
+
+    ``rule="euler"`` integrates the flow ODE down to 0; ``rule="renoise"`` predicts x0 at each step and adds fresh
+    noise at the next timestep (few-step).
+    """
+    noise_fn = noise_fn or randn_like_from(None)
+    guided = negative is not None and guidance_scale != 1.0
+    x = noise
+    b, f = x.shape[:2]
+    x0 = x
+    for j, t in enumerate(timesteps):
+        tt = torch.full((b, f), float(t), device=x.device)
+        if guided:
+            neg = negative.expand(b, -1, -1)
+            pad = context.shape[1] - neg.shape[1]
+            ctx = torch.cat([torch.nn.functional.pad(context, (0, 0, 0, max(0, -pad))),
+                             torch.nn.functional.pad(neg, (0, 0, 0, max(0, pad)))])
+            cond, uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), ctx).chunk(2)
+            flow = uncond + guidance_scale * (cond - uncond)
+        else:
+            flow = model(x, tt, context)
+        t_next = float(timesteps[j + 1]) if j + 1 < len(timesteps) else 0.0
+        if rule == "euler":
+            x = scheduler.step(flow, tt, x, torch.full((b, f), t_next, device=x.device))
+            x0 = x
+        else:
+            x0 = scheduler.flow_to_x0(flow, x, tt)
+            if j + 1 < len(timesteps):
+                x = scheduler.add_noise(x0, noise_fn(x0), torch.full((b, f), t_next, device=x.device))
+    return x0

@@ -1,0 +1,83 @@
+"""Building the networks a config names: generator, teacher/critic, text encoder, VAE.
+
+Entry scripts, the streaming API and the training objectives all build networks here, so every one of them finds
+weights the same way: ``<wan_models_dir>/<name>/`` holds an original Wan2.1 folder (or a folder with the same files
+in diffusers/transformers format); ``generator_ckpt`` / ``--checkpoint_path`` overlays a released or trained
+checkpoint. A name that is a preset (``tiny``, ``wan2.1-t2v-1.3b``) without a folder builds random weights -- for
+tests and speed benchmarks only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from model.config import PRESETS, PRESET_ALIASES, WanConfig, get_preset
+from model.loader import build_wan_model, read_model_config
+from model.scheduler import FlowMatchScheduler
+from model.text_encoder import TextEncoder
+from model.vae import WanVAE
+from model.wan import WanModel
+from utils.config import Config
+from utils.errors import WeightsMissingError
+
+log = logging.getLogger(__name__)
+
+
+def model_source(cfg: Config, name: str) -> str:
+    """Folder of model ``name`` under ``wan_models_dir``, or the preset name when no such folder exists."""
+    folder = os.path.join(cfg.wan_models_dir, name)
+    if os.path.isdir(folder):
+        return folder
+    if PRESET_ALIASES.get(name, name).lower() in PRESETS:
+        log.warning("no folder %s: building preset %r with RANDOM weights", folder, name)
+        return name
+    from model.weights import wan_download_hint
+    raise WeightsMissingError(f"model folder {folder} not found; {wan_download_hint(folder)}")
+
+
+def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False,
+                    device=None, dtype=None, local_attn_size: int | None = None,
+                    sink_size: int | None = None) -> WanModel:
+    """The causal generator of ``cfg`` with ``checkpoint_path`` (or ``cfg.generator_ckpt``) loaded on top."""
+    mk = cfg.model_kwargs
+    return build_wan_model(
+        model_source(cfg, cfg.generator_name), causal=True, num_frame_per_block=cfg.num_frame_per_block,
+        independent_first_frame=cfg.independent_first_frame,
+        local_attn_size=mk.local_attn_size if local_attn_size is None else local_attn_size,
+        sink_size=mk.sink_size if sink_size is None else sink_size, dtype=dtype, device=device,
+        checkpoint_path=checkpoint_path, use_ema=use_ema)
+
+
+def build_bidirectional(cfg: Config, name: str, device=None, dtype=None) -> WanModel:
+    """A bidirectional Wan model (real score / critic / base model) from folder ``name``."""
+    return build_wan_model(model_source(cfg, name), causal=False, dtype=dtype, device=device)
+
+
+def model_config(cfg: Config, name: str) -> WanConfig:
+    """Architecture of model ``name`` (its folder's config.json, or the preset) without building it."""
+    source = model_source(cfg, name)
+    return read_model_config(source) if os.path.isdir(source) else get_preset(source)
+
+
+def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_device=None) -> TextEncoder:
+    """The UMT5 encoder of ``text_encoder_name``; its token length is the generator's ``text_len``."""
+    folder = os.path.join(cfg.wan_models_dir, cfg.text_encoder_name)
+    text_len = model_config(cfg, cfg.generator_name).text_len
+    return TextEncoder.from_pretrained(folder, dtype=dtype, device=device, output_device=output_device,
+                                       text_len=text_len)
+
+
+def build_vae(cfg: Config, device="cpu", dtype=torch.float32) -> WanVAE:
+    """The Wan VAE of ``text_encoder_name``: ``Wan2.1_VAE.pth``, else a diffusers ``vae/`` folder beside it."""
+    folder = os.path.join(cfg.wan_models_dir, cfg.text_encoder_name)
+    if not os.path.isfile(os.path.join(folder, "Wan2.1_VAE.pth")) and os.path.isdir(os.path.join(folder, "vae")):
+        folder = os.path.join(folder, "vae")
+    return WanVAE.from_pretrained(folder, torch_dtype=dtype).to(device)
+
+
+def build_scheduler(cfg: Config) -> FlowMatchScheduler:
+    """The generator's 1000-step flow-matching grid (shift from ``model_kwargs.timestep_shift``)."""
+    return FlowMatchScheduler(num_train_timesteps=cfg.num_train_timestep, shift=cfg.model_kwargs.timestep_shift)

@@ -1,0 +1,214 @@
+"""The user-facing streaming API: prompts in, decoded frames out, block by block.
+
+    pipe = StreamingPipeline.from_config(cfg, checkpoint_path="checkpoints/chunkwise/causal_forcing.pt")
+    stream = pipe.open("a red fox running through snow", num_frames=21, seed=0)
+    for chunk in stream:                 # one chunk per block, as soon as it is generated and decoded
+        show(chunk.frames)               # float [B, T, 3, H, W] in [-1, 1]
+        if user_typed_something:
+            stream.switch_prompt(new_prompt)   # takes effect at the next block boundary
+
+``inference.py`` and ``demo.py`` are thin shells around this. The few-step generator (config with
+``denoising_step_list``), the many-step Stage-1 model (no step list: Euler with classifier-free guidance on the
+negative prompt) and long videos (a local attention window with sink frames keeps the cache a fixed size) all run
+the same :class:`~pipeline.causal.BlockLoop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model.kv_cache import KVCache
+from model.scheduler import FlowMatchScheduler
+from model.text_encoder import TextEncoder
+from model.vae import WanVAE
+from model.wan import WanModel
+from pipeline.causal import BlockLoop, Guidance, StepSchedule, randn_like_from
+from utils.config import Config
+
+log = logging.getLogger(__name__)
+
+MULTISTEP_STEPS = 50  # Stage-1 models without a few-step list sample with 50 Euler steps (reference: 50 UniPC)
+
+
+@dataclass
+class StreamChunk:
+    """One generated block."""
+
+    block_index: int              # index among generated blocks (0 = first)
+    start_frame: int              # first latent frame of the block (absolute, prefill included)
+    latents: torch.Tensor         # [B, n, C, h, w]
+    frames: torch.Tensor | None   # decoded pixels [B, T, 3, H, W] in [-1, 1] (None when decoding is off)
+    prompt: str | list[str]       # the prompt this block was generated under
+    switched: bool = False        # a prompt switch took effect at this block
+    seconds: float = 0.0          # wall time spent on this block (generation + decode)
+
+
+@dataclass
+class StreamingPipeline:
+    """Causal generator + text encoder + VAE, ready to stream videos."""
+
+    generator: WanModel
+    text_encoder: TextEncoder
+    vae: WanVAE | None
+    scheduler: FlowMatchScheduler
+    schedule: StepSchedule
+    latent_shape: tuple[int, int, int]          # (C, h, w) of one latent frame
+    context_noise: float = 0.0
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0                 # > 1 only for the many-step sampler
+    local_attn_size: int = -1
+    sink_size: int = 0
+    default_num_frames: int = 21
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
+                    dtype=None, text_encoder_device=None, decode: bool = True) -> "StreamingPipeline":
+        """Build everything ``cfg`` names. GPU: bf16 everywhere; CPU: float32."""
+        from pipeline import components as C
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        generator = C.build_generator(cfg, checkpoint_path, use_ema, device=device, dtype=dtype).eval()
+        text_encoder = C.build_text_encoder(cfg, device=text_encoder_device or device, dtype=dtype,
+                                            output_device=device)
+        vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
+        scheduler = C.build_scheduler(cfg)
+        multistep = cfg.denoising_step_list is None
+        if multistep:
+            schedule = StepSchedule(scheduler.inference_timesteps(MULTISTEP_STEPS, cfg.timestep_shift).tolist(),
+                                    rule="euler")
+        else:
+            schedule = StepSchedule.from_config(scheduler, cfg.denoising_step_list,
+                                                cfg.denoising_step_list_first_chunk, cfg.warp_denoising_step)
+        shape = cfg.image_or_video_shape
+        return cls(generator, text_encoder, vae, scheduler, schedule, latent_shape=tuple(shape[2:]),
+                   context_noise=float(cfg.context_noise), negative_prompt=cfg.negative_prompt,
+                   guidance_scale=cfg.guidance_scale if multistep else 1.0,
+                   local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size,
+                   default_num_frames=shape[1], device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder.encode(prompts).to(self.device, self.dtype)
+
+    def window(self, total_frames: int) -> tuple[int, int]:
+        """Cache window and sink (frames) for a video of ``total_frames`` latent frames.
+
+        The configured window wins. Without one, a video longer than the training length gets a window of the
+        training length with one block of sink frames, so memory stays fixed however long the video runs.
+        """
+        if self.local_attn_size > 0:
+            return self.local_attn_size, self.sink_size
+        if total_frames <= self.default_num_frames:
+            return total_frames, 0
+        sink = self.generator.num_frame_per_block
+        log.info("%d latent frames exceed the training length %d: local window %d frames with %d sink frames",
+                 total_frames, self.default_num_frames, self.default_num_frames, sink)
+        return self.default_num_frames, sink
+
+    def open(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
+             initial_latent: torch.Tensor | None = None, decode: bool = True) -> "VideoStream":
+        """Start a video: ``num_frames`` latent frames to generate after the optional ``initial_latent``
+        ``[B, f0, C, h, w]`` (I2V: one image latent; video extension: a clip's latents)."""
+        return VideoStream(self, prompt, num_frames or self.default_num_frames, seed, initial_latent, decode)
+
+    def generate(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
+                 initial_latent: torch.Tensor | None = None, decode: bool = True):
+        """Run a whole video; returns ``(frames [B, T, 3, H, W] or None, latents [B, F, C, h, w])``."""
+        chunks = list(self.open(prompt, num_frames, seed, initial_latent, decode))
+        stream_latents = torch.cat([c.latents for c in chunks], 1)
+        if initial_latent is not None:
+            stream_latents = torch.cat([initial_latent.to(stream_latents), stream_latents], 1)
+        frames = torch.cat([c.frames for c in chunks], 1) if decode else None
+        return frames, stream_latents
+
+
+class VideoStream:
+    """Iterator over the :class:`StreamChunk` of one video; see :meth:`StreamingPipeline.open`."""
+
+    def __init__(self, pipe: StreamingPipeline, prompt, num_frames: int, seed: int,
+                 initial_latent: torch.Tensor | None, decode: bool):
+        self.pipe = pipe
+        self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(self.prompts)
+        c, h, w = pipe.latent_shape
+        self.prefix = initial_latent.to(pipe.device, pipe.dtype) if initial_latent is not None else None
+        start = 0 if self.prefix is None else self.prefix.shape[1]
+        total = start + num_frames
+        pipe.generator.layout.block_sizes(total)      # frame count must tile into blocks: fail before any work
+        self.rng = torch.Generator(pipe.device).manual_seed(seed)
+        self.noise = torch.randn((batch, num_frames, c, h, w), generator=self.rng, device=pipe.device,
+                                 dtype=pipe.dtype)
+        window, sink = pipe.window(total)
+        guided = pipe.guidance_scale != 1.0
+        self.cache = KVCache.for_model(pipe.generator, batch * (2 if guided else 1), h, w, window, sink,
+                                       dtype=pipe.dtype, device=pipe.device)
+        negative = pipe.encode([pipe.negative_prompt]) if guided else None
+        self.loop = BlockLoop(pipe.generator, pipe.scheduler, pipe.schedule,
+                              Guidance(pipe.encode(self.prompts), negative, pipe.guidance_scale), self.cache,
+                              context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng))
+        self.decoder = pipe.vae.stream() if decode and pipe.vae is not None else None
+        self.start_frame = start
+        self.latents: list[torch.Tensor] = [] if self.prefix is None else [self.prefix]
+        self._pending: tuple[list[str], bool] | None = None
+        self._iter = None
+
+    def switch_prompt(self, prompt: str | list[str], recache: bool = False) -> None:
+        """Use ``prompt`` from the next block on. ``recache`` re-encodes the cached frames under the new prompt
+        (one extra forward per cached block); otherwise only the cross-attention cache changes."""
+        self._pending = ([prompt] * len(self.prompts) if isinstance(prompt, str) else list(prompt), recache)
+
+    def _apply_switch(self) -> bool:
+        if self._pending is None:
+            return False
+        prompts, recache = self._pending
+        self._pending = None
+        self.prompts = prompts
+        self.loop.guidance.context = self.pipe.encode(prompts)
+        self.cache.reset_cross()
+        if recache and self.latents:
+            so_far = torch.cat(self.latents, 1)
+            self.cache.reset()
+            self.loop.prefill(so_far, 0)
+        return True
+
+    @torch.no_grad()
+    def _run(self):
+        if self.prefix is not None:
+            self.loop.prefill(self.prefix, 0)
+        offset, frame = 0, self.start_frame
+        sizes = self.loop._blocks_from(self.start_frame, self.noise.shape[1])
+        for i, n in enumerate(sizes):
+            t0 = time.perf_counter()
+            switched = self._apply_switch()
+            x0 = self.loop.denoise(self.noise[:, offset:offset + n], frame, i)
+            self.latents.append(x0)
+            if i + 1 < len(sizes):  # the last block's context pass would be read by nobody
+                self.loop.commit(x0, frame)
+            frames = None
+            if self.decoder is not None:
+                first = self.prefix if (i == 0 and self.prefix is not None) else None
+                frames = self.decoder.decode_chunk(x0 if first is None else torch.cat([first, x0], 1))
+            yield StreamChunk(i, frame, x0, frames, list(self.prompts), switched, time.perf_counter() - t0)
+            offset += n
+            frame += n
+        self.close()
+
+    def __iter__(self):
+        if self._iter is None:
+            self._iter = self._run()
+        return self._iter
+
+    def __next__(self):
+        return next(iter(self))
+
+    def close(self) -> None:
+        """Free the KV cache now (a stopped or disconnected stream must not hold GPU memory)."""
+        self.cache.k = self.cache.v = torch.empty(0)
+        self.cache.cross_k = self.cache.cross_v = None

@@ -1,0 +1,74 @@
+"""The streaming API on a tiny Wan folder: streamed == one-shot, long video with fixed memory, I2V, prompt switch."""
+
+import pytest
+import torch
+
+from model.tiny import write_tiny_wan_folder
+from pipeline.streaming import StreamingPipeline
+from utils.config import load_config
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan_models")
+    write_tiny_wan_folder(root / "Tiny")
+    yaml = root / "tiny.yaml"
+    yaml.write_text(f"""
+trainer: score_distillation
+wan_models_dir: {root}
+generator_name: Tiny
+text_encoder_name: Tiny
+num_frame_per_block: 3
+image_or_video_shape: [1, 6, 16, 4, 6]
+num_training_frames: 6
+height: 32
+width: 48
+num_frames: 21
+denoising_step_list: [1000, 750, 500, 250]
+warp_denoising_step: true
+""")
+    return load_config(str(yaml))
+
+
+@pytest.fixture(scope="module")
+def pipe(cfg):
+    return StreamingPipeline.from_config(cfg, device="cpu")
+
+
+def test_stream_yields_blocks_and_equals_one_shot_decode(pipe):
+    chunks = list(pipe.open("a red circle moving left slowly", num_frames=6, seed=3))
+    assert [c.start_frame for c in chunks] == [0, 3]
+    assert chunks[0].frames.shape == (1, 9, 3, 32, 48) and chunks[1].frames.shape == (1, 12, 3, 32, 48)
+    latents = torch.cat([c.latents for c in chunks], 1)
+    one_shot = pipe.vae.decode(latents)
+    streamed = torch.cat([c.frames for c in chunks], 1)
+    assert (streamed - one_shot).abs().max() < 1e-5
+    frames, lat2 = pipe.generate("a red circle moving left slowly", num_frames=6, seed=3)
+    assert torch.equal(lat2, latents)  # same seed, same video
+
+
+def test_long_video_uses_a_fixed_window(pipe):
+    stream = pipe.open("a blue square moving up quickly", num_frames=15, seed=0, decode=False)
+    cache = stream.cache
+    assert cache.capacity == 6 and cache.sink == 3  # window = training length, one block of sink frames
+    size = cache.k.nbytes
+    chunks = list(stream)
+    assert len(chunks) == 5 and size == cache.k.nbytes or cache.k.numel() == 0
+
+
+def test_i2v_keeps_the_given_first_frame(pipe):
+    image_latent = torch.randn(1, 3, 16, 4, 6)
+    frames, latents = pipe.generate("a green triangle moving right slowly", num_frames=3, seed=1,
+                                    initial_latent=image_latent)
+    assert torch.equal(latents[:, :3], image_latent) and latents.shape[1] == 6
+    assert frames.shape[1] == 1 + 4 * 5
+
+
+def test_prompt_switch_changes_only_later_blocks(pipe):
+    base = list(pipe.open("a red circle moving left slowly", num_frames=6, seed=5, decode=False))
+    stream = pipe.open("a red circle moving left slowly", num_frames=6, seed=5, decode=False)
+    first = next(stream)
+    stream.switch_prompt("a yellow square moving down quickly")
+    second = next(stream)
+    assert torch.equal(first.latents, base[0].latents)
+    assert second.switched and not torch.allclose(second.latents, base[1].latents)
