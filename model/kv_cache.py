@@ -98,6 +98,11 @@ class KVCache:
         frames = list(range(min(self.sink, start_frame))) + list(range(first_recent, start_frame))
         return self.token_ranges(frames)  # type: ignore[arg-type]
 
+    def can_fuse(self, start_frame: int, num_frames: int) -> bool:
+        """Whether frames ``start_frame..start_frame+num_frames-1`` can be written in one call without evicting a
+        frame that an earlier block of the same call still attends to (true until the window is full)."""
+        return start_frame + num_frames <= self.capacity
+
     def advance(self, start_frame: int, num_frames: int) -> None:
         self.frames_written = max(self.frames_written, start_frame + num_frames)
 

@@ -71,6 +71,7 @@ class AttnPlan:
     cache: KVCache | None = None      # streaming path
     start_frame: int = 0
     num_frames: int = 0
+    blocks: tuple[int, ...] = ()      # cached path: sizes of the consecutive blocks in this call (default: one)
 
 
 class SelfAttention(nn.Module):
@@ -110,8 +111,15 @@ class SelfAttention(nn.Module):
             keys = torch.cat([cache.k[layer, :, a:b] for a, b in others] + [k], dim=1)
             values = torch.cat([cache.v[layer, :, a:b] for a, b in others] + [v], dim=1)
             return attention(q, keys, values)
-        visible = cache.visible_frames(plan.start_frame + plan.num_frames) * cache.tokens_per_frame
-        return attention(q, cache.k[layer, :, :visible], cache.v[layer, :, :visible])
+        # Inference: each block's queries see the cache up to the end of their own block (block-causal).
+        s = cache.tokens_per_frame
+        outs, q0, end = [], 0, plan.start_frame
+        for n in plan.blocks or (plan.num_frames,):
+            end += n
+            visible = cache.visible_frames(end) * s
+            outs.append(attention(q[:, q0:q0 + n * s], cache.k[layer, :, :visible], cache.v[layer, :, :visible]))
+            q0 += n * s
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class CrossAttention(nn.Module):
@@ -338,20 +346,28 @@ class WanModel(nn.Module):
         return self._output(out[:, clean.shape[1]:], e[:, num_frames:], grid)
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: KVCache,
-                       start_frame: int) -> torch.Tensor:
+                       start_frame: int, blocks: tuple[int, ...] = ()) -> torch.Tensor:
         """One block through the KV cache: x ``[B, n, C, H, W]`` are frames ``start_frame .. start_frame+n-1``.
 
         Writes the block's keys/values at its slots (overwriting what an earlier call at the same position wrote)
         and attends to everything cached up to and including the block. Cross-attention K/V of the prompt are
         computed on the first call and reused (recomputed when gradients are on, so they reach the weights).
         ``start_frame`` is a Python int: nothing here synchronises with the GPU.
+
+        ``blocks`` lets one call carry several consecutive blocks (e.g. the context pass of block b together with
+        the first step of block b+1): each block's queries then see the cache up to their own block's end, exactly
+        as separate calls would, while every matrix product runs on the larger token count. Inference only, and
+        only while no frame the earlier block sees is evicted by the later one (``cache.can_fuse``).
         """
         tokens, grid = self._patchify(x)
-        cache.check_block(start_frame, grid[0])
+        cache.check_block(start_frame, grid[0] if not blocks else max(blocks))
+        if blocks:
+            assert sum(blocks) == grid[0] and not torch.is_grad_enabled(), "multi-block calls are inference-only"
+            assert cache.can_fuse(start_frame, grid[0]), "a multi-block call would evict frames it still needs"
         e, e0 = self._time(t, grid[0], tokens.dtype)
         ctx_per_layer = self._cross_kv(context, cache)
         cos, sin = self.rope.tables(tuple(range(start_frame, start_frame + grid[0])), grid[1], grid[2], x.device)
-        plan = AttnPlan(cos, sin, cache=cache, start_frame=start_frame, num_frames=grid[0])
+        plan = AttnPlan(cos, sin, cache=cache, start_frame=start_frame, num_frames=grid[0], blocks=tuple(blocks))
         out = self._run_blocks(tokens, e0, ctx_per_layer, plan)
         cache.advance(start_frame, grid[0])
         return self._output(out, e, grid)

@@ -114,23 +114,47 @@ class BlockLoop:
     context_noise: float = 0.0
     noise_fn: NoiseFn = field(default_factory=lambda: randn_like_from(None))
 
+    fuse_context: bool = False   # run each context pass inside the next block's first step (inference only)
+
     # ------------------------------------------------------------------------------------------------------------
-    def flow(self, x: torch.Tensor, t: float, start_frame: int) -> torch.Tensor:
-        """Guided flow prediction for block ``x [B, n, C, H, W]`` at timestep ``t``."""
+    def flow(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, blocks: tuple[int, ...] = ()):
+        """Guided flow prediction for frames ``x [B, n, C, H, W]`` at timestep ``t`` (a float, or ``[B, n]``)."""
         b, n = x.shape[:2]
-        tt = torch.full((b, n), t, device=x.device, dtype=torch.float32)
+        tt = t if isinstance(t, torch.Tensor) else self._t(x, t)
         if not self.guidance.batched:
-            return self.model.forward_cached(x, tt, self.guidance.context, self.cache, start_frame)
+            return self.model.forward_cached(x, tt, self.guidance.context, self.cache, start_frame, blocks)
         out = self.model.forward_cached(torch.cat([x, x]), torch.cat([tt, tt]), self.guidance.model_context(),
-                                        self.cache, start_frame)
+                                        self.cache, start_frame, blocks)
         cond, uncond = out.chunk(2)
         return uncond + self.guidance.scale * (cond - uncond)
 
+    def _context_input(self, latents: torch.Tensor, t: float) -> torch.Tensor:
+        x = latents.detach()
+        if t > 0:  # at 0 the latents go in exactly clean (see commit)
+            x = self.scheduler.add_noise(x, self.noise_fn(x), self._t(x, t))
+        return x
+
+    def _first_flow(self, x: torch.Tensor, t: float, start_frame: int, pending, grad: bool) -> torch.Tensor:
+        """Flow of a block's first step, running the previous block's due context pass first -- or, when allowed,
+        in the same forward (one call of twice the tokens instead of two calls)."""
+        if pending is None:
+            return self.flow(x, t, start_frame)
+        latents, prev_start = pending
+        m = latents.shape[1]
+        if self.fuse_context and not grad and self.cache.can_fuse(prev_start, m + x.shape[1]):
+            ctx = self._context_input(latents, self.context_noise)
+            tt = torch.cat([self._t(ctx, self.context_noise), self._t(x, t)], dim=1)
+            return self.flow(torch.cat([ctx, x], 1), tt, prev_start, blocks=(m, x.shape[1]))[:, m:]
+        self.commit(latents, prev_start)
+        return self.flow(x, t, start_frame)
+
     def denoise(self, noise: torch.Tensor, start_frame: int, block_index: int, policy: ExitPolicy | None = None,
-                record: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                record: Callable[[int, torch.Tensor], None] | None = None,
+                pending: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         """Denoise one block from ``noise``; returns its clean prediction (x0) ``[B, n, C, H, W]``.
 
-        ``record(step_index, x)`` sees the state before every step (ODE trajectories).
+        ``pending`` = (latents, start_frame) of the previous block whose context pass is still due; it runs before
+        (or fused into) this block's first step. ``record(step_index, x)`` sees the state before every step.
         """
         steps = self.schedule.for_block(block_index)
         policy = policy or ExitPolicy()
@@ -143,7 +167,8 @@ class BlockLoop:
             t = steps[j]
             t_next = steps[j + 1] if j + 1 < len(steps) else 0.0
             with torch.set_grad_enabled(grad and j == last):
-                flow = self.flow(x, t, start_frame)
+                flow = self._first_flow(x, t, start_frame, pending, grad and j == last) if j == 0 \
+                    else self.flow(x, t, start_frame)
                 if self.schedule.rule == "euler" and j + 1 == len(steps):
                     return self.scheduler.step(flow, self._t(x, t), x, self._t(x, 0.0))
                 x0 = self.scheduler.flow_to_x0(flow, x, self._t(x, t))
@@ -168,10 +193,7 @@ class BlockLoop:
         its inference did not -- we do the same in both).
         """
         t = self.context_noise if timestep is None else timestep
-        x = latents.detach()
-        if t > 0:
-            x = self.scheduler.add_noise(x, self.noise_fn(x), self._t(x, t))
-        self.flow(x, t, start_frame)
+        self.flow(self._context_input(latents, t), t, start_frame)
 
     def _blocks_from(self, start_frame: int, num_frames: int) -> list[int]:
         """Sizes of the blocks covering frames ``start_frame .. start_frame+num_frames-1``."""
@@ -191,18 +213,20 @@ class BlockLoop:
 
         ``block_index`` numbers the first generated block (block 0 uses the first-block step list).
         ``context_latents`` (same shape as noise) replace the predictions in the context pass (teacher-forced
-        trajectories). ``commit_last=False`` skips the last block's context pass (nothing reads it).
+        trajectories). Each block's context pass runs at the start of the next block (fused into its first step
+        when ``fuse_context``); ``commit_last`` also runs the last one (nothing in this loop reads it).
         ``record(block_start, step_index, x)`` sees every pre-step state.
         """
-        offset, frame = 0, start_frame
+        offset, frame, pending = 0, start_frame, None
         for i, n in enumerate(self._blocks_from(start_frame, noise.shape[1])):
             rec = (lambda j, x, f=frame: record(f, j, x)) if record is not None else None
-            x0 = self.denoise(noise[:, offset:offset + n], frame, block_index + i, policy, rec)
+            x0 = self.denoise(noise[:, offset:offset + n], frame, block_index + i, policy, rec, pending)
             yield frame, x0
-            if commit_last or offset + n < noise.shape[1]:
-                self.commit(x0 if context_latents is None else context_latents[:, offset:offset + n], frame)
+            pending = (x0 if context_latents is None else context_latents[:, offset:offset + n], frame)
             offset += n
             frame += n
+        if commit_last and pending is not None:
+            self.commit(*pending)
 
     @torch.no_grad()
     def prefill(self, latents: torch.Tensor, start_frame: int = 0) -> int:

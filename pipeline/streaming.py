@@ -65,6 +65,7 @@ class StreamingPipeline:
     default_num_frames: int = 21
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    fuse_context: bool = True                   # context pass fused into the next block's first step (same math)
 
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
@@ -152,11 +153,13 @@ class VideoStream:
         negative = pipe.encode([pipe.negative_prompt]) if guided else None
         self.loop = BlockLoop(pipe.generator, pipe.scheduler, pipe.schedule,
                               Guidance(pipe.encode(self.prompts), negative, pipe.guidance_scale), self.cache,
-                              context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng))
+                              context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng),
+                              fuse_context=pipe.fuse_context)
         self.decoder = pipe.vae.stream() if decode and pipe.vae is not None else None
         self.start_frame = start
         self.latents: list[torch.Tensor] = [] if self.prefix is None else [self.prefix]
         self._pending: tuple[list[str], bool] | None = None
+        self._due: tuple[torch.Tensor, int] | None = None   # context pass of the last block, run with the next
         self._iter = None
 
     def switch_prompt(self, prompt: str | list[str], recache: bool = False) -> None:
@@ -169,6 +172,9 @@ class VideoStream:
             return False
         prompts, recache = self._pending
         self._pending = None
+        if self._due is not None:  # the last block's context pass belongs to the prompt it was made under
+            self.loop.commit(*self._due)
+            self._due = None
         self.prompts = prompts
         self.loop.guidance.context = self.pipe.encode(prompts)
         self.cache.reset_cross()
@@ -187,10 +193,9 @@ class VideoStream:
         for i, n in enumerate(sizes):
             t0 = time.perf_counter()
             switched = self._apply_switch()
-            x0 = self.loop.denoise(self.noise[:, offset:offset + n], frame, i)
+            x0 = self.loop.denoise(self.noise[:, offset:offset + n], frame, i, pending=self._due)
             self.latents.append(x0)
-            if i + 1 < len(sizes):  # the last block's context pass would be read by nobody
-                self.loop.commit(x0, frame)
+            self._due = (x0, frame)  # written into the cache with (or before) the next block's first step
             frames = None
             if self.decoder is not None:
                 first = self.prefix if (i == 0 and self.prefix is not None) else None

@@ -103,3 +103,21 @@ def test_exit_policy_gradients_only_through_exit_step():
     cache.reset()
     outs = [x0 for _, x0 in loop.run(noise, policy=ExitPolicy(exit_step=1))]
     assert not any(o.requires_grad for o in outs)
+
+
+def test_fused_context_pass_equals_separate_passes():
+    """Folding block b's context pass into block b+1's first step changes nothing but the number of calls."""
+    for n, capacity, frames in ((1, 4, 4), (3, 6, 6), (1, 3, 6)):  # the last case slides a window (falls back)
+        model, sch = make(n), FlowMatchScheduler(shift=5.0)
+        sched = StepSchedule.from_config(sch, [1000, 750, 500, 250])
+        g = torch.Generator().manual_seed(4)
+        noise = torch.randn(1, frames, 16, 4, 6, generator=g)
+        ctx, neg = torch.randn(1, 5, CFG.text_dim, generator=g), torch.randn(1, 5, CFG.text_dim, generator=g)
+        outs = []
+        for fuse in (False, True):
+            cache = KVCache.for_model(model, 2, 4, 6, capacity_frames=capacity)
+            loop = BlockLoop(model, sch, sched, Guidance(ctx, neg, 2.0), cache, context_noise=50.0,
+                             noise_fn=recorded_noise(5)[0], fuse_context=fuse)
+            with torch.no_grad():
+                outs.append(torch.cat([x0 for _, x0 in loop.run(noise)], 1))
+        assert rel(outs[1], outs[0]) < 1e-5, (n, capacity)
