@@ -26,7 +26,7 @@ from model.masks import padded_length
 log = logging.getLogger(__name__)
 
 _BACKENDS = ("auto", "sdpa", "flash_attn")
-_state = {"backend": "auto"}
+_state = {"backend": "auto", "sdpa_order": None}
 _flash_fn = None
 _compiled_flex = None
 
@@ -61,6 +61,11 @@ def get_backend() -> str:
     return _state["backend"]
 
 
+def set_sdpa_priority(order) -> None:
+    """Override the CUDA SDPA kernel order (a list of ``SDPBackend``); None restores cuDNN-first."""
+    _state["sdpa_order"] = list(order) if order is not None else None
+
+
 def _use_flash(q: torch.Tensor) -> bool:
     backend = _state["backend"]
     if backend == "sdpa" or q.device.type != "cuda":
@@ -74,8 +79,8 @@ def _sdpa_context(device_type: str):
 
     if device_type != "cuda":
         return contextlib.nullcontext()
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-             SDPBackend.MATH]
+    order = _state["sdpa_order"] or [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if "set_priority" in inspect.signature(sdpa_kernel).parameters:
         return sdpa_kernel(order, set_priority=True)
     return sdpa_kernel(order)

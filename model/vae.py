@@ -223,6 +223,16 @@ class WanVAE(nn.Module):
         logger.info("loaded Wan VAE from %s", path)
         return cls(model.to(torch_dtype))
 
+    def set_channels_last(self, enabled: bool) -> WanVAE:
+        """Switch the Conv3d weights between channels-last-3d and the default layout."""
+        if enabled:
+            return self.to_channels_last()
+        for module in self.model.modules():
+            if isinstance(module, nn.Conv3d):
+                module.to(memory_format=torch.contiguous_format)
+        self.channels_last = False
+        return self
+
     def to_channels_last(self) -> WanVAE:
         """Store Conv3d weights channels-last-3d and feed inputs that way (faster cuDNN kernels on GPU).
 

@@ -52,7 +52,7 @@ class StreamingPipeline:
     """Causal generator + text encoder + VAE, ready to stream videos."""
 
     generator: WanModel
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | None           # None: callers pass precomputed embeddings to open()
     vae: WanVAE | None
     scheduler: FlowMatchScheduler
     schedule: StepSchedule
@@ -66,6 +66,7 @@ class StreamingPipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     fuse_context: bool = True                   # context pass fused into the next block's first step (same math)
+    vae_frames_per_call: int = 4                # latent frames per VAE decoder call (after the first frame)
 
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
@@ -79,6 +80,8 @@ class StreamingPipeline:
         text_encoder = C.build_text_encoder(cfg, device=text_encoder_device or device, dtype=dtype,
                                             output_device=device)
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
+        if vae is not None and device.type == "cuda":
+            vae.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
         scheduler = C.build_scheduler(cfg)
         multistep = cfg.denoising_step_list is None
         if multistep:
@@ -114,10 +117,13 @@ class StreamingPipeline:
         return self.default_num_frames, sink
 
     def open(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
-             initial_latent: torch.Tensor | None = None, decode: bool = True) -> "VideoStream":
+             initial_latent: torch.Tensor | None = None, decode: bool = True,
+             context: torch.Tensor | None = None) -> "VideoStream":
         """Start a video: ``num_frames`` latent frames to generate after the optional ``initial_latent``
-        ``[B, f0, C, h, w]`` (I2V: one image latent; video extension: a clip's latents)."""
-        return VideoStream(self, prompt, num_frames or self.default_num_frames, seed, initial_latent, decode)
+        ``[B, f0, C, h, w]`` (I2V: one image latent; video extension: a clip's latents). ``context`` gives
+        precomputed prompt embeddings ``[B, L, text_dim]`` (the text encoder is then not run)."""
+        return VideoStream(self, prompt, num_frames or self.default_num_frames, seed, initial_latent, decode,
+                           context)
 
     def generate(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
                  initial_latent: torch.Tensor | None = None, decode: bool = True):
@@ -134,7 +140,7 @@ class VideoStream:
     """Iterator over the :class:`StreamChunk` of one video; see :meth:`StreamingPipeline.open`."""
 
     def __init__(self, pipe: StreamingPipeline, prompt, num_frames: int, seed: int,
-                 initial_latent: torch.Tensor | None, decode: bool):
+                 initial_latent: torch.Tensor | None, decode: bool, context: torch.Tensor | None = None):
         self.pipe = pipe
         self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(self.prompts)
@@ -152,10 +158,11 @@ class VideoStream:
                                        dtype=pipe.dtype, device=pipe.device)
         negative = pipe.encode([pipe.negative_prompt]) if guided else None
         self.loop = BlockLoop(pipe.generator, pipe.scheduler, pipe.schedule,
-                              Guidance(pipe.encode(self.prompts), negative, pipe.guidance_scale), self.cache,
+                              Guidance(pipe.encode(self.prompts) if context is None else context.to(pipe.dtype),
+                                       negative, pipe.guidance_scale), self.cache,
                               context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng),
                               fuse_context=pipe.fuse_context)
-        self.decoder = pipe.vae.stream() if decode and pipe.vae is not None else None
+        self.decoder = pipe.vae.stream(pipe.vae_frames_per_call) if decode and pipe.vae is not None else None
         self.start_frame = start
         self.latents: list[torch.Tensor] = [] if self.prefix is None else [self.prefix]
         self._pending: tuple[list[str], bool] | None = None

@@ -1,0 +1,159 @@
+"""Inference speed of the streaming pipeline: full-size Wan2.1-1.3B generator + full Wan VAE, random weights.
+
+Speed does not depend on weight values, so no download is needed. Text embeddings are random ``[1, 512, 4096]``
+tensors made once outside the timed region (the text encoder runs once per prompt, not per frame).
+
+For each mode (chunk-wise 4-step, frame-wise 4/2/1-step, a long video with a sliding window) and each variant of
+the speed levers, it reports: end-to-end FPS (generation + streaming VAE decode + frames copied to the host, the
+number users mean), DiT-only FPS, time to the first decoded frame, mean per-block time, peak GPU memory. Warm-up
+first, then the median of ``--runs`` runs. Prints a table and writes JSON (device name and versions included).
+
+    python benchmarks/bench_inference.py --out bench.json --modes chunk4 frame4 frame2 frame1 long \
+        --variants fast reference_like
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import attention as attn  # noqa: E402
+from model.loader import build_wan_model  # noqa: E402
+from model.scheduler import FlowMatchScheduler  # noqa: E402
+from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
+from pipeline.causal import StepSchedule  # noqa: E402
+from pipeline.streaming import StreamingPipeline  # noqa: E402
+
+MODES = {  # frames per block, nominal steps, first-block steps, latent frames, window, sink
+    "chunk4": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=21),
+    "frame4": dict(n=1, steps=[1000, 750, 500, 250], first=None, frames=21),
+    "frame2": dict(n=1, steps=[1000, 500], first=[1000, 750, 500, 250], frames=21),
+    "frame1": dict(n=1, steps=[1000], first=[1000, 750, 500, 250], frames=21),
+    "long": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=240, window=21, sink=3),
+}
+VARIANTS = {  # the levers; "fast" is the default path of inference.py
+    "fast": dict(fuse=True, backend="cudnn", channels_last=True, frames_per_call=4),
+    "no_fuse": dict(fuse=False, backend="cudnn", channels_last=True, frames_per_call=4),
+    "flash_sdpa": dict(fuse=True, backend="flash", channels_last=True, frames_per_call=4),
+    "reference_like": dict(fuse=False, backend="flash", channels_last=False, frames_per_call=1),
+}
+
+
+def set_sdpa(backend: str) -> None:
+    """Pin the SDPA kernel order: cuDNN first (our default) or PyTorch's flash kernel first (the reference's)."""
+    from torch.nn.attention import SDPBackend
+
+    first = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION
+    attn.set_sdpa_priority([first, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: str,
+          latent_shape: tuple[int, int, int], dtype) -> StreamingPipeline:
+    key = mode["n"]
+    if key not in models:  # one generator per block size, reused across modes
+        models[key] = build_wan_model(preset, causal=True, num_frame_per_block=key, dtype=dtype,
+                                      device=device).eval()
+    sch = FlowMatchScheduler(shift=5.0)
+    schedule = StepSchedule.from_config(sch, mode["steps"], mode["first"])
+    return StreamingPipeline(models[key], None, vae, sch, schedule, latent_shape=latent_shape,
+                             local_attn_size=mode.get("window", -1), sink_size=mode.get("sink", 0),
+                             default_num_frames=21, device=device, dtype=dtype,
+                             fuse_context=variant["fuse"], vae_frames_per_call=variant["frames_per_call"])
+
+
+def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bool) -> dict:
+    sync()
+    start = time.perf_counter()
+    first, block_times, pixel_frames, last = None, [], 0, start
+    for chunk in pipe.open("benchmark", frames, seed=0, decode=decode, context=ctx):
+        if decode:
+            host = chunk.frames.to("cpu")  # streaming means frames leave the GPU block by block
+            pixel_frames += host.shape[1]
+        else:
+            sync()
+            pixel_frames += 4 * chunk.latents.shape[1] - (3 if chunk.block_index == 0 else 0)
+        now = time.perf_counter()
+        first = first or now - start
+        block_times.append(now - last)
+        last = now
+    total = time.perf_counter() - start
+    return dict(seconds=total, fps=pixel_frames / total, first_frame_s=first, pixel_frames=pixel_frames,
+                mean_block_s=statistics.mean(block_times), steady_block_s=statistics.median(block_times[1:] or
+                                                                                            block_times))
+
+
+def measure(pipe, ctx, frames: int, runs: int, decode: bool) -> dict:
+    run_once(pipe, ctx, frames if frames <= 21 else 21, decode)  # warm-up (kernels, cuDNN plans, allocator)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    results = [run_once(pipe, ctx, frames, decode) for _ in range(runs)]
+    med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    med["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return med
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", nargs="+", default=["chunk4", "frame4", "frame2", "frame1", "long"], choices=MODES)
+    p.add_argument("--variants", nargs="+", default=["fast"], choices=VARIANTS)
+    p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--long_runs", type=int, default=1, help="timed runs of the long video")
+    p.add_argument("--out", default="bench_inference.json", help="JSON output path")
+    p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
+    args = p.parse_args(argv)
+    if args.tiny:
+        from model.tiny import TINY_DIT, TINY_VAE
+        device, dtype, preset, latent_shape = torch.device("cpu"), torch.float32, "tiny", (16, 4, 6)
+        vae = WanVAE.from_config(**TINY_VAE)
+        ctx = torch.randn(1, TINY_DIT.text_len, TINY_DIT.text_dim)
+    elif not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
+        return 2
+    else:
+        device, dtype, preset, latent_shape = torch.device("cuda"), torch.bfloat16, "wan2.1-t2v-1.3b", (16, 60, 104)
+        torch.backends.cudnn.benchmark = True
+        vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype)
+        ctx = torch.randn(1, 512, 4096, device=device, dtype=dtype)
+    models, rows = {}, []
+    for variant_name in args.variants:
+        variant = VARIANTS[variant_name]
+        set_sdpa(variant["backend"])
+        vae.set_channels_last(variant["channels_last"])
+        for mode_name in args.modes:
+            mode = MODES[mode_name]
+            pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)
+            runs = args.long_runs if mode_name == "long" else args.runs
+            e2e = measure(pipe, ctx, mode["frames"], runs, decode=True)
+            dit = measure(pipe, ctx, mode["frames"], runs, decode=False)
+            row = dict(mode=mode_name, variant=variant_name, fps=e2e["fps"], dit_fps=dit["fps"],
+                       first_frame_s=e2e["first_frame_s"], seconds=e2e["seconds"], dit_seconds=dit["seconds"],
+                       mean_block_s=e2e["mean_block_s"], steady_block_s=e2e["steady_block_s"],
+                       peak_gib=max(e2e["peak_gib"], dit["peak_gib"]), pixel_frames=e2e["pixel_frames"])
+            rows.append(row)
+            print(f"{mode_name:7s} {variant_name:15s} e2e {row['fps']:6.1f} FPS | DiT {row['dit_fps']:6.1f} FPS | "
+                  f"first frame {row['first_frame_s']:.3f} s | block {row['mean_block_s'] * 1e3:6.1f} ms | "
+                  f"peak {row['peak_gib']:.1f} GiB", flush=True)
+    info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
+    Path(args.out).write_text(json.dumps(dict(info=info, rows=rows), indent=2))
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
