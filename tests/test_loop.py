@@ -1,0 +1,205 @@
+"""The shared training loop on one process (a one-rank gloo group; FSDP2 still shards, over one rank).
+
+Multi-rank behaviour (shard-local EMA, resume equality, 2 -> 1 ranks) is in tests/test_distributed_resume.py.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+import train
+from model.config import get_preset
+from model.loader import read_state_dict
+from model.wan import WanModel
+from tests._dist_worker import ToyNet, ToyObjective, toy_config
+from trainer.loop import Trainer
+from trainer.objective import Networks
+from utils import checkpoint as ckpt
+from utils.checkpoint import latest_checkpoint, list_checkpoints, release_path
+from utils.distributed import close_distributed, shard_frozen
+from utils.ema import canonical_name
+from utils.metrics import NonFiniteLossError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_group():
+    yield
+    close_distributed()  # tests that drive setup() directly leave the group up
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _first_step_grads(cfg) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients reaching AdamW at step 0 and the parameters after it."""
+    obj = ToyObjective(cfg, noise=False)
+    trainer = Trainer(cfg, obj)
+    trainer.setup()
+    optimizer = trainer.optimizers["generator"]
+    grads = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.extend(
+        _full(p.grad) for p in opt.param_groups[0]["params"]))
+    trainer.train_step(0)
+    return grads, [_full(p) for p in optimizer.param_groups[0]["params"]]
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    """4 micro-batches of 2 == one batch of 8 (same samples: the toy draws them one by one). Tolerance 1e-6: only the
+    fp32 summation order differs."""
+    accumulated = toy_config("", no_save=True, batch_size=2, total_batch_size=8, max_grad_norm_generator=1e3)
+    grads_acc, params_acc = _first_step_grads(accumulated)
+    close_distributed()
+    grads_big, params_big = _first_step_grads(toy_config("", no_save=True, batch_size=8, max_grad_norm_generator=1e3))
+    assert len(grads_acc) == len(grads_big) == 8
+    for a, b in zip(grads_acc, grads_big):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(params_acc, params_big):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["full", "hybrid_full", "hybrid_zero2", "no_shard"])
+def test_every_sharding_strategy_trains(tmp_path, strategy):
+    obj = ToyObjective(toy_config(str(tmp_path), no_save=True, max_steps=2, sharding_strategy=strategy))
+    assert Trainer(obj.cfg, obj).train() == 2
+    assert len(obj.losses) == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in obj.losses)
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    real_commit = ckpt._commit
+
+    def commit_then_crash(tmp, final):
+        if final.name == "step_000004":
+            raise OSError("injected crash between writing step_000004.tmp and renaming it")
+        real_commit(tmp, final)
+
+    monkeypatch.setattr(ckpt, "_commit", commit_then_crash)
+    obj = ToyObjective(toy_config(str(tmp_path), max_steps=4))
+    with pytest.raises(OSError, match="injected crash"):
+        Trainer(obj.cfg, obj).train()
+    assert latest_checkpoint(tmp_path).name == "step_000002"
+    assert (tmp_path / "checkpoints" / "step_000004.tmp" / ".metadata").is_file()  # written, never published
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 4
+
+    monkeypatch.setattr(ckpt, "_commit", real_commit)
+    resumed = ToyObjective(toy_config(str(tmp_path), max_steps=4))
+    assert Trainer(resumed.cfg, resumed).train() == 4
+    assert [step for step, _ in resumed.losses] == [2, 3]  # resumed from step 2
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # the stale folder was cleaned up
+
+
+class TinyWanObjective(ToyObjective):
+    """A tiny causal Wan generator regressed onto a constant through its teacher-forcing path (a method FSDP2 must
+    hook besides ``forward``); bf16 inputs under mixed precision, fp32 timesteps."""
+
+    def build_networks(self, device):
+        torch.manual_seed(0)
+        return Networks(trainable={"generator": WanModel(get_preset("tiny"), causal=True).to(device)})
+
+    def data(self, rank, world_size, seed):
+        gen = torch.Generator().manual_seed(seed + rank)
+        self._data = iter(lambda: (torch.randn(1, 2, 16, 4, 4, generator=gen), torch.randn(1, 5, 32, generator=gen)),
+                          None)
+        return self._data
+
+    def data_state(self):
+        return {}
+
+    def load_data_state(self, state):
+        pass
+
+    def loss(self, phase, batch, step):
+        dtype = torch.bfloat16 if self.cfg.mixed_precision else torch.float32
+        x, context = (t.to(dtype) for t in batch)
+        model = self.networks.trainable[phase]
+        out = model.forward_teacher_forcing(x, torch.full((1, 2), 937.5), context, clean_x=x)
+        return F.mse_loss(out.float(), torch.full(out.shape, 0.1)), {}
+
+
+def test_release_export_has_model_prefixed_wan_keys_and_loads(tmp_path):
+    obj = TinyWanObjective(toy_config(str(tmp_path), max_steps=1, log_iters=1, ema_start_step=0))
+    trainer = Trainer(obj.cfg, obj)
+    trainer.train()
+    path = release_path(tmp_path, 1)
+    assert path == tmp_path / "checkpoint_model_000001" / "model.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    reference = WanModel(get_preset("tiny"), causal=True)
+    expected = {f"model.{k}" for k in reference.state_dict()}
+    assert set(payload) == {"generator", "generator_ema"}
+    assert set(payload["generator"]) == expected and set(payload["generator_ema"]) == expected
+    live = {canonical_name(n): _full(p) for n, p in trainer.networks.trainable["generator"].named_parameters()}
+    for key, value in read_state_dict(path).items():  # model/loader.py reads it back as original Wan keys
+        torch.testing.assert_close(value, live[key], rtol=0, atol=0)
+    reference.load_state_dict({k[len("model."):]: v for k, v in payload["generator_ema"].items()}, strict=True)
+
+
+def test_non_finite_loss_raises_naming_the_step(tmp_path):
+    obj = ToyObjective(toy_config(str(tmp_path), max_steps=6, log_every=3, log_iters=2), nan_at=1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(generator_loss=nan"):
+        Trainer(obj.cfg, obj).train()
+    assert latest_checkpoint(tmp_path) is None  # checked before the step-2 save: a diverged model is never saved
+
+
+def test_train_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--config_path", "--logdir", "--no_save", "--no_visualize", "--disable-wandb", "--wandb-save-dir",
+                 "--override"):
+        assert flag in text
+
+
+def test_bad_config_is_one_line_and_exit_code_2(tmp_path, repo_root, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: diffusion\nlearning_rate: 1.0e-5\n")
+    run = subprocess.run([sys.executable, "train.py", "--config_path", str(bad), "--logdir", str(tmp_path)],
+                         cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1
+    assert "unknown key 'learning_rate'" in run.stderr and "did you mean 'lr'" in run.stderr
+
+    good = tmp_path / "good.yaml"
+    good.write_text("trainer: diffusion\n")
+    assert train.main(["--config_path", str(good), "--override", "max_step=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown key 'max_step'" in err
+
+
+def test_bf16_mixed_precision_with_activation_checkpointing(tmp_path):
+    """bf16 compute on fp32 master weights, blocks recomputed in backward (the wrappers sit outside FSDP2's hooks)."""
+    obj = TinyWanObjective(toy_config(str(tmp_path), no_save=True, max_steps=1, mixed_precision=True,
+                                      gradient_checkpointing=True))
+    trainer = Trainer(obj.cfg, obj)
+    trainer.train()
+    model = trainer.networks.trainable["generator"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not model.gradient_checkpointing  # the model's own flag stays off: no second recomputation
+
+
+def test_ema_copy_to_a_frozen_twin_and_swap_into(tmp_path):
+    """copy_to fills an identically sharded frozen network (the CD target); swap_into restores the live weights."""
+    obj = ToyObjective(toy_config(str(tmp_path), no_save=True, max_steps=3, ema_start_step=0))
+    trainer = Trainer(obj.cfg, obj)
+    trainer.setup()
+    for step in range(3):
+        trainer.train_step(step)
+    ema, model = trainer.emas["generator"], trainer.networks.trainable["generator"]
+    expected = ema.full_state_dict()
+    live = {canonical_name(n): _full(p) for n, p in model.named_parameters()}
+    assert any(not torch.equal(live[n], expected[n]) for n in live)
+
+    twin = shard_frozen(ToyNet(), "full")
+    ema.copy_to(twin)
+    for name, p in twin.named_parameters():
+        torch.testing.assert_close(_full(p), expected[name], rtol=0, atol=0)
+    with ema.swap_into():
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(_full(p), expected[canonical_name(name)], rtol=0, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(_full(p), live[canonical_name(name)], rtol=0, atol=0)

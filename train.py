@@ -1,0 +1,58 @@
+"""Train one stage of Causal Forcing.
+
+    torchrun --nproc_per_node=8 train.py --config_path configs/causal_forcing_dmd_chunkwise.yaml \
+        --logdir logs/causal_forcing_dmd_chunkwise [--override max_steps=200 lr=1e-6]
+
+A run resumes from the newest checkpoint under ``--logdir`` when there is one (docs/training_loop.md).
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from typing import List, Optional
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train one Causal Forcing stage (the YAML's `trainer` picks it).")
+    parser.add_argument("--config_path", required=True,
+                        help="stage YAML, e.g. configs/ar_diffusion_tf_framewise.yaml")
+    parser.add_argument("--logdir", default="",
+                        help="output folder: checkpoints/, checkpoint_model_<step>/model.pt, metrics.jsonl; "
+                             "a run resumes from the newest checkpoint found here")
+    parser.add_argument("--no_save", action="store_true", help="write no checkpoints")
+    parser.add_argument("--no_visualize", action="store_true", help="do not build the VAE for visualisation")
+    parser.add_argument("--disable-wandb", dest="disable_wandb", action="store_true",
+                        help="turn Weights & Biases off whatever the config's wandb_mode says")
+    parser.add_argument("--wandb-save-dir", dest="wandb_save_dir", default="",
+                        help="folder for W&B files (default: the logdir)")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config values applied after the YAML, e.g. --override max_steps=500 lr=1e-6")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported after parsing so that --help answers without loading torch.
+    from trainer.loop import Trainer
+    from trainer.registry import build_objective
+    from utils.config import load_config
+    from utils.errors import UserError
+
+    try:
+        cfg = load_config(args.config_path, args.override)
+        cfg = dataclasses.replace(cfg, logdir=args.logdir, no_save=args.no_save, no_visualize=args.no_visualize,
+                                  disable_wandb=args.disable_wandb, wandb_save_dir=args.wandb_save_dir)
+        Trainer(cfg, build_objective(cfg)).train()
+    except UserError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The one training loop of every stage. It knows no loss: an :class:`~trainer.objective.Objective` names the networks,
+the optimizer phases and how a micro-batch becomes a loss; this file does everything else.
+
+Order (torchtitan's): init distributed -> seed -> build networks -> activation checkpointing -> compile -> FSDP2 per
+block then root -> AdamW per phase -> resume from the latest checkpoint -> steps until ``max_steps`` (0 = forever),
+each phase with gradient accumulation, clipping, an optimizer step and the shard-local EMA -> metrics every
+``log_every`` steps -> a resume checkpoint plus the release export every ``log_iters`` steps and at the end.
+
+Step numbering: the objective sees the 0-based ``step`` (steps done before this one, as the reference's ``self.step``);
+logs and checkpoint names use the number of steps completed (``step_000002`` = resume before the third step).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import time
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from trainer.objective import Networks, Objective, Phase
+from utils.checkpoint import (
+    TrainState,
+    full_model_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    release_path,
+    save_checkpoint,
+)
+from utils.config import Config, config_to_yaml, grad_accum_steps
+from utils.distributed import (
+    World,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    build_mesh,
+    close_distributed,
+    init_distributed,
+    set_gradient_sync,
+    shard_frozen,
+    transformer_blocks,
+)
+from utils.ema import ShardLocalEMA
+from utils.errors import ConfigError
+from utils.metrics import MetricAccumulator, MetricsLogger, build_metrics_logger
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Runs an objective. ``Trainer(cfg, objective).train()``; tests drive :meth:`setup` / :meth:`train_step`.
+
+    Args:
+        cfg: the resolved run config (``cfg.logdir`` holds checkpoints and ``metrics.jsonl``).
+        objective: the stage (see trainer/registry.py).
+        keep_checkpoints: resume checkpoints kept (newest first); release exports are all kept, as the reference did.
+    """
+
+    def __init__(self, cfg: Config, objective: Objective, keep_checkpoints: int = 3):
+        if not cfg.logdir and not cfg.no_save:
+            raise ConfigError("logdir is empty: pass --logdir (or --no_save to write nothing)")
+        self.cfg = cfg
+        self.objective = objective
+        self.keep_checkpoints = keep_checkpoints
+        self.phases: dict[str, Phase] = {p.name: p for p in objective.phases()}
+        self.emas: dict[str, ShardLocalEMA] = {}
+        self.world: Optional[World] = None
+        self.networks: Optional[Networks] = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.data: Optional[Iterator[Any]] = None
+        self.metrics: Optional[MetricsLogger] = None
+        self._acc: Optional[MetricAccumulator] = None
+        self._accum = 1
+        self._last_log = (0.0, 0)  # (time, step) of the last metrics line
+        self._owns_process_group = False
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> int:
+        """Train until ``cfg.max_steps`` (forever when 0); returns the number of steps completed."""
+        bar = None
+        try:
+            step = self.setup()
+            cfg, w = self.cfg, self.world
+            self.metrics = build_metrics_logger(cfg, w.is_main)
+            self._last_log = (time.perf_counter(), step)
+            bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not w.is_main, dynamic_ncols=True,
+                       unit="step")
+            with logging_redirect_tqdm():
+                while cfg.max_steps == 0 or step < cfg.max_steps:
+                    self.train_step(step)
+                    step += 1
+                    bar.update(1)
+                    if step % cfg.log_every == 0:
+                        self._log(step, bar)
+                    if step % cfg.log_iters == 0 and not cfg.no_save:
+                        self.save(step)
+                    if cfg.gc_interval and step % cfg.gc_interval == 0:
+                        gc.collect()
+                if self._acc.pending:
+                    self._log(step, bar)
+                if not cfg.no_save:
+                    self.save(step)
+            return step
+        finally:
+            self._close(bar)
+
+    def setup(self) -> int:
+        """Everything before the first step; returns the step to start from (0, or the resumed checkpoint's)."""
+        self._owns_process_group = not dist.is_initialized()
+        self.world = w = init_distributed()
+        if w.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._seed(self.cfg.seed)  # same on every rank, so randomly initialised weights agree before sharding
+        self.networks = self._build_networks()
+        self.optimizers = {name: self._build_optimizer(phase) for name, phase in self.phases.items()}
+        self.data = self.objective.data(w.rank, w.world_size, self.cfg.seed)
+        self._seed(self.cfg.seed + w.rank)  # per-rank noise from here on (training.md §8.6)
+        self._accum = grad_accum_steps(self.cfg, w.world_size)
+        self._acc = MetricAccumulator(w.device)
+        return self._resume()
+
+    def train_step(self, step: int) -> None:
+        """One optimizer step of every phase due at ``step`` (0-based), on the same ``accum`` micro-batches."""
+        batches = [next(self.data) for _ in range(self._accum)]
+        for name in self.objective.phases_at(step):
+            self._train_phase(self.phases[name], batches, step)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # setup
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+
+    def _build_networks(self) -> Networks:
+        """Build the objective's networks on this rank's device, then checkpointing, compile and FSDP2."""
+        cfg, w = self.cfg, self.world
+        nets = self.objective.build_networks(w.device)
+        missing = sorted(set(self.phases) - set(nets.trainable))
+        if missing:
+            raise ValueError(f"objective has phases {missing} without a trainable network of that name")
+        mesh = build_mesh(cfg.sharding_strategy, w)
+        for model in nets.trainable.values():
+            if cfg.gradient_checkpointing:  # wrapped from outside, not the model's own flag: see the function's doc
+                apply_activation_checkpointing(model)
+            if cfg.compile:
+                for block in transformer_blocks(model):
+                    block.compile()  # in place: parameter names stay canonical (no ``_orig_mod.``)
+            apply_fsdp(model, cfg.sharding_strategy, cfg.mixed_precision, mesh)
+            model.train()
+        offload = {"text_encoder": cfg.text_encoder_cpu_offload, "real_score": cfg.real_score_cpu_offload}
+        for name, model in nets.frozen.items():
+            shard_frozen(model, cfg.sharding_strategy, cfg.mixed_precision, mesh,
+                         cpu_offload=offload.get(name, False) and w.device.type == "cuda")
+        self.objective.attach(nets)
+        return nets
+
+    def _build_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
+        params = [p for p in self.networks.trainable[phase.name].parameters() if p.requires_grad]
+        weight_decay = self.cfg.weight_decay if phase.weight_decay is None else phase.weight_decay
+        # One multi-tensor kernel per step on GPU instead of a loop over parameters.
+        impl = {"fused": True} if self.world.device.type == "cuda" else {}
+        return torch.optim.AdamW(params, lr=phase.lr, betas=tuple(phase.betas), weight_decay=weight_decay, **impl)
+
+    def _state(self) -> TrainState:
+        return TrainState(models=dict(self.networks.trainable), optimizers=self.optimizers, emas=self.emas)
+
+    def _resume(self) -> int:
+        path = latest_checkpoint(self.cfg.logdir) if self.cfg.logdir else None
+        if path is None:
+            logger.info("no checkpoint under %s/checkpoints: starting at step 0", self.cfg.logdir or "(no logdir)")
+            return 0
+        for name in read_meta(path)["emas"]:  # EMAs exist from ema_start_step on; recreate before loading into them
+            self.emas[name] = ShardLocalEMA(self.networks.trainable[name], self.cfg.ema_weight)
+        resumed = load_checkpoint(path, self._state())
+        for name, optimizer in self.optimizers.items():  # the config wins over the saved hyper-parameters
+            phase = self.phases[name]
+            for group in optimizer.param_groups:
+                group.update(lr=phase.lr, betas=tuple(phase.betas))
+        if resumed.data_state is not None:
+            self.objective.load_data_state(resumed.data_state)
+        for name, ema in self.emas.items():
+            self.objective.ema_updated(name, ema, resumed.step)
+        logger.info("resumed from %s at step %d (networks, optimizers, EMA %s, RNG, data position)", path,
+                    resumed.step, sorted(self.emas) or "none")
+        return resumed.step
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # one phase
+
+    def _train_phase(self, phase: Phase, batches: list, step: int) -> None:
+        """Accumulate gradients over ``batches``, clip, step AdamW, update the EMA."""
+        model = self.networks.trainable[phase.name]
+        optimizer = self.optimizers[phase.name]
+        optimizer.zero_grad(set_to_none=True)
+        n = len(batches)
+        for i, batch in enumerate(batches):
+            set_gradient_sync(model, i == n - 1)  # reduce gradients once, after the last micro-batch
+            loss, metrics = self.objective.loss(phase.name, batch, step)
+            (loss / n).backward()
+            self._acc.add(f"{phase.name}_loss", loss, step + 1, must_be_finite=True)
+            for key, value in metrics.items():
+                self._acc.add(key, value, step + 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], phase.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # DTensor on sharded parameters
+            grad_norm = grad_norm.full_tensor()
+        self._acc.add(f"{phase.name}_grad_norm", grad_norm, step + 1)
+        optimizer.step()
+        if phase.ema and self.cfg.ema_weight > 0 and step >= self.cfg.ema_start_step:
+            ema = self.emas.get(phase.name)
+            if ema is None:  # created from the current weights at ema_start_step, as the reference does
+                ema = self.emas[phase.name] = ShardLocalEMA(model, self.cfg.ema_weight)
+                logger.info("EMA of %s started at step %d (decay %g)", phase.name, step, self.cfg.ema_weight)
+            else:
+                ema.update()
+            self.objective.ema_updated(phase.name, ema, step)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # logging and saving
+
+    def _log(self, step: int, bar: tqdm) -> None:
+        """Reduce the accumulated metrics (the one host sync of a log step) and write them."""
+        metrics = self._acc.reduce()
+        now = time.perf_counter()
+        (then, last_step) = self._last_log
+        steps = max(step - last_step, 1)
+        self._last_log = (now, step)
+        samples = self.cfg.batch_size * self.world.world_size * self._accum * steps
+        metrics["step_time"] = (now - then) / steps
+        metrics["samples_per_s"] = samples / max(now - then, 1e-9)
+        for name, optimizer in self.optimizers.items():
+            metrics[f"{name}_lr"] = optimizer.param_groups[0]["lr"]
+        self.metrics.log(metrics, step)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")}, refresh=False)
+
+    def save(self, step: int) -> None:
+        """Resume checkpoint + release export of ``step`` (collective). Never saves a diverged model."""
+        self._acc.check_finite()
+        save_checkpoint(self.cfg.logdir, step, self._state(), self.objective.data_state(),
+                        config_to_yaml(self.cfg), keep=self.keep_checkpoints)
+        self._export_release(step)
+
+    def _close(self, bar: Optional[tqdm]) -> None:
+        if bar is not None:
+            bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self._owns_process_group:
+            close_distributed()
+
+    def _export_release(self, step: int) -> None:
+        """``checkpoint_model_<N>/model.pt`` with ``generator`` (and ``generator_ema``) under ``model.<Wan key>``."""
+        if "generator" not in self.networks.trainable:
+            return
+        path = release_path(self.cfg.logdir, step)
+        if path.is_file():
+            return
+        from model.loader import save_release_checkpoint  # lazy: the loop itself needs no model code
+
+        generator = full_model_state_dict(self.networks.trainable["generator"])
+        ema = self.emas["generator"].full_state_dict() if "generator" in self.emas else None
+        if self.world.is_main:
+            save_release_checkpoint(path, generator, ema)

@@ -1,0 +1,81 @@
+"""The interface between the shared training loop (trainer/loop.py) and one stage's objective.
+
+The loop knows no loss. An objective says which networks exist and which of them train, which optimizer phases run
+at a step, and how a batch becomes a loss for a phase. Everything else -- FSDP2, mixed precision, gradient
+accumulation, clipping, EMA, checkpoints, resume, logging -- belongs to the loop.
+
+Adding a stage = one file with an :class:`Objective` subclass, one entry in :data:`OBJECTIVES`, one config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Phase:
+    """One optimizer of an objective: the network it updates and its AdamW settings."""
+
+    name: str                       # "generator" or "critic"
+    lr: float
+    betas: tuple[float, float]
+    max_grad_norm: float
+    ema: bool = False               # keep an EMA of this network (generator only in every shipped stage)
+    weight_decay: Optional[float] = None  # AdamW weight decay; None = config ``weight_decay``
+
+
+@dataclass
+class Networks:
+    """Every network of an objective, by role. ``trainable`` names match the phases' names."""
+
+    trainable: dict[str, nn.Module]
+    frozen: dict[str, nn.Module] = field(default_factory=dict)   # teacher / real score / text encoder ...
+
+
+class Objective:
+    """Base class of a stage objective. Subclasses implement the methods below."""
+
+    def build_networks(self, device: torch.device) -> Networks:
+        """Build (and load initial weights of) every network, unsharded, on ``device`` or ``meta``."""
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        """All optimizer phases of this objective."""
+        raise NotImplementedError
+
+    def phases_at(self, step: int) -> list[str]:
+        """Names of the phases that update at ``step``, in order (DMD: generator every k steps, critic always)."""
+        return [p.name for p in self.phases()]
+
+    def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
+        """An infinite iterator of per-rank micro-batches; must expose ``state_dict``/``load_state_dict`` through
+        :meth:`data_state` so a resumed run continues at the same sample. The loop calls it once, after
+        :meth:`attach` and before :meth:`load_data_state`."""
+        raise NotImplementedError
+
+    def data_state(self) -> dict:
+        """This rank's data position. Saved per rank with ``torch.save`` and read back with ``weights_only=True``:
+        keep to tensors, numbers, strings, lists, tuples and dicts."""
+        return {}
+
+    def load_data_state(self, state: dict) -> None:
+        """Restore :meth:`data_state` on resume (not called when the world size changed)."""
+
+    def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch for ``phase`` and metrics (tensors; the loop calls ``.item()`` only on log
+        steps). ``step`` is 0-based (the number of optimizer steps done before this one), as in the reference.
+        Every phase of a step sees the same micro-batches (the reference's DMD used one batch for both updates);
+        moving the batch to the device is the objective's job."""
+        raise NotImplementedError
+
+    def ema_updated(self, phase: str, ema: Any, step: int) -> None:
+        """Called after the EMA of ``phase`` was created or updated at ``step`` (a :class:`utils.ema.ShardLocalEMA`).
+        Consistency distillation copies it into its target network here (``ema.copy_to(target)``)."""
+
+    def attach(self, networks: Networks) -> None:
+        """Receive the (possibly sharded) networks the loop will train; called once before the first step."""
+        self.networks = networks

@@ -1,0 +1,29 @@
+"""Stage objectives by ``cfg.trainer`` name. Imports are lazy, so a stage's dependencies load only when it runs.
+
+Adding a stage: write ``trainer/<stage>.py`` with an :class:`~trainer.objective.Objective` subclass constructed as
+``Cls(cfg)``, add a line to :data:`OBJECTIVES`, and add the name to ``utils.config.TRAINERS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from trainer.objective import Objective
+from utils.config import Config
+from utils.errors import ConfigError
+
+# cfg.trainer -> (module, class). The names are the reference YAMLs' ``trainer`` values.
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "diffusion": ("trainer.diffusion", "DiffusionObjective"),
+    "ode": ("trainer.ode", "ODEObjective"),
+    "consistency_distillation": ("trainer.consistency", "ConsistencyObjective"),
+    "score_distillation": ("trainer.dmd", "DMDObjective"),
+}
+
+
+def build_objective(cfg: Config) -> Objective:
+    """The objective named by ``cfg.trainer``, constructed from the config."""
+    if cfg.trainer not in OBJECTIVES:
+        raise ConfigError(f"trainer must be one of {', '.join(OBJECTIVES)}, got {cfg.trainer!r}")
+    module, name = OBJECTIVES[cfg.trainer]
+    return getattr(importlib.import_module(module), name)(cfg)

@@ -1,0 +1,242 @@
+"""Resumable training checkpoints (torch.distributed.checkpoint) and the helpers of the release export.
+
+Layout of one resume checkpoint (``<logdir>/checkpoints/step_<N:06d>/``, N = optimizer steps completed)::
+
+    .metadata, __0_0.distcp, ...   DCP: model/<net>, optim/<net>, ema/<net>   (sharded; any world size can load them)
+    rank_00000.pt, ...             per rank: RNG states (python, numpy, torch CPU, CUDA) and the data position
+    meta.json                      step, world size, names of the networks / optimizers / EMAs, format version
+    config.yaml                    the resolved config of the run that wrote it
+
+Everything is written into ``step_<N>.tmp/`` and renamed by rank 0 after a barrier, so a crash mid-save leaves the
+previous checkpoint as the latest; :func:`latest_checkpoint` ignores ``.tmp`` folders and the next save removes them.
+Per-rank files hold only tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
+Keys are canonical: ``get_model_state_dict`` strips FSDP / activation-checkpointing / compile wrappers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from utils.distributed import barrier, world
+from utils.ema import ShardLocalEMA, canonical_name
+from utils.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_path(logdir: str | os.PathLike, step: int) -> Path:
+    return Path(logdir) / CHECKPOINTS / f"step_{step:06d}"
+
+
+def release_path(logdir: str | os.PathLike, step: int) -> Path:
+    """``<logdir>/checkpoint_model_<N:06d>/model.pt``: the reference's layout that README users copy."""
+    return Path(logdir) / f"checkpoint_model_{step:06d}" / "model.pt"
+
+
+def list_checkpoints(logdir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``logdir`` as ``(step, path)``, oldest first (``.tmp`` folders are not listed)."""
+    root = Path(logdir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and (entry / "meta.json").is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(logdir: str | os.PathLike) -> Optional[Path]:
+    found = list_checkpoints(logdir)
+    return found[-1][1] if found else None
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG states (per rank)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save / load
+
+
+@dataclass
+class TrainState:
+    """What a resume checkpoint holds, by network name (the objective's phase names)."""
+
+    models: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    emas: dict[str, ShardLocalEMA]
+
+
+def _dcp_state(state: TrainState) -> dict[str, Any]:
+    """The DCP state dict: sharded model / optimizer states (canonical keys) and EMA shadows."""
+    out: dict[str, Any] = {}
+    for name, model in state.models.items():
+        out[f"model/{name}"] = get_model_state_dict(model)
+    for name, optimizer in state.optimizers.items():
+        out[f"optim/{name}"] = get_optimizer_state_dict(state.models[name], optimizer)
+    for name, ema in state.emas.items():
+        out[f"ema/{name}"] = ema.state_dict()
+    return out
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (a CPU all-reduce; works on gloo and cpu:gloo,cuda:nccl)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """The one step that publishes a checkpoint: an atomic rename (same filesystem)."""
+    os.replace(tmp, final)
+
+
+def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, data_state: dict, config_yaml: str,
+                    keep: int = 3) -> Path:
+    """Write the resume checkpoint of ``step`` (collective: every rank calls it) and keep the newest ``keep``.
+
+    Returns the checkpoint folder. A folder for ``step`` that already exists is left as is (e.g. the final save of a
+    resumed run that had nothing left to do).
+    """
+    w = world()
+    final = checkpoint_path(logdir, step)
+    if final.is_dir():
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    if w.is_main:
+        for stale in final.parent.glob("step_*.tmp"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(_dcp_state(state), checkpoint_id=str(tmp))
+    torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank_{w.rank:05d}.pt")
+    if w.is_main:
+        meta = {"format": FORMAT_VERSION, "step": step, "world_size": w.world_size,
+                "models": sorted(state.models), "optimizers": sorted(state.optimizers), "emas": sorted(state.emas)}
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    barrier()
+    error: Optional[BaseException] = None
+    if w.is_main:
+        try:
+            _commit(tmp, final)
+            _prune(logdir, keep)
+        except Exception as err:  # every rank must learn of it, or the others would wait at the next collective
+            error = err
+    if not _all_ok(error is None):
+        if error is not None:
+            raise error
+        raise CheckpointError(f"saving {final} failed on rank 0; the previous checkpoint stays the latest")
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _prune(logdir: str | os.PathLike, keep: int) -> None:
+    for _, path in list_checkpoints(logdir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Resumed:
+    """What :func:`load_checkpoint` restored besides the networks: the step, and this rank's data position (None when
+    the world size changed, so per-rank RNG and data streams restart from the seed)."""
+
+    step: int
+    data_state: Optional[dict]
+
+
+def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
+    """Load a resume checkpoint into ``state`` in place (collective). The EMAs listed in its meta.json must exist in
+    ``state.emas`` already (the loop creates them first, see :func:`read_meta`)."""
+    path = Path(path)
+    meta = read_meta(path)
+    for kind, have in (("models", state.models), ("optimizers", state.optimizers), ("emas", state.emas)):
+        if sorted(have) != meta[kind]:
+            raise CheckpointError(f"{path} holds {kind} {meta[kind]} but this run has {sorted(have)}: "
+                                  f"is the logdir from another stage? use a new --logdir")
+    target = _dcp_state(state)
+    dcp.load(target, checkpoint_id=str(path))
+    for name, model in state.models.items():
+        set_model_state_dict(model, target[f"model/{name}"])
+    for name, optimizer in state.optimizers.items():
+        set_optimizer_state_dict(state.models[name], optimizer, target[f"optim/{name}"])
+    for name, ema in state.emas.items():
+        ema.load_state_dict(target[f"ema/{name}"])
+
+    w = world()
+    if meta["world_size"] != w.world_size:
+        logger.warning("%s was written by %d ranks, this run has %d: weights, optimizer and EMA are resharded; "
+                       "RNG and data order restart from the seed", path, meta["world_size"], w.world_size)
+        return Resumed(meta["step"], None)
+    extra = torch.load(path / f"rank_{w.rank:05d}.pt", map_location="cpu", weights_only=True)
+    set_rng_state(extra["rng"])
+    return Resumed(meta["step"], extra["data"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Release export helpers
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict with canonical keys on rank 0, ``{}`` elsewhere. Collective."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {canonical_name(k): v for k, v in sd.items()}

@@ -1,0 +1,115 @@
+"""Exponential moving average of a (possibly FSDP2-sharded) network, kept shard-local on the network's device.
+
+Each rank keeps an fp32 copy of only its own shard of every trainable parameter: the shadow of a DTensor parameter is
+a DTensor clone with the same mesh and placements, so DCP saves it sharded and reloads it on any world size. An update
+is one ``torch._foreach_lerp_`` over local shards: no all-gather, no CPU round trip, no host sync (the reference copied
+every parameter to the CPU each step, training.md §8.4 and style.md fault 8). Gathering happens only for the release
+export (:meth:`ShardLocalEMA.full_state_dict`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+# Segments that wrappers (activation checkpointing, torch.compile, FSDP1, DDP) insert into parameter names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """Parameter name without wrapper segments, so checkpoints never depend on how a network was wrapped."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing storage), or the tensor itself."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(canonical_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+class ShardLocalEMA:
+    """``shadow <- decay * shadow + (1 - decay) * param`` on every rank's local shards.
+
+    Args:
+        module: the trained network, already sharded (or plain); its trainable parameters are tracked. Create the EMA
+            after ``fully_shard`` so the captured parameter objects are the sharded ones the optimizer updates.
+        decay: EMA decay in [0, 1) (config ``ema_weight``).
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        named = _trainable(module)
+        self._params = [p for _, p in named]
+        with torch.no_grad():
+            self.shadow: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in named}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step from the tracked parameters' current values (call after ``optimizer.step()``)."""
+        shadows = [_local(s) for s in self.shadow.values()]
+        params = [_local(p.detach()) for p in self._params]
+        params = [p if p.dtype == torch.float32 else p.float() for p in params]
+        torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadow tensors themselves (DTensors when sharded): DCP saves and loads them in place."""
+        return dict(self.shadow)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            missing, unexpected = sorted(set(self.shadow) - set(state)), sorted(set(state) - set(self.shadow))
+            raise KeyError(f"EMA state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, value in state.items():
+            if value is not self.shadow[name]:
+                self.shadow[name].copy_(value)
+
+    @torch.no_grad()
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """Full (unsharded) fp32 CPU tensors by canonical name. Collective: every rank must call it.
+
+        One parameter is gathered at a time, so the peak extra device memory is one full parameter. With
+        ``rank0_only`` other ranks get ``{}``.
+        """
+        is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        out = {}
+        for name, s in self.shadow.items():
+            full = s.full_tensor() if isinstance(s, DTensor) else s
+            if is_main or not rank0_only:
+                out[name] = full.detach().to("cpu", copy=True)
+        return out
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Write the shadow into ``module``'s parameters (same architecture, sharded the same way), e.g. the target
+        network of consistency distillation."""
+        named = {canonical_name(n): p for n, p in module.named_parameters()}
+        missing = sorted(set(self.shadow) - set(named))
+        if missing:
+            raise KeyError(f"copy_to: the module lacks EMA parameters {missing[:5]}")
+        dst = [_local(named[n].detach()) for n in self.shadow]
+        torch._foreach_copy_(dst, [_local(s) for s in self.shadow.values()])
+
+    @contextlib.contextmanager
+    def swap_into(self) -> Iterator[None]:
+        """Temporarily put the EMA weights into the tracked network (e.g. to sample with them); restores on exit."""
+        with torch.no_grad():
+            live = [_local(p.detach()) for p in self._params]
+            backup = [t.clone() for t in live]
+            torch._foreach_copy_(live, [_local(s) for s in self.shadow.values()])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, backup)

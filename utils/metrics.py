@@ -1,0 +1,153 @@
+"""One metrics path: accumulate detached tensors between log steps, reduce them once, write them everywhere.
+
+* :class:`MetricAccumulator` sums detached scalars on the device between log steps and notes the first step whose loss
+  was not finite, with device-side ops only. :meth:`MetricAccumulator.reduce` is the one host sync per log step: one
+  all-reduce across ranks, one ``.tolist()``. A non-finite loss raises :class:`NonFiniteLossError` on all ranks at once.
+* :class:`MetricsLogger` writes a console line (``logging``) and a JSON line to ``<logdir>/metrics.jsonl`` on rank 0,
+  plus Weights & Biases when the config asks for it (imported lazily; the key comes from ``WANDB_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from utils.config import Config, config_to_dict
+
+logger = logging.getLogger(__name__)
+_NONE = 2**62  # "no non-finite step seen" for the MIN all-reduce
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite: training diverged (raised on every rank, naming the step)."""
+
+
+class MetricAccumulator:
+    """Running sums of scalar metrics between log steps, kept on ``device`` (no host sync until :meth:`reduce`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # 1-based step, -1 = none
+        self._bad: dict[str, torch.Tensor] = {}  # per checked name: was it ever non-finite (bool tensor)
+
+    def add(self, name: str, value: torch.Tensor | float, step: int, must_be_finite: bool = False) -> None:
+        """Add one value of ``name`` (mean over the adds is reported). ``step`` is the 1-based optimizer step; with
+        ``must_be_finite`` the first step where the value was NaN/inf is remembered (device-side, no sync)."""
+        value = torch.as_tensor(value, device=self.device).detach().float().mean()
+        self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._counts[name] = self._counts.get(name, 0) + 1
+        if must_be_finite:
+            bad = ~torch.isfinite(value)
+            self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+            self._bad[name] = self._bad[name] | bad if name in self._bad else bad
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._sums)
+
+    def reduce(self) -> dict[str, float]:
+        """Means over the adds since the last call, averaged over ranks; resets. Raises NonFiniteLossError.
+
+        Collective (every rank must call it at the same step) and a host sync."""
+        names = sorted(self._sums)
+        means = [self._sums[n] / self._counts[n] for n in names]
+        first_bad = torch.where(self._first_bad < 0, _NONE, self._first_bad)
+        flags = [self._bad[n].float() if n in self._bad else torch.zeros((), device=self.device) for n in names]
+        packed = torch.stack(means + flags) if names else torch.zeros(0, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(packed)  # SUM: gloo has no AVG
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            packed[: len(names)] /= dist.get_world_size()
+        values = packed.tolist()  # the one host sync of a log step
+        bad_step = int(first_bad.item())
+        self._reset()
+        if bad_step != _NONE:
+            bad = [n for n, flag in zip(names, values[len(names):]) if flag > 0]
+            shown = ", ".join(f"{n}={values[names.index(n)]:.4g}" for n in bad)
+            raise NonFiniteLossError(f"non-finite loss at step {bad_step} ({shown}, averaged since the last log): "
+                                     f"training diverged; lower the learning rate or check the data, then resume "
+                                     f"from the last checkpoint")
+        return dict(zip(names, values[: len(names)]))
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a checked loss was non-finite since the last reduce (collective; a host sync).
+        Called before saving so a diverged model is never checkpointed."""
+        first_bad = self._first_bad.clone()
+        first_bad = torch.where(first_bad < 0, _NONE, first_bad)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        if int(first_bad.item()) != _NONE:
+            self.reduce()  # raises with the names and values
+
+
+def format_metrics(metrics: dict[str, float], step: int) -> str:
+    parts = [f"step {step}"]
+    for name, value in metrics.items():
+        parts.append(f"{name} {value:.4g}" if isinstance(value, float) and math.isfinite(value) else f"{name} {value}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """``log(metrics, step)`` / ``close()``: console + ``metrics.jsonl`` (+ W&B), on the main rank only.
+
+    Args:
+        logdir: folder of ``metrics.jsonl`` (none written when empty).
+        enabled: False on non-main ranks (every call is then a no-op).
+        wandb_init: keyword arguments of ``wandb.init`` when W&B is on, else None.
+    """
+
+    def __init__(self, logdir: str, enabled: bool = True, wandb_init: Optional[dict[str, Any]] = None):
+        self.enabled = enabled
+        self._file = None
+        self._wandb = None
+        if not enabled:
+            return
+        if logdir:
+            Path(logdir).mkdir(parents=True, exist_ok=True)
+            self._file = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if wandb_init is not None:
+            import wandb  # lazy: W&B is optional and slow to import
+
+            self._wandb = wandb.init(**wandb_init)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        logger.info(format_metrics(metrics, step))
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def build_metrics_logger(cfg: Config, is_main: bool) -> MetricsLogger:
+    """The run's logger from the config: W&B only when ``wandb_mode`` is not ``disabled`` and ``--disable-wandb`` is
+    not given; its key comes from the environment (``WANDB_API_KEY``), never from YAML."""
+    use_wandb = cfg.wandb_mode != "disabled" and not cfg.disable_wandb
+    wandb_init = None
+    if use_wandb:
+        wandb_init = dict(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode,
+                          name=cfg.wandb_name or cfg.config_name, dir=cfg.wandb_save_dir or cfg.logdir or None,
+                          config=config_to_dict(cfg))
+    return MetricsLogger(cfg.logdir, enabled=is_main, wandb_init=wandb_init)
