@@ -1,0 +1,274 @@
+"""Stage 1: autoregressive diffusion on clean latents (training.md §3).
+
+One phase, ``generator``. Per micro-batch of clean latents ``x0 [B, F, C, H, W]`` and their prompts:
+
+1. prompt embeddings from the frozen text encoder (one call per batch, no gradients);
+2. noise ``eps ~ N(0, I)`` and timesteps on the training grid: independent per block and constant within a block
+   for the causal generator, one per sample for the bidirectional base model (``causal: false``);
+3. ``x_t = (1 - sigma) x0 + sigma eps`` and the flow target ``eps - x0``;
+4. the generator's flow prediction -- teacher forcing (``[clean ; noisy]`` under the teacher-forcing mask, the
+   shipped configs), diffusion forcing (block-causal mask over the noisy frames only), or bidirectional;
+5. ``L = mean_{b,f} w(t_{b,f}) * mean_{c,h,w} (v_theta - (eps - x0))^2``, in float32.
+
+Differences from the reference, on purpose:
+
+* Timesteps stay float32 from the sampler to the model. The reference cast them to bf16 under mixed precision by
+  accident, which quantised t (steps of 4 for t in [512, 1024)) and with it the sigma of ``add_noise``.
+* ``noise_augmentation_max_timestep`` means what its name says: the clean context is noised at grid timesteps
+  ``<= noise_augmentation_max_timestep``, with its own noise. The reference used the value as the *lowest grid index*
+  (so small values gave almost pure noise) and reused the main noise.
+* The data iterator never drops or repeats a sample at an epoch boundary, and its position is part of the checkpoint
+  (``data_state``), so a resumed run continues at the same sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from model.loader import build_wan_model
+from pipeline.components import build_scheduler, build_text_encoder, model_source
+from trainer.objective import Networks, Objective, Phase
+from utils.config import Config
+from utils.datasets import DistributedResumableSampler, LatentLMDBDataset, ResumableSampler
+from utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+NUM_TIMESTEP_BUCKETS = 4  # per-bucket MSE metrics: quarters of [0, num_train_timestep]
+
+
+@dataclass
+class DiffusionDraw:
+    """The randomness of one stage-1 loss evaluation (all ``[B, F, ...]`` like the latents)."""
+
+    noise: torch.Tensor                         # eps, [B, F, C, H, W]
+    t: torch.Tensor                             # float32 grid timesteps, [B, F]
+    clean_t: torch.Tensor | None = None         # context-augmentation timesteps, [B, F] (teacher forcing only)
+    clean_noise: torch.Tensor | None = None     # context-augmentation noise, [B, F, C, H, W]
+
+
+class DiffusionObjective(Objective):
+    """Stage-1 objective: flow matching of the causal generator (or the bidirectional base model).
+
+    Args:
+        cfg: the stage config (``trainer: diffusion``).
+        num_workers: DataLoader worker processes reading the LMDB (0 reads in the training process).
+    """
+
+    def __init__(self, cfg: Config, num_workers: int = 2):
+        _check_config(cfg)
+        self.cfg = cfg
+        self.scheduler = build_scheduler(cfg)
+        self.num_workers = num_workers
+        self.device = torch.device("cpu")
+        self.compute_dtype = torch.float32   # dtype of the generator's latent and text inputs
+        self._batches: _LatentBatches | None = None
+        self._pending_data_state: dict | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # networks and optimizer phases
+
+    def build_networks(self, device: torch.device) -> Networks:
+        """The generator (causal or bidirectional by ``cfg.causal``, one builder) and the frozen text encoder."""
+        cfg = self.cfg
+        device = torch.device(device)
+        generator = build_wan_model(
+            model_source(cfg, cfg.generator_name), causal=cfg.causal, num_frame_per_block=cfg.num_frame_per_block,
+            independent_first_frame=cfg.independent_first_frame, local_attn_size=cfg.model_kwargs.local_attn_size,
+            sink_size=cfg.model_kwargs.sink_size, device=device, checkpoint_path=cfg.generator_ckpt)
+        generator.requires_grad_(True).train()  # gradient checkpointing is the loop's (applied from outside)
+        # Mixed precision: the loop's FSDP policy computes in bf16 but does not cast forward inputs (a cast would round
+        # t), so latents and text go in as bf16 here and timesteps as fp32. The frozen encoder simply runs in bf16.
+        mixed = cfg.mixed_precision and device.type == "cuda"
+        self.compute_dtype = torch.bfloat16 if mixed else torch.float32
+        text_encoder = build_text_encoder(cfg, device=device, dtype=self.compute_dtype, output_device=device)
+        text_encoder.requires_grad_(False)
+        self.device = device
+        return Networks(trainable={"generator": generator}, frozen={"text_encoder": text_encoder})
+
+    def phases(self) -> list[Phase]:
+        cfg = self.cfg
+        return [Phase("generator", lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), max_grad_norm=cfg.max_grad_norm_generator,
+                      ema=cfg.ema_weight > 0)]
+
+    def attach(self, networks: Networks) -> None:
+        super().attach(networks)
+        # Sharded parameters (DTensor) report the device of their local shard.
+        self.device = next(networks.trainable["generator"].parameters()).device
+
+    # ------------------------------------------------------------------------------------------------------------
+    # data
+
+    def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
+        """Infinite per-rank batches ``{"prompts": list[str], "clean_latent": float32 [B, F, C, H, W]}``.
+
+        ``seed`` must be the same on every rank (the ranks split one permutation per epoch).
+        """
+        cfg = self.cfg
+        dataset = LatentLMDBDataset(cfg.data_path, max_pair=cfg.max_pair or int(1e8))
+        sampler = DistributedResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True,
+                                              num_replicas=world_size, rank=rank)
+        if len(sampler) == 0:
+            raise DataError(f"{cfg.data_path} has {len(dataset)} samples, fewer than the {world_size} ranks")
+        self._batches = _LatentBatches(dataset, sampler, cfg.batch_size, self.num_workers)
+        if self._pending_data_state is not None:
+            self._batches.load_state_dict(self._pending_data_state)
+            self._pending_data_state = None
+        return self._batches
+
+    def data_state(self) -> dict:
+        if self._batches is None:
+            return dict(self._pending_data_state or {})
+        return self._batches.state_dict()
+
+    def load_data_state(self, state: dict) -> None:
+        """Continue at the sample after the last one consumed when ``state`` was saved (before or after data())."""
+        if not state:
+            return
+        if self._batches is None:
+            self._pending_data_state = dict(state)
+        else:
+            self._batches.load_state_dict(state)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loss
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt embeddings ``[B, text_len, text_dim]`` float32 on the training device (one encoder call)."""
+        return self.networks.frozen["text_encoder"].encode(list(prompts)).to(self.device, torch.float32)
+
+    def draw(self, x0: torch.Tensor) -> DiffusionDraw:
+        """Noise and timesteps for clean latents ``x0 [B, F, C, H, W]`` (training.md §2.4, §3.3 steps 2-3, 6)."""
+        cfg = self.cfg
+        b, f = x0.shape[:2]
+        noise = torch.randn_like(x0)
+        # One timestep per block, constant within it; the bidirectional base model takes one per sample.
+        # float32 throughout: no bf16 quantisation of t (the reference's accident, see the module docstring).
+        t = self.scheduler.sample_training_timesteps(
+            b, f, num_frame_per_block=cfg.num_frame_per_block, uniform=not cfg.causal,
+            independent_first_frame=cfg.independent_first_frame, device=x0.device)
+        if not (cfg.teacher_forcing and cfg.noise_augmentation_max_timestep > 0):
+            return DiffusionDraw(noise, t)
+        grid = self.scheduler.timesteps
+        # Grid entries are descending: indices from `low` on are the timesteps <= the configured maximum.
+        low = min(int((grid > cfg.noise_augmentation_max_timestep).sum()), len(grid) - 1)
+        index = self.scheduler.sample_block_indices(
+            b, f, cfg.num_frame_per_block, low=low, independent_first_frame=cfg.independent_first_frame,
+            device=x0.device)
+        # Independent noise for the context (the reference reused eps, training.md §12 item 19).
+        return DiffusionDraw(noise, t, grid.to(x0.device)[index], torch.randn_like(x0))
+
+    def denoising_loss(self, generator: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor,
+                       draw: DiffusionDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted flow-matching loss (training.md §3.3 step 8) and the unweighted per-frame MSE ``[B, F]``.
+
+        Args:
+            x0: clean latents ``[B, F, C, H, W]`` float32; context: ``[B, L, text_dim]``.
+        """
+        dtype = self.compute_dtype
+        x_t = self.scheduler.add_noise(x0, draw.noise, draw.t).to(dtype)
+        target = self.scheduler.training_target(x0, draw.noise)
+        context = context.to(dtype)
+        # draw.t / draw.clean_t stay float32 (never bf16, see the module docstring)
+        if self.cfg.teacher_forcing:
+            clean = x0 if draw.clean_t is None else self.scheduler.add_noise(x0, draw.clean_noise, draw.clean_t)
+            flow = generator.forward_teacher_forcing(x_t, draw.t, context, clean_x=clean.to(dtype),
+                                                     clean_t=draw.clean_t)
+        else:
+            flow = generator(x_t, draw.t, context)  # block-causal mask (diffusion forcing) or bidirectional
+        mse = (flow.float() - target.float()).pow(2).mean(dim=(2, 3, 4))    # [B, F], float32
+        loss = (mse * self.scheduler.training_weight(draw.t)).mean()
+        return loss, mse
+
+    def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if phase != "generator":
+            raise ValueError(f"the diffusion objective has one phase, 'generator'; got {phase!r}")
+        x0 = batch["clean_latent"].to(self.device, torch.float32, non_blocking=True)
+        context = self.encode_prompts(batch["prompts"])
+        draw = self.draw(x0)
+        loss, mse = self.denoising_loss(self.networks.trainable["generator"], x0, context, draw)
+        return loss, {"loss": loss.detach(), **self._bucket_metrics(mse.detach(), draw.t)}
+
+    def _bucket_metrics(self, mse: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted MSE per timestep quarter, ``mse_t<lo>-<hi>``; NaN when no frame of the batch fell in it."""
+        n = self.scheduler.num_train_timesteps
+        edges = [round(n * i / NUM_TIMESTEP_BUCKETS) for i in range(NUM_TIMESTEP_BUCKETS + 1)]
+        metrics = {}
+        for lo, hi in zip(edges, edges[1:]):
+            inside = (t >= lo) & ((t < hi) if hi < n else (t <= hi))
+            # Tensor ops only: no host sync here; the loop reads metrics on log steps.
+            metrics[f"mse_t{lo}-{hi}"] = (mse * inside).sum() / inside.sum()
+        return metrics
+
+
+def _check_config(cfg: Config) -> None:
+    if cfg.trainer != "diffusion":
+        raise ConfigError(f"DiffusionObjective needs trainer: diffusion, got {cfg.trainer!r}")
+    if not cfg.data_path:
+        raise ConfigError("trainer: diffusion needs data_path (a latent LMDB, see utils/encode_videos.py)")
+    if cfg.teacher_forcing and not cfg.causal:
+        raise ConfigError("teacher_forcing: true needs a causal generator; the bidirectional base model "
+                          "(causal: false) trains with teacher_forcing: false")
+    if cfg.noise_augmentation_max_timestep > 0 and not cfg.teacher_forcing:
+        raise ConfigError("noise_augmentation_max_timestep noises the teacher-forcing context; "
+                          "it needs teacher_forcing: true")
+    if cfg.load_raw_video:
+        raise ConfigError("load_raw_video is not supported: encode videos once with utils/encode_videos.py")
+    if cfg.i2v:
+        raise ConfigError("i2v is not supported by trainer: diffusion")
+
+
+class _IndexBatches:
+    """Batches of sample indices from a :class:`ResumableSampler`, forever, across epoch boundaries.
+
+    A batch may straddle two epochs, so no sample is dropped or repeated at an epoch's end and the count of consumed
+    samples alone locates the run in the sampler (``ResumableSampler.state_for``).
+    """
+
+    def __init__(self, sampler: ResumableSampler, batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        while True:
+            for index in self.sampler:  # the rest of the current epoch, then the sampler moves to the next
+                batch.append(index)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+
+
+class _LatentBatches:
+    """Infinite iterator of collated batches with a resumable position (``state_dict`` / ``load_state_dict``)."""
+
+    def __init__(self, dataset, sampler: ResumableSampler, batch_size: int, num_workers: int):
+        self.dataset, self.sampler, self.batch_size, self.num_workers = dataset, sampler, batch_size, num_workers
+        self.consumed = 0   # samples handed out since the sampler was created or loaded
+        self._iterator = None
+
+    def __iter__(self) -> "_LatentBatches":
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            # Workers fetch indices ahead of use; state_dict() therefore counts consumed samples, not fetched ones.
+            loader = DataLoader(self.dataset, batch_sampler=_IndexBatches(self.sampler, self.batch_size),
+                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+            self._iterator = iter(loader)
+        batch = next(self._iterator)
+        self.consumed += len(batch["prompts"])
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_for(self.consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.consumed = 0
+        self._iterator = None  # prefetched batches belong to the old position; workers shut down with it
