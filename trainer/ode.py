@@ -1,0 +1,210 @@
+"""Stage 2a: causal ODE regression (training.md §4.6).
+
+The few-step causal student learns to jump from a state of the teacher's ODE trajectory straight to the ODE's end
+point, with the ground truth as teacher-forcing context:
+
+    L_ODE = E_j || x̂0_θ(x_{t_j}, t_j ; c) − y ||²
+
+where the row ``[S + 2, F, C, H, W]`` of the ODE LMDB (``get_causal_ode_data.py``) holds the states ``x_{t_j}`` at the
+``S`` warped steps of ``denoising_step_list`` (slots ``0..S-1``), the ODE output ``y`` (slot ``S``) and the ground truth
+``c`` (slot ``S + 1``). ``j`` is drawn uniformly, one per sample for all frames (the reference), or one per block
+(Self Forcing's choice) with ``per_block_steps=True``.
+
+Also here: :class:`LatentBatches` and :class:`TextConditioner`, the data and prompt plumbing that the consistency
+objective (trainer/consistency.py) shares.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline import components
+from pipeline.causal import StepSchedule
+from trainer.objective import Networks, Objective, Phase
+from utils.config import Config
+from utils.datasets import ODERegressionLMDBDataset, ResumableSampler, cycle
+from utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+ALL_ROWS = int(1e8)   # the reference's max_pair default
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class LatentBatches:
+    """Infinite iterator of per-rank batches of an LMDB dataset; ``state_dict`` resumes at the next unconsumed sample.
+
+    Each rank reads its share of a per-epoch permutation (:class:`ResumableSampler`, ``drop_last`` across ranks so
+    collectives stay in step). The state counts the samples handed out, so it is exact whatever the DataLoader's
+    workers have prefetched; loading a state drops the prefetched batches.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int = 0):
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True, num_replicas=world_size,
+                                        rank=rank)
+        if len(self.sampler) == 0:
+            raise DataError(f"{len(dataset)} samples cannot feed {world_size} ranks")
+        self.consumed = 0
+        self._iterator: Iterator[dict] | None = None
+
+    def __iter__(self) -> "LatentBatches":
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                                persistent_workers=self.num_workers > 0)
+            self._iterator = cycle(loader)
+        batch = next(self._iterator)
+        self.consumed += len(batch["prompts"])
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_for(self.consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.consumed = 0
+        self._iterator = None
+
+
+class TextConditioner:
+    """Prompt embeddings from the frozen text encoder, float32 on the network's device; the negative prompt once."""
+
+    def __init__(self, negative_prompt: str):
+        self.negative_prompt = negative_prompt
+        self._negative: torch.Tensor | None = None
+
+    def __call__(self, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
+        # Calling the module (not .encode) lets a sharded encoder run its root hooks.
+        return text_encoder(list(prompts)).to(device, torch.float32)        # [B, L, text_dim]
+
+    def negative(self, text_encoder, batch_size: int, device: torch.device) -> torch.Tensor:
+        if self._negative is None or self._negative.device != device:
+            self._negative = self(text_encoder, [self.negative_prompt], device)
+        return self._negative.expand(batch_size, -1, -1)
+
+
+class Stage2Objective(Objective):
+    """What the two Stage-2 objectives share: one generator phase, LMDB data and prompt conditioning.
+
+    Randomness (step indices, noise) comes from the global torch RNG, which the loop seeds per rank and checkpoints.
+    """
+
+    dataset_cls: type = ODERegressionLMDBDataset
+
+    def __init__(self, cfg: Config, num_workers: int | None = None):
+        if cfg.data_path is None:
+            raise ConfigError(f"trainer {cfg.trainer} needs data_path (an LMDB)")
+        self.cfg = cfg
+        # Workers decode LMDB rows ahead of the GPU; on the CPU (tests) they would only cost start-up time.
+        self.num_workers = (2 if torch.cuda.is_available() else 0) if num_workers is None else num_workers
+        self.scheduler = components.build_scheduler(cfg)
+        self.text = TextConditioner(cfg.negative_prompt)
+        self._batches: LatentBatches | None = None
+        self._pending_state: dict | None = None
+
+    def _build_generator(self, device: torch.device) -> torch.nn.Module:
+        if self.cfg.generator_ckpt is None:
+            log.warning("generator_ckpt is not set: Stage 2 starts from the %s folder weights, not a Stage-1 model",
+                        self.cfg.generator_name)
+        gen = components.build_generator(self.cfg, self.cfg.generator_ckpt, device=device)
+        gen.enable_gradient_checkpointing(self.cfg.gradient_checkpointing)
+        return gen.requires_grad_(True).train()
+
+    def _build_text_encoder(self, device: torch.device):
+        # fp32 like the reference (and like the ODE data); the loop shards it, with CPU offload if configured.
+        return components.build_text_encoder(self.cfg, device=device, dtype=torch.float32,
+                                             output_device=device).requires_grad_(False)
+
+    def phases(self) -> list[Phase]:
+        c = self.cfg
+        return [Phase("generator", lr=c.lr, betas=(c.beta1, c.beta2), max_grad_norm=c.max_grad_norm_generator,
+                      ema=c.ema_weight > 0)]
+
+    def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
+        dataset = self.dataset_cls(self.cfg.data_path, self.cfg.max_pair or ALL_ROWS)
+        self._check_dataset(dataset)
+        self._batches = LatentBatches(dataset, self.cfg.batch_size, rank, world_size, seed, self.num_workers)
+        if self._pending_state is not None:
+            self._batches.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return self._batches
+
+    def _check_dataset(self, dataset) -> None:
+        """Reject data that cannot feed this objective, before the first step."""
+
+    def data_state(self) -> dict:
+        if self._batches is None:
+            return dict(self._pending_state or {})
+        return self._batches.state_dict()
+
+    def load_data_state(self, state: dict) -> None:
+        if not state:
+            return
+        if self._batches is None:       # data() not built yet: apply when it is
+            self._pending_state = dict(state)
+        else:
+            self._batches.load_state_dict(state)
+
+
+class ODEObjective(Stage2Objective):
+    """Causal ODE regression of the few-step generator on teacher-forced ODE pairs.
+
+    Args:
+        cfg: a ``trainer: ode`` config; ``denoising_step_list`` (warped when ``warp_denoising_step``) names the
+            timesteps of slots ``0..S-1``.
+        per_block_steps: draw the step index per block instead of per sample (Self Forcing's choice; the
+            reference draws one per sample). A constructor option until the config schema has a key for it.
+        num_workers: DataLoader workers (default 2 with CUDA, else 0).
+    """
+
+    dataset_cls = ODERegressionLMDBDataset
+
+    def __init__(self, cfg: Config, per_block_steps: bool = False, num_workers: int | None = None):
+        super().__init__(cfg, num_workers)
+        if cfg.denoising_step_list is None:
+            raise ConfigError("trainer ode needs denoising_step_list (the student's few-step schedule)")
+        schedule = StepSchedule.from_config(self.scheduler, cfg.denoising_step_list, warp=cfg.warp_denoising_step)
+        self.timesteps = torch.tensor(schedule.timesteps, dtype=torch.float32)   # [S]
+        self.per_block_steps = per_block_steps
+
+    def build_networks(self, device: torch.device) -> Networks:
+        return Networks(trainable={"generator": self._build_generator(device)},
+                        frozen={"text_encoder": self._build_text_encoder(device)})
+
+    def _check_dataset(self, dataset) -> None:
+        slots = dataset.row_shape[0]
+        if slots != len(self.timesteps) + 2:
+            raise DataError(f"{self.cfg.data_path}: rows hold {slots} trajectory slots, but denoising_step_list has "
+                            f"{len(self.timesteps)} steps (expected {len(self.timesteps) + 2} slots)")
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MSE between the generator's x̂0 at a trajectory state and the ODE output (fp32)."""
+        gen = self.networks.trainable["generator"]
+        device = device_of(gen)
+        ode = batch["ode_latent"].to(device, non_blocking=True)               # [B, S + 2, F, C, H, W]
+        b, f = ode.shape[0], ode.shape[2]
+        num_steps = len(self.timesteps)
+        j = self.scheduler.sample_block_indices(
+            b, f, gen.num_frame_per_block, 0, num_steps, uniform=not self.per_block_steps,
+            independent_first_frame=self.cfg.independent_first_frame).to(device)                    # [B, F]
+        index = j[:, None, :, None, None, None].expand(-1, 1, -1, *ode.shape[3:])
+        x = torch.gather(ode[:, :num_steps], 1, index)[:, 0]                 # [B, F, C, H, W]
+        t = self.timesteps.to(device)[j]                                     # [B, F]
+        context = self.text(self.networks.frozen["text_encoder"], batch["prompts"], device)
+        flow = gen.forward_teacher_forcing(x, t, context, clean_x=ode[:, -1])
+        pred = self.scheduler.flow_to_x0(flow.float(), x.float(), t)
+        loss = F.mse_loss(pred, ode[:, -2].float())
+        return loss, {"loss": loss.detach(), "timestep": t.mean()}
