@@ -1,0 +1,177 @@
+"""The self-forcing rollout of Stage 3 (training.md §6.3), run by the one block loop of :mod:`pipeline.causal`.
+
+The generator writes a whole video autoregressively, the way it will at inference: each block starts from its own
+noise, is denoised through the KV cache with the few-step schedule and stops at a randomly drawn *exit step*; only
+that exit forward keeps gradients. Then the block's prediction is written into the cache by a no-grad context pass
+at ``context_noise`` and the next block attends to it. So gradients reach the generator's weights through every
+block's exit forward, never through earlier denoising steps or across blocks (the cache holds values, not graphs).
+
+Everything that differs from inference is data for :class:`~pipeline.causal.BlockLoop`: an :class:`ExitPolicy`
+(exit step, gradient on exit, ``grad_from_frame``). The exit steps are drawn by the caller with
+:func:`draw_exit_steps` (rank 0 draws, every rank receives the same indices) because all ranks must run the same
+number of forwards in lock-step under FSDP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+from model.kv_cache import KVCache
+from model.scheduler import FlowMatchScheduler
+from model.wan import WanModel
+from pipeline.causal import BlockLoop, ExitPolicy, Guidance, NoiseFn, StepSchedule, randn_like_from
+
+
+class Rollout(NamedTuple):
+    """Result of :func:`self_forcing_rollout`."""
+
+    latents: torch.Tensor            # [B, F, C, H, W]; grad-carrying where the exit forward kept gradients
+    denoised_timestep_from: int      # raw (pre-shift) timestep the non-first blocks' exit step started from
+    denoised_timestep_to: int        # raw timestep of the step after it (0 after the last step)
+
+
+@dataclass
+class PerBlockExitPolicy(ExitPolicy):
+    """An :class:`ExitPolicy` with one exit step per block (``same_step_across_blocks: false``)."""
+
+    per_block: tuple[int, ...] = ()
+
+    def exit_for(self, block_index: int, num_steps: int) -> int:
+        if block_index < len(self.per_block):
+            return min(self.per_block[block_index], num_steps - 1)
+        return super().exit_for(block_index, num_steps)
+
+
+def broadcast_ints(values: list[int], src: int = 0) -> list[int]:
+    """``values`` of rank ``src`` on every rank (identity without an initialised multi-rank process group).
+
+    One small collective per call: it is a host sync, which the rollout needs anyway because the exit steps decide
+    how many forwards run (Python control flow).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    backend = str(dist.get_backend())
+    # A CPU tensor needs a gloo backend; a pure NCCL group only moves CUDA tensors.
+    device = torch.device("cpu") if "gloo" in backend else torch.device("cuda", torch.cuda.current_device())
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=src)
+    return [int(v) for v in tensor.tolist()]
+
+
+def draw_exit_steps(schedule: StepSchedule, num_blocks: int, *, same_step_across_blocks: bool = True,
+                    last_step_only: bool = False, generator: torch.Generator | None = None,
+                    ) -> tuple[int | list[int], int | None]:
+    """Exit-step indices of one rollout, identical on every rank (rank 0 draws and broadcasts).
+
+    Returns ``(exit_step, first_block_exit_step)``:
+
+    * ``exit_step``: one index into ``schedule.timesteps`` shared by the blocks (``same_step_across_blocks``), or a
+      list with one index per block;
+    * ``first_block_exit_step``: an index into ``schedule.first_block`` drawn separately for block 0 when the schedule
+      has a first-block list (1-/2-step generators), else ``None``.
+
+    ``last_step_only`` forces every exit to the last step. Indices are uniform over the list lengths.
+    """
+    num_steps = len(schedule.timesteps)
+    num_first = len(schedule.first_block) if schedule.first_block is not None else None
+    if last_step_only:
+        return num_steps - 1, (num_first - 1 if num_first is not None else None)
+    first = [int(torch.randint(num_first, (1,), generator=generator))] if num_first is not None else []
+    count = 1 if same_step_across_blocks else num_blocks
+    rest = torch.randint(num_steps, (count,), generator=generator).tolist()
+    drawn = broadcast_ints(first + rest)
+    first_exit = drawn[0] if num_first is not None else None
+    rest = drawn[len(first):]
+    if same_step_across_blocks:
+        return rest[0], first_exit
+    if first_exit is not None:
+        rest[0] = first_exit   # block 0 follows its own list; keep the list indexable by block
+    return rest, first_exit
+
+
+def denoised_timestep_range(scheduler: FlowMatchScheduler, timesteps: Sequence[float], exit_step: int,
+                            ) -> tuple[int, int]:
+    """(from, to) raw timesteps of exit step ``exit_step`` of ``timesteps`` (training.md §6.3 table).
+
+    ``from = T - index(τ_e)`` and ``to = T - index(τ_{e+1})`` (0 after the last step), where ``index`` is the nearest
+    grid entry of the training grid and ``T = num_train_timesteps``: for [1000, 937.5, 833.3, 625] and e = 1 this is
+    (750, 500). They bound the DMD/critic timesteps when ``ts_schedule`` / ``ts_schedule_max`` are on.
+    """
+    n = scheduler.num_train_timesteps
+    index = scheduler.index_for(torch.tensor([float(t) for t in timesteps])).tolist()
+    t_from = n - int(index[exit_step])
+    t_to = 0 if exit_step >= len(timesteps) - 1 else n - int(index[exit_step + 1])
+    return t_from, t_to
+
+
+def _rollout_cache(generator: WanModel, batch: int, num_frames: int, height: int, width: int,
+                   dtype: torch.dtype, device: torch.device) -> KVCache:
+    """A cache for the rollout: the whole video (or the generator's attention window with its sink frames)."""
+    window = generator.local_attn_size
+    capacity = num_frames if window == -1 else min(window, num_frames)
+    sink = min(generator.sink_size, capacity - 1)
+    return KVCache.for_model(generator, batch, height, width, capacity_frames=capacity, sink_frames=sink,
+                             dtype=dtype, device=device)
+
+
+def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule: StepSchedule,
+                         context: torch.Tensor, num_frames: int, *, latent_shape: Sequence[int],
+                         exit_step: int | Sequence[int] | None = None, first_block_exit_step: int | None = None,
+                         grad_from_frame: int = 0, context_noise: float = 0.0, noise_fn: NoiseFn | None = None,
+                         cache: KVCache | None = None, noise: torch.Tensor | None = None,
+                         dtype: torch.dtype | None = None) -> Rollout:
+    """Generate ``num_frames`` latent frames block by block, stopping each block at its exit step.
+
+    Args:
+        generator: the causal generator (any wrapper that keeps ``forward_cached``, ``layout``, ``config``).
+        schedule: the warped few-step schedule (block 0 may have its own list).
+        context: prompt embeddings ``[B, L, text_dim]``.
+        latent_shape: ``(C, H, W)`` of one latent frame.
+        exit_step: shared exit index of the blocks, or one per block; ``None`` = the last step.
+        first_block_exit_step: exit index of block 0 into ``schedule.first_block`` (``None`` = ``exit_step``).
+        grad_from_frame: blocks starting before this frame run their exit forward without gradients.
+        context_noise: timestep of the context pass (0 = exactly clean, see ``BlockLoop.commit``).
+        noise_fn: fresh Gaussian noise shaped like its argument (initial block noise and re-noising).
+        cache: a cache to reuse (it is reset); ``None`` allocates one for ``num_frames`` frames.
+        noise: the initial noise ``[B, F, C, H, W]``; ``None`` draws it with ``noise_fn``.
+        dtype: dtype of noise and cache (the generator's compute dtype); default: the cache's or the parameters'.
+    Returns:
+        :class:`Rollout` with ``latents [B, F, C, H, W]``: gradients flow from it into the generator only through
+        the exit forwards of blocks at or after ``grad_from_frame`` -- when called with gradients enabled.
+    """
+    noise_fn = noise_fn or randn_like_from(None)
+    param = next(generator.parameters())
+    dtype = dtype or (cache.k.dtype if cache is not None else param.dtype)
+    channels, height, width = (int(s) for s in latent_shape)
+    batch = context.shape[0]
+    if noise is None:
+        noise = noise_fn(torch.empty(batch, num_frames, channels, height, width, device=param.device, dtype=dtype))
+    if cache is None:
+        cache = _rollout_cache(generator, batch, num_frames, height, width, dtype, noise.device)
+    else:
+        cache.reset()
+    if torch.is_grad_enabled() and generator.gradient_checkpointing and cache.capacity < num_frames:
+        # Checkpointed blocks re-read earlier frames' K/V from the cache in backward; a ring that wrapped has
+        # overwritten them by then, which would give silently wrong gradients.
+        raise ValueError(f"rollout of {num_frames} frames with a {cache.capacity}-frame attention window and "
+                         f"gradient checkpointing is not supported; disable one of them")
+    if exit_step is None or isinstance(exit_step, int):
+        policy: ExitPolicy = ExitPolicy(exit_step, first_block_exit_step, grad_on_exit=True,
+                                        grad_from_frame=grad_from_frame)
+    else:
+        policy = PerBlockExitPolicy(None, first_block_exit_step, grad_on_exit=True, grad_from_frame=grad_from_frame,
+                                    per_block=tuple(int(e) for e in exit_step))
+    loop = BlockLoop(generator, scheduler, schedule, Guidance(context), cache, context_noise=float(context_noise),
+                     noise_fn=noise_fn)
+    # The last block's context pass would be read by nobody: skip it.
+    blocks = [x0 for _, x0 in loop.run(noise, policy=policy, commit_last=False)]
+    latents = torch.cat(blocks, dim=1)
+    # Bookkeeping refers to the non-first blocks (block 0 only when it is the whole video).
+    ref = 1 if len(blocks) > 1 else 0
+    steps = schedule.for_block(ref)
+    t_from, t_to = denoised_timestep_range(scheduler, steps, policy.exit_for(ref, len(steps)))
+    return Rollout(latents, t_from, t_to)

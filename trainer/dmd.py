@@ -1,0 +1,278 @@
+"""Stage 3: distribution matching distillation with the self-forcing rollout (training.md §6).
+
+Networks: the causal few-step **generator** (trainable, from ``generator_ckpt``), the bidirectional **real score**
+(frozen teacher, ``real_name``, guided), the bidirectional **critic** / fake score (trainable, ``fake_name``,
+initialised from the raw Wan weights -- not from the generator) and the frozen text encoder.
+
+Per step (``phases_at``): the generator every ``dfake_gen_update_ratio`` steps, then the critic every step.
+
+* Generator phase (§6.4): roll the generator out with gradients on the exit steps -> ``x``; noise it to one random
+  DMD timestep per sample; ``G = x̂0_fake − x̂0_real`` (real score guided as ``cond + g·(cond − uncond)``), divided
+  per sample by ``mean |x − x̂0_real|``; loss ``½·mean((x − sg[x − G])²)`` in float64, whose gradient in ``x`` is
+  ``G / numel``.
+* Critic phase (§6.5): roll out without gradients, noise, and train the critic to denoise the generator's samples
+  (flow target ``ε − x`` by default, or x0).
+
+Memory: the frozen real score and text encoder are given to the loop in ``Networks.frozen``; ``cpu_offload`` says
+which of them the loop should shard with CPU offload (``real_score_cpu_offload``, ``text_encoder_cpu_offload``).
+They are built on the CPU in that case; used without FSDP they are moved to the device for each use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.scheduler import FlowMatchScheduler
+from pipeline import components
+from pipeline.causal import StepSchedule
+from pipeline.rollout import Rollout, draw_exit_steps, self_forcing_rollout
+from trainer.objective import Networks, Objective, Phase
+from utils.config import Config
+from utils.datasets import ResumableSampler, TextDataset
+from utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _pair_context(context: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """``[context ; negative]`` as one ``[2B, L, D]`` batch (zero-padded to a common length, as the model would)."""
+    length = max(context.shape[1], negative.shape[1])
+    pad = lambda c: F.pad(c, (0, 0, 0, length - c.shape[1]))  # noqa: E731
+    return torch.cat([pad(context), pad(negative.expand(context.shape[0], -1, -1))])
+
+
+class DMDObjective(Objective):
+    """DMD + self-forcing rollout objective (``trainer: score_distillation``).
+
+    Args:
+        cfg: the resolved config.
+        text_encoder: build the frozen text encoder. Without it, batches must carry ``prompt_embeds``
+            ``[B, L, text_dim]`` and :attr:`negative_embeds` must be set (speed benchmarks).
+    """
+
+    def __init__(self, cfg: Config, text_encoder: bool = True):
+        if cfg.denoising_step_list is None:
+            raise ConfigError("score_distillation needs a few-step denoising_step_list")
+        self.cfg = cfg
+        self.use_text_encoder = text_encoder
+        self.scheduler: FlowMatchScheduler = components.build_scheduler(cfg)
+        self.schedule = StepSchedule.from_config(self.scheduler, cfg.denoising_step_list,
+                                                 cfg.denoising_step_list_first_chunk, warp=cfg.warp_denoising_step)
+        self.latent_shape = tuple(cfg.image_or_video_shape[2:])   # (C, H, W)
+        self.cpu_offload = {"real_score": cfg.real_score_cpu_offload, "text_encoder": cfg.text_encoder_cpu_offload}
+        self.device = torch.device("cpu")
+        self.compute_dtype = torch.float32
+        self.negative_embeds: torch.Tensor | None = None   # [1, L, D], encoded once
+        self._sampler: ResumableSampler | None = None
+        self.last_exit_step = -1   # exit step of the latest rollout (a metric)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # networks and phases
+
+    def build_networks(self, device: torch.device) -> Networks:
+        cfg = self.cfg
+        self.device = torch.device(device)
+        # bf16 compute on GPUs with mixed precision (FSDP's policy casts the fp32 masters); CPU runs stay fp32.
+        mixed = cfg.mixed_precision and self.device.type == "cuda"
+        self.compute_dtype = torch.bfloat16 if mixed else torch.float32
+        generator = components.build_generator(cfg, cfg.generator_ckpt, device=self.device, dtype=torch.float32)
+        critic = components.build_bidirectional(cfg, cfg.fake_name, device=self.device, dtype=torch.float32)
+        for net in (generator, critic):
+            net.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+            net.requires_grad_(True).train()
+        real_device = torch.device("cpu") if cfg.real_score_cpu_offload else self.device
+        real = components.build_bidirectional(cfg, cfg.real_name, device=real_device, dtype=self.compute_dtype)
+        frozen: dict[str, nn.Module] = {"real_score": real.requires_grad_(False).eval()}
+        if self.use_text_encoder:
+            te_device = torch.device("cpu") if cfg.text_encoder_cpu_offload else self.device
+            frozen["text_encoder"] = components.build_text_encoder(
+                cfg, device=te_device, dtype=torch.bfloat16 if mixed else torch.float32, output_device=self.device)
+        return Networks(trainable={"generator": generator, "critic": critic}, frozen=frozen)
+
+    def phases(self) -> list[Phase]:
+        cfg = self.cfg
+        return [Phase("generator", cfg.lr, (cfg.beta1, cfg.beta2), cfg.max_grad_norm_generator,
+                      ema=cfg.ema_weight > 0),
+                Phase("critic", cfg.lr_critic, (cfg.beta1_critic, cfg.beta2_critic), cfg.max_grad_norm_critic)]
+
+    def phases_at(self, step: int) -> list[str]:
+        """The generator first (every ``dfake_gen_update_ratio`` steps), then the critic (every step)."""
+        return ["generator", "critic"] if step % self.cfg.dfake_gen_update_ratio == 0 else ["critic"]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # data: prompts, a fresh batch per phase
+
+    def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
+        dataset = TextDataset(self.cfg.data_path)
+        self._sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True,
+                                         num_replicas=world_size, rank=rank)
+        return self._batches(dataset, self._sampler)
+
+    def _batches(self, dataset: TextDataset, sampler: ResumableSampler) -> Iterator[dict]:
+        batch: list[str] = []
+        while True:
+            for index in sampler:
+                batch.append(dataset[index]["prompts"])
+                if len(batch) == self.cfg.batch_size:
+                    yield {"prompts": batch}
+                    batch = []
+
+    def data_state(self) -> dict:
+        return self._sampler.state_dict() if self._sampler is not None else {}
+
+    def load_data_state(self, state: dict) -> None:
+        if self._sampler is not None and state:
+            self._sampler.load_state_dict(state)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # losses
+
+    def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        context = self.encode(batch)
+        if phase == "generator":
+            rollout = self.rollout(context, grad=True)
+            loss, metrics = self.distribution_matching_loss(rollout.latents, context, rollout=rollout)
+            return loss, {"generator_loss": loss.detach(), **metrics}
+        if phase == "critic":
+            with torch.no_grad():
+                rollout = self.rollout(context, grad=False)
+            loss, metrics = self.critic_loss(rollout.latents, context, rollout=rollout)
+            return loss, {"critic_loss": loss.detach(), **metrics}
+        raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'critic'")
+
+    def rollout(self, context: torch.Tensor, grad: bool) -> Rollout:
+        """Self-forcing rollout of ``num_training_frames`` frames; exit steps shared by all ranks."""
+        cfg = self.cfg
+        generator = self.networks.trainable["generator"]
+        num_frames = cfg.num_training_frames
+        exit_step, first_exit = draw_exit_steps(
+            self.schedule, len(generator.layout.block_sizes(num_frames)),
+            same_step_across_blocks=cfg.same_step_across_blocks, last_step_only=cfg.last_step_only)
+        with torch.set_grad_enabled(grad):
+            result = self_forcing_rollout(
+                generator, self.scheduler, self.schedule, context, num_frames, latent_shape=self.latent_shape,
+                exit_step=exit_step, first_block_exit_step=first_exit,
+                # Only the last num_training_frames frames train (all of them: the rollout generates exactly that many).
+                grad_from_frame=max(0, num_frames - cfg.num_training_frames),
+                context_noise=cfg.context_noise, dtype=self.compute_dtype)
+        self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
+        return result
+
+    def distribution_matching_loss(self, x: torch.Tensor, context: torch.Tensor, rollout: Rollout | None = None,
+                                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DMD loss of generator samples ``x [B, F, C, H, W]`` (with grad); ``t [B, F]``/``noise`` drawn if None.
+
+        Returns the float64 scalar loss (its gradient in ``x`` is ``G / x.numel()``) and metrics.
+        """
+        cfg = self.cfg
+        critic, real = self.networks.trainable["critic"], self.networks.frozen["real_score"]
+        with torch.no_grad():
+            t = self.score_timesteps(x, rollout) if t is None else t
+            noise = torch.randn_like(x) if noise is None else noise
+            x_t = self.scheduler.add_noise(x.detach(), noise, t)
+            negative = self.negative(context)
+            x0_fake = self.score_x0(critic, x_t, t, context, negative, cfg.fake_guidance_scale)
+            with self._on_device(real):
+                x0_real = self.score_x0(real, x_t, t, context, negative, cfg.real_guidance_scale)
+            x_clean = x.detach().float()
+            # Per-sample normaliser: mean |x - x̂0_real| over (F, C, H, W).
+            normaliser = (x_clean - x0_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+            grad = torch.nan_to_num((x0_fake - x0_real) / normaliser)
+        x64 = x.double()
+        loss = 0.5 * F.mse_loss(x64, (x64 - grad.double()).detach())
+        return loss, {"dmdtrain_gradient_norm": grad.abs().mean(), **self._step_metrics(t)}
+
+    def critic_loss(self, x_gen: torch.Tensor, context: torch.Tensor, rollout: Rollout | None = None,
+                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Denoising loss of the critic on generator samples ``x_gen [B, F, C, H, W]`` (no grad); float64 scalar."""
+        critic = self.networks.trainable["critic"]
+        with torch.no_grad():
+            t = self.score_timesteps(x_gen, rollout) if t is None else t
+            noise = torch.randn_like(x_gen) if noise is None else noise
+            x_t = self.scheduler.add_noise(x_gen, noise, t)
+        flow = critic(x_t.to(self.compute_dtype), t, context)
+        # x0 and the flow recovered from it in float64 (the reference's round trip, without its bf16 rounding of
+        # x0, which 1/σ would amplify at small σ).
+        x0 = self.scheduler.flow_to_x0(flow.double(), x_t.double(), t)
+        if self.cfg.denoising_loss_type == "flow":
+            pred = self.scheduler.x0_to_flow(x0, x_t.double(), t)
+            loss = F.mse_loss(pred, self.scheduler.training_target(x_gen.double(), noise.double()))
+        else:
+            loss = F.mse_loss(x0, x_gen.double())
+        return loss, self._step_metrics(t)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # pieces
+
+    def score_timesteps(self, x: torch.Tensor, rollout: Rollout | None = None) -> torch.Tensor:
+        """DMD/critic timesteps ``[B, F]`` (one per sample): shifted uniform in [low, high), clamped to [2%, 98%]·T.
+
+        ``low`` is the rollout's ``denoised_timestep_to`` with ``ts_schedule`` (else ``min_score_timestep``);
+        ``high`` its ``denoised_timestep_from`` with ``ts_schedule_max`` (else T).
+        """
+        cfg = self.cfg
+        low, high = cfg.min_score_timestep, cfg.num_train_timestep
+        if rollout is not None and cfg.ts_schedule:
+            low = rollout.denoised_timestep_to
+        if rollout is not None and cfg.ts_schedule_max:
+            high = rollout.denoised_timestep_from
+        return self.scheduler.sample_dmd_timesteps(x.shape[0], x.shape[1], low=low, high=max(high, low + 1),
+                                                   shift=cfg.timestep_shift, device=x.device)
+
+    def score_x0(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 negative: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """x̂0 (float32) of a bidirectional score network; ``scale > 0`` guides as ``cond + scale·(cond − uncond)``.
+
+        Conditional and unconditional passes run as one ``2B`` batch (one weight gather under FSDP).
+        """
+        x_in = x_t.to(self.compute_dtype)
+        if scale == 0 or negative is None:
+            return self.scheduler.flow_to_x0(model(x_in, t, context).float(), x_t.float(), t)
+        flow = model(torch.cat([x_in, x_in]), torch.cat([t, t]), _pair_context(context, negative)).float()
+        cond, uncond = self.scheduler.flow_to_x0(flow, torch.cat([x_t, x_t]).float(), torch.cat([t, t])).chunk(2)
+        return cond + scale * (cond - uncond)
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """Prompt embeddings ``[B, L, D]`` of a batch (computed once per batch, without gradients)."""
+        if "prompt_embeds" in batch:
+            return batch["prompt_embeds"].to(self.device, self.compute_dtype)
+        encoder = self.networks.frozen["text_encoder"]
+        with torch.no_grad(), self._on_device(encoder):
+            return encoder.encode(list(batch["prompts"])).to(self.device, self.compute_dtype)
+
+    def negative(self, context: torch.Tensor) -> torch.Tensor | None:
+        """The negative prompt's embedding ``[1, L, D]``, encoded on first use and cached; None if no guidance."""
+        if self.cfg.real_guidance_scale == 0 and self.cfg.fake_guidance_scale == 0:
+            return None
+        if self.negative_embeds is None:
+            self.negative_embeds = self.encode({"prompts": [self.cfg.negative_prompt]})
+        return self.negative_embeds.to(context.device, context.dtype)
+
+    @contextlib.contextmanager
+    def _on_device(self, model: nn.Module):
+        """Use a CPU-resident frozen network on the compute device (when no FSDP offload manages it)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        inner = getattr(model, "encoder", model)   # the TextEncoder wrapper holds its weights in .encoder
+        param = next(inner.parameters())
+        if isinstance(model, FSDPModule) or isinstance(inner, FSDPModule) or param.device == self.device:
+            yield model
+            return
+        inner.to(self.device)
+        try:
+            yield model
+        finally:
+            inner.to(param.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _step_metrics(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"score_timestep": t.float().mean(), "exit_step": torch.tensor(float(self.last_exit_step))}
