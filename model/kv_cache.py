@@ -34,8 +34,10 @@ class KVCache:
         shape = (num_layers, batch_size, capacity_frames * tokens_per_frame, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.cross_k: torch.Tensor | None = None   # [layers, B, text_len, N, d] once filled
-        self.cross_v: torch.Tensor | None = None
+        # per layer [B, text_len, N, d] once filled; each block fills its own entry inside its forward, so a block
+        # sharded on its own (FSDP2) only ever touches its own weights
+        self.cross_k: list[torch.Tensor | None] = [None] * num_layers
+        self.cross_v: list[torch.Tensor | None] = [None] * num_layers
         self.text_len = text_len
         self.frames_written = 0   # one past the highest frame written so far
 
@@ -59,7 +61,12 @@ class KVCache:
 
     def reset_cross(self) -> None:
         """Forget the prompt's cross-attention K/V (a new prompt refills them on the next call)."""
-        self.cross_k = self.cross_v = None
+        self.cross_k = [None] * self.num_layers
+        self.cross_v = [None] * self.num_layers
+
+    @property
+    def cross_ready(self) -> bool:
+        return all(k is not None for k in self.cross_k)
 
     @property
     def ring(self) -> int:

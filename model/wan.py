@@ -122,6 +122,15 @@ class SelfAttention(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+@dataclass
+class CrossKVSlot:
+    """The embedded context plus the cache entry of one layer, which that layer's cross-attention fills."""
+
+    ctx: torch.Tensor
+    cache: KVCache
+    layer: int
+
+
 class CrossAttention(nn.Module):
     """Text cross-attention; no RoPE, no mask: all ``text_len`` (zero-padded) context rows are attended."""
 
@@ -140,7 +149,15 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx_or_kv) -> torch.Tensor:
         b, n = x.shape[:2]
-        k, v = ctx_or_kv if isinstance(ctx_or_kv, tuple) else self.kv(ctx_or_kv)
+        if isinstance(ctx_or_kv, tuple):
+            k, v = ctx_or_kv
+        elif isinstance(ctx_or_kv, CrossKVSlot):
+            slot = ctx_or_kv
+            k, v = self.kv(slot.ctx)
+            slot.cache.cross_k[slot.layer] = k = k.to(slot.cache.k.dtype)
+            slot.cache.cross_v[slot.layer] = v = v.to(slot.cache.v.dtype)
+        else:
+            k, v = self.kv(ctx_or_kv)
         q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
         return self.o(attention(q, k, v).flatten(2))
 
@@ -373,13 +390,11 @@ class WanModel(nn.Module):
         return self._output(out, e, grid)
 
     def _cross_kv(self, context: torch.Tensor, cache: KVCache):
-        """Per-layer cross-attention input: cached (K, V) at inference, the embedded context under autograd."""
-        if torch.is_grad_enabled():
+        """Per-layer cross-attention input: the cached (K, V) at inference -- filled by each block on the first call
+        (:class:`CrossKVSlot`) -- or the embedded context under autograd (recomputed so gradients reach W_k, W_v)."""
+        if torch.is_grad_enabled() or not cache.cross_ready:
             ctx = self.embed_text(context)
-            return lambda i: ctx
-        if cache.cross_k is None:
-            ctx = self.embed_text(context)
-            kvs = [blk.cross_attn.kv(ctx) for blk in self.blocks]
-            cache.cross_k = torch.stack([k for k, _ in kvs]).to(cache.k.dtype)
-            cache.cross_v = torch.stack([v for _, v in kvs]).to(cache.v.dtype)
+            if torch.is_grad_enabled():
+                return lambda i: ctx
+            return lambda i: CrossKVSlot(ctx, cache, i)
         return lambda i: (cache.cross_k[i], cache.cross_v[i])

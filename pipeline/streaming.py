@@ -223,4 +223,4 @@ class VideoStream:
     def close(self) -> None:
         """Free the KV cache now (a stopped or disconnected stream must not hold GPU memory)."""
         self.cache.k = self.cache.v = torch.empty(0)
-        self.cache.cross_k = self.cache.cross_v = None
+        self.cache.reset_cross()
