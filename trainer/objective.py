@@ -9,6 +9,7 @@ Adding a stage = one file with an :class:`Objective` subclass, one entry in :dat
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -36,26 +37,26 @@ class Networks:
     frozen: dict[str, nn.Module] = field(default_factory=dict)   # teacher / real score / text encoder ...
 
 
-class Objective:
+class Objective(ABC):
     """Base class of a stage objective. Subclasses implement the methods below."""
 
+    @abstractmethod
     def build_networks(self, device: torch.device) -> Networks:
         """Build (and load initial weights of) every network, unsharded, on ``device`` or ``meta``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def phases(self) -> list[Phase]:
         """All optimizer phases of this objective."""
-        raise NotImplementedError
 
     def phases_at(self, step: int) -> list[str]:
         """Names of the phases that update at ``step``, in order (DMD: generator every k steps, critic always)."""
         return [p.name for p in self.phases()]
 
+    @abstractmethod
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
         """An infinite iterator of per-rank micro-batches; must expose ``state_dict``/``load_state_dict`` through
         :meth:`data_state` so a resumed run continues at the same sample. The loop calls it once, after
         :meth:`attach` and before :meth:`load_data_state`."""
-        raise NotImplementedError
 
     def data_state(self) -> dict:
         """This rank's data position. Saved per rank with ``torch.save`` and read back with ``weights_only=True``:
@@ -65,12 +66,12 @@ class Objective:
     def load_data_state(self, state: dict) -> None:
         """Restore :meth:`data_state` on resume (not called when the world size changed)."""
 
+    @abstractmethod
     def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch for ``phase`` and metrics (tensors; the loop calls ``.item()`` only on log
         steps). ``step`` is 0-based (the number of optimizer steps done before this one), as in the reference.
         Every phase of a step sees the same micro-batches (the reference's DMD used one batch for both updates);
         moving the batch to the device is the objective's job."""
-        raise NotImplementedError
 
     def ema_updated(self, phase: str, ema: Any, step: int) -> None:
         """Called after the EMA of ``phase`` was created or updated at ``step`` (a :class:`utils.ema.ShardLocalEMA`).
