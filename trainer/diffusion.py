@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader
 
 from model.loader import build_wan_model
 from pipeline.components import build_scheduler, build_text_encoder, model_source
+from trainer.batches import ResumableBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
-from utils.datasets import DistributedResumableSampler, LatentLMDBDataset, ResumableSampler
+from utils.datasets import DistributedResumableSampler, LatentLMDBDataset
 from utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class DiffusionObjective(Objective):
         self.num_workers = num_workers
         self.device = torch.device("cpu")
         self.compute_dtype = torch.float32   # dtype of the generator's latent and text inputs
-        self._batches: _LatentBatches | None = None
+        self._batches: ResumableBatches | None = None
         self._pending_data_state: dict | None = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ class DiffusionObjective(Objective):
                                               num_replicas=world_size, rank=rank)
         if len(sampler) == 0:
             raise DataError(f"{cfg.data_path} has {len(dataset)} samples, fewer than the {world_size} ranks")
-        self._batches = _LatentBatches(dataset, sampler, cfg.batch_size, self.num_workers)
+        self._batches = ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers)
         if self._pending_data_state is not None:
             self._batches.load_state_dict(self._pending_data_state)
             self._pending_data_state = None
@@ -222,53 +222,3 @@ def _check_config(cfg: Config) -> None:
         raise ConfigError("load_raw_video is not supported: encode videos once with utils/encode_videos.py")
     if cfg.i2v:
         raise ConfigError("i2v is not supported by trainer: diffusion")
-
-
-class _IndexBatches:
-    """Batches of sample indices from a :class:`ResumableSampler`, forever, across epoch boundaries.
-
-    A batch may straddle two epochs, so no sample is dropped or repeated at an epoch's end and the count of consumed
-    samples alone locates the run in the sampler (``ResumableSampler.state_for``).
-    """
-
-    def __init__(self, sampler: ResumableSampler, batch_size: int):
-        self.sampler, self.batch_size = sampler, batch_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batch: list[int] = []
-        while True:
-            for index in self.sampler:  # the rest of the current epoch, then the sampler moves to the next
-                batch.append(index)
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
-
-
-class _LatentBatches:
-    """Infinite iterator of collated batches with a resumable position (``state_dict`` / ``load_state_dict``)."""
-
-    def __init__(self, dataset, sampler: ResumableSampler, batch_size: int, num_workers: int):
-        self.dataset, self.sampler, self.batch_size, self.num_workers = dataset, sampler, batch_size, num_workers
-        self.consumed = 0   # samples handed out since the sampler was created or loaded
-        self._iterator = None
-
-    def __iter__(self) -> "_LatentBatches":
-        return self
-
-    def __next__(self) -> dict:
-        if self._iterator is None:
-            # Workers fetch indices ahead of use; state_dict() therefore counts consumed samples, not fetched ones.
-            loader = DataLoader(self.dataset, batch_sampler=_IndexBatches(self.sampler, self.batch_size),
-                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
-            self._iterator = iter(loader)
-        batch = next(self._iterator)
-        self.consumed += len(batch["prompts"])
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_for(self.consumed)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self.consumed = 0
-        self._iterator = None  # prefetched batches belong to the old position; workers shut down with it

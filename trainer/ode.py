@@ -10,7 +10,7 @@ where the row ``[S + 2, F, C, H, W]`` of the ODE LMDB (``get_causal_ode_data.py`
 ``c`` (slot ``S + 1``). ``j`` is drawn uniformly, one per sample for all frames (the reference), or one per block
 (Self Forcing's choice) with ``per_block_steps=True``.
 
-Also here: :class:`LatentBatches` and :class:`TextConditioner`, the data and prompt plumbing that the consistency
+Also here: :func:`latent_batches` and :class:`TextConditioner`, the data and prompt plumbing that the consistency
 objective (trainer/consistency.py) shares.
 """
 
@@ -21,13 +21,14 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pipeline import components
 from pipeline.causal import StepSchedule
+from trainer.batches import ResumableBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
-from utils.datasets import ODERegressionLMDBDataset, ResumableSampler, cycle
+from utils.datasets import ODERegressionLMDBDataset, ResumableSampler
 from utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -39,44 +40,13 @@ def device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-class LatentBatches:
-    """Infinite iterator of per-rank batches of an LMDB dataset; ``state_dict`` resumes at the next unconsumed sample.
-
-    Each rank reads its share of a per-epoch permutation (:class:`ResumableSampler`, ``drop_last`` across ranks so
-    collectives stay in step). The state counts the samples handed out, so it is exact whatever the DataLoader's
-    workers have prefetched; loading a state drops the prefetched batches.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int = 0):
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True, num_replicas=world_size,
-                                        rank=rank)
-        if len(self.sampler) == 0:
-            raise DataError(f"{len(dataset)} samples cannot feed {world_size} ranks")
-        self.consumed = 0
-        self._iterator: Iterator[dict] | None = None
-
-    def __iter__(self) -> "LatentBatches":
-        return self
-
-    def __next__(self) -> dict:
-        if self._iterator is None:
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                                persistent_workers=self.num_workers > 0)
-            self._iterator = cycle(loader)
-        batch = next(self._iterator)
-        self.consumed += len(batch["prompts"])
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_for(self.consumed)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self.consumed = 0
-        self._iterator = None
+def latent_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
+                   num_workers: int = 0) -> ResumableBatches:
+    """Resumable per-rank batches of ``dataset``: one shuffled permutation per epoch split across ranks."""
+    sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True, num_replicas=world_size, rank=rank)
+    if len(sampler) == 0:
+        raise DataError(f"{len(dataset)} samples cannot feed {world_size} ranks")
+    return ResumableBatches(dataset, sampler, batch_size, num_workers)
 
 
 class TextConditioner:
@@ -112,7 +82,7 @@ class Stage2Objective(Objective):
         self.num_workers = (2 if torch.cuda.is_available() else 0) if num_workers is None else num_workers
         self.scheduler = components.build_scheduler(cfg)
         self.text = TextConditioner(cfg.negative_prompt)
-        self._batches: LatentBatches | None = None
+        self._batches: ResumableBatches | None = None
         self._pending_state: dict | None = None
 
     def _build_generator(self, device: torch.device) -> torch.nn.Module:
@@ -136,7 +106,7 @@ class Stage2Objective(Objective):
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
         dataset = self.dataset_cls(self.cfg.data_path, self.cfg.max_pair or ALL_ROWS)
         self._check_dataset(dataset)
-        self._batches = LatentBatches(dataset, self.cfg.batch_size, rank, world_size, seed, self.num_workers)
+        self._batches = latent_batches(dataset, self.cfg.batch_size, rank, world_size, seed, self.num_workers)
         if self._pending_state is not None:
             self._batches.load_state_dict(self._pending_state)
             self._pending_state = None
