@@ -65,7 +65,8 @@ def write_tiny_wan_folder(folder: str | Path, dit: WanConfig = TINY_DIT, t5: dic
         with torch.no_grad():  # Wan zero-inits the head; a random tiny model should depend on its input
             model.head.head.weight.normal_(std=0.02)
         dit_state_dict = model.state_dict()
-    save_file({k: v.contiguous() for k, v in dit_state_dict.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    weights = {k: v.contiguous() for k, v in dit_state_dict.items()}
+    save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
     # 2. tokenizer + UMT5 (d_model must equal the DiT's text_dim)
     tok_dir = write_tokenizer(folder / WAN_TOKENIZER_SUBDIR, sentences or DEFAULT_SENTENCES)
     vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))

@@ -28,8 +28,13 @@ from torch.utils.checkpoint import checkpoint
 from model.attention import attention
 from model.config import WanConfig
 from model.kv_cache import KVCache
-from model.masks import (BlockLayout, block_causal_frame_mask, dense_token_mask, flex_block_mask,
-                         teacher_forcing_frame_mask)
+from model.masks import (
+    BlockLayout,
+    block_causal_frame_mask,
+    dense_token_mask,
+    flex_block_mask,
+    teacher_forcing_frame_mask,
+)
 from model.rope import RotaryTables, apply_rope
 
 

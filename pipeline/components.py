@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from model.config import PRESETS, PRESET_ALIASES, WanConfig, get_preset
+from model.config import PRESET_ALIASES, PRESETS, WanConfig, get_preset
 from model.loader import build_wan_model, read_model_config
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder

@@ -156,6 +156,7 @@ def test_frame_masks_follow_the_rules(n, first, local, sink):
 @pytest.mark.parametrize("kind", ["block_causal", "teacher_forcing"])
 def test_flex_block_mask_equals_dense(kind):
     from torch.nn.attention.flex_attention import create_mask
+
     from model.masks import dense_token_mask, flex_block_mask, padded_length
 
     layout = BlockLayout(3, False)
