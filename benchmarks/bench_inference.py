@@ -40,11 +40,18 @@ MODES = {  # frames per block, nominal steps, first-block steps, latent frames, 
     "frame1": dict(n=1, steps=[1000], first=[1000, 750, 500, 250], frames=21),
     "long": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=240, window=21, sink=3),
 }
-VARIANTS = {  # the levers; "fast" is the default path of inference.py
-    "fast": dict(fuse=True, backend="cudnn", channels_last=True, frames_per_call=4),
-    "no_fuse": dict(fuse=False, backend="cudnn", channels_last=True, frames_per_call=4),
-    "flash_sdpa": dict(fuse=True, backend="flash", channels_last=True, frames_per_call=4),
-    "reference_like": dict(fuse=False, backend="flash", channels_last=False, frames_per_call=1),
+_BASE = dict(fuse=True, backend="cudnn", channels_last=True, frames_per_call=4, compile=False, compile_vae=False,
+             overlap=False)
+VARIANTS = {  # the levers; "fast" is the default path of inference.py / StreamingPipeline.from_config on CUDA
+    "fast": dict(_BASE, compile=True, overlap=True),
+    "fast_vae": dict(_BASE, compile=True, overlap=True, compile_vae=True),
+    "fast_fpc2": dict(_BASE, compile=True, overlap=True, frames_per_call=2),
+    "compiled": dict(_BASE, compile=True),
+    "overlap": dict(_BASE, overlap=True),
+    "eager": dict(_BASE),
+    "no_fuse": dict(_BASE, fuse=False),
+    "flash_sdpa": dict(_BASE, backend="flash"),
+    "reference_like": dict(_BASE, fuse=False, backend="flash", channels_last=False, frames_per_call=1),
 }
 
 
@@ -67,12 +74,18 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
     if key not in models:  # one generator per block size, reused across modes
         models[key] = build_wan_model(preset, causal=True, num_frame_per_block=key, dtype=dtype,
                                       device=device).eval()
+    gen = models[key]
+    if variant["compile"]:
+        gen.compile_blocks()
+    else:
+        gen.uncompile_blocks()
     sch = FlowMatchScheduler(shift=5.0)
     schedule = StepSchedule.from_config(sch, mode["steps"], mode["first"])
     return StreamingPipeline(models[key], None, vae, sch, schedule, latent_shape=latent_shape,
                              local_attn_size=mode.get("window", -1), sink_size=mode.get("sink", 0),
                              default_num_frames=21, device=device, dtype=dtype,
-                             fuse_context=variant["fuse"], vae_frames_per_call=variant["frames_per_call"])
+                             fuse_context=variant["fuse"], vae_frames_per_call=variant["frames_per_call"],
+                             overlap_decode=variant["overlap"] and device.type == "cuda")
 
 
 def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bool) -> dict:
@@ -97,12 +110,15 @@ def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bo
 
 
 def measure(pipe, ctx, frames: int, runs: int, decode: bool) -> dict:
-    run_once(pipe, ctx, frames if frames <= 21 else 21, decode)  # warm-up (kernels, cuDNN plans, allocator)
+    t = time.perf_counter()
+    run_once(pipe, ctx, frames if frames <= 21 else 21, decode)  # warm-up (compile, cuDNN plans, allocator)
+    warmup_s = time.perf_counter() - t
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     results = [run_once(pipe, ctx, frames, decode) for _ in range(runs)]
     med = {k: statistics.median(r[k] for r in results) for k in results[0]}
     med["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    med["warmup_s"] = warmup_s
     return med
 
 
@@ -133,6 +149,10 @@ def main(argv=None) -> int:
         variant = VARIANTS[variant_name]
         set_sdpa(variant["backend"])
         vae.set_channels_last(variant["channels_last"])
+        if variant["compile_vae"]:
+            vae.compile_decoder()
+        else:
+            vae.model.decoder._compiled_call_impl = None  # undo nn.Module.compile
         for mode_name in args.modes:
             mode = MODES[mode_name]
             pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)
@@ -142,11 +162,12 @@ def main(argv=None) -> int:
             row = dict(mode=mode_name, variant=variant_name, fps=e2e["fps"], dit_fps=dit["fps"],
                        first_frame_s=e2e["first_frame_s"], seconds=e2e["seconds"], dit_seconds=dit["seconds"],
                        mean_block_s=e2e["mean_block_s"], steady_block_s=e2e["steady_block_s"],
-                       peak_gib=max(e2e["peak_gib"], dit["peak_gib"]), pixel_frames=e2e["pixel_frames"])
+                       peak_gib=max(e2e["peak_gib"], dit["peak_gib"]), pixel_frames=e2e["pixel_frames"],
+                       warmup_s=e2e["warmup_s"], dit_peak_gib=dit["peak_gib"])
             rows.append(row)
             print(f"{mode_name:7s} {variant_name:15s} e2e {row['fps']:6.1f} FPS | DiT {row['dit_fps']:6.1f} FPS | "
                   f"first frame {row['first_frame_s']:.3f} s | block {row['mean_block_s'] * 1e3:6.1f} ms | "
-                  f"peak {row['peak_gib']:.1f} GiB", flush=True)
+                  f"peak {row['peak_gib']:.1f} GiB | warm-up {row['warmup_s']:.0f} s", flush=True)
     info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))

@@ -245,6 +245,13 @@ class WanVAE(nn.Module):
         self.channels_last = True
         return self
 
+    def compile_decoder(self, **options) -> WanVAE:
+        """``torch.compile`` the decoder in place (parameter names unchanged). Streaming calls take a few shapes
+        (the one-frame first call, then ``frames_per_call`` or fewer frames), each compiled once per process."""
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.model.decoder.compile(**{"dynamic": False, **options})
+        return self
+
     # ------------------------------------------------------------------ properties and helpers
 
     @property

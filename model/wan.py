@@ -86,19 +86,43 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projections, q/k RMSNorm over all heads, RoPE at the tokens' positions: three ``[B, L, N, d]``."""
+        b, n = x.shape[:2]
+        if self.fused_qkv is not None:  # one [D -> 3D] product (see fuse_qkv)
+            q, k, v = F.linear(x, *self.fused_qkv).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = apply_rope(self.norm_q(q).view(b, n, self.num_heads, -1), cos, sin)
+        k = apply_rope(self.norm_k(k).view(b, n, self.num_heads, -1), cos, sin)
+        return q, k, v.view(b, n, self.num_heads, -1)
+
+    def fuse_qkv(self) -> None:
+        """Store W_q, W_k, W_v (and biases) as row blocks of one ``[3D, D]`` tensor and let :meth:`qkv` run one
+        matrix product: on a one-frame block (1,560 tokens) the three D x D products run at a third of an H100
+        (libraries.md §9). The parameters become views of the fused tensor, so no memory is added, the state dict is
+        unchanged and loading weights later updates the fused product too. Inference only."""
+        if self.fused_qkv is not None:
+            return
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight]).detach()
+        b = torch.cat([self.q.bias, self.k.bias, self.v.bias]).detach()
+        for i, lin in enumerate((self.q, self.k, self.v)):
+            rows = slice(i * w.shape[1], (i + 1) * w.shape[1])
+            lin.weight = nn.Parameter(w[rows], requires_grad=lin.weight.requires_grad)
+            lin.bias = nn.Parameter(b[rows], requires_grad=lin.bias.requires_grad)
+        self.fused_qkv = (w, b)
+
+    def attend(self, q, k, v, plan: AttnPlan, layer: int) -> torch.Tensor:
+        """Full sequence (optionally masked) or against the cache; ``[B, L, N, d]`` before the output projection."""
+        if plan.cache is None:
+            return attention(q, k, v, plan.mask)
+        return self._cached(q, k, v, plan, layer)
 
     def forward(self, x: torch.Tensor, plan: AttnPlan, layer: int) -> torch.Tensor:
-        b, n = x.shape[:2]
-        # 1. projections, q/k RMSNorm over all heads, RoPE at the tokens' positions: [B, L, N, d]
-        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.num_heads, -1), plan.cos, plan.sin)
-        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.num_heads, -1), plan.cos, plan.sin)
-        v = self.v(x).view(b, n, self.num_heads, -1)
-        # 2. attention: full sequence (optionally masked) or against the cache
-        if plan.cache is None:
-            out = attention(q, k, v, plan.mask)
-        else:
-            out = self._cached(q, k, v, plan, layer)
-        return self.o(out.flatten(2))
+        q, k, v = self.qkv(x, plan.cos, plan.sin)
+        return self.o(self.attend(q, k, v, plan, layer).flatten(2))
 
     @staticmethod
     def _cached(q, k, v, plan: AttnPlan, layer: int) -> torch.Tensor:
@@ -152,8 +176,13 @@ class CrossAttention(nn.Module):
         return (self.norm_k(self.k(ctx)).view(b, n, self.num_heads, -1),
                 self.v(ctx).view(b, n, self.num_heads, -1))
 
-    def forward(self, x: torch.Tensor, ctx_or_kv) -> torch.Tensor:
+    def query(self, x: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[:2]
+        return self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
+
+    def attend(self, q: torch.Tensor, ctx_or_kv) -> torch.Tensor:
+        """Attention of queries ``[B, L, N, d]`` to the context: ``(K, V)`` cached per prompt, a
+        :class:`CrossKVSlot` to fill, or the embedded context. Returns ``[B, L, N, d]``."""
         if isinstance(ctx_or_kv, tuple):
             k, v = ctx_or_kv
         elif isinstance(ctx_or_kv, CrossKVSlot):
@@ -163,8 +192,10 @@ class CrossAttention(nn.Module):
             slot.cache.cross_v[slot.layer] = v = v.to(slot.cache.v.dtype)
         else:
             k, v = self.kv(ctx_or_kv)
-        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
-        return self.o(attention(q, k, v).flatten(2))
+        return attention(q, k, v)
+
+    def forward(self, x: torch.Tensor, ctx_or_kv) -> torch.Tensor:
+        return self.o(self.attend(self.query(x), ctx_or_kv).flatten(2))
 
 
 class WanBlock(nn.Module):
@@ -180,23 +211,51 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx_or_kv, plan: AttnPlan, layer: int) -> torch.Tensor:
-        """x ``[B, L, D]`` with ``L = F·S``; e0 ``[B, F, 6, D]`` per-frame modulation."""
-        b, num_frames = e0.shape[:2]
+        """x ``[B, L, D]`` with ``L = F·S``; e0 ``[B, F, 6, D]`` per-frame modulation.
+
+        Split into pure tensor functions around the two attention calls, so :meth:`compile_regions` can compile
+        the elementwise work (norms, modulation, RoPE, gates) without touching the cache bookkeeping.
+        """
         mod = (self.modulation.unsqueeze(0) + e0).chunk(6, dim=2)   # six [B, F, 1, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
-
-        def per_frame(t):  # [B, L, D] -> [B, F, S, D]
-            return t.unflatten(1, (num_frames, -1))
-
         # 1. self-attention, modulated and gated per frame
-        h = (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2)
-        y = self.self_attn(h, plan, layer)
-        x = x + (per_frame(y) * gate1).flatten(1, 2)
+        q, k, v = self._self_attn_in(x, shift1, scale1, plan.cos, plan.sin)
+        y = self.self_attn.attend(q, k, v, plan, layer)
         # 2. cross-attention to the text (no modulation, no gate)
-        x = x + self.cross_attn(self.norm3(x), ctx_or_kv)
+        x, cq = self._cross_attn_in(x, y, gate1)
+        c = self.cross_attn.attend(cq, ctx_or_kv)
         # 3. feed-forward, modulated and gated per frame
-        h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
-        return x + (per_frame(self.ffn(h)) * gate2).flatten(1, 2)
+        return self._ffn(x, c, shift2, scale2, gate2)
+
+    @staticmethod
+    def _per_frame(t: torch.Tensor, num_frames: int) -> torch.Tensor:  # [B, L, D] -> [B, F, S, D]
+        return t.unflatten(1, (num_frames, -1))
+
+    def _self_attn_in(self, x, shift1, scale1, cos, sin):
+        h = (self._per_frame(self.norm1(x), shift1.shape[1]) * (1 + scale1) + shift1).flatten(1, 2)
+        return self.self_attn.qkv(h, cos, sin)
+
+    def _cross_attn_in(self, x, y, gate1):
+        x = x + (self._per_frame(self.self_attn.o(y.flatten(2)), gate1.shape[1]) * gate1).flatten(1, 2)
+        return x, self.cross_attn.query(self.norm3(x))
+
+    def _ffn(self, x, c, shift2, scale2, gate2):
+        x = x + self.cross_attn.o(c.flatten(2))
+        h = (self._per_frame(self.norm2(x), shift2.shape[1]) * (1 + scale2) + shift2).flatten(1, 2)
+        return x + (self._per_frame(self.ffn(h), gate2.shape[1]) * gate2).flatten(1, 2)
+
+    def compile_regions(self, **options) -> None:
+        """``torch.compile`` the three elementwise regions of this block (inference fast path).
+
+        Attention and KV-cache writes stay eager (they take Python-int positions that would specialise graphs).
+        Shapes are fixed per generation mode, so ``dynamic=False`` gives a few graphs reused by every layer.
+        """
+        for name in ("_self_attn_in", "_cross_attn_in", "_ffn"):
+            setattr(self, name, torch.compile(getattr(type(self), name).__get__(self), **options))
+
+    def uncompile_regions(self) -> None:
+        for name in ("_self_attn_in", "_cross_attn_in", "_ffn"):
+            self.__dict__.pop(name, None)
 
 
 class Head(nn.Module):
@@ -262,6 +321,28 @@ class WanModel(nn.Module):
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+
+    def compile_blocks(self, **options) -> None:
+        """Compile every block's elementwise regions (:meth:`WanBlock.compile_regions`); inference fast path.
+
+        The graphs are shared by all layers of equal shapes (parameters are graph inputs), so compile time does not
+        grow with depth; each generation mode adds a few shapes (one block, or two fused blocks).
+        """
+        options = {"dynamic": False, "fullgraph": True, **options}
+        # One cache entry per distinct token count / frame count; streaming uses a handful, long videos no more.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for block in self.blocks:
+            block.compile_regions(**options)
+
+    def fuse_qkv(self) -> None:
+        """One q/k/v product per layer (:meth:`SelfAttention.fuse_qkv`). Call after moving the model to its
+        device and dtype: ``.to()`` replaces parameters and would undo the sharing."""
+        for block in self.blocks:
+            block.self_attn.fuse_qkv()
+
+    def uncompile_blocks(self) -> None:
+        for block in self.blocks:
+            block.uncompile_regions()
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled

@@ -67,11 +67,32 @@ class StreamingPipeline:
     dtype: torch.dtype = torch.float32
     fuse_context: bool = True                   # context pass fused into the next block's first step (same math)
     vae_frames_per_call: int = 4                # latent frames per VAE decoder call (after the first frame)
+    overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
+
+    def enable_fast_path(self, compile_dit: bool = True, compile_vae: bool = False, overlap_decode: bool = True):
+        """The CUDA fast path: one q/k/v product per layer (:meth:`WanModel.fuse_qkv`), compiled DiT elementwise
+        regions (:meth:`WanModel.compile_blocks`), optionally a
+        compiled VAE decoder, and VAE decode overlapped with the next block's DiT work. No-op on the CPU."""
+        if self.device.type != "cuda":
+            return self
+        self.generator.fuse_qkv()
+        if compile_dit:
+            self.generator.compile_blocks()
+        if compile_vae and self.vae is not None:
+            self.vae.compile_decoder()
+        self.overlap_decode = overlap_decode
+        log.info("fast path: compiled DiT regions %s, compiled VAE decoder %s, overlapped decode %s",
+                 compile_dit, compile_vae, overlap_decode)
+        return self
 
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
-                    dtype=None, text_encoder_device=None, decode: bool = True) -> "StreamingPipeline":
-        """Build everything ``cfg`` names. GPU: bf16 everywhere; CPU: float32."""
+                    dtype=None, text_encoder_device=None, decode: bool = True, fast: bool = True,
+                    compile: bool = True, compile_vae: bool = False) -> "StreamingPipeline":
+        """Build everything ``cfg`` names. GPU: bf16 everywhere; CPU: float32.
+
+        On CUDA ``fast`` turns on :meth:`enable_fast_path` (``compile`` / ``compile_vae`` choose what it compiles;
+        the first video then pays the compile time once per process)."""
         from pipeline import components as C
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -91,11 +112,12 @@ class StreamingPipeline:
             schedule = StepSchedule.from_config(scheduler, cfg.denoising_step_list,
                                                 cfg.denoising_step_list_first_chunk, cfg.warp_denoising_step)
         shape = cfg.image_or_video_shape
-        return cls(generator, text_encoder, vae, scheduler, schedule, latent_shape=tuple(shape[2:]),
+        pipe = cls(generator, text_encoder, vae, scheduler, schedule, latent_shape=tuple(shape[2:]),
                    context_noise=float(cfg.context_noise), negative_prompt=cfg.negative_prompt,
                    guidance_scale=cfg.guidance_scale if multistep else 1.0,
                    local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size,
                    default_num_frames=shape[1], device=device, dtype=dtype)
+        return pipe.enable_fast_path(compile, compile_vae) if fast else pipe
 
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -136,6 +158,18 @@ class StreamingPipeline:
         return frames, stream_latents
 
 
+@dataclass
+class _HostFrames:
+    """Decoded frames being copied to pinned host memory on the side stream; ``wait`` blocks on that copy only."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event
+
+    def wait(self) -> torch.Tensor:
+        self.done.synchronize()
+        return self.host
+
+
 class VideoStream:
     """Iterator over the :class:`StreamChunk` of one video; see :meth:`StreamingPipeline.open`."""
 
@@ -166,6 +200,8 @@ class VideoStream:
         self.start_frame = start
         self.latents: list[torch.Tensor] = [] if self.prefix is None else [self.prefix]
         self._pending: tuple[list[str], bool] | None = None
+        overlap = pipe.overlap_decode and self.decoder is not None and pipe.device.type == "cuda"
+        self._side = torch.cuda.Stream(pipe.device) if overlap else None
         self._due: tuple[torch.Tensor, int] | None = None   # context pass of the last block, run with the next
         self._iter = None
 
@@ -193,32 +229,66 @@ class VideoStream:
 
     @torch.no_grad()
     def _run(self):
+        """Blocks in order. With ``overlap_decode`` block b is handed out after block b+1's DiT work is queued, so
+        its decode (side stream) runs beside that work; block 0 is handed out at once (time to first frame). A
+        prompt switch then lands on the first block not yet started, one later than without overlap."""
         if self.prefix is not None:
             self.loop.prefill(self.prefix, 0)
-        offset, frame = 0, self.start_frame
+        offset, frame, held = 0, self.start_frame, None
+        self._t_last = time.perf_counter()
         sizes = self.loop._blocks_from(self.start_frame, self.noise.shape[1])
         for i, n in enumerate(sizes):
-            t0 = time.perf_counter()
             switched = self._apply_switch()
             x0 = self.loop.denoise(self.noise[:, offset:offset + n], frame, i, pending=self._due)
             self.latents.append(x0)
             self._due = (x0, frame)  # written into the cache with (or before) the next block's first step
-            frames = None
-            if self.decoder is not None:
-                first = self.prefix if (i == 0 and self.prefix is not None) else None
-                frames = self.decoder.decode_chunk(x0 if first is None else torch.cat([first, x0], 1))
-            yield StreamChunk(i, frame, x0, frames, list(self.prompts), switched, time.perf_counter() - t0)
+            first = self.prefix if (i == 0 and self.prefix is not None) else None
+            frames = self._decode(x0 if first is None else torch.cat([first, x0], 1))
+            chunk = StreamChunk(i, frame, x0, frames, list(self.prompts), switched)
+            if held is not None:
+                yield self._hand_out(held)
+            if self._side is not None and i > 0:
+                held = chunk
+            else:
+                held = None
+                yield self._hand_out(chunk)
             offset += n
             frame += n
+        if held is not None:
+            yield self._hand_out(held)
         self.close()
 
+    def _hand_out(self, chunk: StreamChunk) -> StreamChunk:
+        """Wait for the chunk's frames (host copy) and stamp the wall time since the previous hand-out."""
+        if isinstance(chunk.frames, _HostFrames):
+            chunk.frames = chunk.frames.wait()
+        now = time.perf_counter()
+        chunk.seconds, self._t_last = now - self._t_last, now
+        return chunk
+
+    def _decode(self, latents: torch.Tensor):
+        """Decode one block: inline, or (overlap) queued on the side stream with a pinned host copy."""
+        if self.decoder is None:
+            return None
+        if self._side is None:
+            return self.decoder.decode_chunk(latents)
+        self._side.wait_stream(torch.cuda.current_stream(latents.device))  # the block's DiT work comes first
+        latents.record_stream(self._side)  # freed on the main stream only after the side stream used it
+        with torch.cuda.stream(self._side):
+            frames = self.decoder.decode_chunk(latents)
+            host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return _HostFrames(host, done)
+
     def __iter__(self):
-        if self._iter is None:
-            self._iter = self._run()
-        return self._iter
+        return self
 
     def __next__(self):
-        return next(iter(self))
+        if self._iter is None:
+            self._iter = self._run()
+        return next(self._iter)
 
     def close(self) -> None:
         """Free the KV cache now (a stopped or disconnected stream must not hold GPU memory)."""

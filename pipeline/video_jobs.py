@@ -128,7 +128,8 @@ def run_inference(args) -> dict:
     if not todo:
         return _report(summary)
     pipe = StreamingPipeline.from_config(cfg, args.checkpoint_path, args.use_ema, device=device,
-                                         text_encoder_device="cpu" if args.text_encoder_cpu else None)
+                                         text_encoder_device="cpu" if args.text_encoder_cpu else None,
+                                         compile=not args.no_compile, compile_vae=args.compile_vae)
     for job in todo:
         frames, seconds = _generate(pipe, cfg, args, job, num_frames)
         summary["written"] += 1

@@ -1,0 +1,135 @@
+"""The inference fast path (issue 8): compiled DiT regions and VAE decode overlapped on a side stream.
+
+CPU: the compiled regions are traced with the ``aot_eager`` backend (graph capture and functionalisation without
+inductor's code generation, so the test stays fast) and must equal the eager model exactly; the graphs must be shared
+by every layer (compile time independent of depth). CUDA only: inductor-compiled streaming within bf16 tolerance of
+eager, and the overlapped stream hands out the same frames as the serial one.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from model.config import WanConfig
+from model.kv_cache import KVCache
+from model.scheduler import FlowMatchScheduler
+from model.tiny import TINY_VAE
+from model.vae import WanVAE
+from model.wan import WanModel
+from pipeline.causal import StepSchedule
+from pipeline.streaming import StreamingPipeline
+
+CFG = WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=4, num_layers=4, text_len=16)
+
+
+def stream_blocks(model, x, ctx, device, dtype, frames_per_block):
+    """Frame-block by frame-block through a KV cache: the inference call pattern."""
+    cache = KVCache.for_model(model, x.shape[0], x.shape[3], x.shape[4], x.shape[1], 0, dtype=dtype, device=device)
+    outs = []
+    with torch.no_grad():
+        for f in range(0, x.shape[1], frames_per_block):
+            t = torch.full((x.shape[0],), 700.0, device=device)
+            outs.append(model.forward_cached(x[:, f:f + frames_per_block], t, ctx, cache, f))
+    return torch.cat(outs, 1)
+
+
+def test_compiled_regions_equal_eager_and_are_shared_by_layers():
+    torch.manual_seed(0)
+    model = WanModel(CFG, causal=True, num_frame_per_block=1).eval()
+    with torch.no_grad():
+        model.head.head.weight.normal_(std=0.02)  # Wan zero-inits the head; make the output depend on the input
+    x, ctx = torch.randn(1, 3, 16, 4, 6), torch.randn(1, 8, 32)
+    eager = stream_blocks(model, x, ctx, torch.device("cpu"), torch.float32, 1)
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_blocks(backend="aot_eager")
+    try:
+        compiled = stream_blocks(model, x, ctx, torch.device("cpu"), torch.float32, 1)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        model.uncompile_blocks()
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    # three regions x one shape: the 4 layers (and the 3 start positions) reuse the same graphs
+    assert graphs == 3, f"expected 3 graphs shared by all layers, got {graphs}"
+    assert "_ffn" not in vars(model.blocks[0])  # uncompile restores the plain methods
+
+
+def test_fast_path_is_a_no_op_on_cpu():
+    model = WanModel(CFG, causal=True).eval()
+    sch = FlowMatchScheduler(shift=5.0)
+    pipe = StreamingPipeline(model, None, None, sch, StepSchedule.from_config(sch, [1000, 500]),
+                             latent_shape=(16, 4, 6))
+    pipe.enable_fast_path()
+    assert not pipe.overlap_decode and "_ffn" not in vars(model.blocks[0])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_inductor_compiled_streaming_matches_eager_on_gpu():
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = WanModel(CFG, causal=True, num_frame_per_block=3).to(dev, torch.bfloat16).eval()
+    with torch.no_grad():
+        model.head.head.weight.normal_(std=0.02)
+    x = torch.randn(1, 6, 16, 8, 8, device=dev, dtype=torch.bfloat16)
+    ctx = torch.randn(1, 8, 32, device=dev, dtype=torch.bfloat16)
+    eager = stream_blocks(model, x, ctx, dev, torch.bfloat16, 3).float()
+    model.compile_blocks()
+    try:
+        compiled = stream_blocks(model, x, ctx, dev, torch.bfloat16, 3).float()
+    finally:
+        model.uncompile_blocks()
+    rel = ((compiled - eager).norm() / eager.norm()).item()
+    assert rel < 2e-2, f"compiled vs eager relative error {rel:.2e} (bf16 rounding expected ~1e-3)"
+
+
+@cuda
+def test_overlapped_decode_hands_out_the_same_frames_on_gpu():
+    torch.manual_seed(0)
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    model = WanModel(CFG, causal=True, num_frame_per_block=3).to(dev, dtype).eval()
+    with torch.no_grad():
+        model.head.head.weight.normal_(std=0.02)
+    vae = WanVAE.from_config(**TINY_VAE).to(dev, dtype)
+    sch = FlowMatchScheduler(shift=5.0)
+    ctx = torch.randn(1, 8, 32, device=dev, dtype=dtype)
+
+    def run(overlap):
+        pipe = StreamingPipeline(model, None, vae, sch, StepSchedule.from_config(sch, [1000, 750, 500, 250]),
+                                 latent_shape=(16, 4, 6), device=dev, dtype=dtype, overlap_decode=overlap)
+        return list(pipe.open("x", num_frames=9, seed=1, context=ctx))
+
+    serial, overlapped = run(False), run(True)
+    assert [c.block_index for c in overlapped] == [0, 1, 2]
+    for a, b in zip(serial, overlapped):
+        assert b.frames.device.type == "cpu"  # handed out on the host
+        assert torch.equal(a.latents, b.latents)
+        assert torch.equal(a.frames.cpu(), b.frames), f"block {a.block_index}: overlapped frames differ"
+
+
+def test_fused_qkv_equals_separate_products_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    model = WanModel(CFG, causal=True, num_frame_per_block=1).eval()
+    with torch.no_grad():
+        model.head.head.weight.normal_(std=0.02)
+    x, ctx = torch.randn(1, 3, 16, 4, 6), torch.randn(1, 8, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = stream_blocks(model, x, ctx, torch.device("cpu"), torch.float32, 1)
+    model.fuse_qkv()
+    fused = stream_blocks(model, x, ctx, torch.device("cpu"), torch.float32, 1)
+    assert (fused - plain).abs().max() < 1e-5  # float32 GEMM blocking may differ; values agree to rounding
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    # loading new weights into the (view) parameters updates the fused product as well
+    other = WanModel(CFG, causal=True, num_frame_per_block=1).eval()
+    other.load_state_dict(before)
+    with torch.no_grad():
+        for b in other.blocks:
+            b.self_attn.k.weight.mul_(0.5)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(model.blocks[0].self_attn.fused_qkv[0][CFG.dim:2 * CFG.dim], other.blocks[0].self_attn.k.weight)
+    assert (stream_blocks(model, x, ctx, torch.device("cpu"), torch.float32, 1)
+            - stream_blocks(other, x, ctx, torch.device("cpu"), torch.float32, 1)).abs().max() < 1e-5
