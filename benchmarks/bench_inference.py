@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import attention as attn  # noqa: E402
 from model.loader import build_wan_model  # noqa: E402
+from model.masks import BlockLayout  # noqa: E402
 from model.scheduler import FlowMatchScheduler  # noqa: E402
 from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
 from pipeline.causal import StepSchedule  # noqa: E402
@@ -41,11 +42,13 @@ MODES = {  # frames per block, nominal steps, first-block steps, latent frames, 
     "long": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=240, window=21, sink=3),
 }
 _BASE = dict(fuse=True, backend="cudnn", channels_last=True, frames_per_call=4, compile=False, compile_vae=False,
-             overlap=False)
+             overlap=False, fuse_qkv=False)
 VARIANTS = {  # the levers; "fast" is the default path of inference.py / StreamingPipeline.from_config on CUDA
-    "fast": dict(_BASE, compile=True, overlap=True),
-    "fast_vae": dict(_BASE, compile=True, overlap=True, compile_vae=True),
-    "fast_fpc2": dict(_BASE, compile=True, overlap=True, frames_per_call=2),
+    "fast": dict(_BASE, compile=True, overlap=True, fuse_qkv=True),
+    "fast_vae": dict(_BASE, compile=True, overlap=True, fuse_qkv=True, compile_vae=True),
+    "fast_fpc2": dict(_BASE, compile=True, overlap=True, fuse_qkv=True, frames_per_call=2),
+    "fast_fpc1": dict(_BASE, compile=True, overlap=True, fuse_qkv=True, frames_per_call=1),
+    "fast_no_qkv": dict(_BASE, compile=True, overlap=True),
     "compiled": dict(_BASE, compile=True),
     "overlap": dict(_BASE, overlap=True),
     "eager": dict(_BASE),
@@ -70,18 +73,18 @@ def sync() -> None:
 
 def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: str,
           latent_shape: tuple[int, int, int], dtype) -> StreamingPipeline:
-    key = mode["n"]
-    if key not in models:  # one generator per block size, reused across modes
-        models[key] = build_wan_model(preset, causal=True, num_frame_per_block=key, dtype=dtype,
-                                      device=device).eval()
-    gen = models[key]
+    if "generator" not in models:  # ONE generator for every mode: peak memory must not count a second copy
+        models["generator"] = build_wan_model(preset, causal=True, dtype=dtype, device=device).eval()
+    gen = models["generator"]
+    gen.layout = BlockLayout(mode["n"], False)  # frames per block is run-time configuration, not weights
+    gen.fuse_qkv(variant["fuse_qkv"])
     if variant["compile"]:
         gen.compile_blocks()
     else:
         gen.uncompile_blocks()
     sch = FlowMatchScheduler(shift=5.0)
     schedule = StepSchedule.from_config(sch, mode["steps"], mode["first"])
-    return StreamingPipeline(models[key], None, vae, sch, schedule, latent_shape=latent_shape,
+    return StreamingPipeline(gen, None, vae, sch, schedule, latent_shape=latent_shape,
                              local_attn_size=mode.get("window", -1), sink_size=mode.get("sink", 0),
                              default_num_frames=21, device=device, dtype=dtype,
                              fuse_context=variant["fuse"], vae_frames_per_call=variant["frames_per_call"],

@@ -334,11 +334,15 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.compile_regions(**options)
 
-    def fuse_qkv(self) -> None:
-        """One q/k/v product per layer (:meth:`SelfAttention.fuse_qkv`). Call after moving the model to its
-        device and dtype: ``.to()`` replaces parameters and would undo the sharing."""
+    def fuse_qkv(self, enabled: bool = True) -> None:
+        """One q/k/v product per layer (:meth:`SelfAttention.fuse_qkv`); ``enabled=False`` goes back to three
+        products (the parameters stay views, which is harmless). Call after moving the model to its device and
+        dtype: ``.to()`` replaces parameters and would undo the sharing."""
         for block in self.blocks:
-            block.self_attn.fuse_qkv()
+            if enabled:
+                block.self_attn.fuse_qkv()
+            else:
+                block.self_attn.fused_qkv = None
 
     def uncompile_blocks(self) -> None:
         for block in self.blocks:
