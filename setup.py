@@ -7,7 +7,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-TEST_ONLY = {"pytest"}
+TEST_ONLY = {"pytest", "httpx", "selenium"}
 
 
 def _requirements() -> list:
@@ -27,6 +27,6 @@ setup(
     extras_require={
         "flash": ["flash-attn"],  # needs a CUDA toolchain: pip install -e .[flash] --no-build-isolation
         "clip": ["open_clip_torch"],
-        "demo": [],
+        "demo": ["starlette>=0.37", "uvicorn>=0.30", "websockets>=13"],  # already in requirements.txt
     },
 )

@@ -41,17 +41,17 @@ MODES = {  # frames per block, nominal steps, first-block steps, latent frames, 
     "frame1": dict(n=1, steps=[1000], first=[1000, 750, 500, 250], frames=21),
     "long": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=240, window=21, sink=3),
 }
-_BASE = dict(fuse=True, backend="cudnn", channels_last=True, frames_per_call=4, compile=False, compile_vae=False,
+_BASE = dict(fuse=True, backend="cudnn", channels_last=True, frames_per_call=1, compile=False, compile_vae=False,
              overlap=False, fuse_qkv=False)
 VARIANTS = {  # the levers; "fast" is the default path of inference.py / StreamingPipeline.from_config on CUDA
     "fast": dict(_BASE, compile=True, overlap=True, fuse_qkv=True),
     "fast_vae": dict(_BASE, compile=True, overlap=True, fuse_qkv=True, compile_vae=True),
-    "fast_fpc2": dict(_BASE, compile=True, overlap=True, fuse_qkv=True, frames_per_call=2),
-    "fast_fpc1": dict(_BASE, compile=True, overlap=True, fuse_qkv=True, frames_per_call=1),
+    "fast_fpc4": dict(_BASE, compile=True, overlap=True, fuse_qkv=True, frames_per_call=4),
     "fast_no_qkv": dict(_BASE, compile=True, overlap=True),
     "compiled": dict(_BASE, compile=True),
     "overlap": dict(_BASE, overlap=True),
     "eager": dict(_BASE),
+    "eager_fpc4": dict(_BASE, frames_per_call=4),  # the default before the fast path (2026-11-25 numbers)
     "no_fuse": dict(_BASE, fuse=False),
     "flash_sdpa": dict(_BASE, backend="flash"),
     "reference_like": dict(_BASE, fuse=False, backend="flash", channels_last=False, frames_per_call=1),

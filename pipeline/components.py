@@ -21,7 +21,7 @@ from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
 from utils.config import Config
-from utils.errors import WeightsMissingError
+from utils.errors import CheckpointError, WeightsMissingError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,13 @@ def model_source(cfg: Config, name: str) -> str:
 def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False,
                     device=None, dtype=None, local_attn_size: int | None = None,
                     sink_size: int | None = None) -> WanModel:
-    """The causal generator of ``cfg`` with ``checkpoint_path`` (or ``cfg.generator_ckpt``) loaded on top."""
+    """The causal generator of ``cfg`` with ``checkpoint_path`` (or, when that is None, ``cfg.generator_ckpt``)
+    loaded on top of the model folder's weights."""
+    if checkpoint_path is None and cfg.generator_ckpt:
+        checkpoint_path = cfg.generator_ckpt
+        if not os.path.exists(checkpoint_path):
+            raise CheckpointError(f"generator_ckpt {checkpoint_path} (from the config) not found; pass "
+                                  f"--checkpoint_path or fix generator_ckpt")
     mk = cfg.model_kwargs
     return build_wan_model(
         model_source(cfg, cfg.generator_name), causal=True, num_frame_per_block=cfg.num_frame_per_block,

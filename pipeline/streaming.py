@@ -66,7 +66,8 @@ class StreamingPipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     fuse_context: bool = True                   # context pass fused into the next block's first step (same math)
-    vae_frames_per_call: int = 4                # latent frames per VAE decoder call (after the first frame)
+    vae_frames_per_call: int = 1                # latent frames per VAE decoder call; 1 keeps peak memory lowest
+                                                # (H100: 12.5 vs 16.5 GiB at 4, for 2% of chunk-wise speed)
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
 
     def enable_fast_path(self, compile_dit: bool = True, compile_vae: bool = False, overlap_decode: bool = True):

@@ -1,28 +1,99 @@
 """Resumable per-rank batches for the training objectives.
 
-:class:`ResumableBatches` turns a dataset and a :class:`~utils.datasets.ResumableSampler` into an infinite iterator of
-collated batches whose ``state_dict`` records how many samples were handed out, so a resumed run continues at the
-next unconsumed sample whatever the DataLoader workers had prefetched.
+:class:`ResumableBatches` turns a dataset and a sampler into an infinite iterator of collated batches whose
+``state_dict`` records how many samples were handed out, so a resumed run continues at the next unconsumed sample
+whatever the DataLoader workers had prefetched. The sampler is a :class:`~utils.datasets.ResumableSampler` (per-rank
+epochs) or a :class:`GlobalStreamSampler` (one sample order for every world size, see there).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Union
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from utils.datasets import ResumableSampler
+from utils.errors import DataError
+
+
+class GlobalStreamSampler(Sampler[int]):
+    """Rank ``r``'s share of ONE endless sample stream that does not depend on the world size.
+
+    The global stream is the concatenation of per-epoch permutations (epoch ``e``: ``numpy.random.default_rng([seed,
+    e])``), nothing dropped. Rank ``r`` of ``R`` takes stream positions ``r, r + R, r + 2R, ...``. A rank's ``i``-th
+    micro-batch of ``b`` samples therefore holds positions ``(i*b + j)*R + r``, and optimizer step ``s`` of a run with
+    ``total_batch_size = T`` consumes exactly positions ``[s*T, (s+1)*T)`` -- whether it runs on 1 GPU with ``T``
+    micro-batches, ``T`` GPUs with one, or anything between. Together with per-sample random draws keyed by the
+    position (:meth:`position_of`), a step then sees the same samples and the same noise on any world size.
+
+    State (``state_dict`` / ``state_for``): the global position up to which every rank consumed, world-size free, so a
+    checkpoint of 2 ranks resumes on 1 rank at the same sample. Ranks consume in lockstep (same batch size and
+    micro-batch count), which makes that position ``consumed * R``.
+    """
+
+    world_size_independent = True
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        if num_samples < 1:
+            raise DataError("the dataset is empty")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
+        self.num_samples_total, self.seed, self.shuffle = int(num_samples), int(seed), shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.start = 0                                  # global position where this rank's count starts
+        self._epoch, self._order = -1, np.arange(0)     # cached permutation of one epoch
+
+    def index_at(self, position: int) -> int:
+        """Dataset index at global stream ``position``."""
+        epoch, offset = divmod(position, self.num_samples_total)
+        if epoch != self._epoch:
+            n = self.num_samples_total
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._epoch = epoch
+        return int(self._order[offset])
+
+    def position_of(self, consumed: int) -> int:
+        """Global position of this rank's ``consumed``-th sample (0-based) since the start / the loaded state."""
+        return self.start + consumed * self.num_replicas + self.rank
+
+    def __iter__(self) -> Iterator[int]:
+        consumed = 0
+        while True:
+            yield self.index_at(self.position_of(consumed))
+            consumed += 1
+
+    def state_for(self, num_consumed: int) -> dict:
+        """State after this rank consumed ``num_consumed`` samples since the sampler was created or loaded."""
+        return {"position": self.start + num_consumed * self.num_replicas, "seed": self.seed,
+                "num_samples_total": self.num_samples_total, "world_size_independent": True}
+
+    def state_dict(self) -> dict:
+        return self.state_for(0)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_samples_total"):
+            if state.get(key, getattr(self, key)) != getattr(self, key):
+                raise DataError(f"data state has {key}={state[key]} but this run has {getattr(self, key)}; "
+                                f"the dataset or seed changed, cannot resume at the same sample")
+        if "position" not in state:
+            raise DataError("data state has no global 'position': it was written by the per-rank sampler of an "
+                            "older version; start a new --logdir")
+        self.start = int(state["position"])
+
+
+AnySampler = Union[ResumableSampler, GlobalStreamSampler]
 
 
 class IndexBatches:
-    """Batches of sample indices from a :class:`ResumableSampler`, forever, across epoch boundaries.
+    """Batches of sample indices from a resumable sampler, forever, across epoch boundaries.
 
     A batch may straddle two epochs, so no sample is dropped or repeated at an epoch's end and the count of consumed
-    samples alone locates the run in the sampler (``ResumableSampler.state_for``).
+    samples alone locates the run in the sampler (``state_for``).
     """
 
-    def __init__(self, sampler: ResumableSampler, batch_size: int):
+    def __init__(self, sampler: AnySampler, batch_size: int):
         self.sampler, self.batch_size = sampler, batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -36,9 +107,13 @@ class IndexBatches:
 
 
 class ResumableBatches:
-    """Infinite iterator of collated batches with a resumable position (``state_dict`` / ``load_state_dict``)."""
+    """Infinite iterator of collated batches with a resumable position (``state_dict`` / ``load_state_dict``).
 
-    def __init__(self, dataset, sampler: ResumableSampler, batch_size: int, num_workers: int):
+    With a :class:`GlobalStreamSampler`, each batch also carries ``sample_id``: int64 ``[B]``, the global stream
+    positions of its samples (the key of per-sample random draws).
+    """
+
+    def __init__(self, dataset, sampler: AnySampler, batch_size: int, num_workers: int):
         self.dataset, self.sampler, self.batch_size, self.num_workers = dataset, sampler, batch_size, num_workers
         self.consumed = 0   # samples handed out since the sampler was created or loaded
         self._iterator = None
@@ -53,11 +128,18 @@ class ResumableBatches:
                                 num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
             self._iterator = iter(loader)
         batch = next(self._iterator)
-        self.consumed += len(batch["prompts"])
+        n = len(batch["prompts"])
+        if isinstance(self.sampler, GlobalStreamSampler):
+            batch["sample_id"] = torch.tensor([self.sampler.position_of(self.consumed + j) for j in range(n)],
+                                              dtype=torch.int64)
+        self.consumed += n
         return batch
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_for(self.consumed)}
+        state = {"sampler": self.sampler.state_for(self.consumed)}
+        if getattr(self.sampler, "world_size_independent", False):
+            state["world_size_independent"] = True   # utils/checkpoint.py restores it on any world size
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])

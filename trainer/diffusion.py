@@ -2,7 +2,9 @@
 
 One phase, ``generator``. Per micro-batch of clean latents ``x0 [B, F, C, H, W]`` and their prompts:
 
-1. prompt embeddings from the frozen text encoder (one call per batch, no gradients);
+1. prompt embeddings from the frozen text encoder (one call per batch, no gradients), after ``caption_dropout``
+   replaced each caption by ``""`` with that probability (the unconditional model of classifier-free guidance; the
+   sampler's negative prompt is then ``""``);
 2. noise ``eps ~ N(0, I)`` and timesteps on the training grid: independent per block and constant within a block
    for the causal generator, one per sample for the bidirectional base model (``causal: false``);
 3. ``x_t = (1 - sigma) x0 + sigma eps`` and the flow target ``eps - x0``;
@@ -19,6 +21,12 @@ Differences from the reference, on purpose:
   (so small values gave almost pure noise) and reused the main noise.
 * The data iterator never drops or repeats a sample at an epoch boundary, and its position is part of the checkpoint
   (``data_state``), so a resumed run continues at the same sample.
+* World-size invariance: every rank reads its share of one global sample stream (``GlobalStreamSampler``: step ``s``
+  takes stream positions ``[s*T, (s+1)*T)`` for ``total_batch_size`` T), and each sample's random draws (noise,
+  timesteps, context noise, caption dropout) come from generators seeded by ``(seed, stream position)``. One GPU with
+  gradient accumulation and N GPUs with the same ``total_batch_size`` therefore compute the same steps up to float
+  summation order, and a checkpoint resumes on another world size at the same sample with the same draws. (The
+  reference drew from per-rank RNGs seeded ``seed + rank``.)
 """
 
 from __future__ import annotations
@@ -27,19 +35,33 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from model.loader import build_wan_model
 from pipeline.components import build_scheduler, build_text_encoder, model_source
-from trainer.batches import ResumableBatches
+from trainer.batches import GlobalStreamSampler, ResumableBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
-from utils.datasets import DistributedResumableSampler, LatentLMDBDataset
+from utils.datasets import LatentLMDBDataset
 from utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 NUM_TIMESTEP_BUCKETS = 4  # per-bucket MSE metrics: quarters of [0, num_train_timestep]
+# Independent random streams of one sample: tensor draws on the training device, caption dropout on the CPU.
+DRAW_STREAM, CAPTION_STREAM = 0, 1
+
+
+def sample_seed(seed: int, sample_id: int, stream: int) -> int:
+    """A 63-bit generator seed for one sample's random ``stream``, mixed from ``(seed, sample_id, stream)``."""
+    words = np.random.SeedSequence([seed % 2**63, int(sample_id), stream]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def sample_generators(seed: int, sample_ids: torch.Tensor, stream: int, device: torch.device) -> list[torch.Generator]:
+    """One seeded ``torch.Generator`` on ``device`` per sample id (``sample_ids``: int64 ``[B]``)."""
+    return [torch.Generator(device=device).manual_seed(sample_seed(seed, i, stream)) for i in sample_ids.tolist()]
 
 
 @dataclass
@@ -105,16 +127,16 @@ class DiffusionObjective(Objective):
     # data
 
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
-        """Infinite per-rank batches ``{"prompts": list[str], "clean_latent": float32 [B, F, C, H, W]}``.
+        """Infinite per-rank batches ``{"prompts": list[str], "clean_latent": float32 [B, F, C, H, W],
+        "sample_id": int64 [B]}`` (``sample_id``: global stream positions, see the module docstring).
 
-        ``seed`` must be the same on every rank (the ranks split one permutation per epoch).
+        ``seed`` must be the same on every rank (the ranks split one global sample stream).
         """
         cfg = self.cfg
         dataset = LatentLMDBDataset(cfg.data_path, max_pair=cfg.max_pair or int(1e8))
-        sampler = DistributedResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True,
-                                              num_replicas=world_size, rank=rank)
-        if len(sampler) == 0:
-            raise DataError(f"{cfg.data_path} has {len(dataset)} samples, fewer than the {world_size} ranks")
+        if len(dataset) == 0:
+            raise DataError(f"{cfg.data_path} holds no samples")
+        sampler = GlobalStreamSampler(len(dataset), seed=seed, shuffle=True, num_replicas=world_size, rank=rank)
         self._batches = ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers)
         if self._pending_data_state is not None:
             self._batches.load_state_dict(self._pending_data_state)
@@ -143,16 +165,50 @@ class DiffusionObjective(Objective):
         """Prompt embeddings ``[B, text_len, text_dim]`` float32 on the training device (one encoder call)."""
         return self.networks.frozen["text_encoder"].encode(list(prompts)).to(self.device, torch.float32)
 
-    def draw(self, x0: torch.Tensor) -> DiffusionDraw:
-        """Noise and timesteps for clean latents ``x0 [B, F, C, H, W]`` (training.md §2.4, §3.3 steps 2-3, 6)."""
+    def drop_captions(self, prompts: list[str], sample_ids: torch.Tensor | None = None) -> list[str]:
+        """``prompts`` with each one replaced by ``""`` with probability ``caption_dropout``.
+
+        One uniform draw per prompt: from the prompt's own CPU generator keyed by its ``sample_ids`` entry (the
+        training loop's batches; same decision on any world size), else from the global CPU RNG, which the loop seeds
+        per rank and saves in checkpoints, so a run (and its resume) drops the same captions. Nothing is drawn at
+        probability 0: a run without dropout keeps the noise stream it had before this option existed.
+        """
+        p = self.cfg.caption_dropout
+        if p <= 0:
+            return list(prompts)
+        if sample_ids is None:
+            uniform = torch.rand(len(prompts))
+        else:
+            gens = sample_generators(self.cfg.seed, sample_ids, CAPTION_STREAM, torch.device("cpu"))
+            uniform = torch.cat([torch.rand(1, generator=g) for g in gens])
+        drop = (uniform < p).tolist()   # rand lies in [0, 1): p = 1 drops every caption
+        return ["" if d else text for text, d in zip(prompts, drop)]
+
+    def draw(self, x0: torch.Tensor, sample_ids: torch.Tensor | None = None) -> DiffusionDraw:
+        """Noise and timesteps for clean latents ``x0 [B, F, C, H, W]`` (training.md §2.4, §3.3 steps 2-3, 6).
+
+        With ``sample_ids`` (int64 ``[B]``), sample ``i`` draws from its own generator seeded by ``(seed,
+        sample_ids[i])``, so its draws do not depend on the batch it sits in, the rank or the world size; without,
+        the batch draws from the global RNG.
+        """
+        if sample_ids is None:
+            return self._draw(x0, None)
+        gens = sample_generators(self.cfg.seed, sample_ids, DRAW_STREAM, x0.device)
+        draws = [self._draw(x0[i:i + 1], g) for i, g in enumerate(gens)]
+        stack = lambda name: (None if getattr(draws[0], name) is None  # noqa: E731
+                              else torch.cat([getattr(d, name) for d in draws]))
+        return DiffusionDraw(stack("noise"), stack("t"), stack("clean_t"), stack("clean_noise"))
+
+    def _draw(self, x0: torch.Tensor, generator: torch.Generator | None) -> DiffusionDraw:
         cfg = self.cfg
         b, f = x0.shape[:2]
-        noise = torch.randn_like(x0)
+        randn = lambda: torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # noqa: E731
+        noise = randn()
         # One timestep per block, constant within it; the bidirectional base model takes one per sample.
         # float32 throughout: no bf16 quantisation of t (the reference's accident, see the module docstring).
         t = self.scheduler.sample_training_timesteps(
             b, f, num_frame_per_block=cfg.num_frame_per_block, uniform=not cfg.causal,
-            independent_first_frame=cfg.independent_first_frame, device=x0.device)
+            independent_first_frame=cfg.independent_first_frame, generator=generator, device=x0.device)
         if not (cfg.teacher_forcing and cfg.noise_augmentation_max_timestep > 0):
             return DiffusionDraw(noise, t)
         grid = self.scheduler.timesteps
@@ -160,9 +216,9 @@ class DiffusionObjective(Objective):
         low = min(int((grid > cfg.noise_augmentation_max_timestep).sum()), len(grid) - 1)
         index = self.scheduler.sample_block_indices(
             b, f, cfg.num_frame_per_block, low=low, independent_first_frame=cfg.independent_first_frame,
-            device=x0.device)
+            generator=generator, device=x0.device)
         # Independent noise for the context (the reference reused eps, training.md §12 item 19).
-        return DiffusionDraw(noise, t, grid.to(x0.device)[index], torch.randn_like(x0))
+        return DiffusionDraw(noise, t, grid.to(x0.device)[index], randn())
 
     def denoising_loss(self, generator: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor,
                        draw: DiffusionDraw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,8 +246,9 @@ class DiffusionObjective(Objective):
         if phase != "generator":
             raise ValueError(f"the diffusion objective has one phase, 'generator'; got {phase!r}")
         x0 = batch["clean_latent"].to(self.device, torch.float32, non_blocking=True)
-        context = self.encode_prompts(batch["prompts"])
-        draw = self.draw(x0)
+        sample_ids = batch.get("sample_id")   # present in the loop's batches: per-sample, world-size-free draws
+        context = self.encode_prompts(self.drop_captions(batch["prompts"], sample_ids))
+        draw = self.draw(x0, sample_ids)
         loss, mse = self.denoising_loss(self.networks.trainable["generator"], x0, context, draw)
         return loss, {"loss": loss.detach(), **self._bucket_metrics(mse.detach(), draw.t)}
 

@@ -91,6 +91,8 @@ class Trainer:
             cfg, w = self.cfg, self.world
             self.metrics = build_metrics_logger(cfg, w.is_main)
             self._last_log = (time.perf_counter(), step)
+            if w.device.type == "cuda":   # peak_memory_gib covers the steps, not building and sharding the networks
+                torch.cuda.reset_peak_memory_stats(w.device)
             bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not w.is_main, dynamic_ncols=True,
                        unit="step")
             with logging_redirect_tqdm():
@@ -241,8 +243,22 @@ class Trainer:
         metrics["samples_per_s"] = samples / max(now - then, 1e-9)
         for name, optimizer in self.optimizers.items():
             metrics[f"{name}_lr"] = optimizer.param_groups[0]["lr"]
+        metrics.update(self._peak_memory())
         self.metrics.log(metrics, step)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")}, refresh=False)
+
+    def _peak_memory(self) -> dict[str, float]:
+        """``peak_memory_gib``: the largest CUDA memory allocated on any rank since the last log (one all-reduce);
+        nothing on CPU runs. The peak counter restarts when training starts and at each log, so a line shows its own
+        interval's peak."""
+        device = self.world.device
+        if device.type != "cuda":
+            return {}
+        peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], dtype=torch.float64, device=device)
+        if self.world.world_size > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"peak_memory_gib": peak.item()}
 
     def save(self, step: int) -> None:
         """Resume checkpoint + release export of ``step`` (collective). Never saves a diverged model."""

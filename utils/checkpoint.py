@@ -198,7 +198,7 @@ def _prune(logdir: str | os.PathLike, keep: int) -> None:
 @dataclass
 class Resumed:
     """What :func:`load_checkpoint` restored besides the networks: the step, and this rank's data position (None when
-    the world size changed, so per-rank RNG and data streams restart from the seed)."""
+    the world size changed and the position is per-rank, so the data stream restarts from the seed)."""
 
     step: int
     data_state: Optional[dict]
@@ -224,9 +224,15 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
 
     w = world()
     if meta["world_size"] != w.world_size:
+        # A data position marked world-size independent (one global sample stream, trainer/batches.py) is the same
+        # in every rank's file: rank 0's continues the run at the same sample on any world size.
+        extra = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=True)
+        data = extra["data"] if isinstance(extra.get("data"), dict) and extra["data"].get("world_size_independent") \
+            else None
         logger.warning("%s was written by %d ranks, this run has %d: weights, optimizer and EMA are resharded; "
-                       "RNG and data order restart from the seed", path, meta["world_size"], w.world_size)
-        return Resumed(meta["step"], None)
+                       "per-rank RNG restarts from the seed; the data position %s", path, meta["world_size"],
+                       w.world_size, "continues (world-size independent)" if data else "restarts from the seed")
+        return Resumed(meta["step"], data)
     extra = torch.load(path / f"rank_{w.rank:05d}.pt", map_location="cpu", weights_only=True)
     set_rng_state(extra["rng"])
     return Resumed(meta["step"], extra["data"])

@@ -182,6 +182,8 @@ class Config:
     # --- stage 1 (diffusion) ---
     teacher_forcing: bool = _f(False, "condition on ground-truth clean context (true) or diffusion forcing (false)")
     noise_augmentation_max_timestep: int = _f(0, "noise the clean context up to this timestep; 0 disables")
+    caption_dropout: float = _f(0.0, "probability that a training caption is replaced by the empty string \"\", "
+                                "so classifier-free guidance has an unconditional model; 0 disables")
 
     # --- stage 2b (consistency distillation) ---
     discrete_cd_N: int = _f(48, "number of discretisation steps of consistency distillation")
@@ -286,6 +288,7 @@ class Config:
         for key in ("lr", "lr_critic", "max_grad_norm_generator", "max_grad_norm_critic"):
             value = getattr(self, key)
             _check(value is None or value > 0, f"{key} must be > 0", value)
+        _check(0 <= self.caption_dropout <= 1, "caption_dropout must lie in [0, 1]", self.caption_dropout)
         for key in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
             _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
         _check(self.weight_decay >= 0, "weight_decay must be >= 0", self.weight_decay)

@@ -211,10 +211,18 @@ def apply_fsdp(model: nn.Module, strategy: str, mixed_precision: bool, device_me
 
 def shard_frozen(model: nn.Module, strategy: str = "full", mixed_precision: bool = False,
                  device_mesh: DeviceMesh | None = None, cpu_offload: bool = False) -> nn.Module:
-    """Shard a frozen network (teacher, real score, text encoder): no gradients, eval mode, no optimizer."""
+    """Shard a frozen network (teacher, real score, text encoder): no gradients, eval mode, no optimizer.
+
+    A result cache (``TextEncoder.cache_size``) is switched off when the mesh spans several ranks: a cache hit skips
+    the forward, and with it FSDP's all-gathers, on one rank while another rank runs it, so the collectives of the
+    ranks would no longer match (gloo aborts with a size mismatch, NCCL hangs).
+    """
     model.requires_grad_(False).eval()
-    return apply_fsdp(model, strategy, mixed_precision, device_mesh, reshard_after_forward=True,
-                      cpu_offload=cpu_offload)
+    mesh = device_mesh if device_mesh is not None else build_mesh(strategy)
+    if getattr(model, "cache_size", 0) > 0 and mesh.size() > 1:
+        model.cache_size = 0
+        logger.info("%s: prompt cache off (sharded over %d ranks)", type(model).__name__, mesh.size())
+    return apply_fsdp(model, strategy, mixed_precision, mesh, reshard_after_forward=True, cpu_offload=cpu_offload)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
