@@ -17,7 +17,7 @@ from model.loader import read_state_dict
 from model.wan import WanModel
 from tests._dist_worker import ToyNet, ToyObjective, toy_config
 from trainer.loop import Trainer
-from trainer.objective import Networks
+from trainer.objective import Networks, Phase
 from utils import checkpoint as ckpt
 from utils.checkpoint import latest_checkpoint, list_checkpoints, release_path
 from utils.distributed import close_distributed, shard_frozen
@@ -203,3 +203,35 @@ def test_ema_copy_to_a_frozen_twin_and_swap_into(tmp_path):
             torch.testing.assert_close(_full(p), expected[canonical_name(name)], rtol=0, atol=0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(_full(p), live[canonical_name(name)], rtol=0, atol=0)
+
+
+class _TwoPhaseObjective(ToyObjective):
+    """Two trainable toys stepped in one training step; records which micro-batch each phase saw."""
+
+    def __init__(self, cfg, fresh: bool):
+        super().__init__(cfg, noise=False)
+        self.fresh_batch_per_phase = fresh
+        self.seen: list[tuple[str, torch.Tensor]] = []
+
+    def build_networks(self, device):
+        return Networks(trainable={"generator": ToyNet().to(device), "critic": ToyNet().to(device)})
+
+    def phases(self):
+        c = self.cfg
+        return [Phase(name, lr=c.lr, betas=(c.beta1, c.beta2), max_grad_norm=1.0) for name in ("generator", "critic")]
+
+    def loss(self, phase, batch, step):
+        self.seen.append((phase, batch[0].clone()))
+        x, y = (t.to(self.networks.trainable[phase].out.weight.device) for t in batch)
+        return F.mse_loss(self.networks.trainable[phase](x), y), {}
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_phases_share_or_draw_their_micro_batches(tmp_path, fresh):
+    obj = _TwoPhaseObjective(toy_config(str(tmp_path), ema_weight=0.0), fresh)
+    trainer = Trainer(obj.cfg, obj)
+    trainer.setup()
+    trainer.train_step(0)
+    (p1, x1), (p2, x2) = obj.seen
+    assert (p1, p2) == ("generator", "critic")
+    assert torch.equal(x1, x2) != fresh  # DMD (fresh=True): the critic sees the next micro-batch, not the generator's

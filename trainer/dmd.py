@@ -56,6 +56,8 @@ class DMDObjective(Objective):
             ``[B, L, text_dim]`` and :attr:`negative_embeds` must be set (speed benchmarks).
     """
 
+    fresh_batch_per_phase = True  # generator and critic steps draw their own prompts (reference behaviour)
+
     def __init__(self, cfg: Config, text_encoder: bool = True):
         if cfg.denoising_step_list is None:
             raise ConfigError("score_distillation needs a few-step denoising_step_list")

@@ -131,9 +131,12 @@ class Trainer:
         return self._resume()
 
     def train_step(self, step: int) -> None:
-        """One optimizer step of every phase due at ``step`` (0-based), on the same ``accum`` micro-batches."""
-        batches = [next(self.data) for _ in range(self._accum)]
+        """One optimizer step of every phase due at ``step`` (0-based), on ``accum`` micro-batches: shared by the
+        phases, or drawn afresh for each (``Objective.fresh_batch_per_phase``)."""
+        batches = None
         for name in self.objective.phases_at(step):
+            if batches is None or self.objective.fresh_batch_per_phase:
+                batches = [next(self.data) for _ in range(self._accum)]
             self._train_phase(self.phases[name], batches, step)
 
     # -----------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ class Networks:
 class Objective(ABC):
     """Base class of a stage objective. Subclasses implement the methods below."""
 
+    # True: every phase due at a step draws its own micro-batches (DMD: the generator and the critic see different
+    # prompts, as in the reference); False: the phases of a step share them.
+    fresh_batch_per_phase: bool = False
+
     @abstractmethod
     def build_networks(self, device: torch.device) -> Networks:
         """Build (and load initial weights of) every network, unsharded, on ``device`` or ``meta``."""
