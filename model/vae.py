@@ -16,14 +16,24 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from safetensors.torch import load_file
 from torch import nn
 
 from utils.errors import CheckpointError, ConfigError, WeightsMissingError
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
+
+
+def _autoencoder_class():
+    """diffusers' ``AutoencoderKLWan``, imported on first use: importing diffusers costs seconds, and training
+    processes that never build a VAE (visualisation off) should not pay it."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +185,8 @@ class WanVAE(nn.Module):
         self.temporal_compression = 2 ** sum(config.temperal_downsample)
         self.spatial_compression = 2 ** (len(config.dim_mult) - 1)
         # Upper bound on the decoder's feature-cache slots (one per causal conv; 1x1 shortcuts never use theirs).
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
         self.num_decoder_cache_slots = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
         self.channels_last = False
         self._stats_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -184,7 +196,7 @@ class WanVAE(nn.Module):
     @classmethod
     def from_config(cls, **config) -> WanVAE:
         """Randomly initialised VAE from ``AutoencoderKLWan`` arguments (e.g. ``**TINY_VAE_CONFIG``)."""
-        return cls(AutoencoderKLWan(**config))
+        return cls(_autoencoder_class()(**config))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.float32, **config) -> WanVAE:
@@ -208,7 +220,7 @@ class WanVAE(nn.Module):
             weights = path / DIFFUSERS_WEIGHTS_NAME
             if not weights.is_file():
                 raise WeightsMissingError(f"VAE weights {weights} not found")
-            full_config = {**AutoencoderKLWan.load_config(str(path)), **config}
+            full_config = {**_autoencoder_class().load_config(str(path)), **config}
             state_dict = load_file(str(weights))
         elif path.is_file():
             full_config = {**WAN21_VAE_CONFIG, **config}
@@ -216,7 +228,7 @@ class WanVAE(nn.Module):
         else:
             raise WeightsMissingError(f"VAE weights not found at {path}; download with: {DOWNLOAD_HINT}")
         with torch.device("meta"):  # weights come from the file; skip the random initialisation
-            model = AutoencoderKLWan.from_config(full_config)
+            model = _autoencoder_class().from_config(full_config)
         if "post_quant_conv.weight" not in state_dict:  # original Wan names
             state_dict = convert_original_vae_state_dict(state_dict, model.config.num_res_blocks)
         load_state_dict_strict(model, state_dict, str(path))
