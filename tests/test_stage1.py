@@ -4,14 +4,32 @@ Training data are synthetic captioned clips (utils/synthetic.py) turned into lat
 VAE (first frame + means of 4-frame groups, 8x8 average pooling, a random 3 -> 16 channel lift), so a latent LMDB of a
 few hundred clips costs well under a second. The training test runs the shared loop (trainer/loop.py).
 
-Not asserted (measured; numbers in the stage-1 report): that a CI-sized run learns the *captioned* motion. After
-300-600 steps on clips of 2 colours x 4 directions, samples from noise move in the captioned direction at chance, and
-rollouts from a held-out first frame (0.38-0.50 of 128) follow the object's start position, not the caption: with
-shuffled direction words they still move the clip's true way (0.38-0.50) and the given way at chance (0.18-0.24).
+Captions in samples (issue 5; measured on a shared 2-core CPU, one thread, 64 samples from noise with the multi-step
+Euler sampler, 20 steps; "direction" = move of the latent energy centroid, chance 1/4):
+
+* Why the captioned direction stayed at chance (the earlier 300-600-step runs here: 0.18-0.24 with shuffled
+  direction words): the direction never reached the model. The ``world`` fixture's tokenizer converges to 41
+  mostly one-character pieces, a caption takes 19-27 tokens, and TINY_DIT keeps ``text_len = 16``, so every caption
+  is cut after "a <colour> <shape> moving": captions that differ only in direction (or speed) give *identical*
+  contexts. ``caption_world`` uses the one-piece-per-word toy tokenizer (7 tokens); test_caption_words_reach_the_
+  generator guards this.
+* With the direction visible (text_len 32, or word pieces) it is still learned slowly: at 300-900 steps every variant
+  stayed at 0.14-0.34 -- caption dropout 0.2 with CFG 1-6 against "", one colour and shape, fast only, no
+  distractors, 2 / 3 / 5 latent frames, lr 1e-2, 4 layers (0.34 / 0.38 at 900 steps), patch 1x1 (0.33 / 0.34),
+  noise-augmented context up to t = 900 / 999, timestep shift 2, latents scaled by 1/4 or 1/8, uniform loss weights,
+  fixed random word vectors instead of the T5. Under teacher forcing the caption tells only the first move (latent
+  frame 1 given the clean frame 0; later frames read the motion from their clean context), and the start position
+  already rules out half the directions (the object stays inside the frame), so the caption -> shift map gets little
+  gradient. It emerges with length, unreliably: 3 latent frames, one colour, text_len 32, CFG 1 / 4: 0.25 / 0.27 at
+  600 steps, 0.30 / 0.34 at 1200, 0.38 / 0.39 at 1800, 0.47 / 0.55 at 2400, 0.44 / 0.47 (CFG 3) at 3000; another
+  seed: 0.25 at 1500; ``caption_world`` (4 colours): 17/64 / 22/64 (p = 0.06) at 2400. So the direction is NOT
+  asserted: no CI-sized run (~35-80 ms per step here) learns it reliably.
+* A caption word that maps to a *global* property is learned at once: 300 steps with caption dropout 0.2 put the
+  captioned colour on 60/64 samples with CFG 1 and 64/64 with CFG 4 (chance 16/64; direction 14/64 at that point;
+  150 steps: 24/64 and 30/64); test_samples_follow_the_caption asserts it (binomial p < 0.01), 18-56 s here.
 """
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -240,7 +258,16 @@ def test_data_resumes_at_the_same_sample(world):
 
 # ------------------------------------------------------------------------------------------------ training on the toy
 
-def test_teacher_forcing_training_lowers_heldout_loss(world, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread (two threads on the shared 2-core CPU under load are many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_teacher_forcing_training_lowers_heldout_loss(world, tmp_path, one_thread):
     """200 steps of batch 8 on 256 clips through the shared loop (FSDP2 over one gloo rank, AdamW, clipping) and the
     objective's own data iterator and loss (~8 s on an idle 2-core CPU): the loss on held-out clips (unseen attribute
     combinations, fixed noise and timesteps) falls."""
@@ -374,10 +401,10 @@ def test_caption_words_reach_the_generator(caption_world):
     assert all(not torch.equal(context[0], context[i]) for i in range(1, len(captions)))
 
 
-def test_samples_follow_the_caption(caption_world):
+def test_samples_follow_the_caption(caption_world, one_thread):
     """300 teacher-forcing steps with caption dropout 0.2, then 64 samples from noise with CFG 4 against "": the
-    object takes the captioned colour far more often than chance (1/4). The captioned *direction* needs ~2400 steps
-    (see test_samples_move_in_the_captioned_direction), more than a CI budget on one core."""
+    object takes the captioned colour far more often than chance (1/4). The captioned *direction* is reported in the
+    message but not asserted (see the module docstring: not learned reliably in a CI-sized run)."""
     objective, generator = train_with_caption_dropout(caption_world, steps=300)
     prompts, colours, directions = caption_prompts(64)
     latents = sample_from_noise(objective, generator, prompts, guidance_scale=4.0)
@@ -386,18 +413,6 @@ def test_samples_follow_the_caption(caption_world):
     p = binomial_tail(colour_hits, len(prompts), 0.25)
     assert p < 0.01, (f"captioned colour in {colour_hits}/{len(prompts)} samples (chance 1/4, binomial p={p:.2g}); "
                       f"direction {direction_hits}/{len(prompts)}")
-
-
-@pytest.mark.skipif(not os.environ.get("CF_LONG_TESTS"), reason="~2400 training steps (minutes): set CF_LONG_TESTS=1")
-def test_samples_move_in_the_captioned_direction(caption_world):
-    """2400 teacher-forcing steps with caption dropout 0.2, then 64 samples from noise with CFG 4 against "": the
-    object moves in the captioned direction more often than chance (1/4)."""
-    objective, generator = train_with_caption_dropout(caption_world, steps=2400)
-    prompts, _, directions = caption_prompts(64)
-    latents = sample_from_noise(objective, generator, prompts, guidance_scale=4.0)
-    hits = int((motion_direction(latents) == directions).sum())
-    p = binomial_tail(hits, len(prompts), 0.25)
-    assert p < 0.01, f"captioned direction in {hits}/{len(prompts)} samples (chance 1/4, binomial p={p:.2g})"
 
 
 # ------------------------------------------------------------------------------------------------ encode_videos

@@ -1,0 +1,150 @@
+"""Build the toy world's Wan model folder (issue 9): ``<out>/Toy-T2V/`` in the real Wan2.1 layout.
+
+    python scripts/build_toy_models.py --out assets/toy --vae_steps 900 --seed 0 --threads 1
+
+Writes ``config.json`` + ``diffusion_pytorch_model.safetensors`` (a freshly initialised TOY_DIT, bf16),
+``models_t5_umt5-xxl-enc-bf16.pth`` (a random frozen toy UMT5, bf16) + ``google/umt5-xxl/`` (a sentencepiece
+tokenizer with one piece per toy word) and ``vae/`` (diffusers format, fp16): the toy VAE TRAINED here on synthetic
+clips, with its latent normalisation measured on encoded training clips. ``build_info.json`` records the settings,
+training time, reconstruction PSNR on held-out clips and file sizes. The folder is written next to the target and
+moved into place at the end, so an interrupted build never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from model.tiny import TOY_DIT, TOY_T5, TOY_VAE, toy_words, write_tiny_wan_folder  # noqa: E402
+from model.toy_vae import (  # noqa: E402
+    ClipPool,
+    ToyVAETraining,
+    fit_latent_stats,
+    init_posterior_logvar,
+    reconstruction_psnr,  # noqa: E402
+    train_toy_vae,
+)
+from model.vae import WanVAE  # noqa: E402
+from utils.synthetic import all_combinations, format_caption, make_split  # noqa: E402
+
+log = logging.getLogger("build_toy_models")
+FOLDER_NAME = "Toy-T2V"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = ToyVAETraining()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="assets/toy", help=f"output root; the model folder is <out>/{FOLDER_NAME}")
+    p.add_argument("--vae_steps", type=int, default=defaults.steps, help="VAE optimiser steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, every initialisation and the training")
+    p.add_argument("--device", default="cpu", help="torch device for VAE training and evaluation")
+    p.add_argument("--vae_batch_size", type=int, default=defaults.batch_size, help="training windows per VAE step")
+    p.add_argument("--vae_frames", type=int, default=defaults.num_frames,
+                   help="frames per training window (1 + 4k); the VAE is causal, so it still encodes 33-frame clips")
+    p.add_argument("--vae_crop", type=int, default=defaults.crop,
+                   help="spatial crop of the training windows (multiple of 8; 0 = full 64x64 frames)")
+    p.add_argument("--vae_full_fraction", type=float, default=defaults.full_size_fraction,
+                   help="fraction of the steps (at the end) trained on full frames instead of crops")
+    p.add_argument("--vae_lr", type=float, default=defaults.lr, help="peak AdamW learning rate of the VAE")
+    p.add_argument("--vae_kl_weight", type=float, default=defaults.kl_weight, help="weight of the KL term")
+    p.add_argument("--vae_init", default=None,
+                   help="continue training from this diffusers VAE folder (e.g. a previous <out>/Toy-T2V/vae) "
+                        "instead of a fresh initialisation")
+    p.add_argument("--train_clips", type=int, default=256, help="synthetic training clips (33 frames, 64x64)")
+    p.add_argument("--stats_clips", type=int, default=48,
+                   help="training clips encoded to measure the latent mean/std per channel")
+    p.add_argument("--heldout_clips", type=int, default=16,
+                   help="held-out clips (unseen caption combinations) for the reconstruction PSNR")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); on a CPU shared with other jobs 1 is much faster, "
+                        "since waiting intra-op threads spin")
+    p.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bar")
+    return p.parse_args(argv)
+
+
+def train_vae(args: argparse.Namespace, train_videos: list, heldout_videos: list) -> tuple:
+    """Train, normalise and evaluate the toy VAE; returns ``(AutoencoderKLWan, info dict)``."""
+    from diffusers import AutoencoderKLWan
+
+    cfg = ToyVAETraining(steps=args.vae_steps, batch_size=args.vae_batch_size, num_frames=args.vae_frames,
+                         crop=args.vae_crop, full_size_fraction=args.vae_full_fraction, lr=args.vae_lr,
+                         kl_weight=args.vae_kl_weight, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = AutoencoderKLWan(**TOY_VAE)
+    if args.vae_init:
+        model.load_state_dict(WanVAE.from_pretrained(args.vae_init).model.state_dict())
+        log.info("toy VAE initialised from %s", args.vae_init)
+    else:
+        init_posterior_logvar(model)
+    log.info("toy VAE: %.2fM parameters; training %d steps on %d clips (%s)",
+             sum(p.numel() for p in model.parameters()) / 1e6, cfg.steps, len(train_videos), cfg)
+    start = time.monotonic()
+    losses = train_toy_vae(model, ClipPool(train_videos, seed=args.seed), cfg, args.device,
+                           progress=not args.no_progress)
+    train_seconds = time.monotonic() - start
+    mean, std = fit_latent_stats(model, train_videos[:args.stats_clips], device=args.device)
+    log.info("latent normalisation from %d training clips: mean %s std %s", len(train_videos[:args.stats_clips]),
+             [round(v, 3) for v in mean], [round(v, 3) for v in std])
+    psnr32, latent_shape = reconstruction_psnr(WanVAE(model), heldout_videos)
+    shipped = WanVAE(AutoencoderKLWan.from_config(model.config))  # what the fp16 file will load as
+    shipped.model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    psnr16, _ = reconstruction_psnr(shipped.to(args.device), heldout_videos)
+    log.info("VAE trained in %.0f s; held-out PSNR %.2f dB (fp32), %.2f dB (fp16 as shipped); latents %s",
+             train_seconds, psnr32, psnr16, list(latent_shape))
+    final_loss = sum(losses[-50:]) / len(losses[-50:])
+    info = dict(train_seconds=round(train_seconds, 1), steps=cfg.steps, final_loss=round(final_loss, 5),
+                heldout_psnr_db_fp32=round(psnr32, 2), heldout_psnr_db_fp16=round(psnr16, 2),
+                heldout_clips=len(heldout_videos), latent_shape=list(latent_shape), latents_mean=mean,
+                latents_std=std, training=vars(cfg))
+    return model.cpu(), info
+
+
+def folder_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = Path(args.out) / FOLDER_NAME
+    start = time.monotonic()
+    train, heldout = make_split(args.train_clips, args.heldout_clips, seed=args.seed, num_frames=33, height=64,
+                                width=64)
+    log.info("synthetic data: %d training / %d held-out clips of 33x64x64", len(train), len(heldout))
+    vae_model, vae_info = train_vae(args, [v for _, v in train], [v for _, v in heldout])
+
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    captions = [format_caption(c) for c in all_combinations()]
+    write_tiny_wan_folder(staging, dit=TOY_DIT, t5=TOY_T5, sentences=captions, seed=args.seed, words=toy_words(),
+                          vae_model=vae_model, weights_dtype=torch.bfloat16, vae_dtype=torch.float16)
+    sizes = folder_sizes(staging)
+    info = dict(args=vars(args), dit=TOY_DIT.to_dict(), t5=TOY_T5, vae=vae_info, total_bytes=sum(sizes.values()),
+                files=sizes, build_seconds=round(time.monotonic() - start, 1))
+    (staging / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    for name, size in sizes.items():
+        log.info("wrote %s (%.1f kB)", target / name, size / 1e3)
+    log.info("total %.2f MB in %s; VAE held-out PSNR %.2f dB; built in %.0f s", info["total_bytes"] / 1e6, target,
+             vae_info["heldout_psnr_db_fp16"], info["build_seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,689 @@
+"""The toy-world recipe (issue 9): every Causal Forcing stage on synthetic clips, end to end, with the project's tools.
+
+    python scripts/toy_recipe.py --device cuda --ship          # the full recipe: minutes on one GPU
+    python scripts/toy_recipe.py --steps_scale 0.25            # on a CPU (see "Run time" below)
+    python scripts/toy_recipe.py --workdir /tmp/toy --quick    # a few steps per stage (CI, tests)
+
+Stages, each a subprocess of an entry point users run themselves (``train.py``, ``get_causal_ode_data.py``,
+``utils/create_lmdb_iterative.py``, ``utils/encode_videos.py``, ``inference.py``, ``benchmarks/eval_toy.py``) with a
+``configs/toy/*.yaml`` file and ``--override`` for the paths, chained through the checkpoint files they write:
+
+1. data: synthetic train / held-out clips (``utils.synthetic.make_split``) as mp4 + ``captions.txt``, encoded to
+   latent LMDBs with the toy VAE;
+2. base: the bidirectional toy base model from random weights (it stands in for Wan2.1 and is Stage 3's real score
+   and critic initialisation); its weights become ``<workdir>/models/base/Toy-T2V``;
+3. Stage 1 (teacher-forcing AR diffusion) frame-wise and chunk-wise, from the base;
+4. Stage 2: causal ODE pairs of the Stage-1 model + ODE regression, and separately causal consistency distillation;
+5. Stage 3: DMD from the ODE models (4-step frame-/chunk-wise, 2- and 1-step frame-wise) and the paper's ablation,
+   DMD started from the Stage-1 model without Stage 2;
+6. videos for every row of the results table, scored by the toy evaluator, written to ``docs/toy_results.md``.
+
+Run time: the config defaults (``max_steps`` of configs/toy) are sized for one GPU (minutes). On a 2-core CPU they
+take hours: measured under a load of ~8 on 2 cores, seconds per step were base 8.0 (batch 16), Stage 1 4.1 / 4.9
+(batch 16), ODE 3.6 / 8.3, CD 16.6 / 18.4 (batch 8), DMD 24 (batch 4), ODE pairs ~28 / ~60 s per trajectory (48 Euler
+steps), encoding ~3 s per clip, frame-wise / chunk-wise. ``--steps_scale 0.25`` brings an idle 2-core CPU to roughly
+an hour; each run's table lists its own per-step times and extrapolates them to the config's steps.
+
+Every stage is skipped when its output file already exists, so an interrupted run continues where it stopped (and
+``train.py`` itself resumes inside a stage). Logs of each subprocess: ``<workdir>/logs/<stage>.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python scripts/toy_recipe.py`: import the project from the repo root
+    sys.path.insert(0, str(REPO))
+
+CONFIGS = REPO / "configs" / "toy"
+MODEL = "Toy-T2V"
+VARIANTS = ("framewise", "chunkwise")
+STUDENT_STEPS = [1000, 750, 500, 250]
+
+# Trained stages: name -> (configs/toy file, stage whose checkpoint initialises the generator, or None).
+STAGES = {
+    "base": ("base.yaml", None),
+    "ar_framewise": ("ar_diffusion_tf_framewise.yaml", None),
+    "ar_chunkwise": ("ar_diffusion_tf_chunkwise.yaml", None),
+    "ode_framewise": ("causal_ode_framewise.yaml", "ar_framewise"),
+    "ode_chunkwise": ("causal_ode_chunkwise.yaml", "ar_chunkwise"),
+    "cd_framewise": ("causal_cd_framewise.yaml", "ar_framewise"),
+    "cd_chunkwise": ("causal_cd_chunkwise.yaml", "ar_chunkwise"),
+    "dmd_framewise": ("causal_forcing_dmd_framewise.yaml", "ode_framewise"),
+    "dmd_chunkwise": ("causal_forcing_dmd_chunkwise.yaml", "ode_chunkwise"),
+    "dmd_framewise_2step": ("causal_forcing_dmd_framewise_2step.yaml", "ode_framewise"),
+    "dmd_framewise_1step": ("causal_forcing_dmd_framewise_1step.yaml", "ode_framewise"),
+    "dmd_framewise_from_ar": ("causal_forcing_dmd_framewise.yaml", "ar_framewise"),   # ablation: no Stage 2
+}
+QUICK_ROWS = ("base_50", "dmd_framewise_4", "dmd_chunkwise_4")
+QUICK = dict(steps=2, n_train=8, n_heldout=4, ode_samples=4, batch_size=2, num_prompts=2, num_samples=1)
+
+
+@dataclass
+class Row:
+    """One line of the results table: a model sampled with one schedule."""
+
+    name: str                      # also the sample folder's name
+    label: str                     # model column
+    steps: str                     # sampling column
+    stage: str                     # checkpoint stage ("base" = the bidirectional base folder)
+    config: str                    # configs/toy file used for inference
+    overrides: list[str] = field(default_factory=list)
+    use_ema: bool = False
+
+
+def table_rows() -> list[Row]:
+    """The results table of the issue, in order."""
+    few = [f"denoising_step_list=[{','.join(map(str, STUDENT_STEPS))}]", "warp_denoising_step=true"]
+    rows = [Row("base_50", "base (bidirectional)", "50, CFG 3", "base", "base.yaml")]
+    for v in VARIANTS:
+        rows += [Row(f"ar_{v}_50", f"Stage 1 AR {v}", "50, CFG 3", f"ar_{v}", f"ar_diffusion_tf_{v}.yaml"),
+                 Row(f"ar_{v}_4", f"Stage 1 AR {v} (undistilled)", "4", f"ar_{v}", f"ar_diffusion_tf_{v}.yaml", few),
+                 Row(f"ode_{v}_4", f"causal ODE init {v}", "4", f"ode_{v}", f"causal_ode_{v}.yaml"),
+                 Row(f"cd_{v}_4", f"causal CD init {v} (EMA)", "4", f"cd_{v}", f"causal_cd_{v}.yaml", use_ema=True),
+                 Row(f"dmd_{v}_4", f"Causal Forcing DMD {v}", "4", f"dmd_{v}", f"causal_forcing_dmd_{v}.yaml")]
+    rows += [Row("dmd_framewise_2", "Causal Forcing DMD framewise", "2 (block 0: 4)", "dmd_framewise_2step",
+                 "causal_forcing_dmd_framewise_2step.yaml"),
+             Row("dmd_framewise_1", "Causal Forcing DMD framewise", "1 (block 0: 4)", "dmd_framewise_1step",
+                 "causal_forcing_dmd_framewise_1step.yaml"),
+             Row("dmd_framewise_from_ar_4", "DMD from Stage 1, no Stage 2 (ablation)", "4", "dmd_framewise_from_ar",
+                 "causal_forcing_dmd_framewise.yaml")]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# progress display
+
+
+class Progress:
+    """Stage headers with elapsed times; while a subprocess runs, a one-line ticker (on a terminal) shows its last
+    log line."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.start = total, 0, time.perf_counter()
+        self.tty = sys.stdout.isatty()
+        self.timings: dict[str, float] = {}
+
+    def _clock(self, seconds: float) -> str:
+        return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+    def begin(self, name: str, what: str) -> float:
+        self.index += 1
+        say(f"[{self.index:2d}/{self.total}] {self._clock(time.perf_counter() - self.start)}  {name}: {what}")
+        return time.perf_counter()
+
+    def end(self, name: str, started: float, note: str = "") -> None:
+        seconds = time.perf_counter() - started
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        say(f"        done in {seconds:.1f} s{(' - ' + note) if note else ''}")
+
+    def skip(self, name: str, why: str, count: int = 1) -> None:
+        self.index += count
+        say(f"[{self.index:2d}/{self.total}] {name}: skipped ({why})")
+
+    def watch(self, proc: subprocess.Popen, log_path: Path, started: float) -> None:
+        """Block until ``proc`` ends, refreshing the ticker once a second on a terminal."""
+        if not self.tty:
+            proc.wait()
+            return
+        while proc.poll() is None:
+            last = _last_line(log_path)[: shutil.get_terminal_size((100, 20)).columns - 24]
+            sys.stdout.write(f"\r\033[K        {time.perf_counter() - started:6.0f} s | {last}")
+            sys.stdout.flush()
+            time.sleep(1.0)
+        sys.stdout.write("\r\033[K")
+
+
+def say(text: str) -> None:
+    """One line of the progress display (this is a command-line script: stdout is its interface)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 2048))
+            text = f.read().decode("utf-8", "replace").replace("\r", "\n")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the recipe
+
+
+class Recipe:
+    """Paths, step counts and the stage runners of one recipe run (``args`` from :func:`build_parser`)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(args.workdir).resolve()
+        self.quick = args.quick
+        self.device = args.device or _default_device()
+        self.env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                        WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if self.device == "cpu":
+            self.env["CUDA_VISIBLE_DEVICES"] = ""   # train.py and the ODE script pick CUDA when they see it
+        self.steps = self._step_counts()
+        self.progress: Progress | None = None
+        self.video_seconds: dict[str, float] = {}   # row -> seconds per video (generation + decoding + writing)
+
+    # --- layout ---------------------------------------------------------------------------------------------------
+    def models(self, which: str) -> Path:
+        """``init`` (random DiT + toy encoder/VAE) or ``base`` (trained base DiT): a wan_models_dir."""
+        return self.work / "models" / which
+
+    def ckpt(self, stage: str) -> Path:
+        return self.work / "checkpoints" / f"{stage}.pt"
+
+    @property
+    def clean_data(self) -> Path:
+        return self.work / "dataset" / "clean_data"
+
+    @property
+    def train_prompts(self) -> Path:
+        return self.work / "dataset" / "train_prompts.txt"
+
+    def _step_counts(self) -> dict[str, int]:
+        """Steps per trained stage: the config's max_steps x --steps_scale, then --steps NAME=N, --quick last."""
+        from utils.config import load_config
+
+        counts, self.save_every, self.config_steps = {}, {}, {}
+        for name, (config, _) in STAGES.items():
+            cfg = load_config(CONFIGS / config)
+            counts[name] = max(1, round(cfg.max_steps * self.args.steps_scale))
+            self.save_every[name], self.config_steps[name] = cfg.log_iters, cfg.max_steps
+        for item in self.args.steps:
+            name, _, value = item.partition("=")
+            if name not in STAGES or not value.isdigit():
+                raise SystemExit(f"--steps {item!r}: expected NAME=N with NAME one of {', '.join(STAGES)}")
+            counts[name] = int(value)
+        if self.quick:
+            counts = {name: QUICK["steps"] for name in counts}
+        return counts
+
+    def size(self, key: str):
+        return QUICK[key] if self.quick else getattr(self.args, key)
+
+    # --- running subprocesses -------------------------------------------------------------------------------------
+    def launcher(self) -> list[str]:
+        """``python`` or, with ``--nproc N`` > 1, ``torchrun --standalone --nproc_per_node N`` (batch is per rank)."""
+        if self.args.nproc <= 1:
+            return [sys.executable]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.args.nproc}"]
+
+    def run(self, name: str, cmd: list[str], what: str) -> None:
+        """Run ``cmd`` from the repo root, output to ``logs/<name>.log``; on failure print the log's tail and stop."""
+        log_path = self.work / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = self.progress.begin(name, what)
+        with open(log_path, "w") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.progress.watch(proc, log_path, started)
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-30:]
+            say("\n".join([f"        FAILED (exit {proc.returncode}); last lines of {log_path}:"] + tail))
+            raise SystemExit(f"stage {name} failed")
+        self.progress.end(name, started)
+
+    def train(self, name: str) -> Path:
+        """``train.py`` for one stage; the release export of its last step becomes ``checkpoints/<name>.pt``."""
+        out = self.ckpt(name)
+        if out.is_file():
+            self.progress.skip(name, f"{out} exists")
+            return out
+        config, init = STAGES[name]
+        steps = self.steps[name]
+        logdir = self.work / "logs" / name
+        # checkpoints at the config's interval (a killed run resumes there) and always at the last step
+        overrides = [f"max_steps={steps}", f"log_iters={min(steps, self.save_every[name])}",
+                     f"log_every={max(1, min(50, steps // 4))}",
+                     f"wan_models_dir={self.models('init' if name == 'base' else 'base')}"]
+        if init is not None:
+            overrides.append(f"generator_ckpt={self.ckpt(init)}")
+        overrides.append(f"data_path={self._data_for(name)}")
+        if self.quick:
+            overrides.append(f"batch_size={QUICK['batch_size']}")
+        cmd = self.launcher() + ["train.py", "--config_path", str(CONFIGS / config), "--logdir", str(logdir),
+                                 "--override", *overrides]
+        self.run(name, cmd, f"train.py {config}, {steps} steps" + (f", from {init}" if init else ""))
+        from utils.checkpoint import release_path
+
+        release = release_path(logdir, steps)
+        if not release.is_file():
+            raise SystemExit(f"stage {name}: train.py wrote no {release}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(release, out)
+        return out
+
+    def _data_for(self, name: str) -> Path:
+        if name.startswith("ode_"):
+            return self.work / "dataset" / f"ODE_{name[len('ode_'):]}"
+        if name.startswith("dmd_"):
+            return self.train_prompts
+        return self.clean_data
+
+    # --- data and model folders -----------------------------------------------------------------------------------
+    def make_model_folders(self) -> None:
+        """``models/init/Toy-T2V``: the shipped toy encoder, tokenizer and VAE with a randomly initialised DiT."""
+        from model.loader import WEIGHTS_NAME
+
+        init = self.models("init") / MODEL
+        if (init / WEIGHTS_NAME).is_file():
+            self.progress.skip("models", f"{init} exists")
+            return
+        started = self.progress.begin("models", "toy UMT5 + tokenizer + VAE, random DiT")
+        source = Path(self.args.model_folder)
+        note = f"encoder, tokenizer, VAE from {source}"
+        if not (source / "config.json").is_file():
+            source, note = self._stand_in_folder(), "STAND-IN: no assets/toy/Toy-T2V yet, random tiny encoder and VAE"
+        tmp = init.with_name(init.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _copy_folder_without_dit(source, tmp)
+        _write_random_dit(tmp, self.args.seed)
+        tmp.rename(init)
+        self.progress.end("models", started, note)
+
+    def _stand_in_folder(self) -> Path:
+        """A random folder of the toy sizes (untrained VAE) for runs before assets/toy/Toy-T2V exists."""
+        import model.tiny as tiny
+        from utils.synthetic import all_combinations, format_caption
+
+        folder = self.models("stand_in") / MODEL
+        if not (folder / "config.json").is_file():
+            sizes = dict(dit=getattr(tiny, "TOY_DIT", tiny.TINY_DIT), t5=getattr(tiny, "TOY_T5", None),
+                         vae=getattr(tiny, "TOY_VAE", None))
+            if hasattr(tiny, "toy_words"):
+                sizes["words"] = tiny.toy_words()
+            tiny.write_tiny_wan_folder(folder, **sizes, sentences=[format_caption(c) for c in all_combinations()])
+        return folder
+
+    def make_data(self) -> None:
+        """Synthetic clips as mp4 + captions.txt, then ``utils/encode_videos.py`` -> latent LMDBs."""
+        from utils.config import load_config
+
+        cfg = load_config(CONFIGS / "base.yaml")
+        if (self.clean_data / "data.mdb").is_file():
+            self.progress.skip("data", f"{self.clean_data} exists", count=2 if self.quick else 3)
+        else:
+            started = self.progress.begin("clips", f"{self.size('n_train')} train + {self.size('n_heldout')} "
+                                                   f"held-out synthetic clips -> mp4")
+            counts = self._write_clips(cfg)
+            self.progress.end("clips", started, counts)
+            splits = [("train", self.clean_data)]
+            if not self.quick:  # held-out latents are for inspection only: no stage reads them
+                splits.insert(0, ("heldout", self.work / "dataset" / "heldout_data"))
+            for split, lmdb in splits:
+                tmp = lmdb.with_name(lmdb.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.run(f"encode_{split}", [
+                    sys.executable, "-m", "utils.encode_videos", "--input_dir", str(self.work / "videos" / split),
+                    "--lmdb_path", str(tmp), "--height", str(cfg.height), "--width", str(cfg.width),
+                    "--num_frames", str(cfg.num_frames), "--fps", str(cfg.fps), "--batch_size", "8",
+                    "--vae_path", str(self.models("init") / MODEL / "vae"), "--device", self.device],
+                    f"encode the {split} clips with the toy VAE")
+                shutil.rmtree(lmdb, ignore_errors=True)
+                tmp.rename(lmdb)
+
+    def _write_clips(self, cfg) -> str:
+        from utils.synthetic import make_split
+        from utils.video import write_mp4
+
+        train, heldout = make_split(self.size("n_train"), self.size("n_heldout"), self.args.seed,
+                                    num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+        for split, clips in (("train", train), ("heldout", heldout)):
+            folder = self.work / "videos" / split
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            lines = []
+            for i, (caption, video) in enumerate(clips):
+                write_mp4(folder / f"clip_{i:05d}.mp4", video, fps=cfg.fps)
+                lines.append(f"clip_{i:05d}.mp4\t{caption}")
+            (folder / "captions.txt").write_text("\n".join(lines) + "\n")
+        captions = list(dict.fromkeys(caption for caption, _ in train))   # Stage 3 trains on the seen captions
+        self.train_prompts.parent.mkdir(parents=True, exist_ok=True)
+        self.train_prompts.write_text("\n".join(captions) + "\n")
+        return f"{len(captions)} distinct training captions"
+
+    def export_base(self) -> None:
+        """The trained base model as a Wan folder ``models/base/Toy-T2V`` (real score, critic, Stage-1 init)."""
+        from safetensors.torch import save_file
+
+        from model.loader import WEIGHTS_NAME, read_state_dict
+
+        folder = self.models("base") / MODEL
+        if (folder / WEIGHTS_NAME).is_file():
+            return
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _copy_folder_without_dit(self.models("init") / MODEL, tmp)
+        sd = read_state_dict(str(self.ckpt("base")))
+        save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / WEIGHTS_NAME))
+        tmp.rename(folder)
+
+    def ode_data(self, variant: str) -> None:
+        """ODE pairs of the Stage-1 model (``get_causal_ode_data.py``) -> LMDB (``create_lmdb_iterative.py``)."""
+        lmdb = self.work / "dataset" / f"ODE_{variant}"
+        name = f"ode_data_{variant}"
+        if (lmdb / "data.mdb").is_file():
+            self.progress.skip(name, f"{lmdb} exists", count=2)
+            return
+        latents, tmp = lmdb.with_name(lmdb.name + "_latents"), lmdb.with_name(lmdb.name + ".tmp")
+        samples, steps = self.size("ode_samples"), 8 if self.quick else self.args.ode_steps
+        self.run(name, self.launcher() + [
+            "get_causal_ode_data.py", "--config_path", str(CONFIGS / f"ar_diffusion_tf_{variant}.yaml"),
+            "--generator_ckpt", str(self.ckpt(f"ar_{variant}")), "--rawdata_path", str(self.clean_data),
+            "--output_folder", str(latents), "--max_samples", str(samples), "--num_steps", str(steps),
+            "--guidance_scale", str(self.args.ode_guidance), "--seed", str(self.args.seed),
+            "--override", f"wan_models_dir={self.models('base')}"],
+            f"{samples} teacher-forced ODE trajectories ({steps} Euler steps, CFG {self.args.ode_guidance})")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.run(f"ode_lmdb_{variant}", [sys.executable, "utils/create_lmdb_iterative.py", "--data_path", str(latents),
+                                         "--lmdb_path", str(tmp)], "trajectory LMDB (one row per distinct caption)")
+        tmp.rename(lmdb)
+
+    # --- sampling and evaluation ----------------------------------------------------------------------------------
+    def generate(self, row: Row, prompts: Path) -> Path:
+        """Videos of one table row under ``samples/<row>/`` (inference.py; the bidirectional base in-process)."""
+        out = self.work / "samples" / row.name
+        num = self.size("num_samples")
+        if row.stage == "base":
+            started = self.progress.begin(f"sample_{row.name}", f"{row.label}, {row.steps} steps")
+            self._sample_base(out, prompts, num, row.name)
+            self.progress.end(f"sample_{row.name}", started)
+            return out
+        cmd = [sys.executable, "inference.py", "--config_path", str(CONFIGS / row.config), "--data_path", str(prompts),
+               "--output_folder", str(out), "--checkpoint_path", str(self.ckpt(row.stage)), "--device", self.device,
+               "--num_samples", str(num), "--seed", str(self.args.seed),
+               "--override", f"wan_models_dir={self.models('base')}", *row.overrides]
+        self.run(f"sample_{row.name}", cmd + (["--use_ema"] if row.use_ema else []), f"{row.label}, {row.steps} steps")
+        found = re.search(r"([0-9.]+) s per video", (self.work / "logs" / f"sample_{row.name}.log").read_text())
+        if found:   # inference.py's own summary: model time only, no start-up
+            self.video_seconds[row.name] = float(found.group(1))
+        return out
+
+    def _sample_base(self, out: Path, prompts: Path, num_samples: int, row: str) -> None:
+        """50-step Euler + CFG with the bidirectional base (inference.py streams causal generators only); same file
+        names and per-video seeds as inference.py."""
+        import torch
+
+        from pipeline import components
+        from pipeline.bidirectional import sample_bidirectional
+        from pipeline.video_jobs import video_seed
+        from utils.config import load_config
+        from utils.datasets import TextDataset
+        from utils.video import safe_output_name, write_mp4
+
+        cfg = load_config(CONFIGS / "base.yaml", [f"wan_models_dir={self.models('base')}"])
+        device = torch.device(self.device)
+        model = components.build_bidirectional(cfg, cfg.generator_name, device=device).eval()
+        encoder = components.build_text_encoder(cfg, device=device, dtype=torch.float32, output_device=device)
+        vae = components.build_vae(cfg, device=device)
+        scheduler = components.build_scheduler(cfg)
+        timesteps = scheduler.inference_timesteps(50, cfg.timestep_shift).tolist()
+        negative = encoder.encode([cfg.negative_prompt])
+        dataset = TextDataset(str(prompts))
+        out.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        seconds, count = 0.0, 0
+        for i in range(len(dataset)):
+            prompt = dataset[i]["prompts"]
+            stem, context = safe_output_name(prompt, used=used), encoder.encode([prompt])
+            for k in range(num_samples):
+                path = out / f"{stem if num_samples == 1 else f'{stem}-{k}'}.mp4"
+                if path.is_file():
+                    continue
+                started = time.perf_counter()
+                gen = torch.Generator(device).manual_seed(video_seed(self.args.seed, i, k, num_samples))
+                noise = torch.randn((1, *cfg.image_or_video_shape[1:]), generator=gen, device=device)
+                with torch.no_grad():
+                    x0 = sample_bidirectional(model, scheduler, noise, context, timesteps, negative,
+                                              cfg.guidance_scale)
+                    frames = vae.decode(x0)[0]                                   # [T, 3, H, W] in [-1, 1]
+                write_mp4(path, frames, fps=cfg.fps, value_range=(-1, 1), layout="TCHW")
+                seconds, count = seconds + time.perf_counter() - started, count + 1
+        if count:
+            self.video_seconds[row] = seconds / count
+
+    def evaluate(self, row: Row, folder: Path, prompts: Path) -> dict:
+        """``benchmarks/eval_toy.py`` on one sample folder (JSON under ``eval/``) + seen / held-out faithfulness."""
+        out = self.work / "eval" / f"{row.name}.json"
+        self.run(f"eval_{row.name}", [
+            sys.executable, "benchmarks/eval_toy.py", "--video_folder", str(folder), "--data_path", str(prompts),
+            "--num_samples", str(self.size("num_samples")), "--out", str(out), "--quiet",
+            "--num_real", str(self.size("n_heldout")), "--real_seed", str(self.args.seed)], f"score {folder.name}")
+        result = json.loads(out.read_text())
+        result["aggregate"].update(split_faithfulness(result, self.args.seed))
+        return result
+
+    def ship(self) -> None:
+        """Frame-wise and chunk-wise DMD generators -> ``assets/toy/checkpoints/<v>/causal_forcing.pt`` (bf16)."""
+        import torch
+
+        from model.loader import WEIGHTS_NAME, read_state_dict, save_release_checkpoint
+
+        for v in VARIANTS:
+            sd = read_state_dict(str(self.ckpt(f"dmd_{v}")))
+            target = REPO / "assets" / "toy" / "checkpoints" / v / "causal_forcing.pt"
+            save_release_checkpoint(target, {k: t.to(torch.bfloat16) for k, t in sd.items()})
+            say(f"        shipped {target.relative_to(REPO)} ({target.stat().st_size / 2**20:.1f} MiB)")
+        if self.args.ship_base:
+            from safetensors.torch import save_file
+
+            target = REPO / "assets" / "toy" / MODEL / WEIGHTS_NAME
+            sd = read_state_dict(str(self.ckpt("base")))
+            save_file({k: t.to(torch.bfloat16).contiguous() for k, t in sd.items()}, str(target))
+            say(f"        shipped the base model into {target.relative_to(REPO)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _copy_folder_without_dit(source: Path, target: Path) -> None:
+    """Copy a Wan folder except the DiT weights at its top level (``vae/`` keeps its own safetensors)."""
+    from model.loader import WEIGHTS_NAME
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        top = Path(folder).resolve() == source.resolve()
+        return [n for n in names if top and (n == WEIGHTS_NAME or n.startswith(WEIGHTS_NAME.split(".")[0] + "-"))
+                or top and n.endswith(".index.json")]
+
+    shutil.copytree(source, target, ignore=ignore)
+
+
+def _write_random_dit(folder: Path, seed: int) -> None:
+    """A randomly initialised DiT of the folder's ``config.json`` as its ``diffusion_pytorch_model.safetensors``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from model.loader import WEIGHTS_NAME, read_model_config
+    from model.wan import WanModel
+
+    torch.manual_seed(seed)
+    model = WanModel(read_model_config(str(folder)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_NAME))
+
+
+def split_faithfulness(result: dict, seed: int) -> dict:
+    """Mean faithfulness over prompts whose attribute combination was seen in training / held out."""
+    from utils.synthetic import format_caption, split_combinations
+
+    heldout = {format_caption(c) for c in split_combinations(seed=seed)[1]}
+    out = {}
+    for key, wanted in (("seen", False), ("heldout", True)):
+        scores = [r["faithfulness"] for r in result["videos"] if (r["prompt"] in heldout) == wanted]
+        out[f"faithfulness_{key}"] = sum(scores) / len(scores) if scores else None
+    return out
+
+
+def step_times(logdir: Path) -> float | None:
+    """Mean seconds per training step from ``metrics.jsonl`` (the first logged interval, with start-up, left out
+    when there are later ones)."""
+    path = logdir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step_time" in r]
+    if len(rows) > 1:
+        rows = rows[1:]
+    return sum(r["step_time"] for r in rows) / len(rows) if rows else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# results
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def results_markdown(recipe: Recipe, command: str, results: list[tuple[Row, dict]], seconds: float) -> str:
+    """docs/toy_results.md: the table, the command, stage timings and per-step times."""
+    n = recipe.size("num_samples")
+    lines = ["# Toy-world results (issue 9)", "",
+             "Produced by `scripts/toy_recipe.py` (every stage through train.py / get_causal_ode_data.py / "
+             "inference.py with configs/toy/*.yaml); scores from `benchmarks/eval_toy.py` (chance: colour 0.125, "
+             "shape 0.33, direction 0.25, speed 0.5). Faithfulness = mean of colour/shape/direction/speed correct;"
+             " *seen* / *held-out* = prompts whose attribute combination was / was not in the training split. "
+             "Fréchet and NN ratio compare per-clip features with held-out real clips (lower is better; NN ratio 1"
+             " = as close as real clips are to each other).", "", "```", command, "```", "",
+             f"Device: {recipe.device}; {len(results[0][1]['videos']) // max(n, 1) if results else 0} prompts x {n} "
+             f"samples per row; total wall time {seconds / 60:.1f} min.", "",
+             "| model | steps | faithful | seen | held-out | colour | shape | direction | speed | centroid step "
+             "| Fréchet | NN ratio | s/video |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, res in results:
+        a, d = res["aggregate"], res.get("distance", {})
+        lines.append(f"| {row.label} | {row.steps} | {_fmt(a['faithfulness'])} | {_fmt(a['faithfulness_seen'])} | "
+                     f"{_fmt(a['faithfulness_heldout'])} | {_fmt(a['color'])} | {_fmt(a['shape'])} | "
+                     f"{_fmt(a['direction'])} | {_fmt(a['speed'])} | {_fmt(a['centroid_step'])} | "
+                     f"{_fmt(d.get('frechet'), 3)} | {_fmt(d.get('nearest_neighbour_ratio'))} | "
+                     f"{_fmt(recipe.video_seconds.get(row.name))} |")
+    lines += ["", "Training stages (steps as run; seconds per step from each run's metrics.jsonl, first logged "
+                  "interval excluded when there are more; the last column extrapolates to the config's max_steps at "
+                  "this run's batch size):", "",
+              "| stage | config | steps | s/step | stage wall s | est. min at config steps |",
+              "|---|---|---|---|---|---|"]
+    for name, (config, _) in STAGES.items():
+        per_step = step_times(recipe.work / "logs" / name)
+        estimate = None if per_step is None else per_step * recipe.config_steps[name] / 60
+        lines.append(f"| {name} | configs/toy/{config} | {recipe.steps[name]} | {_fmt(per_step, 3)} | "
+                     f"{_fmt(recipe.progress.timings.get(name), 1)} | {_fmt(estimate, 1)} |")
+    other = {k: v for k, v in recipe.progress.timings.items()
+             if k not in STAGES and not k.startswith(("sample_", "eval_"))}
+    lines += ["", "Other steps (wall seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in other.items()), ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Stages and their default steps: " + ", ".join(STAGES))
+    d = " (default: %(default)s)"
+    p.add_argument("--workdir", default="output/toy_recipe", help="everything the run writes goes here" + d)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--nproc", type=int, default=1, help="processes per training / ODE-data stage (torchrun)" + d)
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI size: {QUICK['steps']} steps per stage, {QUICK['n_train']} clips, batch "
+                        f"{QUICK['batch_size']}, {QUICK['num_prompts']} prompts; results in <workdir>/toy_results.md")
+    p.add_argument("--steps_scale", type=float, default=1.0, help="multiply every stage's max_steps" + d)
+    p.add_argument("--steps", nargs="+", default=[], metavar="STAGE=N", help="steps of single stages, e.g. base=500")
+    p.add_argument("--n_train", type=int, default=256, help="synthetic training clips" + d)
+    p.add_argument("--n_heldout", type=int, default=64, help="held-out clips (also the evaluator's real set)" + d)
+    p.add_argument("--ode_samples", type=int, default=48, help="ODE trajectories per variant (fewer rows after "
+                                                                 "create_lmdb_iterative's caption de-duplication)" + d)
+    p.add_argument("--ode_steps", type=int, default=24,
+                   help="Euler steps of the ODE teacher, a multiple of 4 so the student's warped steps lie on the grid "
+                        "(the reference: 48)" + d)
+    p.add_argument("--ode_guidance", type=float, default=4.0,
+                   help="CFG of the ODE teacher; 4.0 = the DMD real score's 3.0 in the 'cond + s (cond - uncond)' "
+                        "form" + d)
+    p.add_argument("--num_samples", type=int, default=2, help="videos per prompt and table row" + d)
+    p.add_argument("--rows", nargs="+", default=None, metavar="ROW", choices=[r.name for r in table_rows()],
+                   help="table rows to sample and score (default: all; with --quick: " + " ".join(QUICK_ROWS) + ")")
+    p.add_argument("--model_folder", default=str(REPO / "assets" / "toy" / MODEL),
+                   help="Wan folder whose text encoder, tokenizer and VAE the run uses (its DiT weights are not "
+                        "used: the base starts from random weights of its config.json)" + d)
+    p.add_argument("--prompts", default=str(REPO / "prompts" / "toy.txt"), help="evaluation prompts" + d)
+    p.add_argument("--seed", type=int, default=0, help="data split, initialisation and sampling seed" + d)
+    p.add_argument("--results", default=None, help="results markdown (default: docs/toy_results.md, or "
+                                                   "<workdir>/toy_results.md with --quick)")
+    p.add_argument("--ship", action="store_true", help="copy the DMD frame-/chunk-wise generators (bf16 release "
+                                                       "format) to assets/toy/checkpoints/<v>/causal_forcing.pt")
+    p.add_argument("--ship_base", action="store_true", help="with --ship: also write the trained base DiT (bf16) "
+                                                            "into assets/toy/Toy-T2V")
+    return p
+
+
+def eval_prompts(recipe: Recipe) -> Path:
+    """The evaluation prompt file (with --quick: its first and last prompt, a seen and a held-out one)."""
+    lines = [line for line in Path(recipe.args.prompts).read_text().splitlines() if line.strip()]
+    if recipe.quick:
+        lines = [lines[0], lines[-1]][:QUICK["num_prompts"]]
+    path = recipe.work / "eval_prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    recipe = Recipe(args)
+    recipe.work.mkdir(parents=True, exist_ok=True)
+    wanted = args.rows or (QUICK_ROWS if args.quick else None)
+    rows = [r for r in table_rows() if wanted is None or r.name in wanted]
+    recipe.progress = progress = Progress(total=1 + (2 if args.quick else 3) + len(STAGES) + 4 + 2 * len(rows))
+    say(f"toy recipe -> {recipe.work} on {recipe.device}; steps: " +
+        ", ".join(f"{k} {v}" for k, v in recipe.steps.items()))
+    recipe.make_model_folders()
+    recipe.make_data()
+    recipe.train("base")
+    recipe.export_base()
+    for v in VARIANTS:
+        recipe.train(f"ar_{v}")
+    for v in VARIANTS:
+        recipe.ode_data(v)
+        recipe.train(f"ode_{v}")
+    for v in VARIANTS:
+        recipe.train(f"cd_{v}")
+    for name in [s for s in STAGES if s.startswith("dmd_")]:
+        recipe.train(name)
+    if args.ship:  # before the (long) sampling of the table, so an interrupted run still ships its generators
+        recipe.ship()
+    prompts = eval_prompts(recipe)
+    results = [(row, recipe.evaluate(row, recipe.generate(row, prompts), prompts)) for row in rows]
+    command = "python scripts/toy_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = results_markdown(recipe, command, results, time.perf_counter() - progress.start)
+    out = Path(args.results) if args.results else (recipe.work / "toy_results.md" if args.quick
+                                                   else REPO / "docs" / "toy_results.md")
+    out.write_text(text)
+    say("\n" + text.split("```", 2)[2].strip() + f"\n\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

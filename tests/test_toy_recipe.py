@@ -1,0 +1,130 @@
+"""scripts/toy_recipe.py --quick end to end (CPU): every stage runs as the subprocess users would run, a few steps each,
+and hands the next one a real file, so a broken hand-off (a checkpoint layout, a config key, an LMDB shape) fails here.
+
+The run is shared by the module's tests (one recipe run, minutes on a shared 2-core CPU: startup of the ~20
+subprocesses dominates). It uses a tiny random Wan folder built here rather than assets/toy, so it needs no shipped
+files and stays fast; the geometry is the toy world's (latents [9, 16, 8, 8], 33 frames of 64x64).
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.loader import build_wan_model, read_state_dict
+from model.tiny import write_tiny_wan_folder
+from utils.config import load_config
+from utils.synthetic import all_combinations, format_caption
+from utils.video import read_mp4
+
+
+def _recipe_module(repo_root):
+    spec = importlib.util.spec_from_file_location("toy_recipe", repo_root / "scripts" / "toy_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def recipe(repo_root):
+    return _recipe_module(repo_root)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, repo_root):
+    root = tmp_path_factory.mktemp("toy_recipe")
+    kwargs = {}
+    try:
+        from model.tiny import toy_words
+        kwargs["words"] = toy_words()
+    except ImportError:
+        pass
+    folder = write_tiny_wan_folder(root / "Tiny", sentences=[format_caption(c) for c in all_combinations()],
+                                   **kwargs)
+    work = root / "work"
+    cmd = [sys.executable, "scripts/toy_recipe.py", "--workdir", str(work), "--quick", "--device", "cpu",
+           "--model_folder", str(folder)]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, f"recipe failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return work, proc.stdout
+
+
+def test_toy_configs_share_the_toy_world(recipe):
+    """Fast (no run): every toy config loads through the schema, with the toy geometry and model folders."""
+    for path in sorted(recipe.CONFIGS.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.image_or_video_shape == [1, 9, 16, 8, 8] and cfg.num_training_frames == 9, path.name
+        assert (cfg.height, cfg.width, cfg.num_frames, cfg.fps) == (64, 64, 33, 8), path.name
+        assert cfg.negative_prompt == "" and cfg.wan_models_dir == "assets/toy", path.name
+        assert {cfg.generator_name, cfg.real_name, cfg.fake_name, cfg.text_encoder_name} == {"Toy-T2V"}, path.name
+        assert cfg.num_frame_per_block == (3 if "chunkwise" in path.stem else 1), path.name
+        if path.stem.startswith("causal_forcing_dmd"):
+            variant = "chunkwise" if "chunkwise" in path.stem else "framewise"
+            assert cfg.generator_ckpt == f"assets/toy/checkpoints/{variant}/causal_forcing.pt"
+    base = load_config(recipe.CONFIGS / "base.yaml")
+    assert not base.causal and base.trainer == "diffusion" and base.caption_dropout > 0
+    assert {c for c, _ in recipe.STAGES.values()} == {p.name for p in recipe.CONFIGS.glob("*.yaml")}
+
+
+def test_every_stage_checkpoint_exists_and_loads(quick_run, recipe):
+    work, _ = quick_run
+    cfg = load_config(recipe.CONFIGS / "base.yaml")
+    base_folder = work / "models" / "base" / recipe.MODEL
+    for name, (config, _) in recipe.STAGES.items():
+        path = work / "checkpoints" / f"{name}.pt"
+        assert path.is_file(), f"stage {name} wrote no {path}"
+        stage = load_config(recipe.CONFIGS / config)
+        # strict load into the architecture the next stage builds (causal unless it is the base)
+        model = build_wan_model(base_folder, causal=stage.causal, num_frame_per_block=stage.num_frame_per_block,
+                                checkpoint_path=path)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), name
+    x = torch.randn(1, *cfg.image_or_video_shape[1:])
+    assert model(x, torch.full((1, x.shape[1]), 500.0), torch.randn(1, 4, model.config.text_dim)).shape == x.shape
+
+
+def test_stages_chain_through_their_inputs(quick_run):
+    """Each stage started from the file it was given: it stays closer to its input than to the input's input."""
+    work, _ = quick_run
+
+    def sd(name):
+        return read_state_dict(str(work / "checkpoints" / f"{name}.pt"))
+
+    def dist(a, b):
+        return sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
+
+    base = read_state_dict(str(work / "models" / "base" / "Toy-T2V"))
+    assert dist(base, sd("base")) == 0  # the exported base folder is the trained base
+    ar, ode, dmd = sd("ar_framewise"), sd("ode_framewise"), sd("dmd_framewise")
+    assert 0 < dist(ode, ar) < dist(ode, base)
+    assert 0 < dist(dmd, ode) < dist(dmd, ar)
+    ablation = sd("dmd_framewise_from_ar")
+    assert dist(ablation, ar) < dist(ablation, ode)
+
+
+def test_trajectory_lmdbs_have_the_student_slots(quick_run):
+    from utils.lmdb_store import LMDBReader
+
+    work, _ = quick_run
+    for variant in ("framewise", "chunkwise"):
+        reader = LMDBReader(work / "dataset" / f"ODE_{variant}")
+        assert len(reader) >= 1
+        assert reader.shape("latents")[1:] == (6, 9, 16, 8, 8)   # 4 student states + ODE output + ground truth
+
+
+def test_final_inference_writes_videos_of_the_right_length(quick_run, recipe):
+    work, stdout = quick_run
+    prompts = [line for line in (work / "eval_prompts.txt").read_text().splitlines() if line]
+    for row in recipe.QUICK_ROWS:
+        videos = sorted((work / "samples" / row).glob("*.mp4"))
+        assert len(videos) == len(prompts) * recipe.QUICK["num_samples"], row
+        for path in videos:
+            assert read_mp4(path).shape == (33, 64, 64, 3)
+        result = json.loads((work / "eval" / f"{row}.json").read_text())
+        assert result["aggregate"]["count"] == len(videos)
+    table = (work / "toy_results.md").read_text()
+    assert "Causal Forcing DMD chunkwise" in table and "s/step" in table
+    assert "written to" in stdout
