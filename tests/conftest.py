@@ -48,3 +48,28 @@ def repo_root() -> Path:
 def configs_dir(repo_root: Path) -> Path:
     """The shipped configs/ folder."""
     return repo_root / "configs"
+
+
+def write_tiny_stream_config(root: Path) -> Path:
+    """A tiny Wan folder ``root/Tiny`` and a chunk-wise 4-step generator YAML ``root/tiny.yaml`` over it
+    (latents ``[6, 16, 4, 6]``, 32x48 pixels): the world of the streaming and demo tests. Returns the YAML path."""
+    from model.tiny import write_tiny_wan_folder
+
+    write_tiny_wan_folder(root / "Tiny")
+    yaml = root / "tiny.yaml"
+    yaml.write_text(f"""
+trainer: score_distillation
+wan_models_dir: {root}
+generator_name: Tiny
+text_encoder_name: Tiny
+num_frame_per_block: 3
+image_or_video_shape: [1, 6, 16, 4, 6]
+num_training_frames: 6
+height: 32
+width: 48
+num_frames: 21
+fps: 8
+denoising_step_list: [1000, 750, 500, 250]
+warp_denoising_step: true
+""")
+    return yaml

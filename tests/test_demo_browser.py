@@ -26,8 +26,8 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from model.tiny import write_tiny_wan_folder  # noqa: E402
 from pipeline.streaming import StreamingPipeline  # noqa: E402
+from tests.conftest import write_tiny_stream_config  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.video import read_mp4  # noqa: E402
 from web import session as demo_session  # noqa: E402
@@ -43,21 +43,7 @@ LATENT_FRAMES = 18     # 6 blocks of 3 -> 69 video frames at 8 fps
 def server(tmp_path, monkeypatch):
     """A uvicorn server on a free 127.0.0.1 port serving a tiny model whose blocks take >= 0.4 s (time to switch)."""
     root = tmp_path / "wan_models"
-    write_tiny_wan_folder(root / "Tiny")
-    (root / "tiny.yaml").write_text(f"""
-trainer: score_distillation
-wan_models_dir: {root}
-generator_name: Tiny
-text_encoder_name: Tiny
-num_frame_per_block: 3
-image_or_video_shape: [1, 6, 16, 4, 6]
-num_training_frames: 6
-height: 32
-width: 48
-fps: 8
-denoising_step_list: [1000, 750, 500, 250]
-warp_denoising_step: true
-""")
+    write_tiny_stream_config(root)
     cfg = load_config(str(root / "tiny.yaml"))
     pipe = StreamingPipeline.from_config(cfg, device="cpu")
     original = demo_session.Generation._take_switch

@@ -16,8 +16,8 @@ from PIL import Image
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from model.tiny import write_tiny_wan_folder  # noqa: E402
 from pipeline.streaming import StreamingPipeline  # noqa: E402
+from tests.conftest import write_tiny_stream_config
 from utils.config import load_config  # noqa: E402
 from utils.video import read_mp4, safe_output_name, to_uint8_frames, write_mp4  # noqa: E402
 from web import session as demo_session  # noqa: E402
@@ -31,21 +31,7 @@ OTHER = "a yellow square moving down quickly"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_models")
-    write_tiny_wan_folder(root / "Tiny")
-    (root / "tiny.yaml").write_text(f"""
-trainer: score_distillation
-wan_models_dir: {root}
-generator_name: Tiny
-text_encoder_name: Tiny
-num_frame_per_block: 3
-image_or_video_shape: [1, 6, 16, 4, 6]
-num_training_frames: 6
-height: 32
-width: 48
-fps: 8
-denoising_step_list: [1000, 750, 500, 250]
-warp_denoising_step: true
-""")
+    write_tiny_stream_config(root)
     cfg = load_config(str(root / "tiny.yaml"))
     pipe = StreamingPipeline.from_config(cfg, device="cpu")
     return pipe, cfg

@@ -3,30 +3,15 @@
 import pytest
 import torch
 
-from model.tiny import write_tiny_wan_folder
 from pipeline.streaming import StreamingPipeline
+from tests.conftest import write_tiny_stream_config
 from utils.config import load_config
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_models")
-    write_tiny_wan_folder(root / "Tiny")
-    yaml = root / "tiny.yaml"
-    yaml.write_text(f"""
-trainer: score_distillation
-wan_models_dir: {root}
-generator_name: Tiny
-text_encoder_name: Tiny
-num_frame_per_block: 3
-image_or_video_shape: [1, 6, 16, 4, 6]
-num_training_frames: 6
-height: 32
-width: 48
-num_frames: 21
-denoising_step_list: [1000, 750, 500, 250]
-warp_denoising_step: true
-""")
+    yaml = write_tiny_stream_config(root)
     return load_config(str(yaml))
 
 
