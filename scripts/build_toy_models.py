@@ -49,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="assets/toy", help=f"output root; the model folder is <out>/{FOLDER_NAME}")
     p.add_argument("--vae_steps", type=int, default=defaults.steps, help="VAE optimiser steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, every initialisation and the training")
-    p.add_argument("--device", default="cpu", help="torch device for VAE training and evaluation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device for VAE training and evaluation, cuda when available (the default 4000 "
+                        "full-frame steps take ~7 min on an H100 and hours on a 2-core CPU)")
     p.add_argument("--vae_batch_size", type=int, default=defaults.batch_size, help="training windows per VAE step")
     p.add_argument("--vae_frames", type=int, default=defaults.num_frames,
                    help="frames per training window (1 + 4k); the VAE is causal, so it still encodes 33-frame clips")
@@ -62,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_init", default=None,
                    help="continue training from this diffusers VAE folder (e.g. a previous <out>/Toy-T2V/vae) "
                         "instead of a fresh initialisation")
-    p.add_argument("--train_clips", type=int, default=256, help="synthetic training clips (33 frames, 64x64)")
+    p.add_argument("--train_clips", type=int, default=1024, help="synthetic training clips (33 frames, 64x64)")
     p.add_argument("--stats_clips", type=int, default=48,
                    help="training clips encoded to measure the latent mean/std per channel")
     p.add_argument("--heldout_clips", type=int, default=16,
