@@ -145,3 +145,34 @@ class ResumableBatches:
         self.sampler.load_state_dict(state["sampler"])
         self.consumed = 0
         self._iterator = None  # prefetched batches belong to the old position; workers shut down with it
+
+
+class DataPosition:
+    """An objective's :class:`ResumableBatches` plus a saved position that may arrive before they are built
+    (the loop restores data state before or after calling ``Objective.data``)."""
+
+    def __init__(self):
+        self.batches: ResumableBatches | None = None
+        self._pending: dict | None = None
+
+    def attach(self, batches: ResumableBatches) -> ResumableBatches:
+        """Use ``batches`` from now on, moved to the pending position if one was loaded first."""
+        self.batches = batches
+        if self._pending is not None:
+            batches.load_state_dict(self._pending)
+            self._pending = None
+        return batches
+
+    def state_dict(self) -> dict:
+        if self.batches is None:
+            return dict(self._pending or {})
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the sample after the last one consumed when ``state`` was saved (empty: start over)."""
+        if not state:
+            return
+        if self.batches is None:
+            self._pending = dict(state)
+        else:
+            self.batches.load_state_dict(state)

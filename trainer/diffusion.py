@@ -40,7 +40,7 @@ import torch
 
 from model.loader import build_wan_model
 from pipeline.components import build_scheduler, build_text_encoder, model_source
-from trainer.batches import GlobalStreamSampler, ResumableBatches
+from trainer.batches import DataPosition, GlobalStreamSampler, ResumableBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
 from utils.datasets import LatentLMDBDataset
@@ -89,8 +89,7 @@ class DiffusionObjective(Objective):
         self.num_workers = num_workers
         self.device = torch.device("cpu")
         self.compute_dtype = torch.float32   # dtype of the generator's latent and text inputs
-        self._batches: ResumableBatches | None = None
-        self._pending_data_state: dict | None = None
+        self._data = DataPosition()
 
     # ------------------------------------------------------------------------------------------------------------
     # networks and optimizer phases
@@ -137,25 +136,13 @@ class DiffusionObjective(Objective):
         if len(dataset) == 0:
             raise DataError(f"{cfg.data_path} holds no samples")
         sampler = GlobalStreamSampler(len(dataset), seed=seed, shuffle=True, num_replicas=world_size, rank=rank)
-        self._batches = ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers)
-        if self._pending_data_state is not None:
-            self._batches.load_state_dict(self._pending_data_state)
-            self._pending_data_state = None
-        return self._batches
+        return self._data.attach(ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers))
 
     def data_state(self) -> dict:
-        if self._batches is None:
-            return dict(self._pending_data_state or {})
-        return self._batches.state_dict()
+        return self._data.state_dict()
 
     def load_data_state(self, state: dict) -> None:
-        """Continue at the sample after the last one consumed when ``state`` was saved (before or after data())."""
-        if not state:
-            return
-        if self._batches is None:
-            self._pending_data_state = dict(state)
-        else:
-            self._batches.load_state_dict(state)
+        self._data.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------------------------------
     # loss

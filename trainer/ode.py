@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from pipeline import components
 from pipeline.causal import StepSchedule
-from trainer.batches import ResumableBatches
+from trainer.batches import DataPosition, ResumableBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
 from utils.datasets import ODERegressionLMDBDataset, ResumableSampler
@@ -82,8 +82,7 @@ class Stage2Objective(Objective):
         self.num_workers = (2 if torch.cuda.is_available() else 0) if num_workers is None else num_workers
         self.scheduler = components.build_scheduler(cfg)
         self.text = TextConditioner(cfg.negative_prompt)
-        self._batches: ResumableBatches | None = None
-        self._pending_state: dict | None = None
+        self._data = DataPosition()
 
     def _build_generator(self, device: torch.device) -> torch.nn.Module:
         if self.cfg.generator_ckpt is None:
@@ -106,27 +105,17 @@ class Stage2Objective(Objective):
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
         dataset = self.dataset_cls(self.cfg.data_path, self.cfg.max_pair or ALL_ROWS)
         self._check_dataset(dataset)
-        self._batches = latent_batches(dataset, self.cfg.batch_size, rank, world_size, seed, self.num_workers)
-        if self._pending_state is not None:
-            self._batches.load_state_dict(self._pending_state)
-            self._pending_state = None
-        return self._batches
+        return self._data.attach(latent_batches(dataset, self.cfg.batch_size, rank, world_size, seed,
+                                                self.num_workers))
 
     def _check_dataset(self, dataset) -> None:
         """Reject data that cannot feed this objective, before the first step."""
 
     def data_state(self) -> dict:
-        if self._batches is None:
-            return dict(self._pending_state or {})
-        return self._batches.state_dict()
+        return self._data.state_dict()
 
     def load_data_state(self, state: dict) -> None:
-        if not state:
-            return
-        if self._batches is None:       # data() not built yet: apply when it is
-            self._pending_state = dict(state)
-        else:
-            self._batches.load_state_dict(state)
+        self._data.load_state_dict(state)
 
 
 class ODEObjective(Stage2Objective):
