@@ -14,10 +14,13 @@ The network is diffusers' ``AutoencoderKLWan`` (model/vae.py wraps it); this fil
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -171,11 +174,15 @@ def _lr_factor(step: int, cfg: ToyVAETraining) -> float:
 
 
 def train_toy_vae(model: AutoencoderKLWan, pool: ClipPool, cfg: ToyVAETraining, device: str | torch.device = "cpu",
-                  progress: bool = True) -> list[float]:
+                  progress: bool = True, state_path: str | Path | None = None, save_every: int = 500) -> list[float]:
     """Train ``model`` in place on windows of ``pool``; returns the loss of every step.
 
     The first ``(1 - full_size_fraction)`` of the steps use ``crop`` x ``crop`` windows; the rest use full frames
     with the batch shrunk to keep the pixel count per step (so the decoder also sees whole-frame context).
+
+    With ``state_path``, the training state (model, optimiser, losses, step, both random streams) is written there
+    atomically every ``save_every`` steps, and a run that finds the file continues from it: an interrupted build
+    resumes where it stopped and ends with the same weights as an uninterrupted one.
     """
     from tqdm import tqdm
 
@@ -187,8 +194,13 @@ def train_toy_vae(model: AutoencoderKLWan, pool: ClipPool, cfg: ToyVAETraining, 
     full_side = pool.videos.shape[2]
     full_batch = max(1, round(cfg.batch_size * (cfg.crop / full_side) ** 2)) if cfg.crop else cfg.batch_size
     losses: list[float] = []
+    first = 0
+    if state_path is not None and Path(state_path).is_file():
+        first, losses = _load_training_state(state_path, cfg, model, optimizer, generator, pool)
+        logger.info("toy VAE: resumed at step %d from %s", first, state_path)
     start = time.monotonic()
-    bar = tqdm(range(cfg.steps), desc="toy VAE", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(first, cfg.steps), desc="toy VAE", unit="step", disable=not progress, dynamic_ncols=True,
+               initial=first, total=cfg.steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
@@ -207,8 +219,31 @@ def train_toy_vae(model: AutoencoderKLWan, pool: ClipPool, cfg: ToyVAETraining, 
             recent = losses[-100:]
             logger.info("toy VAE step %d/%d: loss %.4f (mean of last %d), %.0f s", step + 1, cfg.steps,
                         sum(recent) / len(recent), len(recent), time.monotonic() - start)
+        if state_path is not None and ((step + 1) % save_every == 0 and step + 1 < cfg.steps):
+            _save_training_state(state_path, cfg, step + 1, model, optimizer, generator, pool, losses)
     model.eval().requires_grad_(False)
     return losses
+
+
+def _save_training_state(path, cfg: ToyVAETraining, step: int, model, optimizer, generator, pool: ClipPool,
+                         losses: list[float]) -> None:
+    state = dict(config=repr(cfg), step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                 generator=generator.get_state(), pool_rng=json.dumps(pool.rng.bit_generator.state),
+                 losses=torch.tensor(losses, dtype=torch.float64))
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_training_state(path, cfg: ToyVAETraining, model, optimizer, generator, pool: ClipPool):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != repr(cfg):
+        raise SystemExit(f"{path} was written with other VAE settings ({state['config']}); delete it to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    pool.rng.bit_generator.state = json.loads(state["pool_rng"])
+    return int(state["step"]), state["losses"].tolist()
 
 
 @torch.no_grad()

@@ -251,7 +251,7 @@ class Recipe:
         steps = self.steps[name]
         logdir = self.work / "logs" / name
         # checkpoints at the config's interval (a killed run resumes there) and always at the last step
-        overrides = [f"max_steps={steps}", f"log_iters={min(steps, self.save_every[name])}",
+        overrides = [*self.args.override, f"max_steps={steps}", f"log_iters={min(steps, self.save_every[name])}",
                      f"log_every={max(1, min(50, steps // 4))}",
                      f"wan_models_dir={self.models('init' if name == 'base' else 'base')}"]
         if init is not None:
@@ -390,7 +390,7 @@ class Recipe:
             "--generator_ckpt", str(self.ckpt(f"ar_{variant}")), "--rawdata_path", str(self.clean_data),
             "--output_folder", str(latents), "--max_samples", str(samples), "--num_steps", str(steps),
             "--guidance_scale", str(self.args.ode_guidance), "--seed", str(self.args.seed),
-            "--override", f"wan_models_dir={self.models('base')}"],
+            "--override", *self.args.override, f"wan_models_dir={self.models('base')}"],
             f"{samples} teacher-forced ODE trajectories ({steps} Euler steps, CFG {self.args.ode_guidance})")
         shutil.rmtree(tmp, ignore_errors=True)
         self.run(f"ode_lmdb_{variant}", [sys.executable, "utils/create_lmdb_iterative.py", "--data_path", str(latents),
@@ -410,7 +410,7 @@ class Recipe:
         cmd = [sys.executable, "inference.py", "--config_path", str(CONFIGS / row.config), "--data_path", str(prompts),
                "--output_folder", str(out), "--checkpoint_path", str(self.ckpt(row.stage)), "--device", self.device,
                "--num_samples", str(num), "--seed", str(self.args.seed),
-               "--override", f"wan_models_dir={self.models('base')}", *row.overrides]
+               "--override", *self.args.override, f"wan_models_dir={self.models('base')}", *row.overrides]
         self.run(f"sample_{row.name}", cmd + (["--use_ema"] if row.use_ema else []), f"{row.label}, {row.steps} steps")
         found = re.search(r"([0-9.]+) s per video", (self.work / "logs" / f"sample_{row.name}.log").read_text())
         if found:   # inference.py's own summary: model time only, no start-up
@@ -429,7 +429,7 @@ class Recipe:
         from utils.datasets import TextDataset
         from utils.video import safe_output_name, write_mp4
 
-        cfg = load_config(CONFIGS / "base.yaml", [f"wan_models_dir={self.models('base')}"])
+        cfg = load_config(CONFIGS / "base.yaml", [*self.args.override, f"wan_models_dir={self.models('base')}"])
         device = torch.device(self.device)
         model = components.build_bidirectional(cfg, cfg.generator_name, device=device).eval()
         encoder = components.build_text_encoder(cfg, device=device, dtype=torch.float32, output_device=device)
@@ -613,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{QUICK['batch_size']}, {QUICK['num_prompts']} prompts; results in <workdir>/toy_results.md")
     p.add_argument("--steps_scale", type=float, default=1.0, help="multiply every stage's max_steps" + d)
     p.add_argument("--steps", nargs="+", default=[], metavar="STAGE=N", help="steps of single stages, e.g. base=500")
+    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every stage, sampling included (e.g. model_kwargs.timestep_shift=2 "
+                        "timestep_shift=2); paths and step counts are the recipe's own")
     p.add_argument("--n_train", type=int, default=256, help="synthetic training clips" + d)
     p.add_argument("--n_heldout", type=int, default=64, help="held-out clips (also the evaluator's real set)" + d)
     p.add_argument("--ode_samples", type=int, default=48, help="ODE trajectories per variant (fewer rows after "
