@@ -285,6 +285,10 @@ class Recipe:
 
         init = self.models("init") / MODEL
         if (init / WEIGHTS_NAME).is_file():
+            on_disk = json.loads((init / "config.json").read_text())
+            wanted = _dit_config(on_disk, self.args.dit)
+            if wanted != on_disk:
+                raise SystemExit(f"{init} holds another DiT config than --dit asks for; use a new --workdir")
             self.progress.skip("models", f"{init} exists")
             return
         started = self.progress.begin("models", "toy UMT5 + tokenizer + VAE, random DiT")
@@ -295,6 +299,10 @@ class Recipe:
         tmp = init.with_name(init.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         _copy_folder_without_dit(source, tmp)
+        if self.args.dit:
+            config = _dit_config(json.loads((tmp / "config.json").read_text()), self.args.dit)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            note += f"; DiT config edited: {' '.join(self.args.dit)}"
         _write_random_dit(tmp, self.args.seed)
         tmp.rename(init)
         self.progress.end("models", started, note)
@@ -412,10 +420,24 @@ class Recipe:
                "--num_samples", str(num), "--seed", str(self.args.seed),
                "--override", *self.args.override, f"wan_models_dir={self.models('base')}", *row.overrides]
         self.run(f"sample_{row.name}", cmd + (["--use_ema"] if row.use_ema else []), f"{row.label}, {row.steps} steps")
-        found = re.search(r"([0-9.]+) s per video", (self.work / "logs" / f"sample_{row.name}.log").read_text())
-        if found:   # inference.py's own summary: model time only, no start-up
-            self.video_seconds[row.name] = float(found.group(1))
+        found = re.search(r"([0-9]+) videos written, [0-9]+ skipped; ([0-9.]+) s per video",
+                          (self.work / "logs" / f"sample_{row.name}.log").read_text())
+        if found and int(found.group(1)):   # inference.py's own summary: model time only, no start-up
+            self._record_seconds(row.name, float(found.group(2)))
         return out
+
+    def _record_seconds(self, row: str, seconds: float) -> None:
+        """Seconds per video of a row, kept beside its videos so that a rerun which skips them still reports it."""
+        self.video_seconds[row] = seconds
+        (self.work / "samples" / row / "seconds_per_video.json").write_text(
+            json.dumps({"seconds_per_video": seconds, "device": self.device}) + "\n")
+
+    def seconds_per_video(self, row: str) -> float | None:
+        if row not in self.video_seconds:
+            path = self.work / "samples" / row / "seconds_per_video.json"
+            if path.is_file():
+                self.video_seconds[row] = json.loads(path.read_text())["seconds_per_video"]
+        return self.video_seconds.get(row)
 
     def _sample_base(self, out: Path, prompts: Path, num_samples: int, row: str) -> None:
         """50-step Euler + CFG with the bidirectional base (inference.py streams causal generators only); same file
@@ -458,7 +480,7 @@ class Recipe:
                 write_mp4(path, frames, fps=cfg.fps, value_range=(-1, 1), layout="TCHW")
                 seconds, count = seconds + time.perf_counter() - started, count + 1
         if count:
-            self.video_seconds[row] = seconds / count
+            self._record_seconds(row, seconds / count)
 
     def evaluate(self, row: Row, folder: Path, prompts: Path) -> dict:
         """``benchmarks/eval_toy.py`` on one sample folder (JSON under ``eval/``) + seen / held-out faithfulness."""
@@ -513,6 +535,23 @@ def _copy_folder_without_dit(source: Path, target: Path) -> None:
     shutil.copytree(source, target, ignore=ignore)
 
 
+def _dit_config(config: dict, edits: list[str]) -> dict:
+    """``config.json`` of the toy DiT with ``--dit KEY=VALUE`` edits (values parsed as JSON: 256, [1,1,1])."""
+    from model.wan import WanConfig
+
+    out = dict(config)
+    for item in edits:
+        key, sep, value = item.partition("=")
+        if not sep or key not in WanConfig.__dataclass_fields__:
+            raise SystemExit(f"--dit {item!r}: expected KEY=VALUE with KEY a WanConfig field "
+                             f"({', '.join(WanConfig.__dataclass_fields__)})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--dit {item!r}: the value must be JSON (a number, true/false or a list)") from None
+    return out
+
+
 def _write_random_dit(folder: Path, seed: int) -> None:
     """A randomly initialised DiT of the folder's ``config.json`` as its ``diffusion_pytorch_model.safetensors``."""
     import torch
@@ -542,10 +581,14 @@ def step_times(logdir: Path) -> float | None:
     """Mean seconds per training step from ``metrics.jsonl`` (the first logged interval, with start-up, left out
     when there are later ones)."""
     path = logdir / "metrics.jsonl"
-    if not path.is_file():
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "step_time" in r]
+    elif logdir.with_suffix(".log").is_file():   # the stage's console log (train.py prints every metrics row)
+        text = logdir.with_suffix(".log").read_text(errors="replace")
+        rows = [{"step_time": float(v)} for v in re.findall(r"\| step_time ([0-9.]+)", text)]
+    else:
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "step_time" in r]
     if len(rows) > 1:
         rows = rows[1:]
     return sum(r["step_time"] for r in rows) / len(rows) if rows else None
@@ -580,7 +623,7 @@ def results_markdown(recipe: Recipe, command: str, results: list[tuple[Row, dict
                      f"{_fmt(a['faithfulness_heldout'])} | {_fmt(a['color'])} | {_fmt(a['shape'])} | "
                      f"{_fmt(a['direction'])} | {_fmt(a['speed'])} | {_fmt(a['centroid_step'])} | "
                      f"{_fmt(d.get('frechet'), 3)} | {_fmt(d.get('nearest_neighbour_ratio'))} | "
-                     f"{_fmt(recipe.video_seconds.get(row.name))} |")
+                     f"{_fmt(recipe.seconds_per_video(row.name))} |")
     lines += ["", "Training stages (steps as run; seconds per step from each run's metrics.jsonl, first logged "
                   "interval excluded when there are more; the last column extrapolates to the config's max_steps at "
                   "this run's batch size):", "",
@@ -616,6 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides for every stage, sampling included (e.g. model_kwargs.timestep_shift=2 "
                         "timestep_shift=2); paths and step counts are the recipe's own")
+    p.add_argument("--dit", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="edit the toy DiT's config.json before the random initialisation of the base, e.g. dim=256 "
+                        "num_layers=6 'patch_size=[1,1,1]' (every stage inherits it; needs a fresh --workdir)")
+    p.add_argument("--until", default=None, choices=list(STAGES),
+                   help="stop training after this stage; only table rows whose models exist are sampled")
     p.add_argument("--n_train", type=int, default=256, help="synthetic training clips" + d)
     p.add_argument("--n_heldout", type=int, default=64, help="held-out clips (also the evaluator's real set)" + d)
     p.add_argument("--ode_samples", type=int, default=48, help="ODE trajectories per variant (fewer rows after "
@@ -634,8 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "used: the base starts from random weights of its config.json)" + d)
     p.add_argument("--prompts", default=str(REPO / "prompts" / "toy.txt"), help="evaluation prompts" + d)
     p.add_argument("--seed", type=int, default=0, help="data split, initialisation and sampling seed" + d)
-    p.add_argument("--results", default=None, help="results markdown (default: docs/toy_results.md, or "
-                                                   "<workdir>/toy_results.md with --quick)")
+    p.add_argument("--results", default=None, help="results markdown (default: docs/toy_results.md for a full "
+                                                   "run, <workdir>/toy_results.md with --quick, --until or --rows)")
     p.add_argument("--ship", action="store_true", help="copy the DMD frame-/chunk-wise generators (bf16 release "
                                                        "format) to assets/toy/checkpoints/<v>/causal_forcing.pt")
     p.add_argument("--ship_base", action="store_true", help="with --ship: also write the trained base DiT (bf16) "
@@ -663,25 +711,28 @@ def main(argv: list[str] | None = None) -> int:
     say(f"toy recipe -> {recipe.work} on {recipe.device}; steps: " +
         ", ".join(f"{k} {v}" for k, v in recipe.steps.items()))
     recipe.make_model_folders()
-    recipe.make_data()
-    recipe.train("base")
-    recipe.export_base()
-    for v in VARIANTS:
-        recipe.train(f"ar_{v}")
-    for v in VARIANTS:
-        recipe.ode_data(v)
-        recipe.train(f"ode_{v}")
-    for v in VARIANTS:
-        recipe.train(f"cd_{v}")
-    for name in [s for s in STAGES if s.startswith("dmd_")]:
+    order = ["base"] + [f"{stage}_{v}" for stage in ("ar", "ode", "cd") for v in VARIANTS] + \
+        [name for name in STAGES if name.startswith("dmd_")]
+    todo = order[:order.index(args.until) + 1] if args.until else order
+    if any(not recipe.ckpt(name).is_file() for name in todo if not name.startswith("dmd_")):
+        recipe.make_data()   # every stage before Stage 3 reads the clean latents (DMD reads prompts only)
+    else:
+        progress.skip("data", "no stage left that reads it", count=2 if args.quick else 3)
+    for name in todo:
+        if name.startswith("ode_"):
+            recipe.ode_data(name[len("ode_"):])
         recipe.train(name)
-    if args.ship:  # before the (long) sampling of the table, so an interrupted run still ships its generators
+        if name == "base":
+            recipe.export_base()
+    rows = [r for r in rows if r.stage == "base" or recipe.ckpt(r.stage).is_file()]
+    if args.ship and not args.until:  # before the (long) sampling, so an interrupted run still ships its generators
         recipe.ship()
     prompts = eval_prompts(recipe)
     results = [(row, recipe.evaluate(row, recipe.generate(row, prompts), prompts)) for row in rows]
     command = "python scripts/toy_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = results_markdown(recipe, command, results, time.perf_counter() - progress.start)
-    out = Path(args.results) if args.results else (recipe.work / "toy_results.md" if args.quick
+    partial = args.quick or args.until or args.rows
+    out = Path(args.results) if args.results else (recipe.work / "toy_results.md" if partial
                                                    else REPO / "docs" / "toy_results.md")
     out.write_text(text)
     say("\n" + text.split("```", 2)[2].strip() + f"\n\nwritten to {out}")

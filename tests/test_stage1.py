@@ -197,8 +197,9 @@ def reference_grid(num_steps=1000, shift=5.0):
     return t, sigmas, w * num_steps / w.sum()
 
 
-def test_teacher_forcing_loss_equals_independent_recomputation(world):
-    objective, generator = build(world)
+@pytest.mark.parametrize("weighting", ["gaussian", "uniform"])
+def test_teacher_forcing_loss_equals_independent_recomputation(world, weighting):
+    objective, generator = build(world, loss_weighting=weighting)
     x0, prompts = heldout(world, 4)
     context = objective.encode_prompts(prompts)
     torch.manual_seed(7)
@@ -216,7 +217,7 @@ def test_teacher_forcing_loss_equals_independent_recomputation(world):
     with torch.no_grad():
         flow = generator.forward_teacher_forcing(x_t.float(), draw.t, context, clean_x=x0).double()
     per_frame = (flow - (draw.noise.double() - x0.double())).pow(2).mean(dim=(2, 3, 4))
-    expected = (weights[index] * per_frame).mean()
+    expected = ((weights[index] if weighting == "gaussian" else 1.0) * per_frame).mean()
     # float32 model on float32 inputs vs a float64 recomputation around the same forward: 1e-5 relative
     assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item(), (loss.item(), expected.item())
 
@@ -233,6 +234,8 @@ def test_block_timesteps_phases_and_config_checks(world):
     assert not torch.equal(t[:, 0], t[:, 1]) and not torch.equal(t[:, 1], t[:, 3])
     with pytest.raises(ConfigError, match="teacher_forcing"):
         DiffusionObjective(make_config(world, causal=False, teacher_forcing=True))
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        DiffusionObjective(make_config(world, loss_weighting="sigmoid"))
     with pytest.raises(ConfigError, match="needs teacher_forcing"):
         DiffusionObjective(make_config(world, teacher_forcing=False, noise_augmentation_max_timestep=100))
 

@@ -128,3 +128,47 @@ def test_final_inference_writes_videos_of_the_right_length(quick_run, recipe):
     table = (work / "toy_results.md").read_text()
     assert "Causal Forcing DMD chunkwise" in table and "s/step" in table
     assert "written to" in stdout
+
+
+def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_path, monkeypatch):
+    """``--until`` trains the stages up to the named one (in recipe order), skips the data when no remaining stage
+    reads it, samples only rows whose checkpoints exist and writes the partial table into the workdir."""
+    calls = []
+    aggregate = dict.fromkeys(["faithfulness", "faithfulness_seen", "faithfulness_heldout", "color", "shape",
+                               "direction", "speed", "centroid_step"], 0.5)
+
+    def train(self, name):
+        calls.append(name)
+        self.ckpt(name).parent.mkdir(parents=True, exist_ok=True)
+        self.ckpt(name).write_bytes(b"")
+        return self.ckpt(name)
+
+    monkeypatch.setattr(recipe.Recipe, "make_model_folders", lambda self: calls.append("models"))
+    monkeypatch.setattr(recipe.Recipe, "make_data", lambda self: calls.append("data"))
+    monkeypatch.setattr(recipe.Recipe, "export_base", lambda self: calls.append("export_base"))
+    monkeypatch.setattr(recipe.Recipe, "ode_data", lambda self, v: calls.append(f"ode_data_{v}"))
+    monkeypatch.setattr(recipe.Recipe, "train", train)
+    monkeypatch.setattr(recipe.Recipe, "generate", lambda self, row, prompts: calls.append(f"sample {row.name}"))
+    monkeypatch.setattr(recipe.Recipe, "evaluate",
+                        lambda self, row, folder, prompts: {"aggregate": aggregate, "videos": []})
+    work = tmp_path / "work"
+    argv = ["--workdir", str(work), "--device", "cpu", "--until", "ode_framewise"]
+    assert recipe.main(argv) == 0
+    assert calls == ["models", "data", "base", "export_base", "ar_framewise", "ar_chunkwise", "ode_data_framewise",
+                     "ode_framewise", "sample base_50", "sample ar_framewise_50", "sample ar_framewise_4",
+                     "sample ode_framewise_4", "sample ar_chunkwise_50", "sample ar_chunkwise_4"]
+    assert "| causal ODE init framewise | 4 |" in (work / "toy_results.md").read_text()
+    calls.clear()   # everything up to there exists: no data, no training
+    recipe.main(argv + ["--rows", "base_50"])
+    assert calls == ["models", "base", "export_base", "ar_framewise", "ar_chunkwise", "ode_data_framewise",
+                     "ode_framewise", "sample base_50"]
+
+
+def test_dit_edits_are_checked(recipe):
+    config = {"dim": 128, "num_layers": 4, "patch_size": [1, 2, 2]}
+    assert recipe._dit_config(config, ["dim=256", "patch_size=[1,1,1]"]) == \
+        {"dim": 256, "num_layers": 4, "patch_size": [1, 1, 1]}
+    with pytest.raises(SystemExit, match="WanConfig field"):
+        recipe._dit_config(config, ["layers=6"])
+    with pytest.raises(SystemExit, match="must be JSON"):
+        recipe._dit_config(config, ["patch_size=(1,1,1)"])

@@ -10,7 +10,8 @@ One phase, ``generator``. Per micro-batch of clean latents ``x0 [B, F, C, H, W]`
 3. ``x_t = (1 - sigma) x0 + sigma eps`` and the flow target ``eps - x0``;
 4. the generator's flow prediction -- teacher forcing (``[clean ; noisy]`` under the teacher-forcing mask, the
    shipped configs), diffusion forcing (block-causal mask over the noisy frames only), or bidirectional;
-5. ``L = mean_{b,f} w(t_{b,f}) * mean_{c,h,w} (v_theta - (eps - x0))^2``, in float32.
+5. ``L = mean_{b,f} w(t_{b,f}) * mean_{c,h,w} (v_theta - (eps - x0))^2``, in float32; ``w`` is the reference's
+   Gaussian weight over timesteps (``loss_weighting: gaussian``) or 1 (``uniform``).
 
 Differences from the reference, on purpose:
 
@@ -226,7 +227,8 @@ class DiffusionObjective(Objective):
         else:
             flow = generator(x_t, draw.t, context)  # block-causal mask (diffusion forcing) or bidirectional
         mse = (flow.float() - target.float()).pow(2).mean(dim=(2, 3, 4))    # [B, F], float32
-        loss = (mse * self.scheduler.training_weight(draw.t)).mean()
+        weight = self.scheduler.training_weight(draw.t) if self.cfg.loss_weighting == "gaussian" else 1.0
+        loss = (mse * weight).mean()
         return loss, mse
 
     def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

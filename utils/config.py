@@ -25,6 +25,8 @@ Differences from the reference configs (thu-ml/Causal-Forcing), on purpose:
 * ``total_batch_size`` is honoured through gradient accumulation (see :func:`grad_accum_steps`); the reference
   ignored it. ``max_steps`` stops the run (the reference looped forever); ``log_every`` sets the metrics interval;
   ``log_iters`` keeps its reference meaning, the checkpoint interval.
+* ``loss_weighting`` (new) names the Stage-1 loss weight over timesteps the reference hard-coded (``gaussian``,
+  the default); ``uniform`` is for models trained from scratch, like the toy base (docs/toy_world.md).
 * Keys that no reference code reads (``spatial_sf``, ``grad_accum``, ``tf``, ...) still load, are dropped, and are named
   in one warning (:data:`LEGACY_KEYS`).
 * ``timestep_shift`` defaults to 5.0 (reference code default 1.0; every shipped config that reads it says 5.0) and
@@ -182,6 +184,9 @@ class Config:
     # --- stage 1 (diffusion) ---
     teacher_forcing: bool = _f(False, "condition on ground-truth clean context (true) or diffusion forcing (false)")
     noise_augmentation_max_timestep: int = _f(0, "noise the clean context up to this timestep; 0 disables")
+    loss_weighting: str = _f("gaussian", "stage-1 loss weight over timesteps: 'gaussian' (the reference's, "
+                             "exp(-2((t-500)/1000)^2) scaled to mean 1: 0 at t = 1000, ~2.08 at 500) or 'uniform' "
+                             "(from-scratch models, which must learn the high-noise layout)")
     caption_dropout: float = _f(0.0, "probability that a training caption is replaced by the empty string \"\", "
                                 "so classifier-free guidance has an unconditional model; 0 disables")
 
@@ -289,6 +294,8 @@ class Config:
             value = getattr(self, key)
             _check(value is None or value > 0, f"{key} must be > 0", value)
         _check(0 <= self.caption_dropout <= 1, "caption_dropout must lie in [0, 1]", self.caption_dropout)
+        _check(self.loss_weighting in ("gaussian", "uniform"), "loss_weighting must be 'gaussian' or 'uniform'",
+               self.loss_weighting)
         for key in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
             _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
         _check(self.weight_decay >= 0, "weight_decay must be >= 0", self.weight_decay)
