@@ -711,8 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"toy recipe -> {recipe.work} on {recipe.device}; steps: " +
         ", ".join(f"{k} {v}" for k, v in recipe.steps.items()))
     recipe.make_model_folders()
-    order = ["base"] + [f"{stage}_{v}" for stage in ("ar", "ode", "cd") for v in VARIANTS] + \
-        [name for name in STAGES if name.startswith("dmd_")]
+    order = list(STAGES)   # recipe order: every stage after the one it starts from
     todo = order[:order.index(args.until) + 1] if args.until else order
     if any(not recipe.ckpt(name).is_file() for name in todo if not name.startswith("dmd_")):
         recipe.make_data()   # every stage before Stage 3 reads the clean latents (DMD reads prompts only)
