@@ -37,7 +37,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,27 +111,32 @@ class Progress:
     """Stage headers with elapsed times; while a subprocess runs, a one-line ticker (on a terminal) shows its last
     log line."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, parallel: bool = False):
         self.total, self.index, self.start = total, 0, time.perf_counter()
-        self.tty = sys.stdout.isatty()
+        self.parallel = parallel          # stages run side by side: no ticker, "done" lines name their stage
+        self.tty = sys.stdout.isatty() and not parallel
         self.timings: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def _clock(self, seconds: float) -> str:
         return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
     def begin(self, name: str, what: str) -> float:
-        self.index += 1
-        say(f"[{self.index:2d}/{self.total}] {self._clock(time.perf_counter() - self.start)}  {name}: {what}")
+        with self._lock:
+            self.index += 1
+            say(f"[{self.index:2d}/{self.total}] {self._clock(time.perf_counter() - self.start)}  {name}: {what}")
         return time.perf_counter()
 
     def end(self, name: str, started: float, note: str = "") -> None:
         seconds = time.perf_counter() - started
         self.timings[name] = self.timings.get(name, 0.0) + seconds
-        say(f"        done in {seconds:.1f} s{(' - ' + note) if note else ''}")
+        who = f"{name} " if self.parallel else ""
+        say(f"        {who}done in {seconds:.1f} s{(' - ' + note) if note else ''}")
 
     def skip(self, name: str, why: str, count: int = 1) -> None:
-        self.index += count
-        say(f"[{self.index:2d}/{self.total}] {name}: skipped ({why})")
+        with self._lock:
+            self.index += count
+            say(f"[{self.index:2d}/{self.total}] {name}: skipped ({why})")
 
     def watch(self, proc: subprocess.Popen, log_path: Path, started: float) -> None:
         """Block until ``proc`` ends, refreshing the ticker once a second on a terminal."""
@@ -342,7 +349,9 @@ class Recipe:
                 self.run(f"encode_{split}", [
                     sys.executable, "-m", "utils.encode_videos", "--input_dir", str(self.work / "videos" / split),
                     "--lmdb_path", str(tmp), "--height", str(cfg.height), "--width", str(cfg.width),
-                    "--num_frames", str(cfg.num_frames), "--fps", str(cfg.fps), "--batch_size", "8",
+                    "--num_frames", str(cfg.num_frames), "--fps", str(cfg.fps),
+                    "--batch_size", "32" if self.device == "cuda" else "8",
+                    "--num_workers", str(min(16, os.cpu_count() or 1)),
                     "--vae_path", str(self.models("init") / MODEL / "vae"), "--device", self.device],
                     f"encode the {split} clips with the toy VAE")
                 shutil.rmtree(lmdb, ignore_errors=True)
@@ -358,11 +367,11 @@ class Recipe:
             folder = self.work / "videos" / split
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            lines = []
-            for i, (caption, video) in enumerate(clips):
-                write_mp4(folder / f"clip_{i:05d}.mp4", video, fps=cfg.fps)
-                lines.append(f"clip_{i:05d}.mp4\t{caption}")
-            (folder / "captions.txt").write_text("\n".join(lines) + "\n")
+            names = [f"clip_{i:05d}.mp4" for i in range(len(clips))]
+            # each mp4 is an ffmpeg subprocess fed through a pipe: threads overlap them (GIL released on writes)
+            with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+                list(pool.map(lambda job: write_mp4(folder / job[0], job[1][1], fps=cfg.fps), zip(names, clips)))
+            (folder / "captions.txt").write_text("".join(f"{n}\t{c}\n" for n, (c, _) in zip(names, clips)))
         captions = list(dict.fromkeys(caption for caption, _ in train))   # Stage 3 trains on the seen captions
         self.train_prompts.parent.mkdir(parents=True, exist_ok=True)
         self.train_prompts.write_text("\n".join(captions) + "\n")
@@ -651,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="output/toy_recipe", help="everything the run writes goes here" + d)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--nproc", type=int, default=1, help="processes per training / ODE-data stage (torchrun)" + d)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="stages (and table rows) run side by side once the stages they read are done; on one GPU "
+                        "3-4 cost little more than one, the toy networks being too small to fill it" + d)
     p.add_argument("--quick", action="store_true",
                    help=f"CI size: {QUICK['steps']} steps per stage, {QUICK['n_train']} clips, batch "
                         f"{QUICK['batch_size']}, {QUICK['num_prompts']} prompts; results in <workdir>/toy_results.md")
@@ -664,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "num_layers=6 'patch_size=[1,1,1]' (every stage inherits it; needs a fresh --workdir)")
     p.add_argument("--until", default=None, choices=list(STAGES),
                    help="stop training after this stage; only table rows whose models exist are sampled")
-    p.add_argument("--n_train", type=int, default=256, help="synthetic training clips" + d)
+    p.add_argument("--n_train", type=int, default=2048, help="synthetic training clips" + d)
     p.add_argument("--n_heldout", type=int, default=64, help="held-out clips (also the evaluator's real set)" + d)
     p.add_argument("--ode_samples", type=int, default=48, help="ODE trajectories per variant (fewer rows after "
                                                                  "create_lmdb_iterative's caption de-duplication)" + d)
@@ -701,13 +713,53 @@ def eval_prompts(recipe: Recipe) -> Path:
     return path
 
 
+def stage_needs(name: str) -> set[str]:
+    """The stages whose checkpoints ``name`` reads: the one it starts from and, for all but the base, the base
+    (Stage 3's real score and critic, the ODE teacher's folder)."""
+    init = STAGES[name][1]
+    return set() if name == "base" else {"base"} | ({init} if init else set())
+
+
+def run_stages(recipe: Recipe, todo: list[str], jobs: int = 1) -> None:
+    """Train ``todo`` (in STAGES order); with ``jobs > 1`` every stage starts as soon as the stages it reads are done,
+    up to ``jobs`` at once. A stage that fails stops the run once the running ones end."""
+    def one(name: str) -> None:
+        if name.startswith("ode_") and not recipe.ckpt(name).is_file():   # the trajectories only feed training
+            recipe.ode_data(name[len("ode_"):])
+        recipe.train(name)
+        if name == "base":
+            recipe.export_base()
+
+    if jobs <= 1:
+        for name in todo:
+            one(name)
+        return
+    pending, done, running = list(todo), set(), {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for name in [n for n in pending if stage_needs(n) & set(todo) <= done][:jobs - len(running)]:
+                pending.remove(name)
+                running[pool.submit(one, name)] = name
+            if not running:
+                raise RuntimeError(f"stages {pending} wait on stages that are not scheduled")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                future.result()   # re-raises the stage's SystemExit
+                done.add(name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.nproc < 1:
+        parser.error(f"--jobs and --nproc must be >= 1, got {args.jobs} and {args.nproc}")
     recipe = Recipe(args)
     recipe.work.mkdir(parents=True, exist_ok=True)
     wanted = args.rows or (QUICK_ROWS if args.quick else None)
     rows = [r for r in table_rows() if wanted is None or r.name in wanted]
-    recipe.progress = progress = Progress(total=1 + (2 if args.quick else 3) + len(STAGES) + 4 + 2 * len(rows))
+    recipe.progress = progress = Progress(total=1 + (2 if args.quick else 3) + len(STAGES) + 4 + 2 * len(rows),
+                                          parallel=args.jobs > 1)
     say(f"toy recipe -> {recipe.work} on {recipe.device}; steps: " +
         ", ".join(f"{k} {v}" for k, v in recipe.steps.items()))
     recipe.make_model_folders()
@@ -717,17 +769,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe.make_data()   # every stage before Stage 3 reads the clean latents (DMD reads prompts only)
     else:
         progress.skip("data", "no stage left that reads it", count=2 if args.quick else 3)
-    for name in todo:
-        if name.startswith("ode_"):
-            recipe.ode_data(name[len("ode_"):])
-        recipe.train(name)
-        if name == "base":
-            recipe.export_base()
+    run_stages(recipe, todo, args.jobs)
     rows = [r for r in rows if r.stage == "base" or recipe.ckpt(r.stage).is_file()]
     if args.ship and not args.until:  # before the (long) sampling, so an interrupted run still ships its generators
         recipe.ship()
     prompts = eval_prompts(recipe)
-    results = [(row, recipe.evaluate(row, recipe.generate(row, prompts), prompts)) for row in rows]
+    with ThreadPoolExecutor(args.jobs) as pool:   # rows are independent: sampled side by side with --jobs
+        results = list(pool.map(lambda row: (row, recipe.evaluate(row, recipe.generate(row, prompts), prompts)),
+                                rows))
     command = "python scripts/toy_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = results_markdown(recipe, command, results, time.perf_counter() - progress.start)
     partial = args.quick or args.until or args.rows

@@ -463,6 +463,25 @@ def test_encode_videos_cli(world, tmp_path, caplog):
     assert main(["--input_dir", str(tmp_path / "missing"), "--lmdb_path", str(tmp_path / "x")]) == 2
 
 
+def test_read_ahead_keeps_order_and_skips_broken_files(tmp_path):
+    """--num_workers decodes in threads; the clips must come out in file order, broken ones as None, equal to the
+    serial read."""
+    from utils.encode_videos import _read_all
+
+    pairs = []
+    for i, (caption, frames) in enumerate(S.make_dataset(5, seed=4, **PIXELS)):
+        write_mp4(tmp_path / f"c{i}.mp4", frames, fps=16)
+        pairs.append((tmp_path / f"c{i}.mp4", caption))
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    pairs.insert(2, (tmp_path / "bad.mp4", "a red circle moving up quickly"))
+    serial = list(_read_all(pairs, 17, 16, num_workers=0))
+    threaded = list(_read_all(pairs, 17, 16, num_workers=2))
+    assert [x is None for x in threaded] == [False, False, True, False, False, False]
+    for a, b in zip(serial, threaded):
+        assert (a is None and b is None) or (a[0] == b[0] and np.array_equal(a[1], b[1]))
+    assert [x[0] for x in threaded if x] == [c for _, c in pairs if c and _.name != "bad.mp4"]
+
+
 def test_caption_layouts(tmp_path):
     (tmp_path / "b.mp4").write_bytes(b"")
     (tmp_path / "a.mp4").write_bytes(b"")

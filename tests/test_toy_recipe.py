@@ -172,3 +172,43 @@ def test_dit_edits_are_checked(recipe):
         recipe._dit_config(config, ["layers=6"])
     with pytest.raises(SystemExit, match="must be JSON"):
         recipe._dit_config(config, ["patch_size=(1,1,1)"])
+
+
+def test_jobs_run_stages_side_by_side_after_what_they_read(recipe, tmp_path, monkeypatch):
+    """``--jobs 3``: each stage starts only after the stages it reads have ended, independent ones overlap, and
+    every stage and row still runs exactly once."""
+    import threading
+    import time
+
+    spans, lock = {}, threading.Lock()
+
+    def train(self, name):
+        start = time.perf_counter()
+        time.sleep(0.2)
+        with lock:
+            spans[name] = (start, time.perf_counter())
+        self.ckpt(name).parent.mkdir(parents=True, exist_ok=True)
+        self.ckpt(name).write_bytes(b"")
+
+    sampled = []
+    monkeypatch.setattr(recipe.Recipe, "make_model_folders", lambda self: None)
+    monkeypatch.setattr(recipe.Recipe, "make_data", lambda self: None)
+    monkeypatch.setattr(recipe.Recipe, "export_base", lambda self: None)
+    monkeypatch.setattr(recipe.Recipe, "ode_data", lambda self, v: None)
+    monkeypatch.setattr(recipe.Recipe, "train", train)
+    monkeypatch.setattr(recipe.Recipe, "generate", lambda self, row, prompts: sampled.append(row.name))
+    aggregate = dict.fromkeys(["faithfulness", "faithfulness_seen", "faithfulness_heldout", "color", "shape",
+                               "direction", "speed", "centroid_step"], 0.5)
+    monkeypatch.setattr(recipe.Recipe, "evaluate",
+                        lambda self, row, folder, prompts: {"aggregate": aggregate, "videos": []})
+    assert recipe.main(["--workdir", str(tmp_path / "w"), "--device", "cpu", "--jobs", "3",
+                        "--results", str(tmp_path / "r.md")]) == 0
+    assert sorted(spans) == sorted(recipe.STAGES)
+    for name in recipe.STAGES:
+        for need in recipe.stage_needs(name):
+            assert spans[need][1] <= spans[name][0], f"{name} started before {need} ended"
+    a, b = spans["ar_framewise"], spans["ar_chunkwise"]
+    assert a[0] < b[1] and b[0] < a[1], "independent stages did not overlap"
+    assert sorted(sampled) == sorted(r.name for r in recipe.table_rows())
+    with pytest.raises(SystemExit):
+        recipe.main(["--workdir", str(tmp_path / "w"), "--jobs", "0"])

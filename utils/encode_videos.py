@@ -216,13 +216,33 @@ def list_captioned_videos(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     return found
 
 
-def _read_all(pairs: list[tuple[Path, str]], num_frames: int, fps: float) -> Iterator[tuple[str, np.ndarray] | None]:
-    for path, caption in pairs:
-        try:
-            yield caption, read_video(path, num_frames, fps)
-        except Exception as err:  # a broken file must not stop a long encoding run; say which one and why
-            logger.warning("skipping unreadable video %s: %s", path, str(err).splitlines()[0] if str(err) else err)
-            yield None
+def _read_one(path: Path, caption: str, num_frames: int, fps: float) -> tuple[str, np.ndarray] | None:
+    try:
+        return caption, read_video(path, num_frames, fps)
+    except Exception as err:  # a broken file must not stop a long encoding run; say which one and why
+        logger.warning("skipping unreadable video %s: %s", path, str(err).splitlines()[0] if str(err) else err)
+        return None
+
+
+def _read_all(pairs: list[tuple[Path, str]], num_frames: int, fps: float,
+              num_workers: int = 0) -> Iterator[tuple[str, np.ndarray] | None]:
+    """The decoded clips in the order of ``pairs``; ``num_workers`` threads decode ahead (ffmpeg runs outside the
+    GIL), at most ``2 * num_workers`` clips in flight so memory stays bounded."""
+    if num_workers <= 0:
+        for path, caption in pairs:
+            yield _read_one(path, caption, num_frames, fps)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="decode") as pool:
+        in_flight: deque = deque()
+        for path, caption in pairs:
+            in_flight.append(pool.submit(_read_one, path, caption, num_frames, fps))
+            if len(in_flight) >= 2 * num_workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wan_models_dir", default="wan_models", help="folder of the Wan model folders" + d)
     p.add_argument("--model_name", default="Wan2.1-T2V-1.3B", help="Wan model folder holding the VAE" + d)
     p.add_argument("--batch_size", type=int, default=1, help="videos per VAE call" + d)
+    p.add_argument("--num_workers", type=int, default=4,
+                   help="threads decoding videos ahead of the VAE, in order (0: decode in the main thread)" + d)
     p.add_argument("--device", default=None, help="device of the VAE; default cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="VAE weight dtype; default bfloat16 on cuda, float32 on cpu")
@@ -267,6 +289,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for key in ("height", "width", "num_frames", "batch_size"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.fps <= 0:
         raise UserError(f"--fps must be > 0, got {args.fps}")
 
@@ -300,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--height/--width must be multiples of {s} and --num_frames 1 + {t}k, got "
                             f"{args.height}x{args.width}, {args.num_frames} frames")
         rows = encode_videos_to_lmdb(
-            _read_all(pairs, args.num_frames, args.fps), vae, args.lmdb_path, height=args.height, width=args.width,
+            _read_all(pairs, args.num_frames, args.fps, args.num_workers), vae, args.lmdb_path,
+            height=args.height, width=args.width,
             num_frames=args.num_frames, batch_size=args.batch_size, map_size=args.map_size,
             progress=not args.no_progress, total=len(pairs))
     except UserError as err:
