@@ -1,6 +1,7 @@
 """The demo page in a real browser: headless Chromium (Debian's ``chromium`` + ``chromium-driver``) driven by Selenium
-loads the page from a real uvicorn server on 127.0.0.1, starts a tiny-model video, sees frames painted, switches the
-prompt mid-stream, downloads the mp4 and saves a screenshot (``DEMO_SCREENSHOT=path`` keeps a copy there).
+loads the page from a real uvicorn server on 127.0.0.1 serving what ``python demo.py`` serves (the shipped toy model
+on the CPU), starts a video, sees frames painted, switches the prompt mid-stream, downloads the mp4 and saves a
+screenshot (``DEMO_SCREENSHOT=path`` keeps a copy there).
 
 Skips with the reason when Selenium, Chromium or its driver is missing (``.ci/run`` installs them).
 """
@@ -26,26 +27,25 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from pipeline.streaming import StreamingPipeline  # noqa: E402
-from tests.conftest import write_tiny_stream_config  # noqa: E402
-from utils.config import load_config  # noqa: E402
+import demo  # noqa: E402
 from utils.video import read_mp4  # noqa: E402
 from web import session as demo_session  # noqa: E402
 from web.server import build_app  # noqa: E402
 from web.session import settings_for  # noqa: E402
 
 FIRST = "a red circle moving left slowly"
-SECOND = "<img src=x onerror=window.pwned=1> a yellow square moving down quickly"
-LATENT_FRAMES = 18     # 6 blocks of 3 -> 69 video frames at 8 fps
+SECOND = "a yellow square moving down quickly"
+HOSTILE = "<img src=x onerror=window.pwned=1> a green triangle moving up slowly"
+LATENT_FRAMES = 9      # 3 blocks of 3 -> 33 video frames at 8 fps, the length the toy model was trained on
+LONG_FRAMES = 18       # the second video: past the trained length (sliding window), stopped early
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
-    """A uvicorn server on a free 127.0.0.1 port serving a tiny model whose blocks take >= 0.4 s (time to switch)."""
-    root = tmp_path / "wan_models"
-    write_tiny_stream_config(root)
-    cfg = load_config(str(root / "tiny.yaml"))
-    pipe = StreamingPipeline.from_config(cfg, device="cpu")
+def server(repo_root, monkeypatch):
+    """A uvicorn server on a free 127.0.0.1 port serving demo.py's default (the shipped toy model, CPU), its blocks
+    made to take >= 0.4 s so that the test has time to switch the prompt."""
+    monkeypatch.chdir(repo_root)   # load_pipeline moves to the repository for the toy config's relative paths
+    pipe, cfg, info = demo.load_pipeline(demo.parse_args([]))
     original = demo_session.Generation._take_switch
 
     def slow(generation):  # the tiny model is too fast to switch in mid-stream by hand; a real one is not
@@ -53,7 +53,7 @@ def server(tmp_path, monkeypatch):
             time.sleep(0.4)
         return original(generation)
     monkeypatch.setattr(demo_session.Generation, "_take_switch", slow)
-    app = build_app(pipe, settings_for(pipe, cfg), info=dict(device="CPU (tiny random model)"))
+    app = build_app(pipe, settings_for(pipe, cfg), info=info)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws_per_message_deflate=False)
     srv = uvicorn.Server(config)
     sock = config.bind_socket()
@@ -130,11 +130,10 @@ def test_page_streams_switches_and_downloads(server, browser, tmp_path):
         time.sleep(0.15)
     assert len(sums) >= 3, sums
 
-    # the page marks where the switch took effect, and shows the prompt as text, never as HTML
+    # the page marks where the switch took effect
     wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#timeline .marker"))
     switch_line = d.find_element(By.CSS_SELECTOR, "#switches li").text
     assert switch_line.startswith("frame ") and SECOND in switch_line
-    assert d.execute_script("return window.pwned === undefined && !document.querySelector('#switches img')")
 
     wait.until(lambda _: state(d) == "done")
     total = 1 + 4 * (LATENT_FRAMES - 1)
@@ -149,7 +148,7 @@ def test_page_streams_switches_and_downloads(server, browser, tmp_path):
     wait.until(lambda _: [f for f in os.listdir(d.downloads) if f.endswith(".mp4")])
     name = next(f for f in os.listdir(d.downloads) if f.endswith(".mp4"))
     assert name == FIRST + ".mp4"
-    assert read_mp4(d.downloads / name).shape == (total, 32, 48, 3)
+    assert read_mp4(d.downloads / name).shape == (total, 64, 64, 3)
 
     d.execute_script("window.scrollTo(0, 0)")
     shot = tmp_path / "demo.png"
@@ -158,13 +157,22 @@ def test_page_streams_switches_and_downloads(server, browser, tmp_path):
     if os.environ.get("DEMO_SCREENSHOT"):
         shutil.copy(shot, os.environ["DEMO_SCREENSHOT"])
 
-    # a second video, stopped early: the page offers what was made so far
+    # a second, long video: markers belong to the previous video; a hostile prompt is shown as text, never as
+    # HTML; stopped early, the page offers what was made so far
+    frames.clear()
+    frames.send_keys(str(LONG_FRAMES))
     d.find_element(By.ID, "start").click()
-    wait.until(lambda _: state(d) == "generating" and received(d) >= 9)
+    wait.until(lambda _: state(d) == "generating")
+    assert d.find_element(By.CSS_SELECTOR, "#switches").text == ""
+    wait.until(lambda _: received(d) >= 9)
+    prompt.clear()
+    prompt.send_keys(HOSTILE)
+    d.find_element(By.ID, "switch").click()
+    wait.until(lambda _: HOSTILE in d.find_element(By.CSS_SELECTOR, "#switches").text)
+    assert d.execute_script("return window.pwned === undefined && !document.querySelector('#switches img')")
     d.find_element(By.ID, "stop").click()
     wait.until(lambda _: state(d) == "stopped")
-    assert d.find_element(By.ID, "download").is_displayed() and received(d) < total
-    assert d.find_element(By.CSS_SELECTOR, "#switches").text == ""      # markers belong to the previous video
+    assert d.find_element(By.ID, "download").is_displayed() and received(d) < 1 + 4 * (LONG_FRAMES - 1)
     # nothing went wrong in the page (a blocked inline script or style would show here as a CSP error)
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
