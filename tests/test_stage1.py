@@ -22,8 +22,10 @@ Euler sampler, 20 steps; "direction" = move of the latent energy centroid, chanc
   already rules out half the directions (the object stays inside the frame), so the caption -> shift map gets little
   gradient. It emerges with length, unreliably: 3 latent frames, one colour, text_len 32, CFG 1 / 4: 0.25 / 0.27 at
   600 steps, 0.30 / 0.34 at 1200, 0.38 / 0.39 at 1800, 0.47 / 0.55 at 2400, 0.44 / 0.47 (CFG 3) at 3000; another
-  seed: 0.25 at 1500; ``caption_world`` (4 colours): 17/64 / 22/64 (p = 0.06) at 2400. So the direction is NOT
-  asserted: no CI-sized run (~35-80 ms per step here) learns it reliably.
+  seed: 0.25 at 1500; ``caption_world`` (4 colours): 17/64 / 22/64 (p = 0.06) at 2400. So the direction is not
+  asserted for these from-scratch runs: none of CI size (~35-80 ms per step here) learns it reliably. Started, as
+  the real Stage 1 is, from a base that knows the motion (the shipped toy base), 300 teacher-forcing steps do learn
+  it: test_teacher_forcing_from_the_toy_base_learns_the_captioned_direction asserts it (23/32 videos).
 * A caption word that maps to a *global* property is learned at once: 300 steps with caption dropout 0.2 put the
   captioned colour on 60/64 samples with CFG 1 and 64/64 with CFG 4 (chance 16/64; direction 14/64 at that point;
   150 steps: 24/64 and 30/64); test_samples_follow_the_caption asserts it (binomial p < 0.01), 18-56 s here.
@@ -416,6 +418,48 @@ def test_samples_follow_the_caption(caption_world, one_thread):
     p = binomial_tail(colour_hits, len(prompts), 0.25)
     assert p < 0.01, (f"captioned colour in {colour_hits}/{len(prompts)} samples (chance 1/4, binomial p={p:.2g}); "
                       f"direction {direction_hits}/{len(prompts)}")
+
+
+def test_teacher_forcing_from_the_toy_base_learns_the_captioned_direction(repo_root, tmp_path):
+    """Stage 1 as the recipe runs it, through ``train.py`` and ``inference.py`` with configs/toy: teacher forcing,
+    chunk-wise, starting from a bidirectional base that knows the toy world (the shipped toy base stands in for
+    Wan2.1, as the real Stage 1 starts from Wan), 300 steps of batch 8 on 64 clips encoded by the toy VAE, then 32
+    videos (8 prompts of prompts/toy.txt x 4, 50 steps, CFG 3) scored by the toy detector.
+
+    Measured on the 2-core CPU (2026-11-26, ~3 min): this test sees the captioned direction in 23 of 32 videos
+    (binomial p = 3e-8; faithfulness 0.66). Used causally without the training, the base weights managed 2 of 16
+    (faithfulness 0.17, an ad-hoc check of the first 2 videos per prompt). Chance is 1/4. The caption_world runs
+    above learn the colour but not the direction from scratch in a CI budget; from a base that has the motion,
+    teacher forcing learns to produce it block by block."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base = repo_root / "assets" / "toy" / "Toy-T2V"
+    train, _ = S.make_split(64, 1, 0)
+    encode_videos_to_lmdb(train, WanVAE.from_pretrained(base / "vae"), tmp_path / "lmdb", batch_size=16)
+    env = dict(os.environ, WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
+    config = "configs/toy/ar_diffusion_tf_chunkwise.yaml"
+    run = subprocess.run([sys.executable, "train.py", "--config_path", config, "--logdir", str(tmp_path / "log"),
+                          "--override", f"data_path={tmp_path / 'lmdb'}", "max_steps=300", "log_iters=300"],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    checkpoint = tmp_path / "log" / "checkpoint_model_000300" / "model.pt"
+    out = tmp_path / "videos"
+    run = subprocess.run([sys.executable, "inference.py", "--config_path", config, "--checkpoint_path", str(checkpoint),
+                          "--data_path", "prompts/toy.txt", "--output_folder", str(out), "--num_samples", "4"],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "benchmarks/eval_toy.py", "--video_folder", str(out), "--data_path",
+                          "prompts/toy.txt", "--num_samples", "4", "--out", str(tmp_path / "eval.json"), "--quiet",
+                          "--num_real", "8"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    videos = json.loads((tmp_path / "eval.json").read_text())["videos"]
+    hits = sum(int(v["direction"]) for v in videos)
+    p = binomial_tail(hits, len(videos), 0.25)
+    assert len(videos) == 32 and p < 0.01, (f"captioned direction in {hits}/{len(videos)} videos (chance 1/4, "
+                                            f"binomial p={p:.2g})")
 
 
 # ------------------------------------------------------------------------------------------------ encode_videos
