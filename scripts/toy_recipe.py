@@ -21,9 +21,11 @@ Stages, each a subprocess of an entry point users run themselves (``train.py``, 
 Run time: the config defaults (``max_steps`` of configs/toy) are sized for one GPU. On one H200 with ``--jobs 8``
 the whole recipe took about 16 min (2026-11-26): clips 32 s, encoding 18 + 64 s, base 316 s (4000 steps of 64
 clips), then Stage 1, ODE pairs, ODE, CD, the five DMD runs and the sampling of all 14 table rows side by side in
-6.4 min. On a CPU the base dominates (64 clips a step); the later stages are small: this 2-core CPU trained DMD
-frame-wise (200 steps, batch 4) in 143 s. ``--steps_scale`` scales every stage; each run's table lists its own
-per-step times and extrapolates them to the config's steps.
+6.4 min. On a CPU the base dominates: 0.88 s a step of 64 clips on this 2-core CPU, so about an hour for its 4000
+steps; the later stages are small (DMD frame-wise, 200 steps of batch 4: 143 s), and sampling plus scoring all 14
+rows with 4 videos per prompt took 9.2 min. ``--steps_scale`` scales every stage (the base's prompt-following was
+only measured at the full 4000 steps); each run's table lists its own per-step times and extrapolates them to the
+config's steps.
 
 Every stage is skipped when its output file already exists, so an interrupted run continues where it stopped (and
 ``train.py`` itself resumes inside a stage). Logs of each subprocess: ``<workdir>/logs/<stage>.log``.
