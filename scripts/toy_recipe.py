@@ -22,7 +22,7 @@ Run time: the config defaults (``max_steps`` of configs/toy) are sized for one G
 the whole recipe took about 16 min (2026-11-26): clips 32 s, encoding 18 + 64 s, base 316 s (4000 steps of 64
 clips), then Stage 1, ODE pairs, ODE, CD, the five DMD runs and the sampling of all 14 table rows side by side in
 6.4 min. On a CPU the base dominates: 0.88 s a step of 64 clips on this 2-core CPU, so about an hour for its 4000
-steps; the later stages are small (DMD frame-wise, 200 steps of batch 4: 143 s), and sampling plus scoring all 14
+steps; the later stages are small (DMD frame-wise, 200 steps of batch 4: 143 s), and sampling plus scoring 12 of the 14
 rows with 4 videos per prompt took 9.2 min. ``--steps_scale`` scales every stage (the base's prompt-following was
 only measured at the full 4000 steps); each run's table lists its own per-step times and extrapolates them to the
 config's steps.
