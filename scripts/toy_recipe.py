@@ -724,8 +724,9 @@ def stage_needs(name: str) -> set[str]:
 
 
 def run_stages(recipe: Recipe, todo: list[str], jobs: int = 1) -> None:
-    """Train ``todo`` (in STAGES order); with ``jobs > 1`` every stage starts as soon as the stages it reads are done,
-    up to ``jobs`` at once. A stage that fails stops the run once the running ones end."""
+    """Train ``todo`` (listed in STAGES order): every stage starts as soon as the stages it reads are done, up to
+    ``jobs`` at once (``jobs = 1``: one after the other, in order). A stage that fails stops the run once the running
+    ones end."""
     def one(name: str) -> None:
         if name.startswith("ode_") and not recipe.ckpt(name).is_file():   # the trajectories only feed training
             recipe.ode_data(name[len("ode_"):])
@@ -733,14 +734,10 @@ def run_stages(recipe: Recipe, todo: list[str], jobs: int = 1) -> None:
         if name == "base":
             recipe.export_base()
 
-    if jobs <= 1:
-        for name in todo:
-            one(name)
-        return
-    pending, done, running = list(todo), set(), {}
+    scheduled, pending, done, running = set(todo), list(todo), set(), {}
     with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
-            for name in [n for n in pending if stage_needs(n) & set(todo) <= done][:jobs - len(running)]:
+            for name in [n for n in pending if stage_needs(n) & scheduled <= done][:jobs - len(running)]:
                 pending.remove(name)
                 running[pool.submit(one, name)] = name
             if not running:
