@@ -40,7 +40,7 @@ from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
 from pipeline.causal import StepSchedule  # noqa: E402
 from pipeline.streaming import StreamingPipeline  # noqa: E402
 from web.server import build_app  # noqa: E402
-from web.session import DemoSettings, host_uint8  # noqa: E402
+from web.session import DemoSettings  # noqa: E402
 
 MODES = {"chunk4": dict(n=3, steps=[1000, 750, 500, 250]), "frame4": dict(n=1, steps=[1000, 750, 500, 250])}
 
@@ -91,8 +91,8 @@ def standalone(pipe: StreamingPipeline, frames: int) -> float:
     def run():
         sync()
         start, n = time.perf_counter(), 0
-        for chunk in pipe.open("benchmark", frames, seed=0):
-            n += len(host_uint8(chunk.frames[0]))
+        for chunk in pipe.open("benchmark", frames, seed=0, uint8=True):
+            n += len(chunk.frames[0])
         out.append(n / (time.perf_counter() - start))
     thread = threading.Thread(target=run)
     thread.start()

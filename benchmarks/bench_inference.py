@@ -95,9 +95,11 @@ def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bo
     sync()
     start = time.perf_counter()
     first, block_times, pixel_frames, last = None, [], 0, start
-    for chunk in pipe.open("benchmark", frames, seed=0, decode=decode, context=ctx):
+    # frames leave the GPU block by block as uint8, as inference.py and the demo take them (before 2026-11-26
+    # evening: as bf16, without the conversion the writer then did on the CPU)
+    for chunk in pipe.open("benchmark", frames, seed=0, decode=decode, context=ctx, uint8=decode):
         if decode:
-            host = chunk.frames.to("cpu")  # streaming means frames leave the GPU block by block
+            host = chunk.frames.to("cpu")   # already on the host (pinned copy) on the overlapped path
             pixel_frames += host.shape[1]
         else:
             sync()

@@ -28,6 +28,7 @@ from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.causal import BlockLoop, Guidance, StepSchedule, randn_like_from
 from utils.config import Config
+from utils.video import pixels_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class StreamChunk:
     block_index: int              # index among generated blocks (0 = first)
     start_frame: int              # first latent frame of the block (absolute, prefill included)
     latents: torch.Tensor         # [B, n, C, h, w]
-    frames: torch.Tensor | None   # decoded pixels [B, T, 3, H, W] in [-1, 1] (None when decoding is off)
+    frames: torch.Tensor | None   # decoded pixels [B, T, 3, H, W] in [-1, 1], or with ``open(uint8=True)`` uint8
+                                  # [B, T, H, W, 3] on the host; None when decoding is off
     prompt: str | list[str]       # the prompt this block was generated under
     switched: bool = False        # a prompt switch took effect at this block
     seconds: float = 0.0          # wall time spent on this block (generation + decode)
@@ -71,11 +73,14 @@ class StreamingPipeline:
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
 
     def enable_fast_path(self, compile_dit: bool = True, compile_vae: bool = False, overlap_decode: bool = True):
-        """The CUDA fast path: one q/k/v product per layer (:meth:`WanModel.fuse_qkv`), compiled DiT elementwise
-        regions (:meth:`WanModel.compile_blocks`), optionally a
-        compiled VAE decoder, and VAE decode overlapped with the next block's DiT work. No-op on the CPU."""
+        """The CUDA fast path: cuDNN autotuning, one q/k/v product per layer (:meth:`WanModel.fuse_qkv`), compiled DiT
+        elementwise regions (:meth:`WanModel.compile_blocks`), optionally a compiled VAE decoder, and VAE decode
+        overlapped with the next block's DiT work. No-op on the CPU."""
         if self.device.type != "cuda":
             return self
+        # cuDNN picks its fastest kernels per shape once (the VAE's 3-D convolutions see a handful of shapes);
+        # every speed in docs/performance.md was measured with it on. A process-wide setting, as torch has it.
+        torch.backends.cudnn.benchmark = True
         self.generator.fuse_qkv()
         if compile_dit:
             self.generator.compile_blocks()
@@ -141,12 +146,14 @@ class StreamingPipeline:
 
     def open(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
              initial_latent: torch.Tensor | None = None, decode: bool = True,
-             context: torch.Tensor | None = None) -> "VideoStream":
+             context: torch.Tensor | None = None, uint8: bool = False) -> "VideoStream":
         """Start a video: ``num_frames`` latent frames to generate after the optional ``initial_latent``
         ``[B, f0, C, h, w]`` (I2V: one image latent; video extension: a clip's latents). ``context`` gives
-        precomputed prompt embeddings ``[B, L, text_dim]`` (the text encoder is then not run)."""
+        precomputed prompt embeddings ``[B, L, text_dim]`` (the text encoder is then not run). ``uint8`` hands out
+        frames as uint8 ``[B, T, H, W, 3]`` on the host (:func:`utils.video.pixels_to_uint8`, converted on the
+        pipeline's device beside the decode): what a video writer or a web page needs, without CPU work per block."""
         return VideoStream(self, prompt, num_frames or self.default_num_frames, seed, initial_latent, decode,
-                           context)
+                           context, uint8)
 
     def generate(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
                  initial_latent: torch.Tensor | None = None, decode: bool = True):
@@ -175,8 +182,10 @@ class VideoStream:
     """Iterator over the :class:`StreamChunk` of one video; see :meth:`StreamingPipeline.open`."""
 
     def __init__(self, pipe: StreamingPipeline, prompt, num_frames: int, seed: int,
-                 initial_latent: torch.Tensor | None, decode: bool, context: torch.Tensor | None = None):
+                 initial_latent: torch.Tensor | None, decode: bool, context: torch.Tensor | None = None,
+                 uint8: bool = False):
         self.pipe = pipe
+        self.uint8 = uint8
         self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(self.prompts)
         c, h, w = pipe.latent_shape
@@ -272,11 +281,14 @@ class VideoStream:
         if self.decoder is None:
             return None
         if self._side is None:
-            return self.decoder.decode_chunk(latents)
+            frames = self.decoder.decode_chunk(latents)
+            return pixels_to_uint8(frames).cpu() if self.uint8 else frames
         self._side.wait_stream(torch.cuda.current_stream(latents.device))  # the block's DiT work comes first
         latents.record_stream(self._side)  # freed on the main stream only after the side stream used it
         with torch.cuda.stream(self._side):
             frames = self.decoder.decode_chunk(latents)
+            if self.uint8:
+                frames = pixels_to_uint8(frames)
             host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
             host.copy_(frames, non_blocking=True)
             done = torch.cuda.Event()

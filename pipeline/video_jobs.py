@@ -149,11 +149,11 @@ def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int) -> 
     if job.image is not None:
         initial = load_image_latent(pipe, job.image, cfg.height, cfg.width)
         num_frames -= 1
-    stream = pipe.open(job.prompt, num_frames, seed=job.seed, initial_latent=initial)
+    stream = pipe.open(job.prompt, num_frames, seed=job.seed, initial_latent=initial, uint8=True)
     latents, written = [], 0
     bar = tqdm(stream, total=len(stream.loop._blocks_from(stream.start_frame, num_frames)), unit="block",
                desc=job.name[:40], leave=False)
-    with Mp4StreamWriter(_path(args, job), fps=cfg.fps, value_range=(-1, 1), layout="TCHW") as writer:
+    with Mp4StreamWriter(_path(args, job), fps=cfg.fps) as writer:   # uint8 [T, H, W, 3] frames
         for chunk in bar:
             writer.append(chunk.frames[0])
             written += chunk.frames.shape[1]

@@ -18,6 +18,7 @@ from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
+from utils.video import to_uint8_frames
 
 CFG = WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=4, num_layers=4, text_len=16)
 
@@ -97,10 +98,10 @@ def test_overlapped_decode_hands_out_the_same_frames_on_gpu():
     sch = FlowMatchScheduler(shift=5.0)
     ctx = torch.randn(1, 8, 32, device=dev, dtype=dtype)
 
-    def run(overlap):
+    def run(overlap, uint8=False):
         pipe = StreamingPipeline(model, None, vae, sch, StepSchedule.from_config(sch, [1000, 750, 500, 250]),
                                  latent_shape=(16, 4, 6), device=dev, dtype=dtype, overlap_decode=overlap)
-        return list(pipe.open("x", num_frames=9, seed=1, context=ctx))
+        return list(pipe.open("x", num_frames=9, seed=1, context=ctx, uint8=uint8))
 
     serial, overlapped = run(False), run(True)
     assert [c.block_index for c in overlapped] == [0, 1, 2]
@@ -108,6 +109,10 @@ def test_overlapped_decode_hands_out_the_same_frames_on_gpu():
         assert b.frames.device.type == "cpu"  # handed out on the host
         assert torch.equal(a.latents, b.latents)
         assert torch.equal(a.frames.cpu(), b.frames), f"block {a.block_index}: overlapped frames differ"
+    # uint8 frames converted on the side stream == the writer's conversion of the float frames
+    for a, b in zip(serial, run(True, uint8=True)):
+        assert b.frames.dtype == torch.uint8 and b.frames.device.type == "cpu"
+        assert torch.equal(b.frames[0], torch.from_numpy(to_uint8_frames(a.frames[0], (-1, 1), "TCHW")))
 
 
 def test_fused_qkv_equals_separate_products_and_keeps_the_state_dict():

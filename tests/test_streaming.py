@@ -32,6 +32,19 @@ def test_stream_yields_blocks_and_equals_one_shot_decode(pipe):
     assert torch.equal(lat2, latents)  # same seed, same video
 
 
+def test_uint8_stream_hands_out_the_writers_bytes(pipe):
+    """``open(uint8=True)``: the same video, frames as uint8 [B, T, H, W, 3] on the host with exactly the values the
+    mp4 writer makes of the float frames (utils.video.to_uint8_frames)."""
+    from utils.video import to_uint8_frames
+
+    floats = list(pipe.open("a red circle moving left slowly", num_frames=6, seed=3))
+    uint8 = list(pipe.open("a red circle moving left slowly", num_frames=6, seed=3, uint8=True))
+    for f, u in zip(floats, uint8, strict=True):
+        assert u.frames.dtype == torch.uint8 and u.frames.device.type == "cpu"
+        assert u.frames.shape == (1, f.frames.shape[1], 32, 48, 3)
+        assert (u.frames[0].numpy() == to_uint8_frames(f.frames[0], (-1, 1), "TCHW")).all()
+
+
 def test_long_video_uses_a_fixed_window(pipe):
     stream = pipe.open("a blue square moving up quickly", num_frames=15, seed=0, decode=False)
     cache = stream.cache

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.video import Mp4StreamWriter, read_mp4, safe_output_name, to_uint8_frames, write_mp4
+from utils.video import Mp4StreamWriter, pixels_to_uint8, read_mp4, safe_output_name, to_uint8_frames, write_mp4
 
 
 def gradient_frames(t=9, h=32, w=48) -> np.ndarray:
@@ -111,3 +111,13 @@ def test_safe_output_name_dedup_and_index():
     assert safe_output_name("a/b", index=7) == "00007_a_b"
     for name in names:
         assert "/" not in name and name == unicodedata.normalize("NFKC", name)
+
+
+def test_pixels_to_uint8_equals_to_uint8_frames():
+    """The torch conversion (run on the GPU beside the decode) gives exactly the numpy one's values."""
+    x = torch.randn(2, 3, 3, 5, 7) * 1.2                                    # [B, T, 3, H, W]
+    x[0, 0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5 / 127.5 - 1])  # edge values
+    out = pixels_to_uint8(x)
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 5, 7, 3)
+    for b in range(2):
+        np.testing.assert_array_equal(out[b].numpy(), to_uint8_frames(x[b], (-1, 1), "TCHW"))   # exact
