@@ -71,6 +71,7 @@ STAGES = {
     "dmd_framewise_from_ar": ("causal_forcing_dmd_framewise.yaml", "ar_framewise"),   # ablation: no Stage 2
 }
 QUICK_ROWS = ("base_50", "dmd_framewise_4", "dmd_chunkwise_4")
+IO_THREADS = min(16, os.cpu_count() or 1)   # mp4 writers / decoders (ffmpeg subprocesses) at once
 QUICK = dict(steps=2, n_train=8, n_heldout=4, ode_samples=4, batch_size=2, num_prompts=2, num_samples=1)
 
 
@@ -354,7 +355,7 @@ class Recipe:
                     "--lmdb_path", str(tmp), "--height", str(cfg.height), "--width", str(cfg.width),
                     "--num_frames", str(cfg.num_frames), "--fps", str(cfg.fps),
                     "--batch_size", "32" if self.device == "cuda" else "8",
-                    "--num_workers", str(min(16, os.cpu_count() or 1)),
+                    "--num_workers", str(IO_THREADS),
                     "--vae_path", str(self.models("init") / MODEL / "vae"), "--device", self.device],
                     f"encode the {split} clips with the toy VAE")
                 shutil.rmtree(lmdb, ignore_errors=True)
@@ -372,7 +373,7 @@ class Recipe:
             folder.mkdir(parents=True)
             names = [f"clip_{i:05d}.mp4" for i in range(len(clips))]
             # each mp4 is an ffmpeg subprocess fed through a pipe: threads overlap them (GIL released on writes)
-            with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            with ThreadPoolExecutor(IO_THREADS) as pool:
                 list(pool.map(lambda job: write_mp4(folder / job[0], job[1][1], fps=cfg.fps), zip(names, clips)))
             (folder / "captions.txt").write_text("".join(f"{n}\t{c}\n" for n, (c, _) in zip(names, clips)))
         captions = list(dict.fromkeys(caption for caption, _ in train))   # Stage 3 trains on the seen captions
