@@ -34,10 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available; the toy "
                                                   "model: cpu)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--no_compile", action="store_true", help="GPU: do not torch.compile the DiT (the fast path "
-                                                                "compiles its elementwise regions on the first video)")
-    p.add_argument("--compile_vae", action="store_true", help="GPU: also torch.compile the VAE decoder (faster "
-                                                               "decode after a one-time compile of minutes)")
+    p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile (the fast path compiles the DiT's "
+                   "and the VAE decoder's regions on the first video, ~30-40 s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to your network)")
     p.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
     p.add_argument("--max_frames", type=int, default=None, help="longest video a client may ask for, in latent "
@@ -75,7 +73,7 @@ def load_pipeline(args):
     device = args.device or ("cpu" if toy else None)
     pipe = StreamingPipeline.from_config(cfg, checkpoint, args.use_ema, device=device,
                                          text_encoder_device="cpu" if args.text_encoder_cpu else None,
-                                         compile=not args.no_compile, compile_vae=args.compile_vae)
+                                         compile=not args.no_compile)
     where = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "CPU"
     info = dict(config=TOY_CONFIG if toy else os.path.basename(args.config_path), device=where)  # shown to clients
     return pipe, cfg, info

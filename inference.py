@@ -39,10 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="regenerate videos that already exist")
     p.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU "
                                                                     "(saves ~11 GB of GPU memory)")
-    p.add_argument("--no_compile", action="store_true", help="GPU: do not torch.compile the DiT (the fast path "
-                                                                "compiles its elementwise regions once per process)")
-    p.add_argument("--compile_vae", action="store_true", help="GPU: also torch.compile the VAE decoder (faster "
-                                                               "decode after a one-time compile of minutes)")
+    p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile (the fast path compiles the DiT's "
+                   "and the VAE decoder's regions once per process, ~30-40 s before the first video)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     return p.parse_args(argv)

@@ -15,12 +15,15 @@ frame), 8x spatially, 16 channels; the factors are derived from the config, not 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 
 from utils.errors import CheckpointError, ConfigError, WeightsMissingError
 
@@ -184,12 +187,9 @@ class WanVAE(nn.Module):
             raise ConfigError(f"latents_mean/latents_std need {self.latent_channels} values (z_dim)")
         self.temporal_compression = 2 ** sum(config.temperal_downsample)
         self.spatial_compression = 2 ** (len(config.dim_mult) - 1)
-        # Upper bound on the decoder's feature-cache slots (one per causal conv; 1x1 shortcuts never use theirs).
-        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-        self.num_decoder_cache_slots = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
         self.channels_last = False
         self._stats_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.regions = EAGER_REGIONS  # or compiled ones (compile_decoder)
 
     # ------------------------------------------------------------------ construction
 
@@ -240,28 +240,35 @@ class WanVAE(nn.Module):
         if enabled:
             return self.to_channels_last()
         for module in self.model.modules():
-            if isinstance(module, nn.Conv3d):
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 module.to(memory_format=torch.contiguous_format)
         self.channels_last = False
         return self
 
     def to_channels_last(self) -> WanVAE:
-        """Store Conv3d weights channels-last-3d and feed inputs that way (faster cuDNN kernels on GPU).
+        """Store convolution weights channels-last (3-D and, for the upsamplers' frame-wise convolutions, 2-D) and
+        feed inputs that way (faster cuDNN kernels on GPU; the frame-wise view of a channels-last-3d video is a
+        channels-last image batch, so no copies in between).
 
         ``.to(memory_format=...)`` on the whole VAE fails because some parameters are not 5-D, so convert
-        the Conv3d modules one by one.
+        the convolution modules one by one.
         """
         for module in self.model.modules():
             if isinstance(module, nn.Conv3d):
                 module.to(memory_format=torch.channels_last_3d)
+            elif isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
         self.channels_last = True
         return self
 
-    def compile_decoder(self, **options) -> WanVAE:
-        """``torch.compile`` the decoder in place (parameter names unchanged). Streaming calls take a few shapes
-        (the one-frame first call, then ``frames_per_call`` or fewer frames), each compiled once per process."""
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.model.decoder.compile(**{"dynamic": False, **options})
+    def compile_decoder(self, enabled: bool = True, **options) -> WanVAE:
+        """``torch.compile`` the streaming decoder's regions (:class:`DecoderRegions`; ``enabled=False``: eager).
+
+        Static shapes: every call after a video's first has the same shapes (``frames_per_call`` latent frames,
+        fewer only for a short last chunk), so each region compiles once per shape and serves every video after
+        it. The one-frame first call of each video stays eager: it is cheap and would be a second set of graphs.
+        ``options`` go to ``torch.compile``."""
+        self.regions = EAGER_REGIONS.compiled(**options) if enabled else EAGER_REGIONS
         return self
 
     # ------------------------------------------------------------------ properties and helpers
@@ -333,16 +340,14 @@ class StreamingDecoder:
     """Decodes a video chunk by chunk, carrying the decoder's causal feature cache between calls.
 
     diffusers' public ``decode()`` clears the feature cache at its start and end, so decoding chunk by chunk
-    through it restarts the causal context (chunks [3, 3] give 18 frames instead of 21). This class drives the
-    decoder internals instead — ``post_quant_conv`` then ``decoder(x, feat_cache=..., feat_idx=[0],
-    first_chunk=...)`` — with a cache list it owns, which is what diffusers' own ``_decode`` does per frame.
-    Owning the list (rather than the model's ``_feat_map``) keeps streams independent of each other and of
-    ``model.decode()``. Pinned by tests/test_vae.py (streaming == one-shot decode); re-check on diffusers upgrades.
+    through it restarts the causal context (chunks [3, 3] give 18 frames instead of 21). This class runs the
+    decoder's modules through :func:`decoder_step`, which takes the cache as explicit tensors and returns the new
+    one; pinned by tests/test_vae.py against diffusers' own one-shot decode (re-check on diffusers upgrades).
 
-    The very first decoder call must get exactly ONE latent frame: an empty cache slot of a temporal upsampler
-    marks "first chunk" and skips temporal upsampling for that whole call (so the first latent frame gives one
-    pixel frame). After that, ``frames_per_call`` latent frames go through the decoder at once (fewer, larger
-    calls are faster; results equal per-frame decoding up to float rounding).
+    The first call of a video gets exactly ONE latent frame, which gives one pixel frame (the temporal upsamplers
+    are skipped for it). After that, ``frames_per_call`` latent frames go through the decoder at once (results
+    equal per-frame decoding up to float rounding); every such call has the same shapes, so a compiled step
+    (:meth:`WanVAE.compile_decoder`) compiles once.
 
     Args:
         vae: the :class:`WanVAE`.
@@ -358,7 +363,7 @@ class StreamingDecoder:
 
     def reset(self) -> None:
         """Forget the previous video; the next chunk starts a new one."""
-        self._cache: list = [None] * self.vae.num_decoder_cache_slots
+        self._cache: list[torch.Tensor] | None = None
         self._batch_size: int | None = None
         self.num_latent_frames = 0
 
@@ -379,18 +384,176 @@ class StreamingDecoder:
         z = self.vae._format(self.vae.denormalize(latents).permute(0, 2, 1, 3, 4))  # [B, C, f, h, w]
         x = self.vae.model.post_quant_conv(z)  # 1x1x1 conv: no temporal context needed
         outputs, start = [], 0
-        if self.num_latent_frames == 0:
-            outputs.append(self._decoder_call(x[:, :, :1], first_chunk=True))
+        decoder = self.vae.model.decoder
+        layout = torch.channels_last_3d if self.vae.channels_last else torch.contiguous_format
+        if self._cache is None:
+            out, self._cache = decoder_step(decoder, x[:, :, :1], None, layout=layout)
+            outputs.append(out)
             start = 1
         for i in range(start, x.shape[2], self.frames_per_call):
-            outputs.append(self._decoder_call(x[:, :, i : i + self.frames_per_call], first_chunk=False))
+            piece = x[:, :, i : i + self.frames_per_call]
+            out, self._cache = decoder_step(decoder, piece, self._cache, self.vae.regions, layout)
+            outputs.append(out)
         self.num_latent_frames += x.shape[2]
         pixels = torch.cat(outputs, dim=2).clamp(-1, 1)  # [B, 3, T_chunk, H, W]
         return pixels.permute(0, 2, 1, 3, 4).float()
 
-    def _decoder_call(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
-        # feat_idx is the decoder's running slot counter; it must restart at 0 for every call.
-        return self.vae.model.decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=first_chunk)
+
+# ---------------------------------------------------------------------------------------------- decoder step
+# diffusers' decoder keeps its causal cache in a list it mutates, with None / "Rep" markers for the first calls of
+# a video; under torch.compile each marker state is another graph. The same arithmetic with the cache as plain
+# tensors: every causal convolution sees ``cat(cache, x)`` in time, where the cache holds the last
+# ``kernel_t - 1`` frames of that convolution's input so far, zeros at the start of a video. (diffusers pads the
+# first call with zeros and keeps fewer frames until it has them: the same numbers.) The one exception is the
+# temporal upsampler's convolution, which diffusers skips on the first call and runs from zeros on the second.
+#
+# The decoder is cut into regions (a residual block, an upsampler, the output head) that take and return plain
+# tensors; :meth:`WanVAE.compile_decoder` compiles the regions, not the whole step. A region's output is a real
+# buffer: compiled as one graph, inductor recomputes the cheap residual sums inside later kernels instead, which
+# keeps every convolution output of a stage alive (on the H100 the whole-step graph peaked 4.7 GiB above eager).
+
+
+def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
+    """A ``WanCausalConv3d`` with time from ``cache`` (None: zeros); returns ``(output, new cache)``."""
+    keep = conv._padding[4]  # the causal padding: kernel_t - 1 frames
+    x = torch.cat([_zero_frames(x, keep) if cache is None else cache, x], dim=2)
+    pad_w, _, pad_h = conv._padding[:3]
+    # height/width padding inside the convolution: no padded copy (H100: 0.81 vs 0.87 s compiled per 81 frames)
+    out = F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w))
+    return out, x[:, :, x.shape[2] - keep :].clone()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def _canonical(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """``x`` dense in ``layout`` with the layout's own strides, also on size-1 dimensions (a view when ``x`` is
+    already dense so): compiled regions guard on strides, and a size-1 batch or time dimension otherwise carries
+    whatever stride the op that made it chose, which would compile one graph per producer."""
+    x = x.contiguous(memory_format=layout)
+    return x.as_strided(x.shape, torch.empty(x.shape, device="meta", memory_format=layout).stride())
+
+
+def _own(cache: torch.Tensor) -> torch.Tensor:
+    """``cache`` in a buffer of its own. Compiled, a region returns its cache as a view into the convolution's whole
+    input (inductor drops the clone of a slice as a no-op), which would keep 3x the cache alive between calls (on
+    the H100: 5.1 instead of 2.4 GiB held by the full-size decoder's cache); copying the frames out costs ~1 ms."""
+    return cache if cache.untyped_storage().nbytes() == cache.nbytes else cache.clone()
+
+
+def _zero_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Zeros shaped like ``frames`` time steps of ``x`` and laid out like it (channels-last-3d stays so)."""
+    b, c, _, h, w = x.shape
+    return torch.zeros((b, c, frames, h, w), dtype=x.dtype, device=x.device).contiguous(memory_format=_layout(x))
+
+
+def _residual(block: nn.Module, x: torch.Tensor, cache1: torch.Tensor | None, cache2: torch.Tensor | None):
+    """diffusers' ``WanResidualBlock``; returns ``(output, new cache of conv1, of conv2)``."""
+    if isinstance(block.conv_shortcut, nn.Identity):
+        shortcut = x
+    else:  # 1x1x1: no temporal context
+        shortcut = F.conv3d(x, block.conv_shortcut.weight, block.conv_shortcut.bias)
+    h, new1 = _causal_conv(block.conv1, block.nonlinearity(block.norm1(x)), cache1)
+    h, new2 = _causal_conv(block.conv2, block.dropout(block.nonlinearity(block.norm2(h))), cache2)
+    return h + shortcut, new1, new2
+
+
+def _upsample(resample: nn.Module, x: torch.Tensor, cache: torch.Tensor | None, first: bool):
+    """diffusers' ``WanResample`` in its up-sampling modes; returns ``(output, new cache)``, the cache None for
+    the 2-D mode. The 3-D mode's temporal convolution is skipped on a video's first call (its cache stays zeros)."""
+    new = None
+    if resample.mode == "upsample3d":
+        b, c, t, h, w = x.shape
+        if first:
+            new = _zero_frames(x, resample.time_conv._padding[4])
+        else:  # the convolution doubles the channels; the two halves become consecutive frames
+            x, new = _causal_conv(resample.time_conv, x, cache)
+            x = x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+    elif resample.mode != "upsample2d":
+        raise NotImplementedError(f"decoder resample mode {resample.mode!r}")
+    b, c, t, h, w = x.shape
+    layout = _layout(x)
+    out = resample.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # nearest 2x, then a 3x3 conv
+    # laid out as the input (channels-last: already so, as the 2-D convolution is channels-last too), so that the
+    # blocks after it see the strides every other block sees
+    return out.view(b, t, *out.shape[1:]).permute(0, 2, 1, 3, 4).contiguous(memory_format=layout), new
+
+
+def _head(decoder: nn.Module, x: torch.Tensor, cache: torch.Tensor | None):
+    return _causal_conv(decoder.conv_out, decoder.nonlinearity(decoder.norm_out(x)), cache)
+
+
+@dataclass(frozen=True)
+class DecoderRegions:
+    """The functions :func:`decoder_step` runs the decoder with: these, or compiled forms of them."""
+
+    residual: Callable = _residual
+    upsample: Callable = _upsample
+    head: Callable = _head
+
+    def compiled(self, **options) -> DecoderRegions:
+        """Static shapes, whole graphs; blocks of equal shapes share one graph (parameters are graph inputs)."""
+        options = {"fullgraph": True, "dynamic": False, **options}
+        return DecoderRegions(*(torch.compile(getattr(self, f.name), **options) for f in fields(self)))
+
+
+EAGER_REGIONS = DecoderRegions()
+
+
+def decoder_step(decoder: nn.Module, x: torch.Tensor, cache: list[torch.Tensor] | None,
+                 regions: DecoderRegions = EAGER_REGIONS, layout: torch.memory_format = torch.contiguous_format):
+    """One call of diffusers' ``WanDecoder3d`` (Wan2.1 layout) with the causal cache as explicit tensors.
+
+    Args:
+        decoder: ``AutoencoderKLWan.decoder``.
+        x: ``[B, C, f, h, w]`` after ``post_quant_conv``; exactly one frame when ``cache`` is None.
+        cache: the list returned by the previous call of this video (consumed: its entries are released as they
+            are used), or None for its first call.
+        regions: the region functions (compiled or not).
+        layout: memory format of the activations (channels-last-3d with channels-last weights).
+    Returns:
+        ``(pixels [B, 3, T, H, W] unclamped, new cache)``; T = 1 for the first call, 4f after it.
+    """
+    first = cache is None
+    if first and x.shape[2] != 1:
+        raise ValueError(f"the first decoder call of a video takes one latent frame, got {x.shape[2]}")
+    new: list[torch.Tensor] = []
+    slots = iter(range(len(cache))) if cache is not None else None
+
+    def cached() -> torch.Tensor | None:
+        """The next slot's old cache, released from ``cache`` as it is taken: old and new caches of the whole
+        decoder never coexist (1.8 GiB at full size)."""
+        if cache is None:
+            return None
+        slot = next(slots)
+        old, cache[slot] = cache[slot], None
+        return _canonical(old, layout)
+
+    def residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x, *caches = regions.residual(block, _canonical(x, layout), cached(), cached())
+        new.extend(map(_own, caches))
+        return x
+
+    x, conv_in_cache = _causal_conv(decoder.conv_in, x, cached())  # 16 channels in: nothing to fuse
+    new.append(conv_in_cache)
+    mid = decoder.mid_block
+    x = residual(mid.resnets[0], x)
+    for attention, block in zip(mid.attentions, mid.resnets[1:]):
+        x = residual(block, attention(x))
+    for up in decoder.up_blocks:
+        for block in up.resnets:
+            x = residual(block, x)
+        if up.upsamplers is not None:
+            resample = up.upsamplers[0]
+            x, upsample_cache = regions.upsample(resample, _canonical(x, layout),
+                                                 cached() if resample.mode == "upsample3d" else None, first)
+            if upsample_cache is not None:
+                new.append(_own(upsample_cache))
+    x, head_cache = regions.head(decoder, _canonical(x, layout), cached())
+    new.append(_own(head_cache))
+    return x, new
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
     pipe = StreamingPipeline.from_config(cfg, checkpoint_path="checkpoints/chunkwise/causal_forcing.pt")
     stream = pipe.open("a red fox running through snow", num_frames=21, seed=0)
-    for chunk in stream:                 # one chunk per block, as soon as it is generated and decoded
+    for chunk in stream:                 # one chunk per block (the first frame alone), as soon as it is decoded
         show(chunk.frames)               # float [B, T, 3, H, W] in [-1, 1]
         if user_typed_something:
             stream.switch_prompt(new_prompt)   # takes effect at the next block boundary
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,34 +72,36 @@ class StreamingPipeline:
     vae_frames_per_call: int = 1                # latent frames per VAE decoder call; 1 keeps peak memory lowest
                                                 # (H100: 12.5 vs 16.5 GiB at 4, for 2% of chunk-wise speed)
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
+    first_frame_alone: bool = True              # hand out the video's first latent frame as soon as it is decoded,
+                                                # then the rest of its block (time to first frame)
 
-    def enable_fast_path(self, compile_dit: bool = True, compile_vae: bool = False, overlap_decode: bool = True):
+    def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True):
         """The CUDA fast path: cuDNN autotuning, one q/k/v product per layer (:meth:`WanModel.fuse_qkv`), compiled DiT
-        elementwise regions (:meth:`WanModel.compile_blocks`), optionally a compiled VAE decoder, and VAE decode
-        overlapped with the next block's DiT work. No-op on the CPU."""
+        elementwise regions (:meth:`WanModel.compile_blocks`) and VAE decoder regions (:meth:`WanVAE.compile_decoder`),
+        and VAE decode overlapped with the next block's DiT work. ``compile=False`` keeps both eager. No-op on the
+        CPU."""
         if self.device.type != "cuda":
             return self
         # cuDNN picks its fastest kernels per shape once (the VAE's 3-D convolutions see a handful of shapes);
         # every speed in docs/performance.md was measured with it on. A process-wide setting, as torch has it.
         torch.backends.cudnn.benchmark = True
         self.generator.fuse_qkv()
-        if compile_dit:
+        if compile:
             self.generator.compile_blocks()
-        if compile_vae and self.vae is not None:
-            self.vae.compile_decoder()
+        if self.vae is not None:
+            self.vae.compile_decoder(compile)
         self.overlap_decode = overlap_decode
-        log.info("fast path: compiled DiT regions %s, compiled VAE decoder %s, overlapped decode %s",
-                 compile_dit, compile_vae, overlap_decode)
+        log.info("fast path: compiled DiT and VAE regions %s, overlapped decode %s", compile, overlap_decode)
         return self
 
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
                     dtype=None, text_encoder_device=None, decode: bool = True, fast: bool = True,
-                    compile: bool = True, compile_vae: bool = False) -> "StreamingPipeline":
+                    compile: bool = True) -> "StreamingPipeline":
         """Build everything ``cfg`` names. GPU: bf16 everywhere; CPU: float32.
 
-        On CUDA ``fast`` turns on :meth:`enable_fast_path` (``compile`` / ``compile_vae`` choose what it compiles;
-        the first video then pays the compile time once per process)."""
+        On CUDA ``fast`` turns on :meth:`enable_fast_path` (``compile=False``: without compiling; otherwise the
+        first video pays the compile time once per process)."""
         from pipeline import components as C
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -123,7 +126,7 @@ class StreamingPipeline:
                    guidance_scale=cfg.guidance_scale if multistep else 1.0,
                    local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size,
                    default_num_frames=shape[1], device=device, dtype=dtype)
-        return pipe.enable_fast_path(compile, compile_vae) if fast else pipe
+        return pipe.enable_fast_path(compile) if fast else pipe
 
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -176,6 +179,16 @@ class _HostFrames:
     def wait(self) -> torch.Tensor:
         self.done.synchronize()
         return self.host
+
+
+@dataclass
+class _Deferred:
+    """A chunk's decode, run when the chunk is handed out (serial path)."""
+
+    decode: Callable[[], torch.Tensor]
+
+    def wait(self) -> torch.Tensor:
+        return self.decode()
 
 
 class VideoStream:
@@ -240,8 +253,9 @@ class VideoStream:
     @torch.no_grad()
     def _run(self):
         """Blocks in order. With ``overlap_decode`` block b is handed out after block b+1's DiT work is queued, so
-        its decode (side stream) runs beside that work; block 0 is handed out at once (time to first frame). A
-        prompt switch then lands on the first block not yet started, one later than without overlap."""
+        its decode (side stream) runs beside that work; the video's first frame is handed out at once (time to
+        first frame). A prompt switch then lands on the first block not yet started, one later than without
+        overlap."""
         if self.prefix is not None:
             self.loop.prefill(self.prefix, 0)
         offset, frame, held = 0, self.start_frame, None
@@ -252,37 +266,48 @@ class VideoStream:
             x0 = self.loop.denoise(self.noise[:, offset:offset + n], frame, i, pending=self._due)
             self.latents.append(x0)
             self._due = (x0, frame)  # written into the cache with (or before) the next block's first step
-            first = self.prefix if (i == 0 and self.prefix is not None) else None
-            frames = self._decode(x0 if first is None else torch.cat([first, x0], 1))
-            chunk = StreamChunk(i, frame, x0, frames, list(self.prompts), switched)
-            if held is not None:
-                yield self._hand_out(held)
-            if self._side is not None and i > 0:
-                held = chunk
-            else:
-                held = None
-                yield self._hand_out(chunk)
+            parts = self._parts(i, x0)
+            for j, (a, b) in enumerate(parts):
+                latents = x0[:, a:b]
+                pixels = torch.cat([self.prefix, latents], 1) if (i == 0 and self.prefix is not None) else latents
+                chunk = StreamChunk(i, frame + a, latents, self._decode(pixels), list(self.prompts),
+                                    switched and a == 0)
+                if held is not None:
+                    yield self._hand_out(held)
+                    held = None
+                if self._side is not None and j == len(parts) - 1 and (i > 0 or j > 0):
+                    held = chunk   # decoded beside the next block's DiT work
+                else:
+                    yield self._hand_out(chunk)  # the video's first frame, or the serial path
             offset += n
             frame += n
         if held is not None:
             yield self._hand_out(held)
         self.close()
 
+    def _parts(self, index: int, x0: torch.Tensor) -> list[tuple[int, int]]:
+        """Latent-frame ranges of the block handed out one after the other: the first block of a video without a
+        prefix is cut after its first frame when ``first_frame_alone`` (the causal VAE decodes that frame without
+        the others, and its decode is queued only after it has been handed out)."""
+        n = x0.shape[1]
+        cut = index == 0 and self.prefix is None and self.pipe.first_frame_alone and self.decoder is not None
+        return [(0, 1), (1, n)] if cut and n > 1 else [(0, n)]
+
     def _hand_out(self, chunk: StreamChunk) -> StreamChunk:
         """Wait for the chunk's frames (host copy) and stamp the wall time since the previous hand-out."""
-        if isinstance(chunk.frames, _HostFrames):
+        if isinstance(chunk.frames, (_HostFrames, _Deferred)):
             chunk.frames = chunk.frames.wait()
         now = time.perf_counter()
         chunk.seconds, self._t_last = now - self._t_last, now
         return chunk
 
     def _decode(self, latents: torch.Tensor):
-        """Decode one block: inline, or (overlap) queued on the side stream with a pinned host copy."""
+        """Decode one chunk: when it is handed out (chunks leave in order, so the decoder's causal cache sees them
+        in order), or (overlap) queued now on the side stream with a pinned host copy."""
         if self.decoder is None:
             return None
         if self._side is None:
-            frames = self.decoder.decode_chunk(latents)
-            return pixels_to_uint8(frames).cpu() if self.uint8 else frames
+            return _Deferred(lambda: self._decode_now(latents))
         self._side.wait_stream(torch.cuda.current_stream(latents.device))  # the block's DiT work comes first
         latents.record_stream(self._side)  # freed on the main stream only after the side stream used it
         with torch.cuda.stream(self._side):
@@ -294,6 +319,10 @@ class VideoStream:
             done = torch.cuda.Event()
             done.record()
         return _HostFrames(host, done)
+
+    def _decode_now(self, latents: torch.Tensor) -> torch.Tensor:
+        frames = self.decoder.decode_chunk(latents)
+        return pixels_to_uint8(frames).cpu() if self.uint8 else frames
 
     def __iter__(self):
         return self

@@ -129,7 +129,7 @@ def run_inference(args) -> dict:
         return _report(summary)
     pipe = StreamingPipeline.from_config(cfg, args.checkpoint_path, args.use_ema, device=device,
                                          text_encoder_device="cpu" if args.text_encoder_cpu else None,
-                                         compile=not args.no_compile, compile_vae=args.compile_vae)
+                                         compile=not args.no_compile)
     for job in todo:
         frames, seconds = _generate(pipe, cfg, args, job, num_frames)
         summary["written"] += 1
@@ -151,12 +151,13 @@ def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int) -> 
         num_frames -= 1
     stream = pipe.open(job.prompt, num_frames, seed=job.seed, initial_latent=initial, uint8=True)
     latents, written = [], 0
-    bar = tqdm(stream, total=len(stream.loop._blocks_from(stream.start_frame, num_frames)), unit="block",
-               desc=job.name[:40], leave=False)
-    with Mp4StreamWriter(_path(args, job), fps=cfg.fps) as writer:   # uint8 [T, H, W, 3] frames
-        for chunk in bar:
+    bar = tqdm(total=pipe.vae.num_pixel_frames(stream.start_frame + num_frames), unit="frame", desc=job.name[:40],
+               leave=False)
+    with bar, Mp4StreamWriter(_path(args, job), fps=cfg.fps) as writer:   # uint8 [T, H, W, 3] frames
+        for chunk in stream:
             writer.append(chunk.frames[0])
             written += chunk.frames.shape[1]
+            bar.update(chunk.frames.shape[1])
             latents.append(chunk.latents.cpu())
     if args.save_latents:
         tmp = os.path.join(args.output_folder, f".{job.name}.latents.pt.tmp")

@@ -110,7 +110,8 @@ def test_stream_frames_and_download_match_inference(world, tmp_path):
         video = client.get("/" + done["download"])
     assert hello["settings"]["steps"] == [1, 2, 4] and hello["settings"]["mode"] == "chunk-wise"
     blocks = [m for m in messages if m["type"] == "block"]
-    assert [b["first_frame"] for b in blocks] == [0, 9] and [b["frames"] for b in blocks] == [9, 12]
+    # the first frame is sent alone, then the rest of its block
+    assert [b["first_frame"] for b in blocks] == [0, 1, 9] and [b["frames"] for b in blocks] == [1, 8, 12]
     assert sorted(frames) == list(range(21)) and done["frames"] == 21 and not done["stopped"]
     # the same video as the pipeline run directly: each frame is exactly the JPEG of the directly generated one
     direct, _ = pipe.generate(PROMPT, num_frames=6, seed=5)
@@ -138,7 +139,7 @@ def test_switch_changes_only_frames_after_it(world, monkeypatch):
             start(ws)
 
             def switch_after_first(block, frames):
-                if block["index"] == 0:
+                if block["first_frame"] == 0:     # the video's first frame (sent alone)
                     while len(frames) < block["frames"]:   # the block's frames follow its header
                         m = receive(ws)
                         frames[m[0]] = m[1]
@@ -147,7 +148,8 @@ def test_switch_changes_only_frames_after_it(world, monkeypatch):
                 gate.step()
             switched, messages = collect(ws, on_block=switch_after_first)
     blocks = [m for m in messages if m["type"] == "block"]
-    assert [b["switched"] for b in blocks] == [False, True] and blocks[1]["prompt"] == OTHER
+    # the switch lands on the first block not yet generated: block 1 (block 0's other frames were already made)
+    assert [b["switched"] for b in blocks] == [False, False, True] and blocks[2]["prompt"] == OTHER
     assert sorted(switched) == sorted(base) == list(range(21))
     for i in range(9):          # block 0: generated before the switch, identical
         np.testing.assert_array_equal(switched[i], base[i])
@@ -157,6 +159,7 @@ def test_switch_changes_only_frames_after_it(world, monkeypatch):
     stream = pipe.open(PROMPT, 6, seed=5)
     next(stream)
     stream.switch_prompt(OTHER)
+    assert not next(stream).switched   # the rest of block 0
     ref = to_uint8_frames(next(stream).frames[0], (-1, 1), "TCHW")
     for i in range(9, 21):
         np.testing.assert_array_equal(switched[i], decode(encode_jpeg(ref[i - 9], 90)))
@@ -169,6 +172,9 @@ def test_stop_keeps_the_frames_so_far(world, monkeypatch):
         start(ws, frames=9)
 
         def stop_after_first(block, frames):
+            if block["first_frame"] == 0:       # the first frame alone: go on to the rest of block 0
+                gate.step()
+                return
             ws.send_text(json.dumps(dict(type="stop")))
             time.sleep(0.2)     # the stop reaches the server before the worker is let go
             gate.step(5)
@@ -191,7 +197,7 @@ def test_disconnect_stops_generation_and_frees_memory(world, monkeypatch):
             threading.Timer(0.5, gate.step, args=(5,)).start()
         wait_for(lambda: state.slot.active is None)
         generation = state.generations[-1]
-        assert not generation.thread.is_alive() and generation.frames_done < 21   # ended early
+        assert generation.finished and generation.frames_done < 21   # ended early
         assert generation.cache.k.numel() == 0      # KV cache released
         gc.collect()
         assert generation.stream_ref() is None       # nothing keeps the stream (decoder caches, latents) alive

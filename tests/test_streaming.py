@@ -21,15 +21,26 @@ def pipe(cfg):
 
 
 def test_stream_yields_blocks_and_equals_one_shot_decode(pipe):
-    chunks = list(pipe.open("a red circle moving left slowly", num_frames=6, seed=3))
-    assert [c.start_frame for c in chunks] == [0, 3]
-    assert chunks[0].frames.shape == (1, 9, 3, 32, 48) and chunks[1].frames.shape == (1, 12, 3, 32, 48)
+    stream = pipe.open("a red circle moving left slowly", num_frames=6, seed=3)
+    chunks = [next(stream)]
+    assert stream.decoder.num_latent_frames == 1  # the first frame left before the rest of its block was decoded
+    chunks += list(stream)
+    # blocks of 3 latent frames; the first block leaves as its first frame, then the other two
+    assert [(c.block_index, c.start_frame, c.latents.shape[1]) for c in chunks] == [(0, 0, 1), (0, 1, 2), (1, 3, 3)]
+    assert [c.frames.shape for c in chunks] == [(1, 1, 3, 32, 48), (1, 8, 3, 32, 48), (1, 12, 3, 32, 48)]
     latents = torch.cat([c.latents for c in chunks], 1)
     one_shot = pipe.vae.decode(latents)
     streamed = torch.cat([c.frames for c in chunks], 1)
     assert (streamed - one_shot).abs().max() < 1e-5
     frames, lat2 = pipe.generate("a red circle moving left slowly", num_frames=6, seed=3)
     assert torch.equal(lat2, latents)  # same seed, same video
+    pipe.first_frame_alone = False
+    try:
+        whole = list(pipe.open("a red circle moving left slowly", num_frames=6, seed=3))
+    finally:
+        pipe.first_frame_alone = True
+    assert [c.start_frame for c in whole] == [0, 3] and whole[0].frames.shape[1] == 9
+    assert (torch.cat([c.frames for c in whole], 1) - streamed).abs().max() < 1e-5
 
 
 def test_uint8_stream_hands_out_the_writers_bytes(pipe):

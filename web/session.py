@@ -1,10 +1,11 @@
-"""One demo generation: checking a client's request, running it on a worker thread, encoding its frames.
+"""One demo generation: checking a client's request, running it on the GPU worker thread, encoding its frames.
 
-The worker thread owns the :class:`~pipeline.streaming.VideoStream`: it applies prompt switches between blocks (so a
-switch takes effect at the next block boundary, the stream's own mechanism), copies each decoded block to the host as
-uint8, and hands it to two single-thread executors, one that JPEG-encodes the frames and emits them in order, one
-that appends them to the mp4 (so neither slows the next block's generation). Stopping is checked between blocks; at
-the end the stream's KV cache and decoder caches are released before the thread exits.
+The worker thread (one per process, shared by every generation) owns the :class:`~pipeline.streaming.VideoStream`:
+it applies prompt switches between blocks (so a switch takes effect at the next block boundary, the stream's own
+mechanism), copies each decoded block to the host as uint8, and hands it to two single-thread executors, one that
+JPEG-encodes the frames and emits them in order, one that appends them to the mp4 (so neither slows the next block's
+generation). Stopping is checked between blocks; at the end the stream's KV cache and decoder caches are released
+before the generation counts as finished.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -201,9 +203,25 @@ def encode_jpeg(frame, quality: int) -> bytes:
     return buf.getvalue()
 
 
+_GPU_WORKER: ThreadPoolExecutor | None = None
+_GPU_WORKER_LOCK = threading.Lock()
+
+
+def gpu_worker() -> ThreadPoolExecutor:
+    """The one thread every generation of this process runs on. PyTorch keeps cuDNN's tuned convolution plans in a
+    thread-local cache, so a fresh thread per video re-tuned every VAE convolution during that video: on the H100
+    the same pipeline made 16-19 FPS chunk-wise with a 0.8-1.2 s first frame on a new thread, 29 FPS and 0.2 s on
+    one that stays (docs/performance.md)."""
+    global _GPU_WORKER
+    with _GPU_WORKER_LOCK:
+        if _GPU_WORKER is None:
+            _GPU_WORKER = ThreadPoolExecutor(1, thread_name_prefix="demo-generation")
+        return _GPU_WORKER
+
+
 class Generation:
-    """One video on a worker thread. ``emit(kind, payload)`` is called (from worker threads, in order) with
-    ``("json", dict)``, ``("frame", (index, jpeg bytes))`` and finally ``("end", None)``."""
+    """One video on the GPU worker thread (:func:`gpu_worker`). ``emit(kind, payload)`` is called (from worker
+    threads, in order) with ``("json", dict)``, ``("frame", (index, jpeg bytes))`` and finally ``("end", None)``."""
 
     def __init__(self, pipe: StreamingPipeline, request: StartRequest, settings: DemoSettings,
                  store: VideoStore, emit: Callable[[str, Any], None]):
@@ -217,10 +235,15 @@ class Generation:
         self.cache = None                             # the stream's KV cache object (emptied at the end)
         self.frames_done = 0
         self._muxed: list = []                        # futures of the mp4 appends
-        self.thread = threading.Thread(target=self._run, name="demo-generation", daemon=True)
+        self._done: Future | None = None
 
     def start(self) -> None:
-        self.thread.start()
+        self._done = gpu_worker().submit(self._run)
+
+    @property
+    def finished(self) -> bool:
+        """The generation has ended (its caches are freed) or never started."""
+        return self._done is None or self._done.done()
 
     def switch(self, prompt: str) -> None:
         """Use ``prompt`` from the next block that starts after this call."""
@@ -237,8 +260,8 @@ class Generation:
         return self._stop.is_set()
 
     def join(self, timeout: float | None = None) -> None:
-        if self.thread.ident is not None:   # never started (the client left first): nothing to wait for
-            self.thread.join(timeout)
+        if self._done is not None:   # None: never started (the client left first), nothing to wait for
+            futures_wait([self._done], timeout)
 
     def _take_switch(self) -> str | None:
         with self._lock:
