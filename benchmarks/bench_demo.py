@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import sys
 import threading
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import save_results  # noqa: E402
 from model.loader import build_wan_model  # noqa: E402
 from model.scheduler import FlowMatchScheduler  # noqa: E402
 from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
@@ -205,11 +205,7 @@ def main(argv=None) -> int:
               f"| delivered {row['delivered_fps']:6.1f} FPS (x{row['delivered_over_generator']:.2f}) | steady: "
               f"generator {row['steady_generator_fps']:6.1f}, delivered {row['steady_delivered_fps']:6.1f} FPS | "
               f"first frame {row['first_frame_s']:.3f} s | tail lag {row['tail_lag_s'] * 1e3:.0f} ms", flush=True)
-    info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
-                command=" ".join(sys.argv))
-    Path(args.out).write_text(json.dumps(dict(info=info, rows=rows), indent=2))
-    print(json.dumps(info))
+    save_results(args.out, rows, device)
     return 0
 
 

@@ -15,8 +15,6 @@ first, then the median of ``--runs`` runs. Prints a table and writes JSON (devic
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import save_results  # noqa: E402
 from model import attention as attn  # noqa: E402
 from model.loader import build_wan_model  # noqa: E402
 from model.masks import BlockLayout  # noqa: E402
@@ -179,11 +178,7 @@ def main(argv=None) -> int:
                   f"first frame {row['first_frame_s']:.3f} s (block {row['first_block_s']:.3f} s) | "
                   f"block {row['mean_block_s'] * 1e3:6.1f} ms | "
                   f"peak {row['peak_gib']:.1f} GiB | warm-up {row['warmup_s']:.0f} s", flush=True)
-    info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
-                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
-    Path(args.out).write_text(json.dumps(dict(info=info, rows=rows), indent=2))
-    print(json.dumps(info))
+    save_results(args.out, rows, device)
     return 0
 
 

@@ -12,8 +12,6 @@ frame) and of a steady call, peak GPU memory. Prints a table and writes JSON (de
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import save_results  # noqa: E402
 from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
 
 VARIANTS = {
@@ -96,11 +95,7 @@ def main(argv=None) -> int:
               f"FPS) | first block {row['first_block_s'] * 1e3:.0f} ms | steady block "
               f"{row['steady_block_s'] * 1e3:.0f} ms | peak {row['peak_gib']:.1f} GiB | warm-up {warmup_s:.0f} s",
               flush=True)
-    info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
-                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), block=args.block)
-    Path(args.out).write_text(json.dumps(dict(info=info, rows=rows), indent=2))
-    print(json.dumps(info))
+    save_results(args.out, rows, device, block=args.block)
     return 0
 
 

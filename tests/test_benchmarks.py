@@ -1,0 +1,31 @@
+"""The inference benchmarks run end to end on the CPU with tiny random models (``--tiny``) and account for every
+frame: a 21-latent-frame video is 81 pixel frames, whatever the block size and however the first block is handed
+out. (The speeds themselves are measured on a GPU: docs/performance.md.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, out: Path, *args: str) -> dict:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--runs", "1", "--out", str(out),
+                    *args], check=True, cwd=ROOT, capture_output=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_bench_inference_counts_every_frame(tmp_path):
+    result = run("bench_inference.py", tmp_path / "inference.json", "--modes", "chunk4", "frame2",
+                 "--variants", "fast", "fast_whole_first")
+    assert result["info"]["device"] == "cpu" and len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert row["pixel_frames"] == 81 and row["fps"] > 0 and row["dit_fps"] > 0
+        assert 0 < row["first_frame_s"] <= row["first_block_s"] <= row["seconds"]
+
+
+def test_bench_vae_decodes_the_whole_video(tmp_path):
+    result = run("bench_vae.py", tmp_path / "vae.json", "--variants", "eager", "eager_fpc4")
+    assert [row["variant"] for row in result["rows"]] == ["eager", "eager_fpc4"]
+    assert all(row["frames"] == 25 for row in result["rows"])  # --tiny decodes 7 latent frames: 1 + 4 * 6
