@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-from model.vae import WanVAE
+from model.vae import WanVAE, decoder_step
 from utils.synthetic import BACKGROUND
 
 logger = logging.getLogger(__name__)
@@ -114,16 +113,16 @@ def decode_unclamped(model: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
     """Raw latents ``[B, C, F, h, w]`` -> pixels ``[B, 3, 1 + 4(F-1), H, W]`` WITHOUT diffusers' final clamp.
 
     ``AutoencoderKLWan.decode`` clamps to [-1, 1], which zeroes the gradient of every pixel beyond the range: the
-    dark background (-0.81) overshoots to -1 early in training and then never moves again. Same decoder calls as
-    diffusers' ``_decode`` (first latent frame alone, then the rest in one call with the causal cache), which
-    equals its per-frame loop up to float rounding (see model/vae.py StreamingDecoder).
+    dark background (-0.81) overshoots to -1 early in training and then never moves again. The streaming decoder's
+    calls (:func:`model.vae.decoder_step`: first latent frame alone, then the rest in one call with the causal
+    cache), which equal diffusers' per-frame loop up to float rounding; gradients flow through them.
     """
     x = model.post_quant_conv(z)
-    cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
-    outputs = [model.decoder(x[:, :, :1], feat_cache=cache, feat_idx=[0], first_chunk=True)]
-    if x.shape[2] > 1:
-        outputs.append(model.decoder(x[:, :, 1:], feat_cache=cache, feat_idx=[0], first_chunk=False))
-    return torch.cat(outputs, dim=2)
+    first, cache = decoder_step(model.decoder, x[:, :, :1], None)
+    if x.shape[2] == 1:
+        return first
+    rest, _ = decoder_step(model.decoder, x[:, :, 1:], cache)
+    return torch.cat([first, rest], dim=2)
 
 
 def vae_loss(model: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: float, l2_weight: float = 1.0,

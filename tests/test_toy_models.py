@@ -65,7 +65,9 @@ def test_training_decoder_is_diffusers_decode_without_the_clamp():
     with torch.no_grad():
         reference, ours = model.decode(z).sample, decode_unclamped(model, z)
     assert ours.shape == reference.shape == (2, 3, 9, 16, 16)
-    assert torch.equal(ours.clamp(-1, 1), reference)
+    assert (ours.abs() > 1).any()  # the case the clamp-free decoder exists for
+    # float rounding apart (model/vae.py pads inside the convolution; tests/test_vae.py uses the same tolerance)
+    torch.testing.assert_close(ours.clamp(-1, 1), reference, rtol=0, atol=1e-5)
 
 
 def test_vae_training_steps_reduce_the_loss_on_a_fixed_batch():
