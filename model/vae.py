@@ -473,7 +473,7 @@ def _upsample(resample: nn.Module, x: torch.Tensor, cache: torch.Tensor | None, 
             x, new = _causal_conv(resample.time_conv, x, cache)
             x = x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
     elif resample.mode != "upsample2d":
-        raise NotImplementedError(f"decoder resample mode {resample.mode!r}")
+        raise ValueError(f"a decoder resampler must up-sample, got mode {resample.mode!r}")
     b, c, t, h, w = x.shape
     layout = _layout(x)
     out = resample.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # nearest 2x, then a 3x3 conv
