@@ -288,7 +288,7 @@ class VideoStream:
     def _parts(self, index: int, x0: torch.Tensor) -> list[tuple[int, int]]:
         """Latent-frame ranges of the block handed out one after the other: the first block of a video without a
         prefix is cut after its first frame when ``first_frame_alone`` (the causal VAE decodes that frame without
-        the others, and its decode is queued only after it has been handed out)."""
+        the others; the rest of the block is queued for decoding only once the first frame has been handed out)."""
         n = x0.shape[1]
         cut = index == 0 and self.prefix is None and self.pipe.first_frame_alone and self.decoder is not None
         return [(0, 1), (1, n)] if cut and n > 1 else [(0, n)]
