@@ -346,8 +346,8 @@ class StreamingDecoder:
 
     The first call of a video gets exactly ONE latent frame, which gives one pixel frame (the temporal upsamplers
     are skipped for it). After that, ``frames_per_call`` latent frames go through the decoder at once (results
-    equal per-frame decoding up to float rounding); every such call has the same shapes, so a compiled step
-    (:meth:`WanVAE.compile_decoder`) compiles once.
+    equal per-frame decoding up to float rounding); every such call has the same shapes, so compiled decoder
+    regions (:meth:`WanVAE.compile_decoder`) compile once.
 
     Args:
         vae: the :class:`WanVAE`.
