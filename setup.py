@@ -25,7 +25,8 @@ setup(
                                     "utils", "utils.*"]),
     install_requires=_requirements(),
     extras_require={
-        "flash": ["flash-attn"],  # needs a CUDA toolchain: pip install -e .[flash] --no-build-isolation
+        "fa4": ["flash-attn-4"],  # FlashAttention-4 (Hopper, Blackwell): wheels only, no build
+        "flash": ["flash-attn"],  # FlashAttention-2: CUDA build, pip install -e .[flash] --no-build-isolation
         "clip": ["open_clip_torch"],
         "demo": ["starlette>=0.37", "uvicorn>=0.30", "websockets>=13"],  # already in requirements.txt
     },

@@ -2,14 +2,25 @@
 
 ``attention(q, k, v, mask)`` takes ``[B, L, N, d]`` tensors and dispatches on the mask it is given:
 
-* ``None`` (bidirectional self-attention, cross-attention, cached streaming attention): flash-attn when it is
-  importable and selected, else PyTorch SDPA. On CUDA, SDPA is asked for cuDNN attention first: on the H100 it is
-  1.6-1.8x PyTorch's own flash kernel at our shapes (libraries.md §9).
+* ``None`` (bidirectional self-attention, cross-attention, cached streaming attention): a flash-attn package or
+  PyTorch SDPA. On CUDA, SDPA is asked for cuDNN attention first: on the H100 it is 1.6-1.8x PyTorch's own flash
+  kernel at our shapes (libraries.md §9), and so faster than FlashAttention-2 too.
 * a dense boolean ``[Lq, Lk]`` mask (True = attend): SDPA. This is the CPU path for training masks.
 * a flex-attention ``BlockMask``: compiled ``flex_attention`` over the length padded to a multiple of 128.
 
-The backend is chosen once per process with :func:`set_backend` ("auto", "sdpa", "flash_attn") and can be read back
-with :func:`get_backend`; "auto" picks flash-attn on CUDA when it is installed, else SDPA.
+The backend is chosen once per process with :func:`set_backend` ("auto", "sdpa", "flash_attn"; the config key
+``attention_backend``) and read back with :func:`get_backend`:
+
+* "flash_attn": the installed flash-attn package (FlashAttention-3, -4 or -2, first found) for every unmasked call.
+* "sdpa": PyTorch SDPA only.
+* "auto" (default): FlashAttention-3 or -4 when installed, for unmasked CUDA calls with at least
+  :data:`FLASH_MIN_QUERIES` queries and :data:`FLASH_MIN_KEYS` keys that need no gradient (inference); SDPA
+  otherwise. On the H100
+  FlashAttention-4 runs a chunk-wise block's cached self-attention 1.15-1.2x faster than cuDNN (chunk-wise 4-step
+  31.4 vs 29.4 FPS end to end), but its per-call host cost (~0.1 ms) loses on the 512-token cross-attention and on
+  one-frame (1,560-token) blocks, where frame-wise generation is bound by kernel launches (frame-wise 4-step 21.1 vs
+  21.8 FPS with it); its backward is not exercised by our tests. FlashAttention-2 is never picked automatically:
+  cuDNN attention beats it on Hopper. Numbers: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -28,22 +40,40 @@ log = logging.getLogger(__name__)
 _BACKENDS = ("auto", "sdpa", "flash_attn")
 _state = {"backend": "auto", "sdpa_order": None}
 _flash_fn = None
+_flash_module = None
 _compiled_flex = None
+
+FLASH_MIN_QUERIES = 4096
+FLASH_MIN_KEYS = 8192
+"""Smallest calls that "auto" gives to flash-attn: three-frame blocks (4,680 queries) and longer against a cache of
+two blocks or more; not one-frame blocks, not the text, and not a video's first block, whose time is the time to
+the first frame (on the H100 that block ran 0.15-0.2 s slower with FlashAttention-4 in 2 of 5 runs; at 4,680 keys
+the kernel gains only ~4 ms per video). See the module docstring."""
+_AUTO_MODULES = ("flash_attn_interface", "flash_attn.cute")  # Hopper-class kernels that beat cuDNN attention
+
+
+_FLASH_MODULES = (  # first importable wins
+    ("flash_attn_interface", "flash_attn_func"),  # FlashAttention-3 (Hopper)
+    ("flash_attn.cute", "flash_attn_func"),       # FlashAttention-4 (CuTe DSL: Hopper, Blackwell)
+    ("flash_attn", "flash_attn_func"),            # FlashAttention-2
+)
 
 
 def _load_flash():
-    """flash-attn 3 (``flash_attn_interface``) or 2 (``flash_attn``), or None."""
-    global _flash_fn
+    """The first importable flash-attn ``flash_attn_func`` of :data:`_FLASH_MODULES`, or None."""
+    global _flash_fn, _flash_module
     if _flash_fn is None:
         _flash_fn = False
-        for module, name in (("flash_attn_interface", "flash_attn_func"), ("flash_attn", "flash_attn_func")):
+        for module, name in _FLASH_MODULES:
             try:
                 mod = __import__(module, fromlist=[name])
-                _flash_fn = getattr(mod, name)
-                log.info("attention: using %s.%s", module, name)
+                _flash_fn, _flash_module = getattr(mod, name), module
+                log.info("attention: %s.%s available", module, name)
                 break
             except ImportError:
                 continue
+            except Exception as error:  # an optional kernel package that is broken must not stop the run
+                log.warning("attention: %s is installed but does not import (%s); not using it", module, error)
     return _flash_fn or None
 
 
@@ -52,8 +82,8 @@ def set_backend(name: str) -> None:
     if name not in _BACKENDS:
         raise ValueError(f"attention backend must be one of {_BACKENDS}, got {name!r}")
     if name == "flash_attn" and _load_flash() is None:
-        raise ValueError("attention backend 'flash_attn' selected but flash-attn is not installed "
-                         "(pip install -e .[flash])")
+        raise ValueError("attention backend 'flash_attn' selected but no flash-attn package is installed "
+                         "(pip install -e .[fa4] on Hopper or Blackwell, .[flash] for FlashAttention-2)")
     _state["backend"] = name
 
 
@@ -66,18 +96,29 @@ def set_sdpa_priority(order) -> None:
     _state["sdpa_order"] = list(order) if order is not None else None
 
 
-def _use_flash(q: torch.Tensor) -> bool:
-    backend = _state["backend"]
-    if backend == "sdpa" or q.device.type != "cuda":
+def flash_policy(backend: str, module: str | None, lq: int, lk: int, needs_grad: bool) -> bool:
+    """Whether an unmasked CUDA call of ``lq`` queries and ``lk`` keys goes to flash-attn ``module`` (None: none
+    installed) under ``backend``; see the module docstring."""
+    if module is None or backend == "sdpa":
         return False
-    return _load_flash() is not None
+    if backend == "flash_attn":
+        return True
+    return module in _AUTO_MODULES and lq >= FLASH_MIN_QUERIES and lk >= FLASH_MIN_KEYS and not needs_grad
+
+
+def _use_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    if q.device.type != "cuda" or _state["backend"] == "sdpa" or _load_flash() is None:
+        return False
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return flash_policy(_state["backend"], _flash_module, q.shape[1], k.shape[1], needs_grad)
 
 
 def _sdpa_context(device_type: str):
-    """Prefer cuDNN attention on CUDA; elsewhere PyTorch's default choice."""
+    """Prefer cuDNN attention on CUDA; elsewhere PyTorch's default choice. Inside :func:`kernel_scope` the order is
+    already set."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if device_type != "cuda":
+    if device_type != "cuda" or _scope.depth:
         return contextlib.nullcontext()
     order = _state["sdpa_order"] or [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                      SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -100,6 +141,29 @@ def _flex(q, k, v, block_mask):
     return out.transpose(1, 2)[:, :lq]
 
 
+class _Scope(threading.local):
+    depth = 0
+
+
+_scope = _Scope()
+
+
+@contextlib.contextmanager
+def kernel_scope(device_type: str):
+    """Set the SDPA kernel order once around many :func:`attention` calls (a whole forward pass) instead of around
+    each: entering PyTorch's ``sdpa_kernel`` costs ~25 us of host time, ~90 times per pass, which one-frame blocks
+    (launch-bound) feel."""
+    if device_type != "cuda" or _scope.depth:
+        yield
+        return
+    with _sdpa_context(device_type):
+        _scope.depth += 1
+        try:
+            yield
+        finally:
+            _scope.depth -= 1
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
     """Softmax attention with scale ``1/sqrt(d)``.
 
@@ -111,7 +175,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> t
     """
     if mask is not None and not isinstance(mask, torch.Tensor):
         return _flex(q, k, v, mask)
-    if mask is None and _use_flash(q):
+    if mask is None and _use_flash(q, k, v):
         dtype = q.dtype
         half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         out = _flash_fn(q.to(half), k.to(half), v.to(half))

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from model import attention
 from model.config import PRESET_ALIASES, PRESETS, WanConfig, get_preset
 from model.loader import build_wan_model, read_model_config
 from model.scheduler import FlowMatchScheduler
@@ -21,7 +22,7 @@ from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
 from utils.config import Config
-from utils.errors import CheckpointError, WeightsMissingError
+from utils.errors import CheckpointError, ConfigError, WeightsMissingError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ def model_source(cfg: Config, name: str) -> str:
     raise WeightsMissingError(f"model folder {folder} not found; {wan_download_hint(folder)}")
 
 
+def use_attention_backend(cfg: Config) -> None:
+    """Apply ``cfg.attention_backend`` (process-wide, as :func:`model.attention.set_backend` is)."""
+    try:
+        attention.set_backend(cfg.attention_backend)
+    except ValueError as error:
+        raise ConfigError(f"attention_backend: {error}") from None
+
+
 def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False,
                     device=None, dtype=None, local_attn_size: int | None = None,
                     sink_size: int | None = None) -> WanModel:
@@ -48,6 +57,7 @@ def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bo
         if not os.path.exists(checkpoint_path):
             raise CheckpointError(f"generator_ckpt {checkpoint_path} (from the config) not found; pass "
                                   f"--checkpoint_path or fix generator_ckpt")
+    use_attention_backend(cfg)
     mk = cfg.model_kwargs
     return build_wan_model(
         model_source(cfg, cfg.generator_name), causal=True, num_frame_per_block=cfg.num_frame_per_block,
@@ -59,6 +69,7 @@ def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bo
 
 def build_bidirectional(cfg: Config, name: str, device=None, dtype=None) -> WanModel:
     """A bidirectional Wan model (real score / critic / base model) from folder ``name``."""
+    use_attention_backend(cfg)
     return build_wan_model(model_source(cfg, name), causal=False, dtype=dtype, device=device)
 
 

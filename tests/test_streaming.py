@@ -81,3 +81,24 @@ def test_prompt_switch_changes_only_later_blocks(pipe):
     second = next(stream)
     assert torch.equal(first.latents, base[0].latents)
     assert second.switched and not torch.allclose(second.latents, base[1].latents)
+
+
+def test_config_attention_backend_is_applied(cfg):
+    from model import attention
+    from pipeline.components import build_generator
+    from utils.errors import ConfigError
+
+    try:
+        build_generator(_with(cfg, "sdpa"))
+        assert attention.get_backend() == "sdpa"
+        if attention._load_flash() is None:  # the CPU machines: no flash-attn package
+            with pytest.raises(ConfigError, match="attention_backend: .*no flash-attn package is installed"):
+                build_generator(_with(cfg, "flash_attn"))
+    finally:
+        attention.set_backend("auto")
+
+
+def _with(cfg, backend):
+    import dataclasses
+
+    return dataclasses.replace(cfg, attention_backend=backend)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from model.loader import build_wan_model
-from pipeline.components import build_scheduler, build_text_encoder, model_source
+from pipeline.components import build_scheduler, build_text_encoder, model_source, use_attention_backend
 from trainer.batches import DataPosition, GlobalStreamSampler, ResumableBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
@@ -99,6 +99,7 @@ class DiffusionObjective(Objective):
         """The generator (causal or bidirectional by ``cfg.causal``, one builder) and the frozen text encoder."""
         cfg = self.cfg
         device = torch.device(device)
+        use_attention_backend(cfg)
         generator = build_wan_model(
             model_source(cfg, cfg.generator_name), causal=cfg.causal, num_frame_per_block=cfg.num_frame_per_block,
             independent_first_frame=cfg.independent_first_frame, local_attn_size=cfg.model_kwargs.local_attn_size,
