@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import attention
+from model.attention import attention, kernel_scope
 from model.config import WanConfig
 from model.kv_cache import KVCache
 from model.masks import (
@@ -209,6 +209,7 @@ class WanBlock(nn.Module):
         self.norm2 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.gelu_epilogue = True  # see mlp(); False: product, then GELU (benchmarks compare the two)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx_or_kv, plan: AttnPlan, layer: int) -> torch.Tensor:
         """x ``[B, L, D]`` with ``L = F·S``; e0 ``[B, F, 6, D]`` per-frame modulation.
@@ -242,7 +243,17 @@ class WanBlock(nn.Module):
     def _ffn(self, x, c, shift2, scale2, gate2):
         x = x + self.cross_attn.o(c.flatten(2))
         h = (self._per_frame(self.norm2(x), shift2.shape[1]) * (1 + scale2) + shift2).flatten(1, 2)
-        return x + (self._per_frame(self.ffn(h), gate2.shape[1]) * gate2).flatten(1, 2)
+        return x + (self._per_frame(self.mlp(h), gate2.shape[1]) * gate2).flatten(1, 2)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """``ffn(h)``. On CUDA without autograd the first product and its tanh-GELU are one cuBLASLt call (GELU in the
+        GEMM epilogue, applied before rounding to bf16): no separate pass over the ``ffn_dim``-wide hidden state (H100:
+        0.196 vs 0.244 ms at 4,680 tokens; closer to a float64 reference than product-then-GELU)."""
+        up, act, down = self.ffn
+        if self.gelu_epilogue and h.is_cuda and not torch.is_grad_enabled():
+            hidden = torch._addmm_activation(up.bias, h.reshape(-1, h.shape[-1]), up.weight.t(), use_gelu=True)
+            return down(hidden.view(*h.shape[:-1], -1))
+        return down(act(up(h)))
 
     def compile_regions(self, **options) -> None:
         """``torch.compile`` the three elementwise regions of this block (inference fast path).
@@ -388,11 +399,12 @@ class WanModel(nn.Module):
     # shared trunk
 
     def _run_blocks(self, x, e0, ctx_per_layer, plan: AttnPlan) -> torch.Tensor:
-        for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, ctx_per_layer(i), plan, i, use_reentrant=False)
-            else:
-                x = block(x, e0, ctx_per_layer(i), plan, i)
+        with kernel_scope(x.device.type):  # the SDPA kernel order, set once per pass
+            for i, block in enumerate(self.blocks):
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, e0, ctx_per_layer(i), plan, i, use_reentrant=False)
+                else:
+                    x = block(x, e0, ctx_per_layer(i), plan, i)
         return x
 
     def _mask(self, kind: str, num_frames: int, tokens_per_frame: int, device: torch.device):

@@ -213,12 +213,66 @@ def test_presets_and_sizes():
 def test_attention_backends_agree_on_gpu():
     from model import attention as A
 
-    q, k, v = (torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    A.set_backend("sdpa")
-    ref = A.attention(q.float(), k.float(), v.float())
-    out = A.attention(q, k, v).float()
-    assert (out - ref).norm() / ref.norm() < 1e-2
-    if A._load_flash() is not None:
-        A.set_backend("flash_attn")
-        assert (A.attention(q, k, v).float() - ref).norm() / ref.norm() < 1e-2
+    for lq, lk in ((300, 300), (4096, 8192)):  # the second: what "auto" gives to FlashAttention-3/4 when installed
+        q = torch.randn(1, lq, 4, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, lk, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        A.set_backend("sdpa")
+        ref = A.attention(q.float(), k.float(), v.float())
+        for backend in ("sdpa", "auto") + (("flash_attn",) if A._load_flash() is not None else ()):
+            A.set_backend(backend)
+            assert (A.attention(q, k, v).float() - ref).norm() / ref.norm() < 1e-2, backend
     A.set_backend("auto")
+
+
+def test_flash_policy():
+    """Which unmasked CUDA calls go to a flash-attn package (model/attention.py docstring)."""
+    from model.attention import flash_policy
+
+    big, small = (4680, 32760), (1560, 32760)  # a three-frame block, a one-frame block, against a full cache
+    for module in ("flash_attn.cute", "flash_attn_interface"):  # FlashAttention-4 / -3: large inference calls
+        assert flash_policy("auto", module, *big, needs_grad=False)
+        assert flash_policy("auto", module, 4680, 9360, needs_grad=False)
+        assert not flash_policy("auto", module, 4680, 4680, needs_grad=False)  # a video's first block
+        assert not flash_policy("auto", module, *small, needs_grad=False)
+        assert not flash_policy("auto", module, 4680, 512, needs_grad=False)  # cross-attention to the text
+        assert not flash_policy("auto", module, *big, needs_grad=True)
+        assert not flash_policy("sdpa", module, *big, needs_grad=False)
+        assert flash_policy("flash_attn", module, *small, needs_grad=True)
+    assert not flash_policy("auto", "flash_attn", *big, needs_grad=False)  # FlashAttention-2: only when asked for
+    assert flash_policy("flash_attn", "flash_attn", *big, needs_grad=False)
+    assert not flash_policy("auto", None, *big, needs_grad=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ffn_gelu_epilogue_on_gpu():
+    """The inference FFN (GELU in the GEMM epilogue) against product-then-GELU and a float64 recomputation."""
+    block = WanModel(get_preset("tiny")).blocks[0].cuda().to(torch.bfloat16)
+    up, _, down = block.ffn
+    with torch.no_grad():
+        up.weight.normal_(std=0.05), up.bias.normal_(std=0.1)
+        h = torch.randn(2, 300, up.in_features, device="cuda", dtype=torch.bfloat16)
+        fast = block.mlp(h).double()
+        hidden = torch.nn.functional.gelu(torch.nn.functional.linear(h.double(), up.weight.double(),
+                                                                     up.bias.double()), approximate="tanh")
+        ref = torch.nn.functional.linear(hidden, down.weight.double(), down.bias.double())
+        plain = block.ffn(h).double()
+    err = lambda a: ((a - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(fast) < 1e-2 and err(fast) <= 1.2 * err(plain)  # bf16 rounding; no worse than the eager path
+
+
+def test_kernel_scope_sets_the_sdpa_order_once():
+    """Inside kernel_scope (a whole forward pass) attention calls do not re-enter PyTorch's sdpa_kernel; the
+    global SDPA flags are restored when the scope ends. (The flags are plain process state, settable without a GPU.)"""
+    import contextlib
+
+    from model import attention as A
+
+    flags = lambda: (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())  # noqa: E731
+    before = flags()
+    assert not isinstance(A._sdpa_context("cuda"), contextlib.nullcontext)
+    with A.kernel_scope("cuda"):
+        assert isinstance(A._sdpa_context("cuda"), contextlib.nullcontext)
+        with A.kernel_scope("cuda"):  # nested: still one
+            assert A._scope.depth == 1
+    assert A._scope.depth == 0 and flags() == before
+    assert not isinstance(A._sdpa_context("cuda"), contextlib.nullcontext)
