@@ -15,6 +15,7 @@ first, then the median of ``--runs`` runs. Prints a table and writes JSON (devic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import save_results  # noqa: E402
 from model import attention as attn  # noqa: E402
+from model import wan as wan_module  # noqa: E402
 from model.loader import build_wan_model  # noqa: E402
 from model.masks import BlockLayout  # noqa: E402
 from model.scheduler import FlowMatchScheduler  # noqa: E402
@@ -40,10 +42,14 @@ MODES = {  # frames per block, nominal steps, first-block steps, latent frames, 
     "frame1": dict(n=1, steps=[1000], first=[1000, 750, 500, 250], frames=21),
     "long": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=240, window=21, sink=3),
 }
-_BASE = dict(fuse=True, backend="cudnn", channels_last=True, frames_per_call=1, compile=False, compile_vae=False,
+_BASE = dict(fuse=True, backend="auto", channels_last=True, frames_per_call=1, compile=False, compile_vae=False,
              overlap=False, fuse_qkv=False, first_alone=True)
 VARIANTS = {  # the levers; "fast" is the default path of inference.py / StreamingPipeline.from_config on CUDA
     "fast": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True),
+    "fast_sdpa": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, backend="cudnn"),
+    "fast_flash_attn": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, backend="flash_attn"),
+    "fast_no_epilogue": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, gelu_epilogue=False),
+    "fast_per_call_sdpa_order": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, scope=False),
     "fast_eager_vae": dict(_BASE, compile=True, overlap=True, fuse_qkv=True),  # the default before 2026-11-26 pm
     "fast_whole_first": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, first_alone=False),
     "fast_fpc3": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, frames_per_call=3),
@@ -59,11 +65,19 @@ VARIANTS = {  # the levers; "fast" is the default path of inference.py / Streami
 
 
 def set_sdpa(backend: str) -> None:
-    """Pin the SDPA kernel order: cuDNN first (our default) or PyTorch's flash kernel first (the reference's)."""
+    """Pin the attention kernel: "auto" (the product default: FlashAttention-3/4 for large calls when installed, else
+    SDPA with cuDNN first), "cudnn" (SDPA only, cuDNN first), "flash" (SDPA only, PyTorch's flash kernel first: the
+    reference's) or "flash_attn" (the installed flash-attn package for every call)."""
     from torch.nn.attention import SDPBackend
 
-    first = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION
+    attn.set_backend(backend if backend in ("auto", "flash_attn") else "sdpa")
+    first = SDPBackend.FLASH_ATTENTION if backend == "flash" else SDPBackend.CUDNN_ATTENTION
     attn.set_sdpa_priority([first, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def _per_call_scope(device_type: str):
+    yield
 
 
 def sync() -> None:
@@ -77,7 +91,11 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
         models["generator"] = build_wan_model(preset, causal=True, dtype=dtype, device=device).eval()
     gen = models["generator"]
     gen.layout = BlockLayout(mode["n"], False)  # frames per block is run-time configuration, not weights
+    # before 2026-11-26 evening the SDPA kernel order was set around every attention call, not once per pass
+    wan_module.kernel_scope = attn.kernel_scope if variant.get("scope", True) else _per_call_scope
     gen.fuse_qkv(variant["fuse_qkv"])
+    for block in gen.blocks:
+        block.gelu_epilogue = variant.get("gelu_epilogue", True)
     if variant["compile"]:
         gen.compile_blocks()
     else:
@@ -128,6 +146,8 @@ def measure(pipe, ctx, frames: int, runs: int, decode: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     results = [run_once(pipe, ctx, frames, decode) for _ in range(runs)]
     med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    med["fps_runs"] = [r["fps"] for r in results]
+    med["first_frame_runs"] = [r["first_frame_s"] for r in results]
     med["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     med["warmup_s"] = warmup_s
     return med
@@ -172,13 +192,14 @@ def main(argv=None) -> int:
                        seconds=e2e["seconds"], dit_seconds=dit["seconds"],
                        mean_block_s=e2e["mean_block_s"], steady_block_s=e2e["steady_block_s"],
                        peak_gib=max(e2e["peak_gib"], dit["peak_gib"]), pixel_frames=e2e["pixel_frames"],
-                       warmup_s=e2e["warmup_s"], dit_peak_gib=dit["peak_gib"])
+                       warmup_s=e2e["warmup_s"], dit_peak_gib=dit["peak_gib"], fps_runs=e2e["fps_runs"],
+                       first_frame_runs=e2e["first_frame_runs"])
             rows.append(row)
             print(f"{mode_name:7s} {variant_name:15s} e2e {row['fps']:6.1f} FPS | DiT {row['dit_fps']:6.1f} FPS | "
                   f"first frame {row['first_frame_s']:.3f} s (block {row['first_block_s']:.3f} s) | "
                   f"block {row['mean_block_s'] * 1e3:6.1f} ms | "
                   f"peak {row['peak_gib']:.1f} GiB | warm-up {row['warmup_s']:.0f} s", flush=True)
-    save_results(args.out, rows, device)
+    save_results(args.out, rows, device, flash_attn=attn._flash_module)
     return 0
 
 

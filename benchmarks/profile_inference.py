@@ -1,0 +1,154 @@
+"""Where the GPU time of one streaming video goes: kernels grouped by kind, for the whole run and per stream.
+
+Runs one mode of ``bench_inference.py`` (same models, random weights, same variants) three ways after a warm-up —
+end to end (DiT + streaming decode), DiT only, decode only (the streaming decoder over the same number of latent
+frames) — each under ``torch.profiler``, and reports per run: wall time, GPU-busy time (union of kernel intervals),
+and kernel time by kind (GEMM, attention, convolution, compiled elementwise, copies, other) and by stream, plus the
+most expensive kernels. Prints a table and writes JSON (and Chrome traces with ``--traces``).
+
+    python benchmarks/profile_inference.py --mode chunk4 --variant fast --out profile.json
+    python benchmarks/profile_inference.py --tiny --out /tmp/profile.json   # CPU smoke test (no kernels to count)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import bench_inference as bench  # noqa: E402
+from benchmarks.common import save_results  # noqa: E402
+from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
+
+KINDS = (  # first match wins; names as cuDNN / cuBLAS / inductor / ATen give them
+    ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
+    ("convolution", ("conv", "fprop", "implicit_gemm", "winograd", "dgrad")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "matmul", "gemv")),
+    ("compiled", ("triton",)),
+    ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def summarize(trace: dict, wall_s: float, top: int) -> dict:
+    """Kernel statistics of a Chrome trace written by ``torch.profiler`` (times in ms)."""
+    events = trace.get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    launches = [e for e in events if e.get("cat") == "cuda_runtime" and "dur" in e and "Launch" in e.get("name", "")]
+    by_kind, by_stream, by_name = defaultdict(float), defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        ms = e["dur"] / 1e3
+        by_kind[kind_of(e["name"])] += ms
+        by_stream[str(e.get("args", {}).get("stream", "?"))] += ms
+        by_name[e["name"]][0] += ms
+        by_name[e["name"]][1] += 1
+    heaviest = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(wall_ms=wall_s * 1e3, kernels=len(kernels), kernel_ms=sum(by_kind.values()),
+                launch_ms=sum(e["dur"] for e in launches) / 1e3,
+                busy_ms=busy_time([(e["ts"] / 1e3, (e["ts"] + e["dur"]) / 1e3) for e in kernels]),
+                by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])), by_stream=dict(by_stream),
+                top=[dict(name=name[:160], ms=ms, calls=calls, kind=kind_of(name)) for name, (ms, calls) in heaviest])
+
+
+def profiled(fn, trace_path: Path | None, top: int) -> dict:
+    """Run ``fn`` under the profiler; its kernel summary."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        bench.sync()
+        start = time.perf_counter()
+        fn()
+        bench.sync()
+        wall = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trace_path or Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(Path(path).read_text())
+    return summarize(trace, wall, top)
+
+
+def decode_all(vae: WanVAE, latents: torch.Tensor, frames_per_block: int) -> None:
+    """The streaming decoder over ``latents`` block by block, the first frame alone (as the pipeline does)."""
+    stream = vae.stream(1)
+    stream.decode_chunk(latents[:, :1])
+    for i in range(1, latents.shape[1], frames_per_block):
+        stream.decode_chunk(latents[:, i:i + frames_per_block])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="chunk4", choices=bench.MODES)
+    p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
+    p.add_argument("--top", type=int, default=15, help="heaviest kernels listed per run")
+    p.add_argument("--out", default="profile_inference.json", help="JSON output path")
+    p.add_argument("--traces", default=None, help="folder for the Chrome traces (not kept without it)")
+    p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
+    args = p.parse_args(argv)
+    if args.tiny:
+        from model.tiny import TINY_DIT, TINY_VAE
+        device, dtype, preset, latent_shape = torch.device("cpu"), torch.float32, "tiny", (16, 4, 6)
+        vae = WanVAE.from_config(**TINY_VAE)
+        ctx = torch.randn(1, TINY_DIT.text_len, TINY_DIT.text_dim)
+    elif not torch.cuda.is_available():
+        print("this script needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
+        return 2
+    else:
+        device, dtype, preset, latent_shape = torch.device("cuda"), torch.bfloat16, "wan2.1-t2v-1.3b", (16, 60, 104)
+        torch.backends.cudnn.benchmark = True
+        vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype)
+        ctx = torch.randn(1, 512, 4096, device=device, dtype=dtype)
+    mode, variant = bench.MODES[args.mode], bench.VARIANTS[args.variant]
+    bench.set_sdpa(variant["backend"])
+    vae.set_channels_last(variant["channels_last"])
+    vae.compile_decoder(variant["compile_vae"])
+    pipe = bench.build(mode, variant, vae, {}, device, preset, latent_shape, dtype)
+    frames = min(mode["frames"], 21)
+    latents = torch.randn(1, frames, *latent_shape, device=device, dtype=dtype)
+    runs = {
+        "end_to_end": lambda: bench.run_once(pipe, ctx, frames, decode=True),
+        "dit_only": lambda: bench.run_once(pipe, ctx, frames, decode=False),
+        "decode_only": lambda: decode_all(vae, latents, mode["n"]),
+    }
+    traces = Path(args.traces) if args.traces else None
+    if traces:
+        traces.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, fn in runs.items():
+        fn()  # warm-up: compile, cuDNN plans, allocator
+        row = dict(run=name, mode=args.mode, variant=args.variant,
+                   **profiled(fn, traces / f"{name}.json" if traces else None, args.top))
+        rows.append(row)
+        kinds = " | ".join(f"{k} {v:.0f}" for k, v in row["by_kind"].items())
+        print(f"{name:12s} wall {row['wall_ms']:7.1f} ms | GPU busy {row['busy_ms']:7.1f} ms | kernels "
+              f"{row['kernel_ms']:7.1f} ms ({row['kernels']}) | launches {row['launch_ms']:6.1f} ms | {kinds}",
+              flush=True)
+        for k in row["top"]:
+            print(f"    {k['ms']:8.1f} ms {k['calls']:5d}x {k['kind']:11s} {k['name'][:110]}")
+    save_results(args.out, rows, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
