@@ -24,24 +24,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import save_results  # noqa: E402
+from benchmarks.common import cuda_ms, save_results, streaming_setup  # noqa: E402
 from model import attention as attn  # noqa: E402
+from model.config import get_preset  # noqa: E402
 
-SHAPES = [(1560, 1560), (1560, 32760), (4680, 512), (4680, 4680), (4680, 18720), (4680, 32760), (9360, 32760)]
 
-
-def timed(fn, iters: int = 20) -> float:
-    """Mean time of ``iters`` back-to-back calls after 3 warm-up calls, in ms (CUDA events)."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+def shapes(cfg, latent_hw: tuple[int, int], frames: int = 21, chunk: int = 3) -> list[tuple[int, int]]:
+    """``(Lq, Lk)`` of the streaming calls: one-frame and ``chunk``-frame blocks against their own block, part of
+    and the whole ``frames``-frame cache, a two-block fused call, and the text."""
+    s = (latent_hw[0] // cfg.patch_size[1]) * (latent_hw[1] // cfg.patch_size[2])  # tokens per latent frame
+    c = chunk * s
+    return [(s, s), (s, frames * s), (c, cfg.text_len), (c, c), (c, 4 * c), (c, frames * s), (2 * c, frames * s)]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,15 +58,16 @@ def backends() -> dict:
     return found
 
 
-def kernels(rows: list) -> None:
-    for lq, lk in SHAPES:
-        q = torch.randn(1, lq, 12, 128, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, lk, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+def kernels(rows: list, cfg, latent_hw: tuple[int, int]) -> None:
+    heads, d = cfg.num_heads, cfg.head_dim
+    for lq, lk in shapes(cfg, latent_hw):
+        q = torch.randn(1, lq, heads, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, lk, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         ref = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        flops = 4 * 12 * 128 * lq * lk
+        flops = 4 * heads * d * lq * lk
         for name, use in backends().items():
             use()
-            ms = timed(lambda: attn.attention(q, k, v))
+            ms = cuda_ms(lambda: attn.attention(q, k, v))
             row = dict(part="kernel", backend=name, lq=lq, lk=lk, ms=ms, tflops=flops / ms / 1e9,
                        rel_err=relative(attn.attention(q, k, v), ref))
             rows.append(row)
@@ -81,16 +75,14 @@ def kernels(rows: list) -> None:
                   f"rel err {row['rel_err']:.2e}", flush=True)
 
 
-def pipeline(rows: list) -> None:
+def pipeline(rows: list, setup) -> None:
     from benchmarks import bench_inference as bench
-    from model.vae import WAN21_VAE_CONFIG, WanVAE
 
-    vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to("cuda", torch.bfloat16)  # unused: decode is off
+    device, dtype, preset, latent_shape, vae, ctx = setup  # the VAE is not used: decode is off
     pipe = bench.build(bench.MODES["chunk4"], dict(bench.VARIANTS["fast"], compile=False), vae, {},
-                       torch.device("cuda"), "wan2.1-t2v-1.3b", (16, 60, 104), torch.bfloat16)
+                       device, preset, latent_shape, dtype)
     with torch.no_grad():  # Wan zero-inits the output head, which would make every video the same
         pipe.generator.head.head.weight.normal_(std=0.02)
-    ctx = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
     videos = {}
     for name, use in backends().items():
         use()
@@ -107,13 +99,14 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline", action="store_true", help="also compare whole streamed videos (full-size model)")
     p.add_argument("--out", default="bench_attention.json", help="JSON output path")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    setup = streaming_setup(tiny=False)
+    if setup is None:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     rows: list = []
-    kernels(rows)
+    kernels(rows, get_preset(setup[2]), setup[3][1:])
     if args.pipeline:
-        pipeline(rows)
+        pipeline(rows, setup)
     attn.set_backend("auto")
     attn.set_sdpa_priority(None)
     save_results(args.out, rows, torch.device("cuda"), flash_attn=attn._flash_module)

@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import save_results  # noqa: E402
+from benchmarks.common import save_results, streaming_setup  # noqa: E402
 from model import attention as attn  # noqa: E402
 from model import wan as wan_module  # noqa: E402
 from model.loader import build_wan_model  # noqa: E402
 from model.masks import BlockLayout  # noqa: E402
 from model.scheduler import FlowMatchScheduler  # noqa: E402
-from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
+from model.vae import WanVAE  # noqa: E402
 from pipeline.causal import StepSchedule  # noqa: E402
 from pipeline.streaming import StreamingPipeline  # noqa: E402
 
@@ -162,19 +162,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_inference.json", help="JSON output path")
     p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
     args = p.parse_args(argv)
-    if args.tiny:
-        from model.tiny import TINY_DIT, TINY_VAE
-        device, dtype, preset, latent_shape = torch.device("cpu"), torch.float32, "tiny", (16, 4, 6)
-        vae = WanVAE.from_config(**TINY_VAE)
-        ctx = torch.randn(1, TINY_DIT.text_len, TINY_DIT.text_dim)
-    elif not torch.cuda.is_available():
+    setup = streaming_setup(args.tiny)
+    if setup is None:
         print("this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
         return 2
-    else:
-        device, dtype, preset, latent_shape = torch.device("cuda"), torch.bfloat16, "wan2.1-t2v-1.3b", (16, 60, 104)
-        torch.backends.cudnn.benchmark = True
-        vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype)
-        ctx = torch.randn(1, 512, 4096, device=device, dtype=dtype)
+    device, dtype, preset, latent_shape, vae, ctx = setup
     models, rows = {}, []
     for variant_name in args.variants:
         variant = VARIANTS[variant_name]

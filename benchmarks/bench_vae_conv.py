@@ -20,22 +20,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import save_results  # noqa: E402
+from benchmarks.common import cuda_ms, save_results  # noqa: E402
 
 # channels, output frames, height, width, convolutions of this shape per steady call of the full-size decoder
 SHAPES = [(96, 4, 480, 832, 6), (192, 4, 240, 416, 6), (384, 2, 120, 208, 5), (384, 1, 60, 104, 10)]
-
-
-def cuda_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main(argv=None) -> int:

@@ -19,3 +19,41 @@ def save_results(path: str, rows: list[dict], device: torch.device, **extra) -> 
     Path(path).write_text(json.dumps(dict(info=info, rows=rows), indent=2))
     print(json.dumps(info))
     return info
+
+
+def cuda_ms(fn, iters: int = 20) -> float:
+    """Mean time of ``iters`` back-to-back calls of ``fn`` after 3 warm-up calls, in ms (CUDA events)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def streaming_setup(tiny: bool):
+    """What the streaming benchmarks run on: ``(device, dtype, preset, latent_shape, vae, context)``.
+
+    GPU: the full-size Wan2.1-1.3B preset at 480x832 (latents 16x60x104), the full Wan VAE, bf16, random ``[1, 512,
+    4096]`` prompt embeddings; ``tiny``: the tiny presets on the CPU (smoke tests). None without a GPU and not tiny."""
+    from model.config import get_preset
+    from model.vae import WAN21_VAE_CONFIG, WanVAE
+
+    if tiny:
+        from model.tiny import TINY_DIT, TINY_VAE
+
+        return (torch.device("cpu"), torch.float32, "tiny", (16, 4, 6), WanVAE.from_config(**TINY_VAE),
+                torch.randn(1, TINY_DIT.text_len, TINY_DIT.text_dim))
+    if not torch.cuda.is_available():
+        return None
+    device, dtype, preset = torch.device("cuda"), torch.bfloat16, "wan2.1-t2v-1.3b"
+    torch.backends.cudnn.benchmark = True
+    cfg = get_preset(preset)
+    vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype)
+    latent_shape = (vae.latent_channels, 480 // vae.spatial_compression, 832 // vae.spatial_compression)
+    return (device, dtype, preset, latent_shape, vae,
+            torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype))

@@ -26,8 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_inference as bench  # noqa: E402
-from benchmarks.common import save_results  # noqa: E402
-from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
+from benchmarks.common import save_results, streaming_setup  # noqa: E402
+from model.vae import WanVAE  # noqa: E402
 
 KINDS = (  # first match wins; names as cuDNN / cuBLAS / inductor / ATen give them
     ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
@@ -106,19 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--traces", default=None, help="folder for the Chrome traces (not kept without it)")
     p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
     args = p.parse_args(argv)
-    if args.tiny:
-        from model.tiny import TINY_DIT, TINY_VAE
-        device, dtype, preset, latent_shape = torch.device("cpu"), torch.float32, "tiny", (16, 4, 6)
-        vae = WanVAE.from_config(**TINY_VAE)
-        ctx = torch.randn(1, TINY_DIT.text_len, TINY_DIT.text_dim)
-    elif not torch.cuda.is_available():
+    setup = streaming_setup(args.tiny)
+    if setup is None:
         print("this script needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
         return 2
-    else:
-        device, dtype, preset, latent_shape = torch.device("cuda"), torch.bfloat16, "wan2.1-t2v-1.3b", (16, 60, 104)
-        torch.backends.cudnn.benchmark = True
-        vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype)
-        ctx = torch.randn(1, 512, 4096, device=device, dtype=dtype)
+    device, dtype, preset, latent_shape, vae, ctx = setup
     mode, variant = bench.MODES[args.mode], bench.VARIANTS[args.variant]
     bench.set_sdpa(variant["backend"])
     vae.set_channels_last(variant["channels_last"])

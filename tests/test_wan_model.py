@@ -228,13 +228,16 @@ def test_flash_policy():
     """Which unmasked CUDA calls go to a flash-attn package (model/attention.py docstring)."""
     from model.attention import flash_policy
 
-    big, small = (4680, 32760), (1560, 32760)  # a three-frame block, a one-frame block, against a full cache
+    cfg = get_preset("wan2.1-t2v-1.3b")
+    s = (60 // cfg.patch_size[1]) * (104 // cfg.patch_size[2])  # tokens per latent frame at 480x832
+    chunk, cache = 3 * s, 21 * s  # a chunk-wise block, a full 81-frame cache
+    big, small = (chunk, cache), (s, cache)  # three-frame and one-frame blocks against the full cache
     for module in ("flash_attn.cute", "flash_attn_interface"):  # FlashAttention-4 / -3: large inference calls
         assert flash_policy("auto", module, *big, needs_grad=False)
-        assert flash_policy("auto", module, 4680, 9360, needs_grad=False)
-        assert not flash_policy("auto", module, 4680, 4680, needs_grad=False)  # a video's first block
+        assert flash_policy("auto", module, chunk, 2 * chunk, needs_grad=False)  # the second block
+        assert not flash_policy("auto", module, chunk, chunk, needs_grad=False)  # a video's first block
         assert not flash_policy("auto", module, *small, needs_grad=False)
-        assert not flash_policy("auto", module, 4680, 512, needs_grad=False)  # cross-attention to the text
+        assert not flash_policy("auto", module, chunk, cfg.text_len, needs_grad=False)  # cross-attention
         assert not flash_policy("auto", module, *big, needs_grad=True)
         assert not flash_policy("sdpa", module, *big, needs_grad=False)
         assert flash_policy("flash_attn", module, *small, needs_grad=True)
