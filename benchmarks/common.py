@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -42,6 +43,7 @@ def streaming_setup(tiny: bool):
     4096]`` prompt embeddings; ``tiny``: the tiny presets on the CPU (smoke tests). None without a GPU and not tiny."""
     from model.config import get_preset
     from model.vae import WAN21_VAE_CONFIG, WanVAE
+    from utils.config import Config
 
     if tiny:
         from model.tiny import TINY_DIT, TINY_VAE
@@ -54,6 +56,8 @@ def streaming_setup(tiny: bool):
     torch.backends.cudnn.benchmark = True
     cfg = get_preset(preset)
     vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype)
-    latent_shape = (vae.latent_channels, 480 // vae.spatial_compression, 832 // vae.spatial_compression)
+    video = {f.name: f.default for f in dataclasses.fields(Config)}  # the configs' default 480x832
+    latent_shape = (vae.latent_channels, video["height"] // vae.spatial_compression,
+                    video["width"] // vae.spatial_compression)
     return (device, dtype, preset, latent_shape, vae,
             torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype))

@@ -15,12 +15,12 @@ The backend is chosen once per process with :func:`set_backend` ("auto", "sdpa",
 * "sdpa": PyTorch SDPA only.
 * "auto" (default): FlashAttention-3 or -4 when installed, for unmasked CUDA calls with at least
   :data:`FLASH_MIN_QUERIES` queries and :data:`FLASH_MIN_KEYS` keys that need no gradient (inference); SDPA
-  otherwise. On the H100
-  FlashAttention-4 runs a chunk-wise block's cached self-attention 1.15-1.2x faster than cuDNN (chunk-wise 4-step
-  31.4 vs 29.4 FPS end to end), but its per-call host cost (~0.1 ms) loses on the 512-token cross-attention and on
-  one-frame (1,560-token) blocks, where frame-wise generation is bound by kernel launches (frame-wise 4-step 21.1 vs
-  21.8 FPS with it); its backward is not exercised by our tests. FlashAttention-2 is never picked automatically:
-  cuDNN attention beats it on Hopper. Numbers: docs/performance.md.
+  otherwise. On the H100 FlashAttention-4 runs a chunk-wise block's cached self-attention 1.15-1.2x faster than
+  cuDNN (chunk-wise 4-step 31.4 vs 29.4 FPS end to end), but its per-call host cost (~0.1 ms) loses on the
+  512-token cross-attention and on one-frame (1,560-token) blocks, where frame-wise generation is bound by kernel
+  launches (frame-wise 4-step 21.1 vs 21.8 FPS with it); its backward is not exercised by our tests.
+  FlashAttention-2 is never picked automatically: cuDNN attention beats it on Hopper. Numbers:
+  docs/performance.md.
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ _scope = _Scope()
 @contextlib.contextmanager
 def kernel_scope(device_type: str):
     """Set the SDPA kernel order once around many :func:`attention` calls (a whole forward pass) instead of around
-    each: entering PyTorch's ``sdpa_kernel`` costs ~25 us of host time, ~90 times per pass, which one-frame blocks
-    (launch-bound) feel."""
+    each: entering PyTorch's ``sdpa_kernel`` costs ~25 us of host time (``benchmarks/probe_levers.py host``), ~90
+    times per pass, which one-frame blocks (launch-bound) feel."""
     if device_type != "cuda" or _scope.depth:
         yield
         return

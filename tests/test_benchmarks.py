@@ -47,3 +47,10 @@ def test_profile_busy_time_is_the_union_of_kernel_intervals():
     assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16") == "convolution"
     assert kind_of("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "gemm"
     assert kind_of("triton_poi_fused_gelu_view_3") == "compiled"
+
+
+def test_probe_levers_host_runs_without_a_gpu(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_levers.py"), "host", "--out",
+                    str(tmp_path / "probe.json")], check=True, cwd=ROOT, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "probe.json").read_text())["rows"]
+    assert rows[0]["probe"] == "host" and rows[0]["sdpa_context_us"] > 0
