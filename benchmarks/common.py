@@ -36,11 +36,19 @@ def cuda_ms(fn, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
-def streaming_setup(tiny: bool):
+def streaming_setup(tiny: bool, prompt_tokens: int | None = None):
     """What the streaming benchmarks run on: ``(device, dtype, preset, latent_shape, vae, context)``.
 
     GPU: the full-size Wan2.1-1.3B preset at 480x832 (latents 16x60x104), the full Wan VAE, bf16, random ``[1, 512,
-    4096]`` prompt embeddings; ``tiny``: the tiny presets on the CPU (smoke tests). None without a GPU and not tiny."""
+    4096]`` prompt embeddings -- with ``prompt_tokens``, rows from that one on zero (a padded prompt); ``tiny``: the
+    tiny presets on the CPU (smoke tests). None without a GPU and not tiny."""
+    out = _streaming_setup(tiny)
+    if out is not None and prompt_tokens is not None:
+        out[-1][:, prompt_tokens:] = 0
+    return out
+
+
+def _streaming_setup(tiny: bool):
     from model.config import get_preset
     from model.vae import WAN21_VAE_CONFIG, WanVAE
     from utils.config import Config
