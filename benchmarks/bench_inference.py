@@ -1,9 +1,7 @@
 """Inference speed of the streaming pipeline: full-size Wan2.1-1.3B generator + full Wan VAE, random weights.
 
 Speed does not depend on weight values, so no download is needed. Text embeddings are random ``[1, 512, 4096]``
-tensors made once outside the timed region (the text encoder runs once per prompt, not per frame); with
-``--prompt_tokens N`` only the first N rows are random and the rest zero, as the text encoder pads a real prompt
-(the cached cross-attention then runs over the used rows only, ``model.wan.compact_context``).
+tensors made once outside the timed region (the text encoder runs once per prompt, not per frame).
 
 For each mode (chunk-wise 4-step, frame-wise 4/2/1-step, a long video with a sliding window) and each variant of
 the speed levers, it reports: end-to-end FPS (generation + streaming VAE decode + frames copied to the host, the
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import save_results, streaming_setup  # noqa: E402
+from benchmarks.common import save_results, set_conv_padding, streaming_setup  # noqa: E402
 from model import attention as attn  # noqa: E402
 from model import wan as wan_module  # noqa: E402
 from model.loader import build_wan_model  # noqa: E402
@@ -51,8 +49,8 @@ VARIANTS = {  # the levers; "fast" is the default path of inference.py / Streami
     "fast_sdpa": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, backend="cudnn"),
     "fast_flash_attn": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, backend="flash_attn"),
     "fast_no_epilogue": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, gelu_epilogue=False),
-    "fast_full_text": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, compact_text=False),
     "fast_cdt": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, tune=True),
+    "fast_no_conv_pad": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, conv_pad=False),
     "fast_per_call_sdpa_order": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, scope=False),
     "fast_eager_vae": dict(_BASE, compile=True, overlap=True, fuse_qkv=True),  # the default before 2026-11-26 pm
     "fast_whole_first": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, first_alone=False),
@@ -104,7 +102,6 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
     # before 2026-11-26 evening the SDPA kernel order was set around every attention call, not once per pass
     wan_module.kernel_scope = attn.kernel_scope if variant.get("scope", True) else _per_call_scope
     gen.fuse_qkv(variant["fuse_qkv"])
-    gen.compact_text = variant.get("compact_text", True)  # before 2026-11-27: all 512 context rows attended
     for block in gen.blocks:
         block.gelu_epilogue = variant.get("gelu_epilogue", True)
     if variant["compile"]:
@@ -171,12 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--long_runs", type=int, default=1, help="timed runs of the long video")
     p.add_argument("--out", default="bench_inference.json", help="JSON output path")
-    p.add_argument("--prompt_tokens", type=int, default=None,
-                   help="tokens of the benchmark prompt: random embedding rows, zero rows after them as the text "
-                        "encoder pads a real prompt (default: every row random, no padding; the slowest case)")
     p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
     args = p.parse_args(argv)
-    setup = streaming_setup(args.tiny, args.prompt_tokens)
+    setup = streaming_setup(args.tiny)
     if setup is None:
         print("this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
         return 2
@@ -186,6 +180,7 @@ def main(argv=None) -> int:
         variant = VARIANTS[variant_name]
         set_sdpa(variant["backend"])
         vae.set_channels_last(variant["channels_last"])
+        set_conv_padding(variant.get("conv_pad", True))  # before 2026-11-26 night: 96-channel convolutions as is
         vae.compile_decoder(variant["compile_vae"], **compile_options(variant))
         for mode_name in args.modes:
             mode = MODES[mode_name]
@@ -205,7 +200,7 @@ def main(argv=None) -> int:
                   f"first frame {row['first_frame_s']:.3f} s (block {row['first_block_s']:.3f} s) | "
                   f"block {row['mean_block_s'] * 1e3:6.1f} ms | "
                   f"peak {row['peak_gib']:.1f} GiB | warm-up {row['warmup_s']:.0f} s", flush=True)
-    save_results(args.out, rows, device, flash_attn=attn._flash_module, prompt_tokens=args.prompt_tokens)
+    save_results(args.out, rows, device, flash_attn=attn._flash_module)
     return 0
 
 

@@ -21,13 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import save_results  # noqa: E402
+from benchmarks.common import save_results, set_conv_padding  # noqa: E402
 from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
 
 VARIANTS = {
     "eager": dict(compile=False, frames_per_call=1, channels_last=True),
     "eager_fpc4": dict(compile=False, frames_per_call=4, channels_last=True),
     "compiled": dict(compile=True, frames_per_call=1, channels_last=True),
+    "compiled_no_pad": dict(compile=True, frames_per_call=1, channels_last=True, conv_pad=False),  # before 11-26 pm
     "compiled_fpc3": dict(compile=True, frames_per_call=3, channels_last=True),
     "compiled_fpc4": dict(compile=True, frames_per_call=4, channels_last=True),
 }
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     for name in args.variants:
         variant = VARIANTS[name]
         vae.set_channels_last(variant["channels_last"])
+        set_conv_padding(variant.get("conv_pad", True))
         vae.compile_decoder(variant["compile"])
         t = time.perf_counter()
         run_once(vae, latents, variant["frames_per_call"], args.block)  # warm-up: compile, cuDNN plans

@@ -1,6 +1,7 @@
 """The Wan VAE decoder's causal 3x3x3 convolutions, one steady streaming call's shapes (one latent frame in: 1 frame
 at 60x104, 2 at 120x208, 4 at 240x416 and 480x832), as cuDNN ``conv3d`` vs the same product as one ``conv2d`` over the
-three input frames stacked along channels (weights ``[Cout, 3 Cin, 3, 3]``), and the cost of stacking the frames.
+three input frames stacked along channels (weights ``[Cout, 3 Cin, 3, 3]``), and the cost of stacking the frames;
+also ``conv3d`` on contiguous (NCDHW) tensors and with the output channels zero-padded to a multiple of 128.
 
 Where ``conv2d`` wins, a decoder that writes its activations stacked (the copy fused into the norm/SiLU kernel that
 already writes the cached frames) would decode faster. bf16, channels-last, cudnn.benchmark on; CUDA events, mean of
@@ -51,15 +52,23 @@ def main(argv=None) -> int:
         a, b = F.conv3d(x, w3, padding=(0, 1, 1)), F.conv2d(stacked, w2, padding=1)
         rel = ((a[0].transpose(0, 1) - b).float().norm() / a.float().norm()).item()
         flops = 2 * 27 * c * c * t * h * w
+        pad = -c % 128  # output channels zero-padded to a multiple of 128 (cuDNN tiles are 64 or 128 wide)
+        w3p = F.pad(w3, (0, 0, 0, 0, 0, 0, 0, 0, 0, pad)).contiguous(memory_format=torch.channels_last_3d)
+        xn, w3n = x.contiguous(), w3.contiguous()
         row = dict(channels=c, frames=t, height=h, width=w, per_call=count, rel_diff=rel,
                    conv3d_ms=cuda_ms(lambda: F.conv3d(x, w3, padding=(0, 1, 1)), args.iters),
+                   conv3d_ncdhw_ms=cuda_ms(lambda: F.conv3d(xn, w3n, padding=(0, 1, 1)), args.iters),
+                   conv3d_cout_padded_ms=cuda_ms(lambda: F.conv3d(x, w3p, padding=(0, 1, 1)), args.iters)
+                   if pad else None,
                    conv2d_ms=cuda_ms(lambda: F.conv2d(stacked, w2, padding=1), args.iters),
                    stack_ms=cuda_ms(stack, args.iters))
         row.update(conv3d_tflops=flops / row["conv3d_ms"] / 1e9, conv2d_tflops=flops / row["conv2d_ms"] / 1e9)
         rows.append(row)
         print(f"C{c} x {t} frames {h}x{w}: conv3d {row['conv3d_ms']:.2f} ms ({row['conv3d_tflops']:.0f} TFLOP/s) | "
               f"conv2d {row['conv2d_ms']:.2f} ms ({row['conv2d_tflops']:.0f} TFLOP/s) + stacking "
-              f"{row['stack_ms']:.2f} ms | relative difference {rel:.1e} | {count} per call", flush=True)
+              f"{row['stack_ms']:.2f} ms | relative difference {rel:.1e} | {count} per call | conv3d NCDHW "
+              f"{row['conv3d_ncdhw_ms']:.2f} ms | conv3d with {c + pad} output channels "
+              f"{row['conv3d_cout_padded_ms'] or float('nan'):.2f} ms", flush=True)
     for key in ("conv3d_ms", "conv2d_ms", "stack_ms"):
         print(f"per steady decoder call, {key[:-3]}: {sum(r[key] * r['per_call'] for r in rows):.1f} ms")
     save_results(args.out, rows, device)

@@ -22,6 +22,24 @@ def save_results(path: str, rows: list[dict], device: torch.device, **extra) -> 
     return info
 
 
+def set_conv_padding(enabled: bool) -> None:
+    """Turn the VAE decoder's zero-padded output channels (``model.vae.PAD_OUT_CHANNELS``) on (the default) or off,
+    for A/B runs; call before compiling the decoder."""
+    from model import vae
+
+    vae.PAD_OUT_CHANNELS.clear()
+    vae.PAD_OUT_CHANNELS.update({k: dict(v) for k, v in _PAD_DEFAULT.items()} if enabled else {})
+
+
+def _pad_default() -> dict:
+    from model import vae
+
+    return {k: dict(v) for k, v in vae.PAD_OUT_CHANNELS.items()}
+
+
+_PAD_DEFAULT = _pad_default()
+
+
 def cuda_ms(fn, iters: int = 20) -> float:
     """Mean time of ``iters`` back-to-back calls of ``fn`` after 3 warm-up calls, in ms (CUDA events)."""
     for _ in range(3):
@@ -36,19 +54,11 @@ def cuda_ms(fn, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
-def streaming_setup(tiny: bool, prompt_tokens: int | None = None):
+def streaming_setup(tiny: bool):
     """What the streaming benchmarks run on: ``(device, dtype, preset, latent_shape, vae, context)``.
 
     GPU: the full-size Wan2.1-1.3B preset at 480x832 (latents 16x60x104), the full Wan VAE, bf16, random ``[1, 512,
-    4096]`` prompt embeddings -- with ``prompt_tokens``, rows from that one on zero (a padded prompt); ``tiny``: the
-    tiny presets on the CPU (smoke tests). None without a GPU and not tiny."""
-    out = _streaming_setup(tiny)
-    if out is not None and prompt_tokens is not None:
-        out[-1][:, prompt_tokens:] = 0
-    return out
-
-
-def _streaming_setup(tiny: bool):
+    4096]`` prompt embeddings; ``tiny``: the tiny presets on the CPU (smoke tests). None without a GPU and not tiny."""
     from model.config import get_preset
     from model.vae import WAN21_VAE_CONFIG, WanVAE
     from utils.config import Config

@@ -7,15 +7,12 @@
   call) channels-last, contiguous, and with its output channels zero-padded to 4-32.
 * ``vaeattn``: the VAE mid-block attention (one head of the bottleneck width over one latent frame's pixels) as SDPA
   vs explicit matmuls.
-* ``text``: the cross-attention of a three-frame block to the prompt, over all ``text_len`` rows (no bias) vs
-  compacted to a prompt's used rows plus the weighted zero row (``model.wan.compact_context``: a float logit bias),
-  with the SDPA kernel each runs and the relative difference between the two.
 * ``host`` (also on a CPU): host time of entering PyTorch's ``sdpa_kernel`` context with our kernel order, which the
   attention entry point once did around every call (now once per pass: ``model.attention.kernel_scope``).
 
 Times are CUDA-event means of 20 calls after 3 warm-up calls. Prints one line per measurement and writes JSON.
 
-    python benchmarks/probe_levers.py ffn convout vaeattn text host --out probe_levers.json
+    python benchmarks/probe_levers.py ffn convout vaeattn host --out probe_levers.json
 """
 
 from __future__ import annotations
@@ -98,39 +95,6 @@ def vaeattn(rows: list, channels: int, pixels: int) -> None:
               f"{row['rel_err']:.2e}", flush=True)
 
 
-def text(rows: list, cfg, tokens_per_frame: int) -> None:
-    from model.wan import compact_context
-
-    lq, heads, d = 3 * tokens_per_frame, cfg.num_heads, cfg.head_dim
-    q = torch.randn(1, lq, heads, d, device="cuda", dtype=DT)
-    row_k, row_v = (torch.randn(heads, d, device="cuda", dtype=DT) for _ in range(2))  # the zero row's K, V
-    for used in (cfg.text_len, 256, 160, 64):
-        context = torch.zeros(1, cfg.text_len, 8, device="cuda")
-        context[:, :used] = 1.0
-        k, v = (torch.randn(1, cfg.text_len, heads, d, device="cuda", dtype=DT) for _ in range(2))
-        k[:, used:], v[:, used:] = row_k, row_v
-        full = lambda: attn.attention(q, k, v)  # noqa: E731
-        compact = compact_context(context, cfg.text_len, DT)
-        if compact is None:
-            fn, keys = full, cfg.text_len
-        else:
-            keys = compact[1].shape[-1]
-            kc, vc = k[:, :keys].clone(), v[:, :keys].clone()
-            kc[:, used:], vc[:, used:] = row_k, row_v
-            fn = lambda: attn.attention(q, kc, vc, compact[1])  # noqa: E731
-        with attn.kernel_scope("cuda"):
-            ms = cuda_ms(fn)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize()
-            kernel = max(prof.key_averages(), key=lambda e: e.device_time_total).key
-            diff = relative(fn(), full())
-        row = dict(probe="text", prompt_tokens=used, keys=keys, ms=ms, kernel=kernel, rel_diff_vs_all_rows=diff)
-        rows.append(row)
-        print(f"text attention, {lq} queries, prompt of {used} tokens: {keys} keys {ms:.3f} ms ({kernel[:60]}), "
-              f"rel diff vs all {cfg.text_len} rows {diff:.1e}", flush=True)
-
-
 def host(rows: list, calls: int = 2000) -> None:
     start = time.perf_counter()
     for _ in range(calls):
@@ -143,7 +107,7 @@ def host(rows: list, calls: int = 2000) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probes", nargs="+", choices=["ffn", "convout", "vaeattn", "text", "host"])
+    p.add_argument("probes", nargs="+", choices=["ffn", "convout", "vaeattn", "host"])
     p.add_argument("--out", default="probe_levers.json", help="JSON output path")
     args = p.parse_args(argv)
     rows: list = []
@@ -158,8 +122,6 @@ def main(argv=None) -> int:
         scale = vae.spatial_compression
         if "ffn" in args.probes:
             ffn(rows, cfg, (h // cfg.patch_size[1]) * (w // cfg.patch_size[2]))
-        if "text" in args.probes:
-            text(rows, cfg, (h // cfg.patch_size[1]) * (w // cfg.patch_size[2]))
         if "convout" in args.probes:  # one steady decoder call: one latent frame -> temporal_compression frames
             convout(rows, WAN21_VAE_CONFIG["base_dim"], vae.temporal_compression, h * scale, w * scale)
         if "vaeattn" in args.probes:

@@ -6,8 +6,6 @@
   PyTorch SDPA. On CUDA, SDPA is asked for cuDNN attention first: on the H100 it is 1.6-1.8x PyTorch's own flash
   kernel at our shapes (libraries.md §9), and so faster than FlashAttention-2 too.
 * a dense boolean ``[Lq, Lk]`` mask (True = attend): SDPA. This is the CPU path for training masks.
-* a float tensor: an additive logit bias broadcast to ``[B, N, Lq, Lk]``, SDPA (the compacted text context of the
-  streaming cache, ``wan.compact_context``).
 * a flex-attention ``BlockMask``: compiled ``flex_attention`` over the length padded to a multiple of 128.
 
 The backend is chosen once per process with :func:`set_backend` ("auto", "sdpa", "flash_attn"; the config key
@@ -171,8 +169,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> t
 
     Args:
         q: ``[B, Lq, N, d]``; k, v: ``[B, Lk, N, d]``.
-        mask: None, a boolean ``[Lq, Lk]`` tensor (True = attend), a float logit bias broadcastable to
-            ``[B, N, Lq, Lk]``, or a flex ``BlockMask``.
+        mask: None, a boolean ``[Lq, Lk]`` tensor (True = attend) or a flex ``BlockMask``.
     Returns:
         ``[B, Lq, N, d]`` in q's dtype.
     """

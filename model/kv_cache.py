@@ -38,7 +38,6 @@ class KVCache:
         # sharded on its own (FSDP2) only ever touches its own weights
         self.cross_k: list[torch.Tensor | None] = [None] * num_layers
         self.cross_v: list[torch.Tensor | None] = [None] * num_layers
-        self.cross_bias: torch.Tensor | None = None  # logit bias of a compacted context (wan.compact_context)
         self.text_len = text_len
         self.frames_written = 0   # one past the highest frame written so far
 
@@ -64,7 +63,6 @@ class KVCache:
         """Forget the prompt's cross-attention K/V (a new prompt refills them on the next call)."""
         self.cross_k = [None] * self.num_layers
         self.cross_v = [None] * self.num_layers
-        self.cross_bias = None
 
     @property
     def cross_ready(self) -> bool:

@@ -414,14 +414,27 @@ class StreamingDecoder:
 # share graphs, so the whole decoder is 9 small graphs.
 
 
+PAD_OUT_CHANNELS: dict[str, dict[int, int]] = {"cuda": {96: 128}}
+"""Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are then
+dropped. cuDNN on the H100 runs the full-resolution 96-channel 3x3x3 convolutions of the decoder's last stage at
+375 TFLOP/s (2.12 ms for one steady call's four 480x832 frames) but the same convolution with 128 output
+channels in 1.41 ms; 192 -> 256 gains nothing and 3 -> 4..32 (the output convolution) loses
+(``benchmarks/bench_vae_conv.py``, ``benchmarks/probe_levers.py convout``)."""
+
+
 def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
     """A ``WanCausalConv3d`` with time from ``cache`` (None: zeros); returns ``(output, new cache)``."""
     keep = conv._padding[4]  # the causal padding: kernel_t - 1 frames
     x = torch.cat([_zero_frames(x, keep) if cache is None else cache, x], dim=2)
     pad_w, _, pad_h = conv._padding[:3]
+    weight, bias, out_channels = conv.weight, conv.bias, conv.out_channels
+    extra = PAD_OUT_CHANNELS.get(x.device.type, {}).get(out_channels, out_channels) - out_channels
+    if extra:  # padded per call: a few hundred kB, and never stale when weights are loaded later
+        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra)).contiguous(memory_format=_layout(x))
+        bias = F.pad(bias, (0, extra)) if bias is not None else None
     # height/width padding inside the convolution: no padded copy (H100: 0.81 vs 0.87 s compiled per 81 frames)
-    out = F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w))
-    return out, x[:, :, x.shape[2] - keep :].clone()
+    out = F.conv3d(x, weight, bias, conv.stride, (0, pad_h, pad_w))
+    return out[:, :out_channels] if extra else out, x[:, :, x.shape[2] - keep :].clone()
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -17,7 +17,6 @@ Module order follows the forward pass: norms -> self-attention -> cross-attentio
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,64 +160,8 @@ class CrossKVSlot:
     layer: int
 
 
-# ---------------------------------------------------------------------------------------------- text padding
-# Wan attends to all ``text_len`` (512) context rows, the prompt's tokens followed by zero rows. Every zero row has
-# the same key and value (the text MLP and the projections of a zero vector), so attending to ``n`` of them is
-# attending to one with its weight multiplied by ``n``: a logit bias of ``log n``. The streaming cache keeps the
-# used rows plus a few copies of that row carrying the bias, and runs the cross-attention over those instead of
-# all 512 -- the same softmax up to float rounding, for any prompt shorter than ``text_len``.
-
-TEXT_KEY_ALIGN = 16
-"""Compacted context lengths are multiples of this (slots beyond the weighted copies get a -inf bias)."""
-
-
-def pad_row_logits(count: int, dtype: torch.dtype, max_terms: int = 6) -> list[float]:
-    """Logit biases ``b_i``, each exactly representable in ``dtype``, with ``sum(exp(b_i))`` equal to ``count`` to
-    ~1e-6 relative: ``log(count)`` itself rounds in bf16 by up to 1/256 of its size (a 2-3 % weight error), so the
-    remainder goes to further copies of the row."""
-    out, rest = [], float(count)
-    eps = torch.finfo(dtype).eps
-    while rest > count * 2.0**-20 and len(out) < max_terms:
-        target = math.log(rest)
-        value, step = torch.tensor(target, dtype=torch.float64).to(dtype).item(), eps * max(abs(target), 1.0)
-        while math.exp(value) > rest:  # round down: the remainder must stay positive
-            target, step = target - step, 2 * step
-            value = torch.tensor(target, dtype=torch.float64).to(dtype).item()
-        out.append(value)
-        rest -= math.exp(value)
-    return out
-
-
-def compact_context(context: torch.Tensor, text_len: int, dtype: torch.dtype):
-    """The raw context rows the cross-attention needs and their logit bias, or None when compacting saves nothing.
-
-    Args:
-        context: ``[B, L, text_dim]`` prompt embeddings, zero rows after each prompt (L <= text_len; rows up to
-            ``text_len`` are zeros too).
-        text_len: the model's context length (what is attended without compaction).
-        dtype: dtype of the bias (the attention's).
-    Returns:
-        ``(rows [B, Lc, text_dim], bias [1, 1, 1, Lc])``: the rows up to the last non-zero one of any prompt, then
-        zero rows whose biases weight them as all the zero rows dropped, then ``-inf`` padding to a multiple of
-        :data:`TEXT_KEY_ALIGN`. Reads the GPU once (the prompt's length): call once per prompt.
-    """
-    rows_used = context.ne(0).any(dim=-1).any(dim=0).nonzero()
-    used = int(rows_used[-1]) + 1 if rows_used.numel() else 0
-    logits = pad_row_logits(text_len - used, dtype)
-    size = -(-(used + len(logits)) // TEXT_KEY_ALIGN) * TEXT_KEY_ALIGN
-    if size >= text_len:
-        return None
-    b, _, d = context.shape
-    rows = torch.cat([context[:, :used], context.new_zeros(b, size - used, d)], dim=1)
-    bias = torch.full((size,), -math.inf, dtype=torch.float64)  # the logits are exact in ``dtype``
-    bias[:used] = 0.0
-    bias[used:used + len(logits)] = torch.tensor(logits, dtype=torch.float64)
-    return rows, bias.to(device=context.device, dtype=dtype).view(1, 1, 1, size)
-
-
 class CrossAttention(nn.Module):
-    """Text cross-attention; no RoPE: all ``text_len`` (zero-padded) context rows are attended (the streaming cache
-    attends to the same softmax over fewer rows, :func:`compact_context`)."""
+    """Text cross-attention; no RoPE, no mask: all ``text_len`` (zero-padded) context rows are attended."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
@@ -238,21 +181,18 @@ class CrossAttention(nn.Module):
         return self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
 
     def attend(self, q: torch.Tensor, ctx_or_kv) -> torch.Tensor:
-        """Attention of queries ``[B, L, N, d]`` to the context: ``(K, V, bias)`` cached per prompt (bias: the
-        compacted context's, see :func:`compact_context`, or None), a :class:`CrossKVSlot` to fill, or the embedded
-        context. Returns ``[B, L, N, d]``."""
-        bias = None
+        """Attention of queries ``[B, L, N, d]`` to the context: ``(K, V)`` cached per prompt, a
+        :class:`CrossKVSlot` to fill, or the embedded context. Returns ``[B, L, N, d]``."""
         if isinstance(ctx_or_kv, tuple):
-            k, v, bias = ctx_or_kv
+            k, v = ctx_or_kv
         elif isinstance(ctx_or_kv, CrossKVSlot):
             slot = ctx_or_kv
             k, v = self.kv(slot.ctx)
             slot.cache.cross_k[slot.layer] = k = k.to(slot.cache.k.dtype)
             slot.cache.cross_v[slot.layer] = v = v.to(slot.cache.v.dtype)
-            bias = slot.cache.cross_bias
         else:
             k, v = self.kv(ctx_or_kv)
-        return attention(q, k, v, bias)
+        return attention(q, k, v)
 
     def forward(self, x: torch.Tensor, ctx_or_kv) -> torch.Tensor:
         return self.o(self.attend(self.query(x), ctx_or_kv).flatten(2))
@@ -364,7 +304,6 @@ class WanModel(nn.Module):
         self.local_attn_size = local_attn_size
         self.sink_size = sink_size
         self.gradient_checkpointing = False
-        self.compact_text = True  # cached cross-attention over the used context rows only (compact_context)
         d = cfg.dim
         # Parameter names match the original Wan2.1 state dict.
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -555,15 +494,9 @@ class WanModel(nn.Module):
     def _cross_kv(self, context: torch.Tensor, cache: KVCache):
         """Per-layer cross-attention input: the cached (K, V) at inference -- filled by each block on the first call
         (:class:`CrossKVSlot`) -- or the embedded context under autograd (recomputed so gradients reach W_k, W_v)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not cache.cross_ready:
             ctx = self.embed_text(context)
-            return lambda i: ctx
-        if not cache.cross_ready:
-            compact = compact_context(context, self.config.text_len, cache.k.dtype) if self.compact_text else None
-            if compact is None:
-                ctx, cache.cross_bias = self.embed_text(context), None
-            else:
-                rows, cache.cross_bias = compact
-                ctx = self.text_embedding(rows)
+            if torch.is_grad_enabled():
+                return lambda i: ctx
             return lambda i: CrossKVSlot(ctx, cache, i)
-        return lambda i: (cache.cross_k[i], cache.cross_v[i], cache.cross_bias)
+        return lambda i: (cache.cross_k[i], cache.cross_v[i])

@@ -218,3 +218,45 @@ def test_wrong_checkpoint_errors(vae, tmp_path):
         WanVAE.from_pretrained(tmp_path / "list.pth")
     with pytest.raises(WeightsMissingError, match="hf download"):
         WanVAE.from_pretrained(tmp_path / "nowhere")
+
+
+def test_padded_output_channels_change_nothing(vae, latents, reference_videos, monkeypatch):
+    """Convolutions computed with zero-padded output channels (``PAD_OUT_CHANNELS``, on the GPU the decoder's
+    96-channel stage) give the same video; here on the CPU with the tiny VAE's 8-channel stage padded to 16."""
+    from model import vae as vae_module
+
+    widths = []
+    conv3d = torch.nn.functional.conv3d
+
+    def spy(x, weight, *args, **kwargs):
+        widths.append(weight.shape[0])
+        return conv3d(x, weight, *args, **kwargs)
+
+    monkeypatch.setitem(vae_module.PAD_OUT_CHANNELS, "cpu", {8: 16})
+    monkeypatch.setattr(torch.nn.functional, "conv3d", spy)
+    stream = vae.stream()
+    video = torch.cat([stream.decode_chunk(latents[:, :1]), stream.decode_chunk(latents[:, 1:6])], 1)
+    assert widths.count(16) > 0 and 8 not in widths  # every 8-channel convolution ran padded
+    torch.testing.assert_close(video, reference_videos[6], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_padded_output_channels_on_gpu(monkeypatch):
+    """The full-size decoder (random weights, float32, small latents) with its 96-channel stage padded to 128 output
+    channels, as the GPU fast path runs it, decodes the same video as without."""
+    from model import vae as vae_module
+
+    assert vae_module.PAD_OUT_CHANNELS["cuda"]  # the fast path pads on CUDA
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 products, not TF32 ones
+    torch.manual_seed(0)
+    full = WanVAE.from_config(**WAN21_VAE_CONFIG).to("cuda").to_channels_last()
+    z = torch.randn(1, 3, 16, 8, 8, device="cuda")
+
+    def decode():
+        stream = full.stream()
+        return torch.cat([stream.decode_chunk(z[:, :1]), stream.decode_chunk(z[:, 1:])], 1)
+
+    padded = decode()
+    monkeypatch.setitem(vae_module.PAD_OUT_CHANNELS, "cuda", {})
+    plain = decode()
+    assert ((padded - plain).norm() / plain.norm()).item() < 1e-4

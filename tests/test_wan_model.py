@@ -9,7 +9,7 @@ from model.config import WanConfig, get_preset
 from model.kv_cache import KVCache
 from model.masks import BlockLayout, block_causal_frame_mask, teacher_forcing_frame_mask
 from model.rope import RotaryTables, apply_rope, axis_pairs
-from model.wan import WanModel, compact_context, pad_row_logits
+from model.wan import WanModel
 
 TOL = 1e-5
 CFG = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=24, num_heads=2, num_layers=2, text_len=8)
@@ -279,60 +279,3 @@ def test_kernel_scope_sets_the_sdpa_order_once():
             assert A._scope.depth == 1
     assert A._scope.depth == 0 and flags() == before
     assert not isinstance(A._sdpa_context("cuda"), contextlib.nullcontext)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_pad_row_logits_weigh_the_dropped_rows(dtype):
-    for count in (1, 2, 45, 411, 511):
-        logits = pad_row_logits(count, dtype)
-        assert all(torch.tensor(v, dtype=dtype).item() == v for v in logits)  # representable: no rounding later
-        assert abs(sum(math.exp(v) for v in logits) - count) <= 2e-6 * count
-    assert pad_row_logits(0, dtype) == []
-
-
-@torch.no_grad()
-def test_streaming_over_compacted_text_equals_full_context():
-    """The cache attends to the used context rows plus weighted copies of the zero row: the same softmax as all
-    ``text_len`` rows (reference: the full-sequence forward, which attends to every row), in float64."""
-    cfg = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=24, num_heads=2, num_layers=2, text_len=64)
-    torch.manual_seed(0)
-    model = WanModel(cfg, causal=True, num_frame_per_block=2).double().eval()
-    model.head.head.weight.normal_(std=0.1)
-    x, _, t, _ = inputs(4, b=2)
-    x, t = x.double(), t.double()
-    t[:, 1], t[:, 3] = t[:, 0], t[:, 2]
-    ctx = torch.zeros(2, 40, cfg.text_dim, dtype=torch.float64)  # prompts of 7 and 19 tokens, zero rows after
-    ctx[0, :7], ctx[1, :19] = torch.randn(7, cfg.text_dim), torch.randn(19, cfg.text_dim)
-    streamed, cache = stream(model, x, t, ctx, capacity=4)
-    assert cache.cross_k[0].shape[1] == 32 and cache.cross_bias.shape == (1, 1, 1, 32)  # compacted: 19 + 1 -> 32
-    assert rel(streamed, model(x, t, ctx)) < 1e-10
-    model.compact_text = False
-    plain, cache = stream(model, x, t, ctx, capacity=4)
-    assert cache.cross_k[0].shape[1] == cfg.text_len and cache.cross_bias is None
-    assert rel(streamed, plain) < 1e-10
-    # no zero rows: nothing to compact
-    assert compact_context(torch.randn(1, cfg.text_len, cfg.text_dim), cfg.text_len, torch.float32) is None
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compacted_text_attention_on_gpu():
-    """bf16 on CUDA (SDPA with a float logit bias, and the bias split over bf16-exact copies): the compacted text
-    attention is as close to a float64 recomputation over all rows as the uncompacted one."""
-    from model.attention import attention
-
-    heads, d, text_len, used = 12, 128, 512, 150
-    q = torch.randn(1, 4680, heads, d, device="cuda", dtype=torch.float64)
-    k, v = (torch.randn(1, text_len, heads, d, device="cuda", dtype=torch.float64) for _ in range(2))
-    k[:, used:], v[:, used:] = k[:, -1:].clone(), v[:, -1:].clone()  # the padded rows share one key and value
-    context = torch.zeros(1, text_len, 8, device="cuda")
-    context[:, :used] = 1.0
-    rows, bias = compact_context(context, text_len, torch.bfloat16)
-    keys = bias.shape[-1]
-    assert rows.shape[1] == keys < text_len
-    kc, vc = k[:, :keys].clone(), v[:, :keys].clone()
-    kc[:, used:], vc[:, used:] = k[:, -1:], v[:, -1:]
-    ref = attention(q, k, v)
-    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
-    err = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    plain, compact = err(attention(bf(q), bf(k), bf(v))), err(attention(bf(q), bf(kc), bf(vc), bias))
-    assert compact < 1e-2 and compact <= 1.5 * plain + 1e-4, (compact, plain)
