@@ -268,6 +268,8 @@ class WanVAE(nn.Module):
         fewer only for a short last chunk), so each region compiles once per shape and serves every video after
         it. The one-frame first call of each video stays eager: it is cheap and would be a second set of graphs.
         ``options`` go to ``torch.compile``."""
+        # a few graphs per region and resolution; switching resolution or options in one process adds more
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.regions = EAGER_REGIONS.compiled(**options) if enabled else EAGER_REGIONS
         return self
 
