@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import statistics
 import sys
 import time
@@ -118,7 +119,45 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
                              first_frame_alone=variant["first_alone"])
 
 
+class _GcTimer:
+    """Wall time the Python garbage collector spends during a run (``gc.callbacks``), by generation."""
+
+    def __init__(self):
+        self.seconds, self.count, self._t = [0.0, 0.0, 0.0], [0, 0, 0], 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._t
+            self.count[info["generation"]] += 1
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
+def _allocator_counts() -> dict:
+    """cudaMalloc / cudaFree calls and allocation retries (a retry frees the cached blocks: a device sync)."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+
 def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bool) -> dict:
+    with _GcTimer() as gc_timer:
+        before = _allocator_counts()
+        out = _run_once(pipe, ctx, frames, decode)
+        after = _allocator_counts()
+    out.update({k: after[k] - before[k] for k in after}, gc_seconds=gc_timer.seconds, gc_count=gc_timer.count)
+    return out
+
+
+def _run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bool) -> dict:
     sync()
     start = time.perf_counter()
     first, first_block, block_times, pixel_frames, last = None, None, [], 0, start
@@ -153,9 +192,13 @@ def measure(pipe, ctx, frames: int, runs: int, decode: bool) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     results = [run_once(pipe, ctx, frames, decode) for _ in range(runs)]
-    med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    med = {k: statistics.median(r[k] for r in results) for k in results[0]
+           if not isinstance(results[0][k], list)}
     med["fps_runs"] = [r["fps"] for r in results]
     med["first_frame_runs"] = [r["first_frame_s"] for r in results]
+    # per run: what could stall the host -- garbage collection, cudaMalloc/cudaFree (the latter syncs the device)
+    med["host_runs"] = [{k: r[k] for k in ("gc_seconds", "gc_count", "num_device_alloc", "num_device_free",
+                                           "num_alloc_retries") if k in r} for r in results]
     med["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     med["warmup_s"] = warmup_s
     return med
@@ -194,12 +237,19 @@ def main(argv=None) -> int:
                        mean_block_s=e2e["mean_block_s"], steady_block_s=e2e["steady_block_s"],
                        peak_gib=max(e2e["peak_gib"], dit["peak_gib"]), pixel_frames=e2e["pixel_frames"],
                        warmup_s=e2e["warmup_s"], dit_peak_gib=dit["peak_gib"], fps_runs=e2e["fps_runs"],
-                       first_frame_runs=e2e["first_frame_runs"])
+                       first_frame_runs=e2e["first_frame_runs"], host_runs=e2e["host_runs"])
             rows.append(row)
             print(f"{mode_name:7s} {variant_name:15s} e2e {row['fps']:6.1f} FPS | DiT {row['dit_fps']:6.1f} FPS | "
                   f"first frame {row['first_frame_s']:.3f} s (block {row['first_block_s']:.3f} s) | "
                   f"block {row['mean_block_s'] * 1e3:6.1f} ms | "
                   f"peak {row['peak_gib']:.1f} GiB | warm-up {row['warmup_s']:.0f} s", flush=True)
+            host = row["host_runs"]
+            print(f"    runs: FPS {[round(v, 1) for v in row['fps_runs']]} first frame "
+                  f"{[round(v, 3) for v in row['first_frame_runs']]} | GC s "
+                  f"{[round(sum(h['gc_seconds']), 3) for h in host]}"
+                  f" | cudaMalloc {[h.get('num_device_alloc') for h in host]} cudaFree "
+                  f"{[h.get('num_device_free') for h in host]} retries {[h.get('num_alloc_retries') for h in host]}",
+                  flush=True)
     save_results(args.out, rows, device, flash_attn=attn._flash_module)
     return 0
 

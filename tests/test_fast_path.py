@@ -175,6 +175,26 @@ def test_overlapped_decode_hands_out_the_same_frames_on_gpu():
         assert torch.equal(b.frames[0], torch.from_numpy(to_uint8_frames(a.frames[0], (-1, 1), "TCHW")))
 
 
+@cuda
+def test_later_videos_reuse_the_decode_memory_on_gpu():
+    """Overlapped decodes of every video run on the pipeline's one side stream, so a video after the first needs no
+    new device memory (the caching allocator keeps freed blocks per stream)."""
+    torch.manual_seed(0)
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    model = WanModel(CFG, causal=True, num_frame_per_block=3).to(dev, dtype).eval()
+    vae = WanVAE.from_config(**TINY_VAE).to(dev, dtype)
+    sch = FlowMatchScheduler(shift=5.0)
+    ctx = torch.randn(1, 8, 32, device=dev, dtype=dtype)
+    pipe = StreamingPipeline(model, None, vae, sch, StepSchedule.from_config(sch, [1000, 750, 500, 250]),
+                             latent_shape=(16, 4, 6), device=dev, dtype=dtype, overlap_decode=True)
+    mallocs = []
+    for _ in range(3):
+        list(pipe.open("x", num_frames=9, seed=1, context=ctx, uint8=True))
+        torch.cuda.synchronize()
+        mallocs.append(torch.cuda.memory_stats()["num_device_alloc"])
+    assert mallocs[2] == mallocs[1] == mallocs[0], f"cudaMalloc calls after each video: {mallocs}"
+
+
 def test_fused_qkv_equals_separate_products_and_keeps_the_state_dict():
     torch.manual_seed(0)
     model = WanModel(CFG, causal=True, num_frame_per_block=1).eval()
