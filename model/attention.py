@@ -16,7 +16,7 @@ The backend is chosen once per process with :func:`set_backend` ("auto", "sdpa",
 * "auto" (default): FlashAttention-3 or -4 when installed, for unmasked CUDA calls with at least
   :data:`FLASH_MIN_QUERIES` queries and :data:`FLASH_MIN_KEYS` keys that need no gradient (inference); SDPA
   otherwise. On the H100 FlashAttention-4 runs a chunk-wise block's cached self-attention 1.15-1.2x faster than
-  cuDNN (chunk-wise 4-step 31.4 vs 29.4 FPS end to end), but its per-call host cost (~0.1 ms) loses on the
+  cuDNN (chunk-wise 4-step 32.7 vs 30.3 FPS end to end), but its per-call host cost (~0.1 ms) loses on the
   512-token cross-attention and on one-frame (1,560-token) blocks, where frame-wise generation is bound by kernel
   launches (frame-wise 4-step 21.1 vs 21.8 FPS with it); its backward is not exercised by our tests.
   FlashAttention-2 is never picked automatically: cuDNN attention beats it on Hopper. Numbers:
