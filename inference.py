@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                     "(saves ~11 GB of GPU memory)")
     p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile (the fast path compiles the DiT's "
                    "and the VAE decoder's regions once per process, ~30-40 s before the first video)")
+    p.add_argument("--preview_decoder", default=None, metavar="FILE",
+                   help="decode with a tiny TAEHV preview decoder (e.g. taew2_1.pth from "
+                        "github.com/madebyollin/taehv) instead of the Wan VAE: much cheaper, lower quality")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     return p.parse_args(argv)

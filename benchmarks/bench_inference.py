@@ -31,6 +31,7 @@ from model import attention as attn  # noqa: E402
 from model import wan as wan_module  # noqa: E402
 from model.loader import build_wan_model  # noqa: E402
 from model.masks import BlockLayout  # noqa: E402
+from model.preview_decoder import TinyVideoDecoder  # noqa: E402
 from model.scheduler import FlowMatchScheduler  # noqa: E402
 from model.vae import WanVAE  # noqa: E402
 from pipeline.causal import StepSchedule  # noqa: E402
@@ -51,6 +52,7 @@ VARIANTS = {  # the levers; "fast" is the default path of inference.py / Streami
     "fast_flash_attn": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, backend="flash_attn"),
     "fast_no_epilogue": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, gelu_epilogue=False),
     "fast_cdt": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, tune=True),
+    "fast_preview": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, preview=True),
     "fast_no_conv_pad": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, conv_pad=False),
     "fast_per_call_sdpa_order": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, scope=False),
     "fast_eager_vae": dict(_BASE, compile=True, overlap=True, fuse_qkv=True),  # the default before 2026-11-26 pm
@@ -111,12 +113,19 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
         gen.uncompile_blocks()
     sch = FlowMatchScheduler(shift=5.0)
     schedule = StepSchedule.from_config(sch, mode["steps"], mode["first"])
+    preview = None
+    if variant.get("preview"):  # the optional TAEHV-style preview decoder, released size, random weights
+        if "preview" not in models:
+            models["preview"] = TinyVideoDecoder().to(device, dtype)
+            if device.type == "cuda":
+                models["preview"].to_channels_last()
+        preview = models["preview"]
     return StreamingPipeline(gen, None, vae, sch, schedule, latent_shape=latent_shape,
                              local_attn_size=mode.get("window", -1), sink_size=mode.get("sink", 0),
                              default_num_frames=21, device=device, dtype=dtype,
                              fuse_context=variant["fuse"], vae_frames_per_call=variant["frames_per_call"],
                              overlap_decode=variant["overlap"] and device.type == "cuda",
-                             first_frame_alone=variant["first_alone"])
+                             first_frame_alone=variant["first_alone"], preview_decoder=preview)
 
 
 class _GcTimer:

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import save_results, set_conv_padding  # noqa: E402
+from model.preview_decoder import TinyVideoDecoder  # noqa: E402
 from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
 
 VARIANTS = {
@@ -29,6 +30,7 @@ VARIANTS = {
     "eager_fpc4": dict(compile=False, frames_per_call=4, channels_last=True),
     "compiled": dict(compile=True, frames_per_call=1, channels_last=True),
     "compiled_no_pad": dict(compile=True, frames_per_call=1, channels_last=True, conv_pad=False),  # before 11-26 pm
+    "preview": dict(compile=False, frames_per_call=1, channels_last=True, preview=True),  # TAEHV-style decoder
     "compiled_fpc3": dict(compile=True, frames_per_call=3, channels_last=True),
     "compiled_fpc4": dict(compile=True, frames_per_call=4, channels_last=True),
 }
@@ -76,11 +78,18 @@ def main(argv=None) -> int:
         vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype)
         latents = torch.randn(1, 21, 16, 60, 104, device=device, dtype=dtype)
     rows = []
+    wan_vae = vae
     for name in args.variants:
         variant = VARIANTS[name]
-        vae.set_channels_last(variant["channels_last"])
-        set_conv_padding(variant.get("conv_pad", True))
-        vae.compile_decoder(variant["compile"])
+        if variant.get("preview"):  # the optional preview decoder at its released size (random weights)
+            vae = TinyVideoDecoder(**({} if not args.tiny else dict(widths=(8, 8, 8, 8)))).to(device, dtype)
+            if device.type == "cuda":
+                vae.to_channels_last()
+        else:
+            vae = wan_vae
+            vae.set_channels_last(variant["channels_last"])
+            set_conv_padding(variant.get("conv_pad", True))
+            vae.compile_decoder(variant["compile"])
         t = time.perf_counter()
         run_once(vae, latents, variant["frames_per_call"], args.block)  # warm-up: compile, cuDNN plans
         warmup_s = time.perf_counter() - t

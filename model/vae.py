@@ -138,7 +138,8 @@ def _preview(keys: list[str], limit: int = 4) -> str:
     return f"{shown}, ... (+{len(keys) - limit})" if len(keys) > limit else shown
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                           what: str = "the Wan VAE") -> None:
     """Load with ``assign=True`` after checking names and shapes; raises CheckpointError naming the mismatches."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -156,7 +157,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} wrong shape: {_preview(wrong_shape)}")
     if problems:
-        raise CheckpointError(f"{source} does not fit the Wan VAE; " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit {what}; " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.kv_cache import KVCache
+from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
@@ -74,7 +75,13 @@ class StreamingPipeline:
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
     first_frame_alone: bool = True              # hand out the video's first latent frame as soon as it is decoded,
                                                 # then the rest of its block (time to first frame)
+    preview_decoder: TinyVideoDecoder | None = None  # decodes the stream instead of the VAE (fast, lower quality)
     _side_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
+
+    @property
+    def frame_decoder(self):
+        """What turns latents into frames: the preview decoder when one is given, else the VAE (None: no decoding)."""
+        return self.preview_decoder if self.preview_decoder is not None else self.vae
 
     def side_stream(self) -> torch.cuda.Stream:
         """The CUDA stream overlapped decodes run on, one per pipeline. PyTorch's caching allocator keeps freed
@@ -99,8 +106,8 @@ class StreamingPipeline:
         self.generator.fuse_qkv()
         if compile:
             self.generator.compile_blocks()
-        if self.vae is not None:
-            self.vae.compile_decoder(compile)
+        if self.frame_decoder is not None:
+            self.frame_decoder.compile_decoder(compile)
         self.overlap_decode = overlap_decode
         log.info("fast path: compiled DiT and VAE regions %s, overlapped decode %s", compile, overlap_decode)
         return self
@@ -108,11 +115,13 @@ class StreamingPipeline:
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
                     dtype=None, text_encoder_device=None, decode: bool = True, fast: bool = True,
-                    compile: bool = True) -> "StreamingPipeline":
+                    compile: bool = True, preview_decoder: str | None = None) -> "StreamingPipeline":
         """Build everything ``cfg`` names. GPU: bf16 everywhere; CPU: float32.
 
         On CUDA ``fast`` turns on :meth:`enable_fast_path` (``compile=False``: without compiling; otherwise the
-        first video pays the compile time once per process)."""
+        first video pays the compile time once per process). ``preview_decoder``: a TAEHV file
+        (:mod:`model.preview_decoder`) that decodes the frames instead of the Wan VAE (which still encodes I2V
+        images)."""
         from pipeline import components as C
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -123,6 +132,11 @@ class StreamingPipeline:
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
         if vae is not None and device.type == "cuda":
             vae.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
+        preview = None
+        if decode and preview_decoder:
+            preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype)
+            if device.type == "cuda":
+                preview.to_channels_last()
         scheduler = C.build_scheduler(cfg)
         multistep = cfg.denoising_step_list is None
         if multistep:
@@ -136,7 +150,7 @@ class StreamingPipeline:
                    context_noise=float(cfg.context_noise), negative_prompt=cfg.negative_prompt,
                    guidance_scale=cfg.guidance_scale if multistep else 1.0,
                    local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size,
-                   default_num_frames=shape[1], device=device, dtype=dtype)
+                   default_num_frames=shape[1], device=device, dtype=dtype, preview_decoder=preview)
         return pipe.enable_fast_path(compile) if fast else pipe
 
     # ------------------------------------------------------------------------------------------------------------
@@ -230,7 +244,8 @@ class VideoStream:
                                        negative, pipe.guidance_scale), self.cache,
                               context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng),
                               fuse_context=pipe.fuse_context)
-        self.decoder = pipe.vae.stream(pipe.vae_frames_per_call) if decode and pipe.vae is not None else None
+        source = pipe.frame_decoder
+        self.decoder = source.stream(pipe.vae_frames_per_call) if decode and source is not None else None
         self.start_frame = start
         self.latents: list[torch.Tensor] = [] if self.prefix is None else [self.prefix]
         self._pending: tuple[list[str], bool] | None = None

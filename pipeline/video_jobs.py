@@ -129,7 +129,8 @@ def run_inference(args) -> dict:
         return _report(summary)
     pipe = StreamingPipeline.from_config(cfg, args.checkpoint_path, args.use_ema, device=device,
                                          text_encoder_device="cpu" if args.text_encoder_cpu else None,
-                                         compile=not args.no_compile)
+                                         compile=not args.no_compile,
+                                         preview_decoder=getattr(args, "preview_decoder", None))
     for job in todo:
         frames, seconds = _generate(pipe, cfg, args, job, num_frames)
         summary["written"] += 1
@@ -151,8 +152,8 @@ def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int) -> 
         num_frames -= 1
     stream = pipe.open(job.prompt, num_frames, seed=job.seed, initial_latent=initial, uint8=True)
     latents, written = [], 0
-    bar = tqdm(total=pipe.vae.num_pixel_frames(stream.start_frame + num_frames), unit="frame", desc=job.name[:40],
-               leave=False)
+    bar = tqdm(total=pipe.frame_decoder.num_pixel_frames(stream.start_frame + num_frames), unit="frame",
+               desc=job.name[:40], leave=False)
     with bar, Mp4StreamWriter(_path(args, job), fps=cfg.fps) as writer:   # uint8 [T, H, W, 3] frames
         for chunk in stream:
             writer.append(chunk.frames[0])
