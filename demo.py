@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile (the fast path compiles the DiT's "
                    "and the VAE decoder's regions on the first video, ~30-40 s)")
+    p.add_argument("--preview_decoder", default=None, metavar="FILE",
+                   help="decode with a tiny TAEHV preview decoder (e.g. taew2_1.pth) instead of the Wan VAE: "
+                        "cheaper, lower quality")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to your network)")
     p.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
     p.add_argument("--max_frames", type=int, default=None, help="longest video a client may ask for, in latent "
@@ -73,7 +76,7 @@ def load_pipeline(args):
     device = args.device or ("cpu" if toy else None)
     pipe = StreamingPipeline.from_config(cfg, checkpoint, args.use_ema, device=device,
                                          text_encoder_device="cpu" if args.text_encoder_cpu else None,
-                                         compile=not args.no_compile)
+                                         compile=not args.no_compile, preview_decoder=args.preview_decoder)
     where = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "CPU"
     info = dict(config=TOY_CONFIG if toy else os.path.basename(args.config_path), device=where)  # shown to clients
     return pipe, cfg, info

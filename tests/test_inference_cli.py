@@ -91,6 +91,7 @@ def test_ranks_share_prompts_exactly_once(world, tmp_path, monkeypatch):
     (None, ["--checkpoint_path", "checkpoints/chunkwise/causal_forcing.pt"], "hf download zhuhz22/Causal-Forcing"),
     (None, ["--num_output_frames", "5"], "num_frame_per_block"),
     ("badckpt", [], "unexpected"),
+    (None, ["--preview_decoder", "/nonexistent/taew2_1.pth"], "preview decoder not found"),
 ])
 def test_bad_inputs_give_one_line_errors(world, tmp_path, capsys, setup, extra, message):
     args = list(extra)
