@@ -103,7 +103,8 @@ def settings_for(pipe: StreamingPipeline, cfg, max_frames: int | None = None) ->
     schedules = step_schedules(pipe, cfg)
     default = cfg.image_or_video_shape[1]
     window = pipe.local_attn_size if pipe.local_attn_size > 0 else default  # as pipe.window() for a long video
-    stride = pipe.vae.temporal_compression if pipe.vae is not None else 4
+    decoder = pipe.frame_decoder
+    stride = decoder.temporal_compression if decoder is not None else 4
     return DemoSettings(fps=int(cfg.fps), height=int(cfg.height), width=int(cfg.width),
                         frames_per_block=cfg.num_frame_per_block, independent_first_frame=cfg.independent_first_frame,
                         default_frames=default, max_frames=max_frames or 10 * default, schedules=schedules,
