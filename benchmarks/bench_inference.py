@@ -91,6 +91,15 @@ def compile_options(variant: dict) -> dict:
     return {"options": {"coordinate_descent_tuning": True}} if variant.get("tune") else {}
 
 
+def prepare(variant: dict, vae: WanVAE) -> None:
+    """Process-wide settings of a variant, before its pipelines are built: attention kernels, VAE layout, padding
+    and compilation."""
+    set_sdpa(variant["backend"])
+    vae.set_channels_last(variant["channels_last"])
+    set_conv_padding(variant.get("conv_pad", True))  # before 2026-11-26 night: 96-channel convolutions as is
+    vae.compile_decoder(variant["compile_vae"], **compile_options(variant))
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -230,10 +239,7 @@ def main(argv=None) -> int:
     models, rows = {}, []
     for variant_name in args.variants:
         variant = VARIANTS[variant_name]
-        set_sdpa(variant["backend"])
-        vae.set_channels_last(variant["channels_last"])
-        set_conv_padding(variant.get("conv_pad", True))  # before 2026-11-26 night: 96-channel convolutions as is
-        vae.compile_decoder(variant["compile_vae"], **compile_options(variant))
+        prepare(variant, vae)
         for mode_name in args.modes:
             mode = MODES[mode_name]
             pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)

@@ -112,9 +112,7 @@ def main(argv=None) -> int:
         return 2
     device, dtype, preset, latent_shape, vae, ctx = setup
     mode, variant = bench.MODES[args.mode], bench.VARIANTS[args.variant]
-    bench.set_sdpa(variant["backend"])
-    vae.set_channels_last(variant["channels_last"])
-    vae.compile_decoder(variant["compile_vae"])
+    bench.prepare(variant, vae)
     pipe = bench.build(mode, variant, vae, {}, device, preset, latent_shape, dtype)
     frames = min(mode["frames"], 21)
     latents = torch.randn(1, frames, *latent_shape, device=device, dtype=dtype)
