@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import platform
@@ -27,17 +28,12 @@ def set_conv_padding(enabled: bool) -> None:
     for A/B runs; call before compiling the decoder."""
     from model import vae
 
+    _PAD_DEFAULT.setdefault("table", copy.deepcopy(vae.PAD_OUT_CHANNELS))  # the library's table, seen first
     vae.PAD_OUT_CHANNELS.clear()
-    vae.PAD_OUT_CHANNELS.update({k: dict(v) for k, v in _PAD_DEFAULT.items()} if enabled else {})
+    vae.PAD_OUT_CHANNELS.update(copy.deepcopy(_PAD_DEFAULT["table"]) if enabled else {})
 
 
-def _pad_default() -> dict:
-    from model import vae
-
-    return {k: dict(v) for k, v in vae.PAD_OUT_CHANNELS.items()}
-
-
-_PAD_DEFAULT = _pad_default()
+_PAD_DEFAULT: dict = {}
 
 
 def cuda_ms(fn, iters: int = 20) -> float:
