@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+from app.cli import add_model_flags
 from utils.errors import UserError
 
 TOY_CONFIG = "configs/toy/causal_forcing_dmd_chunkwise.yaml"
@@ -24,21 +25,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config_path", default=None, help=f"stage YAML, as for inference.py (default: the toy model, "
-                                                       f"{TOY_CONFIG}, on the CPU)")
-    p.add_argument("--checkpoint_path", help="generator checkpoint (.pt release file, safetensors or Wan folder)")
-    p.add_argument("--use_ema", action="store_true", help="load the checkpoint's generator_ema weights")
-    p.add_argument("--local_attn_size", type=int, default=None, help="override the attention window (frames)")
-    p.add_argument("--sink_size", type=int, default=None, help="override the number of sink frames")
-    p.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available; the toy "
-                                                  "model: cpu)")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile (the fast path compiles the DiT's "
-                   "and the VAE decoder's regions on the first video, ~30-40 s)")
-    p.add_argument("--preview_decoder", default=None, metavar="FILE",
-                   help="decode with a tiny TAEHV preview decoder (e.g. taew2_1.pth) instead of the Wan VAE: "
-                        "cheaper, lower quality")
+    add_model_flags(p, config_required=False, config_help=f"stage YAML, as for inference.py (default: the toy "
+                                                          f"model, {TOY_CONFIG}, on the CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to your network)")
     p.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
     p.add_argument("--max_frames", type=int, default=None, help="longest video a client may ask for, in latent "
@@ -51,9 +39,7 @@ def load_pipeline(args):
     """(pipeline, config, description) for ``args``, built as inference.py builds them."""
     import torch
 
-    from pipeline.streaming import StreamingPipeline
-    from pipeline.video_jobs import _config
-    from utils.errors import CheckpointError
+    from app.cli import config_from_args, pipeline_from_args
 
     toy = args.config_path is None
     if toy:
@@ -62,21 +48,8 @@ def load_pipeline(args):
             raise UserError(f"the toy model's config {TOY_CONFIG} is missing: pass --config_path and "
                             "--checkpoint_path for a full model")
         os.chdir(ROOT)  # the toy config's paths (assets/toy/...) are relative to the repository
-    cfg = _config(args)
-    checkpoint = args.checkpoint_path
-    if toy and checkpoint is None:
-        checkpoint = cfg.generator_ckpt  # the shipped toy generator
-    if toy and not (checkpoint and os.path.exists(checkpoint)):
-        raise UserError(f"the shipped toy model is missing ({checkpoint or 'no generator_ckpt in ' + TOY_CONFIG}): "
-                        "pass --config_path and --checkpoint_path for a full model")
-    if checkpoint and not os.path.exists(checkpoint):
-        from model.weights import download_hint_for_checkpoint
-        hint = download_hint_for_checkpoint(checkpoint)
-        raise CheckpointError(f"checkpoint not found: {checkpoint}" + (f"; {hint}" if hint else ""))
-    device = args.device or ("cpu" if toy else None)
-    pipe = StreamingPipeline.from_config(cfg, checkpoint, args.use_ema, device=device,
-                                         text_encoder_device="cpu" if args.text_encoder_cpu else None,
-                                         compile=not args.no_compile, preview_decoder=args.preview_decoder)
+    cfg = config_from_args(args)
+    pipe = pipeline_from_args(args, cfg, device=args.device or ("cpu" if toy else None))
     where = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "CPU"
     info = dict(config=TOY_CONFIG if toy else os.path.basename(args.config_path), device=where)  # shown to clients
     return pipe, cfg, info
@@ -88,8 +61,8 @@ def main(argv=None) -> int:
     try:
         import uvicorn
 
-        from web.server import build_app
-        from web.session import settings_for
+        from app.web.server import build_app
+        from app.web.session import settings_for
 
         if args.max_frames is not None and args.max_frames < 1:
             raise UserError(f"--max_frames must be >= 1, got {args.max_frames}")

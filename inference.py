@@ -13,19 +13,17 @@ import argparse
 import logging
 import sys
 
+from app.cli import add_model_flags
 from utils.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config_path", required=True, help="stage YAML (merged over configs/default_config.yaml)")
-    p.add_argument("--checkpoint_path", help="generator checkpoint (.pt release file, safetensors or Wan folder); "
-                                             "default: the weights in the config's model folder")
+    add_model_flags(p)
     p.add_argument("--data_path", required=True, help="prompt file, one prompt per line (TAB then an extended "
                                                       "prompt optional); with --i2v: lines 'image_path<TAB>prompt'")
     p.add_argument("--extended_prompt_path", help="file of extended prompts, one per line, parallel to --data_path")
     p.add_argument("--output_folder", required=True, help="where the mp4 files (and latents) are written")
-    p.add_argument("--use_ema", action="store_true", help="load the checkpoint's generator_ema weights")
     p.add_argument("--num_output_frames", type=int, default=None,
                    help="LATENT frames per video (default: the config's training length, 21 -> 81 pixel frames); "
                         "longer videos use a sliding attention window")
@@ -33,19 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="base seed; video k of prompt i uses a seed derived from "
                                                        "(seed, i, k), so results do not depend on rank or skips")
     p.add_argument("--i2v", action="store_true", help="image-to-video: the image becomes the first latent frame")
-    p.add_argument("--local_attn_size", type=int, default=None, help="override the attention window (frames)")
-    p.add_argument("--sink_size", type=int, default=None, help="override the number of sink frames")
     p.add_argument("--save_latents", action="store_true", help="also save the latents as <name>.latents.pt")
     p.add_argument("--overwrite", action="store_true", help="regenerate videos that already exist")
-    p.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU "
-                                                                    "(saves ~11 GB of GPU memory)")
-    p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile (the fast path compiles the DiT's "
-                   "and the VAE decoder's regions once per process, ~30-40 s before the first video)")
-    p.add_argument("--preview_decoder", default=None, metavar="FILE",
-                   help="decode with a tiny TAEHV preview decoder (e.g. taew2_1.pth from "
-                        "github.com/madebyollin/taehv) instead of the Wan VAE: much cheaper, lower quality")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     return p.parse_args(argv)
 
 
@@ -53,7 +40,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        from pipeline.video_jobs import run_inference
+        from app.jobs import run_inference
 
         s = run_inference(args)
         print(f"{s['written']} videos written, {s['skipped']} skipped; {s['seconds_per_video']:.2f} s per video, "

@@ -1,4 +1,5 @@
-"""Install the project's packages (model, pipeline, trainer, utils) so scripts and tests import them from anywhere.
+"""Install the project's packages (model, pipeline, trainer, utils; the apps in app/ and the toy world in toy/) so
+scripts and tests import them from anywhere.
 
 `pip install -e .` for development; dependencies are read from requirements.txt (test-only ones left out).
 """
@@ -22,7 +23,8 @@ setup(
     description="Causal Forcing: streaming autoregressive video generation distilled from Wan2.1",
     python_requires=">=3.10",
     packages=find_packages(include=["model", "model.*", "pipeline", "pipeline.*", "trainer", "trainer.*",
-                                    "utils", "utils.*"]),
+                                    "utils", "utils.*", "app", "app.*", "toy", "toy.*"]),
+    package_data={"app.web": ["index.html"]},
     install_requires=_requirements(),
     extras_require={
         "fa4": ["flash-attn-4"],  # FlashAttention-4 (Hopper, Blackwell): wheels only, no build

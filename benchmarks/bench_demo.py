@@ -1,6 +1,6 @@
 """Does the demo deliver frames as fast as the generator makes them? Generator FPS vs delivered FPS.
 
-Starts the demo server (web/, uvicorn on 127.0.0.1, a free port) in this process with a full-size Wan2.1-1.3B causal
+Starts the demo server (app/web/, uvicorn on 127.0.0.1, a free port) in this process with a full-size Wan2.1-1.3B causal
 generator + full Wan VAE on random weights (speed does not depend on weight values; no download), and a WebSocket
 client that starts a video and receives every frame. The text encoder is replaced by random ``[1, 512, 4096]``
 embeddings (it runs once per prompt). For each mode it reports, median over ``--runs`` after a warm-up:
@@ -33,14 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.web.server import build_app  # noqa: E402
+from app.web.session import DemoSettings, gpu_worker  # noqa: E402
 from benchmarks.common import save_results  # noqa: E402
 from model.loader import build_wan_model  # noqa: E402
 from model.scheduler import FlowMatchScheduler  # noqa: E402
 from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
 from pipeline.causal import StepSchedule  # noqa: E402
 from pipeline.streaming import StreamingPipeline  # noqa: E402
-from web.server import build_app  # noqa: E402
-from web.session import DemoSettings, gpu_worker  # noqa: E402
 
 MODES = {"chunk4": dict(n=3, steps=[1000, 750, 500, 250]), "frame4": dict(n=1, steps=[1000, 750, 500, 250])}
 
@@ -60,7 +60,7 @@ class RandomTextEncoder:
 
 
 def build(mode: dict, tiny: bool, vae: WanVAE, device, dtype) -> tuple[StreamingPipeline, DemoSettings]:
-    from model.tiny import TINY_DIT
+    from toy.folders import TINY_DIT
 
     preset = "tiny" if tiny else "wan2.1-t2v-1.3b"
     generator = build_wan_model(preset, causal=True, num_frame_per_block=mode["n"], dtype=dtype, device=device).eval()
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
     args = p.parse_args(argv)
     if args.tiny:
-        from model.tiny import TINY_VAE
+        from toy.folders import TINY_VAE
         device, dtype = torch.device("cpu"), torch.float32
         vae = WanVAE.from_config(**TINY_VAE)
     elif not torch.cuda.is_available():

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with a tiny random VAE")
     args = p.parse_args(argv)
     if args.tiny:
-        from model.tiny import TINY_VAE
+        from toy.folders import TINY_VAE
 
         device, dtype, vae = torch.device("cpu"), torch.float32, WanVAE.from_config(**TINY_VAE)
         latents = torch.randn(1, 7, 16, 4, 6)

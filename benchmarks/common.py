@@ -60,7 +60,7 @@ def streaming_setup(tiny: bool):
     from utils.config import Config
 
     if tiny:
-        from model.tiny import TINY_DIT, TINY_VAE
+        from toy.folders import TINY_DIT, TINY_VAE
 
         return (torch.device("cpu"), torch.float32, "tiny", (16, 4, 6), WanVAE.from_config(**TINY_VAE),
                 torch.randn(1, TINY_DIT.text_len, TINY_DIT.text_dim))

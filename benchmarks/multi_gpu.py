@@ -121,7 +121,7 @@ def build_world(args, work: Path) -> dict:
     import torch
 
     from model.config import get_preset
-    from model.tiny import DEFAULT_SENTENCES, TINY_DIT, write_tiny_wan_folder
+    from toy.folders import DEFAULT_SENTENCES, TINY_DIT, write_tiny_wan_folder
     from utils.lmdb_store import write_clean_lmdb
 
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def build_big(args, work: Path) -> dict:
     from safetensors.torch import save_file
 
     from model.config import WanConfig, get_preset
-    from model.tiny import TINY_DIT
+    from toy.folders import TINY_DIT
 
     t0 = time.perf_counter()
     device = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"

@@ -5,7 +5,7 @@ on synthetic samples drawn one by one from a seeded generator, so ``k`` micro-ba
 samples as one batch of ``k·b``. Its output layer has one row, so with 2 ranks FSDP2 shards it unevenly (one rank
 holds an empty shard).
 
-Worker: ``python -m torch.distributed.run --nproc_per_node=2 tests/_dist_worker.py OUT`` runs, in one process group,
+Worker: ``python -m torch.distributed.run --nproc_per_node=2 -m tests._dist_worker OUT`` runs, in one process group,
 (A) an uninterrupted 6-step run with a float64 reference EMA computed on gathered full parameters, (B) the same run
 crashed at step 3 after the step-2 checkpoint, (C) its resume to step 6, then two steps with the ``no_shard`` and the
 HSDP (``hybrid_full`` over two one-rank "nodes") strategies; each rank writes ``OUT/rank<r>.json``.
@@ -24,12 +24,9 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-if __name__ == "__main__":  # launched as a script by torchrun: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from trainer.objective import Networks, Objective, Phase  # noqa: E402
-from utils.config import Config  # noqa: E402
-from utils.ema import canonical_name  # noqa: E402
+from trainer.objective import Networks, Objective, Phase
+from utils.config import Config
+from utils.ema import canonical_name
 
 IN_DIM, DIM = 4, 6
 

@@ -53,7 +53,7 @@ def configs_dir(repo_root: Path) -> Path:
 def write_tiny_stream_config(root: Path) -> Path:
     """A tiny Wan folder ``root/Tiny`` and a chunk-wise 4-step generator YAML ``root/tiny.yaml`` over it
     (latents ``[6, 16, 4, 6]``, 32x48 pixels): the world of the streaming and demo tests. Returns the YAML path."""
-    from model.tiny import write_tiny_wan_folder
+    from toy.folders import write_tiny_wan_folder
 
     write_tiny_wan_folder(root / "Tiny")
     yaml = root / "tiny.yaml"

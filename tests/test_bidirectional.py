@@ -3,9 +3,9 @@
 import torch
 
 from model.scheduler import FlowMatchScheduler
-from model.tiny import TINY_DIT
 from model.wan import WanModel
 from pipeline.bidirectional import sample_bidirectional
+from toy.folders import TINY_DIT
 
 
 @torch.no_grad()

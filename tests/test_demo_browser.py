@@ -28,10 +28,10 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import demo  # noqa: E402
+from app.web import session as demo_session  # noqa: E402
+from app.web.server import build_app  # noqa: E402
+from app.web.session import settings_for  # noqa: E402
 from utils.video import read_mp4  # noqa: E402
-from web import session as demo_session  # noqa: E402
-from web.server import build_app  # noqa: E402
-from web.session import settings_for  # noqa: E402
 
 FIRST = "a red circle moving left slowly"
 SECOND = "a yellow square moving down quickly"

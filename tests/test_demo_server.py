@@ -1,5 +1,6 @@
-"""The demo server (web/) on a tiny Wan folder, in-process over the WebSocket: frames, prompt switch, stop, disconnect,
-queueing, input checks, downloads. The mp4 and the frames are compared with the streaming pipeline run directly."""
+"""The demo server (app/web/) on a tiny Wan folder, in-process over the WebSocket: frames, prompt switch, stop,
+disconnect, queueing, input checks, downloads. The mp4 and the frames are compared with the streaming pipeline run
+directly."""
 
 import gc
 import io
@@ -15,13 +16,13 @@ from PIL import Image
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
+from app.web import session as demo_session  # noqa: E402
+from app.web.server import build_app  # noqa: E402
+from app.web.session import encode_jpeg, settings_for  # noqa: E402
 from pipeline.streaming import StreamingPipeline  # noqa: E402
 from tests.conftest import write_tiny_stream_config
 from utils.config import load_config  # noqa: E402
 from utils.video import read_mp4, safe_output_name, to_uint8_frames, write_mp4  # noqa: E402
-from web import session as demo_session  # noqa: E402
-from web.server import build_app  # noqa: E402
-from web.session import encode_jpeg, settings_for  # noqa: E402
 
 PROMPT = "a red circle moving left slowly"
 OTHER = "a yellow square moving down quickly"

@@ -35,7 +35,7 @@ def two_rank_run(tmp_path_factory, repo_root):
     out = tmp_path_factory.mktemp("two_ranks")
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={NUM_RANKS}", "--nnodes=1",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "tests/_dist_worker.py", str(out)]
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "-m", "tests._dist_worker", str(out)]
     run = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(NUM_RANKS)]

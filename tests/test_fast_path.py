@@ -13,11 +13,11 @@ from torch._dynamo.utils import counters
 from model.config import WanConfig
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
-from model.tiny import TINY_VAE
 from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
+from toy.folders import TINY_VAE
 from utils.video import to_uint8_frames
 
 CFG = WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=4, num_layers=4, text_len=16)

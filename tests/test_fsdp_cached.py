@@ -4,8 +4,8 @@ self-forcing rollout: every block must touch only its own weights (cross-attenti
 import torch
 
 from model.kv_cache import KVCache
-from model.tiny import TINY_DIT
 from model.wan import WanModel
+from toy.folders import TINY_DIT
 from utils.distributed import apply_fsdp, close_distributed, init_distributed
 
 

@@ -7,7 +7,7 @@ import torch
 
 import inference
 from model.loader import read_state_dict, save_release_checkpoint
-from model.tiny import write_tiny_wan_folder
+from toy.folders import write_tiny_wan_folder
 from utils.video import read_mp4
 
 YAML = """

@@ -1,6 +1,6 @@
 """Stage 1 (trainer/diffusion.py) and the video-encoding tool (utils/encode_videos.py) on tiny models, CPU.
 
-Training data are synthetic captioned clips (utils/synthetic.py) turned into latents by a fixed linear stand-in for the
+Training data are synthetic captioned clips (toy/world.py) turned into latents by a fixed linear stand-in for the
 VAE (first frame + means of 4-frame groups, 8x8 average pooling, a random 3 -> 16 channel lift), so a latent LMDB of a
 few hundred clips costs well under a second. The training test runs the shared loop (trainer/loop.py).
 
@@ -38,17 +38,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.tiny import toy_words, write_tiny_wan_folder
+from app.encode_videos import build_parser, main
 from model.vae import WanVAE
 from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
+from toy import world as S
+from toy.folders import toy_words, write_tiny_wan_folder
 from trainer.diffusion import DiffusionObjective
 from trainer.loop import Trainer
-from utils import synthetic as S
 from utils.config import Config
 from utils.datasets import LatentLMDBDataset
 from utils.distributed import close_distributed
-from utils.encode_videos import build_parser, encode_videos_to_lmdb, list_captioned_videos, main
+from utils.encode_videos import encode_videos_to_lmdb, list_captioned_videos
 from utils.errors import ConfigError, DataError
 from utils.video import write_mp4
 
@@ -451,7 +452,7 @@ def test_teacher_forcing_from_the_toy_base_learns_the_captioned_direction(repo_r
                           "--data_path", "prompts/toy.txt", "--output_folder", str(out), "--num_samples", "4"],
                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
-    run = subprocess.run([sys.executable, "benchmarks/eval_toy.py", "--video_folder", str(out), "--data_path",
+    run = subprocess.run([sys.executable, "-m", "toy.eval_videos", "--video_folder", str(out), "--data_path",
                           "prompts/toy.txt", "--num_samples", "4", "--out", str(tmp_path / "eval.json"), "--quiet",
                           "--num_real", "8"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -510,7 +511,7 @@ def test_encode_videos_cli(world, tmp_path, caplog):
 def test_read_ahead_keeps_order_and_skips_broken_files(tmp_path):
     """--num_workers decodes in threads; the clips must come out in file order, broken ones as None, equal to the
     serial read."""
-    from utils.encode_videos import _read_all
+    from utils.encode_videos import read_all
 
     pairs = []
     for i, (caption, frames) in enumerate(S.make_dataset(5, seed=4, **PIXELS)):
@@ -518,8 +519,8 @@ def test_read_ahead_keeps_order_and_skips_broken_files(tmp_path):
         pairs.append((tmp_path / f"c{i}.mp4", caption))
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     pairs.insert(2, (tmp_path / "bad.mp4", "a red circle moving up quickly"))
-    serial = list(_read_all(pairs, 17, 16, num_workers=0))
-    threaded = list(_read_all(pairs, 17, 16, num_workers=2))
+    serial = list(read_all(pairs, 17, 16, num_workers=0))
+    threaded = list(read_all(pairs, 17, 16, num_workers=2))
     assert [x is None for x in threaded] == [False, False, True, False, False, False]
     for a, b in zip(serial, threaded):
         assert (a is None and b is None) or (a[0] == b[0] and np.array_equal(a[1], b[1]))

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 import get_causal_ode_data as ode_data
 from model.kv_cache import KVCache
 from model.loader import read_state_dict, save_release_checkpoint
-from model.tiny import DEFAULT_SENTENCES, TINY_DIT, write_tiny_wan_folder
 from model.wan import WanModel
 from pipeline import components
 from pipeline.causal import BlockLoop, Guidance, StepSchedule, randn_like_from
+from toy.folders import DEFAULT_SENTENCES, TINY_DIT, write_tiny_wan_folder
 from trainer.consistency import ConsistencyObjective
 from trainer.objective import Phase
 from trainer.ode import ODEObjective

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from utils.synthetic import (
+from toy.world import (
     COLORS,
     DIRECTIONS,
     SPEED_TRAVEL,

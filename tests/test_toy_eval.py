@@ -1,5 +1,5 @@
 """Toy-world evaluation: detector accuracy on ground-truth synthetic clips (sharp and blurred), chance-level behaviour
-with mismatched prompts, motion of a static clip, the distance to real clips, and the eval_toy.py command line."""
+with mismatched prompts, motion of a static clip, the distance to real clips, and the toy.eval_videos command line."""
 
 import json
 from collections import deque
@@ -7,9 +7,9 @@ from collections import deque
 import numpy as np
 import pytest
 
-from benchmarks import eval_toy
-from utils import toy_eval as te
-from utils.synthetic import DIRECTIONS, format_caption, make_dataset, make_split, parse_caption
+from toy import eval as te
+from toy import eval_videos as eval_toy
+from toy.world import DIRECTIONS, format_caption, make_dataset, make_split, parse_caption
 from utils.video import safe_output_name, write_mp4
 
 NUM_CLIPS = 32  # 32 clips of 33x64x64 take about 1 s per evaluation pass on one core

@@ -18,12 +18,12 @@ from diffusers import AutoencoderKLWan
 
 from model.loader import build_wan_model
 from model.text_encoder import load_tokenizer
-from model.tiny import TOY_DIT, TOY_T5, TOY_VAE, toy_words, write_tiny_wan_folder, write_tokenizer
-from model.toy_vae import ClipPool, ToyVAETraining, decode_unclamped, psnr, train_toy_vae, vae_loss, videos_to_tensor
 from model.vae import WanVAE
 from pipeline.components import build_text_encoder, build_vae
-from utils import synthetic as S
-from utils.toy_eval import score_video
+from toy import world as S
+from toy.eval import score_video
+from toy.folders import TOY_DIT, TOY_T5, TOY_VAE, toy_words, write_tiny_wan_folder, write_tokenizer
+from toy.vae import ClipPool, ToyVAETraining, decode_unclamped, psnr, train_toy_vae, vae_loss, videos_to_tensor
 
 SHIPPED = "assets/toy/Toy-T2V"
 SHIPPED_FAITHFULNESS = 0.85  # toy-detector score of reconstructed clips (colour/shape/direction/speed)
@@ -89,7 +89,7 @@ def test_vae_training_steps_reduce_the_loss_on_a_fixed_batch():
 
 
 def test_vae_training_resumes_from_its_state_file_to_the_same_weights(tmp_path, monkeypatch):
-    import model.toy_vae as toy_vae
+    import toy.vae as toy_vae
 
     videos = [v for _, v in S.make_dataset(4, seed=3, num_frames=5, height=16, width=16)]
     cfg = ToyVAETraining(steps=6, batch_size=2, num_frames=5, crop=0, lr=2e-3, warmup_steps=1, seed=0)

@@ -1,4 +1,4 @@
-"""scripts/toy_recipe.py --quick end to end (CPU): every stage runs as the subprocess users would run, a few steps each,
+"""toy/recipe.py --quick end to end (CPU): every stage runs as the subprocess users would run, a few steps each,
 and hands the next one a real file, so a broken hand-off (a checkpoint layout, a config key, an LMDB shape) fails here.
 
 The run is shared by the module's tests (one recipe run, minutes on a shared 2-core CPU: startup of the ~20
@@ -6,7 +6,6 @@ subprocesses dominates). It uses a tiny random Wan folder built here rather than
 files and stays fast; the geometry is the toy world's (latents [9, 16, 8, 8], 33 frames of 64x64).
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,23 +14,17 @@ import pytest
 import torch
 
 from model.loader import build_wan_model, read_state_dict
-from model.tiny import write_tiny_wan_folder
+from toy.folders import write_tiny_wan_folder
+from toy.world import all_combinations, format_caption
 from utils.config import load_config
-from utils.synthetic import all_combinations, format_caption
 from utils.video import read_mp4
 
 
-def _recipe_module(repo_root):
-    spec = importlib.util.spec_from_file_location("toy_recipe", repo_root / "scripts" / "toy_recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def recipe(repo_root):
-    return _recipe_module(repo_root)
+def recipe():
+    import toy.recipe
+
+    return toy.recipe
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +32,14 @@ def quick_run(tmp_path_factory, repo_root):
     root = tmp_path_factory.mktemp("toy_recipe")
     kwargs = {}
     try:
-        from model.tiny import toy_words
+        from toy.folders import toy_words
         kwargs["words"] = toy_words()
     except ImportError:
         pass
     folder = write_tiny_wan_folder(root / "Tiny", sentences=[format_caption(c) for c in all_combinations()],
                                    **kwargs)
     work = root / "work"
-    cmd = [sys.executable, "scripts/toy_recipe.py", "--workdir", str(work), "--quick", "--device", "cpu",
+    cmd = [sys.executable, "-m", "toy.recipe", "--workdir", str(work), "--quick", "--device", "cpu",
            "--model_folder", str(folder)]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, f"recipe failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

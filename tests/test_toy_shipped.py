@@ -1,8 +1,8 @@
 """The shipped toy generators (issue 9): README's first command, run as a user runs it, writes videos whose shapes do
-what their prompts say, as scored by the toy world's detector (utils/toy_eval.py).
+what their prompts say, as scored by the toy world's detector (toy/eval.py).
 
 Each model writes 2 videos for each of the 8 prompts of prompts/toy.txt (4 captions seen in training, 4 held-out
-combinations) through ``inference.py``; ``benchmarks/eval_toy.py`` scores them. Chance faithfulness is 0.302 (a
+combinations) through ``inference.py``; ``toy/eval_videos.py`` scores them. Chance faithfulness is 0.302 (a
 random colour, shape, direction and speed). Generation is deterministic on a CPU (seeds from ``--seed`` and the
 prompt index), so the measured values below are what this test sees; docs/toy_results.md has the full table.
 """
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from utils.toy_eval import CHANCE
+from toy.eval import CHANCE
 
 # (config, threshold, measured on the 2-core CPU 2026-11-26 by this test's commands; 32 videos: 0.48 / 0.50)
 SHIPPED = {
@@ -35,7 +35,7 @@ def test_shipped_generator_follows_its_prompts(variant, repo_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(out.glob("*.mp4"))) == 16
     proc = subprocess.run(
-        [sys.executable, "benchmarks/eval_toy.py", "--video_folder", str(out), "--data_path", "prompts/toy.txt",
+        [sys.executable, "-m", "toy.eval_videos", "--video_folder", str(out), "--data_path", "prompts/toy.txt",
          "--num_samples", "2", "--out", str(tmp_path / "eval.json"), "--quiet", "--num_real", "8"],
         cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import train
-from model.tiny import write_tiny_wan_folder
+from toy.folders import write_tiny_wan_folder
 from trainer.batches import GlobalStreamSampler
 from utils.checkpoint import release_path
 from utils.lmdb_store import write_clean_lmdb

@@ -258,7 +258,8 @@ def _check_config(cfg: Config) -> None:
     if cfg.trainer != "diffusion":
         raise ConfigError(f"DiffusionObjective needs trainer: diffusion, got {cfg.trainer!r}")
     if not cfg.data_path:
-        raise ConfigError("trainer: diffusion needs data_path (a latent LMDB, see utils/encode_videos.py)")
+        raise ConfigError("trainer: diffusion needs data_path (a latent LMDB; make one with "
+                          "python -m app.encode_videos)")
     if cfg.teacher_forcing and not cfg.causal:
         raise ConfigError("teacher_forcing: true needs a causal generator; the bidirectional base model "
                           "(causal: false) trains with teacher_forcing: false")
@@ -266,6 +267,6 @@ def _check_config(cfg: Config) -> None:
         raise ConfigError("noise_augmentation_max_timestep noises the teacher-forcing context; "
                           "it needs teacher_forcing: true")
     if cfg.load_raw_video:
-        raise ConfigError("load_raw_video is not supported: encode videos once with utils/encode_videos.py")
+        raise ConfigError("load_raw_video is not supported: encode videos once with python -m app.encode_videos")
     if cfg.i2v:
         raise ConfigError("i2v is not supported by trainer: diffusion")

@@ -18,15 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python utils/<script>.py`: import `utils` as a package from the repo root
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+import torch
 
-import torch  # noqa: E402
-
-from utils.errors import DataError, UserError  # noqa: E402
-from utils.lmdb_store import DEFAULT_MAP_SIZE, LMDBWriter, natural_key  # noqa: E402
+from utils.errors import DataError, UserError
+from utils.lmdb_store import DEFAULT_MAP_SIZE, LMDBWriter, natural_key
 
 logger = logging.getLogger(__name__)
 

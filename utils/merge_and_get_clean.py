@@ -7,8 +7,7 @@ float16 next to its prompt. Unlike the reference, nothing is deleted unless ``--
 reference removed both the chunkwise and the framewise shards, forcing a second download for stage 2); with it, only
 the shards that were read are removed.
 
-:func:`write_clean_lmdb` (re-exported from :mod:`utils.lmdb_store`) builds the same format from freshly encoded
-latents.
+:func:`utils.lmdb_store.write_clean_lmdb` builds the same format from freshly encoded latents.
 """
 
 from __future__ import annotations
@@ -19,14 +18,8 @@ import os
 import sys
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as `python utils/<script>.py`: import `utils` as a package from the repo root
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
-from utils.errors import UserError  # noqa: E402
-from utils.lmdb_store import write_clean_lmdb  # noqa: E402,F401  (re-export for the video-encoding tool)
-from utils.merge_lmdb import find_shards, merge_lmdbs  # noqa: E402
+from utils.errors import UserError
+from utils.merge_lmdb import find_shards, merge_lmdbs
 
 logger = logging.getLogger(__name__)
 

@@ -19,15 +19,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as `python utils/<script>.py`: import `utils` as a package from the repo root
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from utils.errors import DataError, UserError  # noqa: E402
-from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter, ShardedLMDBReader, is_lmdb_dir  # noqa: E402
+from utils.errors import DataError, UserError
+from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter, ShardedLMDBReader, is_lmdb_dir
 
 logger = logging.getLogger(__name__)
 

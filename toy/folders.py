@@ -46,8 +46,8 @@ _FALLBACK_CHARACTERS = ["abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXY
 
 
 def toy_words() -> list[str]:
-    """Every word of the synthetic caption grammar (utils/synthetic.py), articles and "moving" included, sorted."""
-    from utils.synthetic import SPEED_ADVERBS, VOCABULARY
+    """Every word of the synthetic caption grammar (toy/world.py), articles and "moving" included, sorted."""
+    from toy.world import SPEED_ADVERBS, VOCABULARY
 
     words = {w for attr, values in VOCABULARY.items() if attr != "speed" for w in values}
     return sorted(words | set(SPEED_ADVERBS.values()) | {"a", "an", "moving"})

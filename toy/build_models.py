@@ -1,7 +1,7 @@
 """Build the toy world's Wan model folder (issue 9): ``<out>/Toy-T2V/`` in the real Wan2.1 layout.
 
-    python scripts/build_toy_models.py --out assets/toy                     # 9-frame windows (~7 min on a GPU)
-    python scripts/build_toy_models.py --out build/toy_ft --vae_init assets/toy/Toy-T2V/vae \
+    python -m toy.build_models --out assets/toy                     # 9-frame windows (~7 min on a GPU)
+    python -m toy.build_models --out build/toy_ft --vae_init assets/toy/Toy-T2V/vae \
         --vae_frames 33 --vae_batch_size 4 --vae_steps 1000 --vae_lr 2e-4  # then whole clips (~4 min)
 
 The shipped folder was built with these two commands (the second folder replaced the first): trained on 9-frame
@@ -28,21 +28,20 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from model.tiny import TOY_DIT, TOY_T5, TOY_VAE, toy_words, write_tiny_wan_folder  # noqa: E402
-from model.toy_vae import (  # noqa: E402
+from model.vae import WanVAE
+from toy.folders import TOY_DIT, TOY_T5, TOY_VAE, toy_words, write_tiny_wan_folder
+from toy.vae import (
     ClipPool,
     ToyVAETraining,
     fit_latent_stats,
     init_posterior_logvar,
-    reconstruction_psnr,  # noqa: E402
+    reconstruction_psnr,
     train_toy_vae,
 )
-from model.vae import WanVAE  # noqa: E402
-from utils.synthetic import all_combinations, format_caption, make_split  # noqa: E402
+from toy.world import all_combinations, format_caption, make_split
 
 log = logging.getLogger("build_toy_models")
 FOLDER_NAME = "Toy-T2V"
@@ -138,8 +137,8 @@ TAIL_FRAMES = 8
 def reconstruction_checks(vae: WanVAE, captions: list[str], videos: list) -> tuple[float, float]:
     """Mean toy-detector faithfulness of the reconstructed clips against their captions, and the mean PSNR of their
     last ``TAIL_FRAMES`` frames (a VAE trained on short windows can drift late in a long clip)."""
-    from model.toy_vae import psnr, videos_to_tensor
-    from utils.toy_eval import score_video
+    from toy.eval import score_video
+    from toy.vae import psnr, videos_to_tensor
 
     scores, tails = [], []
     for caption, video in zip(captions, videos):

@@ -1,6 +1,6 @@
-r"""Evaluate toy-world videos written by ``inference.py`` against their prompts (see utils/toy_eval.py).
+r"""Evaluate toy-world videos written by ``inference.py`` against their prompts (see toy/eval.py).
 
-    python benchmarks/eval_toy.py --video_folder output/toy --data_path prompts/toy.txt \
+    python -m toy.eval_videos --video_folder output/toy --data_path prompts/toy.txt \
         [--num_samples 4] [--out output/toy/toy_eval.json] [--num_real 64 --real_seed 0]
 
 Videos are found by the names ``inference.py`` gives them: ``safe_output_name(prompt)`` in prompt-file order (a
@@ -9,7 +9,7 @@ do not follow the synthetic caption grammar are skipped with a warning; missing 
 (per video and aggregate, with chance levels) and saves JSON: per-video and aggregate scores, chance levels, the
 distance to real held-out clips and timings.
 
-From Python, on in-memory clips: :func:`evaluate` (= ``utils.toy_eval.evaluate_clips``).
+From Python, on in-memory clips: :func:`evaluate` (= ``toy.eval.evaluate_clips``).
 """
 
 from __future__ import annotations
@@ -20,17 +20,14 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toy.eval import SCORES, DetectorSettings, evaluate_clips
+from toy.world import parse_caption
+from utils.datasets import TextDataset
+from utils.errors import DataError, UserError
+from utils.video import read_mp4, safe_output_name
 
-from utils.datasets import TextDataset  # noqa: E402
-from utils.errors import DataError, UserError  # noqa: E402
-from utils.synthetic import parse_caption  # noqa: E402
-from utils.toy_eval import SCORES, DetectorSettings, evaluate_clips  # noqa: E402
-from utils.video import read_mp4, safe_output_name  # noqa: E402
-
-log = logging.getLogger("eval_toy")
+log = logging.getLogger(__name__)
 evaluate = evaluate_clips  # the in-memory entry point: evaluate(prompts, videos, real=None, num_real=64, ...)
 
 
@@ -46,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON output path (default: <video_folder>/toy_eval.json)")
     p.add_argument("--num_real", type=int, default=64,
                    help="real reference clips for the distance: the first N held-out clips of "
-                        "utils.synthetic.make_split(seed=--real_seed) at the videos' size; 0 skips the distance")
+                        "toy.world.make_split(seed=--real_seed) at the videos' size; 0 skips the distance")
     p.add_argument("--real_seed", type=int, default=0, help="seed of the make_split giving the real reference clips")
     d = DetectorSettings()
     p.add_argument("--max_color_distance", type=float, default=d.max_color_distance,

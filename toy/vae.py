@@ -27,7 +27,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from model.vae import WanVAE, decoder_step
-from utils.synthetic import BACKGROUND
+from toy.world import BACKGROUND
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Toy-world evaluation: does a generated clip show what its synthetic caption asks for? (numpy only)
 
-Detector (per clip, given the prompt's attributes from :func:`utils.synthetic.parse_caption`):
+Detector (per clip, given the prompt's attributes from :func:`toy.world.parse_caption`):
 
 1. Colour mask: each palette colour spans the blend segment from the background to it (what blur makes of an object
    edge); a pixel belongs to the captioned colour when that colour's segment is the nearest, the pixel is at least
@@ -23,7 +23,7 @@ Scores per clip: colour present (object found in at least ``min_presence`` of th
 correct (0 when the colour is absent), faithfulness = their mean. Chance levels are in :data:`CHANCE`. Also a motion
 score (mean per-frame centroid step and mean absolute frame difference), a temporal-consistency score (area
 stability), and a set-level distance to real clips over simple per-clip features (Fréchet distance and
-nearest-neighbour distance); the reference set is the held-out split of :func:`utils.synthetic.make_split`
+nearest-neighbour distance); the reference set is the held-out split of :func:`toy.world.make_split`
 (see :func:`reference_clips`).
 """
 
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from utils.synthetic import BACKGROUND, COLORS, DIRECTIONS, SHAPES, SPEED_TRAVEL, make_split, parse_caption
+from toy.world import BACKGROUND, COLORS, DIRECTIONS, SHAPES, SPEED_TRAVEL, make_split, parse_caption
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +431,7 @@ def evaluate_clips(prompts: list[str], videos: list[np.ndarray], real: list | No
     if real is None and num_real > 0 and videos:
         t, h, w = np.asarray(videos[0]).shape[:3]
         real = reference_clips(num_real, real_seed, t, h, w)
-        distance["reference"] = (f"held-out split of utils.synthetic.make_split(seed={real_seed}), first {num_real} "
+        distance["reference"] = (f"held-out split of toy.world.make_split(seed={real_seed}), first {num_real} "
                                  f"clips, {t}x{h}x{w}")
     if real:
         start = time.perf_counter()

@@ -33,8 +33,8 @@ from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, R
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from app.web.session import DemoSettings, Generation, RequestError, StartRequest, VideoStore, check_prompt, check_start
 from pipeline.streaming import StreamingPipeline
-from web.session import DemoSettings, Generation, RequestError, StartRequest, VideoStore, check_prompt, check_start
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Can the toy DiT memorise a few clips? An independent plain-PyTorch flow-matching loop (no project trainer).
 
-    python scripts/toy_memorise_check.py --data_path <toy recipe workdir>/dataset/clean_data --clips 8 --steps 1500
-    python scripts/toy_memorise_check.py ... --weighting gaussian     # the reference's Stage-1 loss weight
+    python -m toy.memorise_check --data_path <toy recipe workdir>/dataset/clean_data --clips 8 --steps 1500
+    python -m toy.memorise_check ... --weighting gaussian     # the reference's Stage-1 loss weight
 
 Trains a fresh ``TOY_DIT`` on the first ``--clips`` latents of a toy latent LMDB (fixed random context per clip,
 shift-5 timesteps, AdamW), samples each clip from noise with a 50-step Euler loop, decodes with the toy VAE and scores
@@ -13,18 +13,15 @@ the CPU: 0.91 uniform, 0.66 Gaussian).
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from model.scheduler import FlowMatchScheduler  # noqa: E402
-from model.tiny import TOY_DIT  # noqa: E402
-from model.vae import WanVAE  # noqa: E402
-from model.wan import WanModel  # noqa: E402
-from utils.datasets import LatentLMDBDataset  # noqa: E402
-from utils.toy_eval import score_video  # noqa: E402
+from model.scheduler import FlowMatchScheduler
+from model.vae import WanVAE
+from model.wan import WanModel
+from toy.eval import score_video
+from toy.folders import TOY_DIT
+from utils.datasets import LatentLMDBDataset
 
 log = logging.getLogger("toy_memorise_check")
 

@@ -1,14 +1,14 @@
 """The toy-world recipe (issue 9): every Causal Forcing stage on synthetic clips, end to end, with the project's tools.
 
-    python scripts/toy_recipe.py --device cuda --jobs 8 --ship --ship_base   # the full recipe: ~16 min on one GPU
-    python scripts/toy_recipe.py --steps_scale 0.25            # on a CPU (see "Run time" below)
-    python scripts/toy_recipe.py --workdir /tmp/toy --quick    # a few steps per stage (CI, tests)
+    python -m toy.recipe --device cuda --jobs 8 --ship --ship_base   # the full recipe: ~16 min on one GPU
+    python -m toy.recipe --steps_scale 0.25            # on a CPU (see "Run time" below)
+    python -m toy.recipe --workdir /tmp/toy --quick    # a few steps per stage (CI, tests)
 
 Stages, each a subprocess of an entry point users run themselves (``train.py``, ``get_causal_ode_data.py``,
-``utils/create_lmdb_iterative.py``, ``utils/encode_videos.py``, ``inference.py``, ``benchmarks/eval_toy.py``) with a
+``utils/create_lmdb_iterative.py``, ``python -m app.encode_videos``, ``inference.py``, ``toy/eval_videos.py``) with a
 ``configs/toy/*.yaml`` file and ``--override`` for the paths, chained through the checkpoint files they write:
 
-1. data: synthetic train / held-out clips (``utils.synthetic.make_split``) as mp4 + ``captions.txt``, encoded to
+1. data: synthetic train / held-out clips (``toy.world.make_split``) as mp4 + ``captions.txt``, encoded to
    latent LMDBs with the toy VAE;
 2. base: the bidirectional toy base model from random weights (it stands in for Wan2.1 and is Stage 3's real score
    and critic initialisation); its weights become ``<workdir>/models/base/Toy-T2V``;
@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python scripts/toy_recipe.py`: import the project from the repo root
-    sys.path.insert(0, str(REPO))
 
 CONFIGS = REPO / "configs" / "toy"
 MODEL = "Toy-T2V"
@@ -320,8 +318,8 @@ class Recipe:
 
     def _stand_in_folder(self) -> Path:
         """A random folder of the toy sizes (untrained VAE) for runs before assets/toy/Toy-T2V exists."""
-        import model.tiny as tiny
-        from utils.synthetic import all_combinations, format_caption
+        import toy.folders as tiny
+        from toy.world import all_combinations, format_caption
 
         folder = self.models("stand_in") / MODEL
         if not (folder / "config.json").is_file():
@@ -333,7 +331,7 @@ class Recipe:
         return folder
 
     def make_data(self) -> None:
-        """Synthetic clips as mp4 + captions.txt, then ``utils/encode_videos.py`` -> latent LMDBs."""
+        """Synthetic clips as mp4 + captions.txt, then ``python -m app.encode_videos`` -> latent LMDBs."""
         from utils.config import load_config
 
         cfg = load_config(CONFIGS / "base.yaml")
@@ -351,7 +349,7 @@ class Recipe:
                 tmp = lmdb.with_name(lmdb.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.run(f"encode_{split}", [
-                    sys.executable, "-m", "utils.encode_videos", "--input_dir", str(self.work / "videos" / split),
+                    sys.executable, "-m", "app.encode_videos", "--input_dir", str(self.work / "videos" / split),
                     "--lmdb_path", str(tmp), "--height", str(cfg.height), "--width", str(cfg.width),
                     "--num_frames", str(cfg.num_frames), "--fps", str(cfg.fps),
                     "--batch_size", "32" if self.device == "cuda" else "8",
@@ -362,7 +360,7 @@ class Recipe:
                 tmp.rename(lmdb)
 
     def _write_clips(self, cfg) -> str:
-        from utils.synthetic import make_split
+        from toy.world import make_split
         from utils.video import write_mp4
 
         train, heldout = make_split(self.size("n_train"), self.size("n_heldout"), self.args.seed,
@@ -457,9 +455,9 @@ class Recipe:
         names and per-video seeds as inference.py."""
         import torch
 
+        from app.jobs import video_seed
         from pipeline import components
         from pipeline.bidirectional import sample_bidirectional
-        from pipeline.video_jobs import video_seed
         from utils.config import load_config
         from utils.datasets import TextDataset
         from utils.video import safe_output_name, write_mp4
@@ -496,10 +494,10 @@ class Recipe:
             self._record_seconds(row, seconds / count)
 
     def evaluate(self, row: Row, folder: Path, prompts: Path) -> dict:
-        """``benchmarks/eval_toy.py`` on one sample folder (JSON under ``eval/``) + seen / held-out faithfulness."""
+        """``toy/eval_videos.py`` on one sample folder (JSON under ``eval/``) + seen / held-out faithfulness."""
         out = self.work / "eval" / f"{row.name}.json"
         self.run(f"eval_{row.name}", [
-            sys.executable, "benchmarks/eval_toy.py", "--video_folder", str(folder), "--data_path", str(prompts),
+            sys.executable, "-m", "toy.eval_videos", "--video_folder", str(folder), "--data_path", str(prompts),
             "--num_samples", str(self.size("num_samples")), "--out", str(out), "--quiet",
             "--num_real", str(self.size("n_heldout")), "--real_seed", str(self.args.seed)], f"score {folder.name}")
         result = json.loads(out.read_text())
@@ -580,7 +578,7 @@ def _write_random_dit(folder: Path, seed: int) -> None:
 
 def split_faithfulness(result: dict, seed: int) -> dict:
     """Mean faithfulness over prompts whose attribute combination was seen in training / held out."""
-    from utils.synthetic import format_caption, split_combinations
+    from toy.world import format_caption, split_combinations
 
     heldout = {format_caption(c) for c in split_combinations(seed=seed)[1]}
     out = {}
@@ -619,8 +617,8 @@ def results_markdown(recipe: Recipe, command: str, results: list[tuple[Row, dict
     """docs/toy_results.md: the table, the command, stage timings and per-step times."""
     n = recipe.size("num_samples")
     lines = ["# Toy-world results (issue 9)", "",
-             "Produced by `scripts/toy_recipe.py` (every stage through train.py / get_causal_ode_data.py / "
-             "inference.py with configs/toy/*.yaml); scores from `benchmarks/eval_toy.py` (chance: colour 0.125, "
+             "Produced by `toy/recipe.py` (every stage through train.py / get_causal_ode_data.py / "
+             "inference.py with configs/toy/*.yaml); scores from `toy/eval_videos.py` (chance: colour 0.125, "
              "shape 0.33, direction 0.25, speed 0.5). Faithfulness = mean of colour/shape/direction/speed correct;"
              " *seen* / *held-out* = prompts whose attribute combination was / was not in the training split. "
              "Fréchet and NN ratio compare per-clip features with held-out real clips (lower is better; NN ratio 1"
@@ -778,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:   # rows are independent: sampled side by side with --jobs
         results = list(pool.map(lambda row: (row, recipe.evaluate(row, recipe.generate(row, prompts), prompts)),
                                 rows))
-    command = "python scripts/toy_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m toy.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
     text = results_markdown(recipe, command, results, time.perf_counter() - progress.start)
     partial = args.quick or args.until or args.rows
     out = Path(args.results) if args.results else (recipe.work / "toy_results.md" if partial

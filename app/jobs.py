@@ -1,6 +1,6 @@
 """The work behind ``inference.py``: prompts -> jobs -> streamed mp4 files, with a summary.
 
-Kept out of the entry script so it can be tested and reused (the demo writes its downloads the same way).
+Kept out of the entry script so it can be tested and reused (the toy recipe names its videos and seeds the same way).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from app.cli import config_from_args, pipeline_from_args
 from pipeline.streaming import StreamingPipeline
-from utils.config import load_config
 from utils.datasets import TextDataset
-from utils.errors import CheckpointError, DataError, UserError
+from utils.errors import DataError, UserError
 from utils.video import Mp4StreamWriter, safe_output_name
 
 log = logging.getLogger(__name__)
@@ -92,23 +92,10 @@ def load_image_latent(pipe: StreamingPipeline, path: str, height: int, width: in
         return pipe.vae.encode(pixels).to(pipe.dtype)
 
 
-def _config(args):
-    overrides = list(args.override)
-    if args.local_attn_size is not None:
-        overrides.append(f"model_kwargs.local_attn_size={args.local_attn_size}")
-    if args.sink_size is not None:
-        overrides.append(f"model_kwargs.sink_size={args.sink_size}")
-    return load_config(args.config_path, overrides)
-
-
 def run_inference(args) -> dict:
     """Generate every job of this rank; returns (and logs) the summary."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cfg = _config(args)
-    if args.checkpoint_path and not os.path.exists(args.checkpoint_path):
-        from model.weights import download_hint_for_checkpoint
-        hint = download_hint_for_checkpoint(args.checkpoint_path)
-        raise CheckpointError(f"checkpoint not found: {args.checkpoint_path}" + (f"; {hint}" if hint else ""))
+    cfg = config_from_args(args)
     jobs = make_jobs(args, rank, world)
     num_frames = args.num_output_frames or cfg.image_or_video_shape[1]
     if num_frames < 1:
@@ -127,10 +114,7 @@ def run_inference(args) -> dict:
     summary = {"written": 0, "skipped": len(jobs) - len(todo), "seconds": 0.0, "frames": 0}
     if not todo:
         return _report(summary)
-    pipe = StreamingPipeline.from_config(cfg, args.checkpoint_path, args.use_ema, device=device,
-                                         text_encoder_device="cpu" if args.text_encoder_cpu else None,
-                                         compile=not args.no_compile,
-                                         preview_decoder=getattr(args, "preview_decoder", None))
+    pipe = pipeline_from_args(args, cfg, device)
     for job in todo:
         frames, seconds = _generate(pipe, cfg, args, job, num_frames)
         summary["written"] += 1
