@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import cuda_ms, save_results, streaming_setup
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import cuda_ms, save_results, streaming_setup  # noqa: E402
-from model import attention as attn  # noqa: E402
-from model.config import get_preset  # noqa: E402
+from model import attention as attn
+from model.config import get_preset
 
 
 def shapes(cfg, latent_hw: tuple[int, int], frames: int = 21, chunk: int = 3) -> list[tuple[int, int]]:
@@ -76,7 +73,7 @@ def kernels(rows: list, cfg, latent_hw: tuple[int, int]) -> None:
 
 
 def pipeline(rows: list, setup) -> None:
-    from benchmarks import bench_inference as bench
+    import bench_inference as bench
 
     device, dtype, preset, latent_shape, vae, ctx = setup  # the VAE is not used: decode is off
     pipe = bench.build(bench.MODES["chunk4"], dict(bench.VARIANTS["fast"], compile=False), vae, {},

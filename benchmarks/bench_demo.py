@@ -27,20 +27,17 @@ import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import torch
+from common import save_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app.web.server import build_app  # noqa: E402
-from app.web.session import DemoSettings, gpu_worker  # noqa: E402
-from benchmarks.common import save_results  # noqa: E402
-from model.loader import build_wan_model  # noqa: E402
-from model.scheduler import FlowMatchScheduler  # noqa: E402
-from model.vae import WAN21_VAE_CONFIG, WanVAE  # noqa: E402
-from pipeline.causal import StepSchedule  # noqa: E402
-from pipeline.streaming import StreamingPipeline  # noqa: E402
+from app.web.server import build_app
+from app.web.session import DemoSettings, gpu_worker
+from model.loader import build_wan_model
+from model.scheduler import FlowMatchScheduler
+from model.vae import WAN21_VAE_CONFIG, WanVAE
+from pipeline.causal import StepSchedule
+from pipeline.streaming import StreamingPipeline
 
 MODES = {"chunk4": dict(n=3, steps=[1000, 750, 500, 250]), "frame4": dict(n=1, steps=[1000, 750, 500, 250])}
 

@@ -26,11 +26,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model.config import get_preset  # noqa: E402
-from trainer.dmd import DMDObjective  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from model.config import get_preset
+from trainer.dmd import DMDObjective
+from utils.config import load_config
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "causal_forcing_dmd_framewise.yaml")

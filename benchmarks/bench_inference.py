@@ -3,39 +3,39 @@
 Speed does not depend on weight values, so no download is needed. Text embeddings are random ``[1, 512, 4096]``
 tensors made once outside the timed region (the text encoder runs once per prompt, not per frame).
 
-For each mode (chunk-wise 4-step, frame-wise 4/2/1-step, a long video with a sliding window) and each variant of
-the speed levers, it reports: end-to-end FPS (generation + streaming VAE decode + frames copied to the host, the
-number users mean), DiT-only FPS, time to the first decoded frame, mean per-block time, peak GPU memory. Warm-up
-first, then the median of ``--runs`` runs. Prints a table and writes JSON (device name and versions included).
+For each mode (chunk-wise 4-step, frame-wise 4/2/1-step, a long video with a sliding window) and each variant, it
+reports: end-to-end FPS (generation + streaming VAE decode + uint8 frames copied to the host, the number users mean),
+DiT-only FPS, time to the first decoded frame, mean per-block time, peak GPU memory, and per run the FPS, first
+frame, garbage-collection time and cudaMalloc / cudaFree / retry counts. Warm-up first, then the median of
+``--runs`` runs. Prints a table and writes JSON (device name and versions included).
+
+The pipeline is the one ``inference.py`` builds on CUDA (``StreamingPipeline.enable_fast_path``); a variant changes
+only what a user can change (``--no_compile``, ``attention_backend``, ``--preview_decoder``) or, for an A/B of a
+lever that has no switch, patches it out here.
 
     python benchmarks/bench_inference.py --out bench.json --modes chunk4 frame4 frame2 frame1 long \
-        --variants fast reference_like
+        --variants fast fast_sdpa
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import conv_padding, save_results, streaming_setup
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import save_results, set_conv_padding, streaming_setup  # noqa: E402
-from model import attention as attn  # noqa: E402
-from model import wan as wan_module  # noqa: E402
-from model.loader import build_wan_model  # noqa: E402
-from model.masks import BlockLayout  # noqa: E402
-from model.preview_decoder import TinyVideoDecoder  # noqa: E402
-from model.scheduler import FlowMatchScheduler  # noqa: E402
-from model.vae import WanVAE  # noqa: E402
-from pipeline.causal import StepSchedule  # noqa: E402
-from pipeline.streaming import StreamingPipeline  # noqa: E402
+from model import attention as attn
+from model.loader import build_wan_model
+from model.masks import BlockLayout
+from model.preview_decoder import TinyVideoDecoder
+from model.scheduler import FlowMatchScheduler
+from model.vae import WanVAE
+from pipeline.causal import StepSchedule
+from pipeline.streaming import StreamingPipeline
 
 MODES = {  # frames per block, nominal steps, first-block steps, latent frames, window, sink
     "chunk4": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=21),
@@ -44,60 +44,20 @@ MODES = {  # frames per block, nominal steps, first-block steps, latent frames, 
     "frame1": dict(n=1, steps=[1000], first=[1000, 750, 500, 250], frames=21),
     "long": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=240, window=21, sink=3),
 }
-_BASE = dict(fuse=True, backend="auto", channels_last=True, frames_per_call=1, compile=False, compile_vae=False,
-             overlap=False, fuse_qkv=False, first_alone=True)
-VARIANTS = {  # the levers; "fast" is the default path of inference.py / StreamingPipeline.from_config on CUDA
-    "fast": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True),
-    "fast_sdpa": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, backend="cudnn"),
-    "fast_flash_attn": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, backend="flash_attn"),
-    "fast_no_epilogue": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, gelu_epilogue=False),
-    "fast_cdt": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, tune=True),
-    "fast_preview": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, preview=True),
-    "fast_no_conv_pad": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, conv_pad=False),
-    "fast_per_call_sdpa_order": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, scope=False),
-    "fast_eager_vae": dict(_BASE, compile=True, overlap=True, fuse_qkv=True),  # the default before 2026-11-26 pm
-    "fast_whole_first": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, first_alone=False),
-    "fast_fpc3": dict(_BASE, compile=True, compile_vae=True, overlap=True, fuse_qkv=True, frames_per_call=3),
-    "fast_no_qkv": dict(_BASE, compile=True, compile_vae=True, overlap=True),
-    "compiled": dict(_BASE, compile=True),
-    "overlap": dict(_BASE, overlap=True),
-    "eager": dict(_BASE),
-    "eager_fpc4": dict(_BASE, frames_per_call=4),  # the default before the fast path (2026-11-25 numbers)
-    "no_fuse": dict(_BASE, fuse=False),
-    "flash_sdpa": dict(_BASE, backend="flash"),
-    "reference_like": dict(_BASE, fuse=False, backend="flash", channels_last=False, frames_per_call=1),
+VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.from_config on CUDA
+    "fast": dict(),                                # FlashAttention-4 for large calls when installed, else SDPA
+    "fast_sdpa": dict(backend="sdpa"),             # attention_backend: sdpa (what runs without flash-attn-4)
+    "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
+    "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
+    "fast_eager_vae": dict(compile_vae=False),     # A/B: the VAE decoder regions eager, the DiT compiled
+    "fast_no_conv_pad": dict(conv_pad=False),      # A/B: the 96-channel convolutions without padded outputs
 }
 
 
-def set_sdpa(backend: str) -> None:
-    """Pin the attention kernel: "auto" (the product default: FlashAttention-3/4 for large calls when installed, else
-    SDPA with cuDNN first), "cudnn" (SDPA only, cuDNN first), "flash" (SDPA only, PyTorch's flash kernel first: the
-    reference's) or "flash_attn" (the installed flash-attn package for every call)."""
-    from torch.nn.attention import SDPBackend
-
-    attn.set_backend(backend if backend in ("auto", "flash_attn") else "sdpa")
-    first = SDPBackend.FLASH_ATTENTION if backend == "flash" else SDPBackend.CUDNN_ATTENTION
-    attn.set_sdpa_priority([first, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-@contextlib.contextmanager
-def _per_call_scope(device_type: str):
-    yield
-
-
-def compile_options(variant: dict) -> dict:
-    """``torch.compile`` arguments of a variant: ``tune`` adds inductor's coordinate-descent tuning of the generated
-    kernels' block sizes (longer compile)."""
-    return {"options": {"coordinate_descent_tuning": True}} if variant.get("tune") else {}
-
-
-def prepare(variant: dict, vae: WanVAE) -> None:
-    """Process-wide settings of a variant, before its pipelines are built: attention kernels, VAE layout, padding
-    and compilation."""
-    set_sdpa(variant["backend"])
-    vae.set_channels_last(variant["channels_last"])
-    set_conv_padding(variant.get("conv_pad", True))  # before 2026-11-26 night: 96-channel convolutions as is
-    vae.compile_decoder(variant["compile_vae"], **compile_options(variant))
+def prepare(variant: dict) -> None:
+    """Process-wide settings of a variant, before its pipelines are built (the attention backend, as the config key
+    ``attention_backend`` sets it)."""
+    attn.set_backend(variant.get("backend", "auto"))
 
 
 def sync() -> None:
@@ -111,30 +71,23 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
         models["generator"] = build_wan_model(preset, causal=True, dtype=dtype, device=device).eval()
     gen = models["generator"]
     gen.layout = BlockLayout(mode["n"], False)  # frames per block is run-time configuration, not weights
-    # before 2026-11-26 evening the SDPA kernel order was set around every attention call, not once per pass
-    wan_module.kernel_scope = attn.kernel_scope if variant.get("scope", True) else _per_call_scope
-    gen.fuse_qkv(variant["fuse_qkv"])
-    for block in gen.blocks:
-        block.gelu_epilogue = variant.get("gelu_epilogue", True)
-    if variant["compile"]:
-        gen.compile_blocks(**compile_options(variant))
-    else:
-        gen.uncompile_blocks()
+    gen.uncompile_blocks()  # the previous variant's compilation
     sch = FlowMatchScheduler(shift=5.0)
     schedule = StepSchedule.from_config(sch, mode["steps"], mode["first"])
     preview = None
-    if variant.get("preview"):  # the optional TAEHV-style preview decoder, released size, random weights
+    if variant.get("preview"):
         if "preview" not in models:
             models["preview"] = TinyVideoDecoder().to(device, dtype)
             if device.type == "cuda":
                 models["preview"].to_channels_last()
         preview = models["preview"]
-    return StreamingPipeline(gen, None, vae, sch, schedule, latent_shape=latent_shape,
+    pipe = StreamingPipeline(gen, None, vae, sch, schedule, latent_shape=latent_shape,
                              local_attn_size=mode.get("window", -1), sink_size=mode.get("sink", 0),
-                             default_num_frames=21, device=device, dtype=dtype,
-                             fuse_context=variant["fuse"], vae_frames_per_call=variant["frames_per_call"],
-                             overlap_decode=variant["overlap"] and device.type == "cuda",
-                             first_frame_alone=variant["first_alone"], preview_decoder=preview)
+                             default_num_frames=21, device=device, dtype=dtype, preview_decoder=preview)
+    pipe.enable_fast_path(compile=variant.get("compile", True))  # as inference.py; a no-op on the CPU
+    if not variant.get("compile_vae", True):
+        vae.compile_decoder(False)
+    return pipe
 
 
 class _GcTimer:
@@ -179,8 +132,7 @@ def _run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: b
     sync()
     start = time.perf_counter()
     first, first_block, block_times, pixel_frames, last = None, None, [], 0, start
-    # frames leave the GPU block by block as uint8, as inference.py and the demo take them (before 2026-11-26
-    # evening: as bf16, without the conversion the writer then did on the CPU)
+    # frames leave the GPU block by block as uint8, as inference.py and the demo take them
     for chunk in pipe.open("benchmark", frames, seed=0, decode=decode, context=ctx, uint8=decode):
         if decode:
             host = chunk.frames.to("cpu")   # already on the host (pinned copy) on the overlapped path
@@ -239,13 +191,14 @@ def main(argv=None) -> int:
     models, rows = {}, []
     for variant_name in args.variants:
         variant = VARIANTS[variant_name]
-        prepare(variant, vae)
+        prepare(variant)
         for mode_name in args.modes:
             mode = MODES[mode_name]
-            pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)
-            runs = args.long_runs if mode_name == "long" else args.runs
-            e2e = measure(pipe, ctx, mode["frames"], runs, decode=True)
-            dit = measure(pipe, ctx, mode["frames"], runs, decode=False)
+            with conv_padding(variant.get("conv_pad", True)):
+                pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)
+                runs = args.long_runs if mode_name == "long" else args.runs
+                e2e = measure(pipe, ctx, mode["frames"], runs, decode=True)
+                dit = measure(pipe, ctx, mode["frames"], runs, decode=False)
             row = dict(mode=mode_name, variant=variant_name, fps=e2e["fps"], dit_fps=dit["fps"],
                        first_frame_s=e2e["first_frame_s"], first_block_s=e2e["first_block_s"],
                        seconds=e2e["seconds"], dit_seconds=dit["seconds"],

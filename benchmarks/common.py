@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
 import platform
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -23,17 +24,13 @@ def save_results(path: str, rows: list[dict], device: torch.device, **extra) -> 
     return info
 
 
-def set_conv_padding(enabled: bool) -> None:
-    """Turn the VAE decoder's zero-padded output channels (``model.vae.PAD_OUT_CHANNELS``) on (the default) or off,
-    for A/B runs; call before compiling the decoder."""
+def conv_padding(enabled: bool):
+    """A context in which the VAE decoder pads its convolutions' output channels as the library does
+    (``model.vae.PAD_OUT_CHANNELS``, ``enabled``) or not at all (A/B runs). The table is read when a decoder region
+    is traced, so compile the decoder inside the context."""
     from model import vae
 
-    _PAD_DEFAULT.setdefault("table", copy.deepcopy(vae.PAD_OUT_CHANNELS))  # the library's table, seen first
-    vae.PAD_OUT_CHANNELS.clear()
-    vae.PAD_OUT_CHANNELS.update(copy.deepcopy(_PAD_DEFAULT["table"]) if enabled else {})
-
-
-_PAD_DEFAULT: dict = {}
+    return contextlib.nullcontext() if enabled else mock.patch.dict(vae.PAD_OUT_CHANNELS, clear=True)
 
 
 def cuda_ms(fn, iters: int = 20) -> float:
@@ -69,7 +66,7 @@ def streaming_setup(tiny: bool):
     device, dtype, preset = torch.device("cuda"), torch.bfloat16, "wan2.1-t2v-1.3b"
     torch.backends.cudnn.benchmark = True
     cfg = get_preset(preset)
-    vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype)
+    vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype).to_channels_last()  # as from_config on CUDA
     video = {f.name: f.default for f in dataclasses.fields(Config)}  # the configs' default 480x832
     latent_shape = (vae.latent_channels, video["height"] // vae.spatial_compression,
                     video["width"] // vae.spatial_compression)

@@ -39,8 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))   # run as a script: make the repository importable (utils.video, model, ...)
+REPO = Path(__file__).resolve().parent.parent   # the checkout whose train.py / inference.py the steps run
 STEPS = ("world", "s1_accum", "s1_full", "export", "s1_resume", "dmd", "inference", "dmd14b", "s1_zero2",
          "s1_reverse")
 DEFAULT_STEPS = STEPS[:-1]
@@ -220,7 +219,6 @@ class Bench:
 
     def env(self, nproc: int) -> dict:
         env = dict(os.environ, **NO_MULTICAST, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         if self.args.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         elif nproc == 1:

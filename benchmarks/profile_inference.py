@@ -20,14 +20,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import bench_inference as bench
 import torch
+from common import conv_padding, save_results, streaming_setup
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import bench_inference as bench  # noqa: E402
-from benchmarks.common import save_results, streaming_setup  # noqa: E402
-from model.vae import WanVAE  # noqa: E402
+from model.vae import WanVAE
 
 KINDS = (  # first match wins; names as cuDNN / cuBLAS / inductor / ATen give them
     ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
@@ -97,22 +95,9 @@ def decode_all(vae: WanVAE, latents: torch.Tensor, frames_per_block: int) -> Non
         stream.decode_chunk(latents[:, i:i + frames_per_block])
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="chunk4", choices=bench.MODES)
-    p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
-    p.add_argument("--top", type=int, default=15, help="heaviest kernels listed per run")
-    p.add_argument("--out", default="profile_inference.json", help="JSON output path")
-    p.add_argument("--traces", default=None, help="folder for the Chrome traces (not kept without it)")
-    p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
-    args = p.parse_args(argv)
-    setup = streaming_setup(args.tiny)
-    if setup is None:
-        print("this script needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
-        return 2
+def profile_runs(args, setup, mode: dict, variant: dict) -> list[dict]:
+    """The three profiled runs of ``mode`` under ``variant``, each after a warm-up; one summary row each."""
     device, dtype, preset, latent_shape, vae, ctx = setup
-    mode, variant = bench.MODES[args.mode], bench.VARIANTS[args.variant]
-    bench.prepare(variant, vae)
     pipe = bench.build(mode, variant, vae, {}, device, preset, latent_shape, dtype)
     frames = min(mode["frames"], 21)
     latents = torch.randn(1, frames, *latent_shape, device=device, dtype=dtype)
@@ -136,7 +121,27 @@ def main(argv=None) -> int:
               flush=True)
         for k in row["top"]:
             print(f"    {k['ms']:8.1f} ms {k['calls']:5d}x {k['kind']:11s} {k['name'][:110]}")
-    save_results(args.out, rows, device)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="chunk4", choices=bench.MODES)
+    p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
+    p.add_argument("--top", type=int, default=15, help="heaviest kernels listed per run")
+    p.add_argument("--out", default="profile_inference.json", help="JSON output path")
+    p.add_argument("--traces", default=None, help="folder for the Chrome traces (not kept without it)")
+    p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
+    args = p.parse_args(argv)
+    setup = streaming_setup(args.tiny)
+    if setup is None:
+        print("this script needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
+        return 2
+    mode, variant = bench.MODES[args.mode], bench.VARIANTS[args.variant]
+    bench.prepare(variant)
+    with conv_padding(variant.get("conv_pad", True)):
+        rows = profile_runs(args, setup, mode, variant)
+    save_results(args.out, rows, setup[0])
     return 0
 
 
