@@ -151,8 +151,8 @@ _scope = _Scope()
 @contextlib.contextmanager
 def kernel_scope(device_type: str):
     """Set the SDPA kernel order once around many :func:`attention` calls (a whole forward pass) instead of around
-    each: entering PyTorch's ``sdpa_kernel`` costs ~25 us of host time (``benchmarks/probe_levers.py host``), ~90
-    times per pass, which one-frame blocks (launch-bound) feel."""
+    each: entering PyTorch's ``sdpa_kernel`` costs ~25 us of host time, ~90 times per pass, which one-frame blocks
+    (launch-bound) feel."""
     if device_type != "cuda" or _scope.depth:
         yield
         return

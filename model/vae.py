@@ -421,8 +421,7 @@ PAD_OUT_CHANNELS: dict[str, dict[int, int]] = {"cuda": {96: 128}}
 """Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are then
 dropped. cuDNN on the H100 runs the full-resolution 96-channel 3x3x3 convolutions of the decoder's last stage at
 375 TFLOP/s (2.12 ms for one steady call's four 480x832 frames) but the same convolution with 128 output
-channels in 1.41 ms; 192 -> 256 gains nothing and 3 -> 4..32 (the output convolution) loses
-(``benchmarks/bench_vae_conv.py``, ``benchmarks/probe_levers.py convout``)."""
+channels in 1.41 ms; 192 -> 256 gains nothing (``benchmarks/bench_vae_conv.py``, docs/performance.md)."""
 
 
 def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):

@@ -69,12 +69,7 @@ class StreamingPipeline:
     default_num_frames: int = 21
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-    fuse_context: bool = True                   # context pass fused into the next block's first step (same math)
-    vae_frames_per_call: int = 1                # latent frames per VAE decoder call; 1 keeps peak memory lowest
-                                                # (H100: 12.5 vs 16.5 GiB at 4, for 2% of chunk-wise speed)
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
-    first_frame_alone: bool = True              # hand out the video's first latent frame as soon as it is decoded,
-                                                # then the rest of its block (time to first frame)
     preview_decoder: TinyVideoDecoder | None = None  # decodes the stream instead of the VAE (fast, lower quality)
     _side_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
 
@@ -243,9 +238,10 @@ class VideoStream:
                               Guidance(pipe.encode(self.prompts) if context is None else context.to(pipe.dtype),
                                        negative, pipe.guidance_scale), self.cache,
                               context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng),
-                              fuse_context=pipe.fuse_context)
+                              fuse_context=True)  # each context pass inside the next block's first step
         source = pipe.frame_decoder
-        self.decoder = source.stream(pipe.vae_frames_per_call) if decode and source is not None else None
+        # one latent frame per decoder call: the lowest peak memory, and every steady call has the same shapes
+        self.decoder = source.stream(frames_per_call=1) if decode and source is not None else None
         self.start_frame = start
         self.latents: list[torch.Tensor] = [] if self.prefix is None else [self.prefix]
         self._pending: tuple[list[str], bool] | None = None
@@ -313,10 +309,10 @@ class VideoStream:
 
     def _parts(self, index: int, x0: torch.Tensor) -> list[tuple[int, int]]:
         """Latent-frame ranges of the block handed out one after the other: the first block of a video without a
-        prefix is cut after its first frame when ``first_frame_alone`` (the causal VAE decodes that frame without
-        the others; the rest of the block is queued for decoding only once the first frame has been handed out)."""
+        prefix is cut after its first frame (time to the first frame: the causal VAE decodes that frame without the
+        others; the rest of the block is queued for decoding only once the first frame has been handed out)."""
         n = x0.shape[1]
-        cut = index == 0 and self.prefix is None and self.pipe.first_frame_alone and self.decoder is not None
+        cut = index == 0 and self.prefix is None and self.decoder is not None
         return [(0, 1), (1, n)] if cut and n > 1 else [(0, n)]
 
     def _hand_out(self, chunk: StreamChunk) -> StreamChunk:

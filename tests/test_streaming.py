@@ -34,13 +34,6 @@ def test_stream_yields_blocks_and_equals_one_shot_decode(pipe):
     assert (streamed - one_shot).abs().max() < 1e-5
     frames, lat2 = pipe.generate("a red circle moving left slowly", num_frames=6, seed=3)
     assert torch.equal(lat2, latents)  # same seed, same video
-    pipe.first_frame_alone = False
-    try:
-        whole = list(pipe.open("a red circle moving left slowly", num_frames=6, seed=3))
-    finally:
-        pipe.first_frame_alone = True
-    assert [c.start_frame for c in whole] == [0, 3] and whole[0].frames.shape[1] == 9
-    assert (torch.cat([c.frames for c in whole], 1) - streamed).abs().max() < 1e-5
 
 
 def test_uint8_stream_hands_out_the_writers_bytes(pipe):
