@@ -2,7 +2,7 @@
 
 The network is diffusers' ``AutoencoderKLWan`` (model/vae.py wraps it); this file adds what a release of it needs:
 
-* :class:`ClipPool`: random windows of synthetic clips (``utils/synthetic.make_split``) as ``[B, 3, T, H, W]`` in
+* :class:`ClipPool`: random windows of synthetic clips (``toy.world.make_split``) as ``[B, 3, T, H, W]`` in
   [-1, 1]. Training uses short windows (``1 + 4k`` frames) and spatial crops: every layer is a causal or local
   convolution, so a VAE trained on 9-frame 32x32 windows encodes 33-frame 64x64 clips into 9 latent frames.
 * :func:`vae_loss`: L1 + L2 reconstruction of a reparameterised posterior sample plus a small KL term.
