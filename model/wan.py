@@ -10,7 +10,8 @@ Three named attention paths, chosen by the caller:
 * :meth:`WanModel.forward` -- one full-sequence pass; no mask for the bidirectional model, the block-causal mask
   (with optional local window) for the causal one (diffusion forcing).
 * :meth:`WanModel.forward_teacher_forcing` -- ``[clean ; noisy]`` in one pass under the teacher-forcing mask.
-* :meth:`WanModel.forward_cached` -- one block against a :class:`KVCache` (streaming inference and rollouts).
+* :meth:`WanModel.forward_cached` -- one block against a :class:`KVCache`, in a :class:`CacheMode` the caller names:
+  ``"inference"`` (no autograd; streaming) or ``"rollout"`` (a step that keeps gradients; self-forcing rollouts).
 
 Module order follows the forward pass: norms -> self-attention -> cross-attention -> block -> head -> model.
 """
@@ -18,6 +19,7 @@ Module order follows the forward pass: norms -> self-attention -> cross-attentio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -66,9 +68,29 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x).type_as(x)
 
 
+class CacheMode(str, Enum):
+    """How :meth:`WanModel.forward_cached` runs; named by the caller, never guessed from autograd. Same values.
+
+    ``INFERENCE`` (no autograd): queries attend to views of the cache; the prompt's cross-attention K/V are computed
+    once and cached. ``ROLLOUT`` (a step that keeps gradients): earlier frames' K/V are copied out of the cache next
+    to the block's own (see ``SelfAttention._cached``); the cross-attention K/V are recomputed so gradients reach them.
+    """
+
+    INFERENCE = "inference"
+    ROLLOUT = "rollout"
+
+
+class Cross(str, Enum):
+    """Where the cross-attention K/V of a call come from."""
+
+    CONTEXT = "context"   # computed from the embedded context (full-sequence paths, rollout steps)
+    FILL = "fill"         # computed, and stored in the cache (first inference call of a prompt)
+    CACHED = "cached"     # read from the cache
+
+
 @dataclass
 class AttnPlan:
-    """How the self-attention of one call runs (shared by all layers of that call)."""
+    """How the attention of one call runs (shared by all layers of that call)."""
 
     cos: torch.Tensor                 # [L, d/2] RoPE of every token of the call
     sin: torch.Tensor
@@ -77,6 +99,8 @@ class AttnPlan:
     start_frame: int = 0
     num_frames: int = 0
     blocks: tuple[int, ...] = ()      # cached path: sizes of the consecutive blocks in this call (default: one)
+    mode: CacheMode = CacheMode.INFERENCE   # cached path only
+    cross: Cross = Cross.CONTEXT
 
 
 class SelfAttention(nn.Module):
@@ -133,9 +157,9 @@ class SelfAttention(nn.Module):
             cache.k[layer, :, a:b].copy_(k[:, offset:offset + b - a].detach())
             cache.v[layer, :, a:b].copy_(v[:, offset:offset + b - a].detach())
             offset += b - a
-        if torch.is_grad_enabled():
-            # Training rollout: gradients flow through this block's own K/V only; earlier frames come from the
-            # cache by value (a copy), so later in-place cache writes cannot corrupt what backward needs.
+        if plan.mode is CacheMode.ROLLOUT:
+            # Gradients flow through this block's own K/V only; earlier frames come from the cache by value (a
+            # copy), so later in-place cache writes cannot corrupt what backward needs.
             others = cache.other_ranges(plan.start_frame, plan.num_frames)
             keys = torch.cat([cache.k[layer, :, a:b] for a, b in others] + [k], dim=1)
             values = torch.cat([cache.v[layer, :, a:b] for a, b in others] + [v], dim=1)
@@ -149,15 +173,6 @@ class SelfAttention(nn.Module):
             outs.append(attention(q[:, q0:q0 + n * s], cache.k[layer, :, :visible], cache.v[layer, :, :visible]))
             q0 += n * s
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-
-
-@dataclass
-class CrossKVSlot:
-    """The embedded context plus the cache entry of one layer, which that layer's cross-attention fills."""
-
-    ctx: torch.Tensor
-    cache: KVCache
-    layer: int
 
 
 class CrossAttention(nn.Module):
@@ -180,22 +195,16 @@ class CrossAttention(nn.Module):
         b, n = x.shape[:2]
         return self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
 
-    def attend(self, q: torch.Tensor, ctx_or_kv) -> torch.Tensor:
-        """Attention of queries ``[B, L, N, d]`` to the context: ``(K, V)`` cached per prompt, a
-        :class:`CrossKVSlot` to fill, or the embedded context. Returns ``[B, L, N, d]``."""
-        if isinstance(ctx_or_kv, tuple):
-            k, v = ctx_or_kv
-        elif isinstance(ctx_or_kv, CrossKVSlot):
-            slot = ctx_or_kv
-            k, v = self.kv(slot.ctx)
-            slot.cache.cross_k[slot.layer] = k = k.to(slot.cache.k.dtype)
-            slot.cache.cross_v[slot.layer] = v = v.to(slot.cache.v.dtype)
-        else:
-            k, v = self.kv(ctx_or_kv)
+    def attend(self, q: torch.Tensor, ctx: torch.Tensor | None, plan: AttnPlan, layer: int) -> torch.Tensor:
+        """Queries ``[B, L, N, d]`` to the embedded context ``[B, text_len, D]``, K/V as ``plan.cross`` says."""
+        cache = plan.cache
+        if plan.cross is Cross.CACHED:
+            return attention(q, cache.cross_k[layer], cache.cross_v[layer])
+        k, v = self.kv(ctx)
+        if plan.cross is Cross.FILL:  # each layer fills its own entry inside its forward (see KVCache)
+            cache.cross_k[layer] = k = k.to(cache.k.dtype)
+            cache.cross_v[layer] = v = v.to(cache.v.dtype)
         return attention(q, k, v)
-
-    def forward(self, x: torch.Tensor, ctx_or_kv) -> torch.Tensor:
-        return self.o(self.attend(self.query(x), ctx_or_kv).flatten(2))
 
 
 class WanBlock(nn.Module):
@@ -210,8 +219,10 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx_or_kv, plan: AttnPlan, layer: int) -> torch.Tensor:
-        """x ``[B, L, D]`` with ``L = F·S``; e0 ``[B, F, 6, D]`` per-frame modulation.
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor | None, plan: AttnPlan,
+                layer: int) -> torch.Tensor:
+        """x ``[B, L, D]`` with ``L = F·S``; e0 ``[B, F, 6, D]`` per-frame modulation; ctx ``[B, text_len, D]`` the
+        embedded context (None when the cross-attention K/V come from the cache).
 
         Split into pure tensor functions around the two attention calls, so :meth:`compile_regions` can compile
         the elementwise work (norms, modulation, RoPE, gates) without touching the cache bookkeeping.
@@ -223,7 +234,7 @@ class WanBlock(nn.Module):
         y = self.self_attn.attend(q, k, v, plan, layer)
         # 2. cross-attention to the text (no modulation, no gate)
         x, cq = self._cross_attn_in(x, y, gate1)
-        c = self.cross_attn.attend(cq, ctx_or_kv)
+        c = self.cross_attn.attend(cq, ctx, plan, layer)
         # 3. feed-forward, modulated and gated per frame
         return self._ffn(x, c, shift2, scale2, gate2)
 
@@ -397,13 +408,13 @@ class WanModel(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # shared trunk
 
-    def _run_blocks(self, x, e0, ctx_per_layer, plan: AttnPlan) -> torch.Tensor:
+    def _run_blocks(self, x, e0, ctx, plan: AttnPlan) -> torch.Tensor:
         with kernel_scope(x.device.type):  # the SDPA kernel order, set once per pass
             for i, block in enumerate(self.blocks):
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(block, x, e0, ctx_per_layer(i), plan, i, use_reentrant=False)
+                if self.gradient_checkpointing and torch.is_grad_enabled():  # recomputation needs autograd
+                    x = checkpoint(block, x, e0, ctx, plan, i, use_reentrant=False)
                 else:
-                    x = block(x, e0, ctx_per_layer(i), plan, i)
+                    x = block(x, e0, ctx, plan, i)
         return x
 
     def _mask(self, kind: str, num_frames: int, tokens_per_frame: int, device: torch.device):
@@ -437,7 +448,7 @@ class WanModel(nn.Module):
         ctx = self.embed_text(context)
         cos, sin = self.rope.tables(tuple(range(grid[0])), grid[1], grid[2], x.device)
         mask = self._mask("block_causal", grid[0], grid[1] * grid[2], x.device) if self.causal else None
-        out = self._run_blocks(tokens, e0, lambda i: ctx, AttnPlan(cos, sin, mask))
+        out = self._run_blocks(tokens, e0, ctx, AttnPlan(cos, sin, mask))
         return self._output(out, e, grid)
 
     def forward_teacher_forcing(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -460,42 +471,39 @@ class WanModel(nn.Module):
         ctx = self.embed_text(context)
         cos, sin = self.rope.tables(tuple(range(num_frames)) * 2, grid[1], grid[2], x.device)
         mask = self._mask("teacher_forcing", num_frames, grid[1] * grid[2], x.device)
-        out = self._run_blocks(torch.cat([clean, noisy], dim=1), e0, lambda i: ctx, AttnPlan(cos, sin, mask))
+        out = self._run_blocks(torch.cat([clean, noisy], dim=1), e0, ctx, AttnPlan(cos, sin, mask))
         return self._output(out[:, clean.shape[1]:], e[:, num_frames:], grid)
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: KVCache,
-                       start_frame: int, blocks: tuple[int, ...] = ()) -> torch.Tensor:
+                       start_frame: int, *, mode: CacheMode | str = CacheMode.INFERENCE,
+                       blocks: tuple[int, ...] = ()) -> torch.Tensor:
         """One block through the KV cache: x ``[B, n, C, H, W]`` are frames ``start_frame .. start_frame+n-1``.
 
         Writes the block's keys/values at its slots (overwriting what an earlier call at the same position wrote)
-        and attends to everything cached up to and including the block. Cross-attention K/V of the prompt are
-        computed on the first call and reused (recomputed when gradients are on, so they reach the weights).
-        ``start_frame`` is a Python int: nothing here synchronises with the GPU.
+        and attends to everything cached up to and including the block. ``mode``: :class:`CacheMode`; inference
+        under autograd raises (its gradients would skip the block's own K/V). ``start_frame`` is a Python int.
 
         ``blocks`` lets one call carry several consecutive blocks (e.g. the context pass of block b together with
         the first step of block b+1): each block's queries then see the cache up to their own block's end, exactly
         as separate calls would, while every matrix product runs on the larger token count. Inference only, and
         only while no frame the earlier block sees is evicted by the later one (``cache.can_fuse``).
         """
+        mode = CacheMode(mode)
+        if mode is CacheMode.INFERENCE and torch.is_grad_enabled():
+            raise RuntimeError("forward_cached(mode='inference') under autograd: use torch.no_grad(), or "
+                               "mode='rollout' for a step that keeps gradients")
         tokens, grid = self._patchify(x)
         cache.check_block(start_frame, grid[0] if not blocks else max(blocks))
         if blocks:
-            assert sum(blocks) == grid[0] and not torch.is_grad_enabled(), "multi-block calls are inference-only"
+            assert sum(blocks) == grid[0] and mode is CacheMode.INFERENCE, "multi-block calls are inference-only"
             assert cache.can_fuse(start_frame, grid[0]), "a multi-block call would evict frames it still needs"
         e, e0 = self._time(t, grid[0], tokens.dtype)
-        ctx_per_layer = self._cross_kv(context, cache)
+        # Cross-attention K/V: recomputed in a rollout step (so gradients reach W_k, W_v), else cached per prompt.
+        cross = Cross.CONTEXT if mode is CacheMode.ROLLOUT else Cross.CACHED if cache.cross_ready else Cross.FILL
+        ctx = None if cross is Cross.CACHED else self.embed_text(context)
         cos, sin = self.rope.tables(tuple(range(start_frame, start_frame + grid[0])), grid[1], grid[2], x.device)
-        plan = AttnPlan(cos, sin, cache=cache, start_frame=start_frame, num_frames=grid[0], blocks=tuple(blocks))
-        out = self._run_blocks(tokens, e0, ctx_per_layer, plan)
+        plan = AttnPlan(cos, sin, cache=cache, start_frame=start_frame, num_frames=grid[0], blocks=tuple(blocks),
+                        mode=mode, cross=cross)
+        out = self._run_blocks(tokens, e0, ctx, plan)
         cache.advance(start_frame, grid[0])
         return self._output(out, e, grid)
-
-    def _cross_kv(self, context: torch.Tensor, cache: KVCache):
-        """Per-layer cross-attention input: the cached (K, V) at inference -- filled by each block on the first call
-        (:class:`CrossKVSlot`) -- or the embedded context under autograd (recomputed so gradients reach W_k, W_v)."""
-        if torch.is_grad_enabled() or not cache.cross_ready:
-            ctx = self.embed_text(context)
-            if torch.is_grad_enabled():
-                return lambda i: ctx
-            return lambda i: CrossKVSlot(ctx, cache, i)
-        return lambda i: (cache.cross_k[i], cache.cross_v[i])

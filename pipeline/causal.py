@@ -25,7 +25,7 @@ import torch
 
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
-from model.wan import WanModel
+from model.wan import CacheMode, WanModel
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -117,14 +117,19 @@ class BlockLoop:
     fuse_context: bool = False   # run each context pass inside the next block's first step (inference only)
 
     # ------------------------------------------------------------------------------------------------------------
-    def flow(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, blocks: tuple[int, ...] = ()):
-        """Guided flow prediction for frames ``x [B, n, C, H, W]`` at timestep ``t`` (a float, or ``[B, n]``)."""
-        b, n = x.shape[:2]
+    def flow(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, blocks: tuple[int, ...] = (),
+             grad: bool = False) -> torch.Tensor:
+        """Guided flow prediction for frames ``x [B, n, C, H, W]`` at timestep ``t`` (a float, or ``[B, n]``).
+
+        ``grad``: this forward keeps gradients (the model's rollout mode); otherwise it is an inference forward and
+        must run without autograd."""
         tt = t if isinstance(t, torch.Tensor) else self._t(x, t)
+        mode = CacheMode.ROLLOUT if grad else CacheMode.INFERENCE
         if not self.guidance.batched:
-            return self.model.forward_cached(x, tt, self.guidance.context, self.cache, start_frame, blocks)
+            return self.model.forward_cached(x, tt, self.guidance.context, self.cache, start_frame, mode=mode,
+                                             blocks=blocks)
         out = self.model.forward_cached(torch.cat([x, x]), torch.cat([tt, tt]), self.guidance.model_context(),
-                                        self.cache, start_frame, blocks)
+                                        self.cache, start_frame, mode=mode, blocks=blocks)
         cond, uncond = out.chunk(2)
         return uncond + self.guidance.scale * (cond - uncond)
 
@@ -138,7 +143,7 @@ class BlockLoop:
         """Flow of a block's first step, running the previous block's due context pass first -- or, when allowed,
         in the same forward (one call of twice the tokens instead of two calls)."""
         if pending is None:
-            return self.flow(x, t, start_frame)
+            return self.flow(x, t, start_frame, grad=grad)
         latents, prev_start = pending
         m = latents.shape[1]
         if self.fuse_context and not grad and self.cache.can_fuse(prev_start, m + x.shape[1]):
@@ -146,7 +151,7 @@ class BlockLoop:
             tt = torch.cat([self._t(ctx, self.context_noise), self._t(x, t)], dim=1)
             return self.flow(torch.cat([ctx, x], 1), tt, prev_start, blocks=(m, x.shape[1]))[:, m:]
         self.commit(latents, prev_start)
-        return self.flow(x, t, start_frame)
+        return self.flow(x, t, start_frame, grad=grad)
 
     def denoise(self, noise: torch.Tensor, start_frame: int, block_index: int, policy: ExitPolicy | None = None,
                 record: Callable[[int, torch.Tensor], None] | None = None,
@@ -166,9 +171,10 @@ class BlockLoop:
                 record(j, x)
             t = steps[j]
             t_next = steps[j + 1] if j + 1 < len(steps) else 0.0
-            with torch.set_grad_enabled(grad and j == last):
-                flow = self._first_flow(x, t, start_frame, pending, grad and j == last) if j == 0 \
-                    else self.flow(x, t, start_frame)
+            keep = grad and j == last   # this forward keeps gradients: the model's rollout mode
+            with torch.set_grad_enabled(keep):
+                flow = self._first_flow(x, t, start_frame, pending, keep) if j == 0 \
+                    else self.flow(x, t, start_frame, grad=keep)
                 if self.schedule.rule == "euler" and j + 1 == len(steps):
                     return self.scheduler.step(flow, self._t(x, t), x, self._t(x, 0.0))
                 x0 = self.scheduler.flow_to_x0(flow, x, self._t(x, t))

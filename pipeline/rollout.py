@@ -159,11 +159,14 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
         # overwritten them by then, which would give silently wrong gradients.
         raise ValueError(f"rollout of {num_frames} frames with a {cache.capacity}-frame attention window and "
                          f"gradient checkpointing is not supported; disable one of them")
+    # Exit forwards keep gradients (the model's rollout mode) only when the caller asked for them: a rollout under
+    # no_grad (the critic's samples) runs every forward in inference mode.
+    grad = torch.is_grad_enabled()
     if exit_step is None or isinstance(exit_step, int):
-        policy: ExitPolicy = ExitPolicy(exit_step, first_block_exit_step, grad_on_exit=True,
+        policy: ExitPolicy = ExitPolicy(exit_step, first_block_exit_step, grad_on_exit=grad,
                                         grad_from_frame=grad_from_frame)
     else:
-        policy = PerBlockExitPolicy(None, first_block_exit_step, grad_on_exit=True, grad_from_frame=grad_from_frame,
+        policy = PerBlockExitPolicy(None, first_block_exit_step, grad_on_exit=grad, grad_from_frame=grad_from_frame,
                                     per_block=tuple(int(e) for e in exit_step))
     loop = BlockLoop(generator, scheduler, schedule, Guidance(context), cache, context_noise=float(context_noise),
                      noise_fn=noise_fn)

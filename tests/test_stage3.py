@@ -141,8 +141,10 @@ def replay_rollout(model, sch, schedule, ctx, noise, exits, context_noise, noise
         x = noise[:, start:start + k]
         for j in range(exits[block] + 1):
             tt = torch.full((b, k), steps[j])
-            with torch.set_grad_enabled(grad_everywhere or j == exits[block]):
-                x0 = sch.flow_to_x0(model.forward_cached(x, tt, ctx, cache, start), x, tt)
+            grad = grad_everywhere or j == exits[block]
+            with torch.set_grad_enabled(grad):
+                x0 = sch.flow_to_x0(model.forward_cached(x, tt, ctx, cache, start,
+                                                         mode="rollout" if grad else "inference"), x, tt)
                 if j < exits[block]:
                     x = sch.add_noise(x0, next(draws), torch.full((b, k), steps[j + 1]))
         outs.append(x0)

@@ -100,11 +100,49 @@ def test_cached_forward_with_grad_matches_no_grad_and_reaches_weights():
     cache = KVCache.for_model(model, 1, 4, 6, capacity_frames=4)
     with torch.no_grad():
         model.forward_cached(x[:, :2], t[:, :2], ctx, cache, 0)
-    out = model.forward_cached(x[:, 2:], t[:, 2:], ctx, cache, 2)
+    out = model.forward_cached(x[:, 2:], t[:, 2:], ctx, cache, 2, mode="rollout")
     assert rel(out.detach(), ref[:, 2:]) < TOL
     out.square().mean().backward()
     assert model.blocks[0].self_attn.k.weight.grad.abs().sum() > 0
     assert model.blocks[0].cross_attn.k.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n,local,sink,frames", [(1, -1, 0, 4), (2, 4, 0, 8), (1, 3, 1, 7)])
+def test_rollout_mode_with_grad_equals_inference_mode(n, local, sink, frames):
+    """The two cache modes are two ways to compute the same values: rollout (copies of the earlier frames' K/V next to
+    the block's own, cross-attention K/V recomputed, under autograd) vs inference (cache views, cached cross K/V),
+    also after the ring wrapped. Tolerance 1e-5: only the order of the attention's key sums differs."""
+    model = make(n=n, local=local, sink=sink)
+    x, _, t, ctx = inputs(frames)
+    capacity = frames if local < 0 else local
+    with torch.no_grad():
+        inference, _ = stream(model, x, t, ctx, capacity, sink)
+    cache = KVCache.for_model(model, 1, 4, 6, capacity_frames=capacity, sink_frames=sink)
+    outs, start = [], 0
+    for size in model.layout.block_sizes(frames):
+        outs.append(model.forward_cached(x[:, start:start + size], t[:, start:start + size], ctx, cache, start,
+                                         mode="rollout"))
+        start += size
+    rollout = torch.cat(outs, 1)
+    assert rollout.requires_grad and not cache.cross_ready   # rollout steps neither read nor fill the cross cache
+    assert rel(rollout.detach(), inference) < TOL
+
+
+def test_inference_mode_under_autograd_raises():
+    """Inference mode does not silently train: under autograd its gradients would skip the block's own K/V."""
+    model = make(n=1)
+    x, _, t, ctx = inputs(2)
+    cache = KVCache.for_model(model, 1, 4, 6, capacity_frames=2)
+    with pytest.raises(RuntimeError, match=r"mode='inference'\) under autograd: use torch.no_grad\(\)"):
+        model.forward_cached(x[:, :1], t[:, :1], ctx, cache, 0)
+    with pytest.raises(RuntimeError, match="under autograd"):
+        model.forward_cached(x[:, :1], t[:, :1], ctx, cache, 0, mode="inference")
+    with pytest.raises(ValueError, match="'training' is not a valid CacheMode"):
+        model.forward_cached(x[:, :1], t[:, :1], ctx, cache, 0, mode="training")
+    with torch.no_grad():   # without autograd both modes run
+        a = model.forward_cached(x[:, :1], t[:, :1], ctx, cache, 0)
+        b = model.forward_cached(x[:, :1], t[:, :1], ctx, cache, 0, mode="rollout")
+    assert rel(b, a) < TOL
 
 
 def test_gradient_checkpointing_same_gradients():
