@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from model.guidance import cond_uncond_context, guide
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
 from pipeline.causal import NoiseFn, randn_like_from
@@ -29,15 +30,11 @@ def sample_bidirectional(model: WanModel, scheduler: FlowMatchScheduler, noise: 
     x = noise
     b, f = x.shape[:2]
     x0 = x
+    both = cond_uncond_context(context, negative) if guided else None   # [2B, L, D]
     for j, t in enumerate(timesteps):
         tt = torch.full((b, f), float(t), device=x.device)
         if guided:
-            neg = negative.expand(b, -1, -1)
-            pad = context.shape[1] - neg.shape[1]
-            ctx = torch.cat([torch.nn.functional.pad(context, (0, 0, 0, max(0, -pad))),
-                             torch.nn.functional.pad(neg, (0, 0, 0, max(0, pad)))])
-            cond, uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), ctx).chunk(2)
-            flow = uncond + guidance_scale * (cond - uncond)
+            flow = guide(*model(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2), guidance_scale)
         else:
             flow = model(x, tt, context)
         t_next = float(timesteps[j + 1]) if j + 1 < len(timesteps) else 0.0

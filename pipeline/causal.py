@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from model.guidance import cond_uncond_context, guide
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
 from model.wan import CacheMode, WanModel
@@ -91,15 +92,8 @@ class Guidance:
         return self.negative is not None and self.scale != 1.0
 
     def model_context(self) -> torch.Tensor:
-        if not self.batched:
-            return self.context
-        neg = self.negative
-        pad = self.context.shape[1] - neg.shape[1]   # both are zero-padded to text_len inside the model anyway
-        if pad > 0:
-            neg = torch.nn.functional.pad(neg, (0, 0, 0, pad))
-        elif pad < 0:
-            return torch.cat([torch.nn.functional.pad(self.context, (0, 0, 0, -pad)), neg])
-        return torch.cat([self.context, neg.expand(self.context.shape[0], -1, -1)])
+        """The context the model sees: the prompt's, or ``[context ; negative]`` (``2B``) when guided."""
+        return cond_uncond_context(self.context, self.negative) if self.batched else self.context
 
 
 @dataclass
@@ -130,8 +124,7 @@ class BlockLoop:
                                              blocks=blocks)
         out = self.model.forward_cached(torch.cat([x, x]), torch.cat([tt, tt]), self.guidance.model_context(),
                                         self.cache, start_frame, mode=mode, blocks=blocks)
-        cond, uncond = out.chunk(2)
-        return uncond + self.guidance.scale * (cond - uncond)
+        return guide(*out.chunk(2), self.guidance.scale)
 
     def _context_input(self, latents: torch.Tensor, t: float) -> torch.Tensor:
         x = latents.detach()

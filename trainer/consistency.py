@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from model.guidance import cond_uncond_context, guide
 from trainer.objective import Networks
 from trainer.ode import Stage2Objective, device_of
 from utils.config import Config
@@ -138,10 +139,10 @@ class ConsistencyObjective(Stage2Objective):
             flow = teacher.forward_teacher_forcing(x, t, context, clean_x=clean).float()
         else:
             neg = self.text.negative(self.networks.frozen["text_encoder"], x.shape[0], x.device)
-            both = teacher.forward_teacher_forcing(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, neg]),
+            both = teacher.forward_teacher_forcing(torch.cat([x, x]), torch.cat([t, t]),
+                                                   cond_uncond_context(context, neg),
                                                    clean_x=torch.cat([clean, clean])).float()
-            cond, uncond = both.chunk(2)
-            flow = uncond + g * (cond - uncond)
+            flow = guide(*both.chunk(2), g)
         return x + (self.sigma(t_next) - self.sigma(t)) * flow
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.guidance import cond_uncond_context, guide
 from model.scheduler import FlowMatchScheduler
 from pipeline import components
 from pipeline.causal import StepSchedule
@@ -38,13 +39,6 @@ from utils.datasets import ResumableSampler, TextDataset
 from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def _pair_context(context: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """``[context ; negative]`` as one ``[2B, L, D]`` batch (zero-padded to a common length, as the model would)."""
-    length = max(context.shape[1], negative.shape[1])
-    pad = lambda c: F.pad(c, (0, 0, 0, length - c.shape[1]))  # noqa: E731
-    return torch.cat([pad(context), pad(negative.expand(context.shape[0], -1, -1))])
 
 
 class DMDObjective(Objective):
@@ -231,16 +225,17 @@ class DMDObjective(Objective):
 
     def score_x0(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  negative: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """x̂0 (float32) of a bidirectional score network; ``scale > 0`` guides as ``cond + scale·(cond − uncond)``.
+        """x̂0 (float32) of a bidirectional score network; ``scale > 0`` guides as ``cond + scale·(cond − uncond)``
+        (the configs' convention, the reference's), i.e. :func:`~model.guidance.guide` with ``1 + scale``.
 
         Conditional and unconditional passes run as one ``2B`` batch (one weight gather under FSDP).
         """
         x_in = x_t.to(self.compute_dtype)
         if scale == 0 or negative is None:
             return self.scheduler.flow_to_x0(model(x_in, t, context).float(), x_t.float(), t)
-        flow = model(torch.cat([x_in, x_in]), torch.cat([t, t]), _pair_context(context, negative)).float()
-        cond, uncond = self.scheduler.flow_to_x0(flow, torch.cat([x_t, x_t]).float(), torch.cat([t, t])).chunk(2)
-        return cond + scale * (cond - uncond)
+        flow = model(torch.cat([x_in, x_in]), torch.cat([t, t]), cond_uncond_context(context, negative)).float()
+        x0 = self.scheduler.flow_to_x0(flow, torch.cat([x_t, x_t]).float(), torch.cat([t, t]))
+        return guide(*x0.chunk(2), 1.0 + scale)
 
     def encode(self, batch: dict) -> torch.Tensor:
         """Prompt embeddings ``[B, L, D]`` of a batch (computed once per batch, without gradients)."""
