@@ -32,6 +32,7 @@ from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
 from pipeline.causal import BlockLoop, Guidance, StepSchedule
 from utils.errors import ConfigError, UserError
+from utils.io import atomic_path, remove_stale_temps
 
 log = logging.getLogger("get_causal_ode_data")
 
@@ -85,16 +86,6 @@ def is_finished(path: str) -> bool:
     """A complete torch file: torch.save writes a zip whose directory sits at the end, so a file cut short by a
     killed writer fails this check (and reading the directory costs a few KB, not the whole file)."""
     return os.path.isfile(path) and zipfile.is_zipfile(path)
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save to ``<path>.tmp`` then rename: the final name only ever holds a complete file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -178,6 +169,7 @@ def generate(args) -> dict[str, int]:
         else:
             counts["redone"] += os.path.exists(path)
             todo.append((i, path))
+    remove_stale_temps(args.output_folder, [path for _, path in todo])   # left by a killed run of this rank
     log.info("rank %d: %d samples to write, %d already finished, kept Euler steps %s of %d", rank, len(todo),
              counts["skipped"], keep, len(grid))
     compute_dtype = None if args.dtype == "fp32" else DTYPES[args.dtype]
@@ -190,7 +182,8 @@ def generate(args) -> dict[str, int]:
         noise = torch.randn(clean.shape, generator=gen).to(device)
         guidance = Guidance(text_encoder.encode([item["prompts"]]).float(), negative, args.guidance_scale)
         traj = ode_trajectory(model, scheduler, grid, keep, guidance, clean, noise, compute_dtype)
-        save_atomic({item["prompts"]: traj.cpu()}, path)
+        with atomic_path(path) as tmp:   # the final name only ever holds a complete file
+            torch.save({item["prompts"]: traj.cpu()}, tmp)
         counts["computed"] += 1
     return counts
 

@@ -17,6 +17,7 @@ from app.cli import config_from_args, pipeline_from_args
 from pipeline.streaming import StreamingPipeline
 from utils.datasets import TextDataset
 from utils.errors import DataError, UserError
+from utils.io import atomic_path
 from utils.video import Mp4StreamWriter, safe_output_name
 
 log = logging.getLogger(__name__)
@@ -145,9 +146,8 @@ def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int) -> 
             bar.update(chunk.frames.shape[1])
             latents.append(chunk.latents.cpu())
     if args.save_latents:
-        tmp = os.path.join(args.output_folder, f".{job.name}.latents.pt.tmp")
-        torch.save(torch.cat(latents, 1), tmp)
-        os.replace(tmp, os.path.join(args.output_folder, job.name + ".latents.pt"))
+        with atomic_path(os.path.join(args.output_folder, job.name + ".latents.pt")) as tmp:
+            torch.save(torch.cat(latents, 1), tmp)
     seconds = time.perf_counter() - start
     log.info("wrote %s (%d frames, %.1f s, %.1f FPS)", _path(args, job), written, seconds, written / seconds)
     return written, seconds

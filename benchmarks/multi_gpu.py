@@ -212,10 +212,11 @@ class Bench:
         return self.args.budget - (time.perf_counter() - self.start)
 
     def save(self) -> None:
+        from utils.io import atomic_path
+
         self.results["elapsed_s"] = time.perf_counter() - self.start
-        tmp = Path(self.args.out + ".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        os.replace(tmp, self.args.out)
+        with atomic_path(self.args.out) as tmp:
+            tmp.write_text(json.dumps(self.results, indent=1, default=str))
 
     def env(self, nproc: int) -> dict:
         env = dict(os.environ, **NO_MULTICAST, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")

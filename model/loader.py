@@ -17,13 +17,11 @@ diffusers names converted) and loaded with ``strict=True``; a checkpoint that do
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging
 import os
 import re
-import tempfile
 
 import torch
 from safetensors.torch import load_file
@@ -32,6 +30,7 @@ from model.config import PRESET_ALIASES, WanConfig, get_preset
 from model.rope import RotaryTables
 from model.wan import WanModel
 from utils.errors import CheckpointError, ConfigError
+from utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +412,7 @@ def _release_entry(sd: dict) -> dict:
 
 
 def save_release_checkpoint(path, generator_sd: dict, generator_ema_sd: dict | None = None) -> None:
-    """Write ``{"generator": {"model.<key>": t}, "generator_ema": ...}`` atomically (same-folder temp + os.replace).
+    """Write ``{"generator": {"model.<key>": t}, "generator_ema": ...}`` atomically (:func:`utils.io.atomic_path`).
 
     The layout is the released checkpoints', so the reference code (``state_dict["generator"]`` loaded into its
     wrapper) and :func:`read_state_dict` both read it.
@@ -421,18 +420,6 @@ def save_release_checkpoint(path, generator_sd: dict, generator_ema_sd: dict | N
     payload = {"generator": _release_entry(generator_sd)}
     if generator_ema_sd is not None:
         payload["generator_ema"] = _release_entry(generator_ema_sd)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     log.info("saved %s (%s)", path, ", ".join(f"{k}: {len(v)} tensors" for k, v in payload.items()))

@@ -178,8 +178,8 @@ def test_restart_skips_finished_files_and_redoes_partial_ones(world, ode_files, 
     original = {i: torch.load(out / f"{i:05d}.pt", weights_only=True) for i in range(3)}
     whole = (out / "00001.pt").read_bytes()
     (out / "00001.pt").write_bytes(whole[: len(whole) // 2])           # killed while writing (non-atomic writer)
-    (out / "00002.pt").rename(out / "00002.pt.tmp")                     # killed before the rename
-    (out / "00002.pt.tmp").write_bytes(b"garbage")
+    (out / "00002.pt").rename(out / ".tmp-0123abcd-00002.pt")          # killed before the rename (utils.io name)
+    (out / ".tmp-0123abcd-00002.pt").write_bytes(b"garbage")
     capsys.readouterr()
     run_script(world, out)
     summary = capsys.readouterr().out

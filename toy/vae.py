@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from diffusers import AutoencoderKLWan
 
 from model.vae import WanVAE, decoder_step
 from toy.world import BACKGROUND
+from utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +229,8 @@ def _save_training_state(path, cfg: ToyVAETraining, step: int, model, optimizer,
     state = dict(config=repr(cfg), step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
                  generator=generator.get_state(), pool_rng=json.dumps(pool.rng.bit_generator.state),
                  losses=torch.tensor(losses, dtype=torch.float64))
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_training_state(path, cfg: ToyVAETraining, model, optimizer, generator, pool: ClipPool):

@@ -21,16 +21,18 @@ from pathlib import Path
 import torch
 
 from utils.errors import DataError, UserError
+from utils.io import is_temp
 from utils.lmdb_store import DEFAULT_MAP_SIZE, LMDBWriter, natural_key
 
 logger = logging.getLogger(__name__)
 
 
 def list_pt_files(data_path: str | os.PathLike) -> list[Path]:
-    """``*.pt`` files of ``data_path`` in natural name order (``00002.pt`` < ``00010.pt``; also for unpadded names)."""
+    """``*.pt`` files of ``data_path`` in natural name order (``00002.pt`` < ``00010.pt``; also for unpadded names),
+    without the temporaries a killed writer left (``utils.io``)."""
     if not os.path.isdir(data_path):
         raise DataError(f"data folder not found: {data_path}")
-    files = sorted(Path(data_path).glob("*.pt"), key=lambda p: natural_key(p.name))
+    files = sorted((p for p in Path(data_path).glob("*.pt") if not is_temp(p)), key=lambda p: natural_key(p.name))
     if not files:
         raise DataError(f"no .pt files in {data_path}")
     return files

@@ -1,7 +1,7 @@
 """MP4 writing/reading (imageio + its bundled ffmpeg, libx264, yuv420p) and safe output file names.
 
-Every writer here is atomic: frames go to a hidden temporary file in the destination directory, which replaces the
-final path (``os.replace``) only after ffmpeg finished successfully. A crash or exception leaves no partial
+Every writer here is atomic (:mod:`utils.io`): frames go to a hidden temporary file in the destination directory,
+which replaces the final path only after ffmpeg finished successfully. A crash or exception leaves no partial
 ``.mp4`` under the final name, so "skip outputs that already exist" logic never skips a broken file.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import unicodedata
-import uuid
 
 import numpy as np
+
+from utils.io import AtomicPath
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Mp4StreamWriter:
         self.num_frames = 0
         self._size: tuple[int, int] | None = None
         self._writer = None
-        self._tmp_path: str | None = None
+        self._target: AtomicPath | None = None   # the temporary file ffmpeg writes, once frames arrive
         self._closed = False
 
     def __enter__(self) -> "Mp4StreamWriter":
@@ -114,14 +115,11 @@ class Mp4StreamWriter:
         if self._writer is None:
             import imageio.v2 as imageio  # imported lazily: only video tools need ffmpeg
 
-            directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, exist_ok=True)
-            # A unique hidden name in the same directory (os.replace is atomic only within one filesystem); ffmpeg
-            # creates it with the usual permissions and picks the container from its .mp4 extension.
-            self._tmp_path = os.path.join(directory, f".tmp_{uuid.uuid4().hex}.mp4")
+            # ffmpeg picks the container from the temporary name's extension (the final name's).
+            self._target = AtomicPath(self.path)
             self._size = frames.shape[1:3]
             self._writer = imageio.get_writer(
-                self._tmp_path, format="FFMPEG", mode="I", fps=self.fps, codec="libx264", pixelformat="yuv420p",
+                str(self._target.tmp), format="FFMPEG", mode="I", fps=self.fps, codec="libx264", pixelformat="yuv420p",
                 quality=self.quality, macro_block_size=1, ffmpeg_log_level="error")
         elif frames.shape[1:3] != self._size:
             raise ValueError(f"frame size {frames.shape[1:3]} differs from the first frames' {self._size}")
@@ -142,8 +140,8 @@ class Mp4StreamWriter:
             self.abort()
             raise
         self._writer = None
-        os.replace(self._tmp_path, self.path)
-        self._tmp_path = None
+        self._target.commit()
+        self._target = None
         self._closed = True
 
     def abort(self) -> None:
@@ -155,10 +153,9 @@ class Mp4StreamWriter:
             except Exception:  # the file is discarded anyway; the original error matters more
                 logger.debug("closing ffmpeg after an error failed", exc_info=True)
             self._writer = None
-        if self._tmp_path is not None:
-            if os.path.exists(self._tmp_path):
-                os.remove(self._tmp_path)
-            self._tmp_path = None
+        if self._target is not None:
+            self._target.discard()
+            self._target = None
 
 
 def write_mp4(path: str | os.PathLike, frames, fps: float = DEFAULT_FPS, value_range=None, layout: str = "THWC",

@@ -1,0 +1,85 @@
+"""Atomic file writes, written once.
+
+A file is written under a temporary name in its destination folder and renamed to its final name only once it is
+complete (``os.replace`` is atomic within one filesystem, hence the same folder). So the final name never holds a
+partial file: code that skips existing outputs (mp4s, ODE trajectories, checkpoint exports) never keeps a broken one.
+
+Temporary names are ``.tmp-<8 hex>-<final name>``: hidden, unique per writer, and ending in the final name so tools
+that pick a format from the extension (ffmpeg) still see it. A killed writer leaves such a file behind;
+:func:`remove_stale_temps` deletes them and readers that list a folder skip them (:func:`is_temp`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+TEMP_PREFIX = ".tmp-"
+_TAG_LEN = 8   # hex digits of the per-writer tag
+
+
+def is_temp(name: str | os.PathLike) -> bool:
+    """Whether a file name is an :class:`AtomicPath` temporary."""
+    return os.path.basename(os.fspath(name)).startswith(TEMP_PREFIX)
+
+
+def _final_name(temp_name: str) -> str:
+    return temp_name[len(TEMP_PREFIX) + _TAG_LEN + 1:]
+
+
+class AtomicPath:
+    """A temporary path beside ``final`` that replaces it on :meth:`commit` or is deleted on :meth:`discard`.
+
+    As a context manager (``with atomic_path(p) as tmp: torch.save(obj, tmp)``) it commits when the block succeeds and
+    discards when it raises, leaving the old ``final`` (if any) untouched. Writers that span several calls (the mp4
+    stream writer) call :meth:`commit` / :meth:`discard` themselves. The folder is created if needed.
+    """
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:_TAG_LEN]}-{self.final.name}")
+
+    def commit(self) -> None:
+        """Flush the temporary file to disk, then give it the final name (the one atomic step)."""
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)   # the data is on disk before the name points at it (a crash cannot publish a hole)
+        finally:
+            os.close(fd)
+        os.replace(self.tmp, self.final)
+
+    def discard(self) -> None:
+        """Delete the temporary file if it exists; the final path is left as it was."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.tmp)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def atomic_path(final: str | os.PathLike) -> AtomicPath:
+    """``with atomic_path(final) as tmp:`` write ``tmp``; it becomes ``final`` only if the block succeeds."""
+    return AtomicPath(final)
+
+
+def remove_stale_temps(folder: str | os.PathLike, finals: Iterable[str] | None = None) -> int:
+    """Delete temporaries left in ``folder`` by killed writers; only those of the final names ``finals`` when given
+    (so one rank never deletes another's temporary in flight). Returns how many were deleted."""
+    wanted = None if finals is None else {os.path.basename(f) for f in finals}
+    removed = 0
+    for entry in os.scandir(folder):
+        if entry.is_file() and is_temp(entry.name) and (wanted is None or _final_name(entry.name) in wanted):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(entry.path)
+                removed += 1
+    return removed
