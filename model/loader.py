@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from model.config import PRESET_ALIASES, WanConfig, get_preset
 from model.rope import RotaryTables
 from model.wan import WanModel
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import CheckpointError, ConfigError, state_dict_mismatch
 from utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -304,11 +304,6 @@ def read_model_config(folder) -> WanConfig:
 # loading
 
 
-def _listing(title: str, items: list[str]) -> str:
-    shown = ", ".join(items[:_LIST_LIMIT]) + (", ..." if len(items) > _LIST_LIMIT else "")
-    return f"{title} ({len(items)}): {shown}"
-
-
 def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> torch.nn.Module:
     """Normalise ``sd`` and load it into ``model`` strictly.
 
@@ -317,16 +312,9 @@ def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> tor
     Raises one :class:`CheckpointError` listing every missing key, unexpected key and shape mismatch.
     """
     sd = normalize_keys(sd)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
-                  for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    problems = [_listing(title, items) for title, items in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-                if items]
+    problems = state_dict_mismatch(model.state_dict(), sd)
     if problems:
-        raise CheckpointError(f"{what} does not fit the model: " + "; ".join(problems))
+        raise CheckpointError(f"{what} does not fit the model: {problems}")
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(sd, strict=True, assign=on_meta)
     log.info("loaded %d tensors from %s", len(sd), what)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_FILES, WAN_TOKENIZER_SUBDIR
-from utils.errors import CheckpointError, WeightsMissingError
+from utils.errors import CheckpointError, WeightsMissingError, key_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +57,6 @@ UMT5_XXL = dict(
 # 1. Key conversion and config
 # ---------------------------------------------------------------------------------------------------------------
 
-def _fmt_keys(keys, limit: int = 8) -> str:
-    keys = sorted(str(k) for k in keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _key_report(missing=(), unexpected=(), mismatched=()) -> str:
-    """``missing keys [..], unexpected keys [..]`` with empty groups left out (one line)."""
-    groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape-mismatched keys", mismatched))
-    return ", ".join(f"{label} [{_fmt_keys(keys)}]" for label, keys in groups if keys)
-
-
 def _num_wan_layers(state_dict: dict) -> int:
     indices = [int(m.group(1)) for k in state_dict if (m := _WAN_BLOCK_RE.match(k))]
     return max(indices) + 1 if indices else 0
@@ -87,7 +75,7 @@ def check_wan_t5_keys(state_dict: dict, source: str = "checkpoint") -> None:
     missing = expected - state_dict.keys()
     unexpected = state_dict.keys() - expected
     if missing or unexpected:
-        raise CheckpointError(f"{source} is not a Wan UMT5 encoder state dict: {_key_report(missing, unexpected)}")
+        raise CheckpointError(f"{source} is not a Wan UMT5 encoder state dict: {key_mismatch(missing, unexpected)}")
 
 
 def convert_wan_t5_to_hf(state_dict: dict) -> dict:
@@ -108,7 +96,7 @@ def convert_wan_t5_to_hf(state_dict: dict) -> dict:
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"unknown keys in Wan T5 state dict: [{_fmt_keys(unknown)}]")
+        raise CheckpointError(f"Wan T5 state dict with keys of no UMT5 parameter: {key_mismatch(unexpected=unknown)}")
     return out
 
 
@@ -129,7 +117,8 @@ def convert_hf_t5_to_wan(state_dict: dict) -> dict:
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"unknown keys in HF UMT5 encoder state dict: [{_fmt_keys(unknown)}]")
+        raise CheckpointError(f"HF UMT5 encoder state dict with keys of no Wan T5 parameter: "
+                              f"{key_mismatch(unexpected=unknown)}")
     shared, embed = state_dict.get("shared.weight"), state_dict.get("encoder.embed_tokens.weight")
     if shared is not None and embed is not None and shared.data_ptr() != embed.data_ptr():
         if not torch.equal(shared, embed):
@@ -249,7 +238,8 @@ def _load_hf_encoder(folder: Path, dtype: torch.dtype):
     unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(("decoder.", "lm_head."))]
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"{folder} does not fit UMT5EncoderModel: {_key_report(missing, unexpected, mismatched)}")
+        report = key_mismatch(missing, unexpected, [str(m) for m in mismatched])
+        raise CheckpointError(f"{folder} does not fit UMT5EncoderModel: {report}")
     return model
 
 

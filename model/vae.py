@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from utils.errors import CheckpointError, ConfigError, WeightsMissingError
+from utils.errors import CheckpointError, ConfigError, WeightsMissingError, state_dict_mismatch
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
@@ -133,31 +133,12 @@ def convert_original_vae_state_dict(state_dict: dict[str, torch.Tensor], num_res
     return converted
 
 
-def _preview(keys: list[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown}, ... (+{len(keys) - limit})" if len(keys) > limit else shown
-
-
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
                            what: str = "the Wan VAE") -> None:
     """Load with ``assign=True`` after checking names and shapes; raises CheckpointError naming the mismatches."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_preview(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_preview(unexpected)}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} wrong shape: {_preview(wrong_shape)}")
+    problems = state_dict_mismatch(model.state_dict(), state_dict)
     if problems:
-        raise CheckpointError(f"{source} does not fit {what}; " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit {what}: {problems}")
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 

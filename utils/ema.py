@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from utils.errors import key_mismatch
+
 # Segments that wrappers (activation checkpointing, torch.compile, FSDP1, DDP) insert into parameter names.
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -69,8 +71,8 @@ class ShardLocalEMA:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.shadow):
-            missing, unexpected = sorted(set(self.shadow) - set(state)), sorted(set(state) - set(self.shadow))
-            raise KeyError(f"EMA state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise KeyError("EMA state does not match the network: "
+                           + key_mismatch(set(self.shadow) - set(state), set(state) - set(self.shadow)))
         for name, value in state.items():
             if value is not self.shadow[name]:
                 self.shadow[name].copy_(value)
@@ -95,9 +97,9 @@ class ShardLocalEMA:
         """Write the shadow into ``module``'s parameters (same architecture, sharded the same way), e.g. the target
         network of consistency distillation."""
         named = {canonical_name(n): p for n, p in module.named_parameters()}
-        missing = sorted(set(self.shadow) - set(named))
+        missing = set(self.shadow) - set(named)
         if missing:
-            raise KeyError(f"copy_to: the module lacks EMA parameters {missing[:5]}")
+            raise KeyError(f"copy_to: the module does not fit the EMA: {key_mismatch(missing)}")
         dst = [_local(named[n].detach()) for n in self.shadow]
         torch._foreach_copy_(dst, [_local(s) for s in self.shadow.values()])
 

@@ -24,3 +24,25 @@ class WeightsMissingError(UserError, FileNotFoundError):
 
 class DataError(UserError):
     """A dataset or prompt file is missing, empty or malformed."""
+
+
+def key_mismatch(missing=(), unexpected=(), mismatched=(), limit: int = 8) -> str:
+    """The one-line report of a strict state-dict load that does not fit: ``missing keys (2): a, b; unexpected keys
+    (1): c; shape mismatches (1): d: checkpoint (3,) vs model (4,)``. Empty groups are left out; each group shows its
+    count and its first ``limit`` names, then ``...``. Unordered collections (sets) are listed sorted."""
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        items = [str(k) for k in (sorted(items) if isinstance(items, (set, frozenset)) else items)]
+        if items:
+            shown = ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+            parts.append(f"{title} ({len(items)}): {shown}")
+    return "; ".join(parts)
+
+
+def state_dict_mismatch(expected: dict, given: dict) -> str:
+    """:func:`key_mismatch` of loading ``given`` into a module whose state dict is ``expected`` (names and shapes);
+    ``""`` when it fits."""
+    shape = lambda t: tuple(t.shape)  # noqa: E731
+    return key_mismatch([k for k in expected if k not in given], [k for k in given if k not in expected],
+                        [f"{k}: checkpoint {shape(given[k])} vs model {shape(expected[k])}"
+                         for k in expected if k in given and shape(given[k]) != shape(expected[k])])
