@@ -240,6 +240,18 @@ def attach(objective):
     return nets
 
 
+def loop_ema(objective):
+    """What trainer/loop.py does for CD's ``ema_from_start`` phase: an EMA of the student from its initial weights,
+    updated after every step, handed to the objective (which makes it the target). Returns the ``on_step`` hook."""
+    ema = ShardLocalEMA(objective.networks.trainable["generator"], objective.cfg.ema_weight)
+    objective.ema_updated("generator", ema, 0)
+
+    def on_step(step):
+        ema.update()
+        objective.ema_updated("generator", ema, step)
+    return on_step
+
+
 def train(objective, steps, on_step=None):
     """Drive ``objective`` like the loop does (one micro-batch per step); returns the per-step losses."""
     gen = objective.networks.trainable["generator"]
@@ -370,7 +382,7 @@ def cd_eval_loss(objective, batch, seeds=8):
     values = []
     for seed in range(seeds):
         torch.manual_seed(100 + seed)
-        values.append(objective.loss("generator", batch, objective._target_step or 0)[0].item())
+        values.append(objective.loss("generator", batch, 0)[0].item())
     torch.set_rng_state(state)
     return sum(values) / len(values)
 
@@ -389,7 +401,7 @@ def test_consistency_distillation_lowers_its_loss(world):
     teacher_before = {k: v.clone() for k, v in nets.frozen["teacher"].state_dict().items()}
     batch = next(objective.data(0, 1, seed=0))
     before = cd_eval_loss(objective, batch)
-    losses = train(objective, 40)
+    losses = train(objective, 40, loop_ema(objective))
     after = cd_eval_loss(objective, batch)
     numbers = (f"CD loss on a fixed batch and draws {before:.5f} -> {after:.5f} "
                f"(train {losses[0]:.5f} -> {losses[-1]:.5f})")
@@ -400,29 +412,38 @@ def test_consistency_distillation_lowers_its_loss(world):
     assert not torch.equal(student.head.head.weight, target.head.head.weight)
 
 
-def test_consistency_target_is_the_reference_ema_from_step_zero(world):
-    """Own EMA until the loop's EMA appears at ema_start_step = 2, which then takes over the same history."""
-    cfg = load_config(world / "cd.yaml", ["ema_weight=0.5"])
+def test_consistency_target_is_the_reference_ema_from_step_zero(world, tmp_path):
+    """In the shared loop CD's target is the reference's: the EMA of the student from the Stage-1 weights, updated
+    after every step whatever ema_start_step (2 here), which only decides when the release export holds it."""
+    from torch.distributed.tensor import DTensor
+
+    from trainer.loop import Trainer
+    from utils.checkpoint import release_path
+
+    cfg = load_config(world / "cd.yaml", ["ema_weight=0.5", "ema_start_step=2", "discrete_cd_N=8",
+                                          f"logdir={tmp_path}"])
     objective = ConsistencyObjective(cfg)
-    nets = attach(objective)
-    student, target = nets.trainable["generator"], nets.frozen["target"]
-    expected = {k: v.detach().clone() for k, v in student.named_parameters()}   # EMA starts at the Stage-1 weights
-    loop_ema = {}
-
-    def on_step(step):   # what trainer/loop.py does after optimizer.step(), with ema_start_step = 2
-        for k, v in student.named_parameters():
-            expected[k].lerp_(v.detach(), 0.5)
-        if step >= 2:
-            if "ema" in loop_ema:
-                loop_ema["ema"].update()
-            else:
-                loop_ema["ema"] = ShardLocalEMA(student, 0.5)
-            objective.ema_updated("generator", loop_ema["ema"], step)
-
-    train(objective, 5, on_step)
-    for k, v in target.named_parameters():
-        assert torch.allclose(v, expected[k], atol=1e-6), k
-        assert torch.allclose(loop_ema["ema"].shadow[k], expected[k], atol=1e-6), k
+    trainer = Trainer(cfg, objective)
+    local = lambda t: t._local_tensor if isinstance(t, DTensor) else t  # noqa: E731
+    params = lambda net: {k: local(v).detach().clone() for k, v in net.named_parameters()}  # noqa: E731
+    try:
+        trainer.setup()
+        student, target = trainer.networks.trainable["generator"], objective.networks.frozen["target"]
+        expected = params(student)   # the EMA starts at the Stage-1 weights
+        for step in range(5):
+            trainer.train_step(step)
+            for k, v in params(student).items():
+                expected[k].lerp_(v, 0.5)
+            got = params(target)
+            for k in expected:
+                assert torch.allclose(got[k], expected[k], atol=1e-6), (step, k)
+                assert torch.allclose(local(trainer.emas["generator"].shadow[k]), expected[k], atol=1e-6), (step, k)
+        for step in (2, 3):
+            trainer._export_release(step)
+        assert list(torch.load(release_path(tmp_path, 2), weights_only=True)) == ["generator"]
+        assert list(torch.load(release_path(tmp_path, 3), weights_only=True)) == ["generator", "generator_ema"]
+    finally:
+        trainer._close(None)
 
 
 def test_objectives_run_and_resume_in_the_shared_loop(world, ode_lmdb, tmp_path):

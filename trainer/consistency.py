@@ -13,36 +13,25 @@ EMA of the student with decay ``ema_weight``), the teacher the frozen Stage-1 mo
 exactly: the grid's timesteps are not on the 1000-step training grid, and the noising, the teacher's step and both
 x̂0 conversions must use the same σ (docs/stage2.md).
 
-The target network is the shared loop's EMA of the student (``Phase(ema=True)``, decay ``ema_weight``), copied into
-the ``target`` network whenever the loop updates it (:meth:`ConsistencyObjective.ema_updated`). The reference's EMA
-starts at step 0 while the loop's starts at ``ema_start_step``; until then the objective keeps the target itself with
-the same update, and hands its history to the loop's EMA when that is created, so the target is exactly the
-reference's at every step. Without a loop (tests, ``ema_weight: 0``) the objective's own update runs throughout.
+The target network is the shared loop's EMA of the student (:mod:`utils.ema`, decay ``ema_weight``), copied into the
+``target`` network whenever the loop updates it (:meth:`ConsistencyObjective.ema_updated`). As in the reference it
+starts from the Stage-1 weights and follows every step (``Phase(ema_from_start=True)``); ``ema_start_step`` only
+decides from when the release export holds it. It is checkpointed with the run, so a resumed target is exact.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from model.guidance import cond_uncond_context, guide
-from trainer.objective import Networks
+from trainer.objective import Networks, Phase
 from trainer.ode import Stage2Objective, device_of
 from utils.config import Config
 from utils.datasets import LatentLMDBDataset
-from utils.ema import canonical_name
 from utils.errors import ConfigError
-
-log = logging.getLogger(__name__)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor parameter (a view), or the tensor itself."""
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 class ConsistencyObjective(Stage2Objective):
@@ -59,10 +48,10 @@ class ConsistencyObjective(Stage2Objective):
         super().__init__(cfg, num_workers)
         if not cfg.is_causal:
             raise ConfigError("consistency_distillation trains a causal student: set is_causal: true")
+        if not cfg.ema_weight > 0:
+            raise ConfigError("consistency_distillation needs ema_weight > 0: the target network is the student's EMA "
+                              "(0.99 in the shipped configs)")
         self.grid = self.scheduler.inference_timesteps(cfg.discrete_cd_N, cfg.timestep_shift)   # [N] float32
-        self.decay = cfg.ema_weight
-        self._target_step: int | None = None    # last step the objective's own target update ran
-        self._loop_ema = None                   # the loop's ShardLocalEMA of the student, once it exists
 
     def build_networks(self, device: torch.device) -> Networks:
         student = self._build_generator(device)
@@ -83,51 +72,16 @@ class ConsistencyObjective(Stage2Objective):
         """x̂0 = x_t − σ·v in float32."""
         return x.float() - self.sigma(t) * flow.float()
 
-    # ------------------------------------------------------------------------------------------------------------
-    # the target network
-    def _params(self, role: str) -> dict[str, torch.Tensor]:
-        """Local shards of the ``generator`` (student) or ``target`` parameters by canonical name."""
-        nets = self.networks.trainable if role == "generator" else self.networks.frozen
-        return {canonical_name(n): _local(p.detach()) for n, p in nets[role].named_parameters()}
-
-    def _lerp_target(self) -> dict[str, torch.Tensor]:
-        """target <- decay * target + (1 - decay) * student; returns the target's tensors."""
-        target, student = self._params("target"), self._params("generator")
-        torch._foreach_lerp_([target[n] for n in student], [p.float() for p in student.values()], 1.0 - self.decay)
-        return target
-
-    @torch.no_grad()
-    def update_target(self, step: int) -> None:
-        """Own EMA step of the target for a new optimizer ``step`` while the loop keeps no EMA: at the first
-        micro-batch of step s it folds in the student after step s - 1, as the reference's shadow did.
-
-        A run resumed at ``step > 0`` without a loop EMA has no target to resume from: it restarts from the student.
-        """
-        if self._loop_ema is not None or (self._target_step is not None and step <= self._target_step):
-            return
-        if self._target_step is not None:
-            self._lerp_target()
-        elif step > 0:
-            log.warning("consistency target restarts from the student's weights at step %d", step)
-            target, student = self._params("target"), self._params("generator")
-            torch._foreach_copy_([target[n] for n in student], list(student.values()))
-        self._target_step = step
+    def phases(self) -> list[Phase]:
+        (phase,) = super().phases()
+        phase.ema_from_start = True
+        return [phase]
 
     @torch.no_grad()
     def ema_updated(self, phase: str, ema, step: int) -> None:
-        """The loop created, updated or restored its EMA of the student: the target becomes it.
-
-        When the EMA is created during this run (``ema_start_step`` reached), its shadow first takes the target's
-        history plus this step's update, so it equals the reference's EMA, which started at step 0. (On resume the
-        loop restores the EMA before any loss, and the target simply takes it.)
-        """
-        if phase != "generator":
-            return
-        if ema is not self._loop_ema and self._target_step is not None:
-            target = self._lerp_target()
-            torch._foreach_copy_([_local(v) for v in ema.shadow.values()], [target[n] for n in ema.shadow])
-        self._loop_ema = ema
-        ema.copy_to(self.networks.frozen["target"])
+        """The loop created, updated or restored its EMA of the student: the target network becomes it."""
+        if phase == "generator":
+            ema.copy_to(self.networks.frozen["target"])
 
     @torch.no_grad()
     def teacher_step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, context: torch.Tensor,
@@ -147,7 +101,6 @@ class ConsistencyObjective(Stage2Objective):
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Consistency loss of one micro-batch (fp32 loss; timesteps never quantised)."""
-        self.update_target(step)
         student = self.networks.trainable["generator"]
         device = device_of(student)
         x0 = batch["clean_latent"].to(device, non_blocking=True).float()     # [B, F, C, H, W]

@@ -128,7 +128,11 @@ class Trainer:
         self._seed(self.cfg.seed + w.rank)  # per-rank noise from here on (training.md §8.6)
         self._accum = grad_accum_steps(self.cfg, w.world_size)
         self._acc = MetricAccumulator(w.device)
-        return self._resume()
+        step = self._resume()
+        self._start_emas_from_start()
+        for name, ema in self.emas.items():
+            self.objective.ema_updated(name, ema, step)
+        return step
 
     def train_step(self, step: int) -> None:
         """One optimizer step of every phase due at ``step`` (0-based), on ``accum`` micro-batches: shared by the
@@ -195,11 +199,16 @@ class Trainer:
                 group.update(lr=phase.lr, betas=tuple(phase.betas))
         if resumed.data_state is not None:
             self.objective.load_data_state(resumed.data_state)
-        for name, ema in self.emas.items():
-            self.objective.ema_updated(name, ema, resumed.step)
         logger.info("resumed from %s at step %d (networks, optimizers, EMA %s, RNG, data position)", path,
                     resumed.step, sorted(self.emas) or "none")
         return resumed.step
+
+    def _start_emas_from_start(self) -> None:
+        """The EMAs of ``ema_from_start`` phases exist from the initial weights (a checkpoint restored them already)."""
+        for phase in self.phases.values():
+            if phase.ema and phase.ema_from_start and self.cfg.ema_weight > 0 and phase.name not in self.emas:
+                self.emas[phase.name] = ShardLocalEMA(self.networks.trainable[phase.name], self.cfg.ema_weight)
+                logger.info("EMA of %s kept from the start (decay %g)", phase.name, self.cfg.ema_weight)
 
     # -----------------------------------------------------------------------------------------------------------------
     # one phase
@@ -222,7 +231,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         self._acc.add(f"{phase.name}_grad_norm", grad_norm, step + 1)
         optimizer.step()
-        if phase.ema and self.cfg.ema_weight > 0 and step >= self.cfg.ema_start_step:
+        if phase.ema and self.cfg.ema_weight > 0 and (step >= self.cfg.ema_start_step or phase.ema_from_start):
             ema = self.emas.get(phase.name)
             if ema is None:  # created from the current weights at ema_start_step, as the reference does
                 ema = self.emas[phase.name] = ShardLocalEMA(model, self.cfg.ema_weight)
@@ -279,7 +288,8 @@ class Trainer:
             close_distributed()
 
     def _export_release(self, step: int) -> None:
-        """``checkpoint_model_<N>/model.pt`` with ``generator`` (and ``generator_ema``) under ``model.<Wan key>``."""
+        """``checkpoint_model_<N>/model.pt`` with ``generator`` (and, after ``ema_start_step``, ``generator_ema``)
+        under ``model.<Wan key>``."""
         if "generator" not in self.networks.trainable:
             return
         path = release_path(self.cfg.logdir, step)
@@ -288,6 +298,8 @@ class Trainer:
         from model.loader import save_release_checkpoint  # lazy: the loop itself needs no model code
 
         generator = full_model_state_dict(self.networks.trainable["generator"])
-        ema = self.emas["generator"].full_state_dict() if "generator" in self.emas else None
+        # An EMA kept from the start (CD's target) is exported, like any other, once ema_start_step has passed.
+        with_ema = "generator" in self.emas and step > self.cfg.ema_start_step
+        ema = self.emas["generator"].full_state_dict() if with_ema else None
         if self.world.is_main:
             save_release_checkpoint(path, generator, ema)

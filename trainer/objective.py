@@ -26,6 +26,9 @@ class Phase:
     betas: tuple[float, float]
     max_grad_norm: float
     ema: bool = False               # keep an EMA of this network (generator only in every shipped stage)
+    # The EMA starts from the initial weights and follows every step; ema_start_step then only decides from when the
+    # release export holds it (consistency distillation's target network, training.md §5.1).
+    ema_from_start: bool = False
     weight_decay: Optional[float] = None  # AdamW weight decay; None = config ``weight_decay``
 
 
@@ -78,8 +81,8 @@ class Objective(ABC):
         moving the batch to the device is the objective's job."""
 
     def ema_updated(self, phase: str, ema: Any, step: int) -> None:
-        """Called after the EMA of ``phase`` was created or updated at ``step`` (a :class:`utils.ema.ShardLocalEMA`).
-        Consistency distillation copies it into its target network here (``ema.copy_to(target)``)."""
+        """Called after the EMA of ``phase`` was created, updated or restored at ``step`` (a
+        :class:`utils.ema.ShardLocalEMA`). Consistency distillation copies it into its target network here."""
 
     def attach(self, networks: Networks) -> None:
         """Receive the (possibly sharded) networks the loop will train; called once before the first step."""

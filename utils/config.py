@@ -179,7 +179,8 @@ class Config:
     max_grad_norm_generator: float = _f(10.0, "gradient clipping norm of the generator")
     max_grad_norm_critic: float = _f(10.0, "gradient clipping norm of the critic")
     ema_weight: float = _f(0.0, "EMA decay of the generator weights; 0 disables the EMA")
-    ema_start_step: int = _f(0, "step from which the EMA is kept and checkpoints hold generator_ema")
+    ema_start_step: int = _f(0, "step from which the EMA is kept and release exports hold generator_ema (CD keeps "
+                                  "its target EMA from step 0; there it only decides the export)")
 
     # --- stage 1 (diffusion) ---
     teacher_forcing: bool = _f(False, "condition on ground-truth clean context (true) or diffusion forcing (false)")
