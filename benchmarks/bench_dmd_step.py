@@ -79,9 +79,8 @@ def wrap(obj: DMDObjective, networks, mode: str) -> str:
     """FSDP2 over a one-rank group (fp32 masters, bf16 compute: the loop's path). Returns how the generator was wrapped.
 
     Critic and real score: per block, then the root (utils.distributed). The generator: one unit at the root, as the
-    reference's FSDP1 size policy leaves Wan-1.3B (blocks of ~46M stay unwrapped) -- and because
-    ``WanModel._cross_kv`` reads every block's cross-attention weights outside that block's forward, which per-block
-    sharding does not gather. ``forward_cached`` is registered so FSDP gathers the root for it.
+    reference's FSDP1 size policy leaves Wan-1.3B (blocks of ~46M stay unwrapped). ``forward_cached`` is registered
+    so FSDP gathers the root for it.
     """
     if mode != "fsdp":
         # Under autocast fp32 norm weights promote q/k to fp32, which flash-attn rejects; SDPA casts by itself.
@@ -152,6 +151,10 @@ def main(argv=None) -> int:
     if cfg.mixed_precision and device.type == "cpu":   # the objective picks bf16 only on CUDA; force it here
         obj.compute_dtype = torch.bfloat16
         networks.frozen["real_score"].to(torch.bfloat16)
+    if cfg.gradient_checkpointing:   # the loop's one switch, applied from outside before any sharding
+        from utils.distributed import apply_activation_checkpointing
+        for net in networks.trainable.values():
+            apply_activation_checkpointing(net)
     generator_wrap = wrap(obj, networks, args.wrap)
     obj.attach(networks)
     sync(device)

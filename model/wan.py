@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from model.attention import attention, kernel_scope
 from model.config import WanConfig
@@ -69,12 +68,10 @@ class LayerNorm(nn.LayerNorm):
 
 
 class CacheMode(str, Enum):
-    """How :meth:`WanModel.forward_cached` runs; named by the caller, never guessed from autograd. Same values.
-
-    ``INFERENCE`` (no autograd): queries attend to views of the cache; the prompt's cross-attention K/V are computed
-    once and cached. ``ROLLOUT`` (a step that keeps gradients): earlier frames' K/V are copied out of the cache next
-    to the block's own (see ``SelfAttention._cached``); the cross-attention K/V are recomputed so gradients reach them.
-    """
+    """How :meth:`WanModel.forward_cached` runs, named by the caller (never guessed from autograd); same values.
+    ``INFERENCE`` (no autograd): attention over views of the cache, the prompt's cross-attention K/V cached once.
+    ``ROLLOUT`` (a step that keeps gradients): earlier frames' K/V copied out of the cache next to the block's own
+    (``SelfAttention._cached``), the cross-attention K/V recomputed so gradients reach them."""
 
     INFERENCE = "inference"
     ROLLOUT = "rollout"
@@ -143,10 +140,6 @@ class SelfAttention(nn.Module):
         if plan.cache is None:
             return attention(q, k, v, plan.mask)
         return self._cached(q, k, v, plan, layer)
-
-    def forward(self, x: torch.Tensor, plan: AttnPlan, layer: int) -> torch.Tensor:
-        q, k, v = self.qkv(x, plan.cos, plan.sin)
-        return self.o(self.attend(q, k, v, plan, layer).flatten(2))
 
     @staticmethod
     def _cached(q, k, v, plan: AttnPlan, layer: int) -> torch.Tensor:
@@ -313,7 +306,6 @@ class WanModel(nn.Module):
         self.layout = BlockLayout(num_frame_per_block, independent_first_frame)
         self.local_attn_size = local_attn_size
         self.sink_size = sink_size
-        self.gradient_checkpointing = False
         d = cfg.dim
         # Parameter names match the original Wan2.1 state dict.
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -369,9 +361,6 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.uncompile_regions()
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
-
     # ------------------------------------------------------------------------------------------------------------
     # embeddings
 
@@ -409,12 +398,10 @@ class WanModel(nn.Module):
     # shared trunk
 
     def _run_blocks(self, x, e0, ctx, plan: AttnPlan) -> torch.Tensor:
+        # Activation checkpointing is applied from outside (utils.distributed.apply_activation_checkpointing).
         with kernel_scope(x.device.type):  # the SDPA kernel order, set once per pass
             for i, block in enumerate(self.blocks):
-                if self.gradient_checkpointing and torch.is_grad_enabled():  # recomputation needs autograd
-                    x = checkpoint(block, x, e0, ctx, plan, i, use_reentrant=False)
-                else:
-                    x = block(x, e0, ctx, plan, i)
+                x = block(x, e0, ctx, plan, i)
         return x
 
     def _mask(self, kind: str, num_frames: int, tokens_per_frame: int, device: torch.device):

@@ -24,6 +24,8 @@ from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
 from pipeline.causal import BlockLoop, ExitPolicy, Guidance, NoiseFn, StepSchedule, randn_like_from
+from utils.distributed import activation_checkpointed
+from utils.errors import ConfigError
 
 
 class Rollout(NamedTuple):
@@ -154,11 +156,12 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
         cache = _rollout_cache(generator, batch, num_frames, height, width, dtype, noise.device)
     else:
         cache.reset()
-    if torch.is_grad_enabled() and generator.gradient_checkpointing and cache.capacity < num_frames:
+    if torch.is_grad_enabled() and activation_checkpointed(generator) and cache.capacity < num_frames:
         # Checkpointed blocks re-read earlier frames' K/V from the cache in backward; a ring that wrapped has
         # overwritten them by then, which would give silently wrong gradients.
-        raise ValueError(f"rollout of {num_frames} frames with a {cache.capacity}-frame attention window and "
-                         f"gradient checkpointing is not supported; disable one of them")
+        raise ConfigError(f"a rollout of {num_frames} frames wraps the {cache.capacity}-frame attention window "
+                          f"(local_attn_size), which gradient checkpointing cannot recompute: set "
+                          f"gradient_checkpointing: false, or local_attn_size: -1 or >= {num_frames}")
     # Exit forwards keep gradients (the model's rollout mode) only when the caller asked for them: a rollout under
     # no_grad (the critic's samples) runs every forward in inference mode.
     grad = torch.is_grad_enabled()

@@ -1,9 +1,8 @@
 """A toy objective for the training-loop tests, and the torchrun worker of tests/test_distributed_resume.py.
 
-The toy is a 2-block MLP regression (it exposes ``.blocks`` and ``enable_gradient_checkpointing`` like the Wan model)
-on synthetic samples drawn one by one from a seeded generator, so ``k`` micro-batches of ``b`` samples hold the same
-samples as one batch of ``k·b``. Its output layer has one row, so with 2 ranks FSDP2 shards it unevenly (one rank
-holds an empty shard).
+The toy is a 2-block MLP regression (it exposes ``.blocks`` like the Wan model) on synthetic samples drawn one by
+one from a seeded generator, so ``k`` micro-batches of ``b`` samples hold the same samples as one batch of ``k·b``.
+Its output layer has one row, so with 2 ranks FSDP2 shards it unevenly (one rank holds an empty shard).
 
 Worker: ``python -m torch.distributed.run --nproc_per_node=2 -m tests._dist_worker OUT`` runs, in one process group,
 (A) an uninterrupted 6-step run with a float64 reference EMA computed on gathered full parameters, (B) the same run
@@ -22,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
@@ -48,15 +46,11 @@ class ToyNet(nn.Module):
         self.inp = nn.Linear(IN_DIM, DIM)
         self.blocks = nn.ModuleList(ToyBlock(DIM) for _ in range(2))
         self.out = nn.Linear(DIM, 1)
-        self.gradient_checkpointing = False
-
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
         for block in self.blocks:
-            h = checkpoint(block, h, use_reentrant=False) if self.gradient_checkpointing else block(h)
+            h = block(h)   # activation checkpointing is the loop's, applied from outside
         return self.out(h)
 
 

@@ -2,6 +2,7 @@
 against a hand computation, a short distillation that moves the generator towards a teacher, and the shipped configs.
 """
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ from toy.folders import write_tiny_wan_folder
 from trainer.dmd import DMDObjective
 from trainer.objective import Networks
 from utils.config import load_config
+from utils.distributed import (
+    activation_checkpointed,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    close_distributed,
+    init_distributed,
+)
+from utils.errors import ConfigError
 
 # 4 latent channels of 4x4 (4 tokens per frame): every test here runs in well under a second per step.
 DIT = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=32, num_heads=2, num_layers=2, text_len=8,
@@ -83,7 +92,7 @@ def test_generator_and_critic_steps_touch_only_their_network(tmp_path):
     nets = obj.build_networks(torch.device("cpu"))
     obj.attach(nets)
     gen, critic, real = nets.trainable["generator"], nets.trainable["critic"], nets.frozen["real_score"]
-    assert gen.causal and not critic.causal and not real.causal and gen.gradient_checkpointing
+    assert gen.causal and not critic.causal and not real.causal
     # critic initialised from its own (Wan) folder, not from the generator
     assert not torch.equal(critic.blocks[0].ffn[0].weight, gen.blocks[0].ffn[0].weight)
     assert obj.phases_at(0) == ["generator", "critic"] and obj.phases_at(1) == ["critic"]
@@ -171,18 +180,18 @@ def test_rollout_gradient_flows_only_through_exit_forward(exit_step, first, firs
     ctx = torch.randn(2, 5, DIT.text_dim, generator=g)
     weight = torch.randn(2, frames, C, H, W, generator=g)
 
-    def grads_of(fn):
-        model.zero_grad(set_to_none=True)
+    def grads_of(fn, net=model):
+        net.zero_grad(set_to_none=True)
         (fn() * weight).sum().backward()
-        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
 
     fn, drawn = recorded_noise(1)
-    model.enable_gradient_checkpointing(True)
+    checkpointed = copy.deepcopy(model)
+    apply_activation_checkpointing(checkpointed)   # as the training loop applies it
     result = {}
     g_roll = grads_of(lambda: result.setdefault("r", self_forcing_rollout(
-        model, sch, schedule, ctx, frames, latent_shape=(C, H, W), exit_step=exit_step, first_block_exit_step=first,
-        context_noise=50, noise_fn=fn, noise=noise)).latents)
-    model.enable_gradient_checkpointing(False)
+        checkpointed, sch, schedule, ctx, frames, latent_shape=(C, H, W), exit_step=exit_step,
+        first_block_exit_step=first, context_noise=50, noise_fn=fn, noise=noise)).latents, checkpointed)
     exits = exit_step if isinstance(exit_step, list) else [first if (b == 0 and first is not None) else exit_step
                                                            for b in range(frames // k)]
     g_replay = grads_of(lambda: replay_rollout(model, sch, schedule, ctx, noise, exits, 50, drawn, k))
@@ -214,6 +223,40 @@ def test_rollout_grad_from_frame_and_exit_draws():
     assert {e for e, _ in draws} == {0, 1} and {f for _, f in draws} == {0, 1, 2, 3}
     per_block, first = draw_exit_steps(schedule, 3, same_step_across_blocks=False)
     assert len(per_block) == 3 and per_block[0] == first
+
+
+@pytest.mark.parametrize("window, checkpointed, grad, raises", [
+    (2, True, True, True),      # checkpointed rollout longer than the window: the ring wraps -> refused
+    (2, False, True, False),    # no checkpointing: nothing is recomputed
+    (-1, True, True, False),    # the cache holds the whole rollout: nothing is overwritten
+    (2, True, False, False),    # no gradients (the critic's samples): nothing is recomputed
+])
+def test_rollout_refuses_a_wrapping_cache_under_the_loops_checkpointing(window, checkpointed, grad, raises):
+    """Checkpointing applied the way trainer/loop.py applies it (wrappers per block, then FSDP2 over a one-rank group)
+    is what the rollout's guard sees: recomputed blocks would read K/V the wrapped ring has overwritten."""
+    init_distributed()
+    try:
+        torch.manual_seed(0)
+        model = WanModel(DIT, causal=True, local_attn_size=window)
+        if checkpointed:
+            apply_activation_checkpointing(model)
+        apply_fsdp(model, "full", mixed_precision=False)
+        assert activation_checkpointed(model) == checkpointed
+        schedule = StepSchedule.from_config(FlowMatchScheduler(shift=5.0), [1000, 500])
+        ctx = torch.randn(1, 4, DIT.text_dim)
+        with torch.set_grad_enabled(grad):
+            run = lambda: self_forcing_rollout(model, FlowMatchScheduler(shift=5.0), schedule, ctx, 4,  # noqa: E731
+                                               latent_shape=(C, H, W), exit_step=1)
+            if raises:
+                with pytest.raises(ConfigError) as err:
+                    run()
+                message = str(err.value)
+                assert "\n" not in message and "4 frames wraps the 2-frame attention window" in message
+                assert "gradient_checkpointing: false" in message and "local_attn_size" in message
+            else:
+                assert run().latents.requires_grad == grad   # no graph at all for a rollout under no_grad
+    finally:
+        close_distributed()
 
 
 def _depends_on_params(t, model):

@@ -57,8 +57,6 @@ class ConsistencyObjective(Stage2Objective):
         student = self._build_generator(device)
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
         target = copy.deepcopy(student).requires_grad_(False).eval()
-        teacher.enable_gradient_checkpointing(False)
-        target.enable_gradient_checkpointing(False)
         return Networks(trainable={"generator": student},
                         frozen={"teacher": teacher, "target": target,
                                 "text_encoder": self._build_text_encoder(device)})

@@ -79,8 +79,7 @@ class DMDObjective(Objective):
         self.compute_dtype = torch.bfloat16 if mixed else torch.float32
         generator = components.build_generator(cfg, cfg.generator_ckpt, device=self.device, dtype=torch.float32)
         critic = components.build_bidirectional(cfg, cfg.fake_name, device=self.device, dtype=torch.float32)
-        for net in (generator, critic):
-            net.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+        for net in (generator, critic):   # gradient checkpointing is the loop's (applied from outside)
             net.requires_grad_(True).train()
         real_device = torch.device("cpu") if cfg.real_score_cpu_offload else self.device
         real = components.build_bidirectional(cfg, cfg.real_name, device=real_device, dtype=self.compute_dtype)

@@ -89,8 +89,7 @@ class Stage2Objective(Objective):
             log.warning("generator_ckpt is not set: Stage 2 starts from the %s folder weights, not a Stage-1 model",
                         self.cfg.generator_name)
         gen = components.build_generator(self.cfg, self.cfg.generator_ckpt, device=device)
-        gen.enable_gradient_checkpointing(self.cfg.gradient_checkpointing)
-        return gen.requires_grad_(True).train()
+        return gen.requires_grad_(True).train()   # gradient checkpointing is the loop's (applied from outside)
 
     def _build_text_encoder(self, device: torch.device):
         # fp32 like the reference (and like the ODE data); the loop shards it, with CPU offload if configured.

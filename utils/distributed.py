@@ -155,17 +155,22 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Wrap each transformer block so its activations are recomputed in backward (torchtitan's way, from outside).
 
-    Must run before :func:`apply_fsdp`: FSDP2's hooks then sit on the wrapper and the recomputation calls the inner
-    block only. A model that checkpoints its own FSDP-sharded blocks re-enters FSDP's forward hook during recomputation,
-    which skips the bf16 input cast and fails checkpoint's metadata check under mixed precision. Parameter names gain
-    ``_checkpoint_wrapped_module.``, which the state-dict helpers strip (canonical keys).
+    The one gradient-checkpointing switch (``cfg.gradient_checkpointing``, applied by the training loop); models have
+    no flag of their own. Must run before :func:`apply_fsdp`: FSDP2's hooks then sit on the wrapper and the
+    recomputation calls the inner block only. A model that checkpoints its own FSDP-sharded blocks re-enters FSDP's
+    forward hook during recomputation, which skips the bf16 input cast and fails checkpoint's metadata check under
+    mixed precision. Parameter names gain ``_checkpoint_wrapped_module.``, which the state-dict helpers strip.
     """
     for blocks in _block_lists(model):
         for i, block in enumerate(blocks):
             if not isinstance(block, CheckpointWrapper):
                 blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-    if hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing(False)  # the wrappers recompute; the model must not do it a second time
+
+
+def activation_checkpointed(model: nn.Module) -> bool:
+    """Whether :func:`apply_activation_checkpointing` wrapped ``model``'s blocks (their forward is recomputed in
+    backward, reading whatever state they read again then)."""
+    return any(isinstance(block, CheckpointWrapper) for block in transformer_blocks(model))
 
 
 def _policy(mixed_precision: bool) -> MixedPrecisionPolicy:
