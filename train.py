@@ -22,7 +22,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="output folder: checkpoints/, checkpoint_model_<step>/model.pt, metrics.jsonl; "
                              "a run resumes from the newest checkpoint found here")
     parser.add_argument("--no_save", action="store_true", help="write no checkpoints")
-    parser.add_argument("--no_visualize", action="store_true", help="do not build the VAE for visualisation")
+    parser.add_argument("--no_visualize", action="store_true",
+                        help="accepted for the published train.py's command lines; no effect (training writes no "
+                             "sample videos yet)")
     parser.add_argument("--disable-wandb", dest="disable_wandb", action="store_true",
                         help="turn Weights & Biases off whatever the config's wandb_mode says")
     parser.add_argument("--wandb-save-dir", dest="wandb_save_dir", default="",
@@ -30,6 +32,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config values applied after the YAML, e.g. --override max_steps=500 lr=1e-6")
     return parser.parse_args(argv)
+
+
+def load_run_config(args: argparse.Namespace):
+    """The YAML with ``--override`` applied, plus the runtime keys from the flags (``--no_visualize`` sets none)."""
+    from utils.config import load_config
+
+    cfg = load_config(args.config_path, args.override)
+    return dataclasses.replace(cfg, logdir=args.logdir, no_save=args.no_save, disable_wandb=args.disable_wandb,
+                               wandb_save_dir=args.wandb_save_dir)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -40,13 +51,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Imported after parsing so that --help answers without loading torch.
     from trainer.loop import Trainer
     from trainer.registry import build_objective
-    from utils.config import load_config
     from utils.errors import UserError
 
     try:
-        cfg = load_config(args.config_path, args.override)
-        cfg = dataclasses.replace(cfg, logdir=args.logdir, no_save=args.no_save, no_visualize=args.no_visualize,
-                                  disable_wandb=args.disable_wandb, wandb_save_dir=args.wandb_save_dir)
+        cfg = load_run_config(args)
         Trainer(cfg, build_objective(cfg)).train()
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")

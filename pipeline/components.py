@@ -21,7 +21,7 @@ from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
-from utils.config import Config
+from utils.config import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, Config
 from utils.errors import CheckpointError, ConfigError, WeightsMissingError
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,23 @@ def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_d
 
 
 def build_vae(cfg: Config, device="cpu", dtype=torch.float32) -> WanVAE:
-    """The Wan VAE of ``text_encoder_name``: ``Wan2.1_VAE.pth``, else a diffusers ``vae/`` folder beside it."""
+    """The Wan VAE of ``text_encoder_name``: ``Wan2.1_VAE.pth``, else a diffusers ``vae/`` folder beside it.
+
+    Raises ConfigError when its strides or latent channels differ from the ones the config derives its pixel
+    geometry with (``height``, ``width``, ``num_frames`` and ``image_or_video_shape[2]``).
+    """
     folder = os.path.join(cfg.wan_models_dir, cfg.text_encoder_name)
     if not os.path.isfile(os.path.join(folder, "Wan2.1_VAE.pth")) and os.path.isdir(os.path.join(folder, "vae")):
         folder = os.path.join(folder, "vae")
-    return WanVAE.from_pretrained(folder, torch_dtype=dtype).to(device)
+    vae = WanVAE.from_pretrained(folder, torch_dtype=dtype).to(device)
+    found = (vae.temporal_compression, vae.spatial_compression, vae.latent_channels)
+    wanted = (VAE_TEMPORAL_STRIDE, VAE_SPATIAL_STRIDE, cfg.image_or_video_shape[2])
+    if found != wanted:
+        raise ConfigError(f"VAE {folder}: temporal/spatial stride and latent channels {found} differ from the "
+                          f"config's {wanted} (image_or_video_shape[2] and the Wan VAE strides)")
+    return vae
 
 
 def build_scheduler(cfg: Config) -> FlowMatchScheduler:
-    """The generator's 1000-step flow-matching grid (shift from ``model_kwargs.timestep_shift``)."""
-    return FlowMatchScheduler(num_train_timesteps=cfg.num_train_timestep, shift=cfg.model_kwargs.timestep_shift)
+    """The generator's 1000-step flow-matching grid, shifted by ``timestep_shift``."""
+    return FlowMatchScheduler(num_train_timesteps=cfg.num_train_timestep, shift=cfg.timestep_shift)

@@ -6,19 +6,13 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
-from utils.config import (
-    LEGACY_KEYS,
-    Config,
-    config_to_dict,
-    config_to_yaml,
-    describe_defaults,
-    grad_accum_steps,
-    load_config,
-    main,
-)
+from utils.config import Config, config_to_dict, config_to_yaml, grad_accum_steps, load_config
+from utils.config_cli import describe_defaults, main
+from utils.config_compat import COMPAT_KEYS, SECRET_KEYS
 from utils.errors import ConfigError
 
 STAGE_CONFIGS = [
@@ -32,10 +26,9 @@ STAGE_CONFIGS = [
 # Values every shipped reference config resolves to (training.md §3-§6 and §9.1; model_and_inference.md §1).
 COMMON = {
     "lr": 2.0e-6, "beta2": 0.999, "weight_decay": 0.01, "batch_size": 1, "guidance_scale": 3.0,
-    "timestep_shift": 5.0, "model_kwargs.timestep_shift": 5.0, "num_train_timestep": 1000,
+    "timestep_shift": 5.0, "num_train_timestep": 1000,
     "image_or_video_shape": [1, 21, 16, 60, 104], "mixed_precision": True, "gradient_checkpointing": True,
-    "sharding_strategy": "hybrid_full", "generator_fsdp_wrap_strategy": "size", "height": 480, "width": 832,
-    "num_frames": 81, "fps": 16,
+    "sharding_strategy": "hybrid_full", "height": 480, "width": 832, "num_frames": 81, "fps": 16,
 }
 FOUR_STEP = [1000, 750, 500, 250]
 AR = {"trainer": "diffusion", "data_path": "dataset/clean_data", "teacher_forcing": True, "beta1": 0.0,
@@ -44,12 +37,12 @@ ODE = {"trainer": "ode", "beta1": 0.9, "log_iters": 1000, "denoising_step_list":
        "warp_denoising_step": True}
 CD = {"trainer": "consistency_distillation", "data_path": "dataset/clean_data", "beta1": 0.0, "log_iters": 1000,
       "discrete_cd_N": 48, "ema_weight": 0.99, "ema_start_step": 200, "denoising_step_list": FOUR_STEP,
-      "warp_denoising_step": True, "is_causal": True}
+      "warp_denoising_step": True}
 DMD = {"trainer": "score_distillation", "data_path": "prompts/vidprom_filtered_extended.txt",
        "real_name": "Wan2.1-T2V-14B", "fake_name": "Wan2.1-T2V-1.3B", "lr_critic": 4.0e-7, "beta1": 0.0,
        "beta1_critic": 0.0, "beta2_critic": 0.999, "dfake_gen_update_ratio": 5, "log_iters": 250,
        "ema_weight": 0.99, "ema_start_step": 200, "denoising_step_list": FOUR_STEP, "warp_denoising_step": True,
-       "distribution_loss": "dmd", "denoising_loss_type": "flow", "ts_schedule": False, "num_training_frames": 21,
+       "denoising_loss_type": "flow", "ts_schedule": False, "num_training_frames": 21,
        "same_step_across_blocks": True, "context_noise": 0, "real_guidance_scale": 3.0, "fake_guidance_scale": 0.0,
        "denoising_step_list_first_chunk": None}
 EXPECTED = {
@@ -119,9 +112,9 @@ def test_unknown_key_names_file_key_and_suggestion(tmp_path):
 
 
 def test_unknown_nested_key_and_close_misspelling(tmp_path):
-    path = _write(tmp_path, "x.yaml", "trainer: ode\nmodel_kwargs:\n  timestep_shfit: 3.0\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'model_kwargs.timestep_shfit' \(did you mean "
-                                          r"'model_kwargs.timestep_shift'\?\)"):
+    path = _write(tmp_path, "x.yaml", "trainer: ode\nmodel_kwargs:\n  local_atn_size: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model_kwargs.local_atn_size' \(did you mean "
+                                          r"'model_kwargs.local_attn_size'\?\)"):
         load_config(path)
     path = _write(tmp_path, "y.yaml", "trainer: ode\nnum_frames_per_blok: 3\n")
     with pytest.raises(ConfigError, match=r"did you mean 'num_frame_per_block'\?"):
@@ -133,7 +126,7 @@ def test_unknown_nested_key_and_close_misspelling(tmp_path):
     ("num_frame_per_block: 1.5", r"key 'num_frame_per_block' expects an int, got 1.5"),
     ("denoising_step_list: [1000, abc]", r"key 'denoising_step_list\[1\]' expects a list of ints or null"),
     ("teacher_forcing: maybe", r"key 'teacher_forcing' expects a boolean, got 'maybe'"),
-    ("wandb_entity: {your entity}", r"key 'wandb_entity' expects a string or null"),
+    ("wandb_entity: {a: 1}", r"key 'wandb_entity' expects a string or null"),
 ])
 def test_mistyped_value_fails_naming_key(tmp_path, line, message):
     path = _write(tmp_path, "x.yaml", f"trainer: ode\n{line}\n")
@@ -178,27 +171,31 @@ def test_missing_trainer_and_missing_file(tmp_path):
 
 
 def test_legacy_keys_load_with_one_warning(tmp_path, caplog):
-    # a reference-style stage YAML (training.md §9.1), minus the secrets
+    # a reference-style stage YAML (training.md §9.1), minus the secrets: read as published (no base, only
+    # published keys), so its wandb_name keeps the published meaning too (not read)
     text = ("trainer: ode\ngenerator_grad:\n  model: true\ngenerator_task: causal_video\nspatial_sf: true\n"
             "grad_accum: 1\ndiscriminator_lr_multiplier: 1.0\nckpt_step: 0\nprompt_name: MovieGenVideoBench\n"
-            "num_samples: 1\nwandb_name: ode\nmodel_kwargs:\n  timestep_shift: 5.0\n")
-    with caplog.at_level(logging.WARNING, logger="utils.config"):
+            "num_samples: 1\nwandb_name: ode\nno_visualize: true\nmodel_kwargs:\n  timestep_shift: 5.0\n")
+    with caplog.at_level(logging.WARNING, logger="utils"):
         cfg = load_config(_write(tmp_path, "old.yaml", text))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    for key in ("generator_grad", "generator_task", "spatial_sf", "grad_accum", "ckpt_step", "num_samples"):
+    for key in ("generator_grad", "generator_task", "spatial_sf", "grad_accum", "ckpt_step", "num_samples",
+                "no_visualize", "wandb_name"):
         assert key in warnings[0]
-        assert not hasattr(cfg, key)
-    assert cfg.wandb_name == "ode"
-    assert {"tf", "spatial_sf"} <= LEGACY_KEYS
+        assert not hasattr(cfg, key) or key == "wandb_name"
+    assert cfg.wandb_name is None
+    assert {"tf", "spatial_sf", "no_visualize", "distribution_loss"} <= set(COMPAT_KEYS)
 
 
 @pytest.mark.parametrize("key, env", [("wandb_key", "WANDB_API_KEY"), ("wandb_host", "WANDB_BASE_URL")])
-def test_wandb_secrets_in_yaml_fail_pointing_to_environment(tmp_path, key, env):
+def test_wandb_secrets_in_yaml_are_ignored_pointing_to_environment(tmp_path, key, env, caplog):
     path = _write(tmp_path, "x.yaml", f"trainer: ode\n{key}: abc123\n")
-    message = rf"x\.yaml: '{key}' is not a config key: secrets come from the environment; delete it and set {env}$"
-    with pytest.raises(ConfigError, match=message):
-        load_config(path)
+    with caplog.at_level(logging.WARNING, logger="utils"):
+        cfg = load_config(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{path}: ignoring {key}: credentials are never read from a YAML; export {env} instead"]
+    assert "abc123" not in config_to_yaml(cfg) and SECRET_KEYS[key] == env
 
 
 def test_overrides(configs_dir):
@@ -249,7 +246,7 @@ def test_defaults_live_only_in_the_schema(configs_dir, tmp_path):
     assert cfg == Config(trainer="ode", config_name="bare")
     # the documented dump (`python -m utils.config`) shows the same defaults, before the null fallbacks resolve
     expected = {**config_to_dict(cfg), "trainer": "???", "config_name": "", "lr_critic": None,
-                "real_guidance_scale": None, "fake_guidance_scale": None}
+                "real_guidance_scale": None, "fake_guidance_scale": None, "num_training_frames": None}
     assert yaml.safe_load(describe_defaults()) == expected
 
 
@@ -266,7 +263,7 @@ def test_serialisation(configs_dir):
     cfg = load_config(configs_dir / "causal_cd_chunkwise.yaml")
     as_dict = config_to_dict(cfg)
     json.dumps(as_dict)  # plain types only
-    assert as_dict["model_kwargs"] == {"timestep_shift": 5.0, "local_attn_size": -1, "sink_size": 0}
+    assert as_dict["model_kwargs"] == {"local_attn_size": -1, "sink_size": 0}
     assert yaml.safe_load(config_to_yaml(cfg)) == as_dict
 
 
@@ -284,3 +281,88 @@ def test_command_line(configs_dir, capsys):
     assert (printed["seed"], printed["num_frame_per_block"]) == (9, 3)
     assert main([str(configs_dir / "causal_ode_chunkwise.yaml"), "sed=9"]) == 2
     assert "unknown key 'sed'" in capsys.readouterr().err
+
+
+def test_pixel_geometry_derives_from_the_latent_shape_and_copies_are_checked(tmp_path):
+    cfg = load_config(_write(tmp_path, "a.yaml", "trainer: ode\nimage_or_video_shape: [1, 9, 16, 8, 12]\n"))
+    assert (cfg.height, cfg.width, cfg.num_frames, cfg.num_training_frames) == (64, 96, 33, 9)
+    # copies that agree load; one that disagrees fails naming the file, the key and the derived value
+    agree = "trainer: ode\nimage_or_video_shape: [1, 9, 16, 8, 12]\nheight: 64\nwidth: 96\nnum_frames: 33\n"
+    assert load_config(_write(tmp_path, "b.yaml", agree)).height == 64
+    with pytest.raises(ConfigError, match=r"c\.yaml: width 832 does not match image_or_video_shape \(which gives "
+                                          r"96\); drop width \(it is derived from image_or_video_shape\)"):
+        load_config(_write(tmp_path, "c.yaml", "trainer: ode\nimage_or_video_shape: [1, 9, 16, 8, 12]\nwidth: 832\n"))
+    with pytest.raises(ConfigError, match=r"d\.yaml: num_frames 81 does not match image_or_video_shape"):
+        load_config(_write(tmp_path, "d.yaml", "trainer: ode\nimage_or_video_shape: [1, 9, 16, 8, 12]\n"
+                                               "num_frames: 81\n"))
+    # a later layer that sets the source supersedes an earlier copy (e.g. a site default_config.yaml)
+    _write(tmp_path, "base.yaml", "trainer: ode\nheight: 480\n")
+    cfg = load_config(_write(tmp_path, "e.yaml", "base: base.yaml\nimage_or_video_shape: [1, 9, 16, 8, 12]\n"))
+    assert cfg.height == 64
+    with pytest.raises(ConfigError, match=r"override 'height=480': height 480 does not match"):
+        load_config(tmp_path / "e.yaml", ["height=480"])
+
+
+def test_one_timestep_shift_with_a_checked_copy(tmp_path):
+    cfg = load_config(_write(tmp_path, "a.yaml", "trainer: ode\ntimestep_shift: 3.0\n"
+                                                 "model_kwargs:\n  timestep_shift: 3.0\n"))
+    assert cfg.timestep_shift == 3.0 and not hasattr(cfg.model_kwargs, "timestep_shift")
+    with pytest.raises(ConfigError, match=r"b\.yaml: model_kwargs\.timestep_shift 3\.0 does not match timestep_shift "
+                                          r"\(which gives 5\.0\)"):
+        load_config(_write(tmp_path, "b.yaml", "trainer: ode\nmodel_kwargs:\n  timestep_shift: 3.0\n"))
+    # an override of the one shift supersedes the file's copy; the grid and the samplers read it
+    assert load_config(tmp_path / "a.yaml", ["timestep_shift=2"]).timestep_shift == 2.0
+    from model.scheduler import FlowMatchScheduler
+    from pipeline.components import build_scheduler
+
+    ours = build_scheduler(load_config(tmp_path / "a.yaml")).timesteps
+    assert torch.equal(ours, FlowMatchScheduler(num_train_timesteps=1000, shift=3.0).timesteps)
+    assert not torch.equal(ours, FlowMatchScheduler(num_train_timesteps=1000, shift=5.0).timesteps)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_training_frames=24", r"num_training_frames must be <= image_or_video_shape\[1\] \(21\): longer rollouts"),
+    ("causal=false", "causal: false .* needs trainer: diffusion"),
+])
+def test_values_we_cannot_honour_fail(configs_dir, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(configs_dir / "causal_forcing_dmd_chunkwise.yaml", [override])
+
+
+def test_shipped_yamls_use_only_schema_keys(repo_root):
+    """Our YAMLs carry no compatibility or secret key, so none is read as a published YAML."""
+    for path in sorted((repo_root / "configs").rglob("*.yaml")):
+        keys = set(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        assert not keys & (set(COMPAT_KEYS) | set(SECRET_KEYS) | {"height", "width", "num_frames"}), path
+
+
+def test_every_schema_key_is_read_by_some_code(repo_root):
+    """Issue 21: every schema key is read outside the config modules (else it belongs in COMPAT_KEYS)."""
+    config_modules = {repo_root / "utils" / name for name in ("config.py", "config_cli.py", "config_compat.py")}
+    text = "\n".join(p.read_text(encoding="utf-8") for p in repo_root.rglob("*.py")
+                     if "tests" not in p.relative_to(repo_root).parts and p not in config_modules)
+    read_in_config = {"total_batch_size"}   # by grad_accum_steps, the one place trainer/loop.py asks
+
+    def fields(schema):
+        for f in dataclasses.fields(schema):
+            yield f.name
+            if dataclasses.is_dataclass(f.type):
+                yield from fields(f.type)
+    unread = [name for name in fields(Config) if f".{name}" not in text and name not in read_in_config]
+    assert unread == []
+
+
+def test_build_vae_checks_the_strides_and_channels_the_geometry_assumes(tmp_path):
+    from model.tiny import TINY_VAE, write_tiny_wan_folder
+    from pipeline.components import build_vae
+
+    write_tiny_wan_folder(tmp_path / "Tiny")
+    write_tiny_wan_folder(tmp_path / "Half", vae={**TINY_VAE, "dim_mult": [1, 2, 4]})   # 4x spatial
+    path = _write(tmp_path, "x.yaml", f"trainer: ode\nwan_models_dir: {tmp_path}\ntext_encoder_name: Tiny\n"
+                                      "image_or_video_shape: [1, 2, 16, 4, 6]\n")
+    assert build_vae(load_config(path)).latent_channels == 16
+    with pytest.raises(ConfigError, match=r"VAE .*Tiny/vae: temporal/spatial stride and latent channels \(4, 8, 16\) "
+                                          r"differ from the config's \(4, 8, 8\)"):
+        build_vae(load_config(path, ["image_or_video_shape=[1,2,8,4,6]"]))
+    with pytest.raises(ConfigError, match=r"\(4, 4, 16\) differ"):
+        build_vae(load_config(path, ["text_encoder_name=Half"]))

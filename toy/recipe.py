@@ -671,8 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps_scale", type=float, default=1.0, help="multiply every stage's max_steps" + d)
     p.add_argument("--steps", nargs="+", default=[], metavar="STAGE=N", help="steps of single stages, e.g. base=500")
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides for every stage, sampling included (e.g. model_kwargs.timestep_shift=2 "
-                        "timestep_shift=2); paths and step counts are the recipe's own")
+                   help="config overrides for every stage, sampling included (e.g. timestep_shift=2); paths and step "
+                        "counts are the recipe's own")
     p.add_argument("--dit", nargs="+", default=[], metavar="KEY=VALUE",
                    help="edit the toy DiT's config.json before the random initialisation of the base, e.g. dim=256 "
                         "num_layers=6 'patch_size=[1,1,1]' (every stage inherits it; needs a fresh --workdir)")

@@ -46,8 +46,6 @@ class ConsistencyObjective(Stage2Objective):
 
     def __init__(self, cfg: Config, num_workers: int | None = None):
         super().__init__(cfg, num_workers)
-        if not cfg.is_causal:
-            raise ConfigError("consistency_distillation trains a causal student: set is_causal: true")
         if not cfg.ema_weight > 0:
             raise ConfigError("consistency_distillation needs ema_weight > 0: the target network is the student's EMA "
                               "(0.99 in the shipped configs)")

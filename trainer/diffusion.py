@@ -266,7 +266,3 @@ def _check_config(cfg: Config) -> None:
     if cfg.noise_augmentation_max_timestep > 0 and not cfg.teacher_forcing:
         raise ConfigError("noise_augmentation_max_timestep noises the teacher-forcing context; "
                           "it needs teacher_forcing: true")
-    if cfg.load_raw_video:
-        raise ConfigError("load_raw_video is not supported: encode videos once with python -m app.encode_videos")
-    if cfg.i2v:
-        raise ConfigError("i2v is not supported by trainer: diffusion")

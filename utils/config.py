@@ -1,37 +1,30 @@
 """Typed configuration: one schema, every default written once, strict YAML loading.
 
 Where defaults live: the :class:`Config` dataclass below is the single source of every default, each with a one-line
-doc. ``configs/default_config.yaml`` is kept (users know it and ``load_config`` still merges it, so a site may pin
-values there) but ships with no keys; a test keeps it from growing a second copy of the defaults. Stage YAMLs hold only
-what differs from the schema, and may name a ``base:`` YAML (path relative to the file) to inherit from, so a chunk-wise
-file is "the frame-wise file plus ``num_frame_per_block: 3``". ``python -m utils.config [CONFIG] [key=value ...]``
-prints the fully resolved config (or, with no CONFIG, every default with its doc) as one flat YAML.
+doc. ``configs/default_config.yaml`` is kept (``load_config`` merges the one beside the given file, so a site may pin
+values there) but ships with no keys. Stage YAMLs hold only what differs from the schema and may name a ``base:`` YAML
+(path relative to the file) to inherit from. ``python -m utils.config [CONFIG] [key=value ...]`` prints the resolved
+config (or, with no CONFIG, every default with its doc) as one flat YAML.
 
-API: ``load_config(path, overrides) -> Config`` returns the dataclass itself, validated by ``Config.__post_init__``,
-holding plain Python values (``cfg.lr``, ``cfg.model_kwargs.local_attn_size``; lists are lists). ``config_to_dict`` /
-``config_to_yaml`` (or ``OmegaConf.to_yaml(cfg)``) log or print it; ``grad_accum_steps`` gives the micro-steps per
-optimizer step.
+API: ``load_config(path, overrides) -> Config`` returns the validated dataclass, holding plain Python values
+(``cfg.lr``, ``cfg.model_kwargs.local_attn_size``). ``config_to_dict`` / ``config_to_yaml`` log or print it;
+``grad_accum_steps`` is the one place that decides the micro-steps per optimizer step.
 
 Load order (later wins): schema defaults < default_config.yaml < base chain (outermost first) < the YAML < overrides.
-Unknown or misspelt keys, mistyped values and bad values raise :class:`ConfigError` with a one-line message that
-names the file and the key.
+Unknown keys, mistyped and bad values raise :class:`ConfigError` with one line naming the file and the key.
 
-Differences from the reference configs (thu-ml/Causal-Forcing), on purpose:
+Derived values, computed once: ``image_or_video_shape`` ``[B, F, C, H, W]`` (latent) is the geometry's source of truth;
+``height``/``width``/``num_frames`` are properties derived from it with the Wan VAE's strides (8 spatial, 4 temporal).
+``timestep_shift`` is the one shift (the generator's grid, DMD/critic timestep sampling, the samplers). A YAML may
+still give ``height``, ``width``, ``num_frames`` or ``model_kwargs.timestep_shift`` (published YAMLs do): each is a
+copy, checked against the value derived from its source unless a later layer sets that source; a mismatch fails.
 
-* ``seed: 0`` is a real seed (the reference drew a random one); runs are reproducible by default.
-* ``wandb_key`` / ``wandb_host`` are not config keys: secrets come from the environment (``WANDB_API_KEY``,
-  ``WANDB_BASE_URL``); a YAML that still has them fails with a message saying so. W&B is off unless ``wandb_mode``
-  says otherwise.
-* ``total_batch_size`` is honoured through gradient accumulation (see :func:`grad_accum_steps`); the reference
-  ignored it. ``max_steps`` stops the run (the reference looped forever); ``log_every`` sets the metrics interval;
-  ``log_iters`` keeps its reference meaning, the checkpoint interval.
-* ``loss_weighting`` (new) names the Stage-1 loss weight over timesteps the reference hard-coded (``gaussian``,
-  the default); ``uniform`` is for models trained from scratch, like the toy base (docs/toy_world.md).
-* Keys that no reference code reads (``spatial_sf``, ``grad_accum``, ``tf``, ...) still load, are dropped, and are named
-  in one warning (:data:`LEGACY_KEYS`).
-* ``timestep_shift`` defaults to 5.0 (reference code default 1.0; every shipped config that reads it says 5.0) and
-  ``ts_schedule`` to false (reference code default true; every shipped config says false). ``ema_weight: 0`` disables
-  the EMA, which is how the stage-1 configs now say "no EMA" (the reference set ``ema_start_step: 2000000000``).
+Published YAMLs (thu-ml/Causal-Forcing, Self Forcing) load unchanged; :mod:`utils.config_compat` holds the keys we do
+not read, secrets and placeholders. The published rule: a file without ``base:`` that sets a key only published YAMLs
+have (a compatibility or secret key) and none of ours (``max_steps``, ``log_every``, ``wandb_mode``, ``config_name``)
+keeps the published meaning of ``total_batch_size`` and ``wandb_name``: not read, so no gradient accumulation and the
+W&B run named after the file (one warning); a real ``wandb_project``/``wandb_entity`` there turns W&B on. Elsewhere
+``total_batch_size`` is reached by gradient accumulation. ``seed: 0`` is a fixed seed everywhere.
 """
 
 import copy
@@ -47,13 +40,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from utils.config_compat import BASE_KEY, KEY_HINTS, SECRET_KEYS, adapt_layer, check_file_name, is_published
 from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 TRAINERS = ("diffusion", "ode", "consistency_distillation", "score_distillation")
 SHARDING_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")
-WRAP_STRATEGIES = ("size", "transformer")
 DENOISING_LOSS_TYPES = ("flow", "x0")
 WANDB_MODES = ("disabled", "offline", "online")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn")
@@ -64,24 +57,9 @@ WAN_NEGATIVE_PROMPT = (
     "三条腿，背景人很多，倒着走"
 )
 
-# Reference YAML keys that no code reads (training.md §9): accepted so old files load, dropped, and warned about.
-LEGACY_KEYS = frozenset({
-    "spatial_sf", "generator_grad", "generator_task", "grad_accum", "discriminator_lr_multiplier", "tf",
-    "ckpt_step", "prompt_name", "prompt_path", "eval_first_n", "num_samples", "backward_simulation",
-    "rtf_ema_ratio", "eval_interval", "eval_num_output_frames", "eval_num_init_frames", "rtf_single_gpu_batch",
-    "given_first_chunk",
-})
-# Secrets that the reference kept in YAML; the value names the environment variable to use instead.
-SECRET_KEYS = {"wandb_key": "WANDB_API_KEY", "wandb_host": "WANDB_BASE_URL"}
-# Names people reach for, mapped to ours; only used to suggest the right key in an "unknown key" error.
-KEY_HINTS = {
-    "learning_rate": "lr", "critic_lr": "lr_critic", "ema_decay": "ema_weight", "cfg_scale": "guidance_scale",
-    "max_iters": "max_steps", "num_steps": "max_steps", "train_steps": "max_steps", "save_every": "log_iters",
-    "save_interval": "log_iters", "checkpoint_every": "log_iters", "log_interval": "log_every",
-    "num_frames_per_block": "num_frame_per_block", "num_frames_per_chunk": "num_frame_per_block",
-    "checkpoint_path": "generator_ckpt", "ckpt_path": "generator_ckpt", "shift": "timestep_shift",
-}
-BASE_KEY = "base"
+# Strides of the Wan2.1 VAE that every model folder here uses (latent -> pixels); build_vae checks a loaded VAE.
+VAE_TEMPORAL_STRIDE = 4
+VAE_SPATIAL_STRIDE = 8
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "") -> Any:
@@ -104,12 +82,10 @@ def _check_choice(key: str, value: str, choices: Tuple[str, ...]) -> None:
 class ModelKwargs:
     """Constructor options of the causal generator (reference: ``model_kwargs`` of the generator wrapper)."""
 
-    timestep_shift: float = _f(5.0, "shift of the generator's 1000-step flow-matching grid (reference default 8.0)")
     local_attn_size: int = _f(-1, "KV-cache attention window in latent frames; -1 attends to every cached frame")
     sink_size: int = _f(0, "first latent frames kept in the cache when the window slides (attention sink)")
 
     def __post_init__(self) -> None:
-        _check(self.timestep_shift > 0, "model_kwargs.timestep_shift must be > 0", self.timestep_shift)
         _check(self.local_attn_size == -1 or self.local_attn_size >= 1,
                "model_kwargs.local_attn_size must be -1 or >= 1", self.local_attn_size)
         _check(self.sink_size >= 0, "model_kwargs.sink_size must be >= 0", self.sink_size)
@@ -124,8 +100,6 @@ class Config:
     generator_ckpt: Optional[str] = _f(None, "checkpoint that initialises the generator (and the CD teacher/EMA)")
     data_path: Optional[str] = _f(None, "training data: an LMDB folder (stages 1-2) or a prompt file (stage 3)")
     max_pair: Optional[int] = _f(None, "use at most this many dataset rows; null uses all")
-    load_raw_video: bool = _f(False, "VAE-encode raw frames instead of reading latents (reference path was broken)")
-    i2v: bool = _f(False, "image-conditioned training (first latent frame given)")
 
     # --- networks (folders under wan_models_dir) ---
     wan_models_dir: str = _f("wan_models", "folder holding the downloaded Wan2.1 model folders")
@@ -134,23 +108,21 @@ class Config:
     fake_name: str = _f("Wan2.1-T2V-1.3B", "model folder of the fake-score (critic) network")
     text_encoder_name: str = _f("Wan2.1-T2V-1.3B", "model folder providing the umT5 encoder, tokenizer and VAE")
     model_kwargs: ModelKwargs = _f(ModelKwargs(), "generator constructor options")
-    causal: bool = _f(True, "the generator is block-causal (DMD / base model)")
-    is_causal: bool = _f(True, "the CD student and its EMA target are block-causal")
+    causal: bool = _f(True, "the generator is block-causal; false (bidirectional) only with trainer: diffusion")
     num_frame_per_block: int = _f(1, "latent frames per autoregressive block: 1 frame-wise, 3 chunk-wise")
     independent_first_frame: bool = _f(False, "latent frame 0 forms a block of its own")
     attention_backend: str = _f("auto", f"attention kernel, one of {', '.join(ATTENTION_BACKENDS)}")
     compile: bool = _f(False, "torch.compile the transformer blocks")
 
-    # --- video geometry ---
-    image_or_video_shape: List[int] = _f([1, 21, 16, 60, 104], "latent shape [B, F, C, H, W]; B is set at run time")
-    height: int = _f(480, "video height in pixels")
-    width: int = _f(832, "video width in pixels")
-    num_frames: int = _f(81, "video length in pixel frames")
+    # --- video geometry (height, width, num_frames: properties derived from the latent shape) ---
+    image_or_video_shape: List[int] = _f([1, 21, 16, 60, 104], "latent shape [B, F, C, H, W] (480x832 pixels, 81 "
+                                         "frames); B is set at run time")
     fps: int = _f(16, "frame rate of written videos")
 
     # --- diffusion schedule ---
     num_train_timestep: int = _f(1000, "number of training timesteps T (t lies in [0, T])")
-    timestep_shift: float = _f(5.0, "shift used when sampling DMD/critic timesteps and by the multi-step sampler")
+    timestep_shift: float = _f(5.0, "flow-matching shift: the generator's 1000-step grid, DMD/critic timestep "
+                               "sampling, the samplers (model_kwargs.timestep_shift is accepted as a copy)")
     denoising_step_list: Optional[List[int]] = _f(None, "few-step schedule, descending in (0, T]; null = multi-step")
     denoising_step_list_first_chunk: Optional[List[int]] = _f(None, "separate schedule for block 0; null = same")
     warp_denoising_step: bool = _f(False, "map the nominal steps onto the shifted 1000-step grid")
@@ -196,21 +168,17 @@ class Config:
 
     # --- stage 3 (DMD with self-forcing rollout) ---
     dfake_gen_update_ratio: int = _f(5, "the generator steps when step % ratio == 0; the critic every step")
-    distribution_loss: str = _f("dmd", "generator distribution loss (only 'dmd')")
     denoising_loss_type: str = _f("flow", f"critic loss target, one of {', '.join(DENOISING_LOSS_TYPES)}")
     same_step_across_blocks: bool = _f(True, "all blocks of a rollout exit at the same denoising step")
     last_step_only: bool = _f(False, "every rollout block exits at the last denoising step")
-    num_training_frames: int = _f(21, "latent frames generated by the rollout (and its KV-cache length)")
+    num_training_frames: Optional[int] = _f(None, "latent frames the rollout generates and trains (its KV-cache "
+                                            "length), at most image_or_video_shape[1]; null = that")
     ts_schedule: bool = _f(False, "lower the DMD/critic timestep bound to the rollout's exit step")
     ts_schedule_max: bool = _f(False, "upper the DMD/critic timestep bound to the rollout's exit step")
     min_score_timestep: int = _f(0, "lowest DMD/critic timestep when ts_schedule is off")
 
     # --- distribution (FSDP) ---
     sharding_strategy: str = _f("hybrid_full", f"FSDP sharding, one of {', '.join(SHARDING_STRATEGIES)}")
-    generator_fsdp_wrap_strategy: str = _f("size", "FSDP wrap policy of the generator (and CD EMA target)")
-    real_score_fsdp_wrap_strategy: str = _f("size", "FSDP wrap policy of the real score (and CD teacher)")
-    fake_score_fsdp_wrap_strategy: str = _f("size", "FSDP wrap policy of the fake score")
-    text_encoder_fsdp_wrap_strategy: str = _f("size", "FSDP wrap policy of the text encoder")
     text_encoder_cpu_offload: bool = _f(False, "keep the text encoder's parameters on the CPU")
     real_score_cpu_offload: bool = _f(False, "keep the real score's parameters on the CPU")
 
@@ -228,7 +196,6 @@ class Config:
     logdir: str = _f("", "output folder of checkpoints and logs")
     config_name: str = _f("", "stem of the config file; load_config fills it")
     no_save: bool = _f(False, "write no checkpoints")
-    no_visualize: bool = _f(False, "do not build the VAE for visualisation")
     disable_wandb: bool = _f(False, "force W&B off whatever wandb_mode says")
     wandb_save_dir: str = _f("", "folder for W&B files; empty = logdir")
 
@@ -244,15 +211,26 @@ class Config:
         if self.fake_guidance_scale is None:
             self.fake_guidance_scale = 0.0
 
+    # The pixel geometry, derived from the latent shape (the VAE encodes frame 0 alone, then 4 frames per latent).
+    @property
+    def height(self) -> int:
+        return self.image_or_video_shape[3] * VAE_SPATIAL_STRIDE
+
+    @property
+    def width(self) -> int:
+        return self.image_or_video_shape[4] * VAE_SPATIAL_STRIDE
+
+    @property
+    def num_frames(self) -> int:
+        return 1 + VAE_TEMPORAL_STRIDE * (self.image_or_video_shape[1] - 1)
+
     def _check_stage(self) -> None:
         _check_choice("trainer", self.trainer, TRAINERS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("sharding_strategy", self.sharding_strategy, SHARDING_STRATEGIES)
-        for name in ("generator", "real_score", "fake_score", "text_encoder"):
-            key = f"{name}_fsdp_wrap_strategy"
-            _check_choice(key, getattr(self, key), WRAP_STRATEGIES)
         _check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
-        _check_choice("distribution_loss", self.distribution_loss, ("dmd",))
+        _check(self.causal or self.trainer == "diffusion", "causal: false (a bidirectional generator) needs "
+               "trainer: diffusion", self.causal)
         _check_choice("denoising_loss_type", self.denoising_loss_type, DENOISING_LOSS_TYPES)
         k = self.num_frame_per_block
         _check(k >= 1, "num_frame_per_block must be >= 1", k)
@@ -262,8 +240,13 @@ class Config:
         shape = self.image_or_video_shape
         _check(len(shape) == 5 and min(shape) >= 1, "image_or_video_shape must be 5 positive ints [B, F, C, H, W]",
                shape)
-        for key in ("height", "width", "num_frames", "fps"):
-            _check(getattr(self, key) >= 1, f"{key} must be >= 1", getattr(self, key))
+        _check(self.fps >= 1, "fps must be >= 1", self.fps)
+        if self.num_training_frames is None:   # the documented null: the clip's latent length
+            self.num_training_frames = shape[1]
+        # The published long-video setting (27 > 21) rolls out more frames than it trains: not implemented.
+        _check(self.num_training_frames <= shape[1], f"num_training_frames must be <= image_or_video_shape[1] "
+               f"({shape[1]}): longer rollouts (published long-video / Rolling Forcing) are not supported yet",
+               self.num_training_frames)
         for key, frames in (("image_or_video_shape[1]", shape[1]), ("num_training_frames", self.num_training_frames)):
             rest = frames - 1 if self.independent_first_frame else frames
             _check(frames >= 1 and rest % k == 0, f"{key} must split into blocks of num_frame_per_block={k}"
@@ -310,6 +293,18 @@ class Config:
             _check(getattr(self, key) >= 1, f"{key} must be >= 1", getattr(self, key))
 
 
+# Keys a YAML may give although their value derives from another key (published YAMLs give both):
+# key -> (the source key, the derived value). load_config checks each copy against its source.
+COPIES = {
+    "height": ("image_or_video_shape", lambda cfg: cfg.height),
+    "width": ("image_or_video_shape", lambda cfg: cfg.width),
+    "num_frames": ("image_or_video_shape", lambda cfg: cfg.num_frames),
+    "model_kwargs.timestep_shift": ("timestep_shift", lambda cfg: cfg.timestep_shift),
+}
+# Top-level keys holding text: where a `{your entity}` placeholder means "unset".
+STRING_KEYS = frozenset(k for k, t in get_type_hints(Config).items() if t in (str, Optional[str]))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -321,32 +316,35 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
         path: the stage YAML (e.g. ``configs/causal_forcing_dmd_chunkwise.yaml``).
         overrides: dotlist items applied last, e.g. ``["lr=1e-5", "model_kwargs.local_attn_size=12"]``.
     Returns:
-        A :class:`Config` dataclass (``cfg.lr``; nested ``cfg.model_kwargs.timestep_shift``); ``config_name`` is the
+        A :class:`Config` dataclass (``cfg.lr``; nested ``cfg.model_kwargs.local_attn_size``); ``config_name`` is the
         file's stem unless set. ``OmegaConf.to_yaml(cfg)`` / :func:`config_to_yaml` print it.
     Raises:
-        ConfigError: missing file, bad YAML, unknown/secret key, mistyped or invalid value (one line, names the file).
+        ConfigError: missing file, bad YAML, unknown key, mistyped or invalid value, a copy that disagrees with its
+        source, a file or value we cannot honour (one line, names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    layers: List[Tuple[str, DictConfig]] = []
+    layers: List[Tuple[str, DictConfig, bool]] = []   # (source, node, read as a published YAML)
     default = _find_default_config(path)
     if default is not None and default.resolve() != path.resolve():
         layers += _read_chain(default, ())
     layers += _read_chain(path, ())
-    for item in overrides or []:
-        if "=" not in item or item.startswith(f"{BASE_KEY}="):
-            raise ConfigError(f"override {item!r}: expected key=value with a config key")
-        try:
-            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
-        except Exception as e:  # OmegaConf grammar or YAML errors; the first line says what
-            raise ConfigError(f"override {item!r}: cannot parse: {str(e).splitlines()[0]}") from None
+    layers += [_read_override(item) for item in overrides or []]
 
     merged = OmegaConf.structured(Config)
-    for source, node in layers:
-        dropped = _check_keys(node, Config, source)
-        if dropped:
-            logger.warning("%s: ignoring legacy keys that no code reads: %s", source, ", ".join(dropped))
+    copies: Dict[str, Tuple[int, str, Any]] = {}   # copy key -> (layer, source, value) of the last layer giving it
+    set_at: Dict[str, int] = {}                    # source key of a copy -> last layer setting it
+    for i, (source, node, published) in enumerate(layers):
+        adapt_layer(node, source, STRING_KEYS, published)
+        for key, (origin, _) in COPIES.items():
+            parent, _, leaf = key.rpartition(".")
+            holder = node.get(parent) if parent else node
+            if isinstance(holder, DictConfig) and leaf in holder:
+                copies[key] = (i, source, holder.pop(leaf))
+            if origin in node:
+                set_at[origin] = i
+        _check_keys(node, Config, source)
         try:
             merged = OmegaConf.merge(merged, node)
         except OmegaConfBaseException as e:
@@ -354,13 +352,19 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
     if not merged.config_name:
         merged.config_name = path.stem
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{path}: missing required key '{e.full_key}'") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    for key, (i, source, value) in copies.items():
+        origin, derive = COPIES[key]
+        if i >= set_at.get(origin, -1) and value != derive(cfg):   # a later layer's source supersedes the copy
+            raise ConfigError(f"{source}: {key} {value!r} does not match {origin} (which gives {derive(cfg)!r}); "
+                              f"drop {key} (it is derived from {origin}) or make the two agree")
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:
@@ -396,10 +400,11 @@ def _find_default_config(path: Path) -> Optional[Path]:
     return None
 
 
-def _read_chain(path: Path, seen: Tuple[Path, ...]) -> List[Tuple[str, DictConfig]]:
-    """``[(source, node), ...]`` for ``path`` and its ``base:`` ancestors, outermost ancestor first."""
+def _read_chain(path: Path, seen: Tuple[Path, ...]) -> List[Tuple[str, DictConfig, bool]]:
+    """``[(source, node, published), ...]`` for ``path`` and its ``base:`` ancestors, outermost ancestor first."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: '{BASE_KEY}:' chain loops back to this file")
+    check_file_name(path)
     try:
         node = OmegaConf.load(path)
     except yaml.MarkedYAMLError as e:  # syntax errors and duplicate keys carry a position
@@ -409,7 +414,8 @@ def _read_chain(path: Path, seen: Tuple[Path, ...]) -> List[Tuple[str, DictConfi
         raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    chain: List[Tuple[str, DictConfig]] = []
+    published = is_published(node)
+    chain: List[Tuple[str, DictConfig, bool]] = []
     if BASE_KEY in node:
         base = node.pop(BASE_KEY)
         if not isinstance(base, str):
@@ -417,27 +423,33 @@ def _read_chain(path: Path, seen: Tuple[Path, ...]) -> List[Tuple[str, DictConfi
         if not (path.parent / base).is_file():
             raise ConfigError(f"{path}: base config {path.parent / base} not found")
         chain = _read_chain(path.parent / base, seen + (path.resolve(),))
-    return chain + [(str(path), node)]
+    return chain + [(str(path), node, published)]
 
 
-def _check_keys(node: DictConfig, schema: type, source: str, prefix: str = "") -> List[str]:
-    """Raise on unknown or secret keys of ``node``; remove legacy keys from it and return their names."""
+def _read_override(item: str) -> Tuple[str, DictConfig, bool]:
+    """One ``key=value`` override as a layer. A secret's value is neither parsed nor shown."""
+    key = item.split("=", 1)[0].strip()
+    if key in SECRET_KEYS:
+        return f"override '{key}=...'", OmegaConf.create({key: None}), False
+    source = f"override {item!r}"
+    if "=" not in item or key == BASE_KEY:
+        raise ConfigError(f"{source}: expected key=value with a config key")
+    try:
+        return source, OmegaConf.from_dotlist([item]), False
+    except Exception as e:  # OmegaConf grammar or YAML errors; the first line says what
+        raise ConfigError(f"{source}: cannot parse: {str(e).splitlines()[0]}") from None
+
+
+def _check_keys(node: DictConfig, schema: type, source: str, prefix: str = "") -> None:
+    """Raise on a key of ``node`` (nested ones too) that the schema does not have."""
     names = [f.name for f in dataclasses.fields(schema)]
     hints = get_type_hints(schema)
-    dropped = []
-    for key in list(node.keys()):
+    for key in node.keys():
         full = f"{prefix}{key}"
-        if not prefix and key in SECRET_KEYS:
-            raise ConfigError(f"{source}: '{key}' is not a config key: secrets come from the environment; "
-                              f"delete it and set {SECRET_KEYS[key]}")
-        if not prefix and key in LEGACY_KEYS:
-            del node[key]
-            dropped.append(key)
-        elif key not in names:
+        if key not in names:
             raise ConfigError(f"{source}: unknown key '{full}'{_suggest(str(key), names, prefix)}")
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+        if dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
             _check_keys(node[key], hints[key], source, prefix=f"{full}.")
-    return dropped
 
 
 def _suggest(key: str, names: List[str], prefix: str) -> str:
@@ -480,45 +492,6 @@ def _type_name(annotation: Any) -> str:
     return names.get(annotation, f"a {getattr(annotation, '__name__', annotation)} mapping")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# `python -m utils.config [CONFIG] [key=value ...]`: print a resolved config, or every default with its doc.
-
-
-def describe_defaults() -> str:
-    """Every key with its default and its one-line doc, as commented YAML."""
-    lines: List[str] = []
-
-    def emit(schema: type, indent: str) -> None:
-        for f in dataclasses.fields(schema):
-            lines.append(f"{indent}# {f.metadata.get('doc', '')}")
-            if dataclasses.is_dataclass(f.type):
-                lines.append(f"{indent}{f.name}:")
-                emit(f.type, indent + "  ")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                lines.append(f"{indent}{f.name}: ???")
-            else:
-                value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                # Dumped inside a one-item flow list so lists stay on one line; the brackets are then cut off.
-                text = yaml.safe_dump([value], allow_unicode=True, default_flow_style=True, width=10_000).strip()
-                lines.append(f"{indent}{f.name}: {text[1:-1]}")
-
-    emit(Config, "")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        sys.stdout.write("usage: python -m utils.config [CONFIG.yaml [key=value ...]]\n")
-        return 0
-    try:
-        text = config_to_yaml(load_config(argv[0], argv[1:])) if argv else describe_defaults()
-    except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
-    sys.stdout.write(text)
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":   # the printer lives in utils/config_cli.py
+    from utils.config_cli import main
     sys.exit(main())

@@ -1,0 +1,147 @@
+"""Reading YAMLs of the published format (thu-ml/Causal-Forcing ``configs/*.yaml``, Self Forcing's
+``self_forcing_dmd.yaml``): the keys they carry that our schema does not read, and how each is treated.
+
+Every top-level key of a YAML layer falls in one class, decided here before the layer is merged:
+
+* **schema keys** (``utils/config.py``) are read by some code;
+* **compatibility keys** (:data:`COMPAT_KEYS`) are accepted, checked against the values we can honour, dropped, and
+  named in one warning per file. A value outside that set fails with one line saying why (e.g.
+  ``distribution_loss: sid``), so no key loads with another meaning;
+* **secrets** (:data:`SECRET_KEYS`, ``wandb_key``/``wandb_host``) are dropped with one warning that says which
+  environment variable to export; the value is never printed, logged or kept, so it cannot reach a checkpoint's
+  ``config.yaml`` or W&B;
+* **placeholders**: a string key whose value is ``{your entity}`` (YAML reads it as a one-key mapping with a null
+  value) or the key's own name in capitals (Self Forcing's ``wandb_entity: WANDB_ENTITY``) counts as unset, with
+  one warning.
+
+**The published rule.** A file is read as a published YAML when it has no ``base:``, sets at least one
+compatibility or secret key, and sets none of :data:`OWN_KEYS` (keys that every ``config.yaml`` our trainer saves
+holds and no published YAML has). In such a file the keys whose meaning we changed keep the published one
+(:data:`PUBLISHED_MEANINGS`): ``total_batch_size`` and ``wandb_name`` are dropped (the published trainers never read
+them: no gradient accumulation, the W&B run is named after the file), and a real ``wandb_project``/``wandb_entity``
+turns W&B on (the published trainers always logged unless ``--disable-wandb``). Our own YAMLs, command-line overrides
+and files with ``base:`` keep our meanings. ``seed: 0`` stays a fixed seed even there: the published trainers drew a
+random seed, and a fixed one is one of the draws they could have made.
+
+Files we cannot honour yet fail with one line: a file named ``rolling_forcing*.yaml`` (Rolling Forcing, the
+published ``long_video/`` variant: its YAML would otherwise load as plain DMD).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+from omegaconf import DictConfig
+
+from utils.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_FSDP_WRAP = (("size", "transformer"), "no effect: FSDP2 shards every transformer block of every network")
+_UNREAD = (None, "the published code never uses it")
+# key -> (values we can honour, or None for any; why the key has no effect here)
+COMPAT_KEYS: Dict[str, Tuple[Optional[Tuple[Any, ...]], str]] = {
+    "generator_fsdp_wrap_strategy": _FSDP_WRAP, "real_score_fsdp_wrap_strategy": _FSDP_WRAP,
+    "fake_score_fsdp_wrap_strategy": _FSDP_WRAP, "text_encoder_fsdp_wrap_strategy": _FSDP_WRAP,
+    "distribution_loss": (("dmd",), "DMD is the only distribution loss"),
+    "load_raw_video": ((False,), "training reads latents: encode videos once with python -m app.encode_videos"),
+    "i2v": ((False,), "image-conditioned training is not implemented (inference.py --i2v is image-to-video)"),
+    "is_causal": ((True,), "the consistency-distillation student is always block-causal"),
+    "backward_simulation": ((True,), "the self-forcing rollout always simulates the generator's input"),
+    "no_visualize": (None, "training writes no sample videos yet (train.py --no_visualize has no effect)"),
+    "tf": (None, "the published train.py stored its --tf flag and never read it"),
+    **{key: _UNREAD for key in (
+        "spatial_sf", "generator_grad", "generator_task", "grad_accum", "discriminator_lr_multiplier", "ckpt_step",
+        "prompt_name", "prompt_path", "eval_first_n", "num_samples", "rtf_ema_ratio", "eval_interval",
+        "eval_num_output_frames", "eval_num_init_frames", "rtf_single_gpu_batch", "given_first_chunk")},
+}
+# Secrets the published YAMLs held; the value names the environment variable to export instead.
+SECRET_KEYS = {"wandb_key": "WANDB_API_KEY", "wandb_host": "WANDB_BASE_URL"}
+# Keys that a published YAML carries with the published meaning (the published trainers never read them).
+PUBLISHED_MEANINGS = {"total_batch_size": "no gradient accumulation (global batch = batch_size x GPUs)",
+                      "wandb_name": "the W&B run is named after the file"}
+# Names people reach for, mapped to ours; only used to suggest the right key in an "unknown key" error.
+KEY_HINTS = {
+    "learning_rate": "lr", "critic_lr": "lr_critic", "ema_decay": "ema_weight", "cfg_scale": "guidance_scale",
+    "max_iters": "max_steps", "num_steps": "max_steps", "train_steps": "max_steps", "save_every": "log_iters",
+    "save_interval": "log_iters", "checkpoint_every": "log_iters", "log_interval": "log_every",
+    "num_frames_per_block": "num_frame_per_block", "num_frames_per_chunk": "num_frame_per_block",
+    "checkpoint_path": "generator_ckpt", "ckpt_path": "generator_ckpt", "shift": "timestep_shift",
+}
+OWN_KEYS: FrozenSet[str] = frozenset({"max_steps", "log_every", "wandb_mode", "config_name"})
+BASE_KEY = "base"
+
+
+def check_file_name(path: Path) -> None:
+    """Refuse files of features we do not implement yet (one line)."""
+    if path.stem.startswith("rolling_forcing"):
+        raise ConfigError(f"{path}: Rolling Forcing (long-video) training and inference are not supported yet; "
+                          f"this file would otherwise train plain DMD")
+
+
+def is_published(node: DictConfig) -> bool:
+    """The published rule (module docstring); ``node`` is a whole file, before its ``base:`` is taken out."""
+    keys = set(node.keys())
+    return (BASE_KEY not in keys and bool(keys & (set(COMPAT_KEYS) | set(SECRET_KEYS)))
+            and not keys & OWN_KEYS)
+
+
+def adapt_layer(node: DictConfig, source: str, string_keys: FrozenSet[str], published: bool) -> None:
+    """Take the compatibility, secret, placeholder and (for a published file) published-meaning keys out of the
+    top level of ``node``, warn once per class, and raise ConfigError on a compatibility value we cannot honour."""
+    secrets = [key for key in SECRET_KEYS if key in node]
+    for key in secrets:
+        del node[key]   # first, and never read: the value must not reach a message, a log or the config
+    if secrets:
+        exports = " / ".join(SECRET_KEYS[k] for k in secrets)
+        logger.warning("%s: ignoring %s: credentials are never read from a YAML; export %s instead",
+                       source, ", ".join(secrets), exports)
+    placeholders = [key for key in list(node.keys()) if key in string_keys and _is_placeholder(key, node[key])]
+    for key in placeholders:
+        del node[key]
+    if placeholders:
+        logger.warning("%s: %s hold placeholders, treated as unset", source, ", ".join(placeholders))
+    dropped = [key for key in list(node.keys()) if key in COMPAT_KEYS]
+    for key in dropped:
+        allowed, why = COMPAT_KEYS[key]
+        if allowed is not None and node[key] not in allowed:
+            raise ConfigError(f"{source}: {key}: {node[key]!r} is not supported ({why}); accepted: "
+                              f"{', '.join(map(repr, allowed))}")
+        del node[key]
+    if published:
+        _published_meanings(node, source, dropped)
+    elif dropped:
+        logger.warning("%s: ignoring keys that no code reads: %s", source, ", ".join(dropped))
+
+
+def describe_compat() -> List[str]:
+    """One comment line per compatibility key (for ``python -m utils.config``)."""
+    lines = ["# Accepted for published YAMLs, with no effect (utils/config_compat.py):"]
+    for key, (allowed, why) in COMPAT_KEYS.items():
+        only = f" (only {', '.join(map(repr, allowed))})" if allowed is not None else ""
+        lines.append(f"#   {key}{only}: {why}")
+    lines.append(f"# Ignored with a warning (export the variable instead): "
+                 f"{', '.join(f'{k} -> {v}' for k, v in SECRET_KEYS.items())}")
+    return lines
+
+
+def _published_meanings(node: DictConfig, source: str, dropped: List[str]) -> None:
+    kept = [key for key in PUBLISHED_MEANINGS if key in node]
+    for key in kept:
+        del node[key]
+    wandb_target = any(isinstance(node.get(k), str) for k in ("wandb_project", "wandb_entity"))
+    if wandb_target and "wandb_mode" not in node:
+        node["wandb_mode"] = "online"   # the published trainers logged to W&B unless --disable-wandb
+    if dropped or kept:
+        meanings = "; ".join(f"{key}: {PUBLISHED_MEANINGS[key]}" for key in kept)
+        logger.warning("%s: published YAML: ignoring keys that no code reads: %s%s", source,
+                       ", ".join(dropped + kept), f" (published meaning kept -- {meanings})" if kept else "")
+
+
+def _is_placeholder(key: str, value: Any) -> bool:
+    if isinstance(value, DictConfig):   # `{your entity}` parses as {'your entity': None}
+        items = list(value.items())
+        return len(items) == 1 and items[0][1] is None
+    return isinstance(value, str) and value == key.upper()
