@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from toy import world as S
 from toy.eval import score_video
 from toy.folders import TOY_DIT, TOY_T5, TOY_VAE, toy_words, write_tiny_wan_folder, write_tokenizer
 from toy.vae import ClipPool, ToyVAETraining, decode_unclamped, psnr, train_toy_vae, vae_loss, videos_to_tensor
+from utils.config import Config
 
 SHIPPED = "assets/toy/Toy-T2V"
 SHIPPED_FAITHFULNESS = 0.85  # toy-detector score of reconstructed clips (colour/shape/direction/speed)
@@ -137,9 +137,10 @@ def toy_folder(tmp_path_factory):
     return root
 
 
-def _cfg(root) -> SimpleNamespace:
-    """The three config keys the component builders read (the full Config needs a training stage)."""
-    return SimpleNamespace(wan_models_dir=str(root), generator_name="Toy-T2V", text_encoder_name="Toy-T2V")
+def _cfg(root) -> Config:
+    """A config over the toy folder with the toy geometry (build_vae checks the VAE against it)."""
+    return Config(trainer="diffusion", wan_models_dir=str(root), generator_name="Toy-T2V",
+                  text_encoder_name="Toy-T2V", image_or_video_shape=[1, 9, 16, 8, 8])
 
 
 def test_written_folder_loads_through_the_project_loaders(toy_folder):
