@@ -15,7 +15,7 @@ import yaml
 
 import inference
 import train
-from pipeline.video_jobs import load_job_config
+from app.cli import config_from_args
 from tests.conftest import write_tiny_stream_config
 from utils.config import WAN_NEGATIVE_PROMPT, config_to_dict, config_to_yaml, grad_accum_steps, load_config
 from utils.config_compat import COMPAT_KEYS
@@ -171,7 +171,7 @@ def test_every_published_yaml_gets_past_inference_py_config_loading(published):
     for name in PUBLISHED:
         args = inference.parse_args(["--config_path", str(published / f"{name}.yaml"), "--data_path", "p.txt",
                                      "--output_folder", "out", "--local_attn_size", "6"])
-        cfg = load_job_config(args)
+        cfg = config_from_args(args)
         assert cfg.model_kwargs.local_attn_size == 6 and cfg.image_or_video_shape == [1, 21, 16, 60, 104]
 
 
