@@ -353,8 +353,8 @@ def test_every_schema_key_is_read_by_some_code(repo_root):
 
 
 def test_build_vae_checks_the_strides_and_channels_the_geometry_assumes(tmp_path):
-    from model.tiny import TINY_VAE, write_tiny_wan_folder
     from pipeline.components import build_vae
+    from toy.folders import TINY_VAE, write_tiny_wan_folder
 
     write_tiny_wan_folder(tmp_path / "Tiny")
     write_tiny_wan_folder(tmp_path / "Half", vae={**TINY_VAE, "dim_mult": [1, 2, 4]})   # 4x spatial
