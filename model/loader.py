@@ -6,8 +6,11 @@ Accepted sources (model_and_inference.md §2.2, §7.1, §12; training.md §2.5 i
   ``diffusion_pytorch_model.safetensors.index.json`` + shards layout of the 14B model;
 * a diffusers transformer folder (``WanTransformer3DModel`` / ``SkyReelsV2Transformer3DModel`` config, maybe sharded),
   or a diffusers pipeline root holding ``transformer/``;
-* a ``.pt`` / ``.pth`` file: a released Causal Forcing / Self Forcing checkpoint (``generator`` / ``generator_ema``),
-  a ``model`` entry, a bare state dict, or our own release format (same keys as the released files);
+* a ``.pt`` / ``.pth`` file: a released Causal Forcing / Self Forcing checkpoint or one written by the published
+  trainers (``generator`` and/or ``generator_ema``, keys under ``model.`` / ``model._fsdp_wrapped_module.``), a
+  ``model`` entry, a bare state dict, or our own release format (same keys as the released files). Without
+  ``use_ema`` the entry is ``generator``, else ``model``, else ``generator_ema`` -- the published trainers' order;
+  with it, ``generator_ema`` or an error;
 * a single ``.safetensors`` file.
 
 Whatever the source, keys are normalised (wrapper segments such as ``model.`` and ``_fsdp_wrapped_module.`` dropped,
@@ -207,37 +210,44 @@ def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _select_entry(obj, path: str, use_ema: bool, key: str | None) -> dict:
-    """The state dict inside a loaded ``.pt``: ``key`` if given, else ``generator_ema`` (use_ema) / ``generator``,
-    else ``model``, else the file itself when it is a bare state dict. Never falls back between EMA and non-EMA."""
+# The entries a released or trained ``.pt`` may hold, in the order the published trainers read ``generator_ckpt``:
+# ``generator``, else ``model``, else ``generator_ema`` (its CD and DMD trainers write only ``generator_ema`` once their
+# EMA has started, and the next stage must still start from such a file).
+ENTRY_ORDER = ("generator", "model", "generator_ema")
+
+
+def _select_entry(obj, path: str, use_ema: bool, key: str | None) -> tuple[dict, str]:
+    """``(state dict, entry name)`` of a loaded ``.pt``: ``key`` if given; ``generator_ema`` with ``use_ema``;
+    otherwise the first of :data:`ENTRY_ORDER` present, or the file itself when it is a bare state dict.
+    ``use_ema`` never falls back to non-EMA weights: asking for the EMA and getting something else would be silent."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     if key is None and not use_ema and _is_state_dict(obj):
-        return obj
-    wanted = key or ("generator_ema" if use_ema else "generator")
-    if wanted in obj:
-        entry = obj[wanted]
-    elif key is None and not use_ema and "model" in obj:
-        entry = obj["model"]
+        return obj, "state dict"
+    if key is not None or use_ema:
+        wanted = key or "generator_ema"
+        found = wanted if wanted in obj else None
     else:
+        wanted = "generator"
+        found = next((name for name in ENTRY_ORDER if name in obj), None)
+    if found is None:
         entries = ", ".join(repr(k) for k in obj) if not _is_state_dict(obj) else "none: it is a bare state dict"
-        advice = ""
-        if key is None and use_ema:
-            advice = "; run without --use_ema to load the non-EMA weights"
-        elif key is None and "generator_ema" in obj:
-            advice = "; it holds EMA weights only: pass --use_ema"
+        advice = "; run without --use_ema to load the non-EMA weights" if key is None and use_ema else ""
         raise CheckpointError(f"{path} has no {wanted!r} entry (entries: {entries}){advice}")
-    if not _is_state_dict(entry):
-        raise CheckpointError(f"{path}: entry {wanted!r} is not a state dict of tensors")
-    return entry
+    if not _is_state_dict(obj[found]):
+        raise CheckpointError(f"{path}: entry {found!r} is not a state dict of tensors")
+    return obj[found], found
 
 
 def read_state_dict(path, use_ema: bool = False, key: str | None = None) -> dict[str, torch.Tensor]:
     """Read weights from any supported source; keys come back normalised to original Wan2.1 names (CPU tensors).
 
+    A ``.pt`` without ``key`` or ``use_ema`` gives its ``generator``, else ``model``, else ``generator_ema`` entry
+    (:data:`ENTRY_ORDER`, the published trainers' order), else the bare state dict; which one is logged.
+
     Args:
         path: Wan / diffusers folder, diffusers pipeline root, ``.safetensors`` file or ``.pt``/``.pth`` checkpoint.
-        use_ema: take ``generator_ema`` of a training/release checkpoint instead of ``generator``.
+        use_ema: take ``generator_ema`` of a training/release checkpoint (an error when it has none).
         key: take this top-level entry of a ``.pt`` checkpoint instead (e.g. ``"critic"``).
     """
     path = os.fspath(path)
@@ -247,9 +257,13 @@ def read_state_dict(path, use_ema: bool = False, key: str | None = None) -> dict
         if use_ema or key:
             wanted = key or "generator_ema"
             raise CheckpointError(f"{path} is a plain state dict with no {wanted!r} entry; run without --use_ema")
-        sd = _read_folder(path) if os.path.isdir(path) else _read_safetensors(path)
+        return normalize_keys(_read_folder(path) if os.path.isdir(path) else _read_safetensors(path))
+    sd, entry = _select_entry(_torch_load(path), path, use_ema, key)
+    if entry == "generator_ema" and not use_ema and key is None:
+        log.warning("%s has no 'generator' entry: loading its 'generator_ema' weights (as the published trainers "
+                    "do)", path)
     else:
-        sd = _select_entry(_torch_load(path), path, use_ema, key)
+        log.info("%s: loading entry %r", path, entry)
     return normalize_keys(sd)
 
 
