@@ -31,8 +31,17 @@ WAN_PARTS = ("dit", "text_encoder", "tokenizer", "vae")
 WAN_ORG = "Wan-AI"
 _WAN_REPO_RE = re.compile(r"^Wan2\.1-T2V-(1\.3B|14B)$")
 CAUSAL_FORCING_REPO = "zhuhz22/Causal-Forcing"
-# Released checkpoints named in the README: <root>/{framewise,chunkwise}/<stage>.pt.
-_CHECKPOINT_RE = re.compile(r"(?:^|/)(framewise|chunkwise)/(causal_forcing|ar_diffusion|causal_ode|causal_cd)\.pt$")
+# Every file of the zhuhz22/Causal-Forcing model repository, as its path inside the repository (README.md lists each
+# with its download line and command). `hf download <repo> <file> --local-dir checkpoints` puts it at
+# checkpoints/<file>.
+RELEASED_CHECKPOINTS = (
+    "framewise/ar_diffusion.pt", "chunkwise/ar_diffusion.pt",            # Stage 1 (many-step)
+    "framewise/causal_ode.pt", "chunkwise/causal_ode.pt",                # Stage 2a (4-step)
+    "framewise/causal_cd.pt", "chunkwise/causal_cd.pt",                  # Stage 2b (4-step)
+    "framewise/causal_forcing.pt", "chunkwise/causal_forcing.pt",        # Stage 3 (4-step)
+    "causal-forcing++/framewise-2step.pt", "causal-forcing++/framewise-1step.pt",  # Stage 3, Causal Forcing++
+    "chunkwise/longvideo.pt",                                             # the long-video (Rolling Forcing) model
+)
 
 
 def wan_repo_id(folder: str | Path) -> str | None:
@@ -110,17 +119,17 @@ def check_wan_folder(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo
 
 
 def download_hint_for_checkpoint(path: str | Path) -> str | None:
-    """The ``hf download`` command for a released Causal Forcing checkpoint path, else None.
+    """The ``hf download`` command for a released Causal Forcing checkpoint path (one of
+    :data:`RELEASED_CHECKPOINTS` under any folder), else None.
 
     ``checkpoints/chunkwise/causal_forcing.pt`` ->
     ``hf download zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt --local-dir checkpoints``.
     """
     path = Path(path)
-    match = _CHECKPOINT_RE.search(path.as_posix())
-    if match is None:
+    filename = "/".join(path.parts[-2:])
+    if len(path.parts) < 2 or filename not in RELEASED_CHECKPOINTS:
         return None
     local_dir = path.parent.parent.as_posix() or "."
-    filename = f"{match.group(1)}/{match.group(2)}.pt"
     return f"hf download {CAUSAL_FORCING_REPO} {filename} --local-dir {shlex.quote(local_dir)}"
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from model.weights import (
+    RELEASED_CHECKPOINTS,
     WAN_DIT_CONFIG,
     WAN_DIT_INDEX,
     WAN_DIT_WEIGHTS,
@@ -131,12 +132,22 @@ def test_repo_id_from_name_override_and_generic(tmp_path):
     assert f"hf download Wan-AI/Wan2.1-T2V-14B --local-dir {folder}" in _error(folder, repo_id="Wan-AI/Wan2.1-T2V-14B")
 
 
-@pytest.mark.parametrize("variant", ["framewise", "chunkwise"])
-@pytest.mark.parametrize("stage", ["causal_forcing", "ar_diffusion", "causal_ode", "causal_cd"])
-def test_download_hint_for_released_checkpoints(variant, stage):
-    path = f"checkpoints/{variant}/{stage}.pt"
-    expected = f"hf download zhuhz22/Causal-Forcing {variant}/{stage}.pt --local-dir checkpoints"
-    assert download_hint_for_checkpoint(path) == expected
+@pytest.mark.parametrize("filename", [f"{variant}/{stage}.pt" for variant in ("framewise", "chunkwise")
+                                      for stage in ("causal_forcing", "ar_diffusion", "causal_ode", "causal_cd")]
+                         + ["causal-forcing++/framewise-2step.pt", "causal-forcing++/framewise-1step.pt",
+                            "chunkwise/longvideo.pt"])
+def test_download_hint_for_released_checkpoints(filename):
+    assert filename in RELEASED_CHECKPOINTS
+    expected = f"hf download zhuhz22/Causal-Forcing {filename} --local-dir checkpoints"
+    assert download_hint_for_checkpoint(f"checkpoints/{filename}") == expected
+
+
+def test_readme_lists_every_released_checkpoint(repo_root):
+    """README.md names every file of the model repository with its download line (the hint's own command)."""
+    readme = (repo_root / "README.md").read_text()
+    for filename in RELEASED_CHECKPOINTS:
+        assert f"hf download zhuhz22/Causal-Forcing {filename} --local-dir checkpoints" in readme, filename
+        assert f"--checkpoint_path checkpoints/{filename}" in readme, filename
 
 
 def test_download_hint_other_paths():
@@ -145,6 +156,8 @@ def test_download_hint_other_paths():
     assert download_hint_for_checkpoint("chunkwise/causal_forcing.pt").endswith("--local-dir .")
     assert download_hint_for_checkpoint("logs/run/checkpoint_model_000100/model.pt") is None
     assert download_hint_for_checkpoint("checkpoints/chunkwise/causal_forcing_v2.pt") is None
+    assert download_hint_for_checkpoint("framewise-2step.pt") is None
+    assert download_hint_for_checkpoint("checkpoints/causal-forcing++/framewise-3step.pt") is None
 
 
 def test_check_file(tmp_path):
