@@ -1,8 +1,10 @@
 """Sampling the bidirectional Wan model (the teacher, or the toy world's base model): all frames at once.
 
-Many-step Euler with classifier-free guidance on the negative prompt (``uncond + s·(cond − uncond)``), or few-step
-sampling that re-noises the x0 prediction between steps. Unlike the reference's few-step bidirectional pipeline,
-the last listed timestep is evaluated too (model_and_inference.md §15 item 7).
+The step list and rule come as a :class:`~pipeline.causal.StepSchedule`, as for the causal loop: many-step ODE
+sampling with classifier-free guidance on the negative prompt (``uncond + s·(cond − uncond)``) -- ``"unipc"``, the
+published bidirectional pipeline's 50-step solver (``StepSchedule.multistep``), or ``"euler"`` -- or few-step
+``"renoise"`` sampling that re-noises the x0 prediction between steps. Unlike the reference's few-step bidirectional
+pipeline, the last listed timestep is evaluated too (model_and_inference.md §15 item 7).
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ import torch
 from model.guidance import cond_uncond_context, guide
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
-from pipeline.causal import NoiseFn, randn_like_from
+from pipeline.causal import NoiseFn, StepSchedule, randn_like_from
 
 
 @torch.no_grad()
 def sample_bidirectional(model: WanModel, scheduler: FlowMatchScheduler, noise: torch.Tensor,
-                         context: torch.Tensor, timesteps: list[float], negative: torch.Tensor | None = None,
-                         guidance_scale: float = 1.0, rule: str = "euler",
-                         noise_fn: NoiseFn | None = None) -> torch.Tensor:
-    """Denoise ``noise [B, F, C, H, W]`` over ``timesteps`` (descending); returns the clean latents.
+                         context: torch.Tensor, schedule: StepSchedule, negative: torch.Tensor | None = None,
+                         guidance_scale: float = 1.0, noise_fn: NoiseFn | None = None) -> torch.Tensor:
+    """Denoise ``noise [B, F, C, H, W]`` over ``schedule.timesteps`` (descending); returns the clean latents.
 
-    ``rule="euler"`` integrates the flow ODE down to 0; ``rule="renoise"`` predicts x0 at each step and adds fresh
-    noise at the next timestep (few-step).
+    ODE rules integrate the flow down to 0; ``"renoise"`` predicts x0 at each step and adds fresh noise at the next
+    timestep.
     """
     noise_fn = noise_fn or randn_like_from(None)
     guided = negative is not None and guidance_scale != 1.0
+    timesteps = schedule.timesteps
+    solver = schedule.solver(timesteps, scheduler.num_train_timesteps)
     x = noise
     b, f = x.shape[:2]
     x0 = x
@@ -38,9 +41,10 @@ def sample_bidirectional(model: WanModel, scheduler: FlowMatchScheduler, noise: 
         else:
             flow = model(x, tt, context)
         t_next = float(timesteps[j + 1]) if j + 1 < len(timesteps) else 0.0
-        if rule == "euler":
-            x = scheduler.step(flow, tt, x, torch.full((b, f), t_next, device=x.device))
-            x0 = x
+        if solver is not None:
+            x = x0 = solver.step(flow, x)
+        elif schedule.rule == "euler":
+            x = x0 = scheduler.step(flow, tt, x, torch.full((b, f), t_next, device=x.device))
         else:
             x0 = scheduler.flow_to_x0(flow, x, tt)
             if j + 1 < len(timesteps):

@@ -5,8 +5,9 @@ of Stage-1 models all run :class:`BlockLoop`: for each block, denoise its noise 
 timesteps, then run one *context pass* that writes the block's clean latents into the cache for the blocks after it
 (model_and_inference.md §9.1). What differs between those uses is data, not code:
 
-* the step rule: ``"renoise"`` (few-step generators: predict x0, add fresh noise at the next timestep) or ``"euler"``
-  (ODE sampling of many-step models: ``x + v·(σ_next − σ)``);
+* the step rule: ``"renoise"`` (few-step generators: predict x0, add fresh noise at the next timestep), or an ODE
+  solver for many-step models: ``"euler"`` (``x + v·(σ_next − σ)``) or ``"unipc"`` (Wan's multistep UniPC,
+  :mod:`model.unipc`; its history lives in a solver object made afresh for each block);
 * classifier-free guidance: a negative context and a scale; conditional and unconditional halves run as one batch
   of ``2B`` against one cache of batch ``2B``;
 * which latents the context pass writes: the block's own prediction (generation), or given ones (teacher-forced ODE
@@ -26,7 +27,9 @@ import torch
 from model.guidance import cond_uncond_context, guide
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
+from model.unipc import UniPCSolver, unipc_grid
 from model.wan import CacheMode, WanModel
+from utils.config import SAMPLE_SOLVERS
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,23 +39,36 @@ def randn_like_from(generator: torch.Generator | None) -> NoiseFn:
     return lambda like: torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
+RULES = ("renoise", *SAMPLE_SOLVERS)   # few-step re-noising, or an ODE solver for many-step sampling
+
+
 @dataclass
 class StepSchedule:
     """Timesteps (already warped, descending) that denoise each block."""
 
     timesteps: list[float]
     first_block: list[float] | None = None   # `denoising_step_list_first_chunk`: block 0 only
-    rule: str = "renoise"                    # "renoise" (few-step) or "euler" (ODE sampling)
+    rule: str = "renoise"                    # "renoise" (few-step), "euler" or "unipc" (ODE sampling)
+    sigmas: list[float] | None = None        # "unipc": the solver's noise level at each timestep (default t / T)
 
     def __post_init__(self):
-        if self.rule not in ("renoise", "euler"):
-            raise ValueError(f"step rule must be 'renoise' or 'euler', got {self.rule!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"step rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         self.timesteps = [float(t) for t in self.timesteps]
         if self.first_block is not None:
             self.first_block = [float(t) for t in self.first_block]
+        if self.sigmas is not None and (self.rule != "unipc" or len(self.sigmas) != len(self.timesteps)
+                                        or self.first_block is not None):
+            raise ValueError("sigmas go with rule 'unipc', one per timestep, and one step list for every block")
 
     def for_block(self, index: int) -> list[float]:
         return self.first_block if index == 0 and self.first_block is not None else self.timesteps
+
+    def solver(self, steps: list[float], num_train_timesteps: int) -> UniPCSolver | None:
+        """A fresh solver for one block's run (``"unipc"``; None for the rules that keep no history)."""
+        if self.rule != "unipc":
+            return None
+        return UniPCSolver(self.sigmas if self.sigmas is not None else [t / num_train_timesteps for t in steps])
 
     @classmethod
     def from_config(cls, scheduler: FlowMatchScheduler, steps: Sequence[int], first: Sequence[int] | None = None,
@@ -62,6 +78,17 @@ class StepSchedule:
             lst = [s for s in lst if s != 0]  # a trailing 0 is dropped, as the reference's pipelines do
             return scheduler.warp_steps(lst).tolist() if warp else [float(s) for s in lst]
         return cls(conv(steps), conv(first) if first else None)
+
+    @classmethod
+    def multistep(cls, scheduler: FlowMatchScheduler, num_steps: int, shift: float, solver: str) -> "StepSchedule":
+        """Many-step ODE sampling: ``"unipc"`` on Wan's grid (:func:`model.unipc.unipc_grid`, as the published
+        Stage-1 and bidirectional pipelines sample), or ``"euler"`` on the shifted flow-matching grid."""
+        if solver not in SAMPLE_SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SAMPLE_SOLVERS)}, got {solver!r}")
+        if solver == "euler":
+            return cls(scheduler.inference_timesteps(num_steps, shift).tolist(), rule="euler")
+        timesteps, sigmas = unipc_grid(num_steps, shift, scheduler.num_train_timesteps)
+        return cls(timesteps, rule="unipc", sigmas=sigmas)
 
 
 @dataclass
@@ -158,6 +185,8 @@ class BlockLoop:
         policy = policy or ExitPolicy()
         last = policy.exit_for(block_index, len(steps))
         grad = policy.grad_on_exit and start_frame >= policy.grad_from_frame
+        ode = self.schedule.rule != "renoise"
+        solver = self.schedule.solver(steps, self.scheduler.num_train_timesteps)
         x = noise
         for j in range(last + 1):
             if record is not None:
@@ -168,15 +197,16 @@ class BlockLoop:
             with torch.set_grad_enabled(keep):
                 flow = self._first_flow(x, t, start_frame, pending, keep) if j == 0 \
                     else self.flow(x, t, start_frame, grad=keep)
-                if self.schedule.rule == "euler" and j + 1 == len(steps):
-                    return self.scheduler.step(flow, self._t(x, t), x, self._t(x, 0.0))
+                if ode and (j < last or j + 1 == len(steps)):   # an ODE run ends at t = 0 with the clean sample
+                    x = solver.step(flow, x) if solver is not None \
+                        else self.scheduler.step(flow, self._t(x, t), x, self._t(x, t_next))
+                    if j == last:
+                        return x
+                    continue
                 x0 = self.scheduler.flow_to_x0(flow, x, self._t(x, t))
             if j == last:
                 return x0
-            if self.schedule.rule == "euler":
-                x = self.scheduler.step(flow, self._t(x, t), x, self._t(x, t_next))
-            else:
-                x = self.scheduler.add_noise(x0, self.noise_fn(x0), self._t(x, t_next))
+            x = self.scheduler.add_noise(x0, self.noise_fn(x0), self._t(x, t_next))
         raise AssertionError("unreachable")
 
     @staticmethod

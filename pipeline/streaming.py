@@ -8,9 +8,10 @@
             stream.switch_prompt(new_prompt)   # takes effect at the next block boundary
 
 ``inference.py`` and ``demo.py`` are thin shells around this. The few-step generator (config with
-``denoising_step_list``), the many-step Stage-1 model (no step list: Euler with classifier-free guidance on the
-negative prompt) and long videos (a local attention window with sink frames keeps the cache a fixed size) all run
-the same :class:`~pipeline.causal.BlockLoop`.
+``denoising_step_list``), the many-step Stage-1 model (no step list: 50 steps of ``sample_solver`` -- Wan's UniPC
+by default, as the published code samples, or Euler -- with classifier-free guidance on the negative prompt) and
+long videos (a local attention window with sink frames keeps the cache a fixed size) all run the same
+:class:`~pipeline.causal.BlockLoop`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from utils.video import pixels_to_uint8
 
 log = logging.getLogger(__name__)
 
-MULTISTEP_STEPS = 50  # Stage-1 models without a few-step list sample with 50 Euler steps (reference: 50 UniPC)
+MULTISTEP_STEPS = 50  # Stage-1 models without a few-step list: the published pipeline's 50 solver steps per block
 
 
 @dataclass
@@ -135,8 +136,7 @@ class StreamingPipeline:
         scheduler = C.build_scheduler(cfg)
         multistep = cfg.denoising_step_list is None
         if multistep:
-            schedule = StepSchedule(scheduler.inference_timesteps(MULTISTEP_STEPS, cfg.timestep_shift).tolist(),
-                                    rule="euler")
+            schedule = StepSchedule.multistep(scheduler, MULTISTEP_STEPS, cfg.timestep_shift, cfg.sample_solver)
         else:
             schedule = StepSchedule.from_config(scheduler, cfg.denoising_step_list,
                                                 cfg.denoising_step_list_first_chunk, cfg.warp_denoising_step)

@@ -5,6 +5,7 @@ import torch
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
 from pipeline.bidirectional import sample_bidirectional
+from pipeline.causal import StepSchedule
 from toy.folders import TINY_DIT
 
 
@@ -17,7 +18,7 @@ def test_euler_cfg_sampler_matches_manual_loop():
     ts = sch.inference_timesteps(6).tolist()
     noise = torch.randn(1, 3, 16, 4, 4)
     ctx, neg = torch.randn(1, 5, TINY_DIT.text_dim), torch.randn(1, 7, TINY_DIT.text_dim)
-    out = sample_bidirectional(model, sch, noise, ctx, ts, negative=neg, guidance_scale=4.0)
+    out = sample_bidirectional(model, sch, noise, ctx, StepSchedule(ts, rule="euler"), negative=neg, guidance_scale=4.0)
     x = noise.double()
     for j, t in enumerate(ts):
         tt = torch.full((1,), t)

@@ -382,7 +382,7 @@ def test_dmd_moves_generator_towards_teacher(tmp_path):
     sch = FlowMatchScheduler(shift=5.0)
     with torch.no_grad():
         target = sample_bidirectional(teacher, sch, torch.randn(64, frames, C, H, W), torch.zeros(64, 8, DIT.text_dim),
-                                      sch.inference_timesteps(20).tolist())
+                                      StepSchedule(sch.inference_timesteps(20).tolist(), rule="euler"))
     t_mean, t_std = channel_stats(target)
     write_tiny_wan_folder(tmp_path / "wan" / "gen", dit=DIT, seed=1)
     write_tiny_wan_folder(tmp_path / "wan" / "teacher", dit=DIT, dit_state_dict=teacher.state_dict(), seed=2)

@@ -95,3 +95,29 @@ def _with(cfg, backend):
     import dataclasses
 
     return dataclasses.replace(cfg, attention_backend=backend)
+
+
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
+def test_many_step_models_sample_with_the_configured_solver(cfg, solver):
+    """No step list (a Stage-1 model): 50 steps of ``sample_solver`` -- by default Wan's UniPC on the published
+    grid -- with classifier-free guidance; the stream still equals its one-shot run."""
+    import dataclasses
+
+    from model.unipc import unipc_grid
+
+    stage1 = dataclasses.replace(cfg, denoising_step_list=None, sample_solver=solver)
+    pipe = StreamingPipeline.from_config(stage1, device="cpu", decode=False)
+    assert pipe.schedule.rule == solver and pipe.guidance_scale == stage1.guidance_scale
+    assert len(pipe.schedule.timesteps) == 50
+    if solver == "unipc":
+        assert pipe.schedule.timesteps == unipc_grid(50, stage1.timestep_shift)[0]
+    chunks = list(pipe.open("a red circle", num_frames=6, seed=1, decode=False))
+    assert [c.latents.shape[1] for c in chunks] == [3, 3] and torch.isfinite(chunks[-1].latents).all()
+    _, latents = pipe.generate("a red circle", num_frames=6, seed=1, decode=False)
+    assert torch.equal(torch.cat([c.latents for c in chunks], 1), latents)
+
+
+def test_default_config_samples_many_step_models_with_unipc():
+    from utils.config import Config
+
+    assert Config(trainer="diffusion").sample_solver == "unipc"

@@ -458,6 +458,7 @@ class Recipe:
         from app.jobs import video_seed
         from pipeline import components
         from pipeline.bidirectional import sample_bidirectional
+        from pipeline.causal import StepSchedule
         from utils.config import load_config
         from utils.datasets import TextDataset
         from utils.video import safe_output_name, write_mp4
@@ -468,7 +469,7 @@ class Recipe:
         encoder = components.build_text_encoder(cfg, device=device, dtype=torch.float32, output_device=device)
         vae = components.build_vae(cfg, device=device)
         scheduler = components.build_scheduler(cfg)
-        timesteps = scheduler.inference_timesteps(50, cfg.timestep_shift).tolist()
+        schedule = StepSchedule.multistep(scheduler, 50, cfg.timestep_shift, cfg.sample_solver)
         negative = encoder.encode([cfg.negative_prompt])
         dataset = TextDataset(str(prompts))
         out.mkdir(parents=True, exist_ok=True)
@@ -485,7 +486,7 @@ class Recipe:
                 gen = torch.Generator(device).manual_seed(video_seed(self.args.seed, i, k, num_samples))
                 noise = torch.randn((1, *cfg.image_or_video_shape[1:]), generator=gen, device=device)
                 with torch.no_grad():
-                    x0 = sample_bidirectional(model, scheduler, noise, context, timesteps, negative,
+                    x0 = sample_bidirectional(model, scheduler, noise, context, schedule, negative,
                                               cfg.guidance_scale)
                     frames = vae.decode(x0)[0]                                   # [T, 3, H, W] in [-1, 1]
                 write_mp4(path, frames, fps=cfg.fps, value_range=(-1, 1), layout="TCHW")

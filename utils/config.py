@@ -50,6 +50,7 @@ SHARDING_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")
 DENOISING_LOSS_TYPES = ("flow", "x0")
 WANDB_MODES = ("disabled", "offline", "online")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn")
+SAMPLE_SOLVERS = ("unipc", "euler")
 
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
@@ -127,6 +128,8 @@ class Config:
     denoising_step_list_first_chunk: Optional[List[int]] = _f(None, "separate schedule for block 0; null = same")
     warp_denoising_step: bool = _f(False, "map the nominal steps onto the shifted 1000-step grid")
     context_noise: int = _f(0, "timestep of the KV-cache context pass after each block")
+    sample_solver: str = _f("unipc", f"ODE solver of the many-step sampler (no denoising_step_list), one of "
+                            f"{', '.join(SAMPLE_SOLVERS)}: 'unipc' is Wan's flow UniPC, as the published code samples")
 
     # --- guidance ---
     guidance_scale: float = _f(3.0, "classifier-free guidance scale (DMD real score, CD teacher, stage-1 sampling)")
@@ -227,6 +230,7 @@ class Config:
     def _check_stage(self) -> None:
         _check_choice("trainer", self.trainer, TRAINERS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("sample_solver", self.sample_solver, SAMPLE_SOLVERS)
         _check_choice("sharding_strategy", self.sharding_strategy, SHARDING_STRATEGIES)
         _check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
         _check(self.causal or self.trainer == "diffusion", "causal: false (a bidirectional generator) needs "
