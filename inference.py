@@ -21,7 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     p.add_argument("--data_path", required=True, help="prompt file, one prompt per line (TAB then an extended "
-                                                      "prompt optional); with --i2v: lines 'image_path<TAB>prompt'")
+                                                      "prompt optional); with --i2v: a folder with "
+                                                      "target_crop_info_<ratio>.json and <ratio>/ images (the "
+                                                      "published layout), or lines 'image_path<TAB>prompt'")
     p.add_argument("--extended_prompt_path", help="file of extended prompts, one per line, parallel to --data_path")
     p.add_argument("--output_folder", required=True, help="where the mp4 files (and latents) are written")
     p.add_argument("--num_output_frames", type=int, default=None,

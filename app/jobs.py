@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from app.cli import config_from_args, pipeline_from_args
 from pipeline.streaming import StreamingPipeline
-from utils.datasets import TextDataset
-from utils.errors import DataError, UserError
+from utils.datasets import TextDataset, read_image_prompts
+from utils.errors import UserError
 from utils.io import atomic_path
 from utils.video import Mp4StreamWriter, safe_output_name
 
@@ -42,7 +42,8 @@ def make_jobs(args, rank: int, world: int) -> list[Job]:
     """Every (prompt, sample) of the file, named once for all ranks, then this rank's share."""
     images: list[str | None]
     if args.i2v:
-        prompts, texts, images = _read_i2v(args.data_path)
+        images, prompts = map(list, zip(*read_image_prompts(args.data_path)))
+        texts = prompts
     else:
         ds = TextDataset(args.data_path, args.extended_prompt_path)
         items = [ds[i] for i in range(len(ds))]
@@ -59,36 +60,21 @@ def make_jobs(args, rank: int, world: int) -> list[Job]:
     return jobs[rank::world]
 
 
-def _read_i2v(path: str):
-    """I2V prompt file: lines ``image_path<TAB>prompt`` (relative image paths are relative to the file)."""
-    if not os.path.isfile(path):
-        raise DataError(f"I2V prompt file not found: {path} (expected lines 'image_path<TAB>prompt')")
-    prompts, images = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise DataError(f"{path}:{n}: expected 'image_path<TAB>prompt'")
-            image, prompt = line.rstrip("\n").split("\t", 1)
-            image = image if os.path.isabs(image) else os.path.join(os.path.dirname(path), image)
-            if not os.path.isfile(image):
-                raise DataError(f"{path}:{n}: image not found: {image}")
-            images.append(image)
-            prompts.append(prompt.strip())
-    if not prompts:
-        raise DataError(f"I2V prompt file is empty: {path}")
-    return prompts, prompts, images
-
-
-def load_image_latent(pipe: StreamingPipeline, path: str, height: int, width: int) -> torch.Tensor:
-    """An image resized to the video size -> its VAE latent ``[1, 1, C, h, w]``."""
+def image_pixels(path: str, height: int, width: int) -> torch.Tensor:
+    """An image as the published I2V reads it: RGB, resized to exactly ``height x width`` (aspect ratio not kept) with
+    PIL's bilinear filter -- what torchvision's ``Resize`` does to a PIL image, antialiased when shrinking -- then
+    scaled to [-1, 1]. float32 ``[3, H, W]``."""
     import numpy as np
     from PIL import Image
 
-    img = Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(img)).float().div(127.5).sub(1)            # [H, W, 3] in [-1, 1]
-    pixels = pixels.permute(2, 0, 1)[None, :, None].to(pipe.device, pipe.vae.dtype)  # [1, 3, 1, H, W]
+    with Image.open(path) as img:
+        img = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+
+
+def load_image_latent(pipe: StreamingPipeline, path: str, height: int, width: int) -> torch.Tensor:
+    """An image (:func:`image_pixels`) -> its VAE latent ``[1, 1, C, h, w]``."""
+    pixels = image_pixels(path, height, width)[None, :, None].to(pipe.device, pipe.vae.dtype)  # [1, 3, 1, H, W]
     with torch.no_grad():
         return pipe.vae.encode(pixels).to(pipe.dtype)
 
