@@ -7,6 +7,11 @@
         --generator_ckpt checkpoints/chunkwise/ar_diffusion.pt --rawdata_path dataset/clean_data \
         --output_folder dataset/ODE6KCausal_chunkwise_latents
 
+The published scripts' names run this one implementation: ``get_causal_ode_data_framewise.py`` and
+``get_causal_ode_data_chunkwise.py`` set the Stage-1 config of their block size; ``get_causal_ode_data_kv.py`` (the
+name the published README uses) and ``get_causal_ode_data_kv_optimized.py`` take ``--num_frames_per_chunk`` and
+``--generation_mode`` as the published KV script does.
+
 Per sample: fresh noise (seeded by the sample index, so a redone sample is identical), then ``--num_steps`` Euler steps
 of the guided flow (``uncond + g·(cond − uncond)``) with the ground-truth latent as clean context (teacher forcing),
 block by block through the KV cache (:class:`pipeline.causal.BlockLoop`). Kept: the states at the steps whose
@@ -47,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_folder", required=True, help="folder receiving one <index:05d>.pt per sample")
     p.add_argument("--config_path", default="configs/ar_diffusion_tf_framewise.yaml",
                    help="Stage-1 config: model folders, block size, frame count (default: %(default)s)")
-    p.add_argument("--num_frame_per_block", type=int, default=None,
+    p.add_argument("--num_frame_per_block", "--num_frames_per_chunk", type=int, default=None,
                    help="override the config's num_frame_per_block (1 frame-wise, 3 chunk-wise)")
+    p.add_argument("--generation_mode", choices=("full", "blockwise_kv"), default="blockwise_kv",
+                   help="accepted for the published KV script's command lines: its 'full' (all frames per step, "
+                        "teacher forcing) and 'blockwise_kv' modes compute the same trajectory, which this script "
+                        "always computes block by block through the KV cache")
+    p.add_argument("--local_rank", type=int, default=None,
+                   help="ignored (old launchers pass it); the rank comes from torchrun's environment")
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config values applied after the YAML, e.g. --override wan_models_dir=/data/wan_models")
     p.add_argument("--guidance_scale", type=float, default=6.0, help="CFG scale of the teacher (default: %(default)s)")

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--i2v", action="store_true", help="image-to-video: the image becomes the first latent frame")
     p.add_argument("--save_latents", action="store_true", help="also save the latents as <name>.latents.pt")
     p.add_argument("--overwrite", action="store_true", help="regenerate videos that already exist")
+    p.add_argument("--report_timing", action="store_true",
+                   help="print the first-frame latency, per-block times and FPS of every video after the first (a "
+                        "warm-up); needs at least 2 videos. Times include decoding, not writing")
     return p.parse_args(argv)
 
 
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     try:
         from app.jobs import run_inference
 
-        s = run_inference(args)
+        s = run_inference(args, report=print)
         print(f"{s['written']} videos written, {s['skipped']} skipped; {s['seconds_per_video']:.2f} s per video, "
               f"{s['fps']:.1f} frames per second (generation + decoding + writing)")
     except UserError as e:

@@ -29,6 +29,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="turn Weights & Biases off whatever the config's wandb_mode says")
     parser.add_argument("--wandb-save-dir", dest="wandb_save_dir", default="",
                         help="folder for W&B files (default: the logdir)")
+    parser.add_argument("--tf", action="store_true",
+                        help="accepted so the published command lines run; it changes nothing, as in the published "
+                             "code (which stored it in the config and never read it). Teacher forcing is the "
+                             "config's teacher_forcing key")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config values applied after the YAML, e.g. --override max_steps=500 lr=1e-6")
     return parser.parse_args(argv)
