@@ -21,6 +21,7 @@ from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
+from model.weights import download_hint_for_checkpoint
 from utils.config import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, Config
 from utils.errors import CheckpointError, ConfigError, WeightsMissingError
 
@@ -55,8 +56,9 @@ def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bo
     if checkpoint_path is None and cfg.generator_ckpt:
         checkpoint_path = cfg.generator_ckpt
         if not os.path.exists(checkpoint_path):
-            raise CheckpointError(f"generator_ckpt {checkpoint_path} (from the config) not found; pass "
-                                  f"--checkpoint_path or fix generator_ckpt")
+            hint = download_hint_for_checkpoint(checkpoint_path)
+            raise CheckpointError(f"generator_ckpt {checkpoint_path} (from the config) not found; "
+                                  + (f"get it with: {hint}" if hint else "fix generator_ckpt"))
     use_attention_backend(cfg)
     mk = cfg.model_kwargs
     return build_wan_model(

@@ -267,7 +267,15 @@ def test_stage3_starts_from_an_ema_only_stage2_checkpoint(world, monkeypatch, ca
     assert "loading its 'generator_ema' weights" in caplog.text
 
 
-def test_train_accepts_tf(world, monkeypatch):
+def test_missing_released_checkpoint_names_its_download(world, monkeypatch, capsys):
+    command = ("python train.py --config_path configs/causal_forcing_dmd_chunkwise.yaml --logdir logs/missing "
+               "--override generator_ckpt=elsewhere/chunkwise/causal_cd.pt")
+    assert run(world, command, monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("hf download zhuhz22/Causal-Forcing chunkwise/causal_cd.pt --local-dir elsewhere"), err
+
+
+def test_train_accepts_tf(world, data, monkeypatch):
     command = "python train.py --config_path configs/ar_diffusion_tf_framewise.yaml --logdir logs/tf --tf --no_save"
     assert run(world, command, monkeypatch) == 0
 
