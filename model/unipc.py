@@ -57,12 +57,12 @@ class UniPCSolver:
     """One sampling run (one block, or one bidirectional video): call :meth:`step` once per sigma, in order.
 
     Args:
-        sigmas: the run's noise levels, descending, without the final 0 (appended here).
+        sigmas: the run's noise levels, descending, in (0, 1), without the final 0 (appended here).
     """
 
     def __init__(self, sigmas: Sequence[float]):
-        if not sigmas or any(not 0 < s <= 1 for s in sigmas):
-            raise ValueError(f"sigmas must be non-empty and lie in (0, 1], got {list(sigmas)}")
+        if not sigmas or any(not 0 < s < 1 for s in sigmas):   # λ is -inf at σ = 1 (why Wan starts at 0.999)
+            raise ValueError(f"UniPC sigmas must be non-empty and lie in (0, 1), got {list(sigmas)}")
         self.sigmas = [float(s) for s in sigmas] + [0.0]
         self.index = 0
         self._x0: list[torch.Tensor] = []      # data predictions of the last SOLVER_ORDER steps, oldest first

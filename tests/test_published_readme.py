@@ -296,3 +296,20 @@ def test_report_timing(world, tmp_path, monkeypatch, capsys):
     command = command.replace("prompts/three.txt", "prompts/demos.txt").replace(str(tmp_path), str(tmp_path / "one"))
     assert run(world, command, monkeypatch) == 0
     assert "needs at least 2 videos" in capsys.readouterr().out
+
+
+def our_readme_checkpoint_commands() -> list[str]:
+    """The ``python inference.py`` commands of our README's released-checkpoint block (one per released file)."""
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in text.split("```bash")[1:] if "chunkwise/longvideo.pt --local-dir" in b).split("```")[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line.strip() for line in lines if line.strip().startswith("python inference.py")]
+
+
+@pytest.mark.parametrize("command", our_readme_checkpoint_commands(),
+                         ids=lambda c: words_of(c)[words_of(c).index("--checkpoint_path") + 1])
+def test_our_readme_runs_every_released_checkpoint(world, monkeypatch, command):
+    assert run(world, command, monkeypatch) == 0
+    words = words_of(command)
+    video = f"{safe_output_name(DEFAULT_SENTENCES[0])}.mp4"
+    assert (world / words[words.index("--output_folder") + 1] / video).is_file()

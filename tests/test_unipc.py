@@ -173,8 +173,9 @@ def test_solver_refuses_extra_steps_and_bad_sigmas():
     assert torch.equal(solver.step(torch.ones(2), x), -0.5 * torch.ones(2))      # σ = 0 after one step: x - σ v
     with pytest.raises(RuntimeError, match="finished"):
         solver.step(torch.ones(2), x)
-    with pytest.raises(ValueError, match="sigmas"):
-        UniPCSolver([1.5, 0.5])
+    for bad in ([1.5, 0.5], [1.0, 0.5], []):
+        with pytest.raises(ValueError, match="sigmas must be non-empty and lie in \\(0, 1\\)"):
+            UniPCSolver(bad)
 
 
 # ------------------------------------------------------------------------------------------------ in the samplers
