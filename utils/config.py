@@ -128,8 +128,7 @@ class Config:
     denoising_step_list_first_chunk: Optional[List[int]] = _f(None, "separate schedule for block 0; null = same")
     warp_denoising_step: bool = _f(False, "map the nominal steps onto the shifted 1000-step grid")
     context_noise: int = _f(0, "timestep of the KV-cache context pass after each block")
-    sample_solver: str = _f("unipc", f"ODE solver of the many-step sampler (no denoising_step_list), one of "
-                            f"{', '.join(SAMPLE_SOLVERS)}: 'unipc' is Wan's flow UniPC, as the published code samples")
+    sample_solver: str = _f("unipc", f"many-step sampler (no step list): {' or '.join(SAMPLE_SOLVERS)} (Wan's UniPC)")
 
     # --- guidance ---
     guidance_scale: float = _f(3.0, "classifier-free guidance scale (DMD real score, CD teacher, stage-1 sampling)")
