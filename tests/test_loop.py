@@ -235,3 +235,50 @@ def test_phases_share_or_draw_their_micro_batches(tmp_path, fresh):
     (p1, x1), (p2, x2) = obj.seen
     assert (p1, p2) == ("generator", "critic")
     assert torch.equal(x1, x2) != fresh  # DMD (fresh=True): the critic sees the next micro-batch, not the generator's
+
+
+class _RunsCode:
+    """Pickles as a call of ``os.system``: what a hostile checkpoint would plant."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_planted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path, monkeypatch):
+    """A resume checkpoint whose ``.metadata`` (or a non-tensor entry) pickles a call of ``os.system``: resuming stops
+    with one line naming the file and the command never runs."""
+    import pickle
+
+    from utils.errors import CheckpointError
+
+    marker = tmp_path / "code_ran"
+    logdir = tmp_path / "metadata"
+    obj = ToyObjective(toy_config(str(logdir), max_steps=2))
+    Trainer(obj.cfg, obj).train()
+    metadata = latest_checkpoint(logdir) / ".metadata"
+    metadata.write_bytes(pickle.dumps(_RunsCode(marker)))
+    resumed = ToyObjective(toy_config(str(logdir), max_steps=4))
+    with pytest.raises(CheckpointError, match=r"\.metadata refers to posix\.system.*refusing") as err:
+        Trainer(resumed.cfg, resumed).train()
+    assert "\n" not in str(err.value) and not marker.exists()
+
+    logdir = tmp_path / "entry"          # the metadata is genuine, one optimizer value pickles the call
+    real_state = ckpt._dcp_state
+
+    def planted(state):
+        out = real_state(state)
+        out["optim/generator"]["param_groups"][0]["lr"] = _RunsCode(marker)
+        return out
+
+    monkeypatch.setattr(ckpt, "_dcp_state", planted)
+    obj = ToyObjective(toy_config(str(logdir), max_steps=2))
+    Trainer(obj.cfg, obj).train()
+    monkeypatch.setattr(ckpt, "_dcp_state", real_state)
+    resumed = ToyObjective(toy_config(str(logdir), max_steps=4))
+    with pytest.raises(CheckpointError, match=r"entry optim/generator\.param_groups.*lr.*refusing") as err:
+        Trainer(resumed.cfg, resumed).train()
+    assert "\n" not in str(err.value) and not marker.exists()

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -38,9 +39,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from utils import safe_dcp
 from utils.distributed import barrier, world
 from utils.ema import ShardLocalEMA, canonical_name
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +206,16 @@ class Resumed:
     data_state: Optional[dict]
 
 
+def _first_failure(err: CheckpointException, path: Path) -> Exception:
+    """A one-line error for a failed DCP load: the first rank's own CheckpointError, else its exception named."""
+    for failure in err.failures.values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, CheckpointError):
+            return exc
+        return CheckpointError(f"{path}: loading failed ({type(exc).__name__}: {one_line(exc)})")
+    return CheckpointError(f"{path}: loading failed ({one_line(err)})")
+
+
 def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
     """Load a resume checkpoint into ``state`` in place (collective). The EMAs listed in its meta.json must exist in
     ``state.emas`` already (the loop creates them first, see :func:`read_meta`)."""
@@ -214,7 +226,12 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
             raise CheckpointError(f"{path} holds {kind} {meta[kind]} but this run has {sorted(have)}: "
                                   f"is the logdir from another stage? use a new --logdir")
     target = _dcp_state(state)
-    dcp.load(target, checkpoint_id=str(path))
+    safe_dcp.read_metadata(path / safe_dcp.METADATA_FILE)   # refused here with one line, before DCP's collectives
+    try:
+        dcp.load(target, checkpoint_id=str(path), storage_reader=safe_dcp.SafeFileSystemReader(path),
+                 planner=safe_dcp.SafeLoadPlanner())
+    except CheckpointException as err:   # DCP wraps every rank's failure; ours carry a one-line message
+        raise _first_failure(err, path) from None
     for name, model in state.models.items():
         set_model_state_dict(model, target[f"model/{name}"])
     for name, optimizer in state.optimizers.items():

@@ -46,3 +46,9 @@ def state_dict_mismatch(expected: dict, given: dict) -> str:
     return key_mismatch([k for k in expected if k not in given], [k for k in given if k not in expected],
                         [f"{k}: checkpoint {shape(given[k])} vs model {shape(expected[k])}"
                          for k in expected if k in given and shape(given[k]) != shape(expected[k])])
+
+
+def one_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (``""`` when it has none): for messages that name a
+    cause without pasting a library's multi-line text."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
