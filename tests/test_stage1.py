@@ -262,6 +262,17 @@ def test_data_resumes_at_the_same_sample(world):
         assert a["prompts"] == b["prompts"] and torch.equal(a["clean_latent"], b["clean_latent"])
 
 
+def test_kill_and_resume_equals_the_uninterrupted_run(world, tmp_path, one_thread):
+    """Killed during step 3 and resumed from the step-2 checkpoint: the same losses as an uninterrupted run, with
+    caption dropout and context noise on (every kind of per-sample draw), two micro-batches per step, one worker."""
+    from tests._resume import assert_same_losses, kill_resume_losses
+
+    cfg = make_config(world, batch_size=2, total_batch_size=4, lr=1e-3, caption_dropout=0.3,
+                      noise_augmentation_max_timestep=250, sharding_strategy="full")
+    make = lambda cfg: DiffusionObjective(cfg, num_workers=1)   # noqa: E731
+    assert_same_losses(*kill_resume_losses(make, cfg, tmp_path))
+
+
 # ------------------------------------------------------------------------------------------------ training on the toy
 
 @pytest.fixture

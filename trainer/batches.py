@@ -124,8 +124,12 @@ class ResumableBatches:
     def __next__(self) -> dict:
         if self._iterator is None:
             # Workers fetch indices ahead of use; state_dict() therefore counts consumed samples, not fetched ones.
+            # The loader gets its own generator: without one, iter() draws the workers' base seed from the global
+            # torch RNG, which objectives draw noise from and a resumed run has just restored -- the first step after
+            # a resume would then see different noise than the uninterrupted run.
             loader = DataLoader(self.dataset, batch_sampler=IndexBatches(self.sampler, self.batch_size),
-                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                                generator=self._loader_generator())
             self._iterator = iter(loader)
         batch = next(self._iterator)
         n = len(batch["prompts"])
@@ -134,6 +138,12 @@ class ResumableBatches:
                                               dtype=torch.int64)
         self.consumed += n
         return batch
+
+    def _loader_generator(self) -> torch.Generator:
+        """A generator seeded by the run's seed and the data position the loader starts at."""
+        position = self.sampler.state_for(self.consumed)
+        words = [self.sampler.seed, *(int(position[k]) for k in ("epoch", "position") if k in position)]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
 
     def state_dict(self) -> dict:
         state = {"sampler": self.sampler.state_for(self.consumed)}
