@@ -50,6 +50,23 @@ def configs_dir(repo_root: Path) -> Path:
     return repo_root / "configs"
 
 
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs mounted at ``tmp_path/disk``: a real full filesystem (ENOSPC). Mounting needs root (or a user
+    namespace); where it is refused the test is skipped, and the simulated failures of the same tests still run."""
+    import subprocess
+
+    point = tmp_path / "disk"
+    point.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(point)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode(errors='replace').strip()[:80]})")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
 def write_tiny_stream_config(root: Path) -> Path:
     """A tiny Wan folder ``root/Tiny`` and a chunk-wise 4-step generator YAML ``root/tiny.yaml`` over it
     (latents ``[6, 16, 4, 6]``, 32x48 pixels): the world of the streaming and demo tests. Returns the YAML path."""

@@ -106,3 +106,21 @@ def test_bad_inputs_give_one_line_errors(world, tmp_path, capsys, setup, extra, 
     code, _ = run(world, tmp_path, *args)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("error: ") and message in err, err
+
+
+def test_full_disk_is_an_error_and_a_rerun_writes_the_video(world, tiny_disk, capsys):
+    """A disk that fills while a video is written: exit 2 with one line, no mp4 under its final name (so a rerun does
+    not skip it), no temporary file; once there is room, the rerun writes it."""
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"\0" * (60 * 1024))      # 4 KiB left of 64
+    argv = ["--config_path", str(world / "cfg3.yaml"), "--data_path", str(world / "prompts.txt"),
+            "--output_folder", str(tiny_disk), "--device", "cpu"]
+    assert inference.main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]        # the lines before are progress bars
+    assert "Traceback" not in err and last.startswith("error: ") and "nothing was saved" in last, err
+    assert sorted(os.listdir(tiny_disk)) == ["filler"]
+    filler.unlink()
+    assert inference.main(argv) == 0
+    assert sorted(f for f in os.listdir(tiny_disk) if f.endswith(".mp4")) == [
+        "a red circle moving left slowly.mp4", "a_b _quoted_ prompt ✨.mp4"]

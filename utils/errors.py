@@ -26,6 +26,10 @@ class DataError(UserError):
     """A dataset or prompt file is missing, empty or malformed."""
 
 
+class OutputError(UserError, OSError):
+    """An output could not be written completely (a full disk, an unwritable folder, a path that is a file)."""
+
+
 def key_mismatch(missing=(), unexpected=(), mismatched=(), limit: int = 8) -> str:
     """The one-line report of a strict state-dict load that does not fit: ``missing keys (2): a, b; unexpected keys
     (1): c; shape mismatches (1): d: checkpoint (3,) vs model (4,)``. Empty groups are left out; each group shows its
