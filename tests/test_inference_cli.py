@@ -7,6 +7,7 @@ import torch
 
 import inference
 from model.loader import read_state_dict, save_release_checkpoint
+from tests.conftest import fill_disk
 from toy.folders import write_tiny_wan_folder
 from utils.video import read_mp4
 
@@ -111,8 +112,7 @@ def test_bad_inputs_give_one_line_errors(world, tmp_path, capsys, setup, extra, 
 def test_full_disk_is_an_error_and_a_rerun_writes_the_video(world, tiny_disk, capsys):
     """A disk that fills while a video is written: exit 2 with one line, no mp4 under its final name (so a rerun does
     not skip it), no temporary file; once there is room, the rerun writes it."""
-    filler = tiny_disk / "filler"
-    filler.write_bytes(b"\0" * (60 * 1024))      # 4 KiB left of 64
+    filler = fill_disk(tiny_disk, leave=4096)
     argv = ["--config_path", str(world / "cfg3.yaml"), "--data_path", str(world / "prompts.txt"),
             "--output_folder", str(tiny_disk), "--device", "cpu"]
     assert inference.main(argv) == 2

@@ -16,6 +16,8 @@ from model.config import get_preset
 from model.loader import read_state_dict
 from model.wan import WanModel
 from tests._dist_worker import ToyNet, ToyObjective, toy_config
+from tests._resume import Killed
+from tests.conftest import fill_disk
 from trainer.loop import Trainer
 from trainer.objective import Networks, Phase
 from utils import checkpoint as ckpt
@@ -74,12 +76,12 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     def commit_then_crash(tmp, final):
         if final.name == "step_000004":
-            raise OSError("injected crash between writing step_000004.tmp and renaming it")
+            raise Killed("injected crash between writing step_000004.tmp and renaming it")
         real_commit(tmp, final)
 
     monkeypatch.setattr(ckpt, "_commit", commit_then_crash)
     obj = ToyObjective(toy_config(str(tmp_path), max_steps=4))
-    with pytest.raises(OSError, match="injected crash"):
+    with pytest.raises(Killed, match="injected crash"):
         Trainer(obj.cfg, obj).train()
     assert latest_checkpoint(tmp_path).name == "step_000002"
     assert (tmp_path / "checkpoints" / "step_000004.tmp" / ".metadata").is_file()  # written, never published
@@ -282,3 +284,50 @@ def test_planted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match=r"entry optim/generator\.param_groups.*lr.*refusing") as err:
         Trainer(resumed.cfg, resumed).train()
     assert "\n" not in str(err.value) and not marker.exists()
+
+
+def test_full_disk_while_saving_is_one_line_and_resumable(tiny_disk):
+    """A disk that fills during a checkpoint save: one line naming the checkpoint, the cause and the free space; the
+    partial folder is removed and the previous checkpoint stays the latest; with room again, the run resumes."""
+    from utils.errors import CheckpointError
+
+    logdir = tiny_disk / "run"
+    obj = ToyObjective(toy_config(str(logdir), max_steps=2))
+    Trainer(obj.cfg, obj).train()
+    filler = fill_disk(tiny_disk, leave=4096)
+    obj = ToyObjective(toy_config(str(logdir), max_steps=4))
+    with pytest.raises(CheckpointError, match=r"saving .*step_000004 failed \(OSError: .*No space left on device\); "
+                                              r"the latest checkpoint is still step_000002 \(0 MiB free"):
+        Trainer(obj.cfg, obj).train()
+    assert [s for s, _ in list_checkpoints(logdir)] == [2] and not list((logdir / "checkpoints").glob("*.tmp"))
+    filler.unlink()
+    resumed = ToyObjective(toy_config(str(logdir), max_steps=4))
+    assert Trainer(resumed.cfg, resumed).train() == 4 and [s for s, _ in resumed.losses] == [2, 3]
+
+
+def test_export_lost_to_a_failure_is_written_on_resume(tmp_path, monkeypatch):
+    """A failure between the checkpoint's commit and its release export (here a simulated full disk) leaves the
+    checkpoint without its export: one line, and the resumed run writes the export from the restored weights."""
+    import errno
+
+    from model import loader
+    from utils.errors import OutputError
+
+    real_save = loader.save_release_checkpoint
+
+    def disk_full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(loader, "save_release_checkpoint", disk_full)
+    obj = ToyObjective(toy_config(str(tmp_path), max_steps=2))
+    with pytest.raises(OutputError, match=r"exporting .*checkpoint_model_000002.model\.pt failed.*No space left.*"
+                                          r"a resumed run writes the export"):
+        Trainer(obj.cfg, obj).train()
+    assert latest_checkpoint(tmp_path).name == "step_000002" and not release_path(tmp_path, 2).exists()
+    live = {k: _full(v) for k, v in obj.networks.trainable["generator"].state_dict().items()}
+    monkeypatch.setattr(loader, "save_release_checkpoint", real_save)
+    resumed = ToyObjective(toy_config(str(tmp_path), max_steps=2))
+    assert Trainer(resumed.cfg, resumed).train() == 2 and resumed.losses == []
+    exported = torch.load(release_path(tmp_path, 2), map_location="cpu", weights_only=True)["generator"]
+    for key, value in live.items():
+        torch.testing.assert_close(exported[f"model.{canonical_name(key)}"], value, rtol=0, atol=0)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import fill_disk
 from utils.errors import OutputError
 from utils.video import (
     Mp4StreamWriter,
@@ -99,7 +100,7 @@ NASTY = [
 
 
 def noise_frames(t=40, h=64, w=96) -> np.ndarray:
-    """Incompressible frames: ~100 KiB of mp4, more than the 64 KiB test disk holds."""
+    """Incompressible frames: ~130 KiB of mp4, more than the 64 KiB left on the test disk."""
     return np.random.default_rng(0).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
 
 
@@ -109,11 +110,12 @@ def test_full_disk_saves_no_video(tiny_disk):
     under that name (if any) is kept."""
     write_mp4(tiny_disk / "kept.mp4", gradient_frames(t=2))
     before = (tiny_disk / "kept.mp4").read_bytes()
+    fill_disk(tiny_disk, leave=64 * 1024)
     with pytest.raises(OutputError, match=r"kept\.mp4: ffmpeg was given 40 frames but wrote .*nothing was saved") \
             as err:
         write_mp4(tiny_disk / "kept.mp4", noise_frames())
     assert "\n" not in str(err.value)
-    assert os.listdir(tiny_disk) == ["kept.mp4"] and (tiny_disk / "kept.mp4").read_bytes() == before
+    assert sorted(os.listdir(tiny_disk)) == ["filler", "kept.mp4"] and (tiny_disk / "kept.mp4").read_bytes() == before
 
 
 def test_truncated_mp4_is_not_renamed(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ from utils.distributed import (
     transformer_blocks,
 )
 from utils.ema import ShardLocalEMA
-from utils.errors import ConfigError
+from utils.errors import ConfigError, OutputError, free_space, one_line
 from utils.metrics import MetricAccumulator, MetricsLogger, build_metrics_logger
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ class Trainer:
             self.objective.load_data_state(resumed.data_state)
         logger.info("resumed from %s at step %d (networks, optimizers, EMA %s, RNG, data position)", path,
                     resumed.step, sorted(self.emas) or "none")
+        if not self.cfg.no_save:   # a kill or a full disk between the checkpoint and its export left none
+            self._export_release(resumed.step)
         return resumed.step
 
     def _start_emas_from_start(self) -> None:
@@ -302,4 +304,9 @@ class Trainer:
         with_ema = "generator" in self.emas and step > self.cfg.ema_start_step
         ema = self.emas["generator"].full_state_dict() if with_ema else None
         if self.world.is_main:
-            save_release_checkpoint(path, generator, ema)
+            try:
+                save_release_checkpoint(path, generator, ema)
+            except OSError as err:   # e.g. a full disk; the resume checkpoint exists, and a resume exports again
+                raise OutputError(f"exporting {path} failed ({type(err).__name__}: {one_line(err)}){free_space(path)};"
+                                  f" the resume checkpoint of step {step} is saved and a resumed run writes the "
+                                  f"export") from None

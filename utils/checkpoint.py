@@ -40,9 +40,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from utils import safe_dcp
-from utils.distributed import barrier, world
+from utils.distributed import world
 from utils.ema import ShardLocalEMA, canonical_name
-from utils.errors import CheckpointError, one_line
+from utils.errors import CheckpointError, free_space, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -157,18 +157,39 @@ def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, dat
     """Write the resume checkpoint of ``step`` (collective: every rank calls it) and keep the newest ``keep``.
 
     Returns the checkpoint folder. A folder for ``step`` that already exists is left as is (e.g. the final save of a
-    resumed run that had nothing left to do).
+    resumed run that had nothing left to do). A failure on any rank (a full disk) raises a one-line CheckpointError
+    on every rank, after the partial folder is removed; the previous checkpoint stays the latest.
     """
     w = world()
     final = checkpoint_path(logdir, step)
     if final.is_dir():
         return final
     tmp = final.with_name(final.name + ".tmp")
+    error: Optional[BaseException] = None
     if w.is_main:
         for stale in final.parent.glob("step_*.tmp"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+        error = _attempt(lambda: tmp.mkdir(parents=True))
+    if _all_ok(error is None):
+        error = _attempt(lambda: _write(tmp, step, state, data_state, config_yaml))
+    if _all_ok(error is None) and w.is_main:   # every rank's files are complete: publish
+        error = _attempt(lambda: (_commit(tmp, final), _prune(logdir, keep)))
+    # every rank must learn of a failure, or the others would wait at the next collective
+    if not _all_ok(error is None):
+        if w.is_main and not final.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)   # frees the space a full disk needs
+        latest = latest_checkpoint(logdir)
+        cause = f"{type(error).__name__}: {one_line(error)}" if error is not None else "on another rank"
+        kept = f"the latest checkpoint is still {latest.name}" if latest else "there is no checkpoint yet"
+        raise CheckpointError(f"saving {final} failed ({cause}); {kept}{free_space(final.parent)}")
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _write(tmp: Path, step: int, state: TrainState, data_state: dict, config_yaml: str) -> None:
+    """Every file of a checkpoint into ``tmp`` (collective: DCP's shards; then this rank's RNG and data position,
+    and on rank 0 meta.json and config.yaml)."""
+    w = world()
     dcp.save(_dcp_state(state), checkpoint_id=str(tmp))
     torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank_{w.rank:05d}.pt")
     if w.is_main:
@@ -176,20 +197,17 @@ def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, dat
                 "models": sorted(state.models), "optimizers": sorted(state.optimizers), "emas": sorted(state.emas)}
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    barrier()
-    error: Optional[BaseException] = None
-    if w.is_main:
-        try:
-            _commit(tmp, final)
-            _prune(logdir, keep)
-        except Exception as err:  # every rank must learn of it, or the others would wait at the next collective
-            error = err
-    if not _all_ok(error is None):
-        if error is not None:
-            raise error
-        raise CheckpointError(f"saving {final} failed on rank 0; the previous checkpoint stays the latest")
-    logger.info("saved checkpoint %s", final)
-    return final
+
+
+def _attempt(action) -> Optional[BaseException]:
+    """Run ``action``; return its error (DCP's wrapper unwrapped to the rank's own), None when it succeeded."""
+    try:
+        action()
+    except CheckpointException as err:
+        return _unwrap(err)
+    except Exception as err:
+        return err
+    return None
 
 
 def _prune(logdir: str | os.PathLike, keep: int) -> None:
@@ -206,14 +224,11 @@ class Resumed:
     data_state: Optional[dict]
 
 
-def _first_failure(err: CheckpointException, path: Path) -> Exception:
-    """A one-line error for a failed DCP load: the first rank's own CheckpointError, else its exception named."""
+def _unwrap(err: CheckpointException) -> BaseException:
+    """The first failing rank's own exception inside DCP's wrapper."""
     for failure in err.failures.values():
-        exc = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(exc, CheckpointError):
-            return exc
-        return CheckpointError(f"{path}: loading failed ({type(exc).__name__}: {one_line(exc)})")
-    return CheckpointError(f"{path}: loading failed ({one_line(err)})")
+        return failure[0] if isinstance(failure, tuple) else failure
+    return err
 
 
 def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
@@ -231,7 +246,10 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
         dcp.load(target, checkpoint_id=str(path), storage_reader=safe_dcp.SafeFileSystemReader(path),
                  planner=safe_dcp.SafeLoadPlanner())
     except CheckpointException as err:   # DCP wraps every rank's failure; ours carry a one-line message
-        raise _first_failure(err, path) from None
+        cause = _unwrap(err)
+        if isinstance(cause, CheckpointError):
+            raise cause from None
+        raise CheckpointError(f"{path}: loading failed ({type(cause).__name__}: {one_line(cause)})") from None
     for name, model in state.models.items():
         set_model_state_dict(model, target[f"model/{name}"])
     for name, optimizer in state.optimizers.items():

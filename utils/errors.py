@@ -5,6 +5,10 @@ Anything a user can cause (a missing file, a misspelt config key, a checkpoint t
 of a traceback; internal invariants stay ``assert``.
 """
 
+import os
+import shutil
+from pathlib import Path
+
 
 class UserError(Exception):
     """A problem with the user's input, explained in one line."""
@@ -56,3 +60,15 @@ def one_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message (``""`` when it has none): for messages that name a
     cause without pasting a library's multi-line text."""
     return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """`` (N MiB free on that disk)`` for the nearest existing folder of ``path``, for messages about failed
+    writes; empty if even that cannot be read."""
+    path = Path(path).absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    try:
+        return f" ({shutil.disk_usage(path).free / 2**20:.0f} MiB free on that disk)"
+    except OSError:
+        return ""

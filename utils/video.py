@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 import unicodedata
 
 import numpy as np
 
-from utils.errors import OutputError, one_line
+from utils.errors import OutputError, free_space, one_line
 from utils.io import AtomicPath
 
 logger = logging.getLogger(__name__)
@@ -152,11 +151,10 @@ class Mp4StreamWriter:
             self.abort()
             raise
         if found != self.num_frames:   # ffmpeg's exit status is not checked by imageio: a full disk truncates silently
-            free = shutil.disk_usage(self._target.tmp.parent).free
             self.abort()
             got = "an unreadable file" if found is None else f"{found} of them"
-            raise OutputError(f"{self.path}: ffmpeg was given {self.num_frames} frames but wrote {got} "
-                              f"({free / 2**20:.0f} MiB free on that disk); nothing was saved")
+            raise OutputError(f"{self.path}: ffmpeg was given {self.num_frames} frames but wrote {got}"
+                              f"{free_space(self.path)}; nothing was saved")
         self._target.commit()
         self._target = None
         self._closed = True
