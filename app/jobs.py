@@ -16,7 +16,7 @@ from tqdm import tqdm
 from app.cli import config_from_args, pipeline_from_args
 from pipeline.streaming import StreamingPipeline
 from utils.datasets import TextDataset
-from utils.errors import DataError, UserError
+from utils.errors import DataError, UserError, ensure_folder
 from utils.io import atomic_path
 from utils.video import Mp4StreamWriter, safe_output_name
 
@@ -96,6 +96,8 @@ def load_image_latent(pipe: StreamingPipeline, path: str, height: int, width: in
 def run_inference(args) -> dict:
     """Generate every job of this rank; returns (and logs) the summary."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {args.num_samples}")
     cfg = config_from_args(args)
     jobs = make_jobs(args, rank, world)
     num_frames = args.num_output_frames or cfg.image_or_video_shape[1]
@@ -106,7 +108,7 @@ def run_inference(args) -> dict:
         BlockLayout(cfg.num_frame_per_block, cfg.independent_first_frame).block_sizes(num_frames - args.i2v)
     except ValueError as e:
         raise UserError(f"--num_output_frames {num_frames}: {e}") from None
-    os.makedirs(args.output_folder, exist_ok=True)
+    ensure_folder(args.output_folder, "--output_folder")
     device = torch.device(args.device) if args.device else None
     if device is None and world > 1 and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -141,9 +141,12 @@ def test_release_export_has_model_prefixed_wan_keys_and_loads(tmp_path):
 
 
 def test_non_finite_loss_raises_naming_the_step(tmp_path):
+    from utils.errors import UserError
+
     obj = ToyObjective(toy_config(str(tmp_path), max_steps=6, log_every=3, log_iters=2), nan_at=1)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(generator_loss=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(generator_loss=nan") as err:
         Trainer(obj.cfg, obj).train()
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)   # train.py prints it as one line
     assert latest_checkpoint(tmp_path) is None  # checked before the step-2 save: a diverged model is never saved
 
 
@@ -331,3 +334,29 @@ def test_export_lost_to_a_failure_is_written_on_resume(tmp_path, monkeypatch):
     exported = torch.load(release_path(tmp_path, 2), map_location="cpu", weights_only=True)["generator"]
     for key, value in live.items():
         torch.testing.assert_close(exported[f"model.{canonical_name(key)}"], value, rtol=0, atol=0)
+
+
+def test_two_runs_on_one_logdir_and_a_logdir_that_is_a_file(tmp_path):
+    """A second run on a logdir in use stops at once with one line naming the holder (the lock is released when
+    the first run ends, also when it crashes); a logdir that is a file is one line too."""
+    import os
+
+    from utils.checkpoint import LogdirLock
+    from utils.errors import CheckpointError, OutputError
+
+    holder = LogdirLock(tmp_path / "run")      # another run, as far as this one can tell
+    obj = ToyObjective(toy_config(str(tmp_path / "run"), max_steps=2))
+    with pytest.raises(CheckpointError, match=rf"run is in use by another training run \(pid {os.getpid()} on .*\): "
+                                              r"wait for it to end or pass another --logdir"):
+        Trainer(obj.cfg, obj).train()
+    assert obj.losses == [] and latest_checkpoint(tmp_path / "run") is None
+    holder.release()
+    crashed = ToyObjective(toy_config(str(tmp_path / "run"), max_steps=2), crash_at=1)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        Trainer(crashed.cfg, crashed).train()
+    assert Trainer(obj.cfg, obj).train() == 2
+
+    (tmp_path / "file").write_text("")
+    obj = ToyObjective(toy_config(str(tmp_path / "file"), max_steps=2))
+    with pytest.raises(OutputError, match=r"logdir .*file is a file, not a folder"):
+        Trainer(obj.cfg, obj).train()

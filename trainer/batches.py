@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from utils.datasets import ResumableSampler
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 
 
 class GlobalStreamSampler(Sampler[int]):
@@ -131,7 +131,10 @@ class ResumableBatches:
                                 num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                                 generator=self._loader_generator())
             self._iterator = iter(loader)
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except UserError as err:   # raised in a worker: torch re-raises it with the worker's traceback as its text
+            raise type(err)(_worker_message(err)) from None
         n = len(batch["prompts"])
         if isinstance(self.sampler, GlobalStreamSampler):
             batch["sample_id"] = torch.tensor([self.sampler.position_of(self.consumed + j) for j in range(n)],
@@ -155,6 +158,19 @@ class ResumableBatches:
         self.sampler.load_state_dict(state["sampler"])
         self.consumed = 0
         self._iterator = None  # prefetched batches belong to the old position; workers shut down with it
+
+
+def _worker_message(err: Exception) -> str:
+    """The original one-line message of an error a DataLoader worker raised. Torch re-raises it as ``"Caught DataError
+    in DataLoader worker process 0.\nOriginal Traceback ...\nutils.errors.DataError: <message>"``."""
+    text = str(err)
+    if not text.startswith("Caught "):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    for name in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__qualname__}: "):
+        if last.startswith(name):
+            return last[len(name):]
+    return last
 
 
 class DataPosition:

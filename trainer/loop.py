@@ -26,6 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.objective import Networks, Objective, Phase
 from utils.checkpoint import (
+    LogdirLock,
     TrainState,
     full_model_state_dict,
     latest_checkpoint,
@@ -37,6 +38,7 @@ from utils.checkpoint import (
 from utils.config import Config, config_to_yaml, grad_accum_steps
 from utils.distributed import (
     World,
+    all_ok,
     apply_activation_checkpointing,
     apply_fsdp,
     build_mesh,
@@ -47,7 +49,7 @@ from utils.distributed import (
     transformer_blocks,
 )
 from utils.ema import ShardLocalEMA
-from utils.errors import ConfigError, OutputError, free_space, one_line
+from utils.errors import CheckpointError, ConfigError, OutputError, UserError, free_space, one_line
 from utils.metrics import MetricAccumulator, MetricsLogger, build_metrics_logger
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class Trainer:
         self._accum = 1
         self._last_log = (0.0, 0)  # (time, step) of the last metrics line
         self._owns_process_group = False
+        self._lock: Optional[LogdirLock] = None
 
     # -----------------------------------------------------------------------------------------------------------------
     # the loop
@@ -118,6 +121,7 @@ class Trainer:
         """Everything before the first step; returns the step to start from (0, or the resumed checkpoint's)."""
         self._owns_process_group = not dist.is_initialized()
         self.world = w = init_distributed()
+        self._lock_logdir()
         if w.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -145,6 +149,17 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------------------------------------
     # setup
+
+    def _lock_logdir(self) -> None:
+        """Rank 0 locks the logdir for this run (:class:`LogdirLock`); every rank stops if it cannot."""
+        error = None
+        if self.cfg.logdir and self.world.is_main:
+            try:
+                self._lock = LogdirLock(self.cfg.logdir)
+            except UserError as err:
+                error = err
+        if not all_ok(error is None):
+            raise error or CheckpointError(f"rank 0 could not lock {self.cfg.logdir}")
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -286,6 +301,9 @@ class Trainer:
             bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         if self._owns_process_group:
             close_distributed()
 

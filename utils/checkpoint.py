@@ -21,13 +21,13 @@ import os
 import random
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import CheckpointException
@@ -40,9 +40,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from utils import safe_dcp
-from utils.distributed import world
+from utils.distributed import all_ok, world
 from utils.ema import ShardLocalEMA, canonical_name
-from utils.errors import CheckpointError, free_space, one_line
+from utils.errors import CheckpointError, ensure_folder, free_space, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,40 @@ def list_checkpoints(logdir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(logdir: str | os.PathLike) -> Optional[Path]:
     found = list_checkpoints(logdir)
     return found[-1][1] if found else None
+
+
+class LogdirLock:
+    """An exclusive lock on ``<logdir>/.lock`` held by one run (its rank 0) while it trains.
+
+    Two runs on one logdir would save, prune and publish the same checkpoint folders under each other (one died with
+    FileNotFoundError). ``flock`` is released by the kernel when the holder exits, even after ``kill -9``, so a
+    crashed run never leaves a stale lock. The file names the holder (pid and host) for the message.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, logdir: str | os.PathLike):
+        import fcntl  # POSIX only, like the training runs
+
+        ensure_folder(logdir, "logdir")
+        path = Path(logdir) / self.NAME
+        self._file = open(path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise CheckpointError(f"{logdir} is in use by another training run ({holder}): wait for it to end or "
+                                  f"pass another --logdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()   # closing the file releases the flock
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -139,14 +173,6 @@ def _dcp_state(state: TrainState) -> dict[str, Any]:
     return out
 
 
-def _all_ok(ok: bool) -> bool:
-    """True on every rank iff ``ok`` on every rank (a CPU all-reduce; works on gloo and cpu:gloo,cuda:nccl)."""
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _commit(tmp: Path, final: Path) -> None:
     """The one step that publishes a checkpoint: an atomic rename (same filesystem)."""
     os.replace(tmp, final)
@@ -170,12 +196,12 @@ def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, dat
         for stale in final.parent.glob("step_*.tmp"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
         error = _attempt(lambda: tmp.mkdir(parents=True))
-    if _all_ok(error is None):
+    if all_ok(error is None):
         error = _attempt(lambda: _write(tmp, step, state, data_state, config_yaml))
-    if _all_ok(error is None) and w.is_main:   # every rank's files are complete: publish
+    if all_ok(error is None) and w.is_main:   # every rank's files are complete: publish
         error = _attempt(lambda: (_commit(tmp, final), _prune(logdir, keep)))
     # every rank must learn of a failure, or the others would wait at the next collective
-    if not _all_ok(error is None):
+    if not all_ok(error is None):
         if w.is_main and not final.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)   # frees the space a full disk needs
         latest = latest_checkpoint(logdir)

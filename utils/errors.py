@@ -72,3 +72,16 @@ def free_space(path: str | os.PathLike) -> str:
         return f" ({shutil.disk_usage(path).free / 2**20:.0f} MiB free on that disk)"
     except OSError:
         return ""
+
+
+def ensure_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create the output folder ``path`` (and its parents) or raise a one-line OutputError naming ``what`` (a flag,
+    e.g. ``"--output_folder"``): the path is a file, or the folder cannot be created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{what} {path} cannot be created ({type(err).__name__}: {one_line(err)})") from None
+    return path

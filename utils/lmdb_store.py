@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 import lmdb
 import numpy as np
 
-from utils.errors import DataError, one_line
+from utils.errors import DataError, ensure_folder, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,10 @@ class LMDBWriter:
         self.latent_dtype = np.dtype(latent_dtype).newbyteorder("<")
         self.num_rows = 0
         self.row_shape: tuple[int, ...] | None = None
-        os.makedirs(self.path, exist_ok=True)
-        close_env(self.path)  # a read-only handle of this process would block opening for writing
         if int(map_size) < 1:
-            raise DataError(f"LMDB map size must be a positive number of bytes, got {map_size}")
+            raise DataError(f"LMDB map size (--map_size) must be a positive number of bytes, got {map_size}")
+        ensure_folder(self.path, "LMDB folder")
+        close_env(self.path)  # a read-only handle of this process would block opening for writing
         with lmdb_errors(self.path, writing=True):
             self._env = lmdb.open(self.path, map_size=int(map_size), subdir=True, meminit=False)
             try:

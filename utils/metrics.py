@@ -20,13 +20,15 @@ import torch
 import torch.distributed as dist
 
 from utils.config import Config, config_to_dict
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 _NONE = 2**62  # "no non-finite step seen" for the MIN all-reduce
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite: training diverged (raised on every rank, naming the step)."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """A loss became NaN or infinite: training diverged (raised on every rank, naming the step and what to change;
+    entry scripts print it as one line)."""
 
 
 class MetricAccumulator:

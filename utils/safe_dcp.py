@@ -22,7 +22,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, one_line
 
 METADATA_FILE = ".metadata"   # DCP's global metadata file (rank-local ones are ``__<rank>.metadata``)
 # Module -> names a DCP metadata pickle may refer to (recorded from what torch writes). Classes of
@@ -93,7 +93,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:
             raise CheckpointError(f"checkpoint entry {fqn} holds objects other than tensors and plain values: "
-                                  f"refusing to load it ({str(err).strip().splitlines()[0]})") from None
+                                  f"refusing to load it ({one_line(err)})") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
