@@ -44,6 +44,16 @@ def test_text_dataset_lines(tmp_path):
     assert ds[2] == {"prompts": "猫 🐱", "idx": 2}
 
 
+def test_unicode_line_separators_stay_inside_a_prompt(tmp_path):
+    """U+2028, U+2029, NEL and form feed are characters of a prompt, not line ends (str.splitlines splits at them);
+    \r\n and a lone \r still end lines."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("one\u2028two\u2029three\x85four\x0cfive\nsix\r\nseven\rnine\n".encode())
+    ds = TextDataset(path)
+    assert [ds[i]["prompts"] for i in range(len(ds))] == ["one\u2028two\u2029three\x85four\x0cfive", "six", "seven",
+                                                          "nine"]
+
+
 def test_text_dataset_tab_column(tmp_path):
     ds = TextDataset(write(tmp_path / "p.txt", "short\tthe long document\nno tab here\n"))
     assert ds[0] == {"prompts": "short", "idx": 0, "extended_prompts": "the long document"}

@@ -3,6 +3,7 @@
 Multi-rank behaviour (shard-local EMA, resume equality, 2 -> 1 ranks) is in tests/test_distributed_resume.py.
 """
 
+import json
 import subprocess
 import sys
 
@@ -92,6 +93,8 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert Trainer(resumed.cfg, resumed).train() == 4
     assert [step for step, _ in resumed.losses] == [2, 3]  # resumed from step 2
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]   # the redone steps 3-4 replace the killed run's rows
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # the stale folder was cleaned up
 
 

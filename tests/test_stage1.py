@@ -243,6 +243,16 @@ def test_block_timesteps_phases_and_config_checks(world):
         DiffusionObjective(make_config(world, teacher_forcing=False, noise_augmentation_max_timestep=100))
 
 
+def test_data_of_another_shape_than_the_config_is_refused(world):
+    """The generator accepts any clip length, so a config and data that disagree would silently train on other clips
+    than configured: refused before the first step, naming both shapes."""
+    frames, *rest = LATENT
+    objective = DiffusionObjective(make_config(world, image_or_video_shape=[1, frames + 3, *rest]), num_workers=0)
+    with pytest.raises(DataError, match=rf"latents are \[F, C, H, W\] = \[{frames}, .* but the config's "
+                                        rf"image_or_video_shape\[1:\] is \[{frames + 3}, "):
+        objective.data(rank=0, world_size=1, seed=0)
+
+
 def test_data_resumes_at_the_same_sample(world):
     def make():
         return DiffusionObjective(make_config(world, max_pair=20, batch_size=8), num_workers=0)

@@ -92,7 +92,7 @@ class Trainer:
         try:
             step = self.setup()
             cfg, w = self.cfg, self.world
-            self.metrics = build_metrics_logger(cfg, w.is_main)
+            self.metrics = build_metrics_logger(cfg, w.is_main, start_step=step)
             self._last_log = (time.perf_counter(), step)
             if w.device.type == "cuda":   # peak_memory_gib covers the steps, not building and sharding the networks
                 torch.cuda.reset_peak_memory_stats(w.device)
