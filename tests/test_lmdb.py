@@ -257,3 +257,19 @@ def test_damaged_lmdb_is_a_data_error(tmp_path, how):
     if how != "empty":
         with pytest.raises(DataError, match=r"LMDB .*db (is truncated|could not be written)"):
             LMDBWriter(tmp_path / "db")
+
+
+def test_full_disk_while_writing_is_a_data_error(tiny_disk):
+    """A disk that fills while rows are written: one DataError naming the database; it is left without shape keys,
+    so readers refuse it as an incomplete build."""
+    from tests.conftest import fill_disk
+
+    fill_disk(tiny_disk, leave=64 * 1024)
+    rows = np.random.default_rng(0).standard_normal((64, *ROW)).astype(np.float16)   # 64 x 1.1 KiB per write
+    with pytest.raises(DataError, match=r"LMDB .*db could not be written \(.*\); is the disk full\?") as err:
+        with LMDBWriter(tiny_disk / "db", map_size=1 << 20) as writer:
+            for _ in range(8):
+                writer.append(rows, ["p"] * len(rows))
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="no shape keys|is truncated|unreadable"):
+        LMDBReader(tiny_disk / "db")
