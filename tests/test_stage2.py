@@ -373,6 +373,12 @@ def test_ode_rejects_mismatched_data(world, ode_lmdb):
         ODEObjective(cfg).data(0, 1, seed=0)
     with pytest.raises(ConfigError, match="denoising_step_list"):
         ODEObjective(load_config(world / "ode.yaml", ["denoising_step_list=null"]))
+    other = f"image_or_video_shape=[1,{FRAMES + 3},{','.join(map(str, LATENT))}]"   # the generator takes any length
+    for cfg, make in ((load_config(world / "ode.yaml", [other]), ODEObjective),
+                      (load_config(world / "cd.yaml", [other]), ConsistencyObjective)):
+        with pytest.raises(DataError, match=rf"latents are \[F, C, H, W\] = \[{FRAMES}, .*shape\[1:\] is "
+                                            rf"\[{FRAMES + 3}, "):
+            make(cfg).data(0, 1, seed=0)
 
 
 @torch.no_grad()
