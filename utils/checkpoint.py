@@ -83,7 +83,8 @@ class LogdirLock:
 
     Two runs on one logdir would save, prune and publish the same checkpoint folders under each other (one died with
     FileNotFoundError). ``flock`` is released by the kernel when the holder exits, even after ``kill -9``, so a
-    crashed run never leaves a stale lock. The file names the holder (pid and host) for the message.
+    crashed run never leaves a stale lock (its DataLoader workers, which share the open file, exit with it). The file
+    names the holder (pid and host) for the message.
     """
 
     NAME = ".lock"
@@ -108,8 +109,12 @@ class LogdirLock:
         self._file.flush()
 
     def release(self) -> None:
+        import fcntl
+
         if not self._file.closed:
-            self._file.close()   # closing the file releases the flock
+            # Unlock explicitly: forked DataLoader workers share the open file (and with it the lock) until they exit.
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
 
 
 def read_meta(path: str | os.PathLike) -> dict:
