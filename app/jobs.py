@@ -17,7 +17,7 @@ from app.cli import config_from_args, pipeline_from_args
 from pipeline.streaming import StreamingPipeline
 from utils.datasets import TextDataset
 from utils.errors import DataError, UserError, ensure_folder
-from utils.io import atomic_path
+from utils.io import atomic_path, remove_stale_temps
 from utils.video import Mp4StreamWriter, safe_output_name
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ def run_inference(args) -> dict:
     device = torch.device(args.device) if args.device else None
     if device is None and world > 1 and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    # Temporaries a killed run left for this rank's videos (another rank's may be in flight: not touched).
+    remove_stale_temps(args.output_folder, [_path(args, j) for j in jobs] + [_latents_path(args, j) for j in jobs])
     todo = [j for j in jobs if args.overwrite or not os.path.exists(_path(args, j))]
     log.info("rank %d/%d: %d videos, %d already done", rank, world, len(jobs), len(jobs) - len(todo))
     summary = {"written": 0, "skipped": len(jobs) - len(todo), "seconds": 0.0, "frames": 0}
@@ -128,6 +130,10 @@ def run_inference(args) -> dict:
 
 def _path(args, job: Job) -> str:
     return os.path.join(args.output_folder, job.name + ".mp4")
+
+
+def _latents_path(args, job: Job) -> str:
+    return os.path.join(args.output_folder, job.name + ".latents.pt")
 
 
 def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int) -> tuple[int, float]:
@@ -148,7 +154,7 @@ def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int) -> 
             bar.update(chunk.frames.shape[1])
             latents.append(chunk.latents.cpu())
     if args.save_latents:
-        with atomic_path(os.path.join(args.output_folder, job.name + ".latents.pt")) as tmp:
+        with atomic_path(_latents_path(args, job)) as tmp:
             torch.save(torch.cat(latents, 1), tmp)
     seconds = time.perf_counter() - start
     log.info("wrote %s (%d frames, %.1f s, %.1f FPS)", _path(args, job), written, seconds, written / seconds)

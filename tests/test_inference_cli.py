@@ -67,6 +67,21 @@ def test_seed_reproduces_and_ema_differs(world, tmp_path):
     assert not torch.equal(a, latents("d", "--seed", "7", "--use_ema"))
 
 
+def test_temporaries_a_killed_run_left_are_removed(world, tmp_path):
+    """Temporaries of this run's videos (and those of earlier versions' writers) are deleted; one of another name,
+    which another rank may be writing right now, is left alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stem = "a red circle moving left slowly"
+    stale = [f".tmp-0123abcd-{stem}.mp4", f".tmp-0123abcd-{stem}.latents.pt",         # this writer's
+             ".tmp_0123456789abcdef0123456789abcdef.mp4", f".{stem}.latents.pt.tmp"]  # earlier writers'
+    foreign = ".tmp-89abcdef-a prompt of another rank.mp4"
+    for name in (*stale, foreign):
+        (out / name).write_bytes(b"partial")
+    code, _ = run(world, tmp_path, "--save_latents")
+    assert code == 0 and not any((out / name).exists() for name in stale) and (out / foreign).exists()
+
+
 def test_existing_outputs_are_skipped_unless_overwrite(world, tmp_path):
     run(world, tmp_path)
     path = tmp_path / "out" / "a red circle moving left slowly.mp4"

@@ -89,10 +89,14 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 4
 
     monkeypatch.setattr(ckpt, "_commit", real_commit)
+    stale = [tmp_path / "checkpoint_model_000002" / ".tmp-0123abcd-model.pt", tmp_path / ".tmp-89abcdef-metrics.jsonl"]
+    for path in stale:                                      # what a kill inside the export / metrics rewrite leaves
+        path.write_bytes(b"partial")
     resumed = ToyObjective(toy_config(str(tmp_path), max_steps=4))
     assert Trainer(resumed.cfg, resumed).train() == 4
     assert [step for step, _ in resumed.losses] == [2, 3]  # resumed from step 2
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
+    assert not any(path.exists() for path in stale)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]   # the redone steps 3-4 replace the killed run's rows
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # the stale folder was cleaned up

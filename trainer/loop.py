@@ -33,6 +33,7 @@ from utils.checkpoint import (
     load_checkpoint,
     read_meta,
     release_path,
+    remove_stale_files,
     save_checkpoint,
 )
 from utils.config import Config, config_to_yaml, grad_accum_steps
@@ -151,11 +152,13 @@ class Trainer:
     # setup
 
     def _lock_logdir(self) -> None:
-        """Rank 0 locks the logdir for this run (:class:`LogdirLock`); every rank stops if it cannot."""
+        """Rank 0 locks the logdir for this run (:class:`LogdirLock`) and removes what killed runs left there; every
+        rank stops if it cannot."""
         error = None
         if self.cfg.logdir and self.world.is_main:
             try:
                 self._lock = LogdirLock(self.cfg.logdir)
+                remove_stale_files(self.cfg.logdir)   # safe now: no other run writes there
             except UserError as err:
                 error = err
         if not all_ok(error is None):

@@ -7,8 +7,9 @@ Layout of one resume checkpoint (``<logdir>/checkpoints/step_<N:06d>/``, N = opt
     meta.json                      step, world size, names of the networks / optimizers / EMAs, format version
     config.yaml                    the resolved config of the run that wrote it
 
-Everything is written into ``step_<N>.tmp/`` and renamed by rank 0 after a barrier, so a crash mid-save leaves the
-previous checkpoint as the latest; :func:`latest_checkpoint` ignores ``.tmp`` folders and the next save removes them.
+Everything is written into ``step_<N>.tmp/`` and renamed by rank 0 once every rank has written its files, so a crash
+mid-save leaves the previous checkpoint as the latest; :func:`latest_checkpoint` ignores ``.tmp`` folders and the next
+run removes them (:func:`remove_stale_files`).
 Per-rank files hold only tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
 Keys are canonical: ``get_model_state_dict`` strips FSDP / activation-checkpointing / compile wrappers.
 """
@@ -43,6 +44,7 @@ from utils import safe_dcp
 from utils.distributed import all_ok, world
 from utils.ema import ShardLocalEMA, canonical_name
 from utils.errors import CheckpointError, ensure_folder, free_space, one_line
+from utils.io import remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,23 @@ class LogdirLock:
             # Unlock explicitly: forked DataLoader workers share the open file (and with it the lock) until they exit.
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+
+
+def remove_stale_files(logdir: str | os.PathLike) -> int:
+    """Delete what killed runs left in ``logdir``: partial checkpoint folders (``step_<N>.tmp``) and temporaries of
+    the export and ``metrics.jsonl`` (``.tmp-*``). Call it holding the :class:`LogdirLock` (no other writer is there).
+    Returns how many were deleted."""
+    root = Path(logdir)
+    removed = remove_stale_temps(root)
+    for folder in root.glob("checkpoint_model_*"):
+        if folder.is_dir():
+            removed += remove_stale_temps(folder)
+    for stale in (root / CHECKPOINTS).glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+        removed += 1
+    if removed:
+        logger.info("removed %d files or folders a killed run left in %s", removed, logdir)
+    return removed
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -198,8 +217,6 @@ def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, dat
     tmp = final.with_name(final.name + ".tmp")
     error: Optional[BaseException] = None
     if w.is_main:
-        for stale in final.parent.glob("step_*.tmp"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
         error = _attempt(lambda: tmp.mkdir(parents=True))
     if all_ok(error is None):
         error = _attempt(lambda: _write(tmp, step, state, data_state, config_yaml))

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from utils.config import Config, config_to_dict
 from utils.errors import UserError, one_line
+from utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
 _NONE = 2**62  # "no non-finite step seen" for the MIN all-reduce
@@ -169,10 +170,8 @@ def _drop_rows_after(path: str, step: int) -> None:
             kept.append(line + "\n")
     if len(kept) == sum(1 for line in lines if line):
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
-    os.replace(tmp, path)
 
 
 def build_metrics_logger(cfg: Config, is_main: bool, start_step: int = 0) -> MetricsLogger:
