@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,24 @@ def test_wandb_secrets_in_yaml_are_ignored_pointing_to_environment(tmp_path, key
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"{path}: ignoring {key}: credentials are never read from a YAML; export {env} instead"]
     assert "abc123" not in config_to_yaml(cfg) and SECRET_KEYS[key] == env
+
+
+def test_environment_interpolation_is_refused(tmp_path, monkeypatch):
+    """``${oc.env:...}`` would resolve a secret into every checkpoint's config.yaml and the W&B config: refused in a
+    YAML (at any depth) and in an override, naming the key and never the value."""
+    monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-value")
+    for text, key in (("wandb_name: ${oc.env:WANDB_API_KEY}\n", "wandb_name"),
+                      ("config_name: run-${oc.env:WANDB_API_KEY,none}\n", "config_name"),
+                      ("model_kwargs:\n  local_attn_size: ${oc.decode:${oc.env:WINDOW}}\n",
+                       "model_kwargs.local_attn_size")):
+        path = _write(tmp_path, "x.yaml", "trainer: ode\n" + text)
+        with pytest.raises(ConfigError, match=rf"x\.yaml: {re.escape(key)} reads an environment variable") as err:
+            load_config(path)
+        assert "s3cr3t" not in str(err.value)
+    path = _write(tmp_path, "y.yaml", "trainer: ode\n")
+    with pytest.raises(ConfigError, match=r"override 'wandb_project=\$\{oc.env:WANDB_API_KEY\}': wandb_project reads"):
+        load_config(path, ["wandb_project=${oc.env:WANDB_API_KEY}"])
+    assert load_config(path, ["wandb_name=plain-$HOME-text"]).wandb_name == "plain-$HOME-text"
 
 
 def test_overrides(configs_dir):
