@@ -147,6 +147,12 @@ def test_mistyped_value_fails_naming_key(tmp_path, line, message):
     ("ema_weight=1.0", r"ema_weight must lie in \[0, 1\)"),
     ("num_training_frames=20", "num_training_frames must split into blocks of num_frame_per_block=3"),
     ("total_batch_size=0", "total_batch_size must be a positive multiple"),
+    ("lr=.inf", "lr must be a finite number > 0, got inf"),
+    ("lr=.nan", "lr must be a finite number > 0, got nan"),
+    ("lr_critic=0", "lr_critic must be a finite number > 0, got 0"),
+    ("weight_decay=.inf", "weight_decay must be a finite number >= 0"),
+    ("seed=-1", r"seed must lie in \[0, 2\^63\), got -1"),
+    (f"seed={2**63}", r"seed must lie in \[0, 2\^63\)"),
 ])
 def test_invalid_value_fails(configs_dir, override, message):
     with pytest.raises(ConfigError, match=r"causal_forcing_dmd_chunkwise\.yaml: .*" + message):
