@@ -27,7 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p, config_required=False, config_help=f"stage YAML, as for inference.py (default: the toy "
                                                           f"model, {TOY_CONFIG}, on the CPU)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to your network)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (0.0.0.0 exposes the demo to your network); requests must be addressed to it, "
+                        "127.0.0.1, localhost or [::1] (with 0.0.0.0: any IP address), other host names are refused")
     p.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
     p.add_argument("--max_frames", type=int, default=None, help="longest video a client may ask for, in latent "
                                                                 "frames (default: 10x the training length)")
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     try:
         import uvicorn
 
-        from app.web.server import build_app
+        from app.web.server import LOOPBACK_HOSTS, build_app
         from app.web.session import settings_for
 
         if args.max_frames is not None and args.max_frames < 1:
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
         if args.max_queue < 0:
             raise UserError(f"--max_queue must be >= 0, got {args.max_queue}")
         pipe, cfg, info = load_pipeline(args)
-        app = build_app(pipe, settings_for(pipe, cfg, args.max_frames), max_queue=args.max_queue, info=info)
+        app = build_app(pipe, settings_for(pipe, cfg, args.max_frames), max_queue=args.max_queue, info=info,
+                        hosts=(*LOOPBACK_HOSTS, args.host))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -156,6 +156,21 @@ def _build(args, device: torch.device):
     return cfg, model, text_encoder, scheduler, grid, keep, LatentLMDBDataset(args.rawdata_path)
 
 
+MAX_SEED = 2**31   # sample i draws from manual_seed((seed << 32) + i), which must stay below 2**63
+
+
+def check_args(args) -> None:
+    """Flag values that cannot work, as one-line errors before anything is built."""
+    if args.num_steps < 1:
+        raise UserError(f"--num_steps must be >= 1, got {args.num_steps}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserError(f"--max_samples must be >= 1 (leave it out for all samples), got {args.max_samples}")
+    if not 0 <= args.seed < MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2^31), got {args.seed}")
+    if os.path.exists(args.output_folder) and not os.path.isdir(args.output_folder):
+        raise UserError(f"--output_folder {args.output_folder} is a file, not a folder")
+
+
 def generate(args) -> dict[str, int]:
     """Write this rank's trajectories; returns counts ``computed``, ``skipped``, ``redone``."""
     from tqdm import tqdm
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size, _ = _world()
     start = time.perf_counter()
     try:
+        check_args(args)
         counts = generate(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

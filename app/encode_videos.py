@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for key in ("height", "width", "num_frames", "batch_size"):
+    for key in ("height", "width", "num_frames", "batch_size", "map_size"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1 (leave it out for all videos), got {args.limit}")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.fps <= 0:

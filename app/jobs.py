@@ -17,8 +17,8 @@ from tqdm import tqdm
 from app.cli import config_from_args, pipeline_from_args
 from pipeline.streaming import StreamChunk, StreamingPipeline
 from utils.datasets import TextDataset, read_image_prompts
-from utils.errors import UserError
-from utils.io import atomic_path
+from utils.errors import UserError, ensure_folder
+from utils.io import atomic_path, remove_stale_temps
 from utils.video import Mp4StreamWriter, safe_output_name
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ def run_inference(args, report: Callable[[str], None] = log.info) -> dict:
     """Generate every job of this rank; returns (and logs) the summary. With ``args.report_timing`` the timing of
     every video after the first goes to ``report`` (:func:`timing_line`)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {args.num_samples}")
     cfg = config_from_args(args)
     jobs = make_jobs(args, rank, world)
     num_frames = args.num_output_frames or cfg.image_or_video_shape[1]
@@ -94,10 +96,12 @@ def run_inference(args, report: Callable[[str], None] = log.info) -> dict:
         BlockLayout(cfg.num_frame_per_block, cfg.independent_first_frame).block_sizes(num_frames - args.i2v)
     except ValueError as e:
         raise UserError(f"--num_output_frames {num_frames}: {e}") from None
-    os.makedirs(args.output_folder, exist_ok=True)
+    ensure_folder(args.output_folder, "--output_folder")
     device = torch.device(args.device) if args.device else None
     if device is None and world > 1 and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    # Temporaries a killed run left for this rank's videos (another rank's may be in flight: not touched).
+    remove_stale_temps(args.output_folder, [_path(args, j) for j in jobs] + [_latents_path(args, j) for j in jobs])
     todo = [j for j in jobs if args.overwrite or not os.path.exists(_path(args, j))]
     log.info("rank %d/%d: %d videos, %d already done", rank, world, len(jobs), len(jobs) - len(todo))
     summary = {"written": 0, "skipped": len(jobs) - len(todo), "seconds": 0.0, "frames": 0}
@@ -118,6 +122,10 @@ def run_inference(args, report: Callable[[str], None] = log.info) -> dict:
 
 def _path(args, job: Job) -> str:
     return os.path.join(args.output_folder, job.name + ".mp4")
+
+
+def _latents_path(args, job: Job) -> str:
+    return os.path.join(args.output_folder, job.name + ".latents.pt")
 
 
 def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int,
@@ -145,7 +153,7 @@ def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int,
             bar.update(chunk.frames.shape[1])
             latents.append(chunk.latents.cpu())
     if args.save_latents:
-        with atomic_path(os.path.join(args.output_folder, job.name + ".latents.pt")) as tmp:
+        with atomic_path(_latents_path(args, job)) as tmp:
             torch.save(torch.cat(latents, 1), tmp)
     seconds = time.perf_counter() - start
     log.info("wrote %s (%d frames, %.1f s, %.1f FPS)", _path(args, job), written, seconds, written / seconds)

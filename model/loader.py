@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from model.config import PRESET_ALIASES, WanConfig, get_preset
 from model.rope import RotaryTables
 from model.wan import WanModel
-from utils.errors import CheckpointError, ConfigError, state_dict_mismatch
+from utils.errors import CheckpointError, ConfigError, one_line, state_dict_mismatch
 from utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -160,11 +160,18 @@ def _resolve_model_folder(folder: str) -> str:
     return sub if not has_own and os.path.isdir(sub) else folder
 
 
+def _cause(err: Exception) -> str:
+    """``": <first line>"`` of a library's message, or ``" (empty file?)"`` when it has none (EOFError of an empty
+    file)."""
+    line = one_line(err)
+    return f": {line}" if line else " (empty or cut-short file?)"
+
+
 def _read_safetensors(path: str) -> dict:
     try:
         return load_file(path, device="cpu")
     except Exception as err:  # a truncated or foreign file: say which one, in one line
-        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise CheckpointError(f"cannot read {path}: {type(err).__name__}{_cause(err)}") from err
 
 
 def _read_folder(folder: str) -> dict:
@@ -203,7 +210,7 @@ def _torch_load(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a torch file, truncated, or holding objects weights_only refuses
-        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise CheckpointError(f"cannot read {path}: {type(err).__name__}{_cause(err)}") from err
 
 
 def _is_state_dict(obj) -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_FILES, WAN_TOKENIZER_SUBDIR
-from utils.errors import CheckpointError, WeightsMissingError, key_mismatch
+from utils.errors import CheckpointError, WeightsMissingError, key_mismatch, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _load_hf_encoder(folder: Path, dtype: torch.dtype):
     try:
         model, info = UMT5EncoderModel.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as err:  # unreadable files, shapes that contradict config.json
-        raise CheckpointError(f"cannot load UMT5 encoder from {folder}: {str(err).strip().splitlines()[0]}") from err
+        raise CheckpointError(f"cannot load UMT5 encoder from {folder}: {one_line(err)}") from err
     # The tied embedding may be stored once; the decoder half of a full UMT5 checkpoint is legitimately unused.
     missing = [k for k in info.get("missing_keys", ()) if k not in ("encoder.embed_tokens.weight", "shared.weight")]
     unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(("decoder.", "lm_head."))]

@@ -50,6 +50,32 @@ def configs_dir(repo_root: Path) -> Path:
     return repo_root / "configs"
 
 
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs mounted at ``tmp_path/disk``, a real filesystem to fill up (ENOSPC, see :func:`fill_disk`).
+    Mounting needs root; where it is refused the test is skipped (the simulated failures of the same kind still run)."""
+    import subprocess
+
+    point = tmp_path / "disk"
+    point.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode(errors='replace').strip()[:80]})")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def fill_disk(folder: Path, leave: int) -> Path:
+    """Fill the filesystem of ``folder`` until ``leave`` bytes are free; returns the filler file (delete it to make
+    room again)."""
+    stat = os.statvfs(folder)
+    filler = folder / "filler"
+    filler.write_bytes(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+    return filler
+
+
 def write_tiny_stream_config(root: Path) -> Path:
     """A tiny Wan folder ``root/Tiny`` and a chunk-wise 4-step generator YAML ``root/tiny.yaml`` over it
     (latents ``[6, 16, 4, 6]``, 32x48 pixels): the world of the streaming and demo tests. Returns the YAML path."""

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,12 @@ def test_mistyped_value_fails_naming_key(tmp_path, line, message):
     ("ema_weight=1.0", r"ema_weight must lie in \[0, 1\)"),
     ("num_training_frames=20", "num_training_frames must split into blocks of num_frame_per_block=3"),
     ("total_batch_size=0", "total_batch_size must be a positive multiple"),
+    ("lr=.inf", "lr must be a finite number > 0, got inf"),
+    ("lr=.nan", "lr must be a finite number > 0, got nan"),
+    ("lr_critic=0", "lr_critic must be a finite number > 0, got 0"),
+    ("weight_decay=.inf", "weight_decay must be a finite number >= 0"),
+    ("seed=-1", r"seed must lie in \[0, 2\^63\), got -1"),
+    (f"seed={2**63}", r"seed must lie in \[0, 2\^63\)"),
 ])
 def test_invalid_value_fails(configs_dir, override, message):
     with pytest.raises(ConfigError, match=r"causal_forcing_dmd_chunkwise\.yaml: .*" + message):
@@ -196,6 +203,24 @@ def test_wandb_secrets_in_yaml_are_ignored_pointing_to_environment(tmp_path, key
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"{path}: ignoring {key}: credentials are never read from a YAML; export {env} instead"]
     assert "abc123" not in config_to_yaml(cfg) and SECRET_KEYS[key] == env
+
+
+def test_environment_interpolation_is_refused(tmp_path, monkeypatch):
+    """``${oc.env:...}`` would resolve a secret into every checkpoint's config.yaml and the W&B config: refused in a
+    YAML (at any depth) and in an override, naming the key and never the value."""
+    monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-value")
+    for text, key in (("wandb_name: ${oc.env:WANDB_API_KEY}\n", "wandb_name"),
+                      ("config_name: run-${oc.env:WANDB_API_KEY,none}\n", "config_name"),
+                      ("model_kwargs:\n  local_attn_size: ${oc.decode:${oc.env:WINDOW}}\n",
+                       "model_kwargs.local_attn_size")):
+        path = _write(tmp_path, "x.yaml", "trainer: ode\n" + text)
+        with pytest.raises(ConfigError, match=rf"x\.yaml: {re.escape(key)} reads an environment variable") as err:
+            load_config(path)
+        assert "s3cr3t" not in str(err.value)
+    path = _write(tmp_path, "y.yaml", "trainer: ode\n")
+    with pytest.raises(ConfigError, match=r"override 'wandb_project=\$\{oc.env:WANDB_API_KEY\}': wandb_project reads"):
+        load_config(path, ["wandb_project=${oc.env:WANDB_API_KEY}"])
+    assert load_config(path, ["wandb_name=plain-$HOME-text"]).wandb_name == "plain-$HOME-text"
 
 
 def test_overrides(configs_dir):

@@ -44,6 +44,16 @@ def test_text_dataset_lines(tmp_path):
     assert ds[2] == {"prompts": "猫 🐱", "idx": 2}
 
 
+def test_unicode_line_separators_stay_inside_a_prompt(tmp_path):
+    """U+2028, U+2029, NEL and form feed are characters of a prompt, not line ends (str.splitlines splits at them);
+    \r\n and a lone \r still end lines."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("one\u2028two\u2029three\x85four\x0cfive\nsix\r\nseven\rnine\n".encode())
+    ds = TextDataset(path)
+    assert [ds[i]["prompts"] for i in range(len(ds))] == ["one\u2028two\u2029three\x85four\x0cfive", "six", "seven",
+                                                          "nine"]
+
+
 def test_text_dataset_tab_column(tmp_path):
     ds = TextDataset(write(tmp_path / "p.txt", "short\tthe long document\nno tab here\n"))
     assert ds[0] == {"prompts": "short", "idx": 0, "extended_prompts": "the long document"}
@@ -198,3 +208,28 @@ def test_cycle_calls_set_epoch_on_torch_sampler():
     assert batches[0].tolist() != batches[1].tolist()  # the reference reshuffled never (set_epoch was not called)
     with pytest.raises(DataError, match="no batches"):
         next(cycle(DataLoader([], batch_size=1)))
+
+
+class _BadRow(torch.utils.data.Dataset):
+    """Row 2 is broken, as a missing LMDB row would be."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 2:
+            raise DataError(f"row {i} of array 'latents' missing in /data/x (incomplete build?)")
+        return {"prompts": f"p{i}"}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_error_in_a_dataloader_worker_keeps_its_one_line(num_workers):
+    """A DataError raised inside a worker reaches the loop as the same one-line DataError, not as torch's text
+    with the worker's traceback."""
+    from trainer.batches import ResumableBatches
+
+    batches = ResumableBatches(_BadRow(), ResumableSampler(4, shuffle=False), batch_size=1, num_workers=num_workers)
+    assert next(batches)["prompts"] == ["p0"] and next(batches)["prompts"] == ["p1"]
+    with pytest.raises(DataError) as err:
+        next(batches)
+    assert str(err.value) == "row 2 of array 'latents' missing in /data/x (incomplete build?)"

@@ -17,7 +17,7 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from app.web import session as demo_session  # noqa: E402
-from app.web.server import build_app  # noqa: E402
+from app.web.server import LOOPBACK_HOSTS, build_app  # noqa: E402
 from app.web.session import encode_jpeg, settings_for  # noqa: E402
 from pipeline.streaming import StreamingPipeline  # noqa: E402
 from tests.conftest import write_tiny_stream_config
@@ -37,9 +37,10 @@ def world(tmp_path_factory):
     return pipe, cfg
 
 
-def make_app(world, max_queue=2, max_frames=None):
+def make_app(world, max_queue=2, max_frames=None, hosts=(*LOOPBACK_HOSTS, "testserver")):
+    """The demo app; TestClient addresses its requests to ``testserver``, so that name is served too."""
     pipe, cfg = world
-    return build_app(pipe, settings_for(pipe, cfg, max_frames), max_queue=max_queue)
+    return build_app(pipe, settings_for(pipe, cfg, max_frames), max_queue=max_queue, hosts=hosts)
 
 
 class Gate:
@@ -297,3 +298,41 @@ def test_demo_cli_builds_like_inference(world, tmp_path, capsys):
     assert cfg.fps == 4 and pipe.local_attn_size == 6 and pipe.sink_size == 3 and info["device"] == "CPU"
     assert demo.main(["--config_path", yaml, "--checkpoint_path", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_only_the_served_hosts_are_answered(world):
+    """DNS rebinding: a page on another name that resolves to 127.0.0.1 sends its own name as Host (and as Origin, so
+    the same-origin check passes). Only the bound hosts are answered, over HTTP and the WebSocket."""
+    app = make_app(world, hosts=LOOPBACK_HOSTS)
+    with TestClient(app, base_url="http://127.0.0.1:7860") as client:
+        for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST.", "[::1]:7860"):
+            assert client.get("/", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example:7860", "attacker.127.0.0.1.nip.io", "10.0.0.1", ""):
+            page = client.get("/", headers={"host": host})
+            assert page.status_code == 421 and "127.0.0.1, ::1, localhost" in page.text, host
+        with pytest.raises(Exception):
+            with client.websocket_connect("/ws", headers={"host": "evil.example:7860",
+                                                          "origin": "http://evil.example:7860"}) as ws:
+                ws.receive()
+        with client.websocket_connect("/ws", headers={"host": "127.0.0.1:7860",
+                                                      "origin": "http://127.0.0.1:7860"}) as ws:
+            assert receive(ws)["type"] == "hello"
+    wildcard = make_app(world, hosts=(*LOOPBACK_HOSTS, "0.0.0.0"))     # demo.py --host 0.0.0.0: any IP, no names
+    with TestClient(wildcard, base_url="http://192.168.1.7:7860") as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/", headers={"host": "[fe80::1]:7860"}).status_code == 200
+        assert client.get("/", headers={"host": "rebound.example:7860"}).status_code == 421
+
+
+def test_deeply_nested_json_gets_an_error_reply(world):
+    """A message nested deeper than the JSON parser's recursion limit is answered with an error; the connection and
+    the server go on."""
+    app = make_app(world)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        assert receive(ws)["type"] == "hello"
+        for text in ("[" * 30000, '{"a":' * 6000 + "1" + "}" * 6000):
+            ws.send_text(text)
+            assert receive(ws) == {"type": "error", "message": "message is nested too deeply"}
+        ws.send_text(json.dumps({"type": "stop"}))
+        ws.send_text("[]")
+        assert receive(ws)["message"] == "message must be a JSON object"

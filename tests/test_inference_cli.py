@@ -7,6 +7,7 @@ import torch
 
 import inference
 from model.loader import read_state_dict, save_release_checkpoint
+from tests.conftest import fill_disk
 from toy.folders import write_tiny_wan_folder
 from utils.video import read_mp4
 
@@ -66,6 +67,21 @@ def test_seed_reproduces_and_ema_differs(world, tmp_path):
     assert not torch.equal(a, latents("d", "--seed", "7", "--use_ema"))
 
 
+def test_temporaries_a_killed_run_left_are_removed(world, tmp_path):
+    """Temporaries of this run's videos (and those of earlier versions' writers) are deleted; one of another name,
+    which another rank may be writing right now, is left alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stem = "a red circle moving left slowly"
+    stale = [f".tmp-0123abcd-{stem}.mp4", f".tmp-0123abcd-{stem}.latents.pt",         # this writer's
+             ".tmp_0123456789abcdef0123456789abcdef.mp4", f".{stem}.latents.pt.tmp"]  # earlier writers'
+    foreign = ".tmp-89abcdef-a prompt of another rank.mp4"
+    for name in (*stale, foreign):
+        (out / name).write_bytes(b"partial")
+    code, _ = run(world, tmp_path, "--save_latents")
+    assert code == 0 and not any((out / name).exists() for name in stale) and (out / foreign).exists()
+
+
 def test_existing_outputs_are_skipped_unless_overwrite(world, tmp_path):
     run(world, tmp_path)
     path = tmp_path / "out" / "a red circle moving left slowly.mp4"
@@ -106,3 +122,20 @@ def test_bad_inputs_give_one_line_errors(world, tmp_path, capsys, setup, extra, 
     code, _ = run(world, tmp_path, *args)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("error: ") and message in err, err
+
+
+def test_full_disk_is_an_error_and_a_rerun_writes_the_video(world, tiny_disk, capsys):
+    """A disk that fills while a video is written: exit 2 with one line, no mp4 under its final name (so a rerun does
+    not skip it), no temporary file; once there is room, the rerun writes it."""
+    filler = fill_disk(tiny_disk, leave=4096)
+    argv = ["--config_path", str(world / "cfg3.yaml"), "--data_path", str(world / "prompts.txt"),
+            "--output_folder", str(tiny_disk), "--device", "cpu"]
+    assert inference.main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]        # the lines before are progress bars
+    assert "Traceback" not in err and last.startswith("error: ") and "nothing was saved" in last, err
+    assert sorted(os.listdir(tiny_disk)) == ["filler"]
+    filler.unlink()
+    assert inference.main(argv) == 0
+    assert sorted(f for f in os.listdir(tiny_disk) if f.endswith(".mp4")) == [
+        "a red circle moving left slowly.mp4", "a_b _quoted_ prompt ✨.mp4"]

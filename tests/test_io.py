@@ -44,3 +44,14 @@ def test_temps_are_unique_and_stale_ones_are_removed_by_name(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([other.tmp.name, "00002.pt"])
     assert remove_stale_temps(tmp_path) == 1
     assert os.listdir(tmp_path) == ["00002.pt"]
+
+
+def test_temporaries_of_earlier_writers_are_always_stale(tmp_path):
+    """Names the writers before utils.io used (mp4, latents, ODE files): no writer makes them now, so they are removed
+    whatever final names are asked for; finished files of similar names stay."""
+    legacy = [".tmp_0123456789abcdef0123456789abcdef.mp4", ".a cat.latents.pt.tmp", "00003.pt.tmp"]
+    kept = ["a cat.mp4", "a cat.latents.pt", "00003.pt", ".tmp_notes.mp4"]
+    for name in legacy + kept:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_temps(tmp_path, [str(tmp_path / "unrelated.mp4")]) == 3
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)

@@ -210,3 +210,66 @@ def test_extract_clean_takes_last_slot(tmp_path):
     for k, (lat, prompt) in enumerate(expected):
         assert clean.get("prompts", k) == prompt and np.array_equal(clean.get("latents", k)[0], lat[-1])
     assert os.path.isdir(tmp_path / "ODE_0") and os.path.isdir(tmp_path / "ODE_1")  # nothing deleted
+
+
+def damage(path, how: str) -> None:
+    """Cut ``path/data.mdb`` short (as an interrupted copy), fill it with garbage, or empty it."""
+    data = Path(path) / "data.mdb"
+    size = data.stat().st_size
+    if how == "truncated":
+        os.truncate(data, size // 2)
+    elif how == "two_pages":          # both meta pages intact, every data page gone
+        os.truncate(data, 2 * 4096)
+    elif how == "garbage":
+        data.write_bytes(np.random.default_rng(0).bytes(size))
+    else:
+        data.write_bytes(b"")
+
+
+def test_truncated_lmdb_is_one_line_not_sigbus(tmp_path):
+    """A data.mdb cut short is refused on open, in a separate process: reading a page past the end of the memory
+    map would kill the process with SIGBUS, so the check must come first. The merge tool exits 1 with one line."""
+    make_shards(tmp_path, "ODE", [40])
+    damage(tmp_path / "ODE_0", "truncated")
+    script = f"from utils.lmdb_store import LMDBReader\nr = LMDBReader({str(tmp_path / 'ODE_0')!r})\n" \
+             f"[r.get('latents', i) for i in range(len(r))]"
+    read = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert read.returncode == 1 and "DataError: LMDB" in read.stderr and "is truncated" in read.stderr, read.stderr
+    merge = subprocess.run([sys.executable, "utils/merge_lmdb.py", "--data_dir", str(tmp_path), "--names", "ODE"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert merge.returncode == 1, merge.stderr
+    assert merge.stderr.startswith("error: LMDB") and merge.stderr.count("\n") == 1 and "truncated" in merge.stderr
+
+
+@pytest.mark.parametrize("how", ["two_pages", "garbage", "empty"])
+def test_damaged_lmdb_is_a_data_error(tmp_path, how):
+    """Garbage, an empty data.mdb, or one holding its meta pages only: a one-line DataError naming the database, from
+    the reader and the training dataset on it; a writer asked to reuse a damaged folder refuses it too (an empty
+    file is simply a new database to LMDB)."""
+    from utils.datasets import LatentLMDBDataset
+
+    make_db(tmp_path / "db", 40, seed=0)
+    damage(tmp_path / "db", how)
+    for open_it in (LMDBReader, LatentLMDBDataset):
+        with pytest.raises(DataError, match=r"LMDB .*db (is truncated|is unreadable)") as err:
+            open_it(tmp_path / "db")
+        assert "\n" not in str(err.value)
+    if how != "empty":
+        with pytest.raises(DataError, match=r"LMDB .*db (is truncated|could not be written)"):
+            LMDBWriter(tmp_path / "db")
+
+
+def test_full_disk_while_writing_is_a_data_error(tiny_disk):
+    """A disk that fills while rows are written: one DataError naming the database; it is left without shape keys,
+    so readers refuse it as an incomplete build."""
+    from tests.conftest import fill_disk
+
+    fill_disk(tiny_disk, leave=64 * 1024)
+    rows = np.random.default_rng(0).standard_normal((64, *ROW)).astype(np.float16)   # 64 x 1.1 KiB per write
+    with pytest.raises(DataError, match=r"LMDB .*db could not be written \(.*\); is the disk full\?") as err:
+        with LMDBWriter(tiny_disk / "db", map_size=1 << 20) as writer:
+            for _ in range(8):
+                writer.append(rows, ["p"] * len(rows))
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="no shape keys|is truncated|unreadable"):
+        LMDBReader(tiny_disk / "db")

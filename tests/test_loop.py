@@ -3,6 +3,7 @@
 Multi-rank behaviour (shard-local EMA, resume equality, 2 -> 1 ranks) is in tests/test_distributed_resume.py.
 """
 
+import json
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from model.config import get_preset
 from model.loader import read_state_dict
 from model.wan import WanModel
 from tests._dist_worker import ToyNet, ToyObjective, toy_config
+from tests._resume import Killed
+from tests.conftest import fill_disk
 from trainer.loop import Trainer
 from trainer.objective import Networks, Phase
 from utils import checkpoint as ckpt
@@ -74,22 +77,28 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     def commit_then_crash(tmp, final):
         if final.name == "step_000004":
-            raise OSError("injected crash between writing step_000004.tmp and renaming it")
+            raise Killed("injected crash between writing step_000004.tmp and renaming it")
         real_commit(tmp, final)
 
     monkeypatch.setattr(ckpt, "_commit", commit_then_crash)
     obj = ToyObjective(toy_config(str(tmp_path), max_steps=4))
-    with pytest.raises(OSError, match="injected crash"):
+    with pytest.raises(Killed, match="injected crash"):
         Trainer(obj.cfg, obj).train()
     assert latest_checkpoint(tmp_path).name == "step_000002"
     assert (tmp_path / "checkpoints" / "step_000004.tmp" / ".metadata").is_file()  # written, never published
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 4
 
     monkeypatch.setattr(ckpt, "_commit", real_commit)
+    stale = [tmp_path / "checkpoint_model_000002" / ".tmp-0123abcd-model.pt", tmp_path / ".tmp-89abcdef-metrics.jsonl"]
+    for path in stale:                                      # what a kill inside the export / metrics rewrite leaves
+        path.write_bytes(b"partial")
     resumed = ToyObjective(toy_config(str(tmp_path), max_steps=4))
     assert Trainer(resumed.cfg, resumed).train() == 4
     assert [step for step, _ in resumed.losses] == [2, 3]  # resumed from step 2
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
+    assert not any(path.exists() for path in stale)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]   # the redone steps 3-4 replace the killed run's rows
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # the stale folder was cleaned up
 
 
@@ -139,9 +148,12 @@ def test_release_export_has_model_prefixed_wan_keys_and_loads(tmp_path):
 
 
 def test_non_finite_loss_raises_naming_the_step(tmp_path):
+    from utils.errors import UserError
+
     obj = ToyObjective(toy_config(str(tmp_path), max_steps=6, log_every=3, log_iters=2), nan_at=1)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(generator_loss=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(generator_loss=nan") as err:
         Trainer(obj.cfg, obj).train()
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)   # train.py prints it as one line
     assert latest_checkpoint(tmp_path) is None  # checked before the step-2 save: a diverged model is never saved
 
 
@@ -235,3 +247,123 @@ def test_phases_share_or_draw_their_micro_batches(tmp_path, fresh):
     (p1, x1), (p2, x2) = obj.seen
     assert (p1, p2) == ("generator", "critic")
     assert torch.equal(x1, x2) != fresh  # DMD (fresh=True): the critic sees the next micro-batch, not the generator's
+
+
+class _RunsCode:
+    """Pickles as a call of ``os.system``: what a hostile checkpoint would plant."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_planted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path, monkeypatch):
+    """A resume checkpoint whose ``.metadata`` (or a non-tensor entry) pickles a call of ``os.system``: resuming stops
+    with one line naming the file and the command never runs."""
+    import pickle
+
+    from utils.errors import CheckpointError
+
+    marker = tmp_path / "code_ran"
+    logdir = tmp_path / "metadata"
+    obj = ToyObjective(toy_config(str(logdir), max_steps=2))
+    Trainer(obj.cfg, obj).train()
+    metadata = latest_checkpoint(logdir) / ".metadata"
+    metadata.write_bytes(pickle.dumps(_RunsCode(marker)))
+    resumed = ToyObjective(toy_config(str(logdir), max_steps=4))
+    with pytest.raises(CheckpointError, match=r"\.metadata refers to posix\.system.*refusing") as err:
+        Trainer(resumed.cfg, resumed).train()
+    assert "\n" not in str(err.value) and not marker.exists()
+
+    logdir = tmp_path / "entry"          # the metadata is genuine, one optimizer value pickles the call
+    real_state = ckpt._dcp_state
+
+    def planted(state):
+        out = real_state(state)
+        out["optim/generator"]["param_groups"][0]["lr"] = _RunsCode(marker)
+        return out
+
+    monkeypatch.setattr(ckpt, "_dcp_state", planted)
+    obj = ToyObjective(toy_config(str(logdir), max_steps=2))
+    Trainer(obj.cfg, obj).train()
+    monkeypatch.setattr(ckpt, "_dcp_state", real_state)
+    resumed = ToyObjective(toy_config(str(logdir), max_steps=4))
+    with pytest.raises(CheckpointError, match=r"entry optim/generator\.param_groups.*lr.*refusing") as err:
+        Trainer(resumed.cfg, resumed).train()
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+def test_full_disk_while_saving_is_one_line_and_resumable(tiny_disk):
+    """A disk that fills during a checkpoint save: one line naming the checkpoint, the cause and the free space; the
+    partial folder is removed and the previous checkpoint stays the latest; with room again, the run resumes."""
+    from utils.errors import CheckpointError
+
+    logdir = tiny_disk / "run"
+    obj = ToyObjective(toy_config(str(logdir), max_steps=2))
+    Trainer(obj.cfg, obj).train()
+    filler = fill_disk(tiny_disk, leave=4096)
+    obj = ToyObjective(toy_config(str(logdir), max_steps=4))
+    with pytest.raises(CheckpointError, match=r"saving .*step_000004 failed \(OSError: .*No space left on device\); "
+                                              r"the latest checkpoint is still step_000002 \(0 MiB free"):
+        Trainer(obj.cfg, obj).train()
+    assert [s for s, _ in list_checkpoints(logdir)] == [2] and not list((logdir / "checkpoints").glob("*.tmp"))
+    filler.unlink()
+    resumed = ToyObjective(toy_config(str(logdir), max_steps=4))
+    assert Trainer(resumed.cfg, resumed).train() == 4 and [s for s, _ in resumed.losses] == [2, 3]
+
+
+def test_export_lost_to_a_failure_is_written_on_resume(tmp_path, monkeypatch):
+    """A failure between the checkpoint's commit and its release export (here a simulated full disk) leaves the
+    checkpoint without its export: one line, and the resumed run writes the export from the restored weights."""
+    import errno
+
+    from model import loader
+    from utils.errors import OutputError
+
+    real_save = loader.save_release_checkpoint
+
+    def disk_full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(loader, "save_release_checkpoint", disk_full)
+    obj = ToyObjective(toy_config(str(tmp_path), max_steps=2))
+    with pytest.raises(OutputError, match=r"exporting .*checkpoint_model_000002.model\.pt failed.*No space left.*"
+                                          r"a resumed run writes the export"):
+        Trainer(obj.cfg, obj).train()
+    assert latest_checkpoint(tmp_path).name == "step_000002" and not release_path(tmp_path, 2).exists()
+    live = {k: _full(v) for k, v in obj.networks.trainable["generator"].state_dict().items()}
+    monkeypatch.setattr(loader, "save_release_checkpoint", real_save)
+    resumed = ToyObjective(toy_config(str(tmp_path), max_steps=2))
+    assert Trainer(resumed.cfg, resumed).train() == 2 and resumed.losses == []
+    exported = torch.load(release_path(tmp_path, 2), map_location="cpu", weights_only=True)["generator"]
+    for key, value in live.items():
+        torch.testing.assert_close(exported[f"model.{canonical_name(key)}"], value, rtol=0, atol=0)
+
+
+def test_two_runs_on_one_logdir_and_a_logdir_that_is_a_file(tmp_path):
+    """A second run on a logdir in use stops at once with one line naming the holder (the lock is released when
+    the first run ends, also when it crashes); a logdir that is a file is one line too."""
+    import os
+
+    from utils.checkpoint import LogdirLock
+    from utils.errors import CheckpointError, OutputError
+
+    holder = LogdirLock(tmp_path / "run")      # another run, as far as this one can tell
+    obj = ToyObjective(toy_config(str(tmp_path / "run"), max_steps=2))
+    with pytest.raises(CheckpointError, match=rf"run is in use by another training run \(pid {os.getpid()} on .*\): "
+                                              r"wait for it to end or pass another --logdir"):
+        Trainer(obj.cfg, obj).train()
+    assert obj.losses == [] and latest_checkpoint(tmp_path / "run") is None
+    holder.release()
+    crashed = ToyObjective(toy_config(str(tmp_path / "run"), max_steps=2), crash_at=1)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        Trainer(crashed.cfg, crashed).train()
+    assert Trainer(obj.cfg, obj).train() == 2
+
+    (tmp_path / "file").write_text("")
+    obj = ToyObjective(toy_config(str(tmp_path / "file"), max_steps=2))
+    with pytest.raises(OutputError, match=r"logdir .*file is a file, not a folder"):
+        Trainer(obj.cfg, obj).train()

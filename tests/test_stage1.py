@@ -243,6 +243,16 @@ def test_block_timesteps_phases_and_config_checks(world):
         DiffusionObjective(make_config(world, teacher_forcing=False, noise_augmentation_max_timestep=100))
 
 
+def test_data_of_another_shape_than_the_config_is_refused(world):
+    """The generator accepts any clip length, so a config and data that disagree would silently train on other clips
+    than configured: refused before the first step, naming both shapes."""
+    frames, *rest = LATENT
+    objective = DiffusionObjective(make_config(world, image_or_video_shape=[1, frames + 3, *rest]), num_workers=0)
+    with pytest.raises(DataError, match=rf"latents are \[F, C, H, W\] = \[{frames}, .* but the config's "
+                                        rf"image_or_video_shape\[1:\] is \[{frames + 3}, "):
+        objective.data(rank=0, world_size=1, seed=0)
+
+
 def test_data_resumes_at_the_same_sample(world):
     def make():
         return DiffusionObjective(make_config(world, max_pair=20, batch_size=8), num_workers=0)
@@ -260,6 +270,17 @@ def test_data_resumes_at_the_same_sample(world):
     for a in expected:
         b = next(got)
         assert a["prompts"] == b["prompts"] and torch.equal(a["clean_latent"], b["clean_latent"])
+
+
+def test_kill_and_resume_equals_the_uninterrupted_run(world, tmp_path, one_thread):
+    """Killed during step 3 and resumed from the step-2 checkpoint: the same losses as an uninterrupted run, with
+    caption dropout and context noise on (every kind of per-sample draw), two micro-batches per step, one worker."""
+    from tests._resume import assert_same_losses, kill_resume_losses
+
+    cfg = make_config(world, batch_size=2, total_batch_size=4, lr=1e-3, caption_dropout=0.3,
+                      noise_augmentation_max_timestep=250, sharding_strategy="full")
+    make = lambda cfg: DiffusionObjective(cfg, num_workers=1)   # noqa: E731
+    assert_same_losses(*kill_resume_losses(make, cfg, tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ training on the toy

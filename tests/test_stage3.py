@@ -133,6 +133,22 @@ def test_generator_and_critic_steps_touch_only_their_network(tmp_path):
     assert next(data2) == nxt
 
 
+def test_kill_and_resume_equals_the_uninterrupted_run(tmp_path):
+    """Killed during step 3 and resumed from the step-2 checkpoint: generator and critic losses equal an uninterrupted
+    run's (rollout noise and exit steps from the restored RNG, the prompt sampler's position, both optimizers, the
+    generator's EMA)."""
+    from tests._resume import assert_same_losses, kill_resume_losses
+
+    write_tiny_wan_folder(tmp_path / "wan" / "gen", dit=DIT, seed=1)
+    write_tiny_wan_folder(tmp_path / "wan" / "teacher", dit=DIT, seed=2)
+    cfg = dmd_config(tmp_path, 3, ["batch_size=2", "dfake_gen_update_ratio=2", "ema_start_step=1",
+                                   "mixed_precision=false", "gradient_checkpointing=false",
+                                   "sharding_strategy=full"])
+    uninterrupted, resumed = kill_resume_losses(DMDObjective, cfg, tmp_path / "runs")
+    assert sorted(resumed) == [("critic", 2), ("critic", 3), ("generator", 2)]
+    assert_same_losses(uninterrupted, resumed)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. gradients flow only through the exit step
 

@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.video import Mp4StreamWriter, pixels_to_uint8, read_mp4, safe_output_name, to_uint8_frames, write_mp4
+from tests.conftest import fill_disk
+from utils.errors import OutputError
+from utils.video import (
+    Mp4StreamWriter,
+    count_mp4_frames,
+    pixels_to_uint8,
+    read_mp4,
+    safe_output_name,
+    to_uint8_frames,
+    write_mp4,
+)
 
 
 def gradient_frames(t=9, h=32, w=48) -> np.ndarray:
@@ -87,6 +97,52 @@ NASTY = [
     ("..", "prompt"),
     ("\u202eevil", "evil"),  # bidi override removed
 ]
+
+
+def noise_frames(t=40, h=64, w=96) -> np.ndarray:
+    """Incompressible frames: ~130 KiB of mp4, more than the 64 KiB left on the test disk."""
+    return np.random.default_rng(0).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+
+
+def test_full_disk_saves_no_video(tiny_disk):
+    """On a full filesystem ffmpeg cannot write the mp4's index; imageio does not check its exit status, so the
+    writer counts the frames in what was written: one line, no final file, no temporary file, and the old video
+    under that name (if any) is kept."""
+    write_mp4(tiny_disk / "kept.mp4", gradient_frames(t=2))
+    before = (tiny_disk / "kept.mp4").read_bytes()
+    fill_disk(tiny_disk, leave=64 * 1024)
+    with pytest.raises(OutputError, match=r"kept\.mp4: ffmpeg was given 40 frames but wrote .*nothing was saved") \
+            as err:
+        write_mp4(tiny_disk / "kept.mp4", noise_frames())
+    assert "\n" not in str(err.value)
+    assert sorted(os.listdir(tiny_disk)) == ["filler", "kept.mp4"] and (tiny_disk / "kept.mp4").read_bytes() == before
+
+
+def test_truncated_mp4_is_not_renamed(tmp_path, monkeypatch):
+    """The same check without a small disk: ffmpeg's output is cut short after it exits (as when its last write
+    fails), so its index is gone or points past the end."""
+    import imageio.v2 as imageio
+
+    real_get_writer = imageio.get_writer
+
+    def cut_short(path, *args, **kwargs):
+        writer = real_get_writer(path, *args, **kwargs)
+        real_close = writer.close
+
+        def close():
+            real_close()
+            os.truncate(path, os.path.getsize(path) // 2)
+        writer.close = close
+        return writer
+
+    monkeypatch.setattr(imageio, "get_writer", cut_short)
+    with pytest.raises(OutputError, match="ffmpeg was given 9 frames but wrote"):
+        write_mp4(tmp_path / "v.mp4", gradient_frames())
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    write_mp4(tmp_path / "v.mp4", gradient_frames())
+    assert count_mp4_frames(tmp_path / "v.mp4") == 9 and os.listdir(tmp_path) == ["v.mp4"]
+
 
 
 @pytest.mark.parametrize("prompt,expected", NASTY)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from utils.datasets import ResumableSampler
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 
 
 class GlobalStreamSampler(Sampler[int]):
@@ -124,16 +124,29 @@ class ResumableBatches:
     def __next__(self) -> dict:
         if self._iterator is None:
             # Workers fetch indices ahead of use; state_dict() therefore counts consumed samples, not fetched ones.
+            # The loader gets its own generator: without one, iter() draws the workers' base seed from the global
+            # torch RNG, which objectives draw noise from and a resumed run has just restored -- the first step after
+            # a resume would then see different noise than the uninterrupted run.
             loader = DataLoader(self.dataset, batch_sampler=IndexBatches(self.sampler, self.batch_size),
-                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                                generator=self._loader_generator())
             self._iterator = iter(loader)
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except UserError as err:   # raised in a worker: torch re-raises it with the worker's traceback as its text
+            raise type(err)(_worker_message(err)) from None
         n = len(batch["prompts"])
         if isinstance(self.sampler, GlobalStreamSampler):
             batch["sample_id"] = torch.tensor([self.sampler.position_of(self.consumed + j) for j in range(n)],
                                               dtype=torch.int64)
         self.consumed += n
         return batch
+
+    def _loader_generator(self) -> torch.Generator:
+        """A generator seeded by the run's seed and the data position the loader starts at."""
+        position = self.sampler.state_for(self.consumed)
+        words = [self.sampler.seed, *(int(position[k]) for k in ("epoch", "position") if k in position)]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
 
     def state_dict(self) -> dict:
         state = {"sampler": self.sampler.state_for(self.consumed)}
@@ -145,6 +158,19 @@ class ResumableBatches:
         self.sampler.load_state_dict(state["sampler"])
         self.consumed = 0
         self._iterator = None  # prefetched batches belong to the old position; workers shut down with it
+
+
+def _worker_message(err: Exception) -> str:
+    """The original one-line message of an error a DataLoader worker raised. Torch re-raises it as ``"Caught DataError
+    in DataLoader worker process 0.\nOriginal Traceback ...\nutils.errors.DataError: <message>"``."""
+    text = str(err)
+    if not text.startswith("Caught "):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    for name in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__qualname__}: "):
+        if last.startswith(name):
+            return last[len(name):]
+    return last
 
 
 class DataPosition:

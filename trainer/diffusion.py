@@ -137,6 +137,7 @@ class DiffusionObjective(Objective):
         dataset = LatentLMDBDataset(cfg.data_path, max_pair=cfg.max_pair or int(1e8))
         if len(dataset) == 0:
             raise DataError(f"{cfg.data_path} holds no samples")
+        dataset.check_latent_shape(cfg.image_or_video_shape[1:])
         sampler = GlobalStreamSampler(len(dataset), seed=seed, shuffle=True, num_replicas=world_size, rank=rank)
         return self._data.attach(ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers))
 

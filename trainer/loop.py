@@ -26,17 +26,20 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.objective import Networks, Objective, Phase
 from utils.checkpoint import (
+    LogdirLock,
     TrainState,
     full_model_state_dict,
     latest_checkpoint,
     load_checkpoint,
     read_meta,
     release_path,
+    remove_stale_files,
     save_checkpoint,
 )
 from utils.config import Config, config_to_yaml, grad_accum_steps
 from utils.distributed import (
     World,
+    all_ok,
     apply_activation_checkpointing,
     apply_fsdp,
     build_mesh,
@@ -47,7 +50,7 @@ from utils.distributed import (
     transformer_blocks,
 )
 from utils.ema import ShardLocalEMA
-from utils.errors import ConfigError
+from utils.errors import CheckpointError, ConfigError, OutputError, UserError, free_space, one_line
 from utils.metrics import MetricAccumulator, MetricsLogger, build_metrics_logger
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ class Trainer:
         self._accum = 1
         self._last_log = (0.0, 0)  # (time, step) of the last metrics line
         self._owns_process_group = False
+        self._lock: Optional[LogdirLock] = None
 
     # -----------------------------------------------------------------------------------------------------------------
     # the loop
@@ -89,7 +93,7 @@ class Trainer:
         try:
             step = self.setup()
             cfg, w = self.cfg, self.world
-            self.metrics = build_metrics_logger(cfg, w.is_main)
+            self.metrics = build_metrics_logger(cfg, w.is_main, start_step=step)
             self._last_log = (time.perf_counter(), step)
             if w.device.type == "cuda":   # peak_memory_gib covers the steps, not building and sharding the networks
                 torch.cuda.reset_peak_memory_stats(w.device)
@@ -118,6 +122,7 @@ class Trainer:
         """Everything before the first step; returns the step to start from (0, or the resumed checkpoint's)."""
         self._owns_process_group = not dist.is_initialized()
         self.world = w = init_distributed()
+        self._lock_logdir()
         if w.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -145,6 +150,19 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------------------------------------
     # setup
+
+    def _lock_logdir(self) -> None:
+        """Rank 0 locks the logdir for this run (:class:`LogdirLock`) and removes what killed runs left there; every
+        rank stops if it cannot."""
+        error = None
+        if self.cfg.logdir and self.world.is_main:
+            try:
+                self._lock = LogdirLock(self.cfg.logdir)
+                remove_stale_files(self.cfg.logdir)   # safe now: no other run writes there
+            except UserError as err:
+                error = err
+        if not all_ok(error is None):
+            raise error or CheckpointError(f"rank 0 could not lock {self.cfg.logdir}")
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -201,6 +219,8 @@ class Trainer:
             self.objective.load_data_state(resumed.data_state)
         logger.info("resumed from %s at step %d (networks, optimizers, EMA %s, RNG, data position)", path,
                     resumed.step, sorted(self.emas) or "none")
+        if not self.cfg.no_save:   # a kill or a full disk between the checkpoint and its export left none
+            self._export_release(resumed.step)
         return resumed.step
 
     def _start_emas_from_start(self) -> None:
@@ -284,6 +304,9 @@ class Trainer:
             bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         if self._owns_process_group:
             close_distributed()
 
@@ -302,4 +325,9 @@ class Trainer:
         with_ema = "generator" in self.emas and step > self.cfg.ema_start_step
         ema = self.emas["generator"].full_state_dict() if with_ema else None
         if self.world.is_main:
-            save_release_checkpoint(path, generator, ema)
+            try:
+                save_release_checkpoint(path, generator, ema)
+            except OSError as err:   # e.g. a full disk; the resume checkpoint exists, and a resume exports again
+                raise OutputError(f"exporting {path} failed ({type(err).__name__}: {one_line(err)}){free_space(path)};"
+                                  f" the resume checkpoint of step {step} is saved and a resumed run writes the "
+                                  f"export") from None

@@ -109,6 +109,7 @@ class Stage2Objective(Objective):
 
     def _check_dataset(self, dataset) -> None:
         """Reject data that cannot feed this objective, before the first step."""
+        dataset.check_latent_shape(self.cfg.image_or_video_shape[1:])
 
     def data_state(self) -> dict:
         return self._data.state_dict()
@@ -143,6 +144,7 @@ class ODEObjective(Stage2Objective):
                         frozen={"text_encoder": self._build_text_encoder(device)})
 
     def _check_dataset(self, dataset) -> None:
+        super()._check_dataset(dataset)
         slots = dataset.row_shape[0]
         if slots != len(self.timesteps) + 2:
             raise DataError(f"{self.cfg.data_path}: rows hold {slots} trajectory slots, but denoising_step_list has "

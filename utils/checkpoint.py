@@ -7,8 +7,9 @@ Layout of one resume checkpoint (``<logdir>/checkpoints/step_<N:06d>/``, N = opt
     meta.json                      step, world size, names of the networks / optimizers / EMAs, format version
     config.yaml                    the resolved config of the run that wrote it
 
-Everything is written into ``step_<N>.tmp/`` and renamed by rank 0 after a barrier, so a crash mid-save leaves the
-previous checkpoint as the latest; :func:`latest_checkpoint` ignores ``.tmp`` folders and the next save removes them.
+Everything is written into ``step_<N>.tmp/`` and renamed by rank 0 once every rank has written its files, so a crash
+mid-save leaves the previous checkpoint as the latest; :func:`latest_checkpoint` ignores ``.tmp`` folders and the next
+run removes them (:func:`remove_stale_files`).
 Per-rank files hold only tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
 Keys are canonical: ``get_model_state_dict`` strips FSDP / activation-checkpointing / compile wrappers.
 """
@@ -21,15 +22,16 @@ import os
 import random
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -38,9 +40,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from utils.distributed import barrier, world
+from utils import safe_dcp
+from utils.distributed import all_ok, world
 from utils.ema import ShardLocalEMA, canonical_name
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ensure_folder, free_space, one_line
+from utils.io import remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,62 @@ def list_checkpoints(logdir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(logdir: str | os.PathLike) -> Optional[Path]:
     found = list_checkpoints(logdir)
     return found[-1][1] if found else None
+
+
+class LogdirLock:
+    """An exclusive lock on ``<logdir>/.lock`` held by one run (its rank 0) while it trains.
+
+    Two runs on one logdir would save, prune and publish the same checkpoint folders under each other (one died with
+    FileNotFoundError). ``flock`` is released by the kernel when the holder exits, even after ``kill -9``, so a
+    crashed run never leaves a stale lock (its DataLoader workers, which share the open file, exit with it). The file
+    names the holder (pid and host) for the message.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, logdir: str | os.PathLike):
+        import fcntl  # POSIX only, like the training runs
+
+        ensure_folder(logdir, "logdir")
+        path = Path(logdir) / self.NAME
+        self._file = open(path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise CheckpointError(f"{logdir} is in use by another training run ({holder}): wait for it to end or "
+                                  f"pass another --logdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        import fcntl
+
+        if not self._file.closed:
+            # Unlock explicitly: forked DataLoader workers share the open file (and with it the lock) until they exit.
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+def remove_stale_files(logdir: str | os.PathLike) -> int:
+    """Delete what killed runs left in ``logdir``: partial checkpoint folders (``step_<N>.tmp``) and temporaries of
+    the export and ``metrics.jsonl`` (``.tmp-*``). Call it holding the :class:`LogdirLock` (no other writer is there).
+    Returns how many were deleted."""
+    root = Path(logdir)
+    removed = remove_stale_temps(root)
+    for folder in root.glob("checkpoint_model_*"):
+        if folder.is_dir():
+            removed += remove_stale_temps(folder)
+    for stale in (root / CHECKPOINTS).glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+        removed += 1
+    if removed:
+        logger.info("removed %d files or folders a killed run left in %s", removed, logdir)
+    return removed
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -137,14 +197,6 @@ def _dcp_state(state: TrainState) -> dict[str, Any]:
     return out
 
 
-def _all_ok(ok: bool) -> bool:
-    """True on every rank iff ``ok`` on every rank (a CPU all-reduce; works on gloo and cpu:gloo,cuda:nccl)."""
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _commit(tmp: Path, final: Path) -> None:
     """The one step that publishes a checkpoint: an atomic rename (same filesystem)."""
     os.replace(tmp, final)
@@ -155,18 +207,37 @@ def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, dat
     """Write the resume checkpoint of ``step`` (collective: every rank calls it) and keep the newest ``keep``.
 
     Returns the checkpoint folder. A folder for ``step`` that already exists is left as is (e.g. the final save of a
-    resumed run that had nothing left to do).
+    resumed run that had nothing left to do). A failure on any rank (a full disk) raises a one-line CheckpointError
+    on every rank, after the partial folder is removed; the previous checkpoint stays the latest.
     """
     w = world()
     final = checkpoint_path(logdir, step)
     if final.is_dir():
         return final
     tmp = final.with_name(final.name + ".tmp")
+    error: Optional[BaseException] = None
     if w.is_main:
-        for stale in final.parent.glob("step_*.tmp"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+        error = _attempt(lambda: tmp.mkdir(parents=True))
+    if all_ok(error is None):
+        error = _attempt(lambda: _write(tmp, step, state, data_state, config_yaml))
+    if all_ok(error is None) and w.is_main:   # every rank's files are complete: publish
+        error = _attempt(lambda: (_commit(tmp, final), _prune(logdir, keep)))
+    # every rank must learn of a failure, or the others would wait at the next collective
+    if not all_ok(error is None):
+        if w.is_main and not final.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)   # frees the space a full disk needs
+        latest = latest_checkpoint(logdir)
+        cause = f"{type(error).__name__}: {one_line(error)}" if error is not None else "on another rank"
+        kept = f"the latest checkpoint is still {latest.name}" if latest else "there is no checkpoint yet"
+        raise CheckpointError(f"saving {final} failed ({cause}); {kept}{free_space(final.parent)}")
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _write(tmp: Path, step: int, state: TrainState, data_state: dict, config_yaml: str) -> None:
+    """Every file of a checkpoint into ``tmp`` (collective: DCP's shards; then this rank's RNG and data position,
+    and on rank 0 meta.json and config.yaml)."""
+    w = world()
     dcp.save(_dcp_state(state), checkpoint_id=str(tmp))
     torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank_{w.rank:05d}.pt")
     if w.is_main:
@@ -174,20 +245,17 @@ def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, dat
                 "models": sorted(state.models), "optimizers": sorted(state.optimizers), "emas": sorted(state.emas)}
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    barrier()
-    error: Optional[BaseException] = None
-    if w.is_main:
-        try:
-            _commit(tmp, final)
-            _prune(logdir, keep)
-        except Exception as err:  # every rank must learn of it, or the others would wait at the next collective
-            error = err
-    if not _all_ok(error is None):
-        if error is not None:
-            raise error
-        raise CheckpointError(f"saving {final} failed on rank 0; the previous checkpoint stays the latest")
-    logger.info("saved checkpoint %s", final)
-    return final
+
+
+def _attempt(action) -> Optional[BaseException]:
+    """Run ``action``; return its error (DCP's wrapper unwrapped to the rank's own), None when it succeeded."""
+    try:
+        action()
+    except CheckpointException as err:
+        return _unwrap(err)
+    except Exception as err:
+        return err
+    return None
 
 
 def _prune(logdir: str | os.PathLike, keep: int) -> None:
@@ -204,6 +272,13 @@ class Resumed:
     data_state: Optional[dict]
 
 
+def _unwrap(err: CheckpointException) -> BaseException:
+    """The first failing rank's own exception inside DCP's wrapper."""
+    for failure in err.failures.values():
+        return failure[0] if isinstance(failure, tuple) else failure
+    return err
+
+
 def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
     """Load a resume checkpoint into ``state`` in place (collective). The EMAs listed in its meta.json must exist in
     ``state.emas`` already (the loop creates them first, see :func:`read_meta`)."""
@@ -214,7 +289,15 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
             raise CheckpointError(f"{path} holds {kind} {meta[kind]} but this run has {sorted(have)}: "
                                   f"is the logdir from another stage? use a new --logdir")
     target = _dcp_state(state)
-    dcp.load(target, checkpoint_id=str(path))
+    safe_dcp.read_metadata(path / safe_dcp.METADATA_FILE)   # refused here with one line, before DCP's collectives
+    try:
+        dcp.load(target, checkpoint_id=str(path), storage_reader=safe_dcp.SafeFileSystemReader(path),
+                 planner=safe_dcp.SafeLoadPlanner())
+    except CheckpointException as err:   # DCP wraps every rank's failure; ours carry a one-line message
+        cause = _unwrap(err)
+        if isinstance(cause, CheckpointError):
+            raise cause from None
+        raise CheckpointError(f"{path}: loading failed ({type(cause).__name__}: {one_line(cause)})") from None
     for name, model in state.models.items():
         set_model_state_dict(model, target[f"model/{name}"])
     for name, optimizer in state.optimizers.items():

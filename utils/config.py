@@ -278,14 +278,15 @@ class Config:
 
     def _check_optim(self) -> None:
         for key in ("lr", "lr_critic", "max_grad_norm_generator", "max_grad_norm_critic"):
-            value = getattr(self, key)
-            _check(value is None or value > 0, f"{key} must be > 0", value)
+            value = getattr(self, key)   # .inf or .nan would train nothing useful without any error
+            _check(value is None or 0 < value < float("inf"), f"{key} must be a finite number > 0", value)
         _check(0 <= self.caption_dropout <= 1, "caption_dropout must lie in [0, 1]", self.caption_dropout)
         _check(self.loss_weighting in ("gaussian", "uniform"), "loss_weighting must be 'gaussian' or 'uniform'",
                self.loss_weighting)
         for key in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
             _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
-        _check(self.weight_decay >= 0, "weight_decay must be >= 0", self.weight_decay)
+        _check(0 <= self.weight_decay < float("inf"), "weight_decay must be a finite number >= 0", self.weight_decay)
+        _check(0 <= self.seed < 2**63, "seed must lie in [0, 2^63)", self.seed)
         _check(self.batch_size >= 1, "batch_size must be >= 1", self.batch_size)
         total = self.total_batch_size
         _check(total is None or (total >= 1 and total % self.batch_size == 0),

@@ -10,6 +10,9 @@ Every top-level key of a YAML layer falls in one class, decided here before the 
 * **secrets** (:data:`SECRET_KEYS`, ``wandb_key``/``wandb_host``) are dropped with one warning that says which
   environment variable to export; the value is never printed, logged or kept, so it cannot reach a checkpoint's
   ``config.yaml`` or W&B;
+* **environment values**: a value that interpolates an environment variable (``${oc.env:WANDB_API_KEY}``) fails
+  with one line naming the key: the resolved config is saved in every checkpoint and sent to W&B, so a secret read
+  that way would be published;
 * **placeholders**: a string key whose value is ``{your entity}`` (YAML reads it as a one-key mapping with a null
   value) or the key's own name in capitals (Self Forcing's ``wandb_entity: WANDB_ENTITY``) counts as unset, with
   one warning.
@@ -30,10 +33,11 @@ published ``long_video/`` variant: its YAML would otherwise load as plain DMD).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from utils.errors import ConfigError
 
@@ -94,6 +98,7 @@ def adapt_layer(node: DictConfig, source: str, string_keys: FrozenSet[str], publ
     secrets = [key for key in SECRET_KEYS if key in node]
     for key in secrets:
         del node[key]   # first, and never read: the value must not reach a message, a log or the config
+    _refuse_environment(OmegaConf.to_container(node, resolve=False), source)
     if secrets:
         exports = " / ".join(SECRET_KEYS[k] for k in secrets)
         logger.warning("%s: ignoring %s: credentials are never read from a YAML; export %s instead",
@@ -114,6 +119,24 @@ def adapt_layer(node: DictConfig, source: str, string_keys: FrozenSet[str], publ
         _published_meanings(node, source, dropped)
     elif dropped:
         logger.warning("%s: ignoring keys that no code reads: %s", source, ", ".join(dropped))
+
+
+_ENV_INTERPOLATION = re.compile(r"\$\{.*oc\.env\s*:", re.S)
+
+
+def _refuse_environment(value: Any, source: str, key: str = "") -> None:
+    """Raise on a value that interpolates an environment variable (``${oc.env:WANDB_API_KEY}``): the resolved config
+    goes into every checkpoint's config.yaml and to W&B, so a secret read this way would be published with them."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_environment(v, source, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_environment(v, source, f"{key}[{i}]")
+    elif isinstance(value, str) and _ENV_INTERPOLATION.search(value):
+        raise ConfigError(f"{source}: {key} reads an environment variable (oc.env), which a config may not: it is "
+                          f"saved with every checkpoint and sent to W&B; write the value (secrets stay in the "
+                          f"environment, where W&B reads WANDB_API_KEY itself)")
 
 
 def describe_compat() -> List[str]:

@@ -2,8 +2,9 @@
 
 Prompt file rules (:class:`TextDataset`):
 
-* UTF-8 text (a leading BOM is ignored), one prompt per line; trailing whitespace is stripped and blank lines are
-  skipped, so line numbers in error messages are 1-based *file* lines.
+* UTF-8 text (a leading BOM is ignored), one prompt per line (lines end at ``\n``, ``\r\n`` or ``\r``; Unicode line
+  separators inside a prompt are part of it); trailing whitespace is stripped and blank lines are skipped, so line
+  numbers in error messages are 1-based *file* lines.
 * Optional extended prompts (the LLM-expanded "document" version of a prompt), either
   - a second column: ``prompt<TAB>extended prompt``. If any line has a TAB, every item carries ``extended_prompts``;
     a line without one uses its prompt as its extended prompt;
@@ -36,8 +37,10 @@ def read_prompt_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
     if not os.path.isfile(path):
         raise DataError(f"prompt file not found: {path}")
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8-sig") as f:   # text mode: \r\n and \r arrive as \n
+            # Lines end at \n only: str.splitlines() would also split at Unicode separators (U+2028, U+0085, \f ...)
+            # inside a prompt, turning one prompt into two.
+            lines = f.read().split("\n")
     except UnicodeDecodeError as err:
         raise DataError(f"prompt file is not valid UTF-8: {path} (byte {err.start})") from None
     kept = [(n, line.rstrip()) for n, line in enumerate(lines, start=1) if line.strip()]
@@ -151,6 +154,14 @@ class _LatentLMDBBase(Dataset):
 
     def __len__(self) -> int:
         return self._len
+
+    def check_latent_shape(self, expected, key: str = "image_or_video_shape[1:]") -> None:
+        """Refuse rows whose latent ``[F, C, H, W]`` (the last four axes) is not ``expected``, naming the config
+        ``key``: the networks accept any length, so a mismatch would otherwise train on other clips than configured."""
+        found = tuple(int(s) for s in self.row_shape[-4:])
+        if found != tuple(int(s) for s in expected):
+            raise DataError(f"{self.reader.path}: latents are [F, C, H, W] = {list(found)} but the config's {key} is "
+                            f"{list(expected)}; set it to the data's shape or use matching data")
 
     def _row(self, idx: int) -> np.ndarray:
         if not 0 <= idx < self._len:

@@ -110,6 +110,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (a CPU all-reduce, also a barrier; works on gloo and
+    cpu:gloo,cuda:nccl). Lets every rank learn of a failure on one, instead of waiting at the next collective."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # FSDP2
 

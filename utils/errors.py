@@ -5,6 +5,10 @@ Anything a user can cause (a missing file, a misspelt config key, a checkpoint t
 of a traceback; internal invariants stay ``assert``.
 """
 
+import os
+import shutil
+from pathlib import Path
+
 
 class UserError(Exception):
     """A problem with the user's input, explained in one line."""
@@ -24,6 +28,10 @@ class WeightsMissingError(UserError, FileNotFoundError):
 
 class DataError(UserError):
     """A dataset or prompt file is missing, empty or malformed."""
+
+
+class OutputError(UserError, OSError):
+    """An output could not be written completely (a full disk, an unwritable folder, a path that is a file)."""
 
 
 def key_mismatch(missing=(), unexpected=(), mismatched=(), limit: int = 8) -> str:
@@ -46,3 +54,34 @@ def state_dict_mismatch(expected: dict, given: dict) -> str:
     return key_mismatch([k for k in expected if k not in given], [k for k in given if k not in expected],
                         [f"{k}: checkpoint {shape(given[k])} vs model {shape(expected[k])}"
                          for k in expected if k in given and shape(given[k]) != shape(expected[k])])
+
+
+def one_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (``""`` when it has none): for messages that name a
+    cause without pasting a library's multi-line text."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """`` (N MiB free on that disk)`` for the nearest existing folder of ``path``, for messages about failed
+    writes; empty if even that cannot be read."""
+    path = Path(path).absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    try:
+        return f" ({shutil.disk_usage(path).free / 2**20:.0f} MiB free on that disk)"
+    except OSError:
+        return ""
+
+
+def ensure_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create the output folder ``path`` (and its parents) or raise a one-line OutputError naming ``what`` (a flag,
+    e.g. ``"--output_folder"``): the path is a file, or the folder cannot be created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{what} {path} cannot be created ({type(err).__name__}: {one_line(err)})") from None
+    return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -72,13 +73,20 @@ def atomic_path(final: str | os.PathLike) -> AtomicPath:
     return AtomicPath(final)
 
 
+# Temporaries of the writers before this module (mp4 ``.tmp_<32 hex>.mp4``, latents ``.<name>.latents.pt.tmp``, ODE
+# files ``<name>.pt.tmp``): no writer makes them any more, so one found is always stale.
+_LEGACY_TEMP = re.compile(r"^(\.tmp_[0-9a-f]{32}\.mp4|\..+\.latents\.pt\.tmp|.+\.pt\.tmp)$")
+
+
 def remove_stale_temps(folder: str | os.PathLike, finals: Iterable[str] | None = None) -> int:
     """Delete temporaries left in ``folder`` by killed writers; only those of the final names ``finals`` when given
-    (so one rank never deletes another's temporary in flight). Returns how many were deleted."""
+    (so one rank never deletes another's temporary in flight), and those of earlier versions' writers. Returns how
+    many were deleted."""
     wanted = None if finals is None else {os.path.basename(f) for f in finals}
     removed = 0
     for entry in os.scandir(folder):
-        if entry.is_file() and is_temp(entry.name) and (wanted is None or _final_name(entry.name) in wanted):
+        ours = is_temp(entry.name) and (wanted is None or _final_name(entry.name) in wanted)
+        if entry.is_file() and (ours or _LEGACY_TEMP.match(entry.name)):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(entry.path)
                 removed += 1

@@ -17,16 +17,17 @@ interrupted build leaves a database without shape keys that :class:`LMDBReader` 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import lmdb
 import numpy as np
 
-from utils.errors import DataError
+from utils.errors import DataError, ensure_folder, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,41 @@ def open_env(path: str | os.PathLike) -> lmdb.Environment:
         entry[1].close()  # inherited through fork(): unusable here, and it would block a fresh open
         entry = None
     if entry is None:
-        env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=True,
-                        max_readers=2048)
+        with lmdb_errors(path):
+            env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=True,
+                            max_readers=2048)
+            try:
+                check_length(env, path)
+            except DataError:
+                env.close()
+                raise
         entry = _SHARED_ENVS[key] = (os.getpid(), env)
     return entry[1]
+
+
+@contextlib.contextmanager
+def lmdb_errors(path: str | os.PathLike, writing: bool = False) -> Iterator[None]:
+    """Turn the library's errors (not an LMDB, a corrupt page, an empty file, a full disk) into a one-line
+    :class:`DataError` naming the database."""
+    try:
+        yield
+    except lmdb.Error as err:
+        what, hint = ("could not be written", "is the disk full?") if writing else \
+            ("is unreadable", "rebuild it or copy it again")
+        raise DataError(f"LMDB {path} {what} ({type(err).__name__}: {one_line(err)}); {hint}") from None
+
+
+def check_length(env: lmdb.Environment, path: str | os.PathLike) -> None:
+    """Refuse a ``data.mdb`` shorter than its own last page (an interrupted copy or download).
+
+    LMDB reads pages through a memory map, so touching a page past the end of the file kills the process with SIGBUS
+    instead of raising. The meta page, read with plain reads when the file is opened, records the last page in use.
+    """
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    if size < needed:
+        raise DataError(f"LMDB {path} is truncated: data.mdb has {size} bytes but its pages need {needed} (an "
+                        f"interrupted copy or download?); copy it again")
 
 
 def close_env(path: str | os.PathLike) -> None:
@@ -110,13 +142,21 @@ class LMDBWriter:
         self.latent_dtype = np.dtype(latent_dtype).newbyteorder("<")
         self.num_rows = 0
         self.row_shape: tuple[int, ...] | None = None
-        os.makedirs(self.path, exist_ok=True)
+        if int(map_size) < 1:
+            raise DataError(f"LMDB map size (--map_size) must be a positive number of bytes, got {map_size}")
+        ensure_folder(self.path, "LMDB folder")
         close_env(self.path)  # a read-only handle of this process would block opening for writing
-        self._env = lmdb.open(self.path, map_size=int(map_size), subdir=True, meminit=False)
-        if self._env.stat()["entries"] > 0:
-            self._env.close()
-            self._env = None
-            raise DataError(f"LMDB already holds data: {self.path} (remove it or choose another --lmdb_path)")
+        with lmdb_errors(self.path, writing=True):
+            self._env = lmdb.open(self.path, map_size=int(map_size), subdir=True, meminit=False)
+            try:
+                check_length(self._env, self.path)
+                if self._env.stat()["entries"] > 0:
+                    raise DataError(f"LMDB already holds data: {self.path} (remove it or choose another "
+                                    f"--lmdb_path)")
+            except DataError:
+                self._env.close()
+                self._env = None
+                raise
 
     def __enter__(self) -> "LMDBWriter":
         return self
@@ -161,16 +201,17 @@ class LMDBWriter:
 
     def _put(self, items: list[tuple[bytes, bytes]]) -> None:
         """One write transaction; on MapFullError it is rolled back, the map doubled, and the batch retried."""
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    for key, value in items:
-                        txn.put(key, value)
-                return
-            except lmdb.MapFullError:
-                new_size = self._env.info()["map_size"] * 2
-                logger.debug("LMDB %s full; growing map to %d bytes", self.path, new_size)
-                self._env.set_mapsize(new_size)
+        with lmdb_errors(self.path, writing=True):
+            while True:
+                try:
+                    with self._env.begin(write=True) as txn:
+                        for key, value in items:
+                            txn.put(key, value)
+                    return
+                except lmdb.MapFullError:
+                    new_size = self._env.info()["map_size"] * 2
+                    logger.debug("LMDB %s full; growing map to %d bytes", self.path, new_size)
+                    self._env.set_mapsize(new_size)
 
     def close(self) -> None:
         """Write the shape keys (marks the database complete) and close."""
@@ -181,7 +222,8 @@ class LMDBWriter:
             raise DataError(f"no rows were written to {self.path}")
         latents_shape = " ".join(str(s) for s in (self.num_rows, *self.row_shape))
         self._put([(shape_key(LATENTS), latents_shape.encode()), (shape_key(PROMPTS), str(self.num_rows).encode())])
-        self._env.sync(True)
+        with lmdb_errors(self.path, writing=True):
+            self._env.sync(True)
         self._env.close()
         self._env = None
         logger.info("wrote %d rows of shape %s to %s", self.num_rows, self.row_shape, self.path)
@@ -254,7 +296,7 @@ class LMDBReader:
         self._len = next(iter(counts.values()))
 
     def _read_shapes(self, arrays: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        with self.env.begin() as txn:
+        with lmdb_errors(self.path), self.env.begin() as txn:
             raw = {name: txn.get(shape_key(name)) for name in arrays}
         missing = [name for name, value in raw.items() if value is None]
         if len(missing) == len(arrays):
@@ -289,7 +331,7 @@ class LMDBReader:
         if not -self._len <= index < self._len:
             raise IndexError(f"row {index} out of range for {self._len} rows in {self.path}")
         index %= self._len
-        with self.env.begin() as txn:
+        with lmdb_errors(self.path), self.env.begin() as txn:
             value = txn.get(row_key(array, index))
         if value is None:
             raise DataError(f"row {index} of array {array!r} missing in {self.path} (incomplete build?)")

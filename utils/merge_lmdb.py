@@ -59,6 +59,8 @@ def merge_lmdbs(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, k
     """
     from tqdm import tqdm
 
+    if batch_rows < 1:
+        raise UserError(f"batch_rows (--batch_rows) must be >= 1, got {batch_rows}")
     reader = ShardedLMDBReader([LMDBReader(p) for p in sources])
     if set(reader.arrays) != {LATENTS, PROMPTS}:
         raise DataError(f"expected arrays {LATENTS!r} and {PROMPTS!r}, found {reader.arrays}")

@@ -20,13 +20,16 @@ import torch
 import torch.distributed as dist
 
 from utils.config import Config, config_to_dict
+from utils.errors import UserError, one_line
+from utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
 _NONE = 2**62  # "no non-finite step seen" for the MIN all-reduce
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite: training diverged (raised on every rank, naming the step)."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """A loss became NaN or infinite: training diverged (raised on every rank, naming the step and what to change;
+    entry scripts print it as one line)."""
 
 
 class MetricAccumulator:
@@ -106,9 +109,12 @@ class MetricsLogger:
         logdir: folder of ``metrics.jsonl`` (none written when empty).
         enabled: False on non-main ranks (every call is then a no-op).
         wandb_init: keyword arguments of ``wandb.init`` when W&B is on, else None.
+        start_step: the step the run starts from; rows of later steps (written before a kill, redone now) are
+            removed from ``metrics.jsonl`` so that every step has one row.
     """
 
-    def __init__(self, logdir: str, enabled: bool = True, wandb_init: Optional[dict[str, Any]] = None):
+    def __init__(self, logdir: str, enabled: bool = True, wandb_init: Optional[dict[str, Any]] = None,
+                 start_step: int = 0):
         self.enabled = enabled
         self._file = None
         self._wandb = None
@@ -116,7 +122,9 @@ class MetricsLogger:
             return
         if logdir:
             Path(logdir).mkdir(parents=True, exist_ok=True)
-            self._file = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(logdir, "metrics.jsonl")
+            _drop_rows_after(path, start_step)
+            self._file = open(path, "a", encoding="utf-8")
         if wandb_init is not None:
             import wandb  # lazy: W&B is optional and slow to import
 
@@ -127,8 +135,12 @@ class MetricsLogger:
             return
         logger.info(format_metrics(metrics, step))
         if self._file is not None:
-            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+                self._file.flush()
+            except OSError as err:   # a full disk: training goes on (the next checkpoint save says so, in one line)
+                logger.warning("metrics.jsonl is no longer written (%s: %s)", type(err).__name__, one_line(err))
+                self._file = None
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
@@ -141,7 +153,28 @@ class MetricsLogger:
             self._wandb = None
 
 
-def build_metrics_logger(cfg: Config, is_main: bool) -> MetricsLogger:
+def _drop_rows_after(path: str, step: int) -> None:
+    """Keep only the rows of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps again; a row cut
+    short by a kill is dropped too). Rewritten through a temporary file, so a kill now loses nothing."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    if len(kept) == sum(1 for line in lines if line):
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+
+def build_metrics_logger(cfg: Config, is_main: bool, start_step: int = 0) -> MetricsLogger:
     """The run's logger from the config: W&B only when ``wandb_mode`` is not ``disabled`` and ``--disable-wandb`` is
     not given; its key comes from the environment (``WANDB_API_KEY``), never from YAML."""
     use_wandb = cfg.wandb_mode != "disabled" and not cfg.disable_wandb
@@ -150,4 +183,4 @@ def build_metrics_logger(cfg: Config, is_main: bool) -> MetricsLogger:
         wandb_init = dict(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode,
                           name=cfg.wandb_name or cfg.config_name, dir=cfg.wandb_save_dir or cfg.logdir or None,
                           config=config_to_dict(cfg))
-    return MetricsLogger(cfg.logdir, enabled=is_main, wandb_init=wandb_init)
+    return MetricsLogger(cfg.logdir, enabled=is_main, wandb_init=wandb_init, start_step=start_step)

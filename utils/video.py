@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
 import unicodedata
 
 import numpy as np
 
+from utils.errors import OutputError, free_space, one_line
 from utils.io import AtomicPath
 
 logger = logging.getLogger(__name__)
@@ -115,16 +118,22 @@ class Mp4StreamWriter:
         if self._writer is None:
             import imageio.v2 as imageio  # imported lazily: only video tools need ffmpeg
 
-            # ffmpeg picks the container from the temporary name's extension (the final name's).
+            # ffmpeg picks the container from the temporary name's extension (the final name's). Its own error lines
+            # are silenced: close() checks what it wrote and reports a failure in one line.
             self._target = AtomicPath(self.path)
             self._size = frames.shape[1:3]
             self._writer = imageio.get_writer(
                 str(self._target.tmp), format="FFMPEG", mode="I", fps=self.fps, codec="libx264", pixelformat="yuv420p",
-                quality=self.quality, macro_block_size=1, ffmpeg_log_level="error")
+                quality=self.quality, macro_block_size=1, ffmpeg_log_level="fatal")
         elif frames.shape[1:3] != self._size:
             raise ValueError(f"frame size {frames.shape[1:3]} differs from the first frames' {self._size}")
-        for frame in frames:
-            self._writer.append_data(frame)
+        try:
+            for frame in frames:
+                self._writer.append_data(frame)
+        except OSError as err:   # ffmpeg exited (e.g. a full disk); imageio's message pastes its whole command line
+            self.abort()
+            raise OutputError(f"{self.path}: ffmpeg stopped while writing ({one_line(err)}); nothing was saved") \
+                from None
         self.num_frames += len(frames)
 
     def close(self) -> None:
@@ -136,10 +145,16 @@ class Mp4StreamWriter:
             raise ValueError(f"no frames were written for {self.path}")
         try:
             self._writer.close()
+            self._writer = None
+            found = count_mp4_frames(self._target.tmp)
         except BaseException:
             self.abort()
             raise
-        self._writer = None
+        if found != self.num_frames:   # ffmpeg's exit status is not checked by imageio: a full disk truncates silently
+            self.abort()
+            got = "an unreadable file" if found is None else f"{found} of them"
+            raise OutputError(f"{self.path}: ffmpeg was given {self.num_frames} frames but wrote {got}"
+                              f"{free_space(self.path)}; nothing was saved")
         self._target.commit()
         self._target = None
         self._closed = True
@@ -163,6 +178,18 @@ def write_mp4(path: str | os.PathLike, frames, fps: float = DEFAULT_FPS, value_r
     """Write ``frames`` (uint8 ``[T, H, W, 3]``, or float with ``value_range``) to ``path`` atomically."""
     with Mp4StreamWriter(path, fps=fps, value_range=value_range, layout=layout, quality=quality) as writer:
         writer.append(frames)
+
+
+def count_mp4_frames(path: str | os.PathLike) -> int | None:
+    """Video frames in an mp4 as its container indexes them (ffmpeg copies the stream without decoding: tens of
+    milliseconds); None when ffmpeg cannot read the file (e.g. cut short before its index was written)."""
+    import imageio_ffmpeg  # imageio's ffmpeg binary
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", os.fspath(path), "-map", "0:v:0",
+           "-c", "copy", "-f", "null", "-"]
+    run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    counts = re.findall(r"frame=\s*(\d+)", run.stderr)
+    return int(counts[-1]) if run.returncode == 0 and counts else None
 
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:

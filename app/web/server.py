@@ -20,15 +20,17 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import re
 import struct
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -167,6 +169,8 @@ class Client:
             msg = json.loads(text)
         except ValueError:
             return await self.error("message is not valid JSON")
+        except RecursionError:   # deeply nested arrays/objects exhaust the parser's stack: not a message of ours
+            return await self.error("message is nested too deeply")
         if not isinstance(msg, dict):
             return await self.error("message must be a JSON object")
         try:
@@ -281,6 +285,62 @@ def _csp(page: str) -> str:
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_WILDCARD_BINDS = ("", "0.0.0.0", "::")
+
+
+def _host_name(value: str) -> str:
+    """The host of a ``Host`` header or of an address: no port, no IPv6 brackets, no trailing dot, lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):                     # [::1]:7860
+        value = value[1:value.find("]")] if "]" in value else value[1:]
+    elif value.count(":") == 1:                   # name:port (a bare IPv6 address has several colons)
+        value = value.split(":")[0]
+    return value.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class HostCheck:
+    """ASGI middleware: answer only requests addressed to the hosts the server binds to (DNS rebinding defence).
+
+    A page on another name whose DNS entry later points at 127.0.0.1 reaches this server with its own name in
+    ``Host`` (and in ``Origin``, so the same-origin check alone lets it in). Names are therefore checked against
+    ``hosts``. Bound to every interface (``0.0.0.0``), the server also answers any IP address: a browser sends an IP
+    literal as ``Host`` only when the page itself was loaded from that address, which no other site can arrange.
+    """
+
+    def __init__(self, app, hosts: Iterable[str]):
+        self.app = app
+        names = {_host_name(h) for h in hosts}
+        self.any_ip = bool(names & set(_WILDCARD_BINDS))
+        self.hosts = frozenset(names - set(_WILDCARD_BINDS))
+
+    def allowed(self, host_header: str | None) -> bool:
+        name = _host_name(host_header or "")
+        return name in self.hosts or (self.any_ip and _is_ip(name))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if not self.allowed(host):
+                log.warning("refused a request for host %r (serving %s)", host[:80], sorted(self.hosts))
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    served = ", ".join(sorted(self.hosts)) + (" and any IP address" if self.any_ip else "")
+                    text = f"unknown host {_host_name(host)[:80]!r}: this demo answers to {served} (see demo.py --host)"
+                    await PlainTextResponse(text, status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _same_origin(ws: WebSocket) -> bool:
     """Browsers send Origin; a page from another site must not drive this server (cross-site WebSocket hijacking)."""
     origin = ws.headers.get("origin")
@@ -288,8 +348,9 @@ def _same_origin(ws: WebSocket) -> bool:
 
 
 def build_app(pipe: StreamingPipeline, settings: DemoSettings, max_queue: int = 2, store: VideoStore | None = None,
-              info: dict | None = None) -> Starlette:
-    """The demo app for ``pipe``; ``app.state.demo`` is the shared :class:`DemoState`."""
+              info: dict | None = None, hosts: Iterable[str] = LOOPBACK_HOSTS) -> Starlette:
+    """The demo app for ``pipe``; ``app.state.demo`` is the shared :class:`DemoState`. ``hosts``: the names and
+    addresses it answers to (:class:`HostCheck`; ``demo.py`` adds ``--host``)."""
     state = DemoState(pipe, settings, max_queue, store or VideoStore(), info or {})
     page = PAGE.read_text(encoding="utf-8")
     page_headers = {"Content-Security-Policy": _csp(page), "X-Content-Type-Options": "nosniff",
@@ -325,6 +386,6 @@ def build_app(pipe: StreamingPipeline, settings: DemoSettings, max_queue: int = 
         state.store.cleanup()
 
     app = Starlette(routes=[Route("/", index), Route("/video/{token}", video), WebSocketRoute("/ws", socket)],
-                    lifespan=lifespan)
+                    middleware=[Middleware(HostCheck, hosts=tuple(hosts))], lifespan=lifespan)
     app.state.demo = state
     return app
