@@ -53,8 +53,10 @@ def block_causal_frame_mask(num_frames: int, layout: BlockLayout, local_attn_siz
     """``[F, F]`` rule: a frame sees every frame of its own and earlier blocks.
 
     With a local window of ``local_attn_size`` frames (and ``sink_size`` permanent first frames), a frame whose block
-    ends at ``e`` sees frames ``< sink_size`` plus the ``local_attn_size - sink_size`` frames ending at ``e``: exactly
-    what the streaming KV cache keeps (model/kv_cache.py).
+    ends at ``e`` sees frames ``< sink_size`` plus the ``local_attn_size - sink_size`` frames ending at ``e``: the
+    frames the streaming KV cache keeps (model/kv_cache.py). Once such a window slides, the cache also moves the sink
+    frames to sit right before the window; one full-sequence pass cannot (a key has one position for every query), so
+    here they keep their own positions.
     """
     q = torch.arange(num_frames)[:, None]
     k = torch.arange(num_frames)[None, :]
