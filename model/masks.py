@@ -38,6 +38,19 @@ class BlockLayout:
             return torch.where(b == 0, torch.ones_like(b), 1 + b * n)
         return (b + 1) * n
 
+    def block_size(self, index: int) -> int:
+        """Frames of block ``index``."""
+        return 1 if self.independent_first_frame and index == 0 else self.frames_per_block
+
+    def block_starting_at(self, frame: int) -> int:
+        """Index of the block that starts at ``frame``; raises ValueError if no block starts there."""
+        head = 1 if self.independent_first_frame else 0
+        if frame < head:
+            return 0
+        if (frame - head) % self.frames_per_block:
+            raise ValueError(f"frame {frame} is not a block boundary")
+        return head + (frame - head) // self.frames_per_block
+
     def block_sizes(self, num_frames: int) -> list[int]:
         """Frames per block for a video of ``num_frames`` frames; raises ValueError if they do not tile it."""
         n = self.frames_per_block
