@@ -147,8 +147,8 @@ class KVCache:
     def slot(self, frame: int) -> int:
         return frame if frame < self.sink else self.sink + (frame - self.sink) % self.ring
 
-    def check_block(self, start_frame: int, num_frames: int) -> None:
-        if num_frames > self.ring:
+    def check_block(self, start_frame: int, num_frames: int, write: bool = True) -> None:
+        if write and num_frames > self.ring:   # a call that is not stored may be longer than the ring
             raise ValueError(f"a block of {num_frames} frames does not fit a cache window of {self.capacity} "
                              f"frames with {self.sink} sink frames")
         if start_frame > self.frames_written:
@@ -197,7 +197,7 @@ class KVCache:
               mode: CacheMode = CacheMode.INFERENCE, blocks: tuple[int, ...] = ()) -> "CachedCall":
         """Check and position a call over frames ``start_frame..start_frame+num_frames-1`` (re-basing first when it
         would pass the RoPE table) and work out what it attends to."""
-        self.check_block(start_frame, max(blocks) if blocks else num_frames)
+        self.check_block(start_frame, max(blocks) if blocks else num_frames, view.write)
         end = start_frame + num_frames
         if end - self.origin > self.rope.max_positions:
             self._rebase(end)

@@ -123,3 +123,93 @@ def test_windows_are_the_published_ones():
     assert [[w.index - b for b in w.blocks] for w in windows[3:5]] == [[3, 2, 1, 0], [3, 2, 1, 0]]
     endless = rolling_windows(4)
     assert [next(endless) for _ in range(6)][-1] == (5, 2, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training: the rolling rollout and the Rolling Forcing DMD objective
+
+
+def test_rolling_rollout_takes_each_block_from_its_phase_window():
+    """Each block's latents are its prediction in the window k = phase (mod S) that holds it, and only windows that
+    end after grad_from_frame carry gradients."""
+    from pipeline.rollout import rolling_rollout
+
+    n, steps, blocks, span = 1, [1000, 750, 500, 250], 9, 6
+    model, sch = make(n).train(), FlowMatchScheduler(shift=5.0)
+    sched = StepSchedule.from_config(sch, steps)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, blocks, 16, 2, 2, generator=g)
+    ctx = torch.randn(1, 5, CFG.text_dim, generator=g)
+    for phase in range(4):
+        fn, drawn = recorded_noise(2)
+        with torch.no_grad():
+            cache = KVCache.for_model(model, 1, 2, 2, capacity_frames=blocks, sink_frames=n)
+            loop = BlockLoop(model, sch, sched, Guidance(ctx), cache, noise_fn=fn, views=CacheViews.rolling(span))
+            want = torch.cat([r.x0 for r in loop.rolling(lambda f, m: noise[:, f:f + m], num_blocks=blocks)
+                              if r.window.index % 4 == phase], 1)
+        replay = iter(drawn)
+        out = rolling_rollout(model, sch, sched, ctx, blocks, latent_shape=(16, 2, 2), span=span, sink=n,
+                              phase=phase, grad_from_frame=4, noise=noise, noise_fn=lambda like: next(replay))
+        assert out.denoised_timestep_from is None and rel(out.latents.detach(), want) < TOL
+        weight = model.blocks[0].self_attn.k.weight
+        for f in range(blocks):
+            grad, = torch.autograd.grad(out.latents[:, f].sum(), weight, retain_graph=True, allow_unused=True)
+            window_end = next(k for k in range(phase, blocks + 4, 4) if k >= f) + 1   # blocks of one frame
+            assert (grad is not None and grad.abs().sum() > 0) == (min(window_end, blocks) > 4), (phase, f)
+
+
+@pytest.fixture(scope="module")
+def rolling_dmd(tmp_path_factory):
+    """A Rolling Forcing DMD objective on tiny folders: frame-wise 4 steps, clip 3 frames, rollouts of 3 to 5."""
+    from pathlib import Path
+
+    from toy.folders import write_tiny_wan_folder
+    from trainer.dmd import DMDObjective
+    from utils.config import load_config
+
+    root = tmp_path_factory.mktemp("rolling_dmd")
+    for name, seed in (("gen", 1), ("teacher", 2)):
+        write_tiny_wan_folder(root / "wan" / name, seed=seed)
+    (root / "prompts.txt").write_text("a red circle moving left\na blue square moving up\n")
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    cfg = load_config(configs / "causal_forcing_dmd_framewise.yaml", [
+        f"wan_models_dir={root / 'wan'}", "generator_name=gen", "real_name=teacher", "fake_name=teacher",
+        "text_encoder_name=teacher", "generator_ckpt=null", f"data_path={root / 'prompts.txt'}",
+        "image_or_video_shape=[1,3,16,2,2]", "rolling_forcing=true", "num_training_frames=5",
+        "model_kwargs.local_attn_size=5", "gradient_checkpointing=false", "mixed_precision=false"])
+    obj = DMDObjective(cfg)
+    obj.attach(obj.build_networks(torch.device("cpu")))
+    return obj
+
+
+@pytest.mark.parametrize("draws", [(5, 1, 2), (5, 0, 0), (3, 1, 0), (4, 0, 0)])
+def test_rolling_dmd_scores_the_last_clip(rolling_dmd, draws):
+    """Both rollouts, shorter and longer than the clip: the DMD and critic losses see the last 3 frames, the first
+    re-encoded from the decoded frames before it; gradients reach only the generator, and when the rollout was
+    longer, the clip's first block takes no part in the DMD loss."""
+    obj = rolling_dmd
+    gen, critic = obj.networks.trainable["generator"], obj.networks.trainable["critic"]
+    context = obj.encode({"prompts": ["a red circle moving left"]})
+    torch.manual_seed(0)
+    rollout = obj.rolling_forcing_rollout(context, grad=True, draws=draws)
+    assert rollout.latents.shape == (1, 3, 16, 2, 2) and rollout.first_trained_frame == (1 if draws[0] > 3 else 0)
+    loss, _ = obj.distribution_matching_loss(rollout.latents, context, rollout=rollout,
+                                             first_frame=rollout.first_trained_frame)
+    for net in (gen, critic):
+        net.zero_grad(set_to_none=True)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+    assert all(p.grad is None for p in critic.parameters())
+    with torch.no_grad():
+        critic_loss, _ = obj.critic_loss(obj.rolling_forcing_rollout(context, grad=False, draws=draws).latents,
+                                         context)
+    assert torch.isfinite(critic_loss)
+
+
+def test_longer_rollout_clip_starts_with_the_reencoded_frame(rolling_dmd):
+    latents = torch.randn(1, 5, 16, 2, 2)
+    clip = rolling_dmd._last_clip(latents, 3)
+    vae = rolling_dmd.vae
+    with torch.no_grad():
+        first = vae.encode(vae.decode(latents[:, :3])[:, -1:].transpose(1, 2))
+    assert torch.equal(clip[:, 1:], latents[:, 3:]) and rel(clip[:, :1], first) < TOL
