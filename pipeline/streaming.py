@@ -266,28 +266,31 @@ class VideoStream:
         self.decoder = source.stream(frames_per_call=1) if decode and source is not None else None
         self.start_frame = start
         self.held: list[tuple[int, torch.Tensor]] = [] if self.prefix is None else [(0, self.prefix)]
-        self._pending: tuple[list[str], bool] | None = None
+        self._pending: tuple[list[str], bool, torch.Tensor | None] | None = None
         overlap = pipe.overlap_decode and self.decoder is not None and pipe.device.type == "cuda"
         self._side = pipe.side_stream() if overlap else None
         self._due: tuple[torch.Tensor, int] | None = None   # context pass of the last block, run with the next
         self._iter = None
 
-    def switch_prompt(self, prompt: str | list[str], recache: bool = False) -> None:
+    def switch_prompt(self, prompt: str | list[str], recache: bool = False,
+                      context: torch.Tensor | None = None) -> None:
         """Use ``prompt`` from the next block on (Rolling Forcing: from the next window, so the blocks in it finish
         under the new prompt). ``recache`` re-encodes the frames the cache holds under the new prompt (one extra
-        forward per cached block); otherwise only the cross-attention cache changes."""
-        self._pending = ([prompt] * len(self.prompts) if isinstance(prompt, str) else list(prompt), recache)
+        forward per cached block); otherwise only the cross-attention cache changes. ``context``: its precomputed
+        embeddings, as for :meth:`StreamingPipeline.open`."""
+        prompts = [prompt] * len(self.prompts) if isinstance(prompt, str) else list(prompt)
+        self._pending = (prompts, recache, context)
 
     def _apply_switch(self) -> bool:
         if self._pending is None:
             return False
-        prompts, recache = self._pending
+        prompts, recache, context = self._pending
         self._pending = None
         if self._due is not None:  # the last block's context pass belongs to the prompt it was made under
             self.loop.commit(*self._due)
             self._due = None
         self.prompts = prompts
-        self.loop.guidance.context = self.pipe.encode(prompts)
+        self.loop.guidance.context = self.pipe.encode(prompts) if context is None else context.to(self.pipe.dtype)
         self.cache.reset_cross()
         if recache and self.held:
             self.cache.reset()
