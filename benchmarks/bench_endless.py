@@ -97,14 +97,14 @@ def stream(pipe: StreamingPipeline, prompts: list, frames: int | None, minutes: 
             s.switch_prompt(**prompt(next(switches)))
             next_switch += switch_every
         now = time.perf_counter()
-        due = (now - mark >= interval_s) if minutes else (done - mark_frames >= interval_frames)
-        if due:
+        stop = (frames and done >= frames) or (minutes and now - start >= 60 * minutes)
+        if stop or ((now - mark >= interval_s) if minutes else (done - mark_frames >= interval_frames)):
             record(dict(seconds=round(now - start, 2), latent_frames=done, pixel_frames=pixel,
                         fps=(pixel - mark_pixel) / (now - mark), latent_fps=(done - mark_frames) / (now - mark),
                         host_rss_mib=round(host_rss_mib(), 1), held_latent_frames=sum(x.shape[1] for _, x in s.held),
                         cache_mib=round(s.cache.nbytes / 2**20, 1), position_origin=s.cache.origin, **gpu_memory()))
             mark, mark_frames, mark_pixel = now, done, pixel
-        if (frames and done >= frames) or (minutes and now - start >= 60 * minutes):
+        if stop:
             break
     s.close()
 
