@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import platform
 import sys
@@ -67,8 +66,8 @@ def streaming_setup(tiny: bool):
     torch.backends.cudnn.benchmark = True
     cfg = get_preset(preset)
     vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device, dtype).to_channels_last()  # as from_config on CUDA
-    video = {f.name: f.default for f in dataclasses.fields(Config)}  # the configs' default 480x832
-    latent_shape = (vae.latent_channels, video["height"] // vae.spatial_compression,
-                    video["width"] // vae.spatial_compression)
+    video = Config(trainer="diffusion")   # the configs' default geometry: 480x832 pixels
+    latent_shape = (vae.latent_channels, video.height // vae.spatial_compression,
+                    video.width // vae.spatial_compression)
     return (device, dtype, preset, latent_shape, vae,
             torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype))

@@ -1,22 +1,78 @@
-"""Preallocated key/value cache for streaming generation (model_and_inference.md §5).
+"""Preallocated key/value cache for streaming generation (model_and_inference.md §5), and the attention of one
+cached call against it.
 
-One object per model and prompt: self-attention K/V of every layer (keys already rotated to their absolute
-positions) and the cross-attention K/V of the prompt.
+One object per model and prompt: self-attention K/V of every layer (keys already rotated) and the cross-attention
+K/V of the prompt.
 
-Slots are frames. With a window of ``capacity`` frames of which the first ``sink`` are permanent, frame ``f`` lives
-in slot ``f`` while ``f < sink`` and in slot ``sink + (f - sink) mod (capacity - sink)`` after that: a ring over the
-non-sink slots. Before the ring wraps this is slot ``f``, so a cache that holds the whole video is a plain array.
-After writing a block that ends at frame ``e`` the cache holds the sink frames plus the ``capacity - sink`` frames
-ending at ``e`` -- exactly the reference's shift-left eviction, without moving any memory. Attention needs no mask:
-keys carry their positions, and softmax does not care about slot order.
+**Slots.** Slots are frames. With a window of ``capacity`` frames of which the first ``sink`` are permanent, frame
+``f`` lives in slot ``f`` while ``f < sink`` and in slot ``sink + (f - sink) mod (capacity - sink)`` after that: a
+ring over the non-sink slots. Before the ring wraps this is slot ``f``, so a cache that holds the whole video is a
+plain array. After writing a block that ends at frame ``e`` the cache holds the sink frames plus the
+``capacity - sink`` frames ending at ``e`` -- the reference's shift-left eviction, without moving any memory.
 
-Every position here is a Python integer derived from the block schedule, so the per-block step never reads the GPU
-and can be captured by CUDA graphs.
+**Positions.** Frame ``f`` is rotated at rotary position ``f - origin``. RoPE is relative (rotating a query and all
+its keys by the same offset leaves every score unchanged), so when a call would pass the RoPE table
+(``rope.max_positions``, 1,024 frames) the cache *re-bases*: it rotates the ring's keys back by ``delta`` frames
+(:meth:`RotaryTables.frame_rotation`) and adds ``delta`` to ``origin``, so that the oldest ring frame sits right
+after the sink again. Attention outputs are unchanged and every position stays below ``capacity + call length``:
+a stream of any length runs with the same memory and the same per-block work (one rotation of the ring per
+``max_positions - capacity`` frames).
+
+**Sink frames** are placed immediately before the oldest other frame a call attends to, so what a call sees always
+has the geometry of one contiguous clip no longer than the window, the geometry the model was trained on. (Under
+absolute positions their distance to new frames would grow without bound; the published Rolling Forcing code keeps
+its anchor block the same way.) Their keys are kept as written (at rotary positions ``0..sink-1``, in
+``sink_k``) and rotated into place: into their slots for the prefix path, or into the key list of a gathering call.
+Before the ring wraps this is their own position, so nothing changes for a window that never slides.
+
+**Views.** What a call attends to besides its own frames is a :class:`CacheView`: everything the cache holds (the
+default; each call writes its K/V first and attends to a prefix of the buffer, no copy), or at most ``span`` frames,
+with or without the sink, and with or without writing its own K/V (Rolling Forcing's windows attend to the clean
+cache without entering it). Every position here is a Python integer derived from the block schedule, so the per-block
+step never reads the GPU.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
+
 import torch
+
+from model.attention import attention
+from model.rope import RotaryTables, apply_rope
+
+
+class CacheMode(str, Enum):
+    """How a cached call runs, named by the caller (never guessed from autograd); same values.
+    ``INFERENCE`` (no autograd): attention over views of the cache, the prompt's cross-attention K/V cached once.
+    ``ROLLOUT`` (a step that keeps gradients): earlier frames' K/V copied out of the cache next to the block's own,
+    the cross-attention K/V recomputed so gradients reach them."""
+
+    INFERENCE = "inference"
+    ROLLOUT = "rollout"
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """What one cached call attends to, and whether it stores its own K/V.
+
+    ``span``: frames attended in all -- the sink (when attended), earlier frames and the call's own frames; None:
+    everything the cache holds. ``sink``: attend the sink frames, placed just before the oldest other frame attended;
+    without it, sink frames are ordinary history at their own positions (when the span reaches back to them).
+    ``write``: store the call's K/V, so later calls see its frames.
+    """
+
+    span: int | None = None
+    sink: bool = True
+    write: bool = True
+
+    @property
+    def full(self) -> bool:
+        return self.span is None and self.sink and self.write
+
+
+FULL = CacheView()
 
 
 class KVCache:
@@ -24,31 +80,38 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch_size: int, tokens_per_frame: int, num_heads: int, head_dim: int,
                  capacity_frames: int, sink_frames: int = 0, text_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 rope: RotaryTables | None = None):
         if not 0 <= sink_frames < capacity_frames:
             raise ValueError(f"sink_size {sink_frames} must be >= 0 and below the cache size {capacity_frames}")
         self.num_layers = num_layers
         self.tokens_per_frame = tokens_per_frame
         self.capacity = capacity_frames
         self.sink = sink_frames
+        self.rope = rope or RotaryTables(head_dim)
         shape = (num_layers, batch_size, capacity_frames * tokens_per_frame, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # the sink frames' keys as written (rotary positions 0..sink-1); rotated into place when used
+        self.sink_k = torch.zeros((num_layers, batch_size, sink_frames * tokens_per_frame, num_heads, head_dim),
+                                  dtype=dtype, device=device)
         # per layer [B, text_len, N, d] once filled; each block fills its own entry inside its forward, so a block
         # sharded on its own (FSDP2) only ever touches its own weights
         self.cross_k: list[torch.Tensor | None] = [None] * num_layers
         self.cross_v: list[torch.Tensor | None] = [None] * num_layers
         self.text_len = text_len
         self.frames_written = 0   # one past the highest frame written so far
+        self.origin = 0           # the frame at rotary position 0
+        self.placed = [0] * num_layers   # rotation (frames) of the sink keys now in each layer's sink slots
 
     @classmethod
     def for_model(cls, model, batch_size: int, height: int, width: int, capacity_frames: int,
                   sink_frames: int = 0, dtype=None, device=None) -> "KVCache":
-        """A cache sized from ``model.config`` and the latent ``height`` x ``width``."""
+        """A cache sized from ``model.config`` and the latent ``height`` x ``width``, positioned by ``model.rope``."""
         cfg = model.config
         p = next(model.parameters())
         return cls(cfg.num_layers, batch_size, cfg.tokens_per_frame(height, width), cfg.num_heads, cfg.head_dim,
-                   capacity_frames, sink_frames, cfg.text_len, dtype or p.dtype, device or p.device)
+                   capacity_frames, sink_frames, cfg.text_len, dtype or p.dtype, device or p.device, model.rope)
 
     # ----------------------------------------------------------------------------------------------------------
     # bookkeeping (Python integers only)
@@ -56,6 +119,8 @@ class KVCache:
     def reset(self, keep_cross: bool = False) -> None:
         """Forget every frame (buffers are reused; stale values are never read)."""
         self.frames_written = 0
+        self.origin = 0
+        self.placed = [0] * self.num_layers
         if not keep_cross:
             self.reset_cross()
 
@@ -63,6 +128,13 @@ class KVCache:
         """Forget the prompt's cross-attention K/V (a new prompt refills them on the next call)."""
         self.cross_k = [None] * self.num_layers
         self.cross_v = [None] * self.num_layers
+
+    def skip_to(self, frame: int) -> None:
+        """Continue at ``frame`` after a reset, frames ``sink..frame-1`` left out (re-encoding only the frames a
+        window still holds)."""
+        if frame < self.frames_written:
+            raise ValueError(f"cannot skip back to frame {frame}: {self.frames_written} frames are cached")
+        self.frames_written = frame
 
     @property
     def cross_ready(self) -> bool:
@@ -75,12 +147,20 @@ class KVCache:
     def slot(self, frame: int) -> int:
         return frame if frame < self.sink else self.sink + (frame - self.sink) % self.ring
 
-    def check_block(self, start_frame: int, num_frames: int) -> None:
-        if num_frames > self.ring:
+    def check_block(self, start_frame: int, num_frames: int, write: bool = True) -> None:
+        if write and num_frames > self.ring:   # a call that is not stored may be longer than the ring
             raise ValueError(f"a block of {num_frames} frames does not fit a cache window of {self.capacity} "
                              f"frames with {self.sink} sink frames")
         if start_frame > self.frames_written:
             raise ValueError(f"block starts at frame {start_frame} but only {self.frames_written} frames are cached")
+
+    def check_positions(self, call_frames: int) -> None:
+        """Raise unless calls of ``call_frames`` frames can run forever: after a re-base the window and the call
+        must fit the RoPE table. Streams check this before their first block."""
+        if self.capacity + call_frames > self.rope.max_positions:
+            raise ValueError(f"an attention window of {self.capacity} frames plus calls of {call_frames} frames "
+                             f"exceed the {self.rope.max_positions} RoPE positions: use a window of at most "
+                             f"{self.rope.max_positions - call_frames} frames (local_attn_size)")
 
     def token_ranges(self, frames: range) -> list[tuple[int, int]]:
         """Contiguous token ranges ``[(start, end), ...]`` of the slots holding ``frames``."""
@@ -98,13 +178,6 @@ class KVCache:
         """Slots holding valid frames once everything before ``end_frame`` is written (a prefix of the buffer)."""
         return min(end_frame, self.capacity)
 
-    def other_ranges(self, start_frame: int, num_frames: int) -> list[tuple[int, int]]:
-        """Token ranges a block sees besides its own slots: the sink and recent frames before it."""
-        end = start_frame + num_frames
-        first_recent = max(self.sink, end - self.ring)
-        frames = list(range(min(self.sink, start_frame))) + list(range(first_recent, start_frame))
-        return self.token_ranges(frames)  # type: ignore[arg-type]
-
     def can_fuse(self, start_frame: int, num_frames: int) -> bool:
         """Whether frames ``start_frame..start_frame+num_frames-1`` can be written in one call without evicting a
         frame that an earlier block of the same call still attends to (true until the window is full)."""
@@ -115,4 +188,134 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + self.sink_k.nbytes
+
+    # ----------------------------------------------------------------------------------------------------------
+    # one call
+
+    def begin(self, start_frame: int, num_frames: int, view: CacheView = FULL,
+              mode: CacheMode = CacheMode.INFERENCE, blocks: tuple[int, ...] = ()) -> "CachedCall":
+        """Check and position a call over frames ``start_frame..start_frame+num_frames-1`` (re-basing first when it
+        would pass the RoPE table) and work out what it attends to."""
+        self.check_block(start_frame, max(blocks) if blocks else num_frames, view.write)
+        end = start_frame + num_frames
+        if end - self.origin > self.rope.max_positions:
+            self._rebase(end)
+        span = self.capacity if view.span is None else view.span
+        if view.sink:
+            sinks = min(self.sink, start_frame)
+            first = max(self.sink, end - span + sinks)
+        else:
+            sinks, first = 0, max(0, end - span)
+        first = min(first, start_frame)
+        high = max(self.frames_written, end if view.write else 0)
+        assert first >= start_frame or max(first, self.sink) >= high - self.ring, "a view reaches evicted frames"
+        return CachedCall(self, start_frame, num_frames, view, mode, tuple(blocks), sinks, first)
+
+    def _rebase(self, end: int) -> None:
+        """Move every position back so the oldest ring frame sits right after the sink (module docstring)."""
+        oldest = max(self.sink, self.frames_written - self.ring)
+        delta = oldest - self.sink - self.origin
+        if delta <= 0 or end - self.origin - delta > self.rope.max_positions:
+            raise ValueError(f"frames up to {end} do not fit the {self.rope.max_positions} RoPE positions with a "
+                             f"{self.capacity}-frame window (check_positions)")
+        cos, sin = self.rope.frame_rotation(-delta, self.k.device)
+        ring = slice(self.sink * self.tokens_per_frame, None)
+        for layer in range(self.num_layers):  # one layer at a time: the rotation's float32 temporaries stay small
+            self.k[layer, :, ring] = apply_rope(self.k[layer, :, ring], cos, sin)
+        self.origin += delta
+
+    def write(self, layer: int, start_frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a call's (rotated) keys and values ``[B, n·S, N, d]`` in its frames' slots (values, not graphs)."""
+        offset = 0
+        for a, b in self.token_ranges(range(start_frame, start_frame + k.shape[1] // self.tokens_per_frame)):
+            self.k[layer, :, a:b].copy_(k[:, offset:offset + b - a].detach())
+            self.v[layer, :, a:b].copy_(v[:, offset:offset + b - a].detach())
+            offset += b - a
+        if start_frame < self.sink:   # also kept as written, to be rotated into place later
+            assert self.origin == 0 and self.placed[layer] == 0, "sink frames are written before any re-base"
+            s = self.tokens_per_frame
+            a, b = start_frame * s, min(self.sink * s, start_frame * s + offset)
+            self.sink_k[layer, :, a:b].copy_(k[:, :b - a].detach())
+
+    def sink_keys(self, layer: int, frames: range, shift: int) -> torch.Tensor:
+        """Keys of sink ``frames`` moved by ``shift`` frames from their own positions."""
+        s = self.tokens_per_frame
+        k = self.sink_k[layer, :, frames.start * s:frames.stop * s]
+        return k if shift == 0 else apply_rope(k, *self.rope.frame_rotation(shift, k.device))
+
+    def place_sink(self, layer: int, shift: int) -> None:
+        """Put the sink keys into their slots moved by ``shift`` frames (the prefix path reads them there)."""
+        if self.placed[layer] != shift:
+            self.k[layer, :, :self.sink * self.tokens_per_frame] = self.sink_keys(layer, range(self.sink), shift)
+            self.placed[layer] = shift
+
+
+@dataclass
+class CachedCall:
+    """One cached forward's positions and attention set (Python ints, shared by all layers of the call)."""
+
+    cache: KVCache
+    start_frame: int
+    num_frames: int
+    view: CacheView
+    mode: CacheMode
+    blocks: tuple[int, ...]   # sizes of consecutive blocks carried by one call (prefix path); () = one
+    sinks: int                # sink frames attended, placed before ``first``
+    first: int                # first earlier frame attended (== start_frame: none)
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """Rotary frame positions of the call's own frames."""
+        o = self.cache.origin
+        return tuple(range(self.start_frame - o, self.start_frame + self.num_frames - o))
+
+    @property
+    def prefix(self) -> bool:
+        """Inference over everything the cache holds: write, then attend to a prefix of the buffer (no copy)."""
+        return self.mode is CacheMode.INFERENCE and self.view.full
+
+    @property
+    def sink_shift(self) -> int:
+        return self.first - self.sinks - self.cache.origin
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """Self-attention of the call's queries ``[B, L, N, d]`` at ``layer``; writes its K/V if the view says so."""
+        cache = self.cache
+        if self.view.write:
+            cache.write(layer, self.start_frame, k, v)
+        if self.prefix:
+            return self._attend_prefix(q, layer)
+        # Gathered: the attended cache entries are copied next to the call's own K/V, through which alone
+        # gradients flow (later in-place cache writes cannot corrupt what backward needs).
+        keys, values = self._gather(layer)
+        return attention(q, torch.cat(keys + [k], dim=1), torch.cat(values + [v], dim=1))
+
+    def _attend_prefix(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """Each block's queries see the cache up to the end of their own block (block-causal)."""
+        cache, s = self.cache, self.cache.tokens_per_frame
+        if self.sinks:
+            cache.place_sink(layer, self.sink_shift)
+        outs, q0, end = [], 0, self.start_frame
+        for n in self.blocks or (self.num_frames,):
+            end += n
+            visible = cache.visible_frames(end) * s
+            outs.append(attention(q[:, q0:q0 + n * s], cache.k[layer, :, :visible], cache.v[layer, :, :visible]))
+            q0 += n * s
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _gather(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """K/V of the attended cache entries: placed sink, sink frames at their own positions, ring frames."""
+        cache, s = self.cache, self.cache.tokens_per_frame
+        keys, values = [], []
+        if self.sinks:
+            keys.append(cache.sink_keys(layer, range(self.sinks), self.sink_shift))
+            values.append(cache.v[layer, :, :self.sinks * s])
+        own = range(self.first, min(cache.sink, self.start_frame))   # without the sink view: plain history
+        if len(own):
+            keys.append(cache.sink_keys(layer, own, -cache.origin))
+            values.append(cache.v[layer, :, own.start * s:own.stop * s])
+        for a, b in cache.token_ranges(range(max(self.first, cache.sink), self.start_frame)):
+            keys.append(cache.k[layer, :, a:b])
+            values.append(cache.v[layer, :, a:b])
+        return keys, values

@@ -38,6 +38,19 @@ class BlockLayout:
             return torch.where(b == 0, torch.ones_like(b), 1 + b * n)
         return (b + 1) * n
 
+    def block_size(self, index: int) -> int:
+        """Frames of block ``index``."""
+        return 1 if self.independent_first_frame and index == 0 else self.frames_per_block
+
+    def block_starting_at(self, frame: int) -> int:
+        """Index of the block that starts at ``frame``; raises ValueError if no block starts there."""
+        head = 1 if self.independent_first_frame else 0
+        if frame < head:
+            return 0
+        if (frame - head) % self.frames_per_block:
+            raise ValueError(f"frame {frame} is not a block boundary")
+        return head + (frame - head) // self.frames_per_block
+
     def block_sizes(self, num_frames: int) -> list[int]:
         """Frames per block for a video of ``num_frames`` frames; raises ValueError if they do not tile it."""
         n = self.frames_per_block
@@ -53,8 +66,10 @@ def block_causal_frame_mask(num_frames: int, layout: BlockLayout, local_attn_siz
     """``[F, F]`` rule: a frame sees every frame of its own and earlier blocks.
 
     With a local window of ``local_attn_size`` frames (and ``sink_size`` permanent first frames), a frame whose block
-    ends at ``e`` sees frames ``< sink_size`` plus the ``local_attn_size - sink_size`` frames ending at ``e``: exactly
-    what the streaming KV cache keeps (model/kv_cache.py).
+    ends at ``e`` sees frames ``< sink_size`` plus the ``local_attn_size - sink_size`` frames ending at ``e``: the
+    frames the streaming KV cache keeps (model/kv_cache.py). Once such a window slides, the cache also moves the sink
+    frames to sit right before the window; one full-sequence pass cannot (a key has one position for every query), so
+    here they keep their own positions.
     """
     q = torch.arange(num_frames)[:, None]
     k = torch.arange(num_frames)[None, :]

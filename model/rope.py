@@ -6,7 +6,10 @@ table ``pos * 10000^(-2j/n_a)`` with ``n_a`` = twice its pair count.
 
 The reference rotates in float64 complex arithmetic. Here the angles are computed once in float64 and stored as
 float32 cos/sin tables; the rotation is real float32 arithmetic (about 1e-7 relative difference), which is cheap on
-every backend and compiles cleanly. A frame offset gives streaming blocks their absolute temporal positions.
+every backend and compiles cleanly. A frame offset gives streaming blocks their temporal positions; keys already
+rotated can be moved along the frame axis by :meth:`RotaryTables.frame_rotation` (RoPE is relative: rotating a
+query and all its keys by the same offset leaves every attention score unchanged), which is how a KV cache re-bases
+its positions and places its sink frames (model/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ def axis_pairs(head_dim: int) -> tuple[int, int, int]:
     return c - 2 * (c // 3), c // 3, c // 3
 
 
+def _inv_freq(pairs: int) -> torch.Tensor:
+    """float64 angular frequencies ``[pairs]`` of one axis."""
+    n = 2 * pairs
+    return 1.0 / (THETA ** (torch.arange(0, n, 2, dtype=torch.float64) / n))
+
+
 def _axis_angles(max_positions: int, pairs: int) -> torch.Tensor:
     """float64 angles ``[max_positions, pairs]`` of one axis."""
-    n = 2 * pairs
-    inv_freq = 1.0 / (THETA ** (torch.arange(0, n, 2, dtype=torch.float64) / n))
-    return torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    return torch.outer(torch.arange(max_positions, dtype=torch.float64), _inv_freq(pairs))
 
 
 class RotaryTables:
@@ -37,6 +44,7 @@ class RotaryTables:
         self.max_positions = max_positions
         self.angles = [_axis_angles(max_positions, p) for p in axis_pairs(head_dim)]
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shifts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, frame_positions: tuple[int, ...], height: int, width: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +73,22 @@ class RotaryTables:
             self._cache.clear()
         self._cache[key] = out
         return out
+
+    def frame_rotation(self, delta: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[1, head_dim/2]`` that move already rotated keys by ``delta`` frames (any integer; the row and
+        column pairs are left as they are): ``apply_rope(k_p, *frame_rotation(d))`` is ``k`` rotated at ``p + d``,
+        because rotations of a pair compose by adding their angles. Computed directly in float64, not looked up, so
+        negative offsets work too."""
+        key = (delta, str(device))
+        hit = self._shifts.get(key)
+        if hit is None:
+            pf, ph, pw = axis_pairs(self.head_dim)
+            angles = torch.cat([delta * _inv_freq(pf), torch.zeros(ph + pw, dtype=torch.float64)])[None]
+            hit = (angles.cos().float().to(device), angles.sin().float().to(device))
+            if len(self._shifts) > 256:  # offsets of a long stream; keep memory bounded
+                self._shifts.clear()
+            self._shifts[key] = hit
+        return hit
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

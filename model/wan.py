@@ -11,7 +11,8 @@ Three named attention paths, chosen by the caller:
   (with optional local window) for the causal one (diffusion forcing).
 * :meth:`WanModel.forward_teacher_forcing` -- ``[clean ; noisy]`` in one pass under the teacher-forcing mask.
 * :meth:`WanModel.forward_cached` -- one block against a :class:`KVCache`, in a :class:`CacheMode` the caller names:
-  ``"inference"`` (no autograd; streaming) or ``"rollout"`` (a step that keeps gradients; self-forcing rollouts).
+  ``"inference"`` (no autograd; streaming) or ``"rollout"`` (a step that keeps gradients; self-forcing rollouts),
+  attending to what a :class:`CacheView` says (default: everything the cache holds).
 
 Module order follows the forward pass: norms -> self-attention -> cross-attention -> block -> head -> model.
 """
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from model.attention import attention, kernel_scope
 from model.config import WanConfig
-from model.kv_cache import KVCache
+from model.kv_cache import FULL, CachedCall, CacheMode, CacheView, KVCache
 from model.masks import (
     BlockLayout,
     block_causal_frame_mask,
@@ -67,16 +68,6 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x).type_as(x)
 
 
-class CacheMode(str, Enum):
-    """How :meth:`WanModel.forward_cached` runs, named by the caller (never guessed from autograd); same values.
-    ``INFERENCE`` (no autograd): attention over views of the cache, the prompt's cross-attention K/V cached once.
-    ``ROLLOUT`` (a step that keeps gradients): earlier frames' K/V copied out of the cache next to the block's own
-    (``SelfAttention._cached``), the cross-attention K/V recomputed so gradients reach them."""
-
-    INFERENCE = "inference"
-    ROLLOUT = "rollout"
-
-
 class Cross(str, Enum):
     """Where the cross-attention K/V of a call come from."""
 
@@ -92,11 +83,7 @@ class AttnPlan:
     cos: torch.Tensor                 # [L, d/2] RoPE of every token of the call
     sin: torch.Tensor
     mask: Any = None                  # None, dense bool [L, L] or a flex BlockMask (full-sequence paths)
-    cache: KVCache | None = None      # streaming path
-    start_frame: int = 0
-    num_frames: int = 0
-    blocks: tuple[int, ...] = ()      # cached path: sizes of the consecutive blocks in this call (default: one)
-    mode: CacheMode = CacheMode.INFERENCE   # cached path only
+    call: CachedCall | None = None    # cached path: positions and attention set against the KV cache
     cross: Cross = Cross.CONTEXT
 
 
@@ -136,36 +123,11 @@ class SelfAttention(nn.Module):
         self.fused_qkv = (w, b)
 
     def attend(self, q, k, v, plan: AttnPlan, layer: int) -> torch.Tensor:
-        """Full sequence (optionally masked) or against the cache; ``[B, L, N, d]`` before the output projection."""
-        if plan.cache is None:
+        """Full sequence (optionally masked) or against the cache (:meth:`CachedCall.attend`); ``[B, L, N, d]``
+        before the output projection."""
+        if plan.call is None:
             return attention(q, k, v, plan.mask)
-        return self._cached(q, k, v, plan, layer)
-
-    @staticmethod
-    def _cached(q, k, v, plan: AttnPlan, layer: int) -> torch.Tensor:
-        cache = plan.cache
-        frames = range(plan.start_frame, plan.start_frame + plan.num_frames)
-        offset = 0
-        for a, b in cache.token_ranges(frames):  # write this block's (rotated) keys and values
-            cache.k[layer, :, a:b].copy_(k[:, offset:offset + b - a].detach())
-            cache.v[layer, :, a:b].copy_(v[:, offset:offset + b - a].detach())
-            offset += b - a
-        if plan.mode is CacheMode.ROLLOUT:
-            # Gradients flow through this block's own K/V only; earlier frames come from the cache by value (a
-            # copy), so later in-place cache writes cannot corrupt what backward needs.
-            others = cache.other_ranges(plan.start_frame, plan.num_frames)
-            keys = torch.cat([cache.k[layer, :, a:b] for a, b in others] + [k], dim=1)
-            values = torch.cat([cache.v[layer, :, a:b] for a, b in others] + [v], dim=1)
-            return attention(q, keys, values)
-        # Inference: each block's queries see the cache up to the end of their own block (block-causal).
-        s = cache.tokens_per_frame
-        outs, q0, end = [], 0, plan.start_frame
-        for n in plan.blocks or (plan.num_frames,):
-            end += n
-            visible = cache.visible_frames(end) * s
-            outs.append(attention(q[:, q0:q0 + n * s], cache.k[layer, :, :visible], cache.v[layer, :, :visible]))
-            q0 += n * s
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return plan.call.attend(q, k, v, layer)
 
 
 class CrossAttention(nn.Module):
@@ -190,7 +152,7 @@ class CrossAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, ctx: torch.Tensor | None, plan: AttnPlan, layer: int) -> torch.Tensor:
         """Queries ``[B, L, N, d]`` to the embedded context ``[B, text_len, D]``, K/V as ``plan.cross`` says."""
-        cache = plan.cache
+        cache = plan.call.cache if plan.call is not None else None
         if plan.cross is Cross.CACHED:
             return attention(q, cache.cross_k[layer], cache.cross_v[layer])
         k, v = self.kv(ctx)
@@ -463,34 +425,36 @@ class WanModel(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: KVCache,
                        start_frame: int, *, mode: CacheMode | str = CacheMode.INFERENCE,
-                       blocks: tuple[int, ...] = ()) -> torch.Tensor:
-        """One block through the KV cache: x ``[B, n, C, H, W]`` are frames ``start_frame .. start_frame+n-1``.
+                       blocks: tuple[int, ...] = (), view: CacheView = FULL) -> torch.Tensor:
+        """Frames ``start_frame .. start_frame+n-1`` (x ``[B, n, C, H, W]``, t ``[B]`` or ``[B, n]``) through the KV
+        cache.
 
-        Writes the block's keys/values at its slots (overwriting what an earlier call at the same position wrote)
-        and attends to everything cached up to and including the block. ``mode``: :class:`CacheMode`; inference
-        under autograd raises (its gradients would skip the block's own K/V). ``start_frame`` is a Python int.
+        By default (``view``, :class:`CacheView`) the call writes its keys/values at its slots (overwriting what an
+        earlier call at the same position wrote) and attends to everything cached up to and including it; its own
+        frames attend to each other in both directions. ``mode``: :class:`CacheMode`; inference under autograd
+        raises (its gradients would skip the call's own K/V). ``start_frame`` is a Python int; positions past the
+        RoPE table are re-based by the cache (model/kv_cache.py).
 
         ``blocks`` lets one call carry several consecutive blocks (e.g. the context pass of block b together with
         the first step of block b+1): each block's queries then see the cache up to their own block's end, exactly
-        as separate calls would, while every matrix product runs on the larger token count. Inference only, and
-        only while no frame the earlier block sees is evicted by the later one (``cache.can_fuse``).
+        as separate calls would, while every matrix product runs on the larger token count. Inference over the full
+        view only, and only while no frame the earlier block sees is evicted by the later one (``cache.can_fuse``).
         """
         mode = CacheMode(mode)
         if mode is CacheMode.INFERENCE and torch.is_grad_enabled():
             raise RuntimeError("forward_cached(mode='inference') under autograd: use torch.no_grad(), or "
                                "mode='rollout' for a step that keeps gradients")
         tokens, grid = self._patchify(x)
-        cache.check_block(start_frame, grid[0] if not blocks else max(blocks))
+        call = cache.begin(start_frame, grid[0], view, mode, tuple(blocks))
         if blocks:
-            assert sum(blocks) == grid[0] and mode is CacheMode.INFERENCE, "multi-block calls are inference-only"
+            assert sum(blocks) == grid[0] and call.prefix, "multi-block calls are inference over the full view"
             assert cache.can_fuse(start_frame, grid[0]), "a multi-block call would evict frames it still needs"
         e, e0 = self._time(t, grid[0], tokens.dtype)
         # Cross-attention K/V: recomputed in a rollout step (so gradients reach W_k, W_v), else cached per prompt.
         cross = Cross.CONTEXT if mode is CacheMode.ROLLOUT else Cross.CACHED if cache.cross_ready else Cross.FILL
         ctx = None if cross is Cross.CACHED else self.embed_text(context)
-        cos, sin = self.rope.tables(tuple(range(start_frame, start_frame + grid[0])), grid[1], grid[2], x.device)
-        plan = AttnPlan(cos, sin, cache=cache, start_frame=start_frame, num_frames=grid[0], blocks=tuple(blocks),
-                        mode=mode, cross=cross)
-        out = self._run_blocks(tokens, e0, ctx, plan)
-        cache.advance(start_frame, grid[0])
+        cos, sin = self.rope.tables(call.positions, grid[1], grid[2], x.device)
+        out = self._run_blocks(tokens, e0, ctx, AttnPlan(cos, sin, call=call, cross=cross))
+        if view.write:
+            cache.advance(start_frame, grid[0])
         return self._output(out, e, grid)

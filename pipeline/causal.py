@@ -12,7 +12,15 @@ timesteps, then run one *context pass* that writes the block's clean latents int
   of ``2B`` against one cache of batch ``2B``;
 * which latents the context pass writes: the block's own prediction (generation), or given ones (teacher-forced ODE
   trajectories with ground-truth context, I2V prefill);
-* an :class:`ExitPolicy` for the rollout: the step at which a block stops, and whether that step keeps gradients.
+* an :class:`ExitPolicy` for the rollout: the step at which a block stops, and whether that step keeps gradients;
+* :class:`CacheViews`: what a denoising forward and a context pass attend to (everything cached, or Rolling Forcing's
+  span and sink).
+
+**Rolling Forcing** (published ``long_video/pipeline/rolling_forcing_inference.py``) is another schedule of the same
+pieces, :meth:`BlockLoop.rolling`: windows of ``len(timesteps)`` consecutive blocks are denoised in one forward at
+staggered steps (the newest block from pure noise at the first step, the oldest at the last), against the clean
+cache; each block is re-noised to its next step for the next window, and the oldest, now clean, is written into the
+cache by a context pass and leaves the window. Block ``b`` is at step ``k - b`` in window ``k``.
 
 Every timestep here is a Python float and every position a Python int, so the loop never waits on the GPU.
 """
@@ -20,12 +28,12 @@ Every timestep here is a Python float and every position a Python int, so the lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
 from model.guidance import cond_uncond_context, guide
-from model.kv_cache import KVCache
+from model.kv_cache import FULL, CacheView, KVCache
 from model.scheduler import FlowMatchScheduler
 from model.unipc import UniPCSolver, unipc_grid
 from model.wan import CacheMode, WanModel
@@ -106,6 +114,60 @@ class ExitPolicy:
         return num_steps - 1 if step is None else min(step, num_steps - 1)
 
 
+@dataclass(frozen=True)
+class CacheViews:
+    """What a denoising forward and a context pass attend to (:class:`~model.kv_cache.CacheView`)."""
+
+    denoise: CacheView = FULL
+    context: CacheView = FULL
+
+    @classmethod
+    def rolling(cls, span: int) -> "CacheViews":
+        """Rolling Forcing's attention (published ``long_video/wan/modules/causal_model.py``): a denoising forward sees
+        the sink (placed just before the frames it sees), the clean frames before it and its own frames, ``span``
+        frames in all, and is not written into the cache; a context pass writes its block and sees the last ``span``
+        frames up to it (the sink frames only when they are among them, at their own positions)."""
+        return cls(CacheView(span, sink=True, write=False), CacheView(span, sink=False, write=True))
+
+    @property
+    def full(self) -> bool:
+        return self.denoise.full and self.context.full
+
+
+class Window(NamedTuple):
+    """One Rolling Forcing window: blocks ``first..last`` denoised together, block ``b`` at step ``index - b``."""
+
+    index: int
+    first: int
+    last: int
+
+    @property
+    def blocks(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+def rolling_windows(num_steps: int, num_blocks: int | None = None) -> Iterator[Window]:
+    """The windows of a video of ``num_blocks`` blocks (None: endless): window ``k`` holds blocks
+    ``max(0, k-S+1) .. min(N-1, k)``, ``N + S - 1`` windows in all; the first and last ``S - 1`` are partial.
+
+    With at least ``S`` blocks these are the published windows and steps. With fewer, the published code re-draws
+    the newest block's noise in the middle windows and misplaces the steps; here every block still takes its ``S``
+    steps in order."""
+    k = 0
+    while num_blocks is None or k < num_blocks + num_steps - 1:
+        yield Window(k, max(0, k - num_steps + 1), k if num_blocks is None else min(num_blocks - 1, k))
+        k += 1
+
+
+class WindowResult(NamedTuple):
+    """What one window of :meth:`BlockLoop.rolling` produced."""
+
+    window: Window
+    start_frame: int                             # first frame of the window
+    x0: torch.Tensor                             # clean predictions of all its blocks [B, n, C, H, W]
+    final: tuple[int, torch.Tensor] | None       # (start frame, x0) of the block that became clean, if any
+
+
 @dataclass
 class Guidance:
     """Text conditioning of a loop: the prompt context and, for CFG, a negative context and scale."""
@@ -136,6 +198,7 @@ class BlockLoop:
     noise_fn: NoiseFn = field(default_factory=lambda: randn_like_from(None))
 
     fuse_context: bool = False   # run each context pass inside the next block's first step (inference only)
+    views: CacheViews = field(default_factory=CacheViews)
 
     # ------------------------------------------------------------------------------------------------------------
     def flow(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, blocks: tuple[int, ...] = (),
@@ -144,13 +207,17 @@ class BlockLoop:
 
         ``grad``: this forward keeps gradients (the model's rollout mode); otherwise it is an inference forward and
         must run without autograd."""
+        return self._forward(x, t, start_frame, self.views.denoise, blocks, grad)
+
+    def _forward(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, view: CacheView,
+                 blocks: tuple[int, ...] = (), grad: bool = False) -> torch.Tensor:
         tt = t if isinstance(t, torch.Tensor) else self._t(x, t)
         mode = CacheMode.ROLLOUT if grad else CacheMode.INFERENCE
         if not self.guidance.batched:
             return self.model.forward_cached(x, tt, self.guidance.context, self.cache, start_frame, mode=mode,
-                                             blocks=blocks)
+                                             blocks=blocks, view=view)
         out = self.model.forward_cached(torch.cat([x, x]), torch.cat([tt, tt]), self.guidance.model_context(),
-                                        self.cache, start_frame, mode=mode, blocks=blocks)
+                                        self.cache, start_frame, mode=mode, blocks=blocks, view=view)
         return guide(*out.chunk(2), self.guidance.scale)
 
     def _context_input(self, latents: torch.Tensor, t: float) -> torch.Tensor:
@@ -166,7 +233,7 @@ class BlockLoop:
             return self.flow(x, t, start_frame, grad=grad)
         latents, prev_start = pending
         m = latents.shape[1]
-        if self.fuse_context and not grad and self.cache.can_fuse(prev_start, m + x.shape[1]):
+        if self.fuse_context and self.views.full and not grad and self.cache.can_fuse(prev_start, m + x.shape[1]):
             ctx = self._context_input(latents, self.context_noise)
             tt = torch.cat([self._t(ctx, self.context_noise), self._t(x, t)], dim=1)
             return self.flow(torch.cat([ctx, x], 1), tt, prev_start, blocks=(m, x.shape[1]))[:, m:]
@@ -222,17 +289,18 @@ class BlockLoop:
         its inference did not -- we do the same in both).
         """
         t = self.context_noise if timestep is None else timestep
-        self.flow(self._context_input(latents, t), t, start_frame)
+        self._forward(self._context_input(latents, t), t, start_frame, self.views.context)
 
-    def _blocks_from(self, start_frame: int, num_frames: int) -> list[int]:
-        """Sizes of the blocks covering frames ``start_frame .. start_frame+num_frames-1``."""
-        sizes = self.model.layout.block_sizes(start_frame + num_frames)
-        frame = 0
-        for i, n in enumerate(sizes):
-            if frame == start_frame:
-                return sizes[i:]
-            frame += n
-        raise ValueError(f"start_frame {start_frame} is not a block boundary")
+    def _blocks_from(self, start_frame: int, num_frames: int | None) -> Iterator[int]:
+        """Sizes of the blocks covering frames ``start_frame .. start_frame+num_frames-1`` (None: endlessly)."""
+        layout = self.model.layout
+        if num_frames is not None:
+            layout.block_sizes(start_frame + num_frames)   # raises if the frames do not tile into blocks
+        index, end = layout.block_starting_at(start_frame), start_frame
+        while num_frames is None or end < start_frame + num_frames:
+            n = layout.block_size(index)
+            yield n
+            end, index = end + n, index + 1
 
     def run(self, noise: torch.Tensor, start_frame: int = 0, block_index: int = 0,
             policy: ExitPolicy | None = None, context_latents: torch.Tensor | None = None,
@@ -256,6 +324,44 @@ class BlockLoop:
             frame += n
         if commit_last and pending is not None:
             self.commit(*pending)
+
+    def rolling(self, block_noise: Callable[[int, int], torch.Tensor], start_frame: int = 0,
+                num_blocks: int | None = None, grad: Callable[[Window, int], bool] | None = None,
+                ) -> Iterator[WindowResult]:
+        """Rolling Forcing (module docstring): yields one :class:`WindowResult` per window.
+
+        ``block_noise(start_frame, n)`` gives a block's initial noise when it enters the newest slot of a window.
+        ``num_blocks``: blocks to generate (None: until the caller stops iterating). ``grad(window, end_frame)``:
+        whether that window's forward keeps gradients (self-forcing training); otherwise windows run without.
+        Re-noising and context passes never keep gradients. Timesteps come from ``schedule.timesteps``.
+        """
+        steps = self.schedule.timesteps
+        layout = self.model.layout
+        index0 = layout.block_starting_at(start_frame)
+        starts, states = {0: start_frame}, {}        # block -> start frame; block -> state at its next step
+        for w in rolling_windows(len(steps), num_blocks):
+            if w.last not in states:                  # a block enters: pure noise at the first step
+                n = layout.block_size(index0 + w.last)
+                starts[w.last + 1] = starts[w.last] + n
+                states[w.last] = block_noise(starts[w.last], n)
+            x = torch.cat([states[b] for b in w.blocks], 1)
+            t = torch.cat([self._t(states[b], steps[w.index - b]) for b in w.blocks], 1)
+            start, end = starts[w.first], starts[w.last + 1]
+            keep = grad is not None and grad(w, end)
+            with torch.set_grad_enabled(keep):
+                x0 = self.scheduler.flow_to_x0(self.flow(x, t, start, grad=keep), x, t)
+            final = None
+            with torch.no_grad():
+                for b in w.blocks:
+                    part = x0[:, starts[b] - start:starts[b + 1] - start].detach()
+                    step = w.index - b
+                    if step + 1 < len(steps):
+                        states[b] = self.scheduler.add_noise(part, self.noise_fn(part), self._t(part, steps[step + 1]))
+                    else:                              # clean: into the cache, out of the window
+                        del states[b], starts[b]
+                        self.commit(part, start)
+                        final = (start, part)
+            yield WindowResult(w, start, x0, final)
 
     @torch.no_grad()
     def prefill(self, latents: torch.Tensor, start_frame: int = 0) -> int:

@@ -10,6 +10,12 @@ Everything that differs from inference is data for :class:`~pipeline.causal.Bloc
 (exit step, gradient on exit, ``grad_from_frame``). The exit steps are drawn by the caller with
 :func:`draw_exit_steps` (rank 0 draws, every rank receives the same indices) because all ranks must run the same
 number of forwards in lock-step under FSDP.
+
+:func:`rolling_rollout` is Rolling Forcing's (published ``long_video/pipeline/rolling_forcing_training.py``): the
+inference windows of :meth:`BlockLoop.rolling`, one forward per window, where the windows ``phase, phase + S, ...``
+(``S`` = steps) keep gradients. Those windows cover every block exactly once, so the rollout's video is each block's
+prediction in its phase window: blocks at different steps, each one forward with gradients, the rolling analogue of
+a random exit step.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch.distributed as dist
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
-from pipeline.causal import BlockLoop, ExitPolicy, Guidance, NoiseFn, StepSchedule, randn_like_from
+from pipeline.causal import BlockLoop, CacheViews, ExitPolicy, Guidance, NoiseFn, StepSchedule, randn_like_from
 from utils.distributed import activation_checkpointed
 from utils.errors import ConfigError
 
@@ -32,8 +38,10 @@ class Rollout(NamedTuple):
     """Result of :func:`self_forcing_rollout`."""
 
     latents: torch.Tensor            # [B, F, C, H, W]; grad-carrying where the exit forward kept gradients
-    denoised_timestep_from: int      # raw (pre-shift) timestep the non-first blocks' exit step started from
-    denoised_timestep_to: int        # raw timestep of the step after it (0 after the last step)
+    denoised_timestep_from: int | None   # raw (pre-shift) timestep the non-first blocks' exit step started from
+    denoised_timestep_to: int | None     # raw timestep of the step after it (0 after the last step); both None when
+                                         # the blocks stop at different steps (Rolling Forcing windows)
+    first_trained_frame: int = 0         # frames before it take no part in the DMD loss (Rolling Forcing's clip)
 
 
 @dataclass
@@ -110,14 +118,25 @@ def denoised_timestep_range(scheduler: FlowMatchScheduler, timesteps: Sequence[f
     return t_from, t_to
 
 
-def _rollout_cache(generator: WanModel, batch: int, num_frames: int, height: int, width: int,
-                   dtype: torch.dtype, device: torch.device) -> KVCache:
-    """A cache for the rollout: the whole video (or the generator's attention window with its sink frames)."""
+def rollout_cache(generator: WanModel, batch: int, num_frames: int, height: int, width: int,
+                  dtype: torch.dtype, device: torch.device, rolling_sink: int | None = None) -> KVCache:
+    """A cache for the rollout: the whole video (or the generator's attention window with its sink frames). With
+    Rolling Forcing (``rolling_sink`` frames of sink) it holds the whole rollout, which its views attend to in part,
+    so gradient checkpointing can recompute every forward."""
     window = generator.local_attn_size
-    capacity = num_frames if window == -1 else min(window, num_frames)
-    sink = min(generator.sink_size, capacity - 1)
+    capacity = num_frames if window == -1 or rolling_sink is not None else min(window, num_frames)
+    sink = min(generator.sink_size if rolling_sink is None else rolling_sink, capacity - 1)
     return KVCache.for_model(generator, batch, height, width, capacity_frames=capacity, sink_frames=sink,
                              dtype=dtype, device=device)
+
+
+def _check_recomputable(generator: WanModel, cache: KVCache, num_frames: int) -> None:
+    if torch.is_grad_enabled() and activation_checkpointed(generator) and cache.capacity < num_frames:
+        # Checkpointed blocks re-read earlier frames' K/V from the cache in backward; a ring that wrapped has
+        # overwritten them by then, which would give silently wrong gradients.
+        raise ConfigError(f"a rollout of {num_frames} frames wraps the {cache.capacity}-frame attention window "
+                          f"(local_attn_size), which gradient checkpointing cannot recompute: set "
+                          f"gradient_checkpointing: false, or local_attn_size: -1 or >= {num_frames}")
 
 
 def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule: StepSchedule,
@@ -125,7 +144,7 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
                          exit_step: int | Sequence[int] | None = None, first_block_exit_step: int | None = None,
                          grad_from_frame: int = 0, context_noise: float = 0.0, noise_fn: NoiseFn | None = None,
                          cache: KVCache | None = None, noise: torch.Tensor | None = None,
-                         dtype: torch.dtype | None = None) -> Rollout:
+                         dtype: torch.dtype | None = None, views: CacheViews | None = None) -> Rollout:
     """Generate ``num_frames`` latent frames block by block, stopping each block at its exit step.
 
     Args:
@@ -141,6 +160,7 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
         cache: a cache to reuse (it is reset); ``None`` allocates one for ``num_frames`` frames.
         noise: the initial noise ``[B, F, C, H, W]``; ``None`` draws it with ``noise_fn``.
         dtype: dtype of noise and cache (the generator's compute dtype); default: the cache's or the parameters'.
+        views: what denoising forwards and context passes attend to (Rolling Forcing's, for its self-forcing half).
     Returns:
         :class:`Rollout` with ``latents [B, F, C, H, W]``: gradients flow from it into the generator only through
         the exit forwards of blocks at or after ``grad_from_frame`` -- when called with gradients enabled.
@@ -153,15 +173,10 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
     if noise is None:
         noise = noise_fn(torch.empty(batch, num_frames, channels, height, width, device=param.device, dtype=dtype))
     if cache is None:
-        cache = _rollout_cache(generator, batch, num_frames, height, width, dtype, noise.device)
+        cache = rollout_cache(generator, batch, num_frames, height, width, dtype, noise.device)
     else:
         cache.reset()
-    if torch.is_grad_enabled() and activation_checkpointed(generator) and cache.capacity < num_frames:
-        # Checkpointed blocks re-read earlier frames' K/V from the cache in backward; a ring that wrapped has
-        # overwritten them by then, which would give silently wrong gradients.
-        raise ConfigError(f"a rollout of {num_frames} frames wraps the {cache.capacity}-frame attention window "
-                          f"(local_attn_size), which gradient checkpointing cannot recompute: set "
-                          f"gradient_checkpointing: false, or local_attn_size: -1 or >= {num_frames}")
+    _check_recomputable(generator, cache, num_frames)
     # Exit forwards keep gradients (the model's rollout mode) only when the caller asked for them: a rollout under
     # no_grad (the critic's samples) runs every forward in inference mode.
     grad = torch.is_grad_enabled()
@@ -172,7 +187,7 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
         policy = PerBlockExitPolicy(None, first_block_exit_step, grad_on_exit=grad, grad_from_frame=grad_from_frame,
                                     per_block=tuple(int(e) for e in exit_step))
     loop = BlockLoop(generator, scheduler, schedule, Guidance(context), cache, context_noise=float(context_noise),
-                     noise_fn=noise_fn)
+                     noise_fn=noise_fn, views=views or CacheViews())
     # The last block's context pass would be read by nobody: skip it.
     blocks = [x0 for _, x0 in loop.run(noise, policy=policy, commit_last=False)]
     latents = torch.cat(blocks, dim=1)
@@ -181,3 +196,40 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
     steps = schedule.for_block(ref)
     t_from, t_to = denoised_timestep_range(scheduler, steps, policy.exit_for(ref, len(steps)))
     return Rollout(latents, t_from, t_to)
+
+
+def rolling_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule: StepSchedule,
+                    context: torch.Tensor, num_frames: int, *, latent_shape: Sequence[int], span: int, sink: int,
+                    phase: int, grad_from_frame: int = 0, context_noise: float = 0.0,
+                    noise_fn: NoiseFn | None = None, noise: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> Rollout:
+    """Rolling Forcing's rollout (module docstring) of ``num_frames`` frames.
+
+    Args:
+        span, sink: frames each forward attends to, and the sink frames among them (:meth:`CacheViews.rolling`).
+        phase: windows ``k`` with ``k % len(schedule.timesteps) == phase`` keep gradients (drawn by the caller, the
+            same on every rank), when they end after ``grad_from_frame``.
+        The rest as for :func:`self_forcing_rollout`.
+    Returns:
+        :class:`Rollout` whose latents hold each block's prediction in its phase window (gradient-carrying where that
+        window kept gradients); no single exit step, so no timestep range.
+    """
+    noise_fn = noise_fn or randn_like_from(None)
+    param = next(generator.parameters())
+    dtype = dtype or param.dtype
+    channels, height, width = (int(s) for s in latent_shape)
+    if noise is None:
+        noise = noise_fn(torch.empty(context.shape[0], num_frames, channels, height, width, device=param.device,
+                                     dtype=dtype))
+    cache = rollout_cache(generator, context.shape[0], num_frames, height, width, dtype, noise.device, sink)
+    _check_recomputable(generator, cache, num_frames)
+    loop = BlockLoop(generator, scheduler, schedule, Guidance(context), cache, context_noise=float(context_noise),
+                     noise_fn=noise_fn, views=CacheViews.rolling(span))
+    steps, grad = len(schedule.timesteps), torch.is_grad_enabled()
+    blocks = len(generator.layout.block_sizes(num_frames))
+    parts: list[torch.Tensor] = []
+    for result in loop.rolling(lambda start, n: noise[:, start:start + n], num_blocks=blocks,
+                               grad=lambda w, end: grad and w.index % steps == phase and end > grad_from_frame):
+        if result.window.index % steps == phase:
+            parts.append(result.x0)
+    return Rollout(torch.cat(parts, dim=1), None, None)

@@ -9,9 +9,14 @@
 
 ``inference.py`` and ``demo.py`` are thin shells around this. The few-step generator (config with
 ``denoising_step_list``), the many-step Stage-1 model (no step list: 50 steps of ``sample_solver`` -- Wan's UniPC
-by default, as the published code samples, or Euler -- with classifier-free guidance on the negative prompt) and
-long videos (a local attention window with sink frames keeps the cache a fixed size) all run the same
+by default, as the published code samples, or Euler -- with classifier-free guidance on the negative prompt),
+Rolling Forcing (``rolling_forcing: true``: windows of blocks at staggered steps) and long videos all run the same
 :class:`~pipeline.causal.BlockLoop`.
+
+Any length, endless included (``num_frames=None``: until the caller stops iterating or calls ``close``), runs at
+constant memory and per-block work: a video longer than the training length gets a sliding window with sink frames,
+the cache re-bases its positions before the RoPE table ends (model/kv_cache.py), every block draws its noise when it
+starts, and the stream keeps only the latents its cache still holds.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
-from pipeline.causal import BlockLoop, Guidance, StepSchedule, randn_like_from
+from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
 from utils.config import Config
+from utils.errors import ConfigError
 from utils.video import pixels_to_uint8
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,7 @@ class StreamingPipeline:
     guidance_scale: float = 1.0                 # > 1 only for the many-step sampler
     local_attn_size: int = -1
     sink_size: int = 0
+    rolling_span: int = 0                       # Rolling Forcing: frames each call attends to; 0 = block by block
     default_num_frames: int = 21
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -141,10 +148,13 @@ class StreamingPipeline:
             schedule = StepSchedule.from_config(scheduler, cfg.denoising_step_list,
                                                 cfg.denoising_step_list_first_chunk, cfg.warp_denoising_step)
         shape = cfg.image_or_video_shape
+        rolling = cfg.rolling_forcing
         pipe = cls(generator, text_encoder, vae, scheduler, schedule, latent_shape=tuple(shape[2:]),
                    context_noise=float(cfg.context_noise), negative_prompt=cfg.negative_prompt,
                    guidance_scale=cfg.guidance_scale if multistep else 1.0,
-                   local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size,
+                   local_attn_size=cfg.model_kwargs.local_attn_size,
+                   sink_size=cfg.rolling_sink if rolling else cfg.model_kwargs.sink_size,
+                   rolling_span=cfg.rolling_span if rolling else 0,
                    default_num_frames=shape[1], device=device, dtype=dtype, preview_decoder=preview)
         return pipe.enable_fast_path(compile) if fast else pipe
 
@@ -152,31 +162,35 @@ class StreamingPipeline:
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
-    def window(self, total_frames: int) -> tuple[int, int]:
-        """Cache window and sink (frames) for a video of ``total_frames`` latent frames.
+    def window(self, total_frames: int | None) -> tuple[int, int]:
+        """Cache window and sink (frames) for a video of ``total_frames`` latent frames (None: endless).
 
-        The configured window wins. Without one, a video longer than the training length gets a window of the
-        training length with one block of sink frames, so memory stays fixed however long the video runs.
+        Rolling Forcing holds its sink and the ``rolling_span`` frames before a call. Otherwise the configured window
+        wins; without one, a video longer than the training length gets a window of the training length with one
+        block of sink frames, so memory stays fixed however long the video runs.
         """
+        if self.rolling_span:
+            return self.rolling_span + self.sink_size, self.sink_size
         if self.local_attn_size > 0:
             return self.local_attn_size, self.sink_size
-        if total_frames <= self.default_num_frames:
+        if total_frames is not None and total_frames <= self.default_num_frames:
             return total_frames, 0
         sink = self.generator.num_frame_per_block
-        log.info("%d latent frames exceed the training length %d: local window %d frames with %d sink frames",
-                 total_frames, self.default_num_frames, self.default_num_frames, sink)
+        log.info("%s latent frames exceed the training length %d: local window %d frames with %d sink frames",
+                 total_frames or "endless", self.default_num_frames, self.default_num_frames, sink)
         return self.default_num_frames, sink
 
     def open(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
              initial_latent: torch.Tensor | None = None, decode: bool = True,
-             context: torch.Tensor | None = None, uint8: bool = False) -> "VideoStream":
-        """Start a video: ``num_frames`` latent frames to generate after the optional ``initial_latent``
+             context: torch.Tensor | None = None, uint8: bool = False, endless: bool = False) -> "VideoStream":
+        """Start a video: ``num_frames`` latent frames to generate (default: the training length; ``endless``: until
+        the caller stops) after the optional ``initial_latent``
         ``[B, f0, C, h, w]`` (I2V: one image latent; video extension: a clip's latents). ``context`` gives
         precomputed prompt embeddings ``[B, L, text_dim]`` (the text encoder is then not run). ``uint8`` hands out
         frames as uint8 ``[B, T, H, W, 3]`` on the host (:func:`utils.video.pixels_to_uint8`, converted on the
         pipeline's device beside the decode): what a video writer or a web page needs, without CPU work per block."""
-        return VideoStream(self, prompt, num_frames or self.default_num_frames, seed, initial_latent, decode,
-                           context, uint8)
+        frames = None if endless else num_frames or self.default_num_frames
+        return VideoStream(self, prompt, frames, seed, initial_latent, decode, context, uint8)
 
     def generate(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
                  initial_latent: torch.Tensor | None = None, decode: bool = True):
@@ -214,63 +228,114 @@ class _Deferred:
 class VideoStream:
     """Iterator over the :class:`StreamChunk` of one video; see :meth:`StreamingPipeline.open`."""
 
-    def __init__(self, pipe: StreamingPipeline, prompt, num_frames: int, seed: int,
+    def __init__(self, pipe: StreamingPipeline, prompt, num_frames: int | None, seed: int,
                  initial_latent: torch.Tensor | None, decode: bool, context: torch.Tensor | None = None,
                  uint8: bool = False):
         self.pipe = pipe
         self.uint8 = uint8
         self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(self.prompts)
-        c, h, w = pipe.latent_shape
+        _, h, w = pipe.latent_shape
         self.prefix = initial_latent.to(pipe.device, pipe.dtype) if initial_latent is not None else None
         start = 0 if self.prefix is None else self.prefix.shape[1]
-        total = start + num_frames
-        pipe.generator.layout.block_sizes(total)      # frame count must tile into blocks: fail before any work
+        self.num_frames = num_frames                  # None: endless
+        total = None if num_frames is None else start + num_frames
+        layout = pipe.generator.layout
+        if total is not None:
+            layout.block_sizes(total)                 # frame count must tile into blocks: fail before any work
         self.rng = torch.Generator(pipe.device).manual_seed(seed)
-        self.noise = torch.randn((batch, num_frames, c, h, w), generator=self.rng, device=pipe.device,
-                                 dtype=pipe.dtype)
         window, sink = pipe.window(total)
         guided = pipe.guidance_scale != 1.0
         self.cache = KVCache.for_model(pipe.generator, batch * (2 if guided else 1), h, w, window, sink,
                                        dtype=pipe.dtype, device=pipe.device)
+        # the longest call: a block, two fused blocks (only before the window fills) or a rolling window
+        steps = len(pipe.schedule.timesteps) if pipe.rolling_span else 1
+        try:
+            self.cache.check_positions(steps * layout.frames_per_block)   # a stream of any length, checked now
+        except ValueError as e:
+            raise ConfigError(f"model_kwargs.local_attn_size: {e}") from None
         negative = pipe.encode([pipe.negative_prompt]) if guided else None
+        views = CacheViews.rolling(pipe.rolling_span) if pipe.rolling_span else CacheViews()
         self.loop = BlockLoop(pipe.generator, pipe.scheduler, pipe.schedule,
                               Guidance(pipe.encode(self.prompts) if context is None else context.to(pipe.dtype),
                                        negative, pipe.guidance_scale), self.cache,
                               context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng),
-                              fuse_context=True)  # each context pass inside the next block's first step
+                              fuse_context=True, views=views)  # each context pass inside the next block's first step
         source = pipe.frame_decoder
         # one latent frame per decoder call: the lowest peak memory, and every steady call has the same shapes
         self.decoder = source.stream(frames_per_call=1) if decode and source is not None else None
         self.start_frame = start
-        self.latents: list[torch.Tensor] = [] if self.prefix is None else [self.prefix]
-        self._pending: tuple[list[str], bool] | None = None
+        self.held: list[tuple[int, torch.Tensor]] = [] if self.prefix is None else [(0, self.prefix)]
+        self._pending: tuple[list[str], bool, torch.Tensor | None] | None = None
         overlap = pipe.overlap_decode and self.decoder is not None and pipe.device.type == "cuda"
         self._side = pipe.side_stream() if overlap else None
         self._due: tuple[torch.Tensor, int] | None = None   # context pass of the last block, run with the next
         self._iter = None
 
-    def switch_prompt(self, prompt: str | list[str], recache: bool = False) -> None:
-        """Use ``prompt`` from the next block on. ``recache`` re-encodes the cached frames under the new prompt
-        (one extra forward per cached block); otherwise only the cross-attention cache changes."""
-        self._pending = ([prompt] * len(self.prompts) if isinstance(prompt, str) else list(prompt), recache)
+    def switch_prompt(self, prompt: str | list[str], recache: bool = False,
+                      context: torch.Tensor | None = None) -> None:
+        """Use ``prompt`` from the next block on (Rolling Forcing: from the next window, so the blocks in it finish
+        under the new prompt). ``recache`` re-encodes the frames the cache holds under the new prompt (one extra
+        forward per cached block); otherwise only the cross-attention cache changes. ``context``: its precomputed
+        embeddings, as for :meth:`StreamingPipeline.open`."""
+        prompts = [prompt] * len(self.prompts) if isinstance(prompt, str) else list(prompt)
+        self._pending = (prompts, recache, context)
 
     def _apply_switch(self) -> bool:
         if self._pending is None:
             return False
-        prompts, recache = self._pending
+        prompts, recache, context = self._pending
         self._pending = None
         if self._due is not None:  # the last block's context pass belongs to the prompt it was made under
             self.loop.commit(*self._due)
             self._due = None
         self.prompts = prompts
-        self.loop.guidance.context = self.pipe.encode(prompts)
+        self.loop.guidance.context = self.pipe.encode(prompts) if context is None else context.to(self.pipe.dtype)
         self.cache.reset_cross()
-        if recache and self.latents:
-            so_far = torch.cat(self.latents, 1)
+        if recache and self.held:
             self.cache.reset()
-            self.loop.prefill(so_far, 0)
+            for frame, latents in self.held:
+                self.cache.skip_to(frame)
+                self.loop.prefill(latents, frame)
         return True
+
+    def _hold(self, frame: int, x0: torch.Tensor) -> None:
+        """Keep a block's latents while the cache holds its frames (for ``recache``): the sink and the window."""
+        self.held.append((frame, x0))
+        end = frame + x0.shape[1]
+        first = max(self.cache.sink, end - self.cache.ring)
+        self.held = [(f, x) for f, x in self.held if f < self.cache.sink or f + x.shape[1] > first]
+
+    def _block_noise(self, start_frame: int, n: int) -> torch.Tensor:
+        """A block's initial noise, drawn when the block starts (an endless video cannot draw it up front)."""
+        c, h, w = self.pipe.latent_shape
+        return torch.randn((len(self.prompts), n, c, h, w), generator=self.rng, device=self.pipe.device,
+                           dtype=self.pipe.dtype)
+
+    def _blocks(self):
+        """``(block index, start frame, x0, switched)`` of each block as it becomes final, by the pipeline's
+        schedule: block by block (each block's context pass runs with the next block's first step), or Rolling
+        Forcing windows (a switch applies from the next window; the next block handed out is marked)."""
+        if self.pipe.rolling_span:
+            n = self.pipe.generator.num_frame_per_block
+            blocks = None if self.num_frames is None else self.num_frames // n
+            index, switched = 0, False
+            results = self.loop.rolling(self._block_noise, self.start_frame, blocks)
+            while True:
+                switched = self._apply_switch() or switched
+                result = next(results, None)
+                if result is None:
+                    return
+                if result.final is not None:
+                    yield index, *result.final, switched
+                    index, switched = index + 1, False
+        frame = self.start_frame
+        for i, n in enumerate(self.loop._blocks_from(self.start_frame, self.num_frames)):
+            switched = self._apply_switch()
+            x0 = self.loop.denoise(self._block_noise(frame, n), frame, i, pending=self._due)
+            self._due = (x0, frame)  # written into the cache with (or before) the next block's first step
+            yield i, frame, x0, switched
+            frame += n
 
     @torch.no_grad()
     def _run(self):
@@ -280,14 +345,10 @@ class VideoStream:
         overlap."""
         if self.prefix is not None:
             self.loop.prefill(self.prefix, 0)
-        offset, frame, held = 0, self.start_frame, None
+        held = None
         self._t_last = time.perf_counter()
-        sizes = self.loop._blocks_from(self.start_frame, self.noise.shape[1])
-        for i, n in enumerate(sizes):
-            switched = self._apply_switch()
-            x0 = self.loop.denoise(self.noise[:, offset:offset + n], frame, i, pending=self._due)
-            self.latents.append(x0)
-            self._due = (x0, frame)  # written into the cache with (or before) the next block's first step
+        for i, frame, x0, switched in self._blocks():
+            self._hold(frame, x0)
             parts = self._parts(i, x0)
             for j, (a, b) in enumerate(parts):
                 latents = x0[:, a:b]
@@ -301,8 +362,6 @@ class VideoStream:
                     held = chunk   # decoded beside the next block's DiT work
                 else:
                     yield self._hand_out(chunk)  # the video's first frame, or the serial path
-            offset += n
-            frame += n
         if held is not None:
             yield self._hand_out(held)
         self.close()
@@ -356,5 +415,6 @@ class VideoStream:
 
     def close(self) -> None:
         """Free the KV cache now (a stopped or disconnected stream must not hold GPU memory)."""
-        self.cache.k = self.cache.v = torch.empty(0)
+        self.cache.k = self.cache.v = self.cache.sink_k = torch.empty(0)
         self.cache.reset_cross()
+        self.held = []

@@ -52,3 +52,10 @@ assert p.kind_of("triton_poi_fused_gelu_view_3") == "compiled"
     proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT / "benchmarks", capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bench_endless_records_flat_rows(tmp_path):
+    result = run("bench_endless.py", tmp_path / "endless.json", runs=False)
+    rows = result["rows"]
+    assert [r["latent_frames"] for r in rows] == [6, 12, 18, 24] and result["info"]["window"] == [21, 3]
+    assert len({r["cache_mib"] for r in rows}) == 1 and all(r["fps"] > 0 and r["host_rss_mib"] > 0 for r in rows)

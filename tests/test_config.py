@@ -22,6 +22,7 @@ STAGE_CONFIGS = [
     "causal_cd_framewise", "causal_cd_chunkwise",
     "causal_forcing_dmd_framewise", "causal_forcing_dmd_chunkwise",
     "causal_forcing_dmd_framewise_1step", "causal_forcing_dmd_framewise_2step",
+    "rolling_forcing_dmd",
 ]
 
 # Values every shipped reference config resolves to (training.md §3-§6 and §9.1; model_and_inference.md §1).
@@ -65,6 +66,10 @@ EXPECTED = {
     "causal_forcing_dmd_framewise_2step": {**DMD, "num_frame_per_block": 1, "denoising_step_list": [1000, 500],
                                            "denoising_step_list_first_chunk": FOUR_STEP,
                                            "generator_ckpt": "checkpoints/framewise/causal_ode.pt"},
+    # long_video/configs/rolling_forcing_dmd.yaml, with the fork's default_config (num_training_frames: 27)
+    "rolling_forcing_dmd": {**DMD, "num_frame_per_block": 3, "generator_ckpt": "checkpoints/chunkwise/causal_ode.pt",
+                            "rolling_forcing": True, "num_training_frames": 27, "lr": 1.5e-6, "log_iters": 1000,
+                            "max_steps": 3000},
 }
 
 
@@ -94,7 +99,7 @@ def test_shipped_config_has_reference_values(configs_dir, name):
         assert _get(cfg, key) == want, key
     # plain Python containers, not OmegaConf nodes: torch.tensor(cfg.denoising_step_list) must work
     assert type(cfg.image_or_video_shape) is list
-    assert "lr: 2.0e-06" in OmegaConf.to_yaml(cfg)
+    assert f"lr: {cfg.lr:.1e}" in OmegaConf.to_yaml(cfg)
 
 
 @pytest.mark.parametrize("stage", ["ar_diffusion_tf", "causal_ode", "causal_cd", "causal_forcing_dmd"])
@@ -345,13 +350,17 @@ def test_one_timestep_shift_with_a_checked_copy(tmp_path):
     assert not torch.equal(ours, FlowMatchScheduler(num_train_timesteps=1000, shift=5.0).timesteps)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("num_training_frames=24", r"num_training_frames must be <= image_or_video_shape\[1\] \(21\): longer rollouts"),
-    ("causal=false", "causal: false .* needs trainer: diffusion"),
+@pytest.mark.parametrize("overrides, message", [
+    (["num_training_frames=24"], r"num_training_frames must be <= image_or_video_shape\[1\] \(21\) unless "
+                                 r"rolling_forcing: true"),
+    (["causal=false"], "causal: false .* needs trainer: diffusion"),
+    (["rolling_forcing=true", "model_kwargs.local_attn_size=12"],
+     r"rolling_forcing: the attention span .* must hold the 3 sink frames and a window of .* = 12 frames, got 12"),
+    (["rolling_forcing=true", "denoising_step_list_first_chunk=[1000]"], "rolling_forcing denoises every block"),
 ])
-def test_values_we_cannot_honour_fail(configs_dir, override, message):
+def test_values_we_cannot_honour_fail(configs_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(configs_dir / "causal_forcing_dmd_chunkwise.yaml", [override])
+        load_config(configs_dir / "causal_forcing_dmd_chunkwise.yaml", overrides)
 
 
 def test_shipped_yamls_use_only_schema_keys(repo_root):

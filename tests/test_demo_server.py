@@ -336,3 +336,30 @@ def test_deeply_nested_json_gets_an_error_reply(world):
         ws.send_text(json.dumps({"type": "stop"}))
         ws.send_text("[]")
         assert receive(ws)["message"] == "message must be a JSON object"
+
+
+def test_until_stopped_streams_past_any_length_until_stop(world, tmp_path):
+    """``endless: true``: blocks keep coming, with a prompt switch, far past the longest video a client may ask
+    for (max_frames 6 here), until the client presses Stop; the mp4 holds what was streamed."""
+    app = make_app(world, max_frames=6)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        start(ws, endless=True, frames=10**6)    # frames is ignored (it would be refused otherwise)
+        started = receive(ws)
+        assert started["type"] == "started" and started["frames"] is None and started["pixel_frames"] is None
+
+        def on_block(m, frames):
+            if m["index"] == 3:
+                ws.send_text(json.dumps(dict(type="switch", prompt=OTHER)))
+            if m["index"] == 12:
+                ws.send_text(json.dumps(dict(type="stop")))
+        frames, messages = collect(ws, on_block=on_block)
+        done = messages[-1]
+        video = client.get("/" + done["download"])
+    blocks = [m for m in messages if m["type"] == "block"]
+    assert done["stopped"] and len(blocks) >= 13 and done["frames"] == len(frames) > 21
+    assert any(b["switched"] and b["prompt"] == OTHER for b in blocks)
+    path = tmp_path / "endless.mp4"
+    path.write_bytes(video.content)
+    assert read_mp4(path).shape[0] == done["frames"]
+    generation = app.state.demo.generations[-1]
+    assert generation.finished and generation.cache.k.numel() == 0

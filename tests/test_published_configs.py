@@ -226,24 +226,34 @@ def test_placeholders_count_as_unset_with_a_warning(tmp_path, caplog, value):
     assert _warnings(caplog) == [f"{path}: wandb_entity, data_path hold placeholders, treated as unset"]
 
 
-def test_rolling_forcing_yaml_is_refused_in_one_line(tmp_path, repo_root):
+def test_rolling_forcing_yaml_loads_as_rolling_forcing(tmp_path, repo_root):
+    """The published long_video YAML means Rolling Forcing (the fork has no key for it), beside the fork's
+    default_config.yaml or alone; our rolling_forcing key says it explicitly."""
     folder = tmp_path / "long_video" / "configs"
     folder.mkdir(parents=True)
     (folder / "default_config.yaml").write_text(_text({**DEFAULTS, "num_training_frames": "27"}))
     rolling = folder / "rolling_forcing_dmd.yaml"
     rolling.write_text(_text(ROLLING_FORCING), encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"rolling_forcing_dmd\.yaml: Rolling Forcing \(long-video\) training and "
-                                          r"inference are not supported yet"):
-        load_config(rolling)
+    cfg = load_config(rolling)
+    assert cfg.rolling_forcing and cfg.num_training_frames == 27 and cfg.lr == 1.5e-6
+    assert (cfg.rolling_span, cfg.rolling_sink, cfg.num_frame_per_block) == (21, 3, 3)
+    alone = tmp_path / "configs" / "rolling_forcing_dmd.yaml"      # copied without the fork's default_config
+    alone.parent.mkdir()
+    alone.write_text(rolling.read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = load_config(alone)
+    assert cfg.rolling_forcing and cfg.num_training_frames == 27
+    assert load_config(alone, ["num_training_frames=24"]).num_training_frames == 24
+    assert not load_config(alone, ["rolling_forcing=false", "num_training_frames=21"]).rolling_forcing
     run = subprocess.run([sys.executable, "-m", "utils.config", str(rolling)], cwd=repo_root, capture_output=True,
                          text=True, timeout=120)
-    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "not supported yet" in run.stderr
-    # renamed, it is still refused by its long-video rollout length (the default_config beside it)
+    assert run.returncode == 0 and "rolling_forcing: true" in run.stdout
+    # renamed, it is plain DMD, and its long_video rollout length asks for the key
     renamed = folder / "long.yaml"
     renamed.write_text(rolling.read_text(encoding="utf-8"), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"long\.yaml: num_training_frames must be <= image_or_video_shape\[1\] "
-                                          r"\(21\): longer rollouts .* not supported yet, got 27"):
+                                          r"\(21\) unless rolling_forcing: true, got 27"):
         load_config(renamed)
+    assert load_config(renamed, ["rolling_forcing=true"]).rolling_forcing
 
 
 def test_total_batch_size_keeps_our_meaning_outside_published_files(published, tmp_path):

@@ -50,9 +50,11 @@ def stream(model, x, t, ctx, capacity, sink=0):
 
 
 @pytest.mark.parametrize("n,local,sink,frames", [(1, -1, 0, 6), (3, -1, 0, 6), (1, 3, 0, 8), (2, 4, 0, 10),
-                                                  (1, 4, 1, 9), (2, 6, 2, 12), (3, 6, 0, 12)])
+                                                  (1, 4, 1, 4), (2, 6, 2, 6), (3, 6, 0, 12)])
 @torch.no_grad()
 def test_streaming_equals_full_block_causal(n, local, sink, frames):
+    """Once a window with sink frames slides, the cache places the sink before the window, which one full-sequence
+    pass cannot express (a key has one position for every query): tests/test_endless_positions.py checks that."""
     model = make(n=n, local=local, sink=sink)
     x, _, t, ctx = inputs(frames)
     for b in range(frames // n):  # frames of a block share a timestep, as in every pipeline

@@ -14,8 +14,8 @@ Stages, each a subprocess of an entry point users run themselves (``train.py``, 
    and critic initialisation); its weights become ``<workdir>/models/base/Toy-T2V``;
 3. Stage 1 (teacher-forcing AR diffusion) frame-wise and chunk-wise, from the base;
 4. Stage 2: causal ODE pairs of the Stage-1 model + ODE regression, and separately causal consistency distillation;
-5. Stage 3: DMD from the ODE models (4-step frame-/chunk-wise, 2- and 1-step frame-wise) and the paper's ablation,
-   DMD started from the Stage-1 model without Stage 2;
+5. Stage 3: DMD from the ODE models (4-step frame-/chunk-wise, 2- and 1-step frame-wise), the paper's ablation,
+   DMD started from the Stage-1 model without Stage 2, and Rolling Forcing (long video) frame-wise;
 6. videos for every row of the results table, scored by the toy evaluator, written to ``docs/toy_results.md``.
 
 Run time: the config defaults (``max_steps`` of configs/toy) are sized for one GPU. On one H200 with ``--jobs 8``
@@ -67,8 +67,9 @@ STAGES = {
     "dmd_framewise_2step": ("causal_forcing_dmd_framewise_2step.yaml", "ode_framewise"),
     "dmd_framewise_1step": ("causal_forcing_dmd_framewise_1step.yaml", "ode_framewise"),
     "dmd_framewise_from_ar": ("causal_forcing_dmd_framewise.yaml", "ar_framewise"),   # ablation: no Stage 2
+    "dmd_rolling_framewise": ("rolling_forcing_dmd_framewise.yaml", "ode_framewise"),  # long video
 }
-QUICK_ROWS = ("base_50", "dmd_framewise_4", "dmd_chunkwise_4")
+QUICK_ROWS = ("base_50", "dmd_framewise_4", "dmd_chunkwise_4", "dmd_rolling_framewise_4")
 IO_THREADS = min(16, os.cpu_count() or 1)   # mp4 writers / decoders (ffmpeg subprocesses) at once
 QUICK = dict(steps=2, n_train=8, n_heldout=4, ode_samples=4, batch_size=2, num_prompts=2, num_samples=1)
 
@@ -101,7 +102,9 @@ def table_rows() -> list[Row]:
              Row("dmd_framewise_1", "Causal Forcing DMD framewise", "1 (block 0: 4)", "dmd_framewise_1step",
                  "causal_forcing_dmd_framewise_1step.yaml"),
              Row("dmd_framewise_from_ar_4", "DMD from Stage 1, no Stage 2 (ablation)", "4", "dmd_framewise_from_ar",
-                 "causal_forcing_dmd_framewise.yaml")]
+                 "causal_forcing_dmd_framewise.yaml"),
+             Row("dmd_rolling_framewise_4", "Rolling Forcing DMD framewise", "4, rolling windows",
+                 "dmd_rolling_framewise", "rolling_forcing_dmd_framewise.yaml")]
     return rows
 
 

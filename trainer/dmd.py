@@ -12,6 +12,14 @@ Per step (``phases_at``): the generator every ``dfake_gen_update_ratio`` steps, 
   ``G / numel``.
 * Critic phase (§6.5): roll out without gradients, noise, and train the critic to denoise the generator's samples
   (flow target ``ε − x`` by default, or x0).
+* Rolling Forcing (``rolling_forcing: true``, published ``long_video/model/base.py``): each rollout generates a
+  random whole number of blocks between the clip (``image_or_video_shape[1]`` frames) and ``num_training_frames``,
+  half the time with Rolling Forcing windows (:func:`~pipeline.rollout.rolling_rollout`), else with the self-forcing
+  rollout, both attending as Rolling Forcing does; only frames of the last clip get gradients. Both phases score the
+  last clip, its first frame replaced by the VAE re-encoding of the last decoded pixel frame before it (an image
+  latent, as a clip's first frame is); when the rollout was longer than the clip, the DMD loss leaves out the clip's
+  first block. The published rollout left blocks whose gradient window came before the clip at zero, which then fed
+  that re-encoded frame; here they hold their predictions.
 
 Memory: the frozen real score and text encoder are given to the loop in ``Networks.frozen``; ``cpu_offload`` says
 which of them the loop should shard with CPU offload (``real_score_cpu_offload``, ``text_encoder_cpu_offload``).
@@ -31,8 +39,15 @@ import torch.nn.functional as F
 from model.guidance import cond_uncond_context, guide
 from model.scheduler import FlowMatchScheduler
 from pipeline import components
-from pipeline.causal import StepSchedule
-from pipeline.rollout import Rollout, draw_exit_steps, self_forcing_rollout
+from pipeline.causal import CacheViews, StepSchedule
+from pipeline.rollout import (
+    Rollout,
+    broadcast_ints,
+    draw_exit_steps,
+    rolling_rollout,
+    rollout_cache,
+    self_forcing_rollout,
+)
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
 from utils.datasets import ResumableSampler, TextDataset
@@ -66,7 +81,8 @@ class DMDObjective(Objective):
         self.compute_dtype = torch.float32
         self.negative_embeds: torch.Tensor | None = None   # [1, L, D], encoded once
         self._sampler: ResumableSampler | None = None
-        self.last_exit_step = -1   # exit step of the latest rollout (a metric)
+        self.last_exit_step = -1   # exit step of the latest rollout (a metric; Rolling Forcing: its phase)
+        self.vae = None            # Rolling Forcing, rollouts longer than the clip: re-encodes its first frame
 
     # ------------------------------------------------------------------------------------------------------------
     # networks and phases
@@ -84,6 +100,9 @@ class DMDObjective(Objective):
         real_device = torch.device("cpu") if cfg.real_score_cpu_offload else self.device
         real = components.build_bidirectional(cfg, cfg.real_name, device=real_device, dtype=self.compute_dtype)
         frozen: dict[str, nn.Module] = {"real_score": real.requires_grad_(False).eval()}
+        if cfg.rolling_forcing and cfg.num_training_frames > cfg.image_or_video_shape[1]:
+            # per rank and unsharded (a few hundred MB): it decodes and encodes one frame per rollout
+            self.vae = components.build_vae(cfg, device=self.device, dtype=self.compute_dtype).requires_grad_(False)
         if self.use_text_encoder:
             te_device = torch.device("cpu") if cfg.text_encoder_cpu_offload else self.device
             frozen["text_encoder"] = components.build_text_encoder(
@@ -132,7 +151,8 @@ class DMDObjective(Objective):
         context = self.encode(batch)
         if phase == "generator":
             rollout = self.rollout(context, grad=True)
-            loss, metrics = self.distribution_matching_loss(rollout.latents, context, rollout=rollout)
+            loss, metrics = self.distribution_matching_loss(rollout.latents, context, rollout=rollout,
+                                                            first_frame=rollout.first_trained_frame)
             return loss, {"generator_loss": loss.detach(), **metrics}
         if phase == "critic":
             with torch.no_grad():
@@ -142,8 +162,11 @@ class DMDObjective(Objective):
         raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'critic'")
 
     def rollout(self, context: torch.Tensor, grad: bool) -> Rollout:
-        """Self-forcing rollout of ``num_training_frames`` frames; exit steps shared by all ranks."""
+        """Self-forcing rollout of ``num_training_frames`` frames; exit steps shared by all ranks. Rolling Forcing:
+        :meth:`rolling_forcing_rollout`."""
         cfg = self.cfg
+        if cfg.rolling_forcing:
+            return self.rolling_forcing_rollout(context, grad)
         generator = self.networks.trainable["generator"]
         num_frames = cfg.num_training_frames
         exit_step, first_exit = draw_exit_steps(
@@ -159,12 +182,54 @@ class DMDObjective(Objective):
         self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
         return result
 
+    def rolling_forcing_rollout(self, context: torch.Tensor, grad: bool,
+                                draws: tuple[int, int, int] | None = None) -> Rollout:
+        """Rolling Forcing's training rollout (module docstring), cut to its last clip. ``draws`` = (blocks, 1 for
+        rolling windows or 0 for the self-forcing rollout, phase), drawn on rank 0 and shared when not given."""
+        cfg = self.cfg
+        generator = self.networks.trainable["generator"]
+        n, clip, steps = cfg.num_frame_per_block, cfg.image_or_video_shape[1], len(self.schedule.timesteps)
+        if draws is None:
+            draws = broadcast_ints([int(torch.randint(clip // n, cfg.num_training_frames // n + 1, ())),
+                                    int(torch.randint(2, ())), int(torch.randint(steps, ()))])
+        blocks, windows, phase = draws
+        num_frames = blocks * n
+        common = dict(latent_shape=self.latent_shape, grad_from_frame=num_frames - clip,
+                      context_noise=cfg.context_noise, dtype=self.compute_dtype)
+        with torch.set_grad_enabled(grad):
+            if windows:
+                result = rolling_rollout(generator, self.scheduler, self.schedule, context, num_frames,
+                                         span=cfg.rolling_span, sink=cfg.rolling_sink, phase=phase, **common)
+                self.last_exit_step = phase
+            else:
+                exit_step, _ = draw_exit_steps(self.schedule, blocks, last_step_only=cfg.last_step_only,
+                                               same_step_across_blocks=cfg.same_step_across_blocks)
+                cache = rollout_cache(generator, context.shape[0], num_frames, *self.latent_shape[1:],
+                                      self.compute_dtype, self.device, cfg.rolling_sink)
+                result = self_forcing_rollout(generator, self.scheduler, self.schedule, context, num_frames,
+                                              exit_step=exit_step, cache=cache,
+                                              views=CacheViews.rolling(cfg.rolling_span), **common)
+                self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
+        # a longer rollout's clip starts with a re-encoded frame: its block is left out of the DMD loss
+        return result._replace(latents=self._last_clip(result.latents, clip),
+                               first_trained_frame=n if num_frames > clip else 0)
+
+    def _last_clip(self, latents: torch.Tensor, clip: int) -> torch.Tensor:
+        """The last ``clip`` frames, the first of them the re-encoded last pixel frame of the frames before it."""
+        if latents.shape[1] == clip:
+            return latents
+        with torch.no_grad():
+            pixels = self.vae.decode(latents[:, :latents.shape[1] - clip + 1].detach().to(self.compute_dtype))
+            first = self.vae.encode(pixels[:, -1:].transpose(1, 2).to(self.compute_dtype))   # [B, 1, C, h, w]
+        return torch.cat([first.to(latents.dtype), latents[:, latents.shape[1] - clip + 1:]], dim=1)
+
     def distribution_matching_loss(self, x: torch.Tensor, context: torch.Tensor, rollout: Rollout | None = None,
                                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                                   first_frame: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DMD loss of generator samples ``x [B, F, C, H, W]`` (with grad); ``t [B, F]``/``noise`` drawn if None.
 
-        Returns the float64 scalar loss (its gradient in ``x`` is ``G / x.numel()``) and metrics.
+        Returns the float64 scalar loss (its gradient in ``x`` is ``G / x[:, first_frame:].numel()``: frames before
+        ``first_frame`` take no part) and metrics.
         """
         cfg = self.cfg
         critic, real = self.networks.trainable["critic"], self.networks.frozen["real_score"]
@@ -180,8 +245,8 @@ class DMDObjective(Objective):
             # Per-sample normaliser: mean |x - x̂0_real| over (F, C, H, W).
             normaliser = (x_clean - x0_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
             grad = torch.nan_to_num((x0_fake - x0_real) / normaliser)
-        x64 = x.double()
-        loss = 0.5 * F.mse_loss(x64, (x64 - grad.double()).detach())
+        x64 = x[:, first_frame:].double()
+        loss = 0.5 * F.mse_loss(x64, (x64 - grad[:, first_frame:].double()).detach())
         return loss, {"dmdtrain_gradient_norm": grad.abs().mean(), **self._step_metrics(t)}
 
     def critic_loss(self, x_gen: torch.Tensor, context: torch.Tensor, rollout: Rollout | None = None,
@@ -215,9 +280,9 @@ class DMDObjective(Objective):
         """
         cfg = self.cfg
         low, high = cfg.min_score_timestep, cfg.num_train_timestep
-        if rollout is not None and cfg.ts_schedule:
+        if rollout is not None and cfg.ts_schedule and rollout.denoised_timestep_to is not None:
             low = rollout.denoised_timestep_to
-        if rollout is not None and cfg.ts_schedule_max:
+        if rollout is not None and cfg.ts_schedule_max and rollout.denoised_timestep_from is not None:
             high = rollout.denoised_timestep_from
         return self.scheduler.sample_dmd_timesteps(x.shape[0], x.shape[1], low=low, high=max(high, low + 1),
                                                    shift=cfg.timestep_shift, device=x.device)

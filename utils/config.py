@@ -40,7 +40,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from utils.config_compat import BASE_KEY, KEY_HINTS, SECRET_KEYS, adapt_layer, check_file_name, is_published
+from utils.config_compat import (
+    BASE_KEY,
+    KEY_HINTS,
+    SECRET_KEYS,
+    adapt_layer,
+    is_published,
+    published_rolling_forcing,
+)
 from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -174,10 +181,20 @@ class Config:
     same_step_across_blocks: bool = _f(True, "all blocks of a rollout exit at the same denoising step")
     last_step_only: bool = _f(False, "every rollout block exits at the last denoising step")
     num_training_frames: Optional[int] = _f(None, "latent frames the rollout generates and trains (its KV-cache "
-                                            "length), at most image_or_video_shape[1]; null = that")
+                                            "length), at most image_or_video_shape[1] (with rolling_forcing: the "
+                                            "most it generates, at least that); null = that")
     ts_schedule: bool = _f(False, "lower the DMD/critic timestep bound to the rollout's exit step")
     ts_schedule_max: bool = _f(False, "upper the DMD/critic timestep bound to the rollout's exit step")
     min_score_timestep: int = _f(0, "lowest DMD/critic timestep when ts_schedule is off")
+
+    # --- long video: Rolling Forcing (the published long_video/) ---
+    rolling_forcing: bool = _f(False, "Rolling Forcing: inference denoises windows of len(denoising_step_list) "
+                               "blocks at staggered steps; DMD rolls out image_or_video_shape[1] to "
+                               "num_training_frames frames (rolling windows or the self-forcing rollout, half the "
+                               "time each) and distills the last image_or_video_shape[1]. Each call attends to "
+                               "model_kwargs.local_attn_size frames (-1: image_or_video_shape[1]) with "
+                               "model_kwargs.sink_size sink frames (0: one block). Published rolling_forcing*.yaml "
+                               "files imply it")
 
     # --- distribution (FSDP) ---
     sharding_strategy: str = _f("hybrid_full", f"FSDP sharding, one of {', '.join(SHARDING_STRATEGIES)}")
@@ -246,15 +263,43 @@ class Config:
         _check(self.fps >= 1, "fps must be >= 1", self.fps)
         if self.num_training_frames is None:   # the documented null: the clip's latent length
             self.num_training_frames = shape[1]
-        # The published long-video setting (27 > 21) rolls out more frames than it trains: not implemented.
-        _check(self.num_training_frames <= shape[1], f"num_training_frames must be <= image_or_video_shape[1] "
-               f"({shape[1]}): longer rollouts (published long-video / Rolling Forcing) are not supported yet",
-               self.num_training_frames)
+        if self.rolling_forcing:
+            self._check_rolling()
+        else:   # longer rollouts that distill their last clip are Rolling Forcing's (published long-video setting)
+            _check(self.num_training_frames <= shape[1], f"num_training_frames must be <= image_or_video_shape[1] "
+                   f"({shape[1]}) unless rolling_forcing: true", self.num_training_frames)
         for key, frames in (("image_or_video_shape[1]", shape[1]), ("num_training_frames", self.num_training_frames)):
             rest = frames - 1 if self.independent_first_frame else frames
             _check(frames >= 1 and rest % k == 0, f"{key} must split into blocks of num_frame_per_block={k}"
                    + (" after the independent first frame" if self.independent_first_frame else ""), frames)
         _check(self.max_pair is None or self.max_pair >= 1, "max_pair must be >= 1 or null", self.max_pair)
+
+    def _check_rolling(self) -> None:
+        steps, k = self.denoising_step_list, self.num_frame_per_block
+        _check(steps is not None, "rolling_forcing needs a few-step denoising_step_list", steps)
+        _check(self.denoising_step_list_first_chunk is None, "rolling_forcing denoises every block with "
+               "denoising_step_list: drop denoising_step_list_first_chunk", self.denoising_step_list_first_chunk)
+        _check(not self.independent_first_frame, "rolling_forcing needs blocks of equal size: "
+               "independent_first_frame must be false", self.independent_first_frame)
+        _check(self.num_training_frames >= self.image_or_video_shape[1], "with rolling_forcing, num_training_frames "
+               f"must be >= image_or_video_shape[1] ({self.image_or_video_shape[1]}, the clip it distills)",
+               self.num_training_frames)
+        window = len(steps) * k
+        _check(self.rolling_span >= self.rolling_sink + window, f"rolling_forcing: the attention span "
+               f"(model_kwargs.local_attn_size; -1 = image_or_video_shape[1]) must hold the {self.rolling_sink} "
+               f"sink frames and a window of len(denoising_step_list) x num_frame_per_block = {window} frames",
+               self.rolling_span)
+
+    @property
+    def rolling_span(self) -> int:
+        """Frames one Rolling Forcing call attends to in all."""
+        local = self.model_kwargs.local_attn_size
+        return local if local > 0 else self.image_or_video_shape[1]
+
+    @property
+    def rolling_sink(self) -> int:
+        """Rolling Forcing's sink ("anchor") frames."""
+        return self.model_kwargs.sink_size or self.num_frame_per_block
 
     def _check_schedule(self) -> None:
         T = self.num_train_timestep
@@ -334,6 +379,7 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
     if default is not None and default.resolve() != path.resolve():
         layers += _read_chain(default, ())
     layers += _read_chain(path, ())
+    published_rolling_forcing(path, layers)
     layers += [_read_override(item) for item in overrides or []]
 
     merged = OmegaConf.structured(Config)
@@ -408,7 +454,6 @@ def _read_chain(path: Path, seen: Tuple[Path, ...]) -> List[Tuple[str, DictConfi
     """``[(source, node, published), ...]`` for ``path`` and its ``base:`` ancestors, outermost ancestor first."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: '{BASE_KEY}:' chain loops back to this file")
-    check_file_name(path)
     try:
         node = OmegaConf.load(path)
     except yaml.MarkedYAMLError as e:  # syntax errors and duplicate keys carry a position

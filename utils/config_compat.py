@@ -26,8 +26,11 @@ turns W&B on (the published trainers always logged unless ``--disable-wandb``). 
 and files with ``base:`` keep our meanings. ``seed: 0`` stays a fixed seed even there: the published trainers drew a
 random seed, and a fixed one is one of the draws they could have made.
 
-Files we cannot honour yet fail with one line: a file named ``rolling_forcing*.yaml`` (Rolling Forcing, the
-published ``long_video/`` variant: its YAML would otherwise load as plain DMD).
+**Rolling Forcing.** The published ``long_video/`` fork has no key for it: running that fork *is* Rolling Forcing.
+A published YAML named ``rolling_forcing*.yaml`` (``long_video/configs/rolling_forcing_dmd.yaml``) therefore loads
+with our key ``rolling_forcing: true`` (unless it sets the key itself), and, when no layer sets
+``num_training_frames``, with the value of the fork's ``default_config.yaml`` (27, the only key where it differs from
+the main one), so the file means the same without the fork's folder around it.
 """
 
 from __future__ import annotations
@@ -78,11 +81,22 @@ OWN_KEYS: FrozenSet[str] = frozenset({"max_steps", "log_every", "wandb_mode", "c
 BASE_KEY = "base"
 
 
-def check_file_name(path: Path) -> None:
-    """Refuse files of features we do not implement yet (one line)."""
-    if path.stem.startswith("rolling_forcing"):
-        raise ConfigError(f"{path}: Rolling Forcing (long-video) training and inference are not supported yet; "
-                          f"this file would otherwise train plain DMD")
+ROLLING_FORCING_STEM = "rolling_forcing"
+LONG_VIDEO_TRAINING_FRAMES = 27   # long_video/configs/default_config.yaml: num_training_frames
+
+
+def published_rolling_forcing(path: Path, layers: List[Tuple[str, DictConfig, bool]]) -> None:
+    """Give a published ``rolling_forcing*.yaml`` (the last of ``layers``) what the published fork implied
+    (module docstring)."""
+    _, node, published = layers[-1]
+    if not (published and path.stem.startswith(ROLLING_FORCING_STEM)) or "rolling_forcing" in node:
+        return
+    node["rolling_forcing"] = True
+    filled = ""
+    if not any("num_training_frames" in layer for _, layer, _ in layers):
+        node["num_training_frames"] = LONG_VIDEO_TRAINING_FRAMES
+        filled = f" and num_training_frames: {LONG_VIDEO_TRAINING_FRAMES} (the long_video default)"
+    logger.info("%s: published Rolling Forcing YAML: rolling_forcing: true%s", path, filled)
 
 
 def is_published(node: DictConfig) -> bool:

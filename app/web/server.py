@@ -1,7 +1,8 @@
 """The demo's ASGI app (Starlette): the page, the WebSocket protocol, one generation per device, mp4 downloads.
 
 WebSocket ``/ws`` protocol. Client -> server, JSON text:
-    {"type": "start", "prompt": str, "seed": int, "steps": int, "frames": int (latent)}
+    {"type": "start", "prompt": str, "seed": int, "steps": int, "frames": int (latent), "endless": bool}
+                                           endless: until "stop" (frames is then ignored)
     {"type": "switch", "prompt": str}      takes effect at the next block boundary
     {"type": "stop"}                       stops after the block being generated (or leaves the queue)
 Server -> client, JSON text: ``hello`` (settings), ``queued`` (position), ``busy``, ``started``, ``block`` (one per
@@ -243,8 +244,9 @@ class Client:
 
     async def _pump(self, generation: Generation, queue: asyncio.Queue) -> None:
         req, settings = generation.request, self.state.settings
-        await self.send(dict(type="started", prompt=req.prompt, seed=req.seed, steps=req.steps, frames=req.frames,
-                             pixel_frames=settings.pixel_frames(req.frames), fps=settings.fps))
+        frames = None if req.endless else req.frames   # endless: until the client presses Stop
+        await self.send(dict(type="started", prompt=req.prompt, seed=req.seed, steps=req.steps, frames=frames,
+                             pixel_frames=frames and settings.pixel_frames(frames), fps=settings.fps))
         generation.start()
         while True:
             kind, payload = await queue.get()

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000      # UMT5 keeps at most text_len (512) tokens; longer text is only wasted work
 MAX_SEED = 2**32 - 1         # also exact in the page's JavaScript numbers
+MAX_QUEUED_BLOCKS = 8        # decoded blocks that may wait for the JPEG encoder or the mp4 writer before generation
+                             # waits for them (a few MB at 480p): memory stays flat however long a video runs
 STEP_COUNTS = (1, 2, 4)      # sub-schedules offered besides the model's own step count
 
 
@@ -102,7 +104,7 @@ def settings_for(pipe: StreamingPipeline, cfg, max_frames: int | None = None) ->
     """Settings for ``pipe`` built from ``cfg``; ``max_frames`` (latent) defaults to 10x the training length."""
     schedules = step_schedules(pipe, cfg)
     default = cfg.image_or_video_shape[1]
-    window = pipe.local_attn_size if pipe.local_attn_size > 0 else default  # as pipe.window() for a long video
+    window = pipe.window(None)[0]   # the cache window of a long (or endless) video
     decoder = pipe.frame_decoder
     stride = decoder.temporal_compression if decoder is not None else 4
     return DemoSettings(fps=int(cfg.fps), height=int(cfg.height), width=int(cfg.width),
@@ -121,7 +123,8 @@ class StartRequest:
     prompt: str
     seed: int
     steps: int
-    frames: int            # latent frames
+    frames: int            # latent frames (ignored when endless)
+    endless: bool = False  # until the client presses Stop (or leaves)
 
 
 def _int(msg: dict, key: str, low: int, high: int, default: int | None = None) -> int:
@@ -151,6 +154,11 @@ def check_start(msg: dict, settings: DemoSettings, block_sizes: Callable[[int], 
     steps = _int(msg, "steps", 1, 1000, settings.default_steps)
     if steps not in settings.schedules:
         raise RequestError(f"steps must be one of {sorted(settings.schedules)} for this model, got {steps}")
+    endless = msg.get("endless", False)
+    if not isinstance(endless, bool):
+        raise RequestError(f"endless must be true or false, got {endless!r}"[:200])
+    if endless:
+        return StartRequest(prompt, seed, steps, settings.default_frames, endless=True)
     frames = _int(msg, "frames", 1, settings.max_frames, settings.default_frames)
     try:
         block_sizes(frames)
@@ -235,7 +243,9 @@ class Generation:
         self.stream_ref: weakref.ref | None = None    # dead once the stream (and its caches) is freed
         self.cache = None                             # the stream's KV cache object (emptied at the end)
         self.frames_done = 0
-        self._muxed: list = []                        # futures of the mp4 appends
+        self._muxed: list = []                        # futures of the mp4 appends not finished yet
+        self._sent: list = []                         # futures of the JPEG encodings not finished yet
+        self._mux_error: BaseException | None = None  # the first failed mp4 append
         self._done: Future | None = None
 
     def start(self) -> None:
@@ -287,7 +297,7 @@ class Generation:
 
     def _generate(self, writer, encoder, muxer, stats) -> None:
         req = self.request
-        stream = self.pipe.open(req.prompt, req.frames, seed=req.seed, uint8=True)
+        stream = self.pipe.open(req.prompt, req.frames, seed=req.seed, uint8=True, endless=req.endless)
         self.stream_ref, self.cache = weakref.ref(stream), stream.cache
         blocks = iter(stream)
         try:
@@ -308,13 +318,27 @@ class Generation:
                 meta = dict(type="block", index=chunk.block_index, first_frame=first, frames=len(frames),
                             switched=chunk.switched, prompt=chunk.prompt[0], frames_generated=self.frames_done,
                             elapsed=elapsed, gen_fps=self.frames_done / elapsed, first_frame_s=stats["first"])
-                encoder.submit(self._send_block, meta, frames)
+                self._sent.append(encoder.submit(self._send_block, meta, frames))
                 self._muxed.append(muxer.submit(writer.append, frames))
+                self._settle()
         finally:
             blocks.close()      # a suspended generator frame would keep the stream (and its caches) alive
             stream.close()      # KV cache freed now
             stats["seconds"] = time.perf_counter() - stats["start"]
             del stream, blocks
+
+    def _settle(self) -> None:
+        """Forget finished JPEG and mp4 work (keeping the first mp4 failure), and wait while more than
+        ``MAX_QUEUED_BLOCKS`` blocks are queued for either: an endless video must not pile up frames in memory when
+        the encoder or the writer falls behind."""
+        for queue in (self._sent, self._muxed):
+            if len(queue) > MAX_QUEUED_BLOCKS:
+                futures_wait(queue[:len(queue) - MAX_QUEUED_BLOCKS])
+        for f in self._muxed:
+            if f.done() and self._mux_error is None:
+                self._mux_error = f.exception()
+        self._sent = [f for f in self._sent if not f.done()]
+        self._muxed = [f for f in self._muxed if not f.done()]
 
     def _send_block(self, meta: dict, frames) -> None:
         self.emit("json", meta)
@@ -325,7 +349,7 @@ class Generation:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()   # give the freed cache back so the next generation (or nvidia-smi) sees it
         download = None
-        failed = next((f.exception() for f in self._muxed if f.exception() is not None), None)
+        failed = self._mux_error or next((f.exception() for f in self._muxed if f.exception() is not None), None)
         if self.keep_video and writer.num_frames and failed is None:
             try:
                 writer.close()
