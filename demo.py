@@ -49,7 +49,6 @@ def load_pipeline(args):
         if not os.path.isfile(args.config_path):
             raise UserError(f"the toy model's config {TOY_CONFIG} is missing: pass --config_path and "
                             "--checkpoint_path for a full model")
-        os.chdir(ROOT)  # the toy config's paths (assets/toy/...) are relative to the repository
     cfg = config_from_args(args)
     pipe = pipeline_from_args(args, cfg, device=args.device or ("cpu" if toy else None))
     where = torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "CPU"

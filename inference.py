@@ -15,6 +15,7 @@ import sys
 
 from app.cli import add_model_flags
 from utils.errors import UserError
+from utils.paths import in_repository
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report_timing", action="store_true",
                    help="print the first-frame latency, per-block times and FPS of every video after the first (a "
                         "warm-up); needs at least 2 videos. Times include decoding, not writing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.data_path = in_repository(args.data_path)   # prompts/toy.txt from any working directory
+    return args
 
 
 def main(argv=None) -> int:

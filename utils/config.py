@@ -49,6 +49,7 @@ from utils.config_compat import (
     published_rolling_forcing,
 )
 from utils.errors import ConfigError
+from utils.paths import in_repository, resolve_shipped_paths
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
         ConfigError: missing file, bad YAML, unknown key, mistyped or invalid value, a copy that disagrees with its
         source, a file or value we cannot honour (one line, names the file).
     """
-    path = Path(path)
+    path = Path(in_repository(path))   # a shipped config is found from any working directory
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     layers: List[Tuple[str, DictConfig, bool]] = []   # (source, node, read as a published YAML)
@@ -464,6 +465,7 @@ def _read_chain(path: Path, seen: Tuple[Path, ...]) -> List[Tuple[str, DictConfi
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     published = is_published(node)
+    resolve_shipped_paths(node, path)
     chain: List[Tuple[str, DictConfig, bool]] = []
     if BASE_KEY in node:
         base = node.pop(BASE_KEY)

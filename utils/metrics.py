@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from utils.config import Config, config_to_dict
-from utils.errors import UserError, one_line
+from utils.errors import ConfigError, UserError, one_line
 from utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -126,8 +126,11 @@ class MetricsLogger:
             _drop_rows_after(path, start_step)
             self._file = open(path, "a", encoding="utf-8")
         if wandb_init is not None:
-            import wandb  # lazy: W&B is optional and slow to import
-
+            try:
+                import wandb  # lazy: W&B is optional (an extra) and slow to import
+            except ImportError:
+                raise ConfigError("wandb_mode asks for Weights & Biases but wandb is not installed: "
+                                  "pip install -e '.[wandb]', or pass --disable-wandb") from None
             self._wandb = wandb.init(**wandb_init)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
