@@ -3,6 +3,8 @@
     python inference.py --config_path configs/causal_forcing_dmd_chunkwise.yaml \
         --checkpoint_path checkpoints/chunkwise/causal_forcing.pt --data_path prompts/demos.txt \
         --output_folder output/chunkwise [--use_ema]
+    python inference.py --config_path configs/toy/causal_forcing_dmd_chunkwise.yaml \
+        --prompt "a red circle moving down quickly" --output_folder output/toy
 
 Under ``torchrun`` every rank takes its own share of the prompts. Existing videos are skipped unless --overwrite.
 """
@@ -21,15 +23,17 @@ from utils.paths import in_repository
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
-    p.add_argument("--data_path", required=True, help="prompt file, one prompt per line (TAB then an extended "
-                                                      "prompt optional); with --i2v: a folder with "
-                                                      "target_crop_info_<ratio>.json and <ratio>/ images (the "
-                                                      "published layout), or lines 'image_path<TAB>prompt'")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--data_path", help="prompt file, one prompt per line (TAB then an extended prompt optional); "
+                                             "with --i2v: a folder with target_crop_info_<ratio>.json and <ratio>/ "
+                                             "images (the published layout), or lines 'image_path<TAB>prompt'")
+    prompts.add_argument("--prompt", help="one prompt, instead of a --data_path file")
     p.add_argument("--extended_prompt_path", help="file of extended prompts, one per line, parallel to --data_path")
     p.add_argument("--output_folder", required=True, help="where the mp4 files (and latents) are written")
     p.add_argument("--num_output_frames", type=int, default=None,
-                   help="LATENT frames per video (default: the config's training length, 21 -> 81 pixel frames); "
-                        "longer videos use a sliding attention window")
+                   help="LATENT frames per video, the published unit (default: the config's training length, 21 "
+                        "-> 81 video frames; F latent frames are 4F - 3 video frames); longer videos use a sliding "
+                        "attention window")
     p.add_argument("--num_samples", type=int, default=1, help="videos per prompt (different seeds)")
     p.add_argument("--seed", type=int, default=0, help="base seed; video k of prompt i uses a seed derived from "
                                                        "(seed, i, k), so results do not depend on rank or skips")
@@ -40,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="print the first-frame latency, per-block times and FPS of every video after the first (a "
                         "warm-up); needs at least 2 videos. Times include decoding, not writing")
     args = p.parse_args(argv)
-    args.data_path = in_repository(args.data_path)   # prompts/toy.txt from any working directory
+    if args.data_path is not None:
+        args.data_path = in_repository(args.data_path)   # prompts/toy.txt from any working directory
+    elif args.i2v or args.extended_prompt_path:
+        p.error("--prompt is one text-to-video prompt: --i2v and --extended_prompt_path need --data_path")
     return args
 
 

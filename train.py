@@ -33,6 +33,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="accepted so the published command lines run; it changes nothing, as in the published "
                              "code (which stored it in the config and never read it). Teacher forcing is the "
                              "config's teacher_forcing key")
+    parser.add_argument("--offline", action="store_true",
+                        help="download nothing (as HF_HUB_OFFLINE=1 does); otherwise missing Wan folders and released "
+                             "checkpoints are fetched from the Hugging Face Hub")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config values applied after the YAML, e.g. --override max_steps=500 lr=1e-6")
     return parser.parse_args(argv)
@@ -52,6 +55,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"   # before huggingface_hub is imported: it reads the variable once
     # Imported after parsing so that --help answers without loading torch.
     from trainer.loop import Trainer
     from trainer.registry import build_objective

@@ -8,6 +8,7 @@ their meaning live here once.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the entry scripts import this module before parsing: keep --help free of torch
@@ -19,8 +20,12 @@ def add_model_flags(p: argparse.ArgumentParser, config_required: bool = True, co
     """The flags that choose and load a generator, as ``inference.py`` and ``demo.py`` both take them."""
     p.add_argument("--config_path", required=config_required,
                    help=config_help or "stage YAML (merged over configs/default_config.yaml)")
-    p.add_argument("--checkpoint_path", help="generator checkpoint (.pt release file, safetensors or Wan folder); "
-                                             "default: the config's generator_ckpt, else the model folder's weights")
+    p.add_argument("--checkpoint_path", help="generator checkpoint (.pt release file, safetensors or Wan folder) or a "
+                   "Hub reference such as zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt (downloaded when "
+                   "missing, as are released files and Wan folders); default: the config's generator_ckpt, else "
+                   "the model folder's weights")
+    p.add_argument("--offline", action="store_true", help="download nothing (as HF_HUB_OFFLINE=1 does): a missing "
+                                                          "file stops the run with its hf download command")
     p.add_argument("--use_ema", action="store_true", help="load the checkpoint's generator_ema weights")
     p.add_argument("--local_attn_size", type=int, default=None, help="override the attention window (latent frames)")
     p.add_argument("--sink_size", type=int, default=None, help="override the number of sink frames")
@@ -39,6 +44,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The config of ``--config_path`` with ``--override`` and the window flags applied."""
     from utils.config import load_config
 
+    if args.offline:   # huggingface_hub's own switch, so that transformers and diffusers stay offline too
+        os.environ["HF_HUB_OFFLINE"] = "1"
     overrides = list(args.override)
     if args.local_attn_size is not None:
         overrides.append(f"model_kwargs.local_attn_size={args.local_attn_size}")

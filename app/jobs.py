@@ -45,6 +45,8 @@ def make_jobs(args, rank: int, world: int) -> list[Job]:
     if args.i2v:
         images, prompts = map(list, zip(*read_image_prompts(args.data_path)))
         texts = prompts
+    elif args.prompt is not None:   # inference.py --prompt
+        prompts, texts, images = [args.prompt], [args.prompt], [None]
     else:
         ds = TextDataset(args.data_path, args.extended_prompt_path)
         items = [ds[i] for i in range(len(ds))]

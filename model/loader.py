@@ -388,7 +388,11 @@ def build_wan_model(source, causal: bool, num_frame_per_block: int = 1, independ
     kwargs = dict(causal=causal, num_frame_per_block=num_frame_per_block,
                   independent_first_frame=independent_first_frame, local_attn_size=local_attn_size,
                   sink_size=sink_size)
-    weights = os.fspath(checkpoint_path) if checkpoint_path is not None else folder
+    if checkpoint_path is not None:   # a released path or a Hub reference is downloaded when missing
+        from model.weights import resolve_checkpoint
+
+        checkpoint_path = resolve_checkpoint(os.fspath(checkpoint_path))
+    weights = checkpoint_path if checkpoint_path is not None else folder
     if weights is None:
         log.info("building %s model from %s with random initialisation", "causal" if causal else "bidirectional",
                  source)

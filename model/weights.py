@@ -8,16 +8,27 @@ A Wan2.1 T2V folder (``hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models
 * VAE: ``Wan2.1_VAE.pth``.
 
 Only file presence is checked (no sizes or hashes), so this stays instant; readers report corrupt files themselves.
+
+Downloads on demand (:func:`resolve_checkpoint`, :func:`resolve_wan_folder`): a missing released checkpoint
+(``checkpoints/chunkwise/causal_forcing.pt``) or Wan folder (``wan_models/Wan2.1-T2V-1.3B``, only the parts a caller
+needs) is fetched through ``huggingface_hub`` into that very place, as the ``hf download`` command would; a Hub
+reference (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``, a folder name ``Wan-AI/Wan2.1-T2V-1.3B``) into the
+Hugging Face cache. ``HF_HUB_OFFLINE=1`` (the scripts' ``--offline``) downloads nothing: a cached Hub file is still
+used, anything else missing gets the one-line message with its ``hf download`` command.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shlex
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from utils.errors import WeightsMissingError
+
+log = logging.getLogger(__name__)
 
 WAN_DIT_CONFIG = "config.json"
 WAN_DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -25,6 +36,7 @@ WAN_DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 WAN_T5_FILENAME = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER_SUBDIR = "google/umt5-xxl"
 WAN_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either one is enough for AutoTokenizer
+WAN_TOKENIZER_DOWNLOAD = (*WAN_TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")  # what the repo has
 WAN_VAE_FILENAME = "Wan2.1_VAE.pth"
 WAN_PARTS = ("dit", "text_encoder", "tokenizer", "vae")
 
@@ -125,12 +137,23 @@ def download_hint_for_checkpoint(path: str | Path) -> str | None:
     ``checkpoints/chunkwise/causal_forcing.pt`` ->
     ``hf download zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt --local-dir checkpoints``.
     """
+    hub = split_hub_file(path)
+    if hub is not None and hub[0] == CAUSAL_FORCING_REPO:
+        return f"hf download {hub[0]} {hub[1]}"          # a Hub reference: into the Hugging Face cache
+    released = _released(path)
+    if released is None:
+        return None
+    filename, local_dir = released
+    return f"hf download {CAUSAL_FORCING_REPO} {filename} --local-dir {shlex.quote(local_dir)}"
+
+
+def _released(path: str | Path) -> tuple[str, str] | None:
+    """``(file in zhuhz22/Causal-Forcing, local folder it downloads into)`` for a released checkpoint's local path."""
     path = Path(path)
     filename = "/".join(path.parts[-2:])
     if len(path.parts) < 2 or filename not in RELEASED_CHECKPOINTS:
         return None
-    local_dir = path.parent.parent.as_posix() or "."
-    return f"hf download {CAUSAL_FORCING_REPO} {filename} --local-dir {shlex.quote(local_dir)}"
+    return filename, path.parent.parent.as_posix() or "."
 
 
 def check_file(path: str | Path, what: str, how_to_get: str | None = None) -> None:
@@ -145,3 +168,107 @@ def check_file(path: str | Path, what: str, how_to_get: str | None = None) -> No
     how_to_get = how_to_get or download_hint_for_checkpoint(path)
     hint = f"; get it with: {how_to_get}" if how_to_get else ""
     raise WeightsMissingError(f"{what} not found: {path}{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# downloads
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set (``--offline`` sets it): nothing is downloaded, cached Hub files are still used."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def split_hub_file(ref: str | Path) -> tuple[str, str] | None:
+    """``owner/repo/path/in/repo`` -> ``("owner/repo", "path/in/repo")`` when ``ref`` names no local path: relative,
+    at least three parts, its first part not a local folder. None otherwise."""
+    ref = str(ref)
+    parts = PurePosixPath(ref).parts
+    if len(parts) < 3 or ref.startswith((".", "/", "~")) or "\\" in ref or os.path.exists(parts[0]):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def _download(repo_id: str, filename: str, local_dir: str | None, what: str) -> str:
+    """One file through ``hf_hub_download`` (its progress bar shows); offline, the cached copy or None."""
+    from huggingface_hub import hf_hub_download
+
+    offline = hub_offline()
+    if not offline:
+        log.info("downloading %s from the Hugging Face Hub (%s) into %s (HF_HUB_OFFLINE=1 or --offline: no "
+                 "downloads)", filename, repo_id, local_dir or "the Hugging Face cache")
+    try:
+        return hf_hub_download(repo_id, filename, local_dir=local_dir, local_files_only=offline)
+    except Exception as err:   # not found, no access, no network: one line; offline, a cache miss
+        if offline:
+            return None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise WeightsMissingError(f"{what}: cannot download {filename} from the Hugging Face Hub repository "
+                                  f"{repo_id} ({type(err).__name__}: {first})") from None
+
+
+def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> str:
+    """The local file for ``path``: itself when it exists; a released checkpoint's usual path
+    (``checkpoints/chunkwise/causal_forcing.pt``) downloaded into its folder; a Hub reference
+    (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``) downloaded into the Hugging Face cache. Offline, or when
+    ``path`` is neither, ``path`` comes back unchanged and the reader reports it missing (with its download command).
+    """
+    path = str(path)
+    if os.path.exists(path):
+        return path
+    hub = split_hub_file(path)
+    released = None if hub is not None and hub[0] == CAUSAL_FORCING_REPO else _released(path)
+    if released is not None:
+        if hub_offline():
+            return path
+        return _download(CAUSAL_FORCING_REPO, released[0], released[1], f"{what} {path}")
+    if hub is None:
+        return path
+    return _download(hub[0], hub[1], None, f"{what} {path}") or path
+
+
+def _wan_files(part: str, repo_id: str, local_dir: str | None) -> list[tuple[str, str | None]]:
+    """Download the files of one Wan part: ``[(name in the repository, local path or None offline), ...]``. The DiT
+    is one safetensors file (1.3B) or an index and the shards it lists (14B)."""
+    def get(name: str) -> tuple[str, str | None]:
+        return name, _download(repo_id, name, local_dir, f"Wan2.1 weights {repo_id}")
+
+    if part != "dit":
+        names = {"text_encoder": [WAN_T5_FILENAME], "vae": [WAN_VAE_FILENAME],
+                 "tokenizer": [f"{WAN_TOKENIZER_SUBDIR}/{name}" for name in WAN_TOKENIZER_DOWNLOAD]}[part]
+        return [get(name) for name in names]
+    files = [get(WAN_DIT_CONFIG)]
+    try:
+        return files + [get(WAN_DIT_WEIGHTS)]
+    except WeightsMissingError:   # not a single file: the sharded layout
+        files.append(get(WAN_DIT_INDEX))
+    index = files[-1][1]
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else []
+    return files + [get(shard) for shard in shards]
+
+
+def resolve_wan_folder(models_dir: str | Path, name: str, need: tuple[str, ...] = WAN_PARTS) -> str:
+    """The Wan2.1 folder of model ``name`` under ``models_dir`` holding the parts ``need`` names, with what is
+    missing downloaded.
+
+    ``name`` ``Wan2.1-T2V-1.3B`` (or ``-14B``): ``<models_dir>/<name>`` is completed in place from ``Wan-AI/<name>``,
+    only the missing parts. ``name`` a Hub repository (``Wan-AI/Wan2.1-T2V-1.3B``) without such a local folder: its
+    files come into the Hugging Face cache and the snapshot folder is returned. Any other name, a diffusers-format
+    folder, and offline a file not at hand: the folder comes back as it is, and its reader reports what is missing
+    with the ``hf download`` command.
+    """
+    folder = os.path.join(models_dir, name)
+    if name.count("/") == 1 and not os.path.isdir(folder):
+        repo_id, local_dir = name, None
+    elif wan_repo_id(folder) and not os.path.isfile(os.path.join(folder, "model_index.json")):
+        repo_id, local_dir = wan_repo_id(folder), folder
+    else:
+        return folder
+    todo = [part for part in need if local_dir is None or missing_wan_files(folder, (part,), repo_id)]
+    if not todo or (local_dir is not None and hub_offline()):
+        return folder
+    files = [file for part in todo for file in _wan_files(part, repo_id, local_dir)]
+    if local_dir is not None or any(path is None for _, path in files):
+        return folder
+    name, path = files[0]
+    return path[: -len(name) - 1]   # the snapshot folder the repository's files lie in

@@ -21,20 +21,26 @@ from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
-from model.weights import download_hint_for_checkpoint
+from model.weights import download_hint_for_checkpoint, resolve_checkpoint, resolve_wan_folder
 from utils.config import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, Config
 from utils.errors import CheckpointError, ConfigError, WeightsMissingError
 
 log = logging.getLogger(__name__)
 
 
-def model_source(cfg: Config, name: str) -> str:
-    """Folder of model ``name`` under ``wan_models_dir``, or the preset name when no such folder exists."""
+def model_source(cfg: Config, name: str, weights: bool = True) -> str:
+    """Folder of model ``name`` under ``wan_models_dir`` (downloaded when it is a Wan2.1 repository's and
+    ``weights`` are needed: :func:`model.weights.resolve_wan_folder`), or the preset name when no such folder exists.
+    ``weights=False``: a checkpoint brings the weights, so a preset's architecture is as good as the folder's."""
     folder = os.path.join(cfg.wan_models_dir, name)
+    preset = PRESET_ALIASES.get(name, name).lower() in PRESETS
+    if weights or not (os.path.isdir(folder) or preset):
+        folder = resolve_wan_folder(cfg.wan_models_dir, name, ("dit",))
     if os.path.isdir(folder):
         return folder
-    if PRESET_ALIASES.get(name, name).lower() in PRESETS:
-        log.warning("no folder %s: building preset %r with RANDOM weights", folder, name)
+    if preset:
+        if weights:
+            log.warning("no folder %s: building preset %r with RANDOM weights", folder, name)
         return name
     from model.weights import wan_download_hint
     raise WeightsMissingError(f"model folder {folder} not found; {wan_download_hint(folder)}")
@@ -54,15 +60,16 @@ def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bo
     """The causal generator of ``cfg`` with ``checkpoint_path`` (or, when that is None, ``cfg.generator_ckpt``)
     loaded on top of the model folder's weights."""
     if checkpoint_path is None and cfg.generator_ckpt:
-        checkpoint_path = cfg.generator_ckpt
+        checkpoint_path = resolve_checkpoint(cfg.generator_ckpt, "generator_ckpt")
         if not os.path.exists(checkpoint_path):
             hint = download_hint_for_checkpoint(checkpoint_path)
             raise CheckpointError(f"generator_ckpt {checkpoint_path} (from the config) not found; "
                                   + (f"get it with: {hint}" if hint else "fix generator_ckpt"))
     use_attention_backend(cfg)
     mk = cfg.model_kwargs
+    source = model_source(cfg, cfg.generator_name, weights=checkpoint_path is None)
     return build_wan_model(
-        model_source(cfg, cfg.generator_name), causal=True, num_frame_per_block=cfg.num_frame_per_block,
+        source, causal=True, num_frame_per_block=cfg.num_frame_per_block,
         independent_first_frame=cfg.independent_first_frame,
         local_attn_size=mk.local_attn_size if local_attn_size is None else local_attn_size,
         sink_size=mk.sink_size if sink_size is None else sink_size, dtype=dtype, device=device,
@@ -77,13 +84,13 @@ def build_bidirectional(cfg: Config, name: str, device=None, dtype=None) -> WanM
 
 def model_config(cfg: Config, name: str) -> WanConfig:
     """Architecture of model ``name`` (its folder's config.json, or the preset) without building it."""
-    source = model_source(cfg, name)
+    source = model_source(cfg, name, weights=False)
     return read_model_config(source) if os.path.isdir(source) else get_preset(source)
 
 
 def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_device=None) -> TextEncoder:
     """The UMT5 encoder of ``text_encoder_name``; its token length is the generator's ``text_len``."""
-    folder = os.path.join(cfg.wan_models_dir, cfg.text_encoder_name)
+    folder = resolve_wan_folder(cfg.wan_models_dir, cfg.text_encoder_name, ("text_encoder", "tokenizer"))
     text_len = model_config(cfg, cfg.generator_name).text_len
     return TextEncoder.from_pretrained(folder, dtype=dtype, device=device, output_device=output_device,
                                        text_len=text_len)
@@ -96,7 +103,9 @@ def build_vae(cfg: Config, device="cpu", dtype=torch.float32) -> WanVAE:
     geometry with (``height``, ``width``, ``num_frames`` and ``image_or_video_shape[2]``).
     """
     folder = os.path.join(cfg.wan_models_dir, cfg.text_encoder_name)
-    if not os.path.isfile(os.path.join(folder, "Wan2.1_VAE.pth")) and os.path.isdir(os.path.join(folder, "vae")):
+    if os.path.isfile(os.path.join(folder, "Wan2.1_VAE.pth")) or not os.path.isdir(os.path.join(folder, "vae")):
+        folder = resolve_wan_folder(cfg.wan_models_dir, cfg.text_encoder_name, ("vae",))
+    else:
         folder = os.path.join(folder, "vae")
     vae = WanVAE.from_pretrained(folder, torch_dtype=dtype).to(device)
     found = (vae.temporal_compression, vae.spatial_compression, vae.latent_channels)
