@@ -141,7 +141,8 @@ def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int,
         initial = load_image_latent(pipe, job.image, cfg.height, cfg.width)
         num_frames -= 1
     opened = time.perf_counter()
-    stream = pipe.open(job.prompt, num_frames, seed=job.seed, initial_latent=initial, uint8=True)
+    stream = pipe.open(job.prompt, num_latent_frames=num_frames, seed=job.seed, initial_latent=initial,
+                       uint8=True)
     source = stream if report is None else list(stream)
     if report is not None:
         report(timing_line(job.name, source, time.perf_counter() - opened))

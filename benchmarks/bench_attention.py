@@ -83,7 +83,8 @@ def pipeline(rows: list, setup) -> None:
     videos = {}
     for name, use in backends().items():
         use()
-        videos[name] = torch.cat([c.latents for c in pipe.open("benchmark", 21, seed=0, decode=False, context=ctx)], 1)
+        videos[name] = torch.cat([c.latents for c in pipe.open("benchmark", num_latent_frames=21, seed=0, decode=False,
+                                                                      context=ctx)], 1)
     for name, latents in videos.items():
         row = dict(part="pipeline", backend=name, rel_diff_vs_cudnn=relative(latents, videos["sdpa_cudnn"]))
         rows.append(row)

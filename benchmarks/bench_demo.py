@@ -87,7 +87,7 @@ def standalone(pipe: StreamingPipeline, frames: int) -> float:
     def run():
         sync()
         start, n = time.perf_counter(), 0
-        for chunk in pipe.open("benchmark", frames, seed=0, uint8=True):
+        for chunk in pipe.open("benchmark", num_latent_frames=frames, seed=0, uint8=True):
             n += len(chunk.frames[0])
         return n / (time.perf_counter() - start)
     return gpu_worker().submit(run).result()

@@ -133,7 +133,8 @@ def _run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: b
     start = time.perf_counter()
     first, first_block, block_times, pixel_frames, last = None, None, [], 0, start
     # frames leave the GPU block by block as uint8, as inference.py and the demo take them
-    for chunk in pipe.open("benchmark", frames, seed=0, decode=decode, context=ctx, uint8=decode):
+    for chunk in pipe.open("benchmark", num_latent_frames=frames, seed=0, decode=decode, context=ctx,
+                           uint8=decode):
         if decode:
             host = chunk.frames.to("cpu")   # already on the host (pinned copy) on the overlapped path
             pixel_frames += host.shape[1]

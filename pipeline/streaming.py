@@ -1,11 +1,18 @@
 """The user-facing streaming API: prompts in, decoded frames out, block by block.
 
-    pipe = StreamingPipeline.from_config(cfg, checkpoint_path="checkpoints/chunkwise/causal_forcing.pt")
-    stream = pipe.open("a red fox running through snow", num_frames=21, seed=0)
+    pipe = StreamingPipeline.from_pretrained("zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt")
+    video = pipe.generate("a red fox running through snow", num_frames=81, generator=torch.Generator().manual_seed(0))
+    video.frames[0]                      # uint8 [T, H, W, 3] (output_type="np"; "pil": PIL images, "pt": tensors)
+
+    stream = pipe.open("a red fox running through snow", num_frames=81, seed=0)
     for chunk in stream:                 # one chunk per block (the first frame alone), as soon as it is decoded
         show(chunk.frames)               # float [B, T, 3, H, W] in [-1, 1]
         if user_typed_something:
             stream.switch_prompt(new_prompt)   # takes effect at the next block boundary
+
+Units as in diffusers: ``num_frames`` counts video frames, ``4k + 1`` of them (the VAE decodes latent frame 0 to one
+frame and every later one to 4), in whole blocks; ``num_latent_frames`` counts latent frames, the unit of the
+published command lines (``inference.py --num_output_frames``) and of the demo.
 
 ``inference.py`` and ``demo.py`` are thin shells around this. The few-step generator (config with
 ``denoising_step_list``), the many-step Stage-1 model (no step list: 50 steps of ``sample_solver`` -- Wan's UniPC
@@ -35,13 +42,27 @@ from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
-from utils.config import Config
+from utils.config import VAE_TEMPORAL_STRIDE, Config, load_config
 from utils.errors import ConfigError
+from utils.paths import CONFIGS_DIR, in_repository
 from utils.video import pixels_to_uint8
 
 log = logging.getLogger(__name__)
 
 MULTISTEP_STEPS = 50  # Stage-1 models without a few-step list: the published pipeline's 50 solver steps per block
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+# The shipped config that runs each released file of zhuhz22/Causal-Forcing, and whether it is read with --use_ema
+# (the published README's commands).
+RELEASED = {
+    "chunkwise/causal_forcing.pt": ("causal_forcing_dmd_chunkwise", False),
+    "framewise/causal_forcing.pt": ("causal_forcing_dmd_framewise", True),
+    "causal-forcing++/framewise-2step.pt": ("causal_forcing_dmd_framewise_2step", True),
+    "causal-forcing++/framewise-1step.pt": ("causal_forcing_dmd_framewise_1step", True),
+    "chunkwise/longvideo.pt": ("causal_forcing_dmd_chunkwise", True),
+    **{f"{mode}/{stage}.pt": (f"{config}_{mode}", False) for mode in ("framewise", "chunkwise")
+       for stage, config in (("ar_diffusion", "ar_diffusion_tf"), ("causal_ode", "causal_ode"),
+                             ("causal_cd", "causal_cd"))},
+}
 
 
 @dataclass
@@ -56,6 +77,15 @@ class StreamChunk:
     prompt: str | list[str]       # the prompt this block was generated under
     switched: bool = False        # a prompt switch took effect at this block
     seconds: float = 0.0          # wall time spent on this block (generation + decode)
+
+
+@dataclass
+class VideoOutput:
+    """A whole video from :meth:`StreamingPipeline.generate`."""
+
+    frames: object                # output_type "np": uint8 array [B, T, H, W, 3]; "pil": B lists of T PIL images;
+                                  # "pt": float tensor [B, T, 3, H, W] in [-1, 1]; "latent": None
+    latents: torch.Tensor         # [B, F, C, h, w], the initial latent included
 
 
 @dataclass
@@ -74,7 +104,8 @@ class StreamingPipeline:
     local_attn_size: int = -1
     sink_size: int = 0
     rolling_span: int = 0                       # Rolling Forcing: frames each call attends to; 0 = block by block
-    default_num_frames: int = 21
+    default_num_frames: int = 21               # latent frames when a call gives no length (the training length)
+    fps: int = 16                               # frame rate the model was trained at (for writing videos)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
@@ -116,6 +147,31 @@ class StreamingPipeline:
         return self
 
     @classmethod
+    def from_pretrained(cls, name: str, checkpoint: str | None = None, use_ema: bool | None = None,
+                        overrides: list[str] | None = None, **kwargs) -> "StreamingPipeline":
+        """Build from a config or a released checkpoint, as diffusers' ``from_pretrained``.
+
+        Args:
+            name: a stage YAML path; a shipped config's name (``causal_forcing_dmd_chunkwise``,
+                ``toy/causal_forcing_dmd_chunkwise``); or a released checkpoint on the Hub
+                (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``), run with its shipped config.
+            checkpoint: the generator weights (local path, released path or Hub reference; downloaded when missing);
+                default: the released file ``name`` names, else the config's ``generator_ckpt``.
+            use_ema: load ``generator_ema``; default: as the published command of a released file, else False.
+            overrides: config overrides, ``["key=value", ...]``.
+            **kwargs: passed to :meth:`from_config` (``device``, ``dtype``, ``decode``, ``compile``, ...).
+        """
+        released = RELEASED.get(name.removeprefix("zhuhz22/Causal-Forcing/"))
+        if released is not None:
+            checkpoint = checkpoint or name
+            use_ema = released[1] if use_ema is None else use_ema
+        path = in_repository(released[0] if released else name)
+        if not path.endswith((".yaml", ".yml")):
+            path = in_repository(CONFIGS_DIR / f"{path}.yaml")
+        cfg = load_config(path, overrides)
+        return cls.from_config(cfg, checkpoint, bool(use_ema), **kwargs)
+
+    @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
                     dtype=None, text_encoder_device=None, decode: bool = True, fast: bool = True,
                     compile: bool = True, preview_decoder: str | None = None) -> "StreamingPipeline":
@@ -155,7 +211,7 @@ class StreamingPipeline:
                    local_attn_size=cfg.model_kwargs.local_attn_size,
                    sink_size=cfg.rolling_sink if rolling else cfg.model_kwargs.sink_size,
                    rolling_span=cfg.rolling_span if rolling else 0,
-                   default_num_frames=shape[1], device=device, dtype=dtype, preview_decoder=preview)
+                   default_num_frames=shape[1], fps=cfg.fps, device=device, dtype=dtype, preview_decoder=preview)
         return pipe.enable_fast_path(compile) if fast else pipe
 
     # ------------------------------------------------------------------------------------------------------------
@@ -180,27 +236,74 @@ class StreamingPipeline:
                  total_frames or "endless", self.default_num_frames, self.default_num_frames, sink)
         return self.default_num_frames, sink
 
-    def open(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
-             initial_latent: torch.Tensor | None = None, decode: bool = True,
-             context: torch.Tensor | None = None, uint8: bool = False, endless: bool = False) -> "VideoStream":
-        """Start a video: ``num_frames`` latent frames to generate (default: the training length; ``endless``: until
-        the caller stops) after the optional ``initial_latent``
-        ``[B, f0, C, h, w]`` (I2V: one image latent; video extension: a clip's latents). ``context`` gives
-        precomputed prompt embeddings ``[B, L, text_dim]`` (the text encoder is then not run). ``uint8`` hands out
-        frames as uint8 ``[B, T, H, W, 3]`` on the host (:func:`utils.video.pixels_to_uint8`, converted on the
-        pipeline's device beside the decode): what a video writer or a web page needs, without CPU work per block."""
-        frames = None if endless else num_frames or self.default_num_frames
-        return VideoStream(self, prompt, frames, seed, initial_latent, decode, context, uint8)
+    def num_latent_frames(self, num_frames: int | None = None, num_latent_frames: int | None = None,
+                          prefix: int = 0) -> int:
+        """Latent frames to generate after ``prefix`` latent frames, from ``num_frames`` video frames (the whole
+        video, prefix included) or ``num_latent_frames``; neither: the training length. Raises ValueError for a
+        video length the model cannot make, naming the nearest ones it can."""
+        if num_frames is not None and num_latent_frames is not None:
+            raise ValueError("give num_frames (video frames) or num_latent_frames, not both")
+        if num_frames is None:
+            return num_latent_frames or self.default_num_frames
+        stride = VAE_TEMPORAL_STRIDE
+        latent = 1 + (num_frames - 1) // stride if num_frames >= 1 else 0
+        if (num_frames - 1) % stride == 0 and latent > prefix and self._tiles(latent):
+            return latent - prefix
+        ok = [1 + stride * (f - 1) for f in range(prefix + 1, latent + 3 * self.generator.num_frame_per_block + 2)
+              if self._tiles(f)]
+        below, above = [t for t in ok if t < num_frames], [t for t in ok if t > num_frames]
+        nearest = " or ".join(str(t) for t in (below[-1:] + above[:1]))
+        raise ValueError(f"num_frames={num_frames} is not a video length this model makes ({stride}k + 1 frames, "
+                         f"whole blocks of {self.generator.num_frame_per_block} latent frames); nearest: {nearest} "
+                         f"(or give num_latent_frames)")
 
-    def generate(self, prompt: str | list[str], num_frames: int | None = None, seed: int = 0,
-                 initial_latent: torch.Tensor | None = None, decode: bool = True):
-        """Run a whole video; returns ``(frames [B, T, 3, H, W] or None, latents [B, F, C, h, w])``."""
-        chunks = list(self.open(prompt, num_frames, seed, initial_latent, decode))
-        stream_latents = torch.cat([c.latents for c in chunks], 1)
+    def _tiles(self, latent_frames: int) -> bool:
+        try:
+            self.generator.layout.block_sizes(latent_frames)
+            return True
+        except ValueError:
+            return False
+
+    def open(self, prompt: str | list[str], num_frames: int | None = None, *, num_latent_frames: int | None = None,
+             seed: int = 0, generator: torch.Generator | None = None, initial_latent: torch.Tensor | None = None,
+             decode: bool = True, context: torch.Tensor | None = None, uint8: bool = False,
+             endless: bool = False) -> "VideoStream":
+        """Start a video of ``num_frames`` video frames (``4k + 1``, the whole video) or ``num_latent_frames``
+        latent frames generated after the optional ``initial_latent`` ``[B, f0, C, h, w]`` (I2V: one image latent;
+        video extension: a clip's latents); neither: the training length; ``endless``: until the caller stops. ``generator`` (a ``torch.Generator`` on
+        any device) seeds the video with its next draw, instead of ``seed``. ``context`` gives precomputed prompt
+        embeddings ``[B, L, text_dim]`` (the text encoder is then not run). ``uint8`` hands out frames as uint8
+        ``[B, T, H, W, 3]`` on the host (:func:`utils.video.pixels_to_uint8`, converted on the pipeline's device
+        beside the decode): what a video writer or a web page needs, without CPU work per block."""
+        prefix = 0 if initial_latent is None else initial_latent.shape[1]
+        count = None if endless else self.num_latent_frames(num_frames, num_latent_frames, prefix)
+        if generator is not None:
+            seed = int(torch.randint(2**63 - 1, (1,), generator=generator, device=generator.device))
+        return VideoStream(self, prompt, count, seed, initial_latent, decode, context, uint8)
+
+    def generate(self, prompt: str | list[str], num_frames: int | None = None, *,
+                 num_latent_frames: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
+                 initial_latent: torch.Tensor | None = None, output_type: str = "np") -> VideoOutput:
+        """A whole video (arguments as :meth:`open`). ``output_type``: ``"np"`` uint8 arrays ``[B, T, H, W, 3]``,
+        ``"pil"`` lists of PIL images, ``"pt"`` float tensors ``[B, T, 3, H, W]`` in [-1, 1], ``"latent"`` no
+        decoding (``frames`` None); the latents always come back."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        decode = output_type != "latent"
+        chunks = list(self.open(prompt, num_frames, num_latent_frames=num_latent_frames, seed=seed,
+                                generator=generator, initial_latent=initial_latent, decode=decode,
+                                uint8=output_type in ("np", "pil")))
+        latents = torch.cat([c.latents for c in chunks], 1)
         if initial_latent is not None:
-            stream_latents = torch.cat([initial_latent.to(stream_latents), stream_latents], 1)
+            latents = torch.cat([initial_latent.to(latents), latents], 1)
         frames = torch.cat([c.frames for c in chunks], 1) if decode else None
-        return frames, stream_latents
+        if output_type in ("np", "pil"):
+            frames = frames.numpy()
+        if output_type == "pil":
+            from PIL import Image
+
+            frames = [[Image.fromarray(frame) for frame in video] for video in frames]
+        return VideoOutput(frames, latents)
 
 
 @dataclass

@@ -116,7 +116,7 @@ def test_stream_frames_and_download_match_inference(world, tmp_path):
     assert [b["first_frame"] for b in blocks] == [0, 1, 9] and [b["frames"] for b in blocks] == [1, 8, 12]
     assert sorted(frames) == list(range(21)) and done["frames"] == 21 and not done["stopped"]
     # the same video as the pipeline run directly: each frame is exactly the JPEG of the directly generated one
-    direct, _ = pipe.generate(PROMPT, num_frames=6, seed=5)
+    direct = pipe.generate(PROMPT, num_latent_frames=6, seed=5, output_type="pt").frames
     ref = to_uint8_frames(direct[0], (-1, 1), "TCHW")
     for i in range(21):
         jpeg = encode_jpeg(ref[i], app.state.demo.settings.jpeg_quality)
@@ -158,7 +158,7 @@ def test_switch_changes_only_frames_after_it(world, monkeypatch):
     # block 1 onwards: under the new prompt. The tiny random text encoder moves pixels only a little (a fraction of
     # a level on average), so: they differ, and they are exactly the JPEGs of the pipeline run with the same switch
     assert np.mean([np.abs(switched[i].astype(int) - base[i]).mean() for i in range(9, 21)]) > 0.05
-    stream = pipe.open(PROMPT, 6, seed=5)
+    stream = pipe.open(PROMPT, num_latent_frames=6, seed=5)
     next(stream)
     stream.switch_prompt(OTHER)
     assert not next(stream).switched   # the rest of block 0

@@ -45,16 +45,17 @@ def plain(yaml):
 
 def test_rolling_stream_hands_out_each_block_once_in_order(rolling):
     assert rolling.window(None) == (18, 3)
-    chunks = list(rolling.open(PROMPT, num_frames=18, seed=2))
+    chunks = list(rolling.open(PROMPT, num_latent_frames=18, seed=2))
     assert [(c.block_index, c.start_frame, c.latents.shape[1]) for c in chunks] == \
         [(0, 0, 1), (0, 1, 2)] + [(b, 3 * b, 3) for b in range(1, 6)]
-    frames, latents = rolling.generate(PROMPT, num_frames=18, seed=2)
+    video = rolling.generate(PROMPT, num_latent_frames=18, seed=2, output_type="pt")
+    frames, latents = video.frames, video.latents
     assert torch.equal(latents, torch.cat([c.latents for c in chunks], 1)) and frames.shape[1] == 1 + 4 * 17
 
 
 def test_rolling_prompt_switch_changes_only_later_blocks(rolling):
-    base = list(rolling.open(PROMPT, num_frames=18, seed=5, decode=False))
-    stream = rolling.open(PROMPT, num_frames=18, seed=5, decode=False)
+    base = list(rolling.open(PROMPT, num_latent_frames=18, seed=5, decode=False))
+    stream = rolling.open(PROMPT, num_latent_frames=18, seed=5, decode=False)
     first = [next(stream), next(stream)]
     stream.switch_prompt("a yellow square moving down quickly")
     rest = list(stream)

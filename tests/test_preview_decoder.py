@@ -95,7 +95,7 @@ def test_pipeline_streams_through_the_preview_decoder(tmp_path, monkeypatch):
     monkeypatch.setattr("model.preview_decoder.TAEHV_WAN21", dict(latent_channels=16, **TINY))
     pipe = StreamingPipeline.from_config(cfg, device="cpu", preview_decoder=str(path))
     assert pipe.frame_decoder is pipe.preview_decoder and pipe.vae is not None  # the VAE stays for I2V encoding
-    chunks = list(pipe.open("a red circle moving left slowly", num_frames=6, seed=3))
+    chunks = list(pipe.open("a red circle moving left slowly", num_latent_frames=6, seed=3))
     frames = torch.cat([c.frames for c in chunks], 1)
     latents = torch.cat([c.latents for c in chunks], 1)
     assert frames.shape == (1, 21, 3, 32, 48)

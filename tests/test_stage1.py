@@ -376,7 +376,7 @@ def sample_from_noise(objective, generator, prompts: list[str], guidance_scale: 
                              latent_shape=(16, 8, 8), negative_prompt="", guidance_scale=guidance_scale,
                              default_num_frames=3)
     with torch.no_grad():
-        return pipe.generate(prompts, seed=123, decode=False)[1]
+        return pipe.generate(prompts, seed=123, output_type="latent").latents
 
 
 def motion_direction(latents: torch.Tensor) -> torch.Tensor:

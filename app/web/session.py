@@ -297,7 +297,8 @@ class Generation:
 
     def _generate(self, writer, encoder, muxer, stats) -> None:
         req = self.request
-        stream = self.pipe.open(req.prompt, req.frames, seed=req.seed, uint8=True, endless=req.endless)
+        stream = self.pipe.open(req.prompt, num_latent_frames=req.frames, seed=req.seed, uint8=True,
+                                endless=req.endless)
         self.stream_ref, self.cache = weakref.ref(stream), stream.cache
         blocks = iter(stream)
         try:
