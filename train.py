@@ -23,8 +23,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "a run resumes from the newest checkpoint found here")
     parser.add_argument("--no_save", action="store_true", help="write no checkpoints")
     parser.add_argument("--no_visualize", action="store_true",
-                        help="accepted for the published train.py's command lines; no effect (training writes no "
-                             "sample videos yet)")
+                        help="write no sample videos (by default every checkpoint writes short videos of fixed "
+                             "prompts to <logdir>/samples/ and to W&B when it is on)")
     parser.add_argument("--disable-wandb", dest="disable_wandb", action="store_true",
                         help="turn Weights & Biases off whatever the config's wandb_mode says")
     parser.add_argument("--wandb-save-dir", dest="wandb_save_dir", default="",
@@ -42,12 +42,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def load_run_config(args: argparse.Namespace):
-    """The YAML with ``--override`` applied, plus the runtime keys from the flags (``--no_visualize`` sets none)."""
+    """The YAML with ``--override`` applied, plus the runtime keys from the flags."""
     from utils.config import load_config
 
     cfg = load_config(args.config_path, args.override)
     return dataclasses.replace(cfg, logdir=args.logdir, no_save=args.no_save, disable_wandb=args.disable_wandb,
-                               wandb_save_dir=args.wandb_save_dir)
+                               wandb_save_dir=args.wandb_save_dir, no_visualize=args.no_visualize or cfg.no_visualize)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -196,7 +196,18 @@ class StreamingPipeline:
             preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype)
             if device.type == "cuda":
                 preview.to_channels_last()
-        scheduler = C.build_scheduler(cfg)
+        pipe = cls.from_networks(cfg, generator, text_encoder, vae, device, dtype, preview)
+        return pipe.enable_fast_path(compile) if fast else pipe
+
+    @classmethod
+    def from_networks(cls, cfg: Config, generator: WanModel, text_encoder: TextEncoder | None, vae: WanVAE | None,
+                      device: torch.device, dtype: torch.dtype,
+                      preview: TinyVideoDecoder | None = None) -> "StreamingPipeline":
+        """A pipeline over networks built already (:meth:`from_config` builds them; the training loop's sample videos
+        pass its own): the config's step schedule, guidance, window and geometry."""
+        from pipeline.components import build_scheduler
+
+        scheduler = build_scheduler(cfg)
         multistep = cfg.denoising_step_list is None
         if multistep:
             schedule = StepSchedule.multistep(scheduler, MULTISTEP_STEPS, cfg.timestep_shift, cfg.sample_solver)
@@ -205,14 +216,13 @@ class StreamingPipeline:
                                                 cfg.denoising_step_list_first_chunk, cfg.warp_denoising_step)
         shape = cfg.image_or_video_shape
         rolling = cfg.rolling_forcing
-        pipe = cls(generator, text_encoder, vae, scheduler, schedule, latent_shape=tuple(shape[2:]),
+        return cls(generator, text_encoder, vae, scheduler, schedule, latent_shape=tuple(shape[2:]),
                    context_noise=float(cfg.context_noise), negative_prompt=cfg.negative_prompt,
                    guidance_scale=cfg.guidance_scale if multistep else 1.0,
                    local_attn_size=cfg.model_kwargs.local_attn_size,
                    sink_size=cfg.rolling_sink if rolling else cfg.model_kwargs.sink_size,
-                   rolling_span=cfg.rolling_span if rolling else 0,
-                   default_num_frames=shape[1], fps=cfg.fps, device=device, dtype=dtype, preview_decoder=preview)
-        return pipe.enable_fast_path(compile) if fast else pipe
+                   rolling_span=cfg.rolling_span if rolling else 0, default_num_frames=shape[1], fps=cfg.fps,
+                   device=torch.device(device), dtype=dtype, preview_decoder=preview)
 
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -4,7 +4,8 @@ the optimizer phases and how a micro-batch becomes a loss; this file does everyt
 Order (torchtitan's): init distributed -> seed -> build networks -> activation checkpointing -> compile -> FSDP2 per
 block then root -> AdamW per phase -> resume from the latest checkpoint -> steps until ``max_steps`` (0 = forever),
 each phase with gradient accumulation, clipping, an optimizer step and the shard-local EMA -> metrics every
-``log_every`` steps -> a resume checkpoint plus the release export every ``log_iters`` steps and at the end.
+``log_every`` steps -> a resume checkpoint, the release export and sample videos (trainer/samples.py) every
+``log_iters`` steps and at the end.
 
 Step numbering: the objective sees the 0-based ``step`` (steps done before this one, as the reference's ``self.step``);
 logs and checkpoint names use the number of steps completed (``step_000002`` = resume before the third step).
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.objective import Networks, Objective, Phase
+from trainer.samples import SampleWriter
 from utils.checkpoint import (
     LogdirLock,
     TrainState,
@@ -83,6 +85,7 @@ class Trainer:
         self._last_log = (0.0, 0)  # (time, step) of the last metrics line
         self._owns_process_group = False
         self._lock: Optional[LogdirLock] = None
+        self._samples: Optional[SampleWriter] = None
 
     # -----------------------------------------------------------------------------------------------------------------
     # the loop
@@ -133,6 +136,7 @@ class Trainer:
         self._seed(self.cfg.seed + w.rank)  # per-rank noise from here on (training.md §8.6)
         self._accum = grad_accum_steps(self.cfg, w.world_size)
         self._acc = MetricAccumulator(w.device)
+        self._samples = None if self.cfg.no_visualize else SampleWriter(self.cfg, w.is_main)
         step = self._resume()
         self._start_emas_from_start()
         for name, ema in self.emas.items():
@@ -298,6 +302,8 @@ class Trainer:
         save_checkpoint(self.cfg.logdir, step, self._state(), self.objective.data_state(),
                         config_to_yaml(self.cfg), keep=self.keep_checkpoints)
         self._export_release(step)
+        if self._samples is not None:   # sample videos of the saved weights (collective: every rank generates)
+            self._samples(self.networks, step, self.metrics)
 
     def _close(self, bar: Optional[tqdm]) -> None:
         if bar is not None:

@@ -211,11 +211,13 @@ class Config:
     wandb_project: str = _f("causal-forcing", "W&B project")
     wandb_entity: Optional[str] = _f(None, "W&B entity; null = the key's default")
     wandb_name: Optional[str] = _f(None, "W&B run name; null = config_name")
+    sample_prompts: Optional[List[str]] = _f(None, "prompts of the sample videos of each checkpoint; null = built-in")
 
     # --- runtime: set by train.py from its flags, not by YAML ---
     logdir: str = _f("", "output folder of checkpoints and logs")
     config_name: str = _f("", "stem of the config file; load_config fills it")
     no_save: bool = _f(False, "write no checkpoints")
+    no_visualize: bool = _f(False, "write no sample videos at checkpoints (<logdir>/samples/, W&B)")
     disable_wandb: bool = _f(False, "force W&B off whatever wandb_mode says")
     wandb_save_dir: str = _f("", "folder for W&B files; empty = logdir")
 
@@ -400,8 +402,7 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
             merged = OmegaConf.merge(merged, node)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: {_describe_type_error(e)}") from None
-    if not merged.config_name:
-        merged.config_name = path.stem
+    merged.config_name = merged.config_name or path.stem
     try:
         cfg = OmegaConf.to_object(merged)
     except MissingMandatoryValue as e:

@@ -57,7 +57,6 @@ COMPAT_KEYS: Dict[str, Tuple[Optional[Tuple[Any, ...]], str]] = {
     "i2v": ((False,), "image-conditioned training is not implemented (inference.py --i2v is image-to-video)"),
     "is_causal": ((True,), "the consistency-distillation student is always block-causal"),
     "backward_simulation": ((True,), "the self-forcing rollout always simulates the generator's input"),
-    "no_visualize": (None, "training writes no sample videos yet (train.py --no_visualize has no effect)"),
     "tf": (None, "the published train.py stored its --tf flag and never read it"),
     **{key: _UNREAD for key in (
         "spatial_sf", "generator_grad", "generator_task", "grad_accum", "discriminator_lr_multiplier", "ckpt_step",

@@ -5,6 +5,8 @@
   all-reduce across ranks, one ``.tolist()``. A non-finite loss raises :class:`NonFiniteLossError` on all ranks at once.
 * :class:`MetricsLogger` writes a console line (``logging``) and a JSON line to ``<logdir>/metrics.jsonl`` on rank 0,
   plus Weights & Biases when the config asks for it (imported lazily; the key comes from ``WANDB_API_KEY``).
+* ``python -m utils.metrics plot LOGDIR [--out FILE]`` draws the losses of ``metrics.jsonl`` as a PNG
+  (``LOGDIR/losses.png``; needs the ``plot`` extra, matplotlib).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from utils.config import Config, config_to_dict
-from utils.errors import ConfigError, UserError, one_line
+from utils.errors import ConfigError, DataError, UserError, one_line
 from utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -147,6 +149,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
+    def log_videos(self, videos: dict[str, str], step: int) -> None:
+        """Upload mp4 files to W&B (``{name: path}``); nothing without W&B."""
+        if self.enabled and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Video(path, format="mp4") for name, path in videos.items()}, step=step)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -187,3 +196,59 @@ def build_metrics_logger(cfg: Config, is_main: bool, start_step: int = 0) -> Met
                           name=cfg.wandb_name or cfg.config_name, dir=cfg.wandb_save_dir or cfg.logdir or None,
                           config=config_to_dict(cfg))
     return MetricsLogger(cfg.logdir, enabled=is_main, wandb_init=wandb_init, start_step=start_step)
+
+
+def plot_losses(logdir: str, out: Optional[str] = None) -> str:
+    """Every ``*_loss`` column of ``<logdir>/metrics.jsonl`` against the step, one panel each (their scales differ),
+    as a PNG at ``out`` (default ``<logdir>/losses.png``); returns its path."""
+    path = os.path.join(logdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: pass a training logdir (train.py --logdir)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:   # a line cut short by a kill
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    names = sorted({key for row in rows for key in row if key.endswith("_loss")})
+    if not names:
+        raise DataError(f"{path}: no *_loss values to plot")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")   # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        points = [(row["step"], row[name]) for row in rows if isinstance(row.get(name), (int, float))]
+        ax.plot(*zip(*points), linewidth=1)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(os.path.basename(os.path.normpath(logdir)))
+    fig.tight_layout()
+    out = out or os.path.join(logdir, "losses.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m utils.metrics", description="Training metrics tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    plot = commands.add_parser("plot", help="draw the losses of LOGDIR/metrics.jsonl as a PNG")
+    plot.add_argument("logdir")
+    plot.add_argument("--out", help="PNG file (default: LOGDIR/losses.png)")
+    args = parser.parse_args()
+    try:
+        sys.stdout.write(plot_losses(args.logdir, args.out) + "\n")
+    except UserError as err:
+        sys.exit(f"error: {err}")
