@@ -51,11 +51,16 @@ class BlockLayout:
             raise ValueError(f"frame {frame} is not a block boundary")
         return head + (frame - head) // self.frames_per_block
 
+    def tiles(self, num_frames: int) -> bool:
+        """Whether blocks tile a video of ``num_frames`` frames exactly."""
+        head = 1 if self.independent_first_frame else 0
+        return num_frames >= head and (num_frames - head) % self.frames_per_block == 0
+
     def block_sizes(self, num_frames: int) -> list[int]:
         """Frames per block for a video of ``num_frames`` frames; raises ValueError if they do not tile it."""
         n = self.frames_per_block
         head = 1 if self.independent_first_frame else 0
-        if num_frames < head or (num_frames - head) % n:
+        if not self.tiles(num_frames):
             what = f"{num_frames} - 1" if head else str(num_frames)
             raise ValueError(f"{what} latent frames are not a multiple of num_frame_per_block={n}")
         return [1] * head + [n] * ((num_frames - head) // n)

@@ -20,7 +20,7 @@ by default, as the published code samples, or Euler -- with classifier-free guid
 Rolling Forcing (``rolling_forcing: true``: windows of blocks at staggered steps) and long videos all run the same
 :class:`~pipeline.causal.BlockLoop`.
 
-Any length, endless included (``num_frames=None``: until the caller stops iterating or calls ``close``), runs at
+Any length, endless included (``open(..., endless=True)``: until the caller stops iterating or calls ``close``), runs at
 constant memory and per-block work: a video longer than the training length gets a sliding window with sink frames,
 the cache re-bases its positions before the RoPE table ends (model/kv_cache.py), every block draws its noise when it
 starts, and the stream keeps only the latents its cache still holds.
@@ -41,28 +41,15 @@ from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
+from pipeline.api import OUTPUT_TYPES, as_output_type, latent_frames_for
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
-from utils.config import VAE_TEMPORAL_STRIDE, Config, load_config
+from utils.config import Config
 from utils.errors import ConfigError
-from utils.paths import CONFIGS_DIR, in_repository
 from utils.video import pixels_to_uint8
 
 log = logging.getLogger(__name__)
 
 MULTISTEP_STEPS = 50  # Stage-1 models without a few-step list: the published pipeline's 50 solver steps per block
-OUTPUT_TYPES = ("np", "pil", "pt", "latent")
-# The shipped config that runs each released file of zhuhz22/Causal-Forcing, and whether it is read with --use_ema
-# (the published README's commands).
-RELEASED = {
-    "chunkwise/causal_forcing.pt": ("causal_forcing_dmd_chunkwise", False),
-    "framewise/causal_forcing.pt": ("causal_forcing_dmd_framewise", True),
-    "causal-forcing++/framewise-2step.pt": ("causal_forcing_dmd_framewise_2step", True),
-    "causal-forcing++/framewise-1step.pt": ("causal_forcing_dmd_framewise_1step", True),
-    "chunkwise/longvideo.pt": ("causal_forcing_dmd_chunkwise", True),
-    **{f"{mode}/{stage}.pt": (f"{config}_{mode}", False) for mode in ("framewise", "chunkwise")
-       for stage, config in (("ar_diffusion", "ar_diffusion_tf"), ("causal_ode", "causal_ode"),
-                             ("causal_cd", "causal_cd"))},
-}
 
 
 @dataclass
@@ -161,15 +148,10 @@ class StreamingPipeline:
             overrides: config overrides, ``["key=value", ...]``.
             **kwargs: passed to :meth:`from_config` (``device``, ``dtype``, ``decode``, ``compile``, ...).
         """
-        released = RELEASED.get(name.removeprefix("zhuhz22/Causal-Forcing/"))
-        if released is not None:
-            checkpoint = checkpoint or name
-            use_ema = released[1] if use_ema is None else use_ema
-        path = in_repository(released[0] if released else name)
-        if not path.endswith((".yaml", ".yml")):
-            path = in_repository(CONFIGS_DIR / f"{path}.yaml")
-        cfg = load_config(path, overrides)
-        return cls.from_config(cfg, checkpoint, bool(use_ema), **kwargs)
+        from pipeline.api import pretrained_config
+
+        cfg, checkpoint, use_ema = pretrained_config(name, checkpoint, use_ema, overrides)
+        return cls.from_config(cfg, checkpoint, use_ema, **kwargs)
 
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
@@ -255,24 +237,7 @@ class StreamingPipeline:
             raise ValueError("give num_frames (video frames) or num_latent_frames, not both")
         if num_frames is None:
             return num_latent_frames or self.default_num_frames
-        stride = VAE_TEMPORAL_STRIDE
-        latent = 1 + (num_frames - 1) // stride if num_frames >= 1 else 0
-        if (num_frames - 1) % stride == 0 and latent > prefix and self._tiles(latent):
-            return latent - prefix
-        ok = [1 + stride * (f - 1) for f in range(prefix + 1, latent + 3 * self.generator.num_frame_per_block + 2)
-              if self._tiles(f)]
-        below, above = [t for t in ok if t < num_frames], [t for t in ok if t > num_frames]
-        nearest = " or ".join(str(t) for t in (below[-1:] + above[:1]))
-        raise ValueError(f"num_frames={num_frames} is not a video length this model makes ({stride}k + 1 frames, "
-                         f"whole blocks of {self.generator.num_frame_per_block} latent frames); nearest: {nearest} "
-                         f"(or give num_latent_frames)")
-
-    def _tiles(self, latent_frames: int) -> bool:
-        try:
-            self.generator.layout.block_sizes(latent_frames)
-            return True
-        except ValueError:
-            return False
+        return latent_frames_for(num_frames, prefix, self.generator.layout.tiles, self.generator.num_frame_per_block)
 
     def open(self, prompt: str | list[str], num_frames: int | None = None, *, num_latent_frames: int | None = None,
              seed: int = 0, generator: torch.Generator | None = None, initial_latent: torch.Tensor | None = None,
@@ -280,11 +245,12 @@ class StreamingPipeline:
              endless: bool = False) -> "VideoStream":
         """Start a video of ``num_frames`` video frames (``4k + 1``, the whole video) or ``num_latent_frames``
         latent frames generated after the optional ``initial_latent`` ``[B, f0, C, h, w]`` (I2V: one image latent;
-        video extension: a clip's latents); neither: the training length; ``endless``: until the caller stops. ``generator`` (a ``torch.Generator`` on
-        any device) seeds the video with its next draw, instead of ``seed``. ``context`` gives precomputed prompt
-        embeddings ``[B, L, text_dim]`` (the text encoder is then not run). ``uint8`` hands out frames as uint8
-        ``[B, T, H, W, 3]`` on the host (:func:`utils.video.pixels_to_uint8`, converted on the pipeline's device
-        beside the decode): what a video writer or a web page needs, without CPU work per block."""
+        video extension: a clip's latents); neither: the training length; ``endless``: until the caller stops.
+        ``generator`` (a ``torch.Generator`` on any device) seeds the video with its next draw, instead of ``seed``.
+        ``context`` gives precomputed prompt embeddings ``[B, L, text_dim]`` (the text encoder is then not run).
+        ``uint8`` hands out frames as uint8 ``[B, T, H, W, 3]`` on the host (:func:`utils.video.pixels_to_uint8`,
+        converted on the pipeline's device beside the decode): what a video writer or a web page needs, without CPU
+        work per block."""
         prefix = 0 if initial_latent is None else initial_latent.shape[1]
         count = None if endless else self.num_latent_frames(num_frames, num_latent_frames, prefix)
         if generator is not None:
@@ -307,13 +273,7 @@ class StreamingPipeline:
         if initial_latent is not None:
             latents = torch.cat([initial_latent.to(latents), latents], 1)
         frames = torch.cat([c.frames for c in chunks], 1) if decode else None
-        if output_type in ("np", "pil"):
-            frames = frames.numpy()
-        if output_type == "pil":
-            from PIL import Image
-
-            frames = [[Image.fromarray(frame) for frame in video] for video in frames]
-        return VideoOutput(frames, latents)
+        return VideoOutput(as_output_type(frames, output_type), latents)
 
 
 @dataclass

@@ -182,6 +182,7 @@ def test_output_types(pipe):
     ("zhuhz22/Causal-Forcing/framewise/causal_forcing.pt", "causal_forcing_dmd_framewise", True),
     ("zhuhz22/Causal-Forcing/causal-forcing++/framewise-1step.pt", "causal_forcing_dmd_framewise_1step", True),
     ("zhuhz22/Causal-Forcing/chunkwise/causal_ode.pt", "causal_ode_chunkwise", False),
+    ("zhuhz22/Causal-Forcing/chunkwise/longvideo.pt", "rolling_forcing_dmd", True),   # Rolling Forcing, as trained
 ])
 def test_from_pretrained_runs_a_released_file_with_its_shipped_config(monkeypatch, name, config, ema):
     seen = {}
@@ -190,6 +191,15 @@ def test_from_pretrained_runs_a_released_file_with_its_shipped_config(monkeypatc
     StreamingPipeline.from_pretrained(name, device="cpu")
     assert (seen["cfg"].config_name, seen["checkpoint"], seen["ema"], seen["kw"]) == (config, name, ema,
                                                                                        {"device": "cpu"})
+
+
+def test_every_released_file_has_a_shipped_config():
+    from model.weights import RELEASED_CHECKPOINTS
+    from pipeline.api import RELEASED_CONFIGS
+    from utils.paths import CONFIGS_DIR
+
+    assert sorted(RELEASED_CONFIGS) == sorted(RELEASED_CHECKPOINTS)
+    assert all((CONFIGS_DIR / f"{config}.yaml").is_file() for config, _ in RELEASED_CONFIGS.values())
 
 
 def test_from_pretrained_takes_a_shipped_config_name_or_path(tmp_path, monkeypatch):

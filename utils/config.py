@@ -29,27 +29,19 @@ W&B run named after the file (one warning); a real ``wandb_project``/``wandb_ent
 
 import copy
 import dataclasses
-import difflib
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, Tuple, Union, get_type_hints
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from utils.config_compat import (
-    BASE_KEY,
-    KEY_HINTS,
-    SECRET_KEYS,
-    adapt_layer,
-    is_published,
-    published_rolling_forcing,
-)
+from utils.config_compat import adapt_layer, published_rolling_forcing
+from utils.config_yaml import check_keys, describe_type_error, find_default_config, read_chain, read_override
 from utils.errors import ConfigError
-from utils.paths import in_repository, resolve_shipped_paths
+from utils.paths import in_repository
 
 logger = logging.getLogger(__name__)
 
@@ -378,12 +370,12 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     layers: List[Tuple[str, DictConfig, bool]] = []   # (source, node, read as a published YAML)
-    default = _find_default_config(path)
+    default = find_default_config(path)
     if default is not None and default.resolve() != path.resolve():
-        layers += _read_chain(default, ())
-    layers += _read_chain(path, ())
+        layers += read_chain(default, ())
+    layers += read_chain(path, ())
     published_rolling_forcing(path, layers)
-    layers += [_read_override(item) for item in overrides or []]
+    layers += [read_override(item) for item in overrides or []]
 
     merged = OmegaConf.structured(Config)
     copies: Dict[str, Tuple[int, str, Any]] = {}   # copy key -> (layer, source, value) of the last layer giving it
@@ -397,11 +389,11 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
                 copies[key] = (i, source, holder.pop(leaf))
             if origin in node:
                 set_at[origin] = i
-        _check_keys(node, Config, source)
+        check_keys(node, Config, source)
         try:
             merged = OmegaConf.merge(merged, node)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {_describe_type_error(e)}") from None
+            raise ConfigError(f"{source}: {describe_type_error(e, Config)}") from None
     merged.config_name = merged.config_name or path.stem
     try:
         cfg = OmegaConf.to_object(merged)
@@ -441,107 +433,6 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x world size = "
                           f"{cfg.batch_size} x {world_size}; change it or set it to null")
     return cfg.total_batch_size // per_step
-
-
-def _find_default_config(path: Path) -> Optional[Path]:
-    """default_config.yaml beside the given file, else the repository's ``configs/`` one, else none."""
-    for folder in (path.parent, Path(__file__).resolve().parent.parent / "configs"):
-        candidate = folder / "default_config.yaml"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _read_chain(path: Path, seen: Tuple[Path, ...]) -> List[Tuple[str, DictConfig, bool]]:
-    """``[(source, node, published), ...]`` for ``path`` and its ``base:`` ancestors, outermost ancestor first."""
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: '{BASE_KEY}:' chain loops back to this file")
-    try:
-        node = OmegaConf.load(path)
-    except yaml.MarkedYAMLError as e:  # syntax errors and duplicate keys carry a position
-        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
-        raise ConfigError(f"{path}: cannot parse YAML: {e.problem}{where}") from None
-    except Exception as e:
-        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(node, DictConfig):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    published = is_published(node)
-    resolve_shipped_paths(node, path)
-    chain: List[Tuple[str, DictConfig, bool]] = []
-    if BASE_KEY in node:
-        base = node.pop(BASE_KEY)
-        if not isinstance(base, str):
-            raise ConfigError(f"{path}: '{BASE_KEY}' must be a path to another YAML, got {base!r}")
-        if not (path.parent / base).is_file():
-            raise ConfigError(f"{path}: base config {path.parent / base} not found")
-        chain = _read_chain(path.parent / base, seen + (path.resolve(),))
-    return chain + [(str(path), node, published)]
-
-
-def _read_override(item: str) -> Tuple[str, DictConfig, bool]:
-    """One ``key=value`` override as a layer. A secret's value is neither parsed nor shown."""
-    key = item.split("=", 1)[0].strip()
-    if key in SECRET_KEYS:
-        return f"override '{key}=...'", OmegaConf.create({key: None}), False
-    source = f"override {item!r}"
-    if "=" not in item or key == BASE_KEY:
-        raise ConfigError(f"{source}: expected key=value with a config key")
-    try:
-        return source, OmegaConf.from_dotlist([item]), False
-    except Exception as e:  # OmegaConf grammar or YAML errors; the first line says what
-        raise ConfigError(f"{source}: cannot parse: {str(e).splitlines()[0]}") from None
-
-
-def _check_keys(node: DictConfig, schema: type, source: str, prefix: str = "") -> None:
-    """Raise on a key of ``node`` (nested ones too) that the schema does not have."""
-    names = [f.name for f in dataclasses.fields(schema)]
-    hints = get_type_hints(schema)
-    for key in node.keys():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"{source}: unknown key '{full}'{_suggest(str(key), names, prefix)}")
-        if dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
-            _check_keys(node[key], hints[key], source, prefix=f"{full}.")
-
-
-def _suggest(key: str, names: List[str], prefix: str) -> str:
-    hints = {} if prefix else KEY_HINTS
-    match = difflib.get_close_matches(key, names + list(hints), n=1, cutoff=0.6)
-    return f" (did you mean '{prefix}{hints.get(match[0], match[0])}'?)" if match else ""
-
-
-def _describe_type_error(e: OmegaConfBaseException) -> str:
-    """One line for an OmegaConf type error: the key, what it expects, what it got."""
-    full_key = str(getattr(e, "full_key", "") or "")
-    expected = _expected_type(full_key)
-    value = getattr(e, "value", None)
-    if expected and full_key:
-        return f"key '{full_key}' expects {expected}, got {value!r}"
-    return str(e).splitlines()[0]
-
-
-def _expected_type(full_key: str) -> str:
-    """Readable type of a schema field given its dotted key (list indices ignored); '' if unknown."""
-    schema: Any = Config
-    annotation: Any = None
-    for part in full_key.split("[")[0].split("."):
-        if not dataclasses.is_dataclass(schema):
-            return ""
-        annotation = get_type_hints(schema).get(part)
-        if annotation is None:
-            return ""
-        schema = annotation
-    return _type_name(annotation)
-
-
-def _type_name(annotation: Any) -> str:
-    args = get_args(annotation)
-    if get_origin(annotation) is Union and type(None) in args:
-        return _type_name(next(a for a in args if a is not type(None))) + " or null"
-    if get_origin(annotation) in (list, List):
-        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
-    names = {bool: "a boolean", int: "an int", float: "a float", str: "a string"}
-    return names.get(annotation, f"a {getattr(annotation, '__name__', annotation)} mapping")
 
 
 if __name__ == "__main__":   # the printer lives in utils/config_cli.py
