@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.streaming import StreamingPipeline
@@ -44,16 +45,22 @@ def train(world, logdir, *overrides):
     return cfg
 
 
-def assert_samples_are_inference_of_the_export(cfg, logdir):
+def assert_samples_are_inference_of_the_export(cfg, logdir, threads=None):
     """The videos at step 2 are what inference makes of the exported checkpoint (same prompts, seed and length: 6
     latent frames, all the tiny geometry has), written by the same mp4 writer: the decoded files agree exactly (the
     tiny random VAE's noisy frames cost ~13 levels of H.264 error, so the frames themselves are not compared); with
-    another seed they differ."""
+    another seed they differ. ``threads``: the CPU threads the run used (float32 sums differ in their last bits with
+    another thread count, enough to change the mp4)."""
     videos = sorted((logdir / "samples" / "step_000002").glob("*.mp4"))
     assert [v.stem for v in videos] == sorted(PROMPTS)
     pipe = StreamingPipeline.from_config(cfg, str(release_path(logdir, 2)), device="cpu")
     for seed, same in ((cfg.seed, True), (cfg.seed + 1, False)):
-        expected = pipe.generate(PROMPTS, num_latent_frames=6, seed=seed).frames
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            expected = pipe.generate(PROMPTS, num_latent_frames=6, seed=seed).frames
+        finally:
+            torch.set_num_threads(before)
         for i, prompt in enumerate(PROMPTS):
             write_mp4(logdir / "expected.mp4", expected[i], fps=cfg.fps)
             frames = read_mp4(logdir / "samples" / "step_000002" / f"{prompt}.mp4")
@@ -75,7 +82,7 @@ def test_two_ranks_generate_together_and_rank_0_writes(world, tmp_path):
     run = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert_samples_are_inference_of_the_export(load_config(yaml, overrides), tmp_path)
+    assert_samples_are_inference_of_the_export(load_config(yaml, overrides), tmp_path, threads=1)
 
 
 def test_no_visualize_writes_none(world, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,9 +37,13 @@ class SampleWriter:
         self.cfg, self.is_main = cfg, is_main
         self._vae = None
         self._vae_tried = False
+        self._written: Optional[int] = None   # the last step written: the end of a run saves its last step again
 
     def __call__(self, networks: Networks, step: int, metrics=None) -> list[Path]:
         cfg = self.cfg
+        if step == self._written:
+            return []
+        self._written = step
         encoder = networks.frozen.get("text_encoder")
         if not cfg.causal or encoder is None or "generator" not in networks.trainable:
             log.info("no sample videos: they need a causal generator and a text encoder (%s has %s)",
