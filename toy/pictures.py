@@ -1,10 +1,15 @@
-"""Pictures of the shipped toy models for the docs: a frame strip per model (PNG) and an animated preview (GIF).
+"""Pictures of the toy models for docs/toy_results.md and README: a frame strip (PNG) per row of the results tables
+and an animated preview (GIF).
 
-    python -m toy.pictures              # docs/images/toy_{chunkwise,framewise}.png and toy_preview.gif, ~2 min (CPU)
+    python -m toy.pictures                              # a few minutes on a CPU: the models in assets/toy
+    python -m toy.pictures --workdir build/toyfull      # + every row of a toy.recipe run, from its videos
 
-Every video is one that ``inference.py --data_path prompts/toy.txt`` writes, with its seed (``app.jobs.video_seed``):
-a strip shows, for each prompt of prompts/toy.txt, every 4th of the 33 frames of the first of the 4 videos
-docs/toy_results.md scores (``--num_samples 4``); the preview shows the 8 videos of README's command (one a prompt).
+A strip shows, for each prompt of prompts/toy.txt, every 4th of the 33 frames of the first of the videos the table
+scores (``--num_samples 4``: sample 0, with its seed ``app.jobs.video_seed``). Without ``--workdir`` they are made
+here from the shipped models: the two Causal Forcing DMD generators (``toy_chunkwise.png``, ``toy_framewise.png``,
+the shipped-models table and the recipe table's DMD rows) and the bidirectional base (``toy_base_50.png``, its
+``base_50`` row); the preview shows the 8 videos of README's command (one a prompt). With ``--workdir`` every recipe
+row whose videos are under ``<workdir>/samples/<row>/`` gets ``toy_<row>.png`` from those very files.
 """
 
 from __future__ import annotations
@@ -18,23 +23,50 @@ from PIL import Image, ImageDraw, ImageFont
 from app.jobs import video_seed
 from pipeline.streaming import StreamingPipeline
 from utils.paths import REPO_ROOT
+from utils.video import read_mp4, safe_output_name, to_uint8_frames
 
 MODELS = {"chunkwise": "toy/causal_forcing_dmd_chunkwise", "framewise": "toy/causal_forcing_dmd_framewise"}
 STRIP_SAMPLES = 4       # the strips show the videos docs/toy_results.md scores: --num_samples 4, sample 0
 FRAME_STEP = 4          # one frame in 4: a latent frame's worth of motion between columns
 LABEL_WIDTH = 230       # pixels for the prompt left of each row
 GAP = 2                 # white pixels between frames and between rows
+STRIP_COLORS = 128      # palette of the PNGs: a third of the size of true colour, no visible loss at 64x64
 PREVIEW_COLUMNS = 4     # the GIF's grid of videos, at their own size (README shows it twice as large): the noise of
 PREVIEW_COLORS = 64     # the dark backgrounds compresses badly, so a 2x GIF would be ~0.6 MB
 
 
-def videos(name: str, prompts: list[str], num_samples: int) -> tuple[np.ndarray, int]:
-    """(uint8 ``[P, T, H, W, 3]``, fps): sample 0 of each prompt from the shipped model, as ``inference.py
+def shipped_videos(name: str, prompts: list[str], num_samples: int) -> tuple[np.ndarray, int]:
+    """(uint8 ``[P, T, H, W, 3]``, fps): sample 0 of each prompt from a shipped DMD model, as ``inference.py
     --num_samples <num_samples>`` makes it."""
     pipe = StreamingPipeline.from_pretrained(MODELS[name], device="cpu")
     frames = [pipe.generate(prompt, seed=video_seed(0, i, 0, num_samples)).frames[0]
               for i, prompt in enumerate(prompts)]
     return np.stack(frames), pipe.fps
+
+
+def base_videos(prompts: list[str], num_samples: int) -> np.ndarray:
+    """uint8 ``[P, T, H, W, 3]``: sample 0 of each prompt from the shipped base, as the recipe's ``base_50`` row
+    samples it (50 steps, CFG)."""
+    from toy.recipe import CONFIGS, BaseSampler
+    from utils.config import load_config
+
+    sample = BaseSampler(load_config(CONFIGS / "base.yaml"), "cpu")
+    return np.stack([to_uint8_frames(sample(prompt, video_seed(0, i, 0, num_samples)), (-1, 1), "TCHW")
+                     for i, prompt in enumerate(prompts)])
+
+
+def folder_videos(folder: Path, prompts: list[str]) -> np.ndarray | None:
+    """uint8 ``[P, T, H, W, 3]``: sample 0 of each prompt from a folder inference.py wrote (``<name>-0.mp4``, or
+    ``<name>.mp4`` with one sample a prompt); None when a prompt has no video there."""
+    used: set[str] = set()
+    frames = []
+    for prompt in prompts:
+        stem = safe_output_name(prompt, used=used)
+        path = next((p for p in (folder / f"{stem}-0.mp4", folder / f"{stem}.mp4") if p.is_file()), None)
+        if path is None:
+            return None
+        frames.append(read_mp4(path))
+    return np.stack(frames)
 
 
 def strip(frames: np.ndarray, prompts: list[str]) -> Image.Image:
@@ -63,19 +95,43 @@ def preview(frames: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(frame).quantize(PREVIEW_COLORS) for frame in grid]
 
 
+def save_strip(frames: np.ndarray, prompts: list[str], path: Path) -> None:
+    strip(frames, prompts).quantize(STRIP_COLORS).save(path, optimize=True)
+    print(f"wrote {path}")
+
+
+def recipe_strips(workdir: Path, prompts: list[str], out: Path) -> int:
+    """``toy_<row>.png`` for every results-table row with videos under ``<workdir>/samples/<row>/``; returns how
+    many."""
+    from toy.recipe import table_rows
+
+    count = 0
+    for row in table_rows():
+        frames = folder_videos(workdir / "samples" / row.name, prompts)
+        if frames is None:
+            print(f"no videos of {row.name} in {workdir / 'samples' / row.name}")
+            continue
+        save_strip(frames, prompts, out / f"toy_{row.name}.png")
+        count += 1
+    return count
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "images"), help="folder of the pictures")
     p.add_argument("--data_path", default=str(REPO_ROOT / "prompts" / "toy.txt"), help="prompts, one per line")
+    p.add_argument("--workdir", help="a toy.recipe --workdir: strips of every table row from its sample videos "
+                                     "(instead of the shipped models)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = [line.strip() for line in Path(args.data_path).read_text().splitlines() if line.strip()]
+    if args.workdir:
+        return 0 if recipe_strips(Path(args.workdir), prompts, out) else 1
     for name in MODELS:
-        strip(videos(name, prompts, STRIP_SAMPLES)[0], prompts).quantize(128).save(out / f"toy_{name}.png",
-                                                                                  optimize=True)
-        print(f"wrote {out / f'toy_{name}.png'}")
-    frames, fps = videos("chunkwise", prompts, 1)
+        save_strip(shipped_videos(name, prompts, STRIP_SAMPLES)[0], prompts, out / f"toy_{name}.png")
+    save_strip(base_videos(prompts, STRIP_SAMPLES), prompts, out / "toy_base_50.png")
+    frames, fps = shipped_videos("chunkwise", prompts, 1)
     gif = preview(frames)
     gif[0].save(out / "toy_preview.gif", save_all=True, append_images=gif[1:], loop=0, optimize=True,
                 duration=round(1000 / fps))

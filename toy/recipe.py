@@ -454,44 +454,27 @@ class Recipe:
         return self.video_seconds.get(row)
 
     def _sample_base(self, out: Path, prompts: Path, num_samples: int, row: str) -> None:
-        """50-step Euler + CFG with the bidirectional base (inference.py streams causal generators only); same file
-        names and per-video seeds as inference.py."""
-        import torch
-
+        """The base's videos (:class:`BaseSampler`) with the file names and per-video seeds of inference.py."""
         from app.jobs import video_seed
-        from pipeline import components
-        from pipeline.bidirectional import sample_bidirectional
-        from pipeline.causal import StepSchedule
         from utils.config import load_config
         from utils.datasets import TextDataset
         from utils.video import safe_output_name, write_mp4
 
         cfg = load_config(CONFIGS / "base.yaml", [*self.args.override, f"wan_models_dir={self.models('base')}"])
-        device = torch.device(self.device)
-        model = components.build_bidirectional(cfg, cfg.generator_name, device=device).eval()
-        encoder = components.build_text_encoder(cfg, device=device, dtype=torch.float32, output_device=device)
-        vae = components.build_vae(cfg, device=device)
-        scheduler = components.build_scheduler(cfg)
-        schedule = StepSchedule.multistep(scheduler, 50, cfg.timestep_shift, cfg.sample_solver)
-        negative = encoder.encode([cfg.negative_prompt])
+        sample = BaseSampler(cfg, self.device)
         dataset = TextDataset(str(prompts))
         out.mkdir(parents=True, exist_ok=True)
         used: set[str] = set()
         seconds, count = 0.0, 0
         for i in range(len(dataset)):
             prompt = dataset[i]["prompts"]
-            stem, context = safe_output_name(prompt, used=used), encoder.encode([prompt])
+            stem = safe_output_name(prompt, used=used)
             for k in range(num_samples):
                 path = out / f"{stem if num_samples == 1 else f'{stem}-{k}'}.mp4"
                 if path.is_file():
                     continue
                 started = time.perf_counter()
-                gen = torch.Generator(device).manual_seed(video_seed(self.args.seed, i, k, num_samples))
-                noise = torch.randn((1, *cfg.image_or_video_shape[1:]), generator=gen, device=device)
-                with torch.no_grad():
-                    x0 = sample_bidirectional(model, scheduler, noise, context, schedule, negative,
-                                              cfg.guidance_scale)
-                    frames = vae.decode(x0)[0]                                   # [T, 3, H, W] in [-1, 1]
+                frames = sample(prompt, video_seed(self.args.seed, i, k, num_samples))
                 write_mp4(path, frames, fps=cfg.fps, value_range=(-1, 1), layout="TCHW")
                 seconds, count = seconds + time.perf_counter() - started, count + 1
         if count:
@@ -530,6 +513,38 @@ class Recipe:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
+
+
+class BaseSampler:
+    """The bidirectional base sampled as the results table's base row: 50 steps of its ``sample_solver`` with CFG
+    (inference.py streams causal generators only). ``sample(prompt, seed)`` -> frames ``[T, 3, H, W]`` in [-1, 1]."""
+
+    def __init__(self, cfg, device: str):
+        import torch
+
+        from pipeline import components
+        from pipeline.causal import StepSchedule
+
+        self.cfg, self.device = cfg, torch.device(device)
+        self.model = components.build_bidirectional(cfg, cfg.generator_name, device=self.device).eval()
+        self.encoder = components.build_text_encoder(cfg, device=self.device, dtype=torch.float32,
+                                                     output_device=self.device)
+        self.vae = components.build_vae(cfg, device=self.device)
+        self.scheduler = components.build_scheduler(cfg)
+        self.schedule = StepSchedule.multistep(self.scheduler, 50, cfg.timestep_shift, cfg.sample_solver)
+        self.negative = self.encoder.encode([cfg.negative_prompt])
+
+    def __call__(self, prompt: str, seed: int):
+        import torch
+
+        from pipeline.bidirectional import sample_bidirectional
+
+        gen = torch.Generator(self.device).manual_seed(seed)
+        noise = torch.randn((1, *self.cfg.image_or_video_shape[1:]), generator=gen, device=self.device)
+        with torch.no_grad():
+            x0 = sample_bidirectional(self.model, self.scheduler, noise, self.encoder.encode([prompt]), self.schedule,
+                                      self.negative, self.cfg.guidance_scale)
+            return self.vae.decode(x0)[0]
 
 
 def _default_device() -> str:
