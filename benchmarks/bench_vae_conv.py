@@ -1,7 +1,7 @@
 """The Wan VAE decoder's causal 3x3x3 convolutions at one steady streaming call's shapes (one latent frame in: 1 frame
 at 60x104, 2 at 120x208, 4 at 240x416 and 480x832): cuDNN ``conv3d`` channels-last (as the decoder runs them), on
 contiguous (NCDHW) tensors, and with the output channels zero-padded to a multiple of 128 (what
-``model.vae.PAD_OUT_CHANNELS`` does for the 96-channel stage on CUDA).
+``model.vae_decoder.PAD_OUT_CHANNELS`` does for the 96-channel stage on CUDA).
 
 bf16, cudnn.benchmark on; CUDA events, mean of ``--iters`` calls after 3 warm-up calls. Prints a table and writes
 JSON.

@@ -25,11 +25,11 @@ def save_results(path: str, rows: list[dict], device: torch.device, **extra) -> 
 
 def conv_padding(enabled: bool):
     """A context in which the VAE decoder pads its convolutions' output channels as the library does
-    (``model.vae.PAD_OUT_CHANNELS``, ``enabled``) or not at all (A/B runs). The table is read when a decoder region
-    is traced, so compile the decoder inside the context."""
-    from model import vae
+    (``model.vae_decoder.PAD_OUT_CHANNELS``, ``enabled``) or not at all (A/B runs). The table is read when a decoder
+    region is traced, so compile the decoder inside the context."""
+    from model import vae_decoder
 
-    return contextlib.nullcontext() if enabled else mock.patch.dict(vae.PAD_OUT_CHANNELS, clear=True)
+    return contextlib.nullcontext() if enabled else mock.patch.dict(vae_decoder.PAD_OUT_CHANNELS, clear=True)
 
 
 def cuda_ms(fn, iters: int = 20) -> float:

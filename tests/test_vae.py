@@ -223,7 +223,7 @@ def test_wrong_checkpoint_errors(vae, tmp_path):
 def test_padded_output_channels_change_nothing(vae, latents, reference_videos, monkeypatch):
     """Convolutions computed with zero-padded output channels (``PAD_OUT_CHANNELS``, on the GPU the decoder's
     96-channel stage) give the same video; here on the CPU with the tiny VAE's 8-channel stage padded to 16."""
-    from model import vae as vae_module
+    from model import vae_decoder as vae_module
 
     widths = []
     conv3d = torch.nn.functional.conv3d
@@ -244,7 +244,7 @@ def test_padded_output_channels_change_nothing(vae, latents, reference_videos, m
 def test_padded_output_channels_on_gpu(monkeypatch):
     """The full-size decoder (random weights, float32, small latents) with its 96-channel stage padded to 128 output
     channels, as the GPU fast path runs it, decodes the same video as without."""
-    from model import vae as vae_module
+    from model import vae_decoder as vae_module
 
     assert vae_module.PAD_OUT_CHANNELS["cuda"]  # the fast path pads on CUDA
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 products, not TF32 ones

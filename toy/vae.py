@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from model.vae import WanVAE, decoder_step
+from model.vae import WanVAE
+from model.vae_decoder import decoder_step
 from toy.world import BACKGROUND
 from utils.io import atomic_path
 
@@ -114,7 +115,7 @@ def decode_unclamped(model: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
 
     ``AutoencoderKLWan.decode`` clamps to [-1, 1], which zeroes the gradient of every pixel beyond the range: the
     dark background (-0.81) overshoots to -1 early in training and then never moves again. The streaming decoder's
-    calls (:func:`model.vae.decoder_step`: first latent frame alone, then the rest in one call with the causal
+    calls (:func:`model.vae_decoder.decoder_step`: first latent frame alone, then the rest in one call with the causal
     cache), which equal diffusers' per-frame loop up to float rounding; gradients flow through them.
     """
     x = model.post_quant_conv(z)

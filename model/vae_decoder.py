@@ -1,0 +1,180 @@
+"""The Wan VAE decoder run one step at a time with its causal cache as plain tensors (:func:`decoder_step`), cut into
+regions that :meth:`model.vae.WanVAE.compile_decoder` compiles (:class:`DecoderRegions`); the arithmetic of diffusers'
+``AutoencoderKLWan`` decoder, which :class:`model.vae.StreamingDecoder` drives block by block."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# diffusers' decoder keeps its causal cache in a list it mutates, with None / "Rep" markers for the first calls of
+# a video; under torch.compile each marker state is another graph. The same arithmetic with the cache as plain
+# tensors: every causal convolution sees ``cat(cache, x)`` in time, where the cache holds the last
+# ``kernel_t - 1`` frames of that convolution's input so far, zeros at the start of a video. (diffusers pads the
+# first call with zeros and keeps fewer frames until it has them: the same numbers.) The one exception is the
+# temporal upsampler's convolution, which diffusers skips on the first call and runs from zeros on the second.
+#
+# The decoder is cut into regions (a residual block, an upsampler, the output head) that take and return plain
+# tensors; :meth:`WanVAE.compile_decoder` compiles the regions, not the whole step. A region's output is a real
+# buffer: compiled as one graph, inductor recomputed the cheap residual sums inside later kernels instead, keeping
+# every convolution output of a stage alive until its end (seen in the generated code). Regions of equal shapes
+# share graphs, so the whole decoder is 9 small graphs.
+
+
+PAD_OUT_CHANNELS: dict[str, dict[int, int]] = {"cuda": {96: 128}}
+"""Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are then
+dropped. cuDNN on the H100 runs the full-resolution 96-channel 3x3x3 convolutions of the decoder's last stage at
+375 TFLOP/s (2.12 ms for one steady call's four 480x832 frames) but the same convolution with 128 output
+channels in 1.41 ms; 192 -> 256 gains nothing (``benchmarks/bench_vae_conv.py``, docs/performance.md)."""
+
+
+def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
+    """A ``WanCausalConv3d`` with time from ``cache`` (None: zeros); returns ``(output, new cache)``."""
+    keep = conv._padding[4]  # the causal padding: kernel_t - 1 frames
+    x = torch.cat([_zero_frames(x, keep) if cache is None else cache, x], dim=2)
+    pad_w, _, pad_h = conv._padding[:3]
+    weight, bias, out_channels = conv.weight, conv.bias, conv.out_channels
+    extra = PAD_OUT_CHANNELS.get(x.device.type, {}).get(out_channels, out_channels) - out_channels
+    if extra:  # padded per call: a few hundred kB, and never stale when weights are loaded later
+        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra)).contiguous(memory_format=_layout(x))
+        bias = F.pad(bias, (0, extra)) if bias is not None else None
+    # height/width padding inside the convolution: no padded copy (H100: 0.81 vs 0.87 s compiled per 81 frames)
+    out = F.conv3d(x, weight, bias, conv.stride, (0, pad_h, pad_w))
+    return out[:, :out_channels] if extra else out, x[:, :, x.shape[2] - keep :].clone()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def _canonical(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """``x`` dense in ``layout`` with the layout's own strides, also on size-1 dimensions (a view when ``x`` is
+    already dense so): compiled regions guard on strides, and a size-1 batch or time dimension otherwise carries
+    whatever stride the op that made it chose, which would compile one graph per producer."""
+    x = x.contiguous(memory_format=layout)
+    return x.as_strided(x.shape, torch.empty(x.shape, device="meta", memory_format=layout).stride())
+
+
+def _own(cache: torch.Tensor) -> torch.Tensor:
+    """``cache`` in a buffer of its own. Compiled, a region returns its cache as a view into the convolution's whole
+    input (inductor drops the clone of a slice as a no-op), which would keep 3x the cache alive between calls (on
+    the H100: 5.1 instead of 2.4 GiB held by the full-size decoder's cache); copying the frames out costs ~1 ms."""
+    return cache if cache.untyped_storage().nbytes() == cache.nbytes else cache.clone()
+
+
+def _zero_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Zeros shaped like ``frames`` time steps of ``x`` and laid out like it (channels-last-3d stays so)."""
+    b, c, _, h, w = x.shape
+    return torch.zeros((b, c, frames, h, w), dtype=x.dtype, device=x.device).contiguous(memory_format=_layout(x))
+
+
+def _residual(block: nn.Module, x: torch.Tensor, cache1: torch.Tensor | None, cache2: torch.Tensor | None):
+    """diffusers' ``WanResidualBlock``; returns ``(output, new cache of conv1, of conv2)``."""
+    if isinstance(block.conv_shortcut, nn.Identity):
+        shortcut = x
+    else:  # 1x1x1: no temporal context
+        shortcut = F.conv3d(x, block.conv_shortcut.weight, block.conv_shortcut.bias)
+    h, new1 = _causal_conv(block.conv1, block.nonlinearity(block.norm1(x)), cache1)
+    h, new2 = _causal_conv(block.conv2, block.dropout(block.nonlinearity(block.norm2(h))), cache2)
+    return h + shortcut, new1, new2
+
+
+def _upsample(resample: nn.Module, x: torch.Tensor, cache: torch.Tensor | None, first: bool):
+    """diffusers' ``WanResample`` in its up-sampling modes; returns ``(output, new cache)``, the cache None for
+    the 2-D mode. The 3-D mode's temporal convolution is skipped on a video's first call (its cache stays zeros)."""
+    new = None
+    if resample.mode == "upsample3d":
+        b, c, t, h, w = x.shape
+        if first:
+            new = _zero_frames(x, resample.time_conv._padding[4])
+        else:  # the convolution doubles the channels; the two halves become consecutive frames
+            x, new = _causal_conv(resample.time_conv, x, cache)
+            x = x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+    elif resample.mode != "upsample2d":
+        raise ValueError(f"a decoder resampler must up-sample, got mode {resample.mode!r}")
+    b, c, t, h, w = x.shape
+    layout = _layout(x)
+    out = resample.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # nearest 2x, then a 3x3 conv
+    # laid out as the input (channels-last: already so, as the 2-D convolution is channels-last too), so that the
+    # blocks after it see the strides every other block sees
+    return out.view(b, t, *out.shape[1:]).permute(0, 2, 1, 3, 4).contiguous(memory_format=layout), new
+
+
+def _head(decoder: nn.Module, x: torch.Tensor, cache: torch.Tensor | None):
+    return _causal_conv(decoder.conv_out, decoder.nonlinearity(decoder.norm_out(x)), cache)
+
+
+@dataclass(frozen=True)
+class DecoderRegions:
+    """The functions :func:`decoder_step` runs the decoder with: these, or compiled forms of them."""
+
+    residual: Callable = _residual
+    upsample: Callable = _upsample
+    head: Callable = _head
+
+    def compiled(self, **options) -> DecoderRegions:
+        """Static shapes, whole graphs; blocks of equal shapes share one graph (parameters are graph inputs)."""
+        options = {"fullgraph": True, "dynamic": False, **options}
+        return DecoderRegions(*(torch.compile(getattr(self, f.name), **options) for f in fields(self)))
+
+
+EAGER_REGIONS = DecoderRegions()
+
+
+def decoder_step(decoder: nn.Module, x: torch.Tensor, cache: list[torch.Tensor] | None,
+                 regions: DecoderRegions = EAGER_REGIONS, layout: torch.memory_format = torch.contiguous_format):
+    """One call of diffusers' ``WanDecoder3d`` (Wan2.1 layout) with the causal cache as explicit tensors.
+
+    Args:
+        decoder: ``AutoencoderKLWan.decoder``.
+        x: ``[B, C, f, h, w]`` after ``post_quant_conv``; exactly one frame when ``cache`` is None.
+        cache: the list returned by the previous call of this video (consumed: its entries are released as they
+            are used), or None for its first call.
+        regions: the region functions (compiled or not).
+        layout: memory format of the activations (channels-last-3d with channels-last weights).
+    Returns:
+        ``(pixels [B, 3, T, H, W] unclamped, new cache)``; T = 1 for the first call, 4f after it.
+    """
+    first = cache is None
+    if first and x.shape[2] != 1:
+        raise ValueError(f"the first decoder call of a video takes one latent frame, got {x.shape[2]}")
+    new: list[torch.Tensor] = []
+    slots = iter(range(len(cache))) if cache is not None else None
+
+    def cached() -> torch.Tensor | None:
+        """The next slot's old cache, released from ``cache`` as it is taken: old and new caches of the whole
+        decoder never coexist (1.8 GiB at full size)."""
+        if cache is None:
+            return None
+        slot = next(slots)
+        old, cache[slot] = cache[slot], None
+        return _canonical(old, layout)
+
+    def residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x, *caches = regions.residual(block, _canonical(x, layout), cached(), cached())
+        new.extend(map(_own, caches))
+        return x
+
+    x, conv_in_cache = _causal_conv(decoder.conv_in, x, cached())  # 16 channels in: nothing to fuse
+    new.append(conv_in_cache)
+    mid = decoder.mid_block
+    x = residual(mid.resnets[0], x)
+    for attention, block in zip(mid.attentions, mid.resnets[1:]):
+        x = residual(block, attention(x))
+    for up in decoder.up_blocks:
+        for block in up.resnets:
+            x = residual(block, x)
+        if up.upsamplers is not None:
+            resample = up.upsamplers[0]
+            x, upsample_cache = regions.upsample(resample, _canonical(x, layout),
+                                                 cached() if resample.mode == "upsample3d" else None, first)
+            if upsample_cache is not None:
+                new.append(_own(upsample_cache))
+    x, head_cache = regions.head(decoder, _canonical(x, layout), cached())
+    new.append(_own(head_cache))
+    return x, new
