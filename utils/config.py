@@ -11,6 +11,7 @@ API: ``load_config(path, overrides) -> Config`` returns the validated dataclass,
 ``grad_accum_steps`` is the one place that decides the micro-steps per optimizer step.
 
 Load order (later wins): schema defaults < default_config.yaml < base chain (outermost first) < the YAML < overrides.
+(:mod:`utils.config_yaml` reads each layer: a YAML file, its ``base:`` chain, a ``key=value`` override.)
 Unknown keys, mistyped and bad values raise :class:`ConfigError` with one line naming the file and the key.
 
 Derived values, computed once: ``image_or_video_shape`` ``[B, F, C, H, W]`` (latent) is the geometry's source of truth;
