@@ -9,6 +9,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 from utils.config import load_config
+from utils.paths import _announce
 
 REPO = Path(__file__).resolve().parent.parent
 # Declared runtime dependencies that no import statement names: what they serve instead.
@@ -83,6 +84,7 @@ def test_ci_installs_as_the_readme_says():
 
 def test_shipped_config_and_its_paths_resolve_from_any_working_directory(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
+    _announce.cache_clear()   # said once per path and process: an earlier test may have said it already
     with caplog.at_level(logging.INFO, logger="utils.paths"):
         cfg = load_config("configs/toy/causal_forcing_dmd_chunkwise.yaml")
     assert cfg.generator_ckpt == str(REPO / "assets/toy/checkpoints/chunkwise/causal_forcing.pt")
