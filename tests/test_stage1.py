@@ -1,4 +1,4 @@
-"""Stage 1 (trainer/diffusion.py) and the video-encoding tool (utils/encode_videos.py) on tiny models, CPU.
+"""Stage 1 (trainer/diffusion.py) and the video-encoding tool (app/encode_videos.py) on tiny models, CPU.
 
 Training data are synthetic captioned clips (toy/world.py) turned into latents by a fixed linear stand-in for the
 VAE (first frame + means of 4-frame groups, 8x8 average pooling, a random 3 -> 16 channel lift), so a latent LMDB of a
@@ -38,7 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.encode_videos import build_parser, main
+from app.encode_videos import build_parser, encode_videos_to_lmdb, list_captioned_videos, main
 from model.vae import WanVAE
 from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
@@ -49,7 +49,6 @@ from trainer.loop import Trainer
 from utils.config import Config
 from utils.datasets import LatentLMDBDataset
 from utils.distributed import close_distributed
-from utils.encode_videos import encode_videos_to_lmdb, list_captioned_videos
 from utils.errors import ConfigError, DataError
 from utils.video import write_mp4
 
@@ -532,7 +531,7 @@ def test_encode_videos_cli(world, tmp_path, caplog):
 def test_read_ahead_keeps_order_and_skips_broken_files(tmp_path):
     """--num_workers decodes in threads; the clips must come out in file order, broken ones as None, equal to the
     serial read."""
-    from utils.encode_videos import read_all
+    from app.encode_videos import read_all
 
     pairs = []
     for i, (caption, frames) in enumerate(S.make_dataset(5, seed=4, **PIXELS)):
