@@ -121,7 +121,7 @@ def build_world(args, work: Path) -> dict:
 
     from model.config import get_preset
     from toy.folders import DEFAULT_SENTENCES, TINY_DIT, write_tiny_wan_folder
-    from utils.lmdb_store import write_clean_lmdb
+    from utils.lmdb_store import LMDBWriter
 
     t0 = time.perf_counter()
     device = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"
@@ -133,9 +133,10 @@ def build_world(args, work: Path) -> dict:
     t_model = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     shape = geometry(args)
-    latents = (rng.standard_normal(shape, dtype=np.float32) for _ in range(args.rows))
-    captions = [PROMPTS[i % len(PROMPTS)] + f", take {i}" for i in range(args.rows)]
-    write_clean_lmdb(work / "latents", latents, captions)
+    with LMDBWriter(work / "latents") as writer:   # clean rows [1, F, C, H, W], one at a time
+        for i in range(args.rows):
+            latent = rng.standard_normal((1, 1, *shape), dtype=np.float32)
+            writer.append(latent, [PROMPTS[i % len(PROMPTS)] + f", take {i}"])
     (work / "prompts.txt").write_text("\n".join(PROMPTS[: args.num_prompts]) + "\n")
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     return {"dit_params": sum(p.numel() for p in _dit_shapes(dit)), "folder_gb": size / 1e9,

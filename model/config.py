@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 
 from utils.errors import ConfigError
@@ -68,14 +67,6 @@ class WanConfig:
             raise ConfigError(f"unknown Wan config keys: {', '.join(unknown)}")
         d.pop("window_size", None)  # always (-1, -1) in Wan2.1; windowing is a streaming choice here
         return cls(**d)
-
-    @classmethod
-    def from_json(cls, path: str) -> "WanConfig":
-        """Read an original Wan ``config.json`` (or one written by :meth:`to_json`)."""
-        if not os.path.isfile(path):
-            raise ConfigError(f"model config not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
 
     def to_json(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:

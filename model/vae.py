@@ -215,16 +215,6 @@ class WanVAE(nn.Module):
         logger.info("loaded Wan VAE from %s", path)
         return cls(model.to(torch_dtype))
 
-    def set_channels_last(self, enabled: bool) -> WanVAE:
-        """Switch the Conv3d weights between channels-last-3d and the default layout."""
-        if enabled:
-            return self.to_channels_last()
-        for module in self.model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-                module.to(memory_format=torch.contiguous_format)
-        self.channels_last = False
-        return self
-
     def to_channels_last(self) -> WanVAE:
         """Store convolution weights channels-last (3-D and, for the upsamplers' frame-wise convolutions, 2-D) and
         feed inputs that way (faster cuDNN kernels on GPU; the frame-wise view of a channels-last-3d video is a

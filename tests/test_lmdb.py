@@ -11,7 +11,7 @@ import torch
 
 from utils.create_lmdb_iterative import create_ode_lmdb
 from utils.errors import DataError
-from utils.lmdb_store import LMDBReader, LMDBWriter, ShardedLMDBReader, open_env, open_many, write_clean_lmdb
+from utils.lmdb_store import LMDBReader, LMDBWriter, ShardedLMDBReader, open_env, open_many
 from utils.merge_and_get_clean import extract_clean
 from utils.merge_lmdb import find_shards, merge_lmdbs
 
@@ -113,16 +113,6 @@ def test_open_many_natural_order_and_global_index(tmp_path):
     make_db(tmp_path / "shards" / "s_3", 1, 0, row_shape=(2, 2))
     with pytest.raises(DataError, match="unlike"):
         open_many(tmp_path / "shards")
-
-
-def test_write_clean_lmdb(tmp_path):
-    latents = [torch.randn(2, 4, 4, 6), torch.randn(1, 2, 4, 4, 6), np.random.randn(2, 4, 4, 6)]
-    rows = write_clean_lmdb(tmp_path / "clean", iter(latents), iter(["a", "b", "c"]), batch_rows=2)
-    reader = LMDBReader(tmp_path / "clean")
-    assert rows == 3 and reader.shape("latents") == (3, 1, 2, 4, 4, 6)
-    assert np.array_equal(reader.get("latents", 1)[0], latents[1][0].numpy().astype(np.float16))
-    with pytest.raises(DataError, match="different lengths"):
-        write_clean_lmdb(tmp_path / "bad", latents, ["a"])
 
 
 def save_pt(path, prompt: str, trajectory: torch.Tensor):

@@ -31,7 +31,7 @@ from utils.create_lmdb_iterative import create_ode_lmdb
 from utils.datasets import LatentLMDBDataset, ODERegressionLMDBDataset
 from utils.ema import ShardLocalEMA
 from utils.errors import ConfigError, DataError
-from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, write_clean_lmdb
+from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter
 from utils.merge_lmdb import merge_lmdbs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
     write_tiny_wan_folder(root / "wan_models" / "tiny")
     g = torch.Generator().manual_seed(2)
-    write_clean_lmdb(root / "clean_data", [torch.randn(FRAMES, *LATENT, generator=g) for _ in CAPTIONS], CAPTIONS)
+    with LMDBWriter(root / "clean_data") as writer:   # clean rows [1, F, C, H, W]
+        writer.append(torch.randn(len(CAPTIONS), 1, FRAMES, *LATENT, generator=g), CAPTIONS)
     common = (f"wan_models_dir: {root / 'wan_models'}\ngenerator_name: tiny\ntext_encoder_name: tiny\n"
               f"image_or_video_shape: [1, {FRAMES}, {', '.join(map(str, LATENT))}]\n"
               f"mixed_precision: false\ngradient_checkpointing: false\ngenerator_ckpt: {root / 'stage1.pt'}\n")

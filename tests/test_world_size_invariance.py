@@ -25,7 +25,7 @@ import train
 from toy.folders import write_tiny_wan_folder
 from trainer.batches import GlobalStreamSampler
 from utils.checkpoint import release_path
-from utils.lmdb_store import write_clean_lmdb
+from utils.lmdb_store import LMDBWriter
 
 LATENT = (6, 16, 4, 4)   # [F, C, H, W]: two chunk-wise blocks of 3 latent frames
 NUM_SAMPLES = 5
@@ -76,8 +76,9 @@ def runs(tmp_path_factory, repo_root):
     root = tmp_path_factory.mktemp("invariance")
     write_tiny_wan_folder(root / "wan" / "tiny")
     gen = np.random.default_rng(0)
-    latents = [gen.standard_normal(LATENT).astype(np.float32) for _ in range(NUM_SAMPLES)]
-    write_clean_lmdb(root / "latents", latents, [f"prompt number {i}" for i in range(NUM_SAMPLES)])
+    latents = gen.standard_normal((NUM_SAMPLES, 1, *LATENT)).astype(np.float32)   # clean rows [1, F, C, H, W]
+    with LMDBWriter(root / "latents") as writer:
+        writer.append(latents, [f"prompt number {i}" for i in range(NUM_SAMPLES)])
     run_train(repo_root, root, root / "two", ranks=2)
     run_train(repo_root, root, root / "one", ranks=1)
     return root, root / "two", root / "one"

@@ -298,17 +298,3 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._start = (self.epoch, self.position)
 
-
-class DistributedResumableSampler(ResumableSampler):
-    """:class:`ResumableSampler` whose ``num_replicas``/``rank`` default to the initialised process group."""
-
-    def __init__(self, data_source, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 num_replicas: int | None = None, rank: int | None = None):
-        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if num_replicas is None:
-            num_replicas = torch.distributed.get_world_size() if initialised else 1
-        if rank is None:
-            rank = torch.distributed.get_rank() if initialised else 0
-        super().__init__(data_source, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                         num_replicas=num_replicas, rank=rank)
-

@@ -9,9 +9,6 @@ export (:meth:`ShardLocalEMA.full_state_dict`).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
@@ -103,15 +100,3 @@ class ShardLocalEMA:
         dst = [_local(named[n].detach()) for n in self.shadow]
         torch._foreach_copy_(dst, [_local(s) for s in self.shadow.values()])
 
-    @contextlib.contextmanager
-    def swap_into(self) -> Iterator[None]:
-        """Temporarily put the EMA weights into the tracked network (e.g. to sample with them); restores on exit."""
-        with torch.no_grad():
-            live = [_local(p.detach()) for p in self._params]
-            backup = [t.clone() for t in live]
-            torch._foreach_copy_(live, [_local(s) for s in self.shadow.values()])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(live, backup)

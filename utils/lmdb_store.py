@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -233,42 +233,6 @@ class LMDBWriter:
         if self._env is not None:
             self._env.close()
             self._env = None
-
-
-def write_clean_lmdb(path, latents_iter: Iterable, prompts_iter: Iterable[str], map_size: int = DEFAULT_MAP_SIZE,
-                     batch_rows: int = 64) -> int:
-    """Build a ``clean_data`` LMDB (rows ``[1, F, C, H, W]`` float16) from per-sample latents.
-
-    Args:
-        latents_iter: yields one latent per sample, ``[F, C, H, W]`` or ``[1, F, C, H, W]`` (numpy or tensor).
-        prompts_iter: yields the matching caption; both iterables must have the same length.
-        batch_rows: rows per write transaction.
-    Returns:
-        the number of rows written.
-    """
-    sentinel = object()
-    with LMDBWriter(path, map_size=map_size) as writer:
-        rows, texts = [], []
-        latents_it, prompts_it = iter(latents_iter), iter(prompts_iter)
-        while True:
-            latent, prompt = next(latents_it, sentinel), next(prompts_it, sentinel)
-            if latent is sentinel or prompt is sentinel:
-                if latent is not prompt:
-                    raise DataError(f"latents and prompts have different lengths while writing {path}")
-                break
-            arr = _to_numpy(latent)
-            if arr.ndim == 4:
-                arr = arr[None]
-            if arr.ndim != 5 or arr.shape[0] != 1:
-                raise DataError(f"clean latent must be [F, C, H, W] or [1, F, C, H, W], got {tuple(arr.shape)}")
-            rows.append(arr)
-            texts.append(prompt)
-            if len(rows) == batch_rows:
-                writer.append(np.stack(rows), texts)
-                rows, texts = [], []
-        if rows:
-            writer.append(np.stack(rows), texts)
-        return writer.num_rows
 
 
 class LMDBReader:

@@ -6,8 +6,6 @@ Each ODE row ``[S, F, C, H, W]`` keeps only its last slot (the ground-truth VAE 
 float16 next to its prompt. Unlike the reference, nothing is deleted unless ``--delete_sources`` is given (the
 reference removed both the chunkwise and the framewise shards, forcing a second download for stage 2); with it, only
 the shards that were read are removed.
-
-:func:`utils.lmdb_store.write_clean_lmdb` builds the same format from freshly encoded latents.
 """
 
 from __future__ import annotations
