@@ -5,6 +5,8 @@ Kept out of the entry script so it can be tested and reused (the toy recipe name
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 import time
@@ -16,8 +18,8 @@ from tqdm import tqdm
 
 from app.cli import config_from_args, pipeline_from_args
 from pipeline.streaming import StreamChunk, StreamingPipeline
-from utils.datasets import TextDataset, read_image_prompts
-from utils.errors import UserError, ensure_folder
+from utils.datasets import TextDataset, read_prompt_lines
+from utils.errors import DataError, UserError, ensure_folder
 from utils.io import atomic_path, remove_stale_temps
 from utils.video import Mp4StreamWriter, safe_output_name
 
@@ -61,6 +63,60 @@ def make_jobs(args, rank: int, world: int) -> list[Job]:
             name = base if args.num_samples == 1 else f"{base}-{k}"
             jobs.append(Job(i, k, text, name, video_seed(args.seed, i, k, args.num_samples), image))
     return jobs[rank::world]
+
+
+I2V_METADATA_GLOB = "target_crop_info_*.json"   # the published I2V folder: this file and a sub-folder of images
+
+
+def read_image_prompts(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(image path, caption)`` pairs for image-to-video, from either layout:
+
+    * a folder as the published code reads it: one ``target_crop_info_<ratio>.json`` (a list of items with at least
+      ``file_name`` and ``caption``; the crop fields are not used) and the images under ``<ratio>/``;
+    * a text file of ``image_path<TAB>prompt`` lines (relative image paths are relative to the file).
+    """
+    path = os.fspath(path)
+    pairs = _read_i2v_folder(path) if os.path.isdir(path) else _read_i2v_file(path)
+    if not pairs:
+        raise DataError(f"I2V prompts are empty: {path}")
+    return pairs
+
+
+def _read_i2v_folder(folder: str) -> list[tuple[str, str]]:
+    found = sorted(glob.glob(os.path.join(folder, I2V_METADATA_GLOB)))
+    if len(found) != 1:
+        raise DataError(f"I2V folder {folder} must hold exactly one {I2V_METADATA_GLOB}, found {len(found)}"
+                        + (f" ({', '.join(os.path.basename(f) for f in found)})" if found else ""))
+    meta = found[0]
+    ratio = os.path.splitext(os.path.basename(meta))[0].rsplit("_", 1)[-1]
+    image_dir = os.path.join(folder, ratio)
+    try:
+        with open(meta, encoding="utf-8") as f:
+            items = json.load(f)
+        pairs = [(os.path.join(image_dir, item["file_name"]), item["caption"].strip()) for item in items]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{meta}: expected a JSON list of {{'file_name', 'caption'}} items ({type(err).__name__}: "
+                        f"{err})") from err
+    for image, _ in pairs:
+        if not os.path.isfile(image):
+            raise DataError(f"{meta}: image not found: {image} (images live in the '{ratio}' sub-folder)")
+    return pairs
+
+
+def _read_i2v_file(path: str) -> list[tuple[str, str]]:
+    if not os.path.isfile(path):
+        raise DataError(f"I2V prompts not found: {path} (expected a file of 'image_path<TAB>prompt' lines or a "
+                        f"folder with {I2V_METADATA_GLOB})")
+    pairs = []
+    for n, text in read_prompt_lines(path):
+        if "\t" not in text:
+            raise DataError(f"{path}:{n}: expected 'image_path<TAB>prompt'")
+        image, prompt = text.split("\t", 1)
+        image = image if os.path.isabs(image) else os.path.join(os.path.dirname(path), image)
+        if not os.path.isfile(image):
+            raise DataError(f"{path}:{n}: image not found: {image}")
+        pairs.append((image, prompt.strip()))
+    return pairs
 
 
 def image_pixels(path: str, height: int, width: int) -> torch.Tensor:

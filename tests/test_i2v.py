@@ -9,9 +9,8 @@ import torch
 from PIL import Image
 
 import inference
-from app.jobs import image_pixels
+from app.jobs import image_pixels, read_image_prompts
 from toy.folders import write_tiny_wan_folder
-from utils.datasets import read_image_prompts
 from utils.errors import DataError
 
 YAML = """

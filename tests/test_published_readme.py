@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.jobs import read_image_prompts
 from model.loader import read_state_dict
 from toy.folders import DEFAULT_SENTENCES, write_tiny_wan_folder
 from utils.create_lmdb_iterative import create_ode_lmdb
-from utils.datasets import LatentLMDBDataset, ODERegressionLMDBDataset, read_image_prompts
+from utils.datasets import LatentLMDBDataset, ODERegressionLMDBDataset
 from utils.video import safe_output_name
 
 REPO = Path(__file__).resolve().parent.parent
