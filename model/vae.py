@@ -1,15 +1,9 @@
-"""Wan2.1 causal 3-D VAE: a thin wrapper over diffusers' ``AutoencoderKLWan`` (spec model_and_inference.md §6.3).
+"""Wan2.1 causal 3-D VAE over diffusers' ``AutoencoderKLWan`` (spec model_and_inference.md §6.3).
 
-What the wrapper adds to the diffusers model:
-
-* latent normalisation ``z = (mu - mean) / std`` with the per-channel constants of the VAE config;
-* the repo's latent layout ``[B, F, C, h, w]`` (diffusers uses ``[B, C, F, h, w]``), pixels out as ``[B, T, 3, H, W]``;
-* loading the original ``Wan2.1_VAE.pth`` (original key names, converted here) or a diffusers folder, strictly;
-* :class:`StreamingDecoder`, which keeps the causal-convolution feature cache between calls so that latent
-  frames can be decoded as they are generated.
-
-Compression: ``T = 1 + 4 (F - 1)`` pixel frames for ``F`` latent frames (the first latent frame is one pixel
-frame), 8x spatially, 16 channels; the factors are derived from the config, not assumed.
+Adds latent normalisation ``z = (mu - mean) / std``, the ``[B, F, C, h, w]`` latent layout (diffusers:
+``[B, C, F, h, w]``), strict loading of the original ``Wan2.1_VAE.pth`` or a diffusers folder, and
+:class:`StreamingDecoder`, which carries the causal feature cache between calls. ``F`` latent frames decode to
+``1 + 4 (F - 1)`` pixel frames, 8x spatially; the factors come from the config.
 """
 
 from __future__ import annotations
@@ -30,16 +24,14 @@ if TYPE_CHECKING:
 
 
 def _autoencoder_class():
-    """diffusers' ``AutoencoderKLWan``, imported on first use: importing diffusers costs seconds, and training
-    processes that never build a VAE (visualisation off) should not pay it."""
+    """diffusers' ``AutoencoderKLWan``, imported on first use (importing diffusers costs seconds)."""
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan
 
 logger = logging.getLogger(__name__)
 
-ORIGINAL_VAE_FILENAME = "Wan2.1_VAE.pth"
-"""File name of the original VAE weights inside ``wan_models/Wan2.1-T2V-1.3B/``."""
+ORIGINAL_VAE_FILENAME = "Wan2.1_VAE.pth"   # inside wan_models/Wan2.1-T2V-1.3B/
 DOWNLOAD_HINT = "hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -53,21 +45,11 @@ WAN21_LATENTS_STD = [
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 ]  # fmt: skip
 
-WAN21_VAE_CONFIG = dict(
-    base_dim=96,
-    z_dim=16,
-    dim_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    attn_scales=[],
-    temperal_downsample=[False, True, True],
-    dropout=0.0,
-    latents_mean=WAN21_LATENTS_MEAN,
-    latents_std=WAN21_LATENTS_STD,
-)
-"""``AutoencoderKLWan`` arguments of the released Wan2.1 VAE (126.9M parameters, 194 tensors)."""
-
-TINY_VAE_CONFIG = dict(WAN21_VAE_CONFIG, base_dim=8)
-"""Same architecture at width 8 (0.92M parameters) for tests and the toy world."""
+# ``AutoencoderKLWan`` arguments of the released Wan2.1 VAE (126.9M parameters, 194 tensors)
+WAN21_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                        temperal_downsample=[False, True, True], dropout=0.0, latents_mean=WAN21_LATENTS_MEAN,
+                        latents_std=WAN21_LATENTS_STD)
+TINY_VAE_CONFIG = dict(WAN21_VAE_CONFIG, base_dim=8)   # 0.92M parameters: tests and the toy world
 
 
 # ---------------------------------------------------------------------------------------------- key conversion
@@ -125,10 +107,7 @@ def convert_original_vae_key(key: str, num_res_blocks: int) -> str | None:
 
 def convert_original_vae_state_dict(state_dict: dict[str, torch.Tensor], num_res_blocks: int) -> dict:
     """Rename an original-format state dict to diffusers names; unknown names are kept (reported on load)."""
-    converted = {}
-    for key, value in state_dict.items():
-        converted[convert_original_vae_key(key, num_res_blocks) or key] = value
-    return converted
+    return {convert_original_vae_key(key, num_res_blocks) or key: value for key, value in state_dict.items()}
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
@@ -144,19 +123,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 class WanVAE(nn.Module):
-    """Frozen Wan VAE with latent normalisation and the ``[B, F, C, h, w]`` latent layout.
+    """Frozen Wan VAE (a diffusers ``AutoencoderKLWan``); the per-channel latent statistics default to
+    ``model.config``'s, else Wan2.1's."""
 
-    Args:
-        model: the diffusers ``AutoencoderKLWan``.
-        latents_mean, latents_std: per-channel statistics; default to ``model.config``'s, else Wan2.1's.
-    """
-
-    def __init__(
-        self,
-        model: AutoencoderKLWan,
-        latents_mean: list[float] | None = None,
-        latents_std: list[float] | None = None,
-    ) -> None:
+    def __init__(self, model: AutoencoderKLWan, latents_mean: list[float] | None = None,
+                 latents_std: list[float] | None = None) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         config = model.config
@@ -180,17 +151,9 @@ class WanVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.float32, **config) -> WanVAE:
-        """Load the original ``Wan2.1_VAE.pth`` (or a folder holding it) or a diffusers VAE folder.
-
-        Args:
-            path: ``.pth``/``.safetensors`` file with original (or diffusers) key names; a folder containing
-                ``Wan2.1_VAE.pth``; a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``),
-                also as the ``vae/`` subfolder of a diffusers pipeline.
-            torch_dtype: dtype of the loaded weights.
-            config: ``AutoencoderKLWan`` arguments overriding the Wan2.1 defaults (or the folder's config.json).
-        Raises:
-            WeightsMissingError: nothing loadable at ``path``. CheckpointError: weights do not fit (strict).
-        """
+        """Load a ``.pth``/``.safetensors`` file (original or diffusers key names), a folder holding
+        ``Wan2.1_VAE.pth``, or a diffusers VAE folder (also as a pipeline's ``vae/``), strictly. ``config``:
+        ``AutoencoderKLWan`` arguments overriding the Wan2.1 defaults (or the folder's config.json)."""
         path = Path(path)
         if path.is_dir() and (path / ORIGINAL_VAE_FILENAME).is_file():
             path = path / ORIGINAL_VAE_FILENAME
@@ -216,13 +179,9 @@ class WanVAE(nn.Module):
         return cls(model.to(torch_dtype))
 
     def to_channels_last(self) -> WanVAE:
-        """Store convolution weights channels-last (3-D and, for the upsamplers' frame-wise convolutions, 2-D) and
-        feed inputs that way (faster cuDNN kernels on GPU; the frame-wise view of a channels-last-3d video is a
-        channels-last image batch, so no copies in between).
-
-        ``.to(memory_format=...)`` on the whole VAE fails because some parameters are not 5-D, so convert
-        the convolution modules one by one.
-        """
+        """Store convolution weights channels-last (3-D, and 2-D for the upsamplers' frame-wise convolutions) and feed
+        inputs that way: faster cuDNN kernels, and the frame-wise view of a channels-last-3d video is a channels-last
+        image batch. Module by module, as some parameters are not 5-D."""
         for module in self.model.modules():
             if isinstance(module, nn.Conv3d):
                 module.to(memory_format=torch.channels_last_3d)
@@ -234,10 +193,8 @@ class WanVAE(nn.Module):
     def compile_decoder(self, enabled: bool = True, **options) -> WanVAE:
         """``torch.compile`` the streaming decoder's regions (:class:`DecoderRegions`; ``enabled=False``: eager).
 
-        Static shapes: every call after a video's first has the same shapes (``frames_per_call`` latent frames,
-        fewer only for a short last chunk), so each region compiles once per shape and serves every video after
-        it. The one-frame first call of each video stays eager: it is cheap and would be a second set of graphs.
-        ``options`` go to ``torch.compile``."""
+        Static shapes: every call after a video's first has ``frames_per_call`` latent frames (fewer only for a short
+        last chunk), so each region compiles once per shape. A video's one-frame first call stays eager."""
         # a few graphs per region and resolution; switching resolution or options in one process adds more
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.regions = EAGER_REGIONS.compiled(**options) if enabled else EAGER_REGIONS
@@ -260,7 +217,7 @@ class WanVAE(nn.Module):
         return 1 + (num_pixel_frames - 1) // self.temporal_compression
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 mean/std shaped ``[1, 1, C, 1, 1]`` on ``device``; copied once per device."""
+        """float32 mean/std ``[1, 1, C, 1, 1]`` on ``device``, copied once per device."""
         if device not in self._stats_by_device:
             self._stats_by_device[device] = tuple(
                 torch.tensor(values, dtype=torch.float32).view(1, 1, -1, 1, 1).to(device)
@@ -285,13 +242,7 @@ class WanVAE(nn.Module):
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised posterior means (deterministic).
-
-        Args:
-            pixels: ``[B, 3, T, H, W]`` in [-1, 1], ``T = 1 + 4k``, H and W multiples of 8.
-        Returns:
-            float32 ``[B, 1 + k, 16, H/8, W/8]``.
-        """
+        """Normalised posterior means: ``[B, 3, 1 + 4k, H, W]`` in [-1, 1] -> float32 ``[B, 1 + k, 16, H/8, W/8]``."""
         if pixels.ndim != 5 or (pixels.shape[2] - 1) % self.temporal_compression:
             raise ValueError(
                 f"encode expects [B, 3, T, H, W] with T = 1 + {self.temporal_compression}k, got {tuple(pixels.shape)}"
@@ -311,19 +262,12 @@ class WanVAE(nn.Module):
 class StreamingDecoder:
     """Decodes a video chunk by chunk, carrying the decoder's causal feature cache between calls.
 
-    diffusers' public ``decode()`` clears the feature cache at its start and end, so decoding chunk by chunk
-    through it restarts the causal context (chunks [3, 3] give 18 frames instead of 21). This class runs the
-    decoder's modules through :func:`decoder_step`, which takes the cache as explicit tensors and returns the new
-    one; pinned by tests/test_vae.py against diffusers' own one-shot decode (re-check on diffusers upgrades).
-
-    The first call of a video gets exactly ONE latent frame, which gives one pixel frame (the temporal upsamplers
-    are skipped for it). After that, ``frames_per_call`` latent frames go through the decoder at once (results
-    equal per-frame decoding up to float rounding); every such call has the same shapes, so compiled decoder
-    regions (:meth:`WanVAE.compile_decoder`) compile once.
-
-    Args:
-        vae: the :class:`WanVAE`.
-        frames_per_call: latent frames per decoder call after the first frame (memory grows with it).
+    diffusers' ``decode()`` clears its feature cache at start and end, so chunk-wise calls would restart the causal
+    context (chunks [3, 3] give 18 frames instead of 21). :func:`decoder_step` takes the cache as explicit tensors;
+    tests/test_vae.py pins it to diffusers' one-shot decode (re-check on diffusers upgrades). A video's first call
+    decodes exactly one latent frame (one pixel frame); later calls take ``frames_per_call`` latent frames at once
+    (equal to per-frame decoding up to rounding; memory grows with it), all of one shape, so compiled regions
+    compile once.
     """
 
     def __init__(self, vae: WanVAE, frames_per_call: int = 4) -> None:
@@ -340,14 +284,8 @@ class StreamingDecoder:
         self.num_latent_frames = 0
 
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode the next latent frames of the video.
-
-        Args:
-            latents: normalised ``[B, f, 16, h, w]``, f >= 1; B constant within a video.
-        Returns:
-            float32 ``[B, T_chunk, 3, 8h, 8w]`` in [-1, 1]; ``T_chunk = 1 + 4(f - 1)`` for the first chunk of a
-            video, ``4f`` afterwards.
-        """
+        """Normalised ``[B, f, 16, h, w]`` (B constant within a video) -> float32 ``[B, T, 3, 8h, 8w]`` in [-1, 1];
+        ``T = 1 + 4(f - 1)`` for a video's first chunk, ``4f`` afterwards."""
         if latents.ndim != 5 or latents.shape[1] < 1:
             raise ValueError(f"decode_chunk expects [B, f>=1, C, h, w], got {tuple(latents.shape)}")
         if self._batch_size not in (None, latents.shape[0]):

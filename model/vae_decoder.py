@@ -25,11 +25,10 @@ from torch.nn import functional as F
 # share graphs, so the whole decoder is 9 small graphs.
 
 
+# Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are dropped:
+# on the H100, cuDNN takes 2.12 ms for the last stage's full-resolution 96-channel 3x3x3 convolution (one steady
+# call, four 480x832 frames) and 1.41 ms with 128; 192 -> 256 gains nothing (benchmarks/bench_vae_conv.py).
 PAD_OUT_CHANNELS: dict[str, dict[int, int]] = {"cuda": {96: 128}}
-"""Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are then
-dropped. cuDNN on the H100 runs the full-resolution 96-channel 3x3x3 convolutions of the decoder's last stage at
-375 TFLOP/s (2.12 ms for one steady call's four 480x832 frames) but the same convolution with 128 output
-channels in 1.41 ms; 192 -> 256 gains nothing (``benchmarks/bench_vae_conv.py``, docs/performance.md)."""
 
 
 def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
@@ -53,22 +52,20 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def _canonical(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
-    """``x`` dense in ``layout`` with the layout's own strides, also on size-1 dimensions (a view when ``x`` is
-    already dense so): compiled regions guard on strides, and a size-1 batch or time dimension otherwise carries
-    whatever stride the op that made it chose, which would compile one graph per producer."""
+    """``x`` dense in ``layout`` with the layout's own strides, also on size-1 dimensions: compiled regions guard on
+    strides, and a size-1 dimension otherwise keeps its producer's stride (one graph per producer)."""
     x = x.contiguous(memory_format=layout)
     return x.as_strided(x.shape, torch.empty(x.shape, device="meta", memory_format=layout).stride())
 
 
 def _own(cache: torch.Tensor) -> torch.Tensor:
-    """``cache`` in a buffer of its own. Compiled, a region returns its cache as a view into the convolution's whole
-    input (inductor drops the clone of a slice as a no-op), which would keep 3x the cache alive between calls (on
-    the H100: 5.1 instead of 2.4 GiB held by the full-size decoder's cache); copying the frames out costs ~1 ms."""
+    """``cache`` in a buffer of its own: compiled, a region returns it as a view into the convolution's whole input
+    (inductor drops the clone), which kept 5.1 instead of 2.4 GiB alive on the H100; the copy costs ~1 ms."""
     return cache if cache.untyped_storage().nbytes() == cache.nbytes else cache.clone()
 
 
 def _zero_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """Zeros shaped like ``frames`` time steps of ``x`` and laid out like it (channels-last-3d stays so)."""
+    """Zeros of ``frames`` time steps, shaped and laid out like ``x``."""
     b, c, _, h, w = x.shape
     return torch.zeros((b, c, frames, h, w), dtype=x.dtype, device=x.device).contiguous(memory_format=_layout(x))
 
@@ -128,17 +125,11 @@ EAGER_REGIONS = DecoderRegions()
 
 def decoder_step(decoder: nn.Module, x: torch.Tensor, cache: list[torch.Tensor] | None,
                  regions: DecoderRegions = EAGER_REGIONS, layout: torch.memory_format = torch.contiguous_format):
-    """One call of diffusers' ``WanDecoder3d`` (Wan2.1 layout) with the causal cache as explicit tensors.
+    """One call of diffusers' ``WanDecoder3d`` with the causal cache as explicit tensors.
 
-    Args:
-        decoder: ``AutoencoderKLWan.decoder``.
-        x: ``[B, C, f, h, w]`` after ``post_quant_conv``; exactly one frame when ``cache`` is None.
-        cache: the list returned by the previous call of this video (consumed: its entries are released as they
-            are used), or None for its first call.
-        regions: the region functions (compiled or not).
-        layout: memory format of the activations (channels-last-3d with channels-last weights).
-    Returns:
-        ``(pixels [B, 3, T, H, W] unclamped, new cache)``; T = 1 for the first call, 4f after it.
+    ``x``: ``[B, C, f, h, w]`` after ``post_quant_conv``, one frame when ``cache`` is None (a video's first call);
+    ``cache``: the previous call's list, consumed (entries released as used); ``layout``: the activations' memory
+    format. Returns ``(pixels [B, 3, T, H, W] unclamped, new cache)``, T = 1 for the first call, 4f after it.
     """
     first = cache is None
     if first and x.shape[2] != 1:
@@ -147,8 +138,7 @@ def decoder_step(decoder: nn.Module, x: torch.Tensor, cache: list[torch.Tensor] 
     slots = iter(range(len(cache))) if cache is not None else None
 
     def cached() -> torch.Tensor | None:
-        """The next slot's old cache, released from ``cache`` as it is taken: old and new caches of the whole
-        decoder never coexist (1.8 GiB at full size)."""
+        """The next slot's old cache, released as taken: old and new caches never coexist (1.8 GiB at full size)."""
         if cache is None:
             return None
         slot = next(slots)
