@@ -1,16 +1,11 @@
 """Flow-matching noise schedule shared by training, sampling and the x0 <-> flow conversions.
 
-Conventions (spec model_and_inference.md §8, training.md §2.3):
-
-* A timestep ``t`` lives on the ``0..num_train_timesteps`` scale (1000); ``sigma = t / 1000`` after the shift.
-* Noisy sample ``x_t = (1 - sigma) * x0 + sigma * noise``; the network predicts the flow ``v = noise - x0``.
-* The training grid has ``num_train_timesteps`` entries, descending from 1000. ``add_noise``, ``flow_to_x0``,
-  ``x0_to_flow`` and ``training_weight`` map any timestep to the NEAREST grid entry and use its sigma, as the
-  reference does (so ``t = 0`` is treated as the smallest grid entry, sigma ~= 0.00498 for shift 5).
-* Latent layout is ``[B, F, C, H, W]``; timesteps are ``[B, F]`` (per frame) or ``[B]`` (per sample) and are
-  broadcast over the trailing dimensions.
-
-All lookups are pure tensor ops (no ``.item()``), so they do not synchronise with a GPU.
+Conventions (model_and_inference.md §8, training.md §2.3): ``t`` on the ``0..num_train_timesteps`` scale (1000),
+``sigma = t / 1000`` after the shift; ``x_t = (1 - sigma) x0 + sigma noise``; the network predicts the flow
+``v = noise - x0``. The training grid has ``num_train_timesteps`` entries descending from 1000; ``add_noise``,
+``flow_to_x0``, ``x0_to_flow`` and ``training_weight`` use the sigma of the NEAREST grid entry, as the reference does
+(``t = 0`` is the smallest entry, sigma ~= 0.00498 for shift 5). Latents are ``[B, F, C, H, W]``, timesteps ``[B, F]``
+or ``[B]``. Lookups are tensor ops (no ``.item()``): no GPU sync.
 """
 
 from __future__ import annotations
@@ -22,22 +17,15 @@ class FlowMatchScheduler:
     """Shifted flow-matching grid with nearest-grid lookups, Euler steps and timestep samplers.
 
     Args:
-        num_train_timesteps: number of grid entries and the timestep scale (t = num_train_timesteps * sigma).
+        num_train_timesteps: grid entries and the timestep scale (t = num_train_timesteps * sigma).
         shift: timestep shift ``s``; sigma <- s * sigma / (1 + (s - 1) * sigma).
-        sigma_min: smallest raw (pre-shift) sigma of the linspace.
-        sigma_max: largest raw sigma.
-        extra_one_step: build ``N + 1`` raw values and drop the last (the reference's choice), so the raw grid
-            is ``1 - i / N`` for sigma_min = 0 and never reaches 0.
+        sigma_min, sigma_max: range of the raw (pre-shift) linspace.
+        extra_one_step: build ``N + 1`` raw values and drop the last (the reference's choice): the raw grid is
+            ``1 - i / N`` for sigma_min = 0 and never reaches 0.
     """
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        shift: float = 5.0,
-        sigma_min: float = 0.0,
-        sigma_max: float = 1.0,
-        extra_one_step: bool = True,
-    ) -> None:
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 5.0, sigma_min: float = 0.0,
+                 sigma_max: float = 1.0, extra_one_step: bool = True) -> None:
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
         if shift <= 0:
@@ -72,34 +60,18 @@ class FlowMatchScheduler:
         return y * (len(timesteps) / y.sum())
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(timesteps, sigmas extended with a trailing 0, weights, timesteps extended with 0) on ``device``.
-
-        Copied once per device and memoised, so later lookups issue no host-to-device copies.
-        """
+        """(timesteps, sigmas + trailing 0, weights, timesteps + trailing 0) on ``device``, copied once per device."""
         device = torch.device(device)
         if device not in self._tables_by_device:
             zero = torch.zeros(1)
-            self._tables_by_device[device] = tuple(
-                tensor.to(device)
-                for tensor in (
-                    self.timesteps,
-                    torch.cat([self.sigmas, zero]),
-                    self.weights,
-                    torch.cat([self.timesteps, zero]),
-                )
-            )
+            tables = (self.timesteps, torch.cat([self.sigmas, zero]), self.weights, torch.cat([self.timesteps, zero]))
+            self._tables_by_device[device] = tuple(tensor.to(device) for tensor in tables)
         return self._tables_by_device[device]
 
     # ------------------------------------------------------------------ lookups
 
     def index_for(self, t: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest grid timestep (argmin |T - t|; ties go to the earlier, larger entry).
-
-        Args:
-            t: timesteps of any shape (float or int), on any device.
-        Returns:
-            int64 tensor with ``t``'s shape, on ``t``'s device.
-        """
+        """int64 index of the nearest grid timestep, ``t``'s shape and device (ties go to the larger entry)."""
         t = torch.as_tensor(t)
         grid = self._tables(t.device)[0]
         return (grid - t.unsqueeze(-1)).abs().argmin(dim=-1)
@@ -122,12 +94,8 @@ class FlowMatchScheduler:
     # ------------------------------------------------------------------ forward process and conversions
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``(1 - sigma) * x0 + sigma * noise`` with sigma by nearest lookup, cast to ``noise.dtype``.
-
-        Args:
-            x0, noise: ``[B, F, C, H, W]`` (or any shape whose leading dims match ``t``).
-            t: ``[B, F]`` per frame, ``[B]`` per sample, or a scalar.
-        """
+        """``(1 - sigma) * x0 + sigma * noise`` (sigma by nearest lookup) in ``noise.dtype``; ``t`` is ``[B, F]``,
+        ``[B]`` or a scalar, matching the leading dimensions of ``x0``."""
         sigma = self._expand(self.sigma_for(t), x0)
         return ((1 - sigma) * x0 + sigma * noise).to(noise.dtype)
 
@@ -146,23 +114,13 @@ class FlowMatchScheduler:
         sigma = self._expand(self.sigma_for(t), x_t).double()
         return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)
 
-    def step(
-        self,
-        flow: torch.Tensor,
-        t: torch.Tensor,
-        x: torch.Tensor,
-        t_next: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:
-        """One Euler step ``x + flow * (sigma_next - sigma)``; result in ``x.dtype``.
+    def step(self, flow: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+             t_next: torch.Tensor | float | None = None) -> torch.Tensor:
+        """One Euler step ``x + flow * (sigma_next - sigma)`` in ``x.dtype``.
 
-        With ``t_next`` given, both sigmas are exact (``t / N`` and ``t_next / N``), so a sampler may walk any
-        grid (e.g. :meth:`inference_timesteps` with a final 0) and combine CFG flows before stepping.
-        Without it, the reference behaviour: sigma of the nearest training-grid entry and sigma_next of the
-        following entry (0 after the last).
-
-        Args:
-            flow, x: ``[B, F, C, H, W]``.
-            t, t_next: ``[B, F]``, ``[B]`` or scalars (Python numbers allowed for ``t_next``).
+        With ``t_next``, both sigmas are exact (``t / N``), so a sampler may walk any grid (e.g.
+        :meth:`inference_timesteps` then 0). Without it, the reference's rule: the nearest training-grid entry's sigma
+        and the next entry's (0 after the last).
         """
         t = torch.as_tensor(t, device=x.device)
         if t_next is None:
@@ -179,10 +137,8 @@ class FlowMatchScheduler:
     # ------------------------------------------------------------------ step lists
 
     def warp_steps(self, steps: list[int] | tuple[int, ...]) -> torch.Tensor:
-        """Map nominal steps ``s`` (e.g. [1000, 750, 500, 250]) to grid timesteps ``T[N - s]``.
-
-        ``T`` is the training grid extended with a trailing 0, so ``s = 0`` maps to 0. float32 ``[len(steps)]``.
-        """
+        """Nominal steps ``s`` (e.g. [1000, 750, 500, 250]) -> grid timesteps ``T[N - s]`` (``T`` extended with a
+        trailing 0, so ``s = 0`` maps to 0); float32 ``[len(steps)]``."""
         n = self.num_train_timesteps
         for s in steps:
             if int(s) != s or not 0 <= s <= n:
@@ -191,11 +147,8 @@ class FlowMatchScheduler:
         return self._tables(torch.device("cpu"))[3][index].clone()
 
     def inference_timesteps(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
-        """Timesteps of a ``num_steps`` Euler grid (float32 ``[num_steps]``, descending, no trailing 0).
-
-        Built like the training grid with ``num_steps`` entries and ``shift`` (default: this scheduler's).
-        For the final Euler step pass ``t_next=0`` to :meth:`step`.
-        """
+        """Timesteps of a ``num_steps`` Euler grid built like the training grid (``shift`` default: this scheduler's);
+        float32, descending, no trailing 0 (pass ``t_next=0`` to :meth:`step` for the last step)."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         sigmas = self._shifted_grid(num_steps, self.shift if shift is None else float(shift))
@@ -203,25 +156,13 @@ class FlowMatchScheduler:
 
     # ------------------------------------------------------------------ training timestep samplers
 
-    def sample_block_indices(
-        self,
-        batch_size: int,
-        num_frames: int,
-        num_frame_per_block: int = 1,
-        low: int = 0,
-        high: int | None = None,
-        uniform: bool = False,
-        independent_first_frame: bool = False,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """Integers in ``[low, high)``, int64 ``[B, F]`` (training.md §2.4).
-
-        ``uniform``: one value per sample for all frames. Otherwise one value per block of
-        ``num_frame_per_block`` frames, constant within the block (frame 0 is its own block when
-        ``independent_first_frame``). Draws ``[B, F]`` (``[B, 1]`` if uniform) like the reference, so a seeded
-        generator reproduces its draws. Callers decide whether the integers are grid indices or timesteps.
-        """
+    def sample_block_indices(self, batch_size: int, num_frames: int, num_frame_per_block: int = 1, low: int = 0,
+                             high: int | None = None, uniform: bool = False, independent_first_frame: bool = False,
+                             generator: torch.Generator | None = None,
+                             device: torch.device | str | None = None) -> torch.Tensor:
+        """Integers in ``[low, high)``, int64 ``[B, F]`` (training.md §2.4): one per sample (``uniform``) or one per
+        block, constant within it. Draws ``[B, F]`` (``[B, 1]`` if uniform) as the reference does, so a seeded
+        generator reproduces its draws."""
         high = self.num_train_timesteps if high is None else high
         if uniform:
             values = torch.randint(low, high, (batch_size, 1), generator=generator, device=device)
@@ -235,31 +176,19 @@ class FlowMatchScheduler:
         index = self.sample_block_indices(batch_size, num_frames, **kwargs)
         return self._tables(index.device)[0][index]
 
-    def sample_dmd_timesteps(
-        self,
-        batch_size: int,
-        num_frames: int,
-        low: int = 0,
-        high: int | None = None,
-        shift: float | None = None,
-        min_t: float | None = None,
-        max_t: float | None = None,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """DMD / critic timesteps (training.md §6.4 2a-2c): float32 ``[B, F]``, one value per sample.
-
-        u ~ integers in ``[low, high)``; shifted ``t = N * s u' / (1 + (s - 1) u')`` with ``u' = u / N`` (only when
-        s > 1; default s = this scheduler's shift); clamped to ``[min_t, max_t]`` (default 0.02 N, 0.98 N).
-        """
+    def sample_dmd_timesteps(self, batch_size: int, num_frames: int, low: int = 0, high: int | None = None,
+                             shift: float | None = None, min_t: float | None = None, max_t: float | None = None,
+                             generator: torch.Generator | None = None,
+                             device: torch.device | str | None = None) -> torch.Tensor:
+        """DMD / critic timesteps (training.md §6.4 2a-2c), float32 ``[B, F]``, one value per sample: u ~ integers in
+        ``[low, high)``, shifted ``t = N s u' / (1 + (s - 1) u')`` with ``u' = u / N`` when s > 1, clamped to
+        ``[min_t, max_t]`` (default 0.02 N, 0.98 N)."""
         n = self.num_train_timesteps
         shift = self.shift if shift is None else float(shift)
         min_t = 0.02 * n if min_t is None else min_t
         max_t = 0.98 * n if max_t is None else max_t
-        u = self.sample_block_indices(
-            batch_size, num_frames, low=low, high=high, uniform=True, generator=generator, device=device
-        )
-        t = u.float()
+        t = self.sample_block_indices(batch_size, num_frames, low=low, high=high, uniform=True, generator=generator,
+                                      device=device).float()
         if shift > 1:
             frac = t / n
             t = shift * frac / (1 + (shift - 1) * frac) * n
@@ -271,10 +200,8 @@ def _block_first_frames(num_frames: int, num_frame_per_block: int, independent_f
     k = num_frame_per_block
     blocked = num_frames - 1 if independent_first_frame else num_frames
     if k < 1 or blocked % k != 0:
-        raise ValueError(
-            f"{blocked} frames (after an independent first frame: {independent_first_frame}) "
-            f"do not split into blocks of {k}"
-        )
+        raise ValueError(f"{blocked} frames (after an independent first frame: {independent_first_frame}) "
+                         f"do not split into blocks of {k}")
     frames = torch.arange(num_frames)
     if not independent_first_frame:
         return frames - frames % k
