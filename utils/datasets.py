@@ -1,15 +1,9 @@
 """Torch datasets for prompts and latent LMDBs, ``cycle``, and a resumable (distributed) sampler.
 
-Prompt file rules (:class:`TextDataset`):
-
-* UTF-8 text (a leading BOM is ignored), one prompt per line (lines end at ``\n``, ``\r\n`` or ``\r``; Unicode line
-  separators inside a prompt are part of it); trailing whitespace is stripped and blank lines are skipped, so line
-  numbers in error messages are 1-based *file* lines.
-* Optional extended prompts (the LLM-expanded "document" version of a prompt), either
-  - a second column: ``prompt<TAB>extended prompt``. If any line has a TAB, every item carries ``extended_prompts``;
-    a line without one uses its prompt as its extended prompt;
-  - or a parallel file read by the same rules, which must give the same number of prompts.
-  Giving both is an error (ambiguous).
+Prompt files (:class:`TextDataset`): UTF-8 (a BOM is ignored), one prompt per line (``\n``, ``\r\n`` or ``\r``;
+Unicode separators inside a prompt are part of it), trailing whitespace stripped, blank lines skipped (messages give
+file line numbers). Extended prompts (the LLM-expanded version) come either as a second column
+``prompt<TAB>extended`` (a line without a TAB uses its prompt) or as a parallel file with as many prompts; not both.
 """
 
 from __future__ import annotations
@@ -46,8 +40,7 @@ def read_prompt_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
 
 
 class TextDataset(Dataset):
-    """Prompts from a text file. Items: ``{"prompts": str, "idx": int}`` plus ``"extended_prompts": str`` when
-    extended prompts are given (see the module docstring for the file rules)."""
+    """Items ``{"prompts": str, "idx": int}``, plus ``"extended_prompts"`` when given (module docstring)."""
 
     def __init__(self, prompt_path: str | os.PathLike, extended_prompt_path: str | os.PathLike | None = None):
         self.prompts: list[str] = []
@@ -98,8 +91,8 @@ class _LatentLMDBBase(Dataset):
         return self._len
 
     def check_latent_shape(self, expected, key: str = "image_or_video_shape[1:]") -> None:
-        """Refuse rows whose latent ``[F, C, H, W]`` (the last four axes) is not ``expected``, naming the config
-        ``key``: the networks accept any length, so a mismatch would otherwise train on other clips than configured."""
+        """Refuse rows whose ``[F, C, H, W]`` is not ``expected`` (config ``key``): the networks accept any length,
+        so a mismatch would silently train on other clips than configured."""
         found = tuple(int(s) for s in self.row_shape[-4:])
         if found != tuple(int(s) for s in expected):
             raise DataError(f"{self.reader.path}: latents are [F, C, H, W] = {list(found)} but the config's {key} is "
@@ -112,11 +105,8 @@ class _LatentLMDBBase(Dataset):
 
 
 class LatentLMDBDataset(_LatentLMDBBase):
-    """Clean latents. Items: ``{"prompts": str, "clean_latent": float32 [F, C, H, W]}``.
-
-    Rows of rank 4 ``[F, C, H, W]`` are returned as stored; rows of rank 5 ``[S, F, C, H, W]`` (``clean_data`` with
-    S = 1, or ODE trajectories whose last slot is the ground-truth latent) yield their last slot.
-    """
+    """Items ``{"prompts": str, "clean_latent": float32 [F, C, H, W]}``: rows ``[F, C, H, W]`` as stored, rows
+    ``[S, F, C, H, W]`` (``clean_data`` with S = 1, or ODE trajectories ending in the ground truth) their last slot."""
 
     def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
         super().__init__(data_path, max_pair)
@@ -145,11 +135,8 @@ class ODERegressionLMDBDataset(_LatentLMDBBase):
 
 
 def cycle(loader) -> Iterator:
-    """Yield batches from ``loader`` forever.
-
-    A :class:`ResumableSampler` moves to its next epoch by itself; any other sampler with ``set_epoch`` (e.g. torch's
-    ``DistributedSampler``) gets it called before every pass, so each pass is a fresh permutation.
-    """
+    """Batches of ``loader`` forever; a sampler with ``set_epoch`` other than :class:`ResumableSampler` (which moves
+    on by itself), e.g. torch's ``DistributedSampler``, gets it called before every pass."""
     sampler = getattr(loader, "sampler", None)
     epoch = 0
     while True:
@@ -168,17 +155,11 @@ def cycle(loader) -> Iterator:
 class ResumableSampler(Sampler[int]):
     """Deterministic per-epoch permutation, split across ranks, resumable mid-epoch.
 
-    Epoch ``e`` uses the permutation drawn from ``numpy.random.default_rng([seed, e])`` (or ``0..n-1`` without
-    shuffle). Rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of it. With ``drop_last=True`` the tail that does
-    not divide evenly is dropped so every rank has the same count (training: collectives stay in step); with
-    ``drop_last=False`` every sample is used exactly once and ranks differ by at most one item (inference).
-
-    Iterating yields the rest of the current epoch and then moves to the next epoch, so a ``for`` loop per epoch (or
-    :func:`cycle`) needs no ``set_epoch``. ``state_dict()`` holds ``epoch`` and ``position`` (items of this rank
-    already yielded in that epoch); after ``load_state_dict`` iteration continues exactly where it stopped.
-
-    With DataLoader workers, indices are fetched ahead of use; then save ``state_for(num_consumed)`` with the number of
-    this rank's samples the training loop really consumed instead of ``state_dict()``.
+    Epoch ``e`` permutes with ``numpy.random.default_rng([seed, e])`` (``0..n-1`` without shuffle); rank ``r`` of
+    ``R`` takes positions ``r, r + R, ...``. ``drop_last`` drops the uneven tail so ranks stay in step (training);
+    without it every sample is used once (inference). Iteration yields the rest of the epoch, then moves to the next.
+    ``state_dict()`` holds ``epoch`` and ``position`` (this rank's items yielded); with DataLoader workers fetching
+    ahead, save ``state_for(num_consumed)`` instead.
     """
 
     def __init__(self, data_source, shuffle: bool = True, seed: int = 0, drop_last: bool = False,

@@ -1,17 +1,11 @@
-"""LMDB datasets in the reference (CausVid / Causal Forcing) on-disk layout.
+"""LMDB datasets in the reference (CausVid / Causal Forcing) on-disk layout, byte-compatible with the released data.
 
-One LMDB environment directory holds named *arrays* stored row by row:
-
-* row key ``<array>_<i>_data`` (ASCII) -> the row's raw little-endian C-order bytes (``latents``, float16) or its
-  UTF-8 text (``prompts``);
-* shape key ``<array>_shape`` -> space-separated decimal integers, the row count first, e.g.
-  ``latents_shape = "N 6 21 16 60 104"`` for ODE trajectories, ``"N 1 21 16 60 104"`` for clean latents,
-  ``prompts_shape = "N"``.
-
-Files written here are byte-compatible with the released data. Two things differ from the reference writer:
-the shape keys are computed from the row shape itself (the reference took them from "the last file", which lost
-the row shape when that file was a skipped duplicate), and they are written **last**, in their own transaction, so an
-interrupted build leaves a database without shape keys that :class:`LMDBReader` refuses.
+One environment directory holds named *arrays* row by row: key ``<array>_<i>_data`` (ASCII) -> the row's raw
+little-endian C-order bytes (``latents``, float16) or UTF-8 text (``prompts``); key ``<array>_shape`` -> decimal
+integers, row count first (``"N 6 21 16 60 104"`` for ODE trajectories, ``"N 1 21 16 60 104"`` for clean latents,
+``prompts_shape = "N"``). Unlike the reference writer, the shape keys come from the row shape itself (the reference
+took "the last file"'s, wrong when it was a skipped duplicate) and are written LAST, in their own transaction, so an
+interrupted build leaves a database :class:`LMDBReader` refuses.
 """
 
 from __future__ import annotations
@@ -83,8 +77,7 @@ def open_env(path: str | os.PathLike) -> lmdb.Environment:
 
 @contextlib.contextmanager
 def lmdb_errors(path: str | os.PathLike, writing: bool = False) -> Iterator[None]:
-    """Turn the library's errors (not an LMDB, a corrupt page, an empty file, a full disk) into a one-line
-    :class:`DataError` naming the database."""
+    """The library's errors (not an LMDB, a corrupt page, a full disk) as one-line :class:`DataError`s."""
     try:
         yield
     except lmdb.Error as err:
@@ -94,11 +87,8 @@ def lmdb_errors(path: str | os.PathLike, writing: bool = False) -> Iterator[None
 
 
 def check_length(env: lmdb.Environment, path: str | os.PathLike) -> None:
-    """Refuse a ``data.mdb`` shorter than its own last page (an interrupted copy or download).
-
-    LMDB reads pages through a memory map, so touching a page past the end of the file kills the process with SIGBUS
-    instead of raising. The meta page, read with plain reads when the file is opened, records the last page in use.
-    """
+    """Refuse a ``data.mdb`` shorter than its last page in use (an interrupted copy): LMDB reads pages through a
+    memory map, where a page past the end of the file kills the process with SIGBUS instead of raising."""
     needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     size = os.path.getsize(os.path.join(path, "data.mdb"))
     if size < needed:
@@ -114,28 +104,18 @@ def close_env(path: str | os.PathLike) -> None:
 
 
 def _to_numpy(x) -> np.ndarray:
-    """numpy array or torch tensor (any float dtype, any device) -> numpy array, without importing torch."""
+    """numpy array or torch tensor (any dtype or device) -> numpy array, without importing torch."""
     if hasattr(x, "detach"):
         x = x.detach().to("cpu")
-        if not x.dtype.is_floating_point:
-            return x.numpy()
-        return x.float().numpy()  # bfloat16 has no numpy dtype; fp32 holds every fp16/bf16 value exactly
+        # bfloat16 has no numpy dtype; fp32 holds every fp16/bf16 value exactly
+        return x.float().numpy() if x.dtype.is_floating_point else x.numpy()
     return np.asarray(x)
 
 
 class LMDBWriter:
-    """Append-only writer of a ``latents`` + ``prompts`` LMDB; a context manager.
-
-    ``with LMDBWriter(path) as w: w.append(latents, prompts)``. Shape keys are written by :meth:`close` (called by
-    ``__exit__`` on success); after an exception the database is closed *without* them, i.e. left clearly incomplete.
-
-    Args:
-        path: environment directory; created if missing. An existing non-empty database is refused (no silent mixing
-            of two builds).
-        map_size: initial map size in bytes; doubled on ``MapFullError`` (sparse file, so a large value costs nothing
-            on Linux but a small one keeps tests honest).
-        latent_dtype: storage dtype of ``latents`` (float16 in the released data).
-    """
+    """Append-only writer of a ``latents`` + ``prompts`` LMDB: ``with LMDBWriter(path) as w: w.append(latents,
+    prompts)``. The shape keys are written on success only. A non-empty database at ``path`` is refused (no mixing
+    of two builds); ``map_size`` starts the map, doubled whenever a transaction does not fit."""
 
     def __init__(self, path: str | os.PathLike, map_size: int = DEFAULT_MAP_SIZE, latent_dtype=np.float16):
         self.path = str(path)
@@ -168,12 +148,8 @@ class LMDBWriter:
             self.abort()
 
     def append(self, latents, prompts: Sequence[str]) -> int:
-        """Write rows ``latents[k]`` / ``prompts[k]`` in one transaction. Returns the new row count.
-
-        Args:
-            latents: numpy array or tensor ``[rows, *row_shape]``; every call must use the same ``row_shape``.
-            prompts: ``rows`` strings.
-        """
+        """Write rows ``latents[k]`` (``[rows, *row_shape]``, one row shape per database) and ``prompts[k]`` in one
+        transaction; returns the row count."""
         arr = _to_numpy(latents)
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not one string")
@@ -236,15 +212,8 @@ class LMDBWriter:
 
 
 class LMDBReader:
-    """Read-only view of one LMDB dataset (readonly, no lock, no readahead, no meminit).
-
-    Safe to pickle and to use in forked DataLoader workers: each process opens its own environment (:func:`open_env`).
-
-    Args:
-        path: environment directory.
-        arrays: arrays that must be present (each needs its shape key).
-        dtypes: storage dtype per numeric array (default: ``latents`` float16); text arrays are ``prompts``.
-    """
+    """Read-only view of one LMDB dataset, safe to pickle into DataLoader workers (each process opens its own
+    environment). ``arrays`` must be present; ``dtypes``: storage dtype per numeric array (``latents``: float16)."""
 
     def __init__(self, path: str | os.PathLike, arrays: Sequence[str] = (LATENTS, PROMPTS), dtypes=None):
         self.path = str(path)
@@ -359,11 +328,8 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
 
 
 def open_many(paths: str | os.PathLike | Sequence[str | os.PathLike], **reader_kwargs):
-    """Open one LMDB, a directory of LMDB shards, or an explicit list of shards as one reader.
-
-    A single LMDB directory gives an :class:`LMDBReader`; otherwise a :class:`ShardedLMDBReader` over the shards
-    (a directory's shards in natural name order, a list in the given order).
-    """
+    """One LMDB (an :class:`LMDBReader`), or a directory of shards (natural name order) or a list of them (a
+    :class:`ShardedLMDBReader`)."""
     if isinstance(paths, (str, os.PathLike)):
         if not os.path.isdir(paths):
             raise DataError(f"LMDB not found: {paths}")
