@@ -12,7 +12,6 @@ import torch
 from utils.create_lmdb_iterative import create_ode_lmdb
 from utils.errors import DataError
 from utils.lmdb_store import LMDBReader, LMDBWriter, ShardedLMDBReader, open_env, open_many
-from utils.merge_and_get_clean import extract_clean
 from utils.merge_lmdb import find_shards, merge_lmdbs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +191,7 @@ def test_merge_delete_sources_and_shape_mismatch(tmp_path):
 
 def test_extract_clean_takes_last_slot(tmp_path):
     parts = make_shards(tmp_path, "ODE", [2, 3])
-    assert extract_clean(find_shards(tmp_path, "ODE"), tmp_path / "clean_data") == 5
+    assert merge_lmdbs(find_shards(tmp_path, "ODE"), tmp_path / "clean_data", keep_last_slot=True) == 5
     clean = LMDBReader(tmp_path / "clean_data")
     assert clean.shape("latents") == (5, 1, *ROW[1:])
     assert raw_get(tmp_path / "clean_data", "latents_shape") == b"5 1 2 4 4 6"

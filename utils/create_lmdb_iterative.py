@@ -3,11 +3,9 @@
     python utils/create_lmdb_iterative.py --data_path dataset/ODE6KCausal_framewise_latents \
         --lmdb_path dataset/ODE6KCausal_framewise
 
-Each ``.pt`` file (written by the ODE-pair generator) holds ``{prompt: tensor}`` with the trajectory
-``[1, S, F, C, H, W]`` or ``[S, F, C, H, W]``. Files are read in sorted order; a prompt already written is skipped
-(exact-string deduplication, as the reference does); rows are stored as float16 in the layout of
-:mod:`utils.lmdb_store`. Unlike the reference, the shape key comes from the row shape, so a duplicate in the last file
-no longer truncates ``latents_shape`` to "N".
+Each ``.pt`` file (from the ODE-pair generator) holds ``{prompt: trajectory [1, S, F, C, H, W] or [S, F, C, H, W]}``.
+Files are read in natural name order; a prompt already written is skipped (exact-string deduplication, as the
+reference does); rows are float16 in the :mod:`utils.lmdb_store` layout.
 """
 
 from __future__ import annotations
@@ -28,8 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def list_pt_files(data_path: str | os.PathLike) -> list[Path]:
-    """``*.pt`` files of ``data_path`` in natural name order (``00002.pt`` < ``00010.pt``; also for unpadded names),
-    without the temporaries a killed writer left (``utils.io``)."""
+    """``*.pt`` files of ``data_path`` in natural name order, without a killed writer's temporaries."""
     if not os.path.isdir(data_path):
         raise DataError(f"data folder not found: {data_path}")
     files = sorted((p for p in Path(data_path).glob("*.pt") if not is_temp(p)), key=lambda p: natural_key(p.name))
@@ -39,7 +36,7 @@ def list_pt_files(data_path: str | os.PathLike) -> list[Path]:
 
 
 def load_ode_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """One generator output file -> ``{prompt: trajectory [S, F, C, H, W]}`` (a leading batch axis of 1 removed)."""
+    """One generator output file -> ``{prompt: trajectory [S, F, C, H, W]}``."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable or unsafe pickle: name the file, keep the reason

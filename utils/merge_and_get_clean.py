@@ -14,19 +14,9 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
 
 from utils.errors import UserError
 from utils.merge_lmdb import find_shards, merge_lmdbs
-
-logger = logging.getLogger(__name__)
-
-
-def extract_clean(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, batch_rows: int = 512,
-                  delete_sources: bool = False, progress: bool = False) -> int:
-    """Merge ``sources`` into ``dest`` keeping each row's last trajectory slot. Returns the row count."""
-    return merge_lmdbs(sources, dest, keep_last_slot=True, batch_rows=batch_rows, delete_sources=delete_sources,
-                       progress=progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards = args.sources or find_shards(args.data_dir, args.name)
         print(f"extracting clean latents of {len(shards)} LMDB(s) into {output}")  # noqa: T201
-        rows = extract_clean(shards, output, batch_rows=args.batch_rows, delete_sources=args.delete_sources,
-                             progress=True)
+        rows = merge_lmdbs(shards, output, keep_last_slot=True, batch_rows=args.batch_rows,
+                           delete_sources=args.delete_sources, progress=True)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)  # noqa: T201
         return 1

@@ -43,20 +43,11 @@ def find_shards(data_dir: str | os.PathLike, name: str) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _source_bytes(paths: Sequence[str | os.PathLike]) -> int:
-    return sum(os.path.getsize(os.path.join(p, "data.mdb")) for p in paths)
-
-
 def merge_lmdbs(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, keep_last_slot: bool = False,
                 batch_rows: int = 512, delete_sources: bool = False, progress: bool = False) -> int:
-    """Copy every row of ``sources`` (in order) into a new LMDB ``dest``. Returns the merged row count.
-
-    Args:
-        keep_last_slot: keep only the last entry of each row's leading axis, as ``[1, ...]``: ODE rows
-            ``[S, F, C, H, W]`` become clean rows ``[1, F, C, H, W]`` (the ground-truth latent, slot S-1).
-        batch_rows: rows per write transaction (bounds memory: one batch of rows is held at a time).
-        delete_sources: remove the source directories after a successful, verified merge.
-    """
+    """Copy every row of ``sources`` (in order) into a new LMDB ``dest``; returns the row count. ``keep_last_slot``
+    turns ODE rows ``[S, F, C, H, W]`` into clean rows ``[1, F, C, H, W]`` (the ground truth, slot S-1);
+    ``batch_rows`` rows are held and written at a time; ``delete_sources`` after a successful, verified merge."""
     from tqdm import tqdm
 
     if batch_rows < 1:
@@ -68,8 +59,8 @@ def merge_lmdbs(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, k
     if keep_last_slot and len(row_shape) != 5:
         raise DataError(f"rows of shape {row_shape} have no trajectory slots to take the last of; expected "
                         f"[S, F, C, H, W]")
-    # Sized once from the sources so that the sparse map rarely needs to grow; the writer doubles it if needed.
-    map_size = max(int(1.1 * _source_bytes(sources)), 1 << 20)
+    # Sized from the sources so that the sparse map rarely needs to grow; the writer doubles it if needed.
+    map_size = max(int(1.1 * sum(os.path.getsize(os.path.join(p, "data.mdb")) for p in sources)), 1 << 20)
     with LMDBWriter(dest, map_size=map_size) as writer:
         for start in tqdm(range(0, len(reader), batch_rows), desc=f"merging into {dest}", disable=not progress):
             stop = min(start + batch_rows, len(reader))
