@@ -1,20 +1,11 @@
 """One checkpoint loader for every weights format, ending in original Wan2.1 key names and a strict load.
 
-Accepted sources (model_and_inference.md §2.2, §7.1, §12; training.md §2.5 item 8, §8.3-8.4):
-
-* an original Wan2.1 folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``, or the
-  ``diffusion_pytorch_model.safetensors.index.json`` + shards layout of the 14B model;
-* a diffusers transformer folder (``WanTransformer3DModel`` / ``SkyReelsV2Transformer3DModel`` config, maybe sharded),
-  or a diffusers pipeline root holding ``transformer/``;
-* a ``.pt`` / ``.pth`` file: a released Causal Forcing / Self Forcing checkpoint or one written by the published
-  trainers (``generator`` and/or ``generator_ema``, keys under ``model.`` / ``model._fsdp_wrapped_module.``), a
-  ``model`` entry, a bare state dict, or our own release format (same keys as the released files). Without
-  ``use_ema`` the entry is ``generator``, else ``model``, else ``generator_ema`` -- the published trainers' order;
-  with it, ``generator_ema`` or an error;
-* a single ``.safetensors`` file.
-
-Whatever the source, keys are normalised (wrapper segments such as ``model.`` and ``_fsdp_wrapped_module.`` dropped,
-diffusers names converted) and loaded with ``strict=True``; a checkpoint that does not fit raises ONE
+Sources (model_and_inference.md §2.2, §7.1, §12; training.md §2.5 item 8, §8.3-8.4): an original Wan2.1 folder
+(one safetensors file, or the 14B model's index + shards); a diffusers transformer folder (``WanTransformer3DModel`` /
+``SkyReelsV2Transformer3DModel``) or a pipeline root holding ``transformer/``; a single ``.safetensors`` file; a
+``.pt`` / ``.pth``: a released or published-trainer checkpoint (``generator`` / ``generator_ema`` / ``model`` entries,
+see :func:`read_state_dict`), a bare state dict, or our release format (the released files' keys). Keys are
+normalised (wrapper segments dropped, diffusers names converted) and loaded strictly; a misfit raises ONE
 :class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
 """
 
@@ -32,6 +23,7 @@ from safetensors.torch import load_file
 from model.config import PRESET_ALIASES, WanConfig, get_preset
 from model.rope import RotaryTables
 from model.wan import WanModel
+from model.weights import download_hint_for_checkpoint, wan_download_hint, wan_repo_id
 from utils.errors import CheckpointError, ConfigError, one_line, state_dict_mismatch
 from utils.io import atomic_path
 
@@ -136,21 +128,16 @@ def normalize_keys(sd: dict) -> dict:
 # reading
 
 
-def _download_hint(path: str) -> str | None:
-    """The ``hf download`` command for a known released path, when model/weights.py is there to tell it."""
-    try:
-        from model.weights import download_hint_for_checkpoint, wan_download_hint, wan_repo_id
-    except ImportError:
-        return None
+def _download_hint(path: str) -> str:
+    """``"; <the hf download command>"`` for a released checkpoint or Wan2.1 folder path, else ``""``."""
     hint = download_hint_for_checkpoint(path)
     if hint:
-        return f"get it with: {hint}"
-    return wan_download_hint(path) if wan_repo_id(path) else None
+        return f"; get it with: {hint}"
+    return f"; {wan_download_hint(path)}" if wan_repo_id(path) else ""
 
 
 def _not_found(path: str, what: str = "checkpoint") -> CheckpointError:
-    hint = _download_hint(path)
-    return CheckpointError(f"{what} not found: {path}" + (f"; {hint}" if hint else ""))
+    return CheckpointError(f"{what} not found: {path}{_download_hint(path)}")
 
 
 def _resolve_model_folder(folder: str) -> str:
@@ -161,8 +148,7 @@ def _resolve_model_folder(folder: str) -> str:
 
 
 def _cause(err: Exception) -> str:
-    """``": <first line>"`` of a library's message, or ``" (empty file?)"`` when it has none (EOFError of an empty
-    file)."""
+    """``": <first line>"`` of a library's message; an empty file's EOFError has none."""
     line = one_line(err)
     return f": {line}" if line else " (empty or cut-short file?)"
 
@@ -188,10 +174,9 @@ def _read_folder(folder: str) -> dict:
             raise CheckpointError(f"unreadable shard index {index}: {type(err).__name__}: {err}") from err
         missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
         if missing:
-            hint = _download_hint(folder)
             raise CheckpointError(f"{folder}: {len(missing)} of {len(shards)} shards listed in "
                                   f"{os.path.basename(index)} are missing ({', '.join(missing[:_LIST_LIMIT])})"
-                                  + (f"; {hint}" if hint else ""))
+                                  f"{_download_hint(folder)}")
         sd: dict = {}
         for shard in shards:
             sd.update(_read_safetensors(os.path.join(folder, shard)))
@@ -199,10 +184,9 @@ def _read_folder(folder: str) -> dict:
     single = os.path.join(folder, WEIGHTS_NAME)
     files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if len(files) != 1:
-        hint = _download_hint(folder)
         found = f"{len(files)} .safetensors files and no index" if files else "no weights"
         raise CheckpointError(f"{folder}: {found}; expected {WEIGHTS_NAME} or {INDEX_NAME} with its shards"
-                              + (f"; {hint}" if hint else ""))
+                              f"{_download_hint(folder)}")
     return _read_safetensors(files[0])
 
 
@@ -217,16 +201,14 @@ def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-# The entries a released or trained ``.pt`` may hold, in the order the published trainers read ``generator_ckpt``:
-# ``generator``, else ``model``, else ``generator_ema`` (its CD and DMD trainers write only ``generator_ema`` once their
-# EMA has started, and the next stage must still start from such a file).
+# A ``.pt``'s entries in the order the published trainers read ``generator_ckpt`` (their CD and DMD trainers write only
+# ``generator_ema`` once the EMA has started, and the next stage must still start from such a file).
 ENTRY_ORDER = ("generator", "model", "generator_ema")
 
 
 def _select_entry(obj, path: str, use_ema: bool, key: str | None) -> tuple[dict, str]:
-    """``(state dict, entry name)`` of a loaded ``.pt``: ``key`` if given; ``generator_ema`` with ``use_ema``;
-    otherwise the first of :data:`ENTRY_ORDER` present, or the file itself when it is a bare state dict.
-    ``use_ema`` never falls back to non-EMA weights: asking for the EMA and getting something else would be silent."""
+    """``(state dict, entry name)`` of a loaded ``.pt``: ``key``; else ``generator_ema`` with ``use_ema`` (never a
+    silent fallback to non-EMA weights); else the first of :data:`ENTRY_ORDER`, or the bare state dict itself."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     if key is None and not use_ema and _is_state_dict(obj):
@@ -247,16 +229,9 @@ def _select_entry(obj, path: str, use_ema: bool, key: str | None) -> tuple[dict,
 
 
 def read_state_dict(path, use_ema: bool = False, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Read weights from any supported source; keys come back normalised to original Wan2.1 names (CPU tensors).
-
-    A ``.pt`` without ``key`` or ``use_ema`` gives its ``generator``, else ``model``, else ``generator_ema`` entry
-    (:data:`ENTRY_ORDER`, the published trainers' order), else the bare state dict; which one is logged.
-
-    Args:
-        path: Wan / diffusers folder, diffusers pipeline root, ``.safetensors`` file or ``.pt``/``.pth`` checkpoint.
-        use_ema: take ``generator_ema`` of a training/release checkpoint (an error when it has none).
-        key: take this top-level entry of a ``.pt`` checkpoint instead (e.g. ``"critic"``).
-    """
+    """CPU weights with original Wan2.1 key names from any source (module docstring). A ``.pt`` gives its ``key``
+    entry (e.g. ``"critic"``), with ``use_ema`` its ``generator_ema`` (else an error), otherwise the first of
+    :data:`ENTRY_ORDER` or the bare state dict; which one is logged."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise _not_found(path)
@@ -304,13 +279,11 @@ def _config_from_diffusers(d: dict, path: str) -> WanConfig:
 
 
 def read_model_config(folder) -> WanConfig:
-    """:class:`WanConfig` from the ``config.json`` of an original Wan folder, a diffusers transformer folder or a
-    diffusers pipeline root."""
+    """:class:`WanConfig` from the ``config.json`` of a Wan or diffusers folder (or pipeline root)."""
     folder = _resolve_model_folder(os.fspath(folder))
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        hint = _download_hint(folder)
-        raise ConfigError(f"model config not found: {path}" + (f"; {hint}" if hint else ""))
+        raise ConfigError(f"model config not found: {path}{_download_hint(folder)}")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
@@ -326,12 +299,8 @@ def read_model_config(folder) -> WanConfig:
 
 
 def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> torch.nn.Module:
-    """Normalise ``sd`` and load it into ``model`` strictly.
-
-    A model whose parameters are on the ``meta`` device takes the tensors themselves (``assign=True``: no second
-    copy); otherwise values are copied into the existing parameters (cast to their dtype and device).
-    Raises one :class:`CheckpointError` listing every missing key, unexpected key and shape mismatch.
-    """
+    """Normalise ``sd`` and load it into ``model`` strictly (one :class:`CheckpointError` naming every misfit). A model
+    on ``meta`` takes the tensors themselves (no second copy); otherwise values are copied and cast."""
     sd = normalize_keys(sd)
     problems = state_dict_mismatch(model.state_dict(), sd)
     if problems:
@@ -343,10 +312,8 @@ def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> tor
 
 
 def _rebuild_python_tables(model: WanModel) -> None:
-    """Tables held as plain Python attributes (RoPE angles) were created on ``meta`` too: rebuild them for real.
-
-    Then make sure no other meta tensor hides outside the parameters (an internal invariant).
-    """
+    """Rebuild the RoPE tables (plain attributes, created on ``meta`` too) and assert no other meta tensor hides
+    outside the parameters."""
     model.rope = RotaryTables(model.config.head_dim, model.config.rope_max_positions)
     for name, module in model.named_modules():
         for attr, value in vars(module).items():
@@ -414,7 +381,7 @@ def build_wan_model(source, causal: bool, num_frame_per_block: int = 1, independ
 
 
 def _release_entry(sd: dict) -> dict:
-    """Normalised keys with the reference wrapper's ``model.`` prefix; CPU tensors that own exactly their data."""
+    """Normalised keys under the reference wrapper's ``model.``; CPU tensors that own exactly their data."""
     out = {}
     for key, value in normalize_keys(sd).items():
         t = value.detach().to("cpu")
@@ -425,11 +392,8 @@ def _release_entry(sd: dict) -> dict:
 
 
 def save_release_checkpoint(path, generator_sd: dict, generator_ema_sd: dict | None = None) -> None:
-    """Write ``{"generator": {"model.<key>": t}, "generator_ema": ...}`` atomically (:func:`utils.io.atomic_path`).
-
-    The layout is the released checkpoints', so the reference code (``state_dict["generator"]`` loaded into its
-    wrapper) and :func:`read_state_dict` both read it.
-    """
+    """Write ``{"generator": {"model.<key>": t}, "generator_ema": ...}`` atomically: the released checkpoints'
+    layout, read by the reference code and by :func:`read_state_dict`."""
     payload = {"generator": _release_entry(generator_sd)}
     if generator_ema_sd is not None:
         payload["generator_ema"] = _release_entry(generator_ema_sd)
