@@ -1,9 +1,6 @@
-"""Resumable per-rank batches for the training objectives.
-
-:class:`ResumableBatches` turns a dataset and a sampler into an infinite iterator of collated batches whose
-``state_dict`` records how many samples were handed out, so a resumed run continues at the next unconsumed sample
-whatever the DataLoader workers had prefetched. The sampler is a :class:`~utils.datasets.ResumableSampler` (per-rank
-epochs) or a :class:`GlobalStreamSampler` (one sample order for every world size, see there).
+"""Resumable per-rank batches: :class:`ResumableBatches` counts the samples it handed out, so a resumed run continues
+at the next unconsumed one whatever the DataLoader workers had prefetched. Samplers: per-rank epochs
+(:class:`~utils.datasets.ResumableSampler`) or one sample order for every world size (:class:`GlobalStreamSampler`).
 """
 
 from __future__ import annotations
@@ -21,16 +18,10 @@ from utils.errors import DataError, UserError
 class GlobalStreamSampler(Sampler[int]):
     """Rank ``r``'s share of ONE endless sample stream that does not depend on the world size.
 
-    The global stream is the concatenation of per-epoch permutations (epoch ``e``: ``numpy.random.default_rng([seed,
-    e])``), nothing dropped. Rank ``r`` of ``R`` takes stream positions ``r, r + R, r + 2R, ...``. A rank's ``i``-th
-    micro-batch of ``b`` samples therefore holds positions ``(i*b + j)*R + r``, and optimizer step ``s`` of a run with
-    ``total_batch_size = T`` consumes exactly positions ``[s*T, (s+1)*T)`` -- whether it runs on 1 GPU with ``T``
-    micro-batches, ``T`` GPUs with one, or anything between. Together with per-sample random draws keyed by the
-    position (:meth:`position_of`), a step then sees the same samples and the same noise on any world size.
-
-    State (``state_dict`` / ``state_for``): the global position up to which every rank consumed, world-size free, so a
-    checkpoint of 2 ranks resumes on 1 rank at the same sample. Ranks consume in lockstep (same batch size and
-    micro-batch count), which makes that position ``consumed * R``.
+    The stream concatenates per-epoch permutations (``numpy.random.default_rng([seed, e])``), nothing dropped; rank
+    ``r`` of ``R`` takes positions ``r, r + R, ...``. Optimizer step ``s`` with ``total_batch_size = T`` then consumes
+    positions ``[s*T, (s+1)*T)`` however the batch is split over GPUs and micro-batches. The state is the global
+    position every rank consumed up to (ranks consume in lockstep: ``consumed * R``), so it resumes on any world size.
     """
 
     world_size_independent = True
@@ -87,11 +78,8 @@ AnySampler = Union[ResumableSampler, GlobalStreamSampler]
 
 
 class IndexBatches:
-    """Batches of sample indices from a resumable sampler, forever, across epoch boundaries.
-
-    A batch may straddle two epochs, so no sample is dropped or repeated at an epoch's end and the count of consumed
-    samples alone locates the run in the sampler (``state_for``).
-    """
+    """Batches of sample indices forever; a batch may straddle two epochs (nothing dropped or repeated), so the
+    count of consumed samples alone locates the run in the sampler."""
 
     def __init__(self, sampler: AnySampler, batch_size: int):
         self.sampler, self.batch_size = sampler, batch_size
@@ -107,11 +95,8 @@ class IndexBatches:
 
 
 class ResumableBatches:
-    """Infinite iterator of collated batches with a resumable position (``state_dict`` / ``load_state_dict``).
-
-    With a :class:`GlobalStreamSampler`, each batch also carries ``sample_id``: int64 ``[B]``, the global stream
-    positions of its samples (the key of per-sample random draws).
-    """
+    """Infinite iterator of collated batches with a resumable position; with a :class:`GlobalStreamSampler` each batch
+    carries ``sample_id`` (int64 ``[B]`` stream positions, the key of per-sample draws)."""
 
     def __init__(self, dataset, sampler: AnySampler, batch_size: int, num_workers: int):
         self.dataset, self.sampler, self.batch_size, self.num_workers = dataset, sampler, batch_size, num_workers
@@ -123,10 +108,8 @@ class ResumableBatches:
 
     def __next__(self) -> dict:
         if self._iterator is None:
-            # Workers fetch indices ahead of use; state_dict() therefore counts consumed samples, not fetched ones.
-            # The loader gets its own generator: without one, iter() draws the workers' base seed from the global
-            # torch RNG, which objectives draw noise from and a resumed run has just restored -- the first step after
-            # a resume would then see different noise than the uninterrupted run.
+            # Its own generator: otherwise iter() draws the workers' base seed from the global torch RNG, which a
+            # resumed run has just restored, and the first step after a resume would see other noise.
             loader = DataLoader(self.dataset, batch_sampler=IndexBatches(self.sampler, self.batch_size),
                                 num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                                 generator=self._loader_generator())
@@ -161,8 +144,8 @@ class ResumableBatches:
 
 
 def _worker_message(err: Exception) -> str:
-    """The original one-line message of an error a DataLoader worker raised. Torch re-raises it as ``"Caught DataError
-    in DataLoader worker process 0.\nOriginal Traceback ...\nutils.errors.DataError: <message>"``."""
+    """The one-line message of an error a DataLoader worker raised (torch re-raises it with the worker's traceback,
+    ``"Caught DataError in DataLoader worker process 0.\n...\nutils.errors.DataError: <message>"``)."""
     text = str(err)
     if not text.startswith("Caught "):
         return text
@@ -174,8 +157,7 @@ def _worker_message(err: Exception) -> str:
 
 
 class DataPosition:
-    """An objective's :class:`ResumableBatches` plus a saved position that may arrive before they are built
-    (the loop restores data state before or after calling ``Objective.data``)."""
+    """An objective's :class:`ResumableBatches` plus a saved position that may arrive before they are built."""
 
     def __init__(self):
         self.batches: ResumableBatches | None = None

@@ -1,22 +1,14 @@
-"""Stage 2b: causal consistency distillation (training.md §5), an alternative to ODE regression that needs only
-ground-truth latents.
+"""Stage 2b: causal consistency distillation (training.md §5; docs/stage2.md), needing only ground-truth latents.
 
-Grid ``T_0 = 1000 > T_1 > ... > T_{N-1}``: the ``discrete_cd_N``-step Euler grid with shift ``timestep_shift``. Per
-sample, ``n ~ U{0..N-2}`` (one value for all frames), ``ε ~ N(0, I)``, ``x_n = (1 − σ_n)·x0 + σ_n·ε`` and
+On the ``discrete_cd_N``-step Euler grid ``T_0 = 1000 > ... > T_{N-1}`` (shift ``timestep_shift``), per sample
+``n ~ U{0..N-2}``, ``x_n = (1 − σ_n)·x0 + σ_n·ε`` and
 
-    x_{n+1} = x_n + (σ_{n+1} − σ_n)·v_teacher          (one Euler step of the guided teacher,
-                                                         v = v_u + g·(v_c − v_u))
+    x_{n+1} = x_n + (σ_{n+1} − σ_n)·v_teacher          (one Euler step of the guided teacher)
     L_CD    = || x̂0_θ(x_n, T_n ; x0) − sg[ x̂0_θ⁻(x_{n+1}, T_{n+1} ; x0) ] ||²
 
-with every network in teacher-forcing mode on the ground truth ``x0``. θ is the student, θ⁻ the target network (an
-EMA of the student with decay ``ema_weight``), the teacher the frozen Stage-1 model. ``σ = t / num_train_timestep``
-exactly: the grid's timesteps are not on the 1000-step training grid, and the noising, the teacher's step and both
-x̂0 conversions must use the same σ (docs/stage2.md).
-
-The target network is the shared loop's EMA of the student (:mod:`utils.ema`, decay ``ema_weight``), copied into the
-``target`` network whenever the loop updates it (:meth:`ConsistencyObjective.ema_updated`). As in the reference it
-starts from the Stage-1 weights and follows every step (``Phase(ema_from_start=True)``); ``ema_start_step`` only
-decides from when the release export holds it. It is checkpointed with the run, so a resumed target is exact.
+every network in teacher-forcing mode on ``x0``. θ⁻, the target, is the loop's EMA of the student (``ema_weight``,
+following every step from the start, checkpointed), copied in by :meth:`ConsistencyObjective.ema_updated`.
+``σ = t / num_train_timestep`` exactly: the grid is not on the training grid, and all four uses need the same σ.
 """
 
 from __future__ import annotations
@@ -35,12 +27,7 @@ from utils.errors import ConfigError
 
 
 class ConsistencyObjective(Stage2Objective):
-    """Causal consistency distillation: student (trained), target (EMA of the student), teacher (frozen Stage-1).
-
-    Args:
-        cfg: a ``trainer: consistency_distillation`` config (``discrete_cd_N``, ``guidance_scale``, ``ema_weight``).
-        num_workers: DataLoader workers (default 2 with CUDA, else 0).
-    """
+    """Student (trained), target (EMA of the student) and teacher (frozen Stage-1 copy)."""
 
     dataset_cls = LatentLMDBDataset
 

@@ -1,33 +1,9 @@
-"""Stage 1: autoregressive diffusion on clean latents (training.md §3).
+"""Stage 1: autoregressive diffusion on clean latents (training.md §3; docs/stage1.md).
 
-One phase, ``generator``. Per micro-batch of clean latents ``x0 [B, F, C, H, W]`` and their prompts:
-
-1. prompt embeddings from the frozen text encoder (one call per batch, no gradients), after ``caption_dropout``
-   replaced each caption by ``""`` with that probability (the unconditional model of classifier-free guidance; the
-   sampler's negative prompt is then ``""``);
-2. noise ``eps ~ N(0, I)`` and timesteps on the training grid: independent per block and constant within a block
-   for the causal generator, one per sample for the bidirectional base model (``causal: false``);
-3. ``x_t = (1 - sigma) x0 + sigma eps`` and the flow target ``eps - x0``;
-4. the generator's flow prediction -- teacher forcing (``[clean ; noisy]`` under the teacher-forcing mask, the
-   shipped configs), diffusion forcing (block-causal mask over the noisy frames only), or bidirectional;
-5. ``L = mean_{b,f} w(t_{b,f}) * mean_{c,h,w} (v_theta - (eps - x0))^2``, in float32; ``w`` is the reference's
-   Gaussian weight over timesteps (``loss_weighting: gaussian``) or 1 (``uniform``).
-
-Differences from the reference, on purpose:
-
-* Timesteps stay float32 from the sampler to the model. The reference cast them to bf16 under mixed precision by
-  accident, which quantised t (steps of 4 for t in [512, 1024)) and with it the sigma of ``add_noise``.
-* ``noise_augmentation_max_timestep`` means what its name says: the clean context is noised at grid timesteps
-  ``<= noise_augmentation_max_timestep``, with its own noise. The reference used the value as the *lowest grid index*
-  (so small values gave almost pure noise) and reused the main noise.
-* The data iterator never drops or repeats a sample at an epoch boundary, and its position is part of the checkpoint
-  (``data_state``), so a resumed run continues at the same sample.
-* World-size invariance: every rank reads its share of one global sample stream (``GlobalStreamSampler``: step ``s``
-  takes stream positions ``[s*T, (s+1)*T)`` for ``total_batch_size`` T), and each sample's random draws (noise,
-  timesteps, context noise, caption dropout) come from generators seeded by ``(seed, stream position)``. One GPU with
-  gradient accumulation and N GPUs with the same ``total_batch_size`` therefore compute the same steps up to float
-  summation order, and a checkpoint resumes on another world size at the same sample with the same draws. (The
-  reference drew from per-rank RNGs seeded ``seed + rank``.)
+Flow matching of the causal generator -- teacher forcing, diffusion forcing or, with ``causal: false``, the
+bidirectional base model -- with the loss ``mean w(t)·(v_θ − (ε − x0))²`` in float32. Timesteps stay float32 end to end
+(the reference's bf16 cast quantised them), and each sample's draws are keyed by its position in one global sample
+stream, so any world size computes the same steps.
 """
 
 from __future__ import annotations
@@ -67,7 +43,7 @@ def sample_generators(seed: int, sample_ids: torch.Tensor, stream: int, device: 
 
 @dataclass
 class DiffusionDraw:
-    """The randomness of one stage-1 loss evaluation (all ``[B, F, ...]`` like the latents)."""
+    """The randomness of one stage-1 loss evaluation."""
 
     noise: torch.Tensor                         # eps, [B, F, C, H, W]
     t: torch.Tensor                             # float32 grid timesteps, [B, F]
@@ -76,12 +52,7 @@ class DiffusionDraw:
 
 
 class DiffusionObjective(Objective):
-    """Stage-1 objective: flow matching of the causal generator (or the bidirectional base model).
-
-    Args:
-        cfg: the stage config (``trainer: diffusion``).
-        num_workers: DataLoader worker processes reading the LMDB (0 reads in the training process).
-    """
+    """Stage-1 objective (``trainer: diffusion``); ``num_workers`` DataLoader processes read the LMDB."""
 
     def __init__(self, cfg: Config, num_workers: int = 2):
         _check_config(cfg)
@@ -128,11 +99,8 @@ class DiffusionObjective(Objective):
     # data
 
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
-        """Infinite per-rank batches ``{"prompts": list[str], "clean_latent": float32 [B, F, C, H, W],
-        "sample_id": int64 [B]}`` (``sample_id``: global stream positions, see the module docstring).
-
-        ``seed`` must be the same on every rank (the ranks split one global sample stream).
-        """
+        """Infinite per-rank batches ``{"prompts", "clean_latent": float32 [B, F, C, H, W], "sample_id": int64 [B]}``
+        (global stream positions); ``seed`` is the same on every rank, which split one stream."""
         cfg = self.cfg
         dataset = LatentLMDBDataset(cfg.data_path, max_pair=cfg.max_pair or int(1e8))
         if len(dataset) == 0:
@@ -156,13 +124,9 @@ class DiffusionObjective(Objective):
         return self.networks.frozen["text_encoder"].encode(list(prompts)).to(self.device, torch.float32)
 
     def drop_captions(self, prompts: list[str], sample_ids: torch.Tensor | None = None) -> list[str]:
-        """``prompts`` with each one replaced by ``""`` with probability ``caption_dropout``.
-
-        One uniform draw per prompt: from the prompt's own CPU generator keyed by its ``sample_ids`` entry (the
-        training loop's batches; same decision on any world size), else from the global CPU RNG, which the loop seeds
-        per rank and saves in checkpoints, so a run (and its resume) drops the same captions. Nothing is drawn at
-        probability 0: a run without dropout keeps the noise stream it had before this option existed.
-        """
+        """``prompts``, each replaced by ``""`` with probability ``caption_dropout``: one uniform draw from the
+        prompt's own generator keyed by its ``sample_ids`` entry, else from the global CPU RNG (seeded and saved by
+        the loop). Nothing is drawn at probability 0, so a run without dropout keeps its noise stream."""
         p = self.cfg.caption_dropout
         if p <= 0:
             return list(prompts)
@@ -175,12 +139,9 @@ class DiffusionObjective(Objective):
         return ["" if d else text for text, d in zip(prompts, drop)]
 
     def draw(self, x0: torch.Tensor, sample_ids: torch.Tensor | None = None) -> DiffusionDraw:
-        """Noise and timesteps for clean latents ``x0 [B, F, C, H, W]`` (training.md §2.4, §3.3 steps 2-3, 6).
-
-        With ``sample_ids`` (int64 ``[B]``), sample ``i`` draws from its own generator seeded by ``(seed,
-        sample_ids[i])``, so its draws do not depend on the batch it sits in, the rank or the world size; without,
-        the batch draws from the global RNG.
-        """
+        """Noise and timesteps for ``x0 [B, F, C, H, W]`` (training.md §2.4, §3.3 steps 2-3, 6). With ``sample_ids``
+        each sample draws from its own generator seeded by ``(seed, sample_ids[i])``, independent of batch, rank and
+        world size; without, from the global RNG."""
         if sample_ids is None:
             return self._draw(x0, None)
         gens = sample_generators(self.cfg.seed, sample_ids, DRAW_STREAM, x0.device)
@@ -212,11 +173,7 @@ class DiffusionObjective(Objective):
 
     def denoising_loss(self, generator: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor,
                        draw: DiffusionDraw) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted flow-matching loss (training.md §3.3 step 8) and the unweighted per-frame MSE ``[B, F]``.
-
-        Args:
-            x0: clean latents ``[B, F, C, H, W]`` float32; context: ``[B, L, text_dim]``.
-        """
+        """Weighted flow-matching loss (training.md §3.3 step 8) and the unweighted per-frame MSE ``[B, F]``."""
         dtype = self.compute_dtype
         x_t = self.scheduler.add_noise(x0, draw.noise, draw.t).to(dtype)
         target = self.scheduler.training_target(x0, draw.noise)

@@ -1,29 +1,10 @@
-"""Stage 3: distribution matching distillation with the self-forcing rollout (training.md §6).
+"""Stage 3: distribution matching distillation with the self-forcing rollout (training.md §6; docs/stage3.md).
 
-Networks: the causal few-step **generator** (trainable, from ``generator_ckpt``), the bidirectional **real score**
-(frozen teacher, ``real_name``, guided), the bidirectional **critic** / fake score (trainable, ``fake_name``,
-initialised from the raw Wan weights -- not from the generator) and the frozen text encoder.
-
-Per step (``phases_at``): the generator every ``dfake_gen_update_ratio`` steps, then the critic every step.
-
-* Generator phase (§6.4): roll the generator out with gradients on the exit steps -> ``x``; noise it to one random
-  DMD timestep per sample; ``G = x̂0_fake − x̂0_real`` (real score guided as ``cond + g·(cond − uncond)``), divided
-  per sample by ``mean |x − x̂0_real|``; loss ``½·mean((x − sg[x − G])²)`` in float64, whose gradient in ``x`` is
-  ``G / numel``.
-* Critic phase (§6.5): roll out without gradients, noise, and train the critic to denoise the generator's samples
-  (flow target ``ε − x`` by default, or x0).
-* Rolling Forcing (``rolling_forcing: true``, published ``long_video/model/base.py``): each rollout generates a
-  random whole number of blocks between the clip (``image_or_video_shape[1]`` frames) and ``num_training_frames``,
-  half the time with Rolling Forcing windows (:func:`~pipeline.rollout.rolling_rollout`), else with the self-forcing
-  rollout, both attending as Rolling Forcing does; only frames of the last clip get gradients. Both phases score the
-  last clip, its first frame replaced by the VAE re-encoding of the last decoded pixel frame before it (an image
-  latent, as a clip's first frame is); when the rollout was longer than the clip, the DMD loss leaves out the clip's
-  first block. The published rollout left blocks whose gradient window came before the clip at zero, which then fed
-  that re-encoded frame; here they hold their predictions.
-
-Memory: the frozen real score and text encoder are given to the loop in ``Networks.frozen``; ``cpu_offload`` says
-which of them the loop should shard with CPU offload (``real_score_cpu_offload``, ``text_encoder_cpu_offload``).
-They are built on the CPU in that case; used without FSDP they are moved to the device for each use.
+Networks: the causal few-step generator (trainable), the frozen guided real score, the trainable critic (fake score,
+initialised from the raw Wan weights) and the frozen text encoder. The generator updates every
+``dfake_gen_update_ratio`` steps, the critic every step. Generator loss: ``½·mean((x − sg[x − G])²)`` in float64 with
+``G = (x̂0_fake − x̂0_real) / mean|x − x̂0_real|`` per sample, so its gradient in ``x`` is ``G / numel``. With
+``rolling_forcing`` the rollouts are Rolling Forcing's (longer than the clip, scored on their last clip).
 """
 
 from __future__ import annotations
@@ -57,13 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class DMDObjective(Objective):
-    """DMD + self-forcing rollout objective (``trainer: score_distillation``).
-
-    Args:
-        cfg: the resolved config.
-        text_encoder: build the frozen text encoder. Without it, batches must carry ``prompt_embeds``
-            ``[B, L, text_dim]`` and :attr:`negative_embeds` must be set (speed benchmarks).
-    """
+    """DMD objective (``trainer: score_distillation``). Without ``text_encoder``, batches carry ``prompt_embeds``
+    ``[B, L, text_dim]`` and :attr:`negative_embeds` is set by the caller (speed benchmarks)."""
 
     fresh_batch_per_phase = True  # generator and critic steps draw their own prompts (reference behaviour)
 
@@ -184,8 +160,8 @@ class DMDObjective(Objective):
 
     def rolling_forcing_rollout(self, context: torch.Tensor, grad: bool,
                                 draws: tuple[int, int, int] | None = None) -> Rollout:
-        """Rolling Forcing's training rollout (module docstring), cut to its last clip. ``draws`` = (blocks, 1 for
-        rolling windows or 0 for the self-forcing rollout, phase), drawn on rank 0 and shared when not given."""
+        """Rolling Forcing's training rollout, cut to its last clip. ``draws`` = (blocks, 1 for rolling windows or 0
+        for the self-forcing rollout, phase), drawn on rank 0 and shared when not given."""
         cfg = self.cfg
         generator = self.networks.trainable["generator"]
         n, clip, steps = cfg.num_frame_per_block, cfg.image_or_video_shape[1], len(self.schedule.timesteps)
@@ -226,11 +202,8 @@ class DMDObjective(Objective):
     def distribution_matching_loss(self, x: torch.Tensor, context: torch.Tensor, rollout: Rollout | None = None,
                                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                                    first_frame: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """DMD loss of generator samples ``x [B, F, C, H, W]`` (with grad); ``t [B, F]``/``noise`` drawn if None.
-
-        Returns the float64 scalar loss (its gradient in ``x`` is ``G / x[:, first_frame:].numel()``: frames before
-        ``first_frame`` take no part) and metrics.
-        """
+        """float64 DMD loss of generator samples ``x [B, F, C, H, W]`` (with grad) and metrics; frames before
+        ``first_frame`` take no part. ``t [B, F]`` and ``noise`` are drawn when None."""
         cfg = self.cfg
         critic, real = self.networks.trainable["critic"], self.networks.frozen["real_score"]
         with torch.no_grad():
@@ -273,11 +246,9 @@ class DMDObjective(Objective):
     # pieces
 
     def score_timesteps(self, x: torch.Tensor, rollout: Rollout | None = None) -> torch.Tensor:
-        """DMD/critic timesteps ``[B, F]`` (one per sample): shifted uniform in [low, high), clamped to [2%, 98%]·T.
-
-        ``low`` is the rollout's ``denoised_timestep_to`` with ``ts_schedule`` (else ``min_score_timestep``);
-        ``high`` its ``denoised_timestep_from`` with ``ts_schedule_max`` (else T).
-        """
+        """DMD/critic timesteps ``[B, F]``, one per sample: shifted uniform in [low, high), clamped to [2%, 98%]·T;
+        ``low``/``high`` are the rollout's ``denoised_timestep_to``/``_from`` with ``ts_schedule``/``ts_schedule_max``,
+        else ``min_score_timestep``/T."""
         cfg = self.cfg
         low, high = cfg.min_score_timestep, cfg.num_train_timestep
         if rollout is not None and cfg.ts_schedule and rollout.denoised_timestep_to is not None:
@@ -289,11 +260,8 @@ class DMDObjective(Objective):
 
     def score_x0(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  negative: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """x̂0 (float32) of a bidirectional score network; ``scale > 0`` guides as ``cond + scale·(cond − uncond)``
-        (the configs' convention, the reference's), i.e. :func:`~model.guidance.guide` with ``1 + scale``.
-
-        Conditional and unconditional passes run as one ``2B`` batch (one weight gather under FSDP).
-        """
+        """float32 x̂0 of a score network; ``scale > 0`` guides as ``cond + scale·(cond − uncond)`` (the configs'
+        convention: :func:`~model.guidance.guide` with ``1 + scale``), both halves as one ``2B`` batch."""
         x_in = x_t.to(self.compute_dtype)
         if scale == 0 or negative is None:
             return self.scheduler.flow_to_x0(model(x_in, t, context).float(), x_t.float(), t)

@@ -1,10 +1,7 @@
 """The interface between the shared training loop (trainer/loop.py) and one stage's objective.
 
-The loop knows no loss. An objective says which networks exist and which of them train, which optimizer phases run
-at a step, and how a batch becomes a loss for a phase. Everything else -- FSDP2, mixed precision, gradient
-accumulation, clipping, EMA, checkpoints, resume, logging -- belongs to the loop.
-
-Adding a stage = one file with an :class:`Objective` subclass, one entry in :data:`OBJECTIVES`, one config.
+The loop knows no loss: an objective names its networks (which train), the optimizer phases due at a step, and how a
+batch becomes a loss. FSDP2, mixed precision, accumulation, clipping, EMA, checkpoints and logging are the loop's.
 """
 
 from __future__ import annotations

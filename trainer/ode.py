@@ -1,17 +1,10 @@
-"""Stage 2a: causal ODE regression (training.md §4.6).
-
-The few-step causal student learns to jump from a state of the teacher's ODE trajectory straight to the ODE's end
-point, with the ground truth as teacher-forcing context:
+"""Stage 2a: causal ODE regression (training.md §4.6; docs/stage2.md), and the plumbing Stage 2b shares.
 
     L_ODE = E_j || x̂0_θ(x_{t_j}, t_j ; c) − y ||²
 
-where the row ``[S + 2, F, C, H, W]`` of the ODE LMDB (``get_causal_ode_data.py``) holds the states ``x_{t_j}`` at the
-``S`` warped steps of ``denoising_step_list`` (slots ``0..S-1``), the ODE output ``y`` (slot ``S``) and the ground truth
-``c`` (slot ``S + 1``). ``j`` is drawn uniformly, one per sample for all frames (the reference), or one per block
-(Self Forcing's choice) with ``per_block_steps=True``.
-
-Also here: :func:`latent_batches` and :class:`TextConditioner`, the data and prompt plumbing that the consistency
-objective (trainer/consistency.py) shares.
+An ODE LMDB row ``[S + 2, F, C, H, W]`` holds the teacher's states ``x_{t_j}`` at the ``S`` warped steps of
+``denoising_step_list``, the ODE output ``y`` and the ground truth ``c`` (the teacher-forcing context). ``j`` is one
+per sample (the reference) or, with ``per_block_steps``, one per block (Self Forcing's choice).
 """
 
 from __future__ import annotations
@@ -67,10 +60,8 @@ class TextConditioner:
 
 
 class Stage2Objective(Objective):
-    """What the two Stage-2 objectives share: one generator phase, LMDB data and prompt conditioning.
-
-    Randomness (step indices, noise) comes from the global torch RNG, which the loop seeds per rank and checkpoints.
-    """
+    """What the two Stage-2 objectives share: one generator phase, LMDB data and prompt conditioning. Their draws
+    come from the global torch RNG, which the loop seeds per rank and checkpoints."""
 
     dataset_cls: type = ODERegressionLMDBDataset
 
@@ -119,15 +110,8 @@ class Stage2Objective(Objective):
 
 
 class ODEObjective(Stage2Objective):
-    """Causal ODE regression of the few-step generator on teacher-forced ODE pairs.
-
-    Args:
-        cfg: a ``trainer: ode`` config; ``denoising_step_list`` (warped when ``warp_denoising_step``) names the
-            timesteps of slots ``0..S-1``.
-        per_block_steps: draw the step index per block instead of per sample (Self Forcing's choice; the
-            reference draws one per sample). A constructor option until the config schema has a key for it.
-        num_workers: DataLoader workers (default 2 with CUDA, else 0).
-    """
+    """Causal ODE regression (``trainer: ode``); ``per_block_steps`` is a constructor option until the config schema
+    has a key for it."""
 
     dataset_cls = ODERegressionLMDBDataset
 
