@@ -29,6 +29,7 @@ from pipeline.rollout import (
     rollout_cache,
     self_forcing_rollout,
 )
+from trainer.batches import IndexBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
 from utils.datasets import ResumableSampler, TextDataset
@@ -105,13 +106,8 @@ class DMDObjective(Objective):
         return self._batches(dataset, self._sampler)
 
     def _batches(self, dataset: TextDataset, sampler: ResumableSampler) -> Iterator[dict]:
-        batch: list[str] = []
-        while True:
-            for index in sampler:
-                batch.append(dataset[index]["prompts"])
-                if len(batch) == self.cfg.batch_size:
-                    yield {"prompts": batch}
-                    batch = []
+        for indices in IndexBatches(sampler, self.cfg.batch_size):
+            yield {"prompts": [dataset[i]["prompts"] for i in indices]}
 
     def data_state(self) -> dict:
         return self._sampler.state_dict() if self._sampler is not None else {}
