@@ -1,7 +1,5 @@
-"""Wan2.1 DiT hyper-parameters as data.
-
-Field names are the original Wan constructor names, so an original ``config.json`` (``_class_name: WanModel``) reads
-directly. Presets are values, not code paths: 1.3B, 14B and the tiny test sizes all build the same network.
+"""Wan2.1 DiT hyper-parameters as data, under the original constructor names (an original ``config.json`` reads
+directly). Presets are values: 1.3B, 14B and the tiny test sizes build the same network.
 """
 
 from __future__ import annotations

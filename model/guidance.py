@@ -1,12 +1,6 @@
-"""Classifier-free guidance, written once: the combination of the two predictions and the ``2B`` context batch.
-
-Every guided caller (the causal block loop, the bidirectional sampler, consistency distillation's teacher step, the
-DMD real/fake scores) runs the conditional and the unconditional half as one ``2B`` batch built by
-:func:`cond_uncond_context` and combines the halves with :func:`guide`.
-
-One convention: ``uncond + s·(cond − uncond)`` (``s = 1``: conditional only). The DMD configs' ``real_guidance_scale``
-/ ``fake_guidance_scale`` follow the reference's ``cond + g·(cond − uncond)``, which is the same thing with
-``s = g + 1``; that caller converts.
+"""Classifier-free guidance, written once: every guided caller runs both halves as one ``2B`` batch
+(:func:`cond_uncond_context`) and combines them with :func:`guide`, ``uncond + s·(cond − uncond)``. The DMD configs'
+``cond + g·(cond − uncond)`` is ``s = g + 1``; that caller converts.
 """
 
 from __future__ import annotations

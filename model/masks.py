@@ -1,12 +1,9 @@
-"""Attention mask rules, written once at frame level and realised two ways.
+"""Attention mask rules, written once at frame level and realised two ways (model_and_inference.md §4).
 
-Every mask of the causal model is a rule on (query frame, key frame): all tokens of a frame share their frame's row
-and column. A rule is a boolean ``[F_q, F_k]`` frame mask; it becomes either a dense ``[T, T]`` token mask (SDPA; CPU
-training, where flex-attention has no backward) or a flex-attention ``BlockMask`` (GPU training) that looks the frame
-mask up per token. One definition, two executions (model_and_inference.md §4).
-
-Blocks: ``n`` frames per block (1 = frame-wise, 3 = chunk-wise); with ``independent_first_frame`` frame 0 forms a
-block of its own and the rest are grouped by ``n`` from frame 1.
+A rule is a boolean ``[F_q, F_k]`` frame mask (all tokens of a frame share its row and column). It becomes a dense
+token mask (SDPA: CPU training, where flex-attention has no backward) or a flex-attention ``BlockMask`` (GPU) that
+looks the frame mask up per token. Blocks hold ``n`` frames (1 frame-wise, 3 chunk-wise); with
+``independent_first_frame`` frame 0 is a block of its own.
 """
 
 from __future__ import annotations
@@ -68,14 +65,10 @@ class BlockLayout:
 
 def block_causal_frame_mask(num_frames: int, layout: BlockLayout, local_attn_size: int = -1,
                             sink_size: int = 0) -> torch.Tensor:
-    """``[F, F]`` rule: a frame sees every frame of its own and earlier blocks.
-
-    With a local window of ``local_attn_size`` frames (and ``sink_size`` permanent first frames), a frame whose block
-    ends at ``e`` sees frames ``< sink_size`` plus the ``local_attn_size - sink_size`` frames ending at ``e``: the
-    frames the streaming KV cache keeps (model/kv_cache.py). Once such a window slides, the cache also moves the sink
-    frames to sit right before the window; one full-sequence pass cannot (a key has one position for every query), so
-    here they keep their own positions.
-    """
+    """``[F, F]`` rule: a frame sees every frame of its own and earlier blocks; with a window of ``local_attn_size``
+    frames, only the ``sink_size`` first frames and the ``local_attn_size - sink_size`` frames ending at its block's end
+    (what the KV cache keeps). The cache also moves the sink frames next to a slid window; one full-sequence pass
+    cannot (a key has one position for all queries), so here they keep their own positions."""
     q = torch.arange(num_frames)[:, None]
     k = torch.arange(num_frames)[None, :]
     end = layout.block_end(q)
@@ -86,11 +79,8 @@ def block_causal_frame_mask(num_frames: int, layout: BlockLayout, local_attn_siz
 
 
 def teacher_forcing_frame_mask(num_frames: int, layout: BlockLayout) -> torch.Tensor:
-    """``[2F, 2F]`` rule for the sequence ``[clean frames ; noisy frames]`` (model_and_inference.md §4.2).
-
-    Clean frames are block-causal among themselves and never see noisy ones. A noisy frame of block ``b`` sees its
-    own noisy block and the clean frames of blocks strictly before ``b`` (never its own clean copy).
-    """
+    """``[2F, 2F]`` rule for ``[clean frames ; noisy frames]`` (model_and_inference.md §4.2): clean frames are
+    block-causal among themselves; a noisy frame of block ``b`` sees its noisy block and the clean blocks before it."""
     idx = torch.arange(2 * num_frames)
     noisy = idx >= num_frames
     block = layout.block_index(idx % num_frames)
@@ -115,11 +105,8 @@ def padded_length(num_tokens: int) -> int:
 
 
 def flex_block_mask(frame_mask: torch.Tensor, tokens_per_frame: int, device, compile_mask: bool = True):
-    """A flex-attention ``BlockMask`` for the frame rule, over the length padded to a multiple of 128.
-
-    Padded positions see only themselves (their rows are discarded; the diagonal keeps them finite) and are never
-    seen by real tokens.
-    """
+    """A flex-attention ``BlockMask`` for the frame rule over the length padded to a multiple of 128; padded
+    positions see only themselves (kept finite, rows discarded) and are never seen."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     frames = frame_mask.to(device)

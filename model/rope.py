@@ -1,15 +1,11 @@
 """3-axis rotary position embedding of Wan2.1 (model_and_inference.md §2.5, §3.3).
 
-The head size ``d`` is read as ``d/2`` pairs of ADJACENT elements ``(x[2j], x[2j+1])``. The pairs are split
-``[c - 2*(c//3), c//3, c//3]`` (c = d/2) between the frame, row and column axes; each axis has its own frequency
-table ``pos * 10000^(-2j/n_a)`` with ``n_a`` = twice its pair count.
-
-The reference rotates in float64 complex arithmetic. Here the angles are computed once in float64 and stored as
-float32 cos/sin tables; the rotation is real float32 arithmetic (about 1e-7 relative difference), which is cheap on
-every backend and compiles cleanly. A frame offset gives streaming blocks their temporal positions; keys already
-rotated can be moved along the frame axis by :meth:`RotaryTables.frame_rotation` (RoPE is relative: rotating a
-query and all its keys by the same offset leaves every attention score unchanged), which is how a KV cache re-bases
-its positions and places its sink frames (model/kv_cache.py).
+The head size ``d`` is ``d/2`` pairs of ADJACENT elements ``(x[2j], x[2j+1])``, split ``[c - 2*(c//3), c//3, c//3]``
+(c = d/2) between the frame, row and column axes, each with the table ``pos * 10000^(-2j/n_a)`` (``n_a`` = twice its
+pair count). The reference rotates in float64 complex arithmetic; here float64 angles become float32 cos/sin tables
+and the rotation is real float32 arithmetic (~1e-7 relative difference; cheap, compiles cleanly).
+:meth:`RotaryTables.frame_rotation` moves rotated keys along the frame axis (RoPE is relative), which is how the KV
+cache re-bases its positions and places its sink frames.
 """
 
 from __future__ import annotations
@@ -48,11 +44,8 @@ class RotaryTables:
 
     def tables(self, frame_positions: tuple[int, ...], height: int, width: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of every token, ``[len(frames)·height·width, head_dim/2]`` float32, token order (f, h, w).
-
-        ``frame_positions`` are absolute temporal positions, one per frame of the call (a teacher-forcing call repeats
-        0..F-1 for its clean and noisy halves). Positions are Python integers, so nothing here reads the GPU.
-        """
+        """float32 cos/sin ``[len(frames)·height·width, head_dim/2]``, token order (f, h, w), for absolute frame
+        positions (Python integers: nothing reads the GPU; teacher forcing repeats 0..F-1 for its two halves)."""
         key = (frame_positions, height, width, str(device))
         hit = self._cache.get(key)
         if hit is not None:
@@ -75,10 +68,9 @@ class RotaryTables:
         return out
 
     def frame_rotation(self, delta: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[1, head_dim/2]`` that move already rotated keys by ``delta`` frames (any integer; the row and
-        column pairs are left as they are): ``apply_rope(k_p, *frame_rotation(d))`` is ``k`` rotated at ``p + d``,
-        because rotations of a pair compose by adding their angles. Computed directly in float64, not looked up, so
-        negative offsets work too."""
+        """cos/sin ``[1, head_dim/2]`` moving rotated keys by ``delta`` frames (any integer): ``apply_rope(k_p,
+        *frame_rotation(d))`` is ``k`` rotated at ``p + d``, as rotations compose by adding angles. Computed in
+        float64, not looked up, so negative offsets work too."""
         key = (delta, str(device))
         hit = self._shifts.get(key)
         if hit is None:
@@ -92,10 +84,8 @@ class RotaryTables:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x`` ``[B, L, N, d]`` by the token angles ``cos``/``sin`` ``[L, d/2]``.
-
-    Computed in float32 and returned in ``x``'s dtype.
-    """
+    """Rotate adjacent pairs of ``x [B, L, N, d]`` by ``cos``/``sin`` ``[L, d/2]``, in float32, returned in ``x``'s
+    dtype."""
     dtype = x.dtype
     xf = x.float().unflatten(-1, (-1, 2))                    # [B, L, N, d/2, 2]
     x0, x1 = xf[..., 0], xf[..., 1]

@@ -1,10 +1,9 @@
 """Wan2.1's flow-matching UniPC sampler: the multi-step solver of the published Stage-1 and bidirectional pipelines.
 
-UniPC (Zhao et al., 2023, arXiv:2302.04867) in the variant Wan2.1 ships as ``FlowUniPCMultistepScheduler`` and the
-published code runs with 50 steps: data prediction (x0), ``B(h) = e^h - 1`` ("bh2"), order 2 -- a first-order
-step to start, a first-order last step (``lower_order_final``), a corrector before every predictor but the first --
-final sigma 0, no dynamic shifting. With the flow convention ``x_σ = (1 - σ) x0 + σ ε`` and the network's flow
-``v = ε - x0``, the solver works on ``α = 1 - σ``, ``σ`` and ``λ = log(α / σ)``:
+UniPC (Zhao et al., 2023, arXiv:2302.04867) as Wan2.1's ``FlowUniPCMultistepScheduler`` runs it (50 steps): data
+prediction, ``B(h) = e^h - 1`` ("bh2"), order 2 with first-order first and last steps, a corrector before every
+predictor but the first, final sigma 0. With ``x_σ = (1 - σ) x0 + σ ε`` and the flow ``v = ε - x0``, on
+``α = 1 - σ``, ``σ`` and ``λ = log(α / σ)``:
 
 * data prediction at step i: ``m_i = x_i - σ_i v_i``;
 * predictor (UniP-p) from ``s = σ_i`` to ``t = σ_{i+1}``, ``h = λ_t - λ_s``:
@@ -15,10 +14,9 @@ final sigma 0, no dynamic shifting. With the flow convention ``x_σ = (1 - σ) x
   ``ρ_c = 1/2`` at order 1). The corrected sample feeds the next predictor; the network has already seen the
   uncorrected one, as in UniPC.
 
-The last step goes to σ = 0, where the update is exactly ``m`` (the data prediction). Coefficients are computed in
-Python float64; tensors in float32 or wider, whatever the network's dtype (Wan's copy works in the latents' dtype).
-``tests/test_unipc.py`` checks this against a float64 recomputation written from the paper's equations, against the
-exact solution of a Gaussian toy problem, and the grid against the published one.
+The last step (to σ = 0) is exactly ``m``. Coefficients are Python float64, tensors float32 or wider whatever the
+network's dtype (Wan's copy works in the latents' dtype). ``tests/test_unipc.py`` checks it against a float64
+recomputation from the paper's equations and a Gaussian problem's exact solution, and the grid against the published.
 """
 
 from __future__ import annotations
@@ -32,12 +30,9 @@ SOLVER_ORDER = 2
 
 
 def unipc_grid(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> tuple[list[float], list[float]]:
-    """Wan's sampling grid: ``(timesteps the network sees, the solver's sigmas)``, both descending, no final 0.
-
-    Raw sigmas ``linspace(σ_max, 0, N + 1)[:-1]`` with ``σ_max = 1 - 1/T`` as the float32 value Wan's table holds,
-    shifted by ``s σ / (1 + (s - 1) σ)``; the network is given ``floor(T σ)`` (Wan casts the timesteps to int64)
-    while the solver steps with the exact sigmas. For 50 steps and shift 5: 999, 995, 991, ..., 241, 172, 92.
-    """
+    """Wan's grid ``(timesteps the network sees, the solver's sigmas)``, descending, no final 0: raw sigmas
+    ``linspace(σ_max, 0, N + 1)[:-1]`` (``σ_max = 1 - 1/T`` in float32, as Wan's table), shifted; the network sees
+    ``floor(T σ)`` (Wan's int64 cast), the solver the exact sigmas. 50 steps, shift 5: 999, 995, ..., 172, 92."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if shift <= 0:
@@ -54,11 +49,8 @@ def _lambda(sigma: float) -> float:
 
 
 class UniPCSolver:
-    """One sampling run (one block, or one bidirectional video): call :meth:`step` once per sigma, in order.
-
-    Args:
-        sigmas: the run's noise levels, descending, in (0, 1), without the final 0 (appended here).
-    """
+    """One sampling run (a block, or a bidirectional video) over ``sigmas`` (descending, in (0, 1), the final 0
+    appended here): call :meth:`step` once per sigma."""
 
     def __init__(self, sigmas: Sequence[float]):
         if not sigmas or any(not 0 < s < 1 for s in sigmas):   # λ is -inf at σ = 1 (why Wan starts at 0.999)

@@ -1,10 +1,8 @@
 """Sampling the bidirectional Wan model (the teacher, or the toy world's base model): all frames at once.
 
-The step list and rule come as a :class:`~pipeline.causal.StepSchedule`, as for the causal loop: many-step ODE
-sampling with classifier-free guidance on the negative prompt (``uncond + s·(cond − uncond)``) -- ``"unipc"``, the
-published bidirectional pipeline's 50-step solver (``StepSchedule.multistep``), or ``"euler"`` -- or few-step
-``"renoise"`` sampling that re-noises the x0 prediction between steps. Unlike the reference's few-step bidirectional
-pipeline, the last listed timestep is evaluated too (model_and_inference.md §15 item 7).
+The :class:`~pipeline.causal.StepSchedule` names the rule: many-step ODE sampling with guidance on the negative
+prompt (``"unipc"``, the published 50-step solver, or ``"euler"``), or few-step ``"renoise"``. Unlike the reference's
+few-step pipeline, the last listed timestep is evaluated too (model_and_inference.md §15 item 7).
 """
 
 from __future__ import annotations
@@ -21,11 +19,8 @@ from pipeline.causal import NoiseFn, StepSchedule, randn_like_from
 def sample_bidirectional(model: WanModel, scheduler: FlowMatchScheduler, noise: torch.Tensor,
                          context: torch.Tensor, schedule: StepSchedule, negative: torch.Tensor | None = None,
                          guidance_scale: float = 1.0, noise_fn: NoiseFn | None = None) -> torch.Tensor:
-    """Denoise ``noise [B, F, C, H, W]`` over ``schedule.timesteps`` (descending); returns the clean latents.
-
-    ODE rules integrate the flow down to 0; ``"renoise"`` predicts x0 at each step and adds fresh noise at the next
-    timestep.
-    """
+    """Denoise ``noise [B, F, C, H, W]`` over ``schedule.timesteps``: ODE rules integrate the flow to 0,
+    ``"renoise"`` re-noises each x0 prediction to the next timestep."""
     noise_fn = noise_fn or randn_like_from(None)
     guided = negative is not None and guidance_scale != 1.0
     timesteps = schedule.timesteps

@@ -1,21 +1,13 @@
-"""The self-forcing rollout of Stage 3 (training.md §6.3), run by the one block loop of :mod:`pipeline.causal`.
+"""The self-forcing rollout of Stage 3 (training.md §6.3; docs/stage3.md), run by :class:`~pipeline.causal.BlockLoop`.
 
-The generator writes a whole video autoregressively, the way it will at inference: each block starts from its own
-noise, is denoised through the KV cache with the few-step schedule and stops at a randomly drawn *exit step*; only
-that exit forward keeps gradients. Then the block's prediction is written into the cache by a no-grad context pass
-at ``context_noise`` and the next block attends to it. So gradients reach the generator's weights through every
-block's exit forward, never through earlier denoising steps or across blocks (the cache holds values, not graphs).
-
-Everything that differs from inference is data for :class:`~pipeline.causal.BlockLoop`: an :class:`ExitPolicy`
-(exit step, gradient on exit, ``grad_from_frame``). The exit steps are drawn by the caller with
-:func:`draw_exit_steps` (rank 0 draws, every rank receives the same indices) because all ranks must run the same
-number of forwards in lock-step under FSDP.
+The generator writes a video as at inference, each block stopping at a drawn *exit step* whose forward alone keeps
+gradients; a no-grad context pass then caches the block. Gradients thus never cross denoising steps or blocks (the
+cache holds values, not graphs). What differs from inference is an :class:`ExitPolicy`; exit steps are drawn on rank 0
+and shared (:func:`draw_exit_steps`) because FSDP ranks must run the same forwards in lock-step.
 
 :func:`rolling_rollout` is Rolling Forcing's (published ``long_video/pipeline/rolling_forcing_training.py``): the
-inference windows of :meth:`BlockLoop.rolling`, one forward per window, where the windows ``phase, phase + S, ...``
-(``S`` = steps) keep gradients. Those windows cover every block exactly once, so the rollout's video is each block's
-prediction in its phase window: blocks at different steps, each one forward with gradients, the rolling analogue of
-a random exit step.
+windows of :meth:`BlockLoop.rolling`, where windows ``phase, phase + S, ...`` keep gradients; they cover every block
+once, so each block is its prediction in its phase window, the rolling analogue of a random exit step.
 """
 
 from __future__ import annotations
@@ -46,7 +38,7 @@ class Rollout(NamedTuple):
 
 @dataclass
 class PerBlockExitPolicy(ExitPolicy):
-    """An :class:`ExitPolicy` with one exit step per block (``same_step_across_blocks: false``)."""
+    """One exit step per block (``same_step_across_blocks: false``)."""
 
     per_block: tuple[int, ...] = ()
 
@@ -57,11 +49,8 @@ class PerBlockExitPolicy(ExitPolicy):
 
 
 def broadcast_ints(values: list[int], src: int = 0) -> list[int]:
-    """``values`` of rank ``src`` on every rank (identity without an initialised multi-rank process group).
-
-    One small collective per call: it is a host sync, which the rollout needs anyway because the exit steps decide
-    how many forwards run (Python control flow).
-    """
+    """``values`` of rank ``src`` on every rank (identity without a multi-rank group). A host sync, which the rollout
+    needs anyway: the exit steps decide how many forwards run."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(values)
     backend = str(dist.get_backend())
@@ -75,17 +64,9 @@ def broadcast_ints(values: list[int], src: int = 0) -> list[int]:
 def draw_exit_steps(schedule: StepSchedule, num_blocks: int, *, same_step_across_blocks: bool = True,
                     last_step_only: bool = False, generator: torch.Generator | None = None,
                     ) -> tuple[int | list[int], int | None]:
-    """Exit-step indices of one rollout, identical on every rank (rank 0 draws and broadcasts).
-
-    Returns ``(exit_step, first_block_exit_step)``:
-
-    * ``exit_step``: one index into ``schedule.timesteps`` shared by the blocks (``same_step_across_blocks``), or a
-      list with one index per block;
-    * ``first_block_exit_step``: an index into ``schedule.first_block`` drawn separately for block 0 when the schedule
-      has a first-block list (1-/2-step generators), else ``None``.
-
-    ``last_step_only`` forces every exit to the last step. Indices are uniform over the list lengths.
-    """
+    """``(exit_step, first_block_exit_step)`` of one rollout, uniform draws identical on every rank: one index into
+    ``schedule.timesteps`` shared by the blocks (``same_step_across_blocks``) or one per block, and block 0's own
+    index into ``schedule.first_block`` when there is one (else None). ``last_step_only``: the last steps."""
     num_steps = len(schedule.timesteps)
     num_first = len(schedule.first_block) if schedule.first_block is not None else None
     if last_step_only:
@@ -105,12 +86,8 @@ def draw_exit_steps(schedule: StepSchedule, num_blocks: int, *, same_step_across
 
 def denoised_timestep_range(scheduler: FlowMatchScheduler, timesteps: Sequence[float], exit_step: int,
                             ) -> tuple[int, int]:
-    """(from, to) raw timesteps of exit step ``exit_step`` of ``timesteps`` (training.md §6.3 table).
-
-    ``from = T - index(τ_e)`` and ``to = T - index(τ_{e+1})`` (0 after the last step), where ``index`` is the nearest
-    grid entry of the training grid and ``T = num_train_timesteps``: for [1000, 937.5, 833.3, 625] and e = 1 this is
-    (750, 500). They bound the DMD/critic timesteps when ``ts_schedule`` / ``ts_schedule_max`` are on.
-    """
+    """``(T - index(τ_e), T - index(τ_{e+1}))`` (0 after the last step; ``index``: nearest training-grid entry), the
+    raw timesteps of exit step ``e`` (training.md §6.3): (750, 500) for [1000, 937.5, 833.3, 625] and e = 1."""
     n = scheduler.num_train_timesteps
     index = scheduler.index_for(torch.tensor([float(t) for t in timesteps])).tolist()
     t_from = n - int(index[exit_step])
@@ -120,9 +97,8 @@ def denoised_timestep_range(scheduler: FlowMatchScheduler, timesteps: Sequence[f
 
 def rollout_cache(generator: WanModel, batch: int, num_frames: int, height: int, width: int,
                   dtype: torch.dtype, device: torch.device, rolling_sink: int | None = None) -> KVCache:
-    """A cache for the rollout: the whole video (or the generator's attention window with its sink frames). With
-    Rolling Forcing (``rolling_sink`` frames of sink) it holds the whole rollout, which its views attend to in part,
-    so gradient checkpointing can recompute every forward."""
+    """A cache of the whole video, or of the generator's attention window and sink; with Rolling Forcing
+    (``rolling_sink``) of the whole rollout, which its views read in part, so checkpointing can recompute each one."""
     window = generator.local_attn_size
     capacity = num_frames if window == -1 or rolling_sink is not None else min(window, num_frames)
     sink = min(generator.sink_size if rolling_sink is None else rolling_sink, capacity - 1)
@@ -145,25 +121,20 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
                          grad_from_frame: int = 0, context_noise: float = 0.0, noise_fn: NoiseFn | None = None,
                          cache: KVCache | None = None, noise: torch.Tensor | None = None,
                          dtype: torch.dtype | None = None, views: CacheViews | None = None) -> Rollout:
-    """Generate ``num_frames`` latent frames block by block, stopping each block at its exit step.
+    """Generate ``num_frames`` latent frames block by block, each stopping at its exit step.
 
     Args:
-        generator: the causal generator (any wrapper that keeps ``forward_cached``, ``layout``, ``config``).
-        schedule: the warped few-step schedule (block 0 may have its own list).
-        context: prompt embeddings ``[B, L, text_dim]``.
-        latent_shape: ``(C, H, W)`` of one latent frame.
+        latent_shape: ``(C, H, W)`` of one latent frame; ``context``: prompt embeddings ``[B, L, text_dim]``.
         exit_step: shared exit index of the blocks, or one per block; ``None`` = the last step.
-        first_block_exit_step: exit index of block 0 into ``schedule.first_block`` (``None`` = ``exit_step``).
-        grad_from_frame: blocks starting before this frame run their exit forward without gradients.
-        context_noise: timestep of the context pass (0 = exactly clean, see ``BlockLoop.commit``).
-        noise_fn: fresh Gaussian noise shaped like its argument (initial block noise and re-noising).
-        cache: a cache to reuse (it is reset); ``None`` allocates one for ``num_frames`` frames.
-        noise: the initial noise ``[B, F, C, H, W]``; ``None`` draws it with ``noise_fn``.
-        dtype: dtype of noise and cache (the generator's compute dtype); default: the cache's or the parameters'.
-        views: what denoising forwards and context passes attend to (Rolling Forcing's, for its self-forcing half).
+        first_block_exit_step: block 0's index into ``schedule.first_block`` (``None`` = ``exit_step``).
+        grad_from_frame: blocks starting before this frame exit without gradients.
+        context_noise: timestep of the context pass (0 = exactly clean).
+        cache: a cache to reuse (reset here), else one for ``num_frames`` frames; ``noise``: the initial noise
+            ``[B, F, C, H, W]``, else drawn by ``noise_fn``; ``dtype``: of noise and cache (default the cache's or the
+            parameters'); ``views``: what the forwards attend to (Rolling Forcing's, for its self-forcing half).
     Returns:
-        :class:`Rollout` with ``latents [B, F, C, H, W]``: gradients flow from it into the generator only through
-        the exit forwards of blocks at or after ``grad_from_frame`` -- when called with gradients enabled.
+        :class:`Rollout`; gradients (when enabled) reach the generator only through the exit forwards of blocks at or
+        after ``grad_from_frame``.
     """
     noise_fn = noise_fn or randn_like_from(None)
     param = next(generator.parameters())
@@ -203,17 +174,10 @@ def rolling_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule
                     phase: int, grad_from_frame: int = 0, context_noise: float = 0.0,
                     noise_fn: NoiseFn | None = None, noise: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None) -> Rollout:
-    """Rolling Forcing's rollout (module docstring) of ``num_frames`` frames.
-
-    Args:
-        span, sink: frames each forward attends to, and the sink frames among them (:meth:`CacheViews.rolling`).
-        phase: windows ``k`` with ``k % len(schedule.timesteps) == phase`` keep gradients (drawn by the caller, the
-            same on every rank), when they end after ``grad_from_frame``.
-        The rest as for :func:`self_forcing_rollout`.
-    Returns:
-        :class:`Rollout` whose latents hold each block's prediction in its phase window (gradient-carrying where that
-        window kept gradients); no single exit step, so no timestep range.
-    """
+    """Rolling Forcing's rollout (module docstring) of ``num_frames`` frames, each forward attending to ``span``
+    frames, ``sink`` of them sink frames. Windows ``k`` with ``k % steps == phase`` keep gradients when they end after
+    ``grad_from_frame``; the result has no single exit step, so no timestep range. Otherwise as
+    :func:`self_forcing_rollout`."""
     noise_fn = noise_fn or randn_like_from(None)
     param = next(generator.parameters())
     dtype = dtype or param.dtype
