@@ -7,11 +7,9 @@ Layout of one resume checkpoint (``<logdir>/checkpoints/step_<N:06d>/``, N = opt
     meta.json                      step, world size, names of the networks / optimizers / EMAs, format version
     config.yaml                    the resolved config of the run that wrote it
 
-Everything is written into ``step_<N>.tmp/`` and renamed by rank 0 once every rank has written its files, so a crash
-mid-save leaves the previous checkpoint as the latest; :func:`latest_checkpoint` ignores ``.tmp`` folders and the next
-run removes them (:func:`remove_stale_files`).
-Per-rank files hold only tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
-Keys are canonical: ``get_model_state_dict`` strips FSDP / activation-checkpointing / compile wrappers.
+Everything goes into ``step_<N>.tmp/``, renamed by rank 0 once every rank has written, so a crash mid-save leaves the
+previous checkpoint the latest (the next run removes the ``.tmp``). Per-rank files hold only tensors and plain values
+(``weights_only`` loads); keys are canonical (``get_model_state_dict`` strips the wrappers).
 """
 
 from __future__ import annotations
@@ -81,13 +79,9 @@ def latest_checkpoint(logdir: str | os.PathLike) -> Optional[Path]:
 
 
 class LogdirLock:
-    """An exclusive lock on ``<logdir>/.lock`` held by one run (its rank 0) while it trains.
-
-    Two runs on one logdir would save, prune and publish the same checkpoint folders under each other (one died with
-    FileNotFoundError). ``flock`` is released by the kernel when the holder exits, even after ``kill -9``, so a
-    crashed run never leaves a stale lock (its DataLoader workers, which share the open file, exit with it). The file
-    names the holder (pid and host) for the message.
-    """
+    """An exclusive ``flock`` on ``<logdir>/.lock`` held by a run's rank 0: two runs on one logdir would save, prune and
+    publish the same folders under each other. The kernel releases it when the holder dies, even by ``kill -9``; the
+    file names the holder (pid, host) for the message."""
 
     NAME = ".lock"
 
@@ -120,9 +114,8 @@ class LogdirLock:
 
 
 def remove_stale_files(logdir: str | os.PathLike) -> int:
-    """Delete what killed runs left in ``logdir``: partial checkpoint folders (``step_<N>.tmp``) and temporaries of
-    the export and ``metrics.jsonl`` (``.tmp-*``). Call it holding the :class:`LogdirLock` (no other writer is there).
-    Returns how many were deleted."""
+    """Delete what killed runs left in ``logdir`` (``step_<N>.tmp`` folders, ``.tmp-*`` files) and return the count;
+    call it holding the :class:`LogdirLock`."""
     root = Path(logdir)
     removed = remove_stale_temps(root)
     for folder in root.glob("checkpoint_model_*"):
@@ -198,18 +191,15 @@ def _dcp_state(state: TrainState) -> dict[str, Any]:
 
 
 def _commit(tmp: Path, final: Path) -> None:
-    """The one step that publishes a checkpoint: an atomic rename (same filesystem)."""
+    """The one step that publishes a checkpoint: an atomic rename."""
     os.replace(tmp, final)
 
 
 def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, data_state: dict, config_yaml: str,
                     keep: int = 3) -> Path:
-    """Write the resume checkpoint of ``step`` (collective: every rank calls it) and keep the newest ``keep``.
-
-    Returns the checkpoint folder. A folder for ``step`` that already exists is left as is (e.g. the final save of a
-    resumed run that had nothing left to do). A failure on any rank (a full disk) raises a one-line CheckpointError
-    on every rank, after the partial folder is removed; the previous checkpoint stays the latest.
-    """
+    """Write the resume checkpoint of ``step`` (collective) and keep the newest ``keep``; returns its folder (an
+    existing one is left as is). A failure on any rank (a full disk) removes the partial folder and raises a one-line
+    CheckpointError on every rank; the previous checkpoint stays the latest."""
     w = world()
     final = checkpoint_path(logdir, step)
     if final.is_dir():
@@ -235,8 +225,7 @@ def save_checkpoint(logdir: str | os.PathLike, step: int, state: TrainState, dat
 
 
 def _write(tmp: Path, step: int, state: TrainState, data_state: dict, config_yaml: str) -> None:
-    """Every file of a checkpoint into ``tmp`` (collective: DCP's shards; then this rank's RNG and data position,
-    and on rank 0 meta.json and config.yaml)."""
+    """Every file of a checkpoint into ``tmp`` (collective)."""
     w = world()
     dcp.save(_dcp_state(state), checkpoint_id=str(tmp))
     torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank_{w.rank:05d}.pt")
@@ -265,8 +254,7 @@ def _prune(logdir: str | os.PathLike, keep: int) -> None:
 
 @dataclass
 class Resumed:
-    """What :func:`load_checkpoint` restored besides the networks: the step, and this rank's data position (None when
-    the world size changed and the position is per-rank, so the data stream restarts from the seed)."""
+    """The step and this rank's data position (None when the world size changed and the position is per-rank)."""
 
     step: int
     data_state: Optional[dict]
@@ -280,8 +268,7 @@ def _unwrap(err: CheckpointException) -> BaseException:
 
 
 def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
-    """Load a resume checkpoint into ``state`` in place (collective). The EMAs listed in its meta.json must exist in
-    ``state.emas`` already (the loop creates them first, see :func:`read_meta`)."""
+    """Load a resume checkpoint into ``state`` in place (collective); its EMAs must exist in ``state.emas`` already."""
     path = Path(path)
     meta = read_meta(path)
     for kind, have in (("models", state.models), ("optimizers", state.optimizers), ("emas", state.emas)):

@@ -1,13 +1,10 @@
 """Process groups and FSDP2 sharding, applied from outside the model (model/ imports nothing distributed).
 
-* :func:`init_distributed` -- under ``torchrun``: NCCL (+ gloo for CPU tensors) on CUDA, gloo on CPU, the CUDA device
-  set to ``LOCAL_RANK``. Without ``torchrun``: a one-process group over an in-memory store, so collectives, DCP and
-  FSDP2 run through the same code path in a plain ``python train.py`` and in tests.
-* :func:`apply_fsdp` -- ``fully_shard`` on each transformer block, then on the root (torchtitan's order). Strategies
-  (training.md §8.2, reference FSDP1 names): ``full`` shards over every rank; ``hybrid_full`` replicates across nodes
-  and shards within a node (HSDP; on one node this is ``full``); ``hybrid_zero2`` is ``hybrid_full`` that keeps the
-  parameters gathered between forward and backward; ``no_shard`` replicates (DDP-like).
-* :func:`shard_frozen` -- the same for frozen networks (teacher, text encoder), which get no optimizer.
+:func:`init_distributed` makes a one-process group when not under ``torchrun``, so collectives, DCP and FSDP2 run the
+same code in ``python train.py`` and in tests. :func:`apply_fsdp` shards each transformer block, then the root
+(torchtitan's order). Strategies (training.md §8.2, the reference's FSDP1 names): ``full`` over every rank;
+``hybrid_full`` replicates across nodes and shards within one (HSDP); ``hybrid_zero2`` also keeps the parameters
+gathered until backward; ``no_shard`` replicates.
 """
 
 from __future__ import annotations
@@ -111,8 +108,8 @@ def barrier() -> None:
 
 
 def all_ok(ok: bool) -> bool:
-    """True on every rank iff ``ok`` on every rank (a CPU all-reduce, also a barrier; works on gloo and
-    cpu:gloo,cuda:nccl). Lets every rank learn of a failure on one, instead of waiting at the next collective."""
+    """True on every rank iff ``ok`` on every rank (a CPU all-reduce): every rank learns of a failure on one, instead
+    of waiting at the next collective."""
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -124,12 +121,8 @@ def all_ok(ok: bool) -> bool:
 
 
 def build_mesh(strategy: str, w: World | None = None) -> DeviceMesh:
-    """The data-parallel device mesh of a sharding strategy.
-
-    1-D ``("shard",)`` for ``full`` and for the hybrid strategies on one node; 2-D ``("replicate", "shard")`` with
-    ``replicate = nodes`` for the hybrid strategies on several nodes (HSDP) and ``replicate = world, shard = 1`` for
-    ``no_shard``. Nodes are counted from ``LOCAL_WORLD_SIZE`` (set by torchrun).
-    """
+    """The data-parallel mesh of a strategy: 1-D ``("shard",)``, or 2-D ``("replicate", "shard")`` for the hybrid
+    strategies on several nodes (``LOCAL_WORLD_SIZE`` ranks each) and for ``no_shard`` (shard = 1)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sharding strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     w = w or world()
@@ -143,8 +136,7 @@ def build_mesh(strategy: str, w: World | None = None) -> DeviceMesh:
 
 
 def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The ModuleLists named ``blocks``/``block``/``layers`` in ``model``, outermost matches only (a block's own
-    sub-lists are not split further)."""
+    """The outermost ModuleLists named ``blocks``/``block``/``layers`` in ``model``."""
     lists, taken = [], []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or name.rsplit(".", 1)[-1] not in BLOCK_LIST_NAMES:
@@ -162,14 +154,10 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Wrap each transformer block so its activations are recomputed in backward (torchtitan's way, from outside).
-
-    The one gradient-checkpointing switch (``cfg.gradient_checkpointing``, applied by the training loop); models have
-    no flag of their own. Must run before :func:`apply_fsdp`: FSDP2's hooks then sit on the wrapper and the
-    recomputation calls the inner block only. A model that checkpoints its own FSDP-sharded blocks re-enters FSDP's
-    forward hook during recomputation, which skips the bf16 input cast and fails checkpoint's metadata check under
-    mixed precision. Parameter names gain ``_checkpoint_wrapped_module.``, which the state-dict helpers strip.
-    """
+    """Wrap each transformer block so its activations are recomputed in backward: the one gradient-checkpointing
+    switch (``cfg.gradient_checkpointing``, applied by the loop). Before :func:`apply_fsdp`, so FSDP2's hooks sit on
+    the wrapper: a model checkpointing its own sharded blocks re-enters FSDP's forward hook when recomputing, which
+    skips the bf16 input cast and fails checkpoint's metadata check. Names gain ``_checkpoint_wrapped_module.``."""
     for blocks in _block_lists(model):
         for i, block in enumerate(blocks):
             if not isinstance(block, CheckpointWrapper):
@@ -177,18 +165,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def activation_checkpointed(model: nn.Module) -> bool:
-    """Whether :func:`apply_activation_checkpointing` wrapped ``model``'s blocks (their forward is recomputed in
-    backward, reading whatever state they read again then)."""
+    """Whether :func:`apply_activation_checkpointing` wrapped ``model``'s blocks."""
     return any(isinstance(block, CheckpointWrapper) for block in transformer_blocks(model))
 
 
 def _policy(mixed_precision: bool) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 master weights and fp32 gradient reduction (training.md §8.2); CPU tests run fp32.
-
-    Forward inputs are NOT cast, as in the reference's policy: a cast would round the fp32 timesteps to bf16 (937.5 ->
-    936) before the sinusoidal embedding and the fp32 RoPE tables the blocks receive. Callers pass latents and text
-    embeddings in bf16 under mixed precision (the reference's ``dtype``) and timesteps in fp32.
-    """
+    """bf16 compute, fp32 masters and gradient reduction (training.md §8.2). Forward inputs are NOT cast (as in the
+    reference): a cast would round fp32 timesteps (937.5 -> 936) and the RoPE tables; callers pass latents and text
+    in bf16, timesteps in fp32."""
     if mixed_precision:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     return MixedPrecisionPolicy(cast_forward_inputs=False)
@@ -203,11 +187,8 @@ def _forward_methods(model: nn.Module) -> list[str]:
 
 def apply_fsdp(model: nn.Module, strategy: str, mixed_precision: bool, device_mesh: DeviceMesh | None = None,
                reshard_after_forward: bool = True, cpu_offload: bool = False) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: each transformer block, then the root. Returns ``model``.
-
-    Parameters become DTensors (``Shard(0)`` over the mesh's last dim). ``hybrid_zero2`` forces
-    ``reshard_after_forward=False`` (ZeRO-2: gathered parameters stay until backward, more memory, less traffic).
-    """
+    """Shard ``model`` in place with FSDP2, each transformer block then the root; returns it. ``hybrid_zero2`` keeps
+    gathered parameters until backward (more memory, less traffic)."""
     mesh = device_mesh if device_mesh is not None else build_mesh(strategy)
     reshard = reshard_after_forward and strategy != "hybrid_zero2"
     kwargs = dict(mesh=mesh, mp_policy=_policy(mixed_precision),
@@ -225,12 +206,8 @@ def apply_fsdp(model: nn.Module, strategy: str, mixed_precision: bool, device_me
 
 def shard_frozen(model: nn.Module, strategy: str = "full", mixed_precision: bool = False,
                  device_mesh: DeviceMesh | None = None, cpu_offload: bool = False) -> nn.Module:
-    """Shard a frozen network (teacher, real score, text encoder): no gradients, eval mode, no optimizer.
-
-    A result cache (``TextEncoder.cache_size``) is switched off when the mesh spans several ranks: a cache hit skips
-    the forward, and with it FSDP's all-gathers, on one rank while another rank runs it, so the collectives of the
-    ranks would no longer match (gloo aborts with a size mismatch, NCCL hangs).
-    """
+    """Shard a frozen network (teacher, real score, text encoder). A result cache (``TextEncoder.cache_size``) is
+    switched off over several ranks: a hit would skip the forward's all-gathers on one rank only (NCCL would hang)."""
     model.requires_grad_(False).eval()
     mesh = device_mesh if device_mesh is not None else build_mesh(strategy)
     if getattr(model, "cache_size", 0) > 0 and mesh.size() > 1:
@@ -240,8 +217,7 @@ def shard_frozen(model: nn.Module, strategy: str = "full", mixed_precision: bool
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """FSDP2's ``no_sync``: skip (False) or do (True) the gradient reduce-scatter/all-reduce of the next backward.
-
-    While off, unsharded gradients accumulate locally (the memory of one full fp32 gradient copy)."""
+    """FSDP2's ``no_sync``: skip (False) or do the gradient reduction of the next backward (while off, one full fp32
+    gradient copy accumulates locally)."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)

@@ -1,10 +1,8 @@
 """Exponential moving average of a (possibly FSDP2-sharded) network, kept shard-local on the network's device.
 
-Each rank keeps an fp32 copy of only its own shard of every trainable parameter: the shadow of a DTensor parameter is
-a DTensor clone with the same mesh and placements, so DCP saves it sharded and reloads it on any world size. An update
-is one ``torch._foreach_lerp_`` over local shards: no all-gather, no CPU round trip, no host sync (the reference copied
-every parameter to the CPU each step, training.md §8.4 and style.md fault 8). Gathering happens only for the release
-export (:meth:`ShardLocalEMA.full_state_dict`).
+Each rank keeps fp32 copies of its own shards (DTensor clones, so DCP saves them sharded and reloads them on any world
+size); an update is one ``torch._foreach_lerp_``: no all-gather, CPU copy or host sync (the reference copied every
+parameter to the CPU each step, training.md §8.4). Only the release export gathers.
 """
 
 from __future__ import annotations
@@ -36,13 +34,8 @@ def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 class ShardLocalEMA:
-    """``shadow <- decay * shadow + (1 - decay) * param`` on every rank's local shards.
-
-    Args:
-        module: the trained network, already sharded (or plain); its trainable parameters are tracked. Create the EMA
-            after ``fully_shard`` so the captured parameter objects are the sharded ones the optimizer updates.
-        decay: EMA decay in [0, 1) (config ``ema_weight``).
-    """
+    """``shadow <- decay * shadow + (1 - decay) * param`` over ``module``'s trainable parameters; create it after
+    ``fully_shard``, so that it holds the sharded parameters the optimizer updates."""
 
     def __init__(self, module: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
@@ -76,11 +69,8 @@ class ShardLocalEMA:
 
     @torch.no_grad()
     def full_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-        """Full (unsharded) fp32 CPU tensors by canonical name. Collective: every rank must call it.
-
-        One parameter is gathered at a time, so the peak extra device memory is one full parameter. With
-        ``rank0_only`` other ranks get ``{}``.
-        """
+        """Full fp32 CPU tensors by canonical name (collective; with ``rank0_only`` the other ranks get ``{}``),
+        gathered one parameter at a time."""
         is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         out = {}
         for name, s in self.shadow.items():

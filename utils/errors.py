@@ -35,9 +35,8 @@ class OutputError(UserError, OSError):
 
 
 def key_mismatch(missing=(), unexpected=(), mismatched=(), limit: int = 8) -> str:
-    """The one-line report of a strict state-dict load that does not fit: ``missing keys (2): a, b; unexpected keys
-    (1): c; shape mismatches (1): d: checkpoint (3,) vs model (4,)``. Empty groups are left out; each group shows its
-    count and its first ``limit`` names, then ``...``. Unordered collections (sets) are listed sorted."""
+    """One line: ``missing keys (2): a, b; unexpected keys (1): c; shape mismatches (1): d: checkpoint (3,) vs model
+    (4,)``, each group its count and first ``limit`` names (sets sorted); empty groups left out."""
     parts = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
         items = [str(k) for k in (sorted(items) if isinstance(items, (set, frozenset)) else items)]
@@ -57,14 +56,12 @@ def state_dict_mismatch(expected: dict, given: dict) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message (``""`` when it has none): for messages that name a
-    cause without pasting a library's multi-line text."""
+    """The first non-empty line of an exception's message (``""`` when it has none)."""
     return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
 
 
 def free_space(path: str | os.PathLike) -> str:
-    """`` (N MiB free on that disk)`` for the nearest existing folder of ``path``, for messages about failed
-    writes; empty if even that cannot be read."""
+    """`` (N MiB free on that disk)`` for the nearest existing folder of ``path``, or ``""``."""
     path = Path(path).absolute()
     while not path.is_dir() and path != path.parent:
         path = path.parent
@@ -75,8 +72,7 @@ def free_space(path: str | os.PathLike) -> str:
 
 
 def ensure_folder(path: str | os.PathLike, what: str) -> Path:
-    """Create the output folder ``path`` (and its parents) or raise a one-line OutputError naming ``what`` (a flag,
-    e.g. ``"--output_folder"``): the path is a file, or the folder cannot be created."""
+    """Create the output folder ``path`` or raise a one-line OutputError naming ``what`` (e.g. a flag)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file, not a folder")

@@ -1,12 +1,8 @@
-"""Atomic file writes, written once.
+"""Atomic file writes, written once: a file is written under a temporary name in its folder and renamed (atomic within
+one filesystem) only when complete, so code that skips existing outputs never keeps a broken one.
 
-A file is written under a temporary name in its destination folder and renamed to its final name only once it is
-complete (``os.replace`` is atomic within one filesystem, hence the same folder). So the final name never holds a
-partial file: code that skips existing outputs (mp4s, ODE trajectories, checkpoint exports) never keeps a broken one.
-
-Temporary names are ``.tmp-<8 hex>-<final name>``: hidden, unique per writer, and ending in the final name so tools
-that pick a format from the extension (ffmpeg) still see it. A killed writer leaves such a file behind;
-:func:`remove_stale_temps` deletes them and readers that list a folder skip them (:func:`is_temp`).
+Temporaries are ``.tmp-<8 hex>-<final name>``: hidden, unique per writer, keeping the extension (ffmpeg picks the
+format from it). A killed writer leaves one behind: :func:`remove_stale_temps` deletes them, :func:`is_temp` spots them.
 """
 
 from __future__ import annotations
@@ -32,12 +28,8 @@ def _final_name(temp_name: str) -> str:
 
 
 class AtomicPath:
-    """A temporary path beside ``final`` that replaces it on :meth:`commit` or is deleted on :meth:`discard`.
-
-    As a context manager (``with atomic_path(p) as tmp: torch.save(obj, tmp)``) it commits when the block succeeds and
-    discards when it raises, leaving the old ``final`` (if any) untouched. Writers that span several calls (the mp4
-    stream writer) call :meth:`commit` / :meth:`discard` themselves. The folder is created if needed.
-    """
+    """A temporary path beside ``final`` (folder created) that replaces it on :meth:`commit` or is deleted on
+    :meth:`discard`; as a context manager it commits when the block succeeds and discards when it raises."""
 
     def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
@@ -79,9 +71,8 @@ _LEGACY_TEMP = re.compile(r"^(\.tmp_[0-9a-f]{32}\.mp4|\..+\.latents\.pt\.tmp|.+\
 
 
 def remove_stale_temps(folder: str | os.PathLike, finals: Iterable[str] | None = None) -> int:
-    """Delete temporaries left in ``folder`` by killed writers; only those of the final names ``finals`` when given
-    (so one rank never deletes another's temporary in flight), and those of earlier versions' writers. Returns how
-    many were deleted."""
+    """Delete (and count) temporaries of killed writers in ``folder``, of the final names ``finals`` only when given
+    (one rank never deletes another's in flight), and those of earlier versions' writers."""
     wanted = None if finals is None else {os.path.basename(f) for f in finals}
     removed = 0
     for entry in os.scandir(folder):

@@ -1,10 +1,8 @@
 """Reading torch.distributed.checkpoint (DCP) folders without running code from them.
 
-DCP's own reader unpickles ``.metadata`` with plain :mod:`pickle`, and its default load planner reads every
-non-tensor entry with ``torch.load(weights_only=False)``: a planted checkpoint folder could run any command on resume.
-Here the metadata goes through an unpickler that admits only the classes DCP writes there (its metadata dataclasses,
-``torch.Size``, dtypes, layouts, paths), and the non-tensor entries (optimizer hyper-parameters, counters) through
-``torch.load(weights_only=True)``. Anything else is refused with one line (:class:`~utils.errors.CheckpointError`).
+DCP unpickles ``.metadata`` with plain :mod:`pickle` and loads non-tensor entries with ``weights_only=False``: a
+planted folder could run any command on resume. Here the metadata unpickler admits only what DCP writes there, and
+non-tensor entries load with ``weights_only=True``; anything else is refused with one line.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""MP4 writing/reading (imageio + its bundled ffmpeg, libx264, yuv420p) and safe output file names.
-
-Every writer here is atomic (:mod:`utils.io`): frames go to a hidden temporary file in the destination directory,
-which replaces the final path only after ffmpeg finished successfully. A crash or exception leaves no partial
-``.mp4`` under the final name, so "skip outputs that already exist" logic never skips a broken file.
+"""MP4 writing/reading (imageio + its bundled ffmpeg, libx264, yuv420p) and safe output file names. Every writer is
+atomic (:mod:`utils.io`): no partial ``.mp4`` ever sits under a final name.
 """
 
 from __future__ import annotations
@@ -24,9 +21,8 @@ DEFAULT_FPS = 16
 
 
 def pixels_to_uint8(frames):
-    """Decoded pixels ``[..., 3, H, W]`` in [-1, 1] (a torch tensor) -> uint8 ``[..., H, W, 3]`` on the same device:
-    the values :func:`to_uint8_frames` gives (the same float32 steps, round half to even as ``np.rint``), computed
-    where the frames are so that a GPU stream sends the host a quarter of the float32 bytes and no CPU work."""
+    """Pixels ``[..., 3, H, W]`` in [-1, 1] (a tensor) -> uint8 ``[..., H, W, 3]`` on their device, equal to
+    :func:`to_uint8_frames` (a GPU stream then sends the host a quarter of the bytes)."""
     import torch
 
     unit = (torch.nan_to_num(frames.float()) + 1.0) / 2.0
@@ -35,15 +31,9 @@ def pixels_to_uint8(frames):
 
 
 def to_uint8_frames(frames, value_range: tuple[float, float] | None = None, layout: str = "THWC") -> np.ndarray:
-    """Frames as a uint8 numpy array ``[T, H, W, 3]``.
-
-    Args:
-        frames: uint8 array/tensor, or a float array/tensor with values in ``value_range``.
-        value_range: ``(low, high)`` of float input, e.g. ``(0, 1)`` or ``(-1, 1)``; required for floats (the range
-            cannot be guessed reliably from the values), must be None or ``(0, 255)`` for uint8. Values outside it are
-            clipped; the mapping rounds to nearest (the reference truncated).
-        layout: ``"THWC"`` or ``"TCHW"`` (channels first, e.g. straight from a VAE decode).
-    """
+    """Frames (uint8, or float in ``value_range``, e.g. ``(-1, 1)``: required, as it cannot be guessed from values)
+    as a uint8 numpy array ``[T, H, W, 3]``; ``layout`` ``"THWC"`` or ``"TCHW"``. Out-of-range values are clipped;
+    rounding is to nearest (the reference truncated)."""
     if hasattr(frames, "detach"):
         frames = frames.detach().to("cpu")
         frames = frames.float().numpy() if frames.dtype.is_floating_point else frames.numpy()
@@ -70,8 +60,7 @@ def to_uint8_frames(frames, value_range: tuple[float, float] | None = None, layo
 
 
 def pad_to_even(frames: np.ndarray) -> np.ndarray:
-    """Pad ``[T, H, W, 3]`` by one replicated row/column at the bottom/right where H or W is odd (yuv420p needs
-    even sizes)."""
+    """Pad ``[T, H, W, 3]`` to even H and W by replicating the last row/column (yuv420p needs even sizes)."""
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
@@ -79,17 +68,9 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
 
 
 class Mp4StreamWriter:
-    """Append frames chunk by chunk to an mp4 that appears atomically at :meth:`close`.
-
-    Use as a context manager; on an exception (or :meth:`abort`) the temporary file is removed and no final file
-    is created. Frame sizes must stay the same across :meth:`append` calls; odd sizes are padded to even.
-
-    Args:
-        path: final ``.mp4`` path; parent directories are created.
-        fps: frames per second.
-        value_range, layout: how to read float input, see :func:`to_uint8_frames`.
-        quality: imageio quality 1..10 (None: libx264's default CRF 23).
-    """
+    """Append frames chunk by chunk (one frame size) to an mp4 that appears atomically at :meth:`close`; an exception
+    in the ``with`` block, or :meth:`abort`, leaves no file. ``value_range``, ``layout``: see :func:`to_uint8_frames`;
+    ``quality``: imageio's 1..10 (None: libx264's CRF 23)."""
 
     def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS, value_range=None, layout: str = "THWC",
                  quality: float | None = None):
@@ -181,8 +162,8 @@ def write_mp4(path: str | os.PathLike, frames, fps: float = DEFAULT_FPS, value_r
 
 
 def count_mp4_frames(path: str | os.PathLike) -> int | None:
-    """Video frames in an mp4 as its container indexes them (ffmpeg copies the stream without decoding: tens of
-    milliseconds); None when ffmpeg cannot read the file (e.g. cut short before its index was written)."""
+    """Frames of an mp4 as its container indexes them (a stream copy: tens of milliseconds), or None when ffmpeg
+    cannot read the file (e.g. cut short before its index)."""
     import imageio_ffmpeg  # imageio's ffmpeg binary
 
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", os.fspath(path), "-map", "0:v:0",
@@ -224,21 +205,15 @@ def _cut(name: str, max_chars: int) -> str:
 
 
 def safe_output_name(prompt: str, index: int | None = None, used: set | None = None, max_len: int = 100) -> str:
-    """A file-name stem (no extension) for ``prompt``, safe on Linux, macOS and Windows.
+    """A file-name stem for ``prompt``, safe on Linux, macOS and Windows, the same on every run:
 
-    Rule, in order:
-    1. Unicode NFKC normalisation (full-width "／" becomes "/" and is then replaced like "/").
-    2. ``/ \\ < > : " | ? *`` become ``_``; control, format and separator characters (NUL, newline, tab, zero-width
-       and bidi marks, lone surrogates, unassigned code points) become a space.
-    3. Cut to ``max_len`` characters (and at most 200 UTF-8 bytes); then leading ``" .-"`` and trailing
-       ``" ."`` are stripped. An empty result becomes ``"prompt"``; a Windows device name (``CON``, ``nul``,
-       ``COM1`` ...) gets a leading ``_``.
-    4. With ``index``, the stem is prefixed by ``f"{index:05d}_"``.
-    5. With ``used`` (a set of *casefolded* stems already taken, updated in place), a clash, compared without case,
-       gets ``_1``, ``_2``, ... (the stem is cut further so that the suffix keeps it within ``max_len``).
+    1. NFKC normalisation; ``/ \\ < > : " | ? *`` become ``_``, control, format and separator characters a space.
+    2. Cut to ``max_len`` characters (at most 200 UTF-8 bytes), leading ``" .-"`` and trailing ``" ."`` stripped;
+       empty becomes ``"prompt"``, a Windows device name (``CON``, ``COM1`` ...) gets a leading ``_``.
+    3. ``index`` prefixes ``f"{index:05d}_"``; with ``used`` (casefolded stems taken, updated) a clash gets ``_1``,
+       ``_2``, ... within ``max_len``.
 
-    A plain prompt maps to ``prompt[:max_len]`` as in the reference, so outputs of earlier runs keep their names.
-    Given the same prompt order, the names are the same on every run (a resumed run finds its earlier outputs).
+    A plain prompt maps to ``prompt[:max_len]``, as in the reference.
     """
     text = unicodedata.normalize("NFKC", prompt or "")
     chars = []
