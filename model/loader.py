@@ -201,6 +201,15 @@ def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def read_weights_file(path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` or torch file, keys as stored (the VAE and preview decoder files)."""
+    path = os.fspath(path)
+    sd = _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
+    if not _is_state_dict(sd):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    return sd
+
+
 # A ``.pt``'s entries in the order the published trainers read ``generator_ckpt`` (their CD and DMD trainers write only
 # ``generator_ema`` once the EMA has started, and the next stage must still start from such a file).
 ENTRY_ORDER = ("generator", "model", "generator_ema")

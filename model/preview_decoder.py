@@ -1,9 +1,6 @@
-"""Optional fast preview decoder: a TAEHV-style tiny video decoder for Wan latents (e.g. ``taew2_1.pth``).
+"""Optional fast preview decoder (``--preview_decoder FILE``): the decoder half of TAEHV
+(https://github.com/madebyollin/taehv, e.g. ``taew2_1.pth``) for Wan latents; lower quality, a fraction of the cost.
 
-Never the default: the Wan VAE decodes; with ``--preview_decoder FILE`` (inference.py) the stream's frames come from
-this small 2-D convolutional network instead -- lower quality, a fraction of the cost.
-
-The network (the decoder half of TAEHV, https://github.com/madebyollin/taehv; weights are that project's files):
 ``decoder`` is one ``nn.Sequential`` whose indices are the file's key names (``decoder.<i>.``):
 
     0 soft clamp 3*tanh(x/3) | 1 conv 3x3 latent->w0 | 2 ReLU
@@ -12,11 +9,10 @@ The network (the decoder half of TAEHV, https://github.com/madebyollin/taehv; we
     15-17 memory blocks (w2) | 18 2x nearest | 19 time grow x2 | 20 conv w2->w3 (no bias)
     21 ReLU | 22 conv 3x3 w3->3
 
-A memory block sees its input frame next to the previous frame's input at the same block (zeros before the first):
-``relu(convs(cat(x_t, x_{t-1})) + x_t)``, so the network is causal in time and streams with one frame of state per
-memory block. A time-grow layer is a 1x1 convolution to ``stride`` times the channels, read as ``stride`` frames.
-Each latent frame gives four frames; the first three of a video are dropped, so ``f`` latent frames give
-``1 + 4(f - 1)`` frames, as the Wan VAE. Inputs are the normalised latents the generator makes; outputs [-1, 1].
+A memory block computes ``relu(convs(cat(x_t, x_{t-1})) + x_t)`` (zeros before the first frame): causal in time,
+one frame of state per block. A time-grow layer is a 1x1 convolution to ``stride`` times the channels, read as
+``stride`` frames. A video's first three frames are dropped, so ``f`` normalised latent frames give ``1 + 4(f - 1)``
+frames in [-1, 1], as with the Wan VAE.
 """
 
 from __future__ import annotations
@@ -99,8 +95,7 @@ class TinyVideoDecoder(nn.Module):
         return 1 + self.temporal_compression * (num_latent_frames - 1)
 
     def stream(self, frames_per_call: int | None = None) -> PreviewStream:
-        """A streaming decode (``frames_per_call`` is accepted for the Wan VAE's interface; every chunk is decoded
-        in one pass over its frames)."""
+        """A streaming decode (``frames_per_call``: the Wan VAE's interface; each chunk is one pass)."""
         return PreviewStream(self)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -118,11 +113,12 @@ class TinyVideoDecoder(nn.Module):
     def from_file(cls, path: str | Path, device="cpu", dtype=torch.float32, **config) -> TinyVideoDecoder:
         """Load the decoder half of a TAEHV file (``encoder.*`` keys are ignored). ``config`` defaults to
         :data:`TAEHV_WAN21`."""
-        from model.vae import _read_weights_file, load_state_dict_strict
+        from model.loader import read_weights_file
+        from model.vae import load_state_dict_strict
 
         path = Path(path)
         check_file(path, "preview decoder", PREVIEW_HINT)
-        state = {k: v for k, v in _read_weights_file(path).items() if not k.startswith("encoder.")}
+        state = {k: v for k, v in read_weights_file(path).items() if not k.startswith("encoder.")}
         model = cls(**{**TAEHV_WAN21, **config})
         for i, layer in enumerate(model.decoder):
             key = f"decoder.{i}.conv.weight"

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from model.loader import read_weights_file
 from model.vae_decoder import EAGER_REGIONS, decoder_step
 from utils.errors import CheckpointError, ConfigError, WeightsMissingError, state_dict_mismatch
 
@@ -167,7 +168,7 @@ class WanVAE(nn.Module):
             state_dict = load_file(str(weights))
         elif path.is_file():
             full_config = {**WAN21_VAE_CONFIG, **config}
-            state_dict = _read_weights_file(path)
+            state_dict = read_weights_file(path)
         else:
             raise WeightsMissingError(f"VAE weights not found at {path}; download with: {DOWNLOAD_HINT}")
         with torch.device("meta"):  # weights come from the file; skip the random initialisation
@@ -308,16 +309,3 @@ class StreamingDecoder:
         pixels = torch.cat(outputs, dim=2).clamp(-1, 1)  # [B, 3, T_chunk, H, W]
         return pixels.permute(0, 2, 1, 3, 4).float()
 
-
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """State dict from a ``.safetensors`` or torch file (weights_only)."""
-    try:
-        if path.suffix == ".safetensors":
-            state_dict = load_file(str(path))
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt or non-tensor pickle: report the file, not a pickle traceback
-        raise CheckpointError(f"cannot read VAE weights {path}: {error}") from error
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors")
-    return state_dict
