@@ -27,9 +27,8 @@ logger = logging.getLogger(__name__)
 
 LATENTS = "latents"
 PROMPTS = "prompts"
-TEXT_ARRAYS = frozenset({PROMPTS})
-# Dtype of each numeric array; the format stores no dtype, so reader and writer must agree on it.
-DEFAULT_DTYPES = {LATENTS: np.dtype("<f2")}
+ARRAYS = (LATENTS, PROMPTS)
+LATENT_DTYPE = np.dtype("<f2")   # the format stores no dtype: float16, as in the released data
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB to start; the writer doubles it whenever a transaction does not fit.
 
 
@@ -117,9 +116,8 @@ class LMDBWriter:
     prompts)``. The shape keys are written on success only. A non-empty database at ``path`` is refused (no mixing
     of two builds); ``map_size`` starts the map, doubled whenever a transaction does not fit."""
 
-    def __init__(self, path: str | os.PathLike, map_size: int = DEFAULT_MAP_SIZE, latent_dtype=np.float16):
+    def __init__(self, path: str | os.PathLike, map_size: int = DEFAULT_MAP_SIZE):
         self.path = str(path)
-        self.latent_dtype = np.dtype(latent_dtype).newbyteorder("<")
         self.num_rows = 0
         self.row_shape: tuple[int, ...] | None = None
         if int(map_size) < 1:
@@ -163,9 +161,9 @@ class LMDBWriter:
             raise DataError(f"row shape {tuple(arr.shape[1:])} differs from earlier rows {self.row_shape} "
                             f"in {self.path}")
         with np.errstate(over="ignore"):  # overflow is checked just below, with a clearer message
-            stored = np.ascontiguousarray(arr.astype(self.latent_dtype, copy=False))
+            stored = np.ascontiguousarray(arr.astype(LATENT_DTYPE, copy=False))
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(stored).all() and np.isfinite(arr).all():
-            raise DataError(f"latent values overflow {self.latent_dtype} while writing {self.path}")
+            raise DataError(f"latent values overflow float16 while writing {self.path}")
         items = []
         for k in range(arr.shape[0]):
             i = self.num_rows + k
@@ -213,26 +211,25 @@ class LMDBWriter:
 
 class LMDBReader:
     """Read-only view of one LMDB dataset, safe to pickle into DataLoader workers (each process opens its own
-    environment). ``arrays`` must be present; ``dtypes``: storage dtype per numeric array (``latents``: float16)."""
+    environment)."""
 
-    def __init__(self, path: str | os.PathLike, arrays: Sequence[str] = (LATENTS, PROMPTS), dtypes=None):
+    def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        self.dtypes = {**DEFAULT_DTYPES, **{k: np.dtype(v).newbyteorder("<") for k, v in (dtypes or {}).items()}}
         if not os.path.isdir(self.path):
             raise DataError(f"LMDB not found: {self.path}")
         if not is_lmdb_dir(self.path):
             raise DataError(f"not an LMDB directory (no data.mdb): {self.path}")
-        self._shapes = self._read_shapes(arrays)
+        self._shapes = self._read_shapes()
         counts = {name: shape[0] for name, shape in self._shapes.items()}
         if len(set(counts.values())) != 1:
             raise DataError(f"arrays of {self.path} have different row counts: {counts}")
         self._len = next(iter(counts.values()))
 
-    def _read_shapes(self, arrays: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    def _read_shapes(self) -> dict[str, tuple[int, ...]]:
         with lmdb_errors(self.path), self.env.begin() as txn:
-            raw = {name: txn.get(shape_key(name)) for name in arrays}
+            raw = {name: txn.get(shape_key(name)) for name in ARRAYS}
         missing = [name for name, value in raw.items() if value is None]
-        if len(missing) == len(arrays):
+        if len(missing) == len(ARRAYS):
             raise DataError(f"LMDB has no shape keys (incomplete build, or not a dataset LMDB): {self.path}")
         if missing:
             raise DataError(f"LMDB {self.path} lacks shape keys for arrays {missing}")
@@ -248,10 +245,6 @@ class LMDBReader:
     def __len__(self) -> int:
         return self._len
 
-    @property
-    def arrays(self) -> tuple[str, ...]:
-        return tuple(self._shapes)
-
     def shape(self, array: str) -> tuple[int, ...]:
         """Full shape of ``array``: ``(rows, *row_shape)``."""
         if array not in self._shapes:
@@ -259,7 +252,7 @@ class LMDBReader:
         return self._shapes[array]
 
     def get(self, array: str, index: int):
-        """Row ``index`` of ``array``: ``str`` for text arrays, else a read-only numpy array of the row shape."""
+        """Row ``index`` of ``array``: a prompt, or a read-only float16 array of the row shape."""
         shape = self.shape(array)
         if not -self._len <= index < self._len:
             raise IndexError(f"row {index} out of range for {self._len} rows in {self.path}")
@@ -268,16 +261,13 @@ class LMDBReader:
             value = txn.get(row_key(array, index))
         if value is None:
             raise DataError(f"row {index} of array {array!r} missing in {self.path} (incomplete build?)")
-        if array in TEXT_ARRAYS:
+        if array == PROMPTS:
             return value.decode("utf-8")
-        dtype = self.dtypes.get(array)
-        if dtype is None:
-            raise KeyError(f"no dtype known for array {array!r}; pass dtypes={{{array!r}: ...}}")
-        expected = int(np.prod(shape[1:])) * dtype.itemsize
+        expected = int(np.prod(shape[1:])) * LATENT_DTYPE.itemsize
         if len(value) != expected:
             raise DataError(f"row {index} of {array!r} in {self.path} has {len(value)} bytes, expected {expected} "
-                            f"for shape {shape[1:]} {dtype}")
-        return np.frombuffer(value, dtype=dtype).reshape(shape[1:])
+                            f"for float16 rows of shape {shape[1:]}")
+        return np.frombuffer(value, dtype=LATENT_DTYPE).reshape(shape[1:])
 
     def close(self) -> None:
         close_env(self.path)
@@ -292,18 +282,14 @@ class ShardedLMDBReader:
         self.readers = list(readers)
         first = self.readers[0]
         for reader in self.readers[1:]:
-            if reader.arrays != first.arrays or any(reader.shape(a)[1:] != first.shape(a)[1:] for a in first.arrays):
-                raise DataError(f"shard {reader.path} has arrays {[reader.shape(a) for a in reader.arrays]}, "
-                                f"unlike {first.path} {[first.shape(a) for a in first.arrays]}")
+            if any(reader.shape(a)[1:] != first.shape(a)[1:] for a in ARRAYS):
+                raise DataError(f"shard {reader.path} has arrays {[reader.shape(a) for a in ARRAYS]}, "
+                                f"unlike {first.path} {[first.shape(a) for a in ARRAYS]}")
         self._ends = np.cumsum([len(r) for r in self.readers]).tolist()
         self.path = os.path.commonpath([r.path for r in self.readers])
 
     def __len__(self) -> int:
         return self._ends[-1]
-
-    @property
-    def arrays(self) -> tuple[str, ...]:
-        return self.readers[0].arrays
 
     def shape(self, array: str) -> tuple[int, ...]:
         return (len(self), *self.readers[0].shape(array)[1:])
@@ -327,16 +313,16 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
     return sorted(subdirs, key=lambda p: natural_key(p.name))
 
 
-def open_many(paths: str | os.PathLike | Sequence[str | os.PathLike], **reader_kwargs):
+def open_many(paths: str | os.PathLike | Sequence[str | os.PathLike]):
     """One LMDB (an :class:`LMDBReader`), or a directory of shards (natural name order) or a list of them (a
     :class:`ShardedLMDBReader`)."""
     if isinstance(paths, (str, os.PathLike)):
         if not os.path.isdir(paths):
             raise DataError(f"LMDB not found: {paths}")
         if is_lmdb_dir(paths):
-            return LMDBReader(paths, **reader_kwargs)
+            return LMDBReader(paths)
         shards = list_shards(paths)
         if not shards:
             raise DataError(f"no LMDB (data.mdb) in {paths} or its sub-directories")
         paths = shards
-    return ShardedLMDBReader([LMDBReader(p, **reader_kwargs) for p in paths])
+    return ShardedLMDBReader([LMDBReader(p) for p in paths])

@@ -53,8 +53,6 @@ def merge_lmdbs(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, k
     if batch_rows < 1:
         raise UserError(f"batch_rows (--batch_rows) must be >= 1, got {batch_rows}")
     reader = ShardedLMDBReader([LMDBReader(p) for p in sources])
-    if set(reader.arrays) != {LATENTS, PROMPTS}:
-        raise DataError(f"expected arrays {LATENTS!r} and {PROMPTS!r}, found {reader.arrays}")
     row_shape = reader.shape(LATENTS)[1:]
     if keep_last_slot and len(row_shape) != 5:
         raise DataError(f"rows of shape {row_shape} have no trajectory slots to take the last of; expected "
