@@ -1,10 +1,7 @@
-"""Building the networks a config names: generator, teacher/critic, text encoder, VAE.
-
-Entry scripts, the streaming API and the training objectives all build networks here, so every one of them finds
-weights the same way: ``<wan_models_dir>/<name>/`` holds an original Wan2.1 folder (or a folder with the same files
-in diffusers/transformers format); ``generator_ckpt`` / ``--checkpoint_path`` overlays a released or trained
-checkpoint. A name that is a preset (``tiny``, ``wan2.1-t2v-1.3b``) without a folder builds random weights -- for
-tests and speed benchmarks only.
+"""Building the networks a config names (generator, teacher/critic, text encoder, VAE), the one way every entry point
+finds weights: ``<wan_models_dir>/<name>/`` (Wan2.1 or diffusers/transformers format), overlaid by ``generator_ckpt``
+/ ``--checkpoint_path``. A preset name (``tiny``, ``wan2.1-t2v-1.3b``) without a folder builds random weights (tests,
+speed benchmarks).
 """
 
 from __future__ import annotations
