@@ -1,18 +1,17 @@
-"""Prompt and latent datasets, cycle(), and the resumable sampler."""
+"""Prompt and latent datasets and the resumable sampler."""
 
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from utils.datasets import (
     LatentLMDBDataset,
     ODERegressionLMDBDataset,
     ResumableSampler,
     TextDataset,
-    cycle,
 )
 from utils.errors import DataError
 from utils.lmdb_store import LMDBWriter
@@ -158,14 +157,16 @@ def test_sampler_resume_equals_uninterrupted(cut):
     assert sorted(reference[:10]) == list(range(10)) and reference[:10] != reference[10:20]  # new epoch, new order
 
 
-def test_sampler_resume_through_dataloader_and_cycle():
+def test_sampler_resume_through_dataloader():
+    """Pass after pass of one DataLoader: the sampler moves to its next epoch by itself."""
     ds = list(range(9))
-    reference = [b.tolist() for b in take(cycle(DataLoader(ds, batch_size=2, sampler=ResumableSampler(9, seed=1))), 12)]
+    loader = DataLoader(ds, batch_size=2, sampler=ResumableSampler(9, seed=1))
+    reference = [b.tolist() for b in take(infinite(loader), 12)]
     sampler = ResumableSampler(9, seed=1)
-    head = [b.tolist() for b in take(cycle(DataLoader(ds, batch_size=2, sampler=sampler)), 5)]
+    head = [b.tolist() for b in take(infinite(DataLoader(ds, batch_size=2, sampler=sampler)), 5)]
     resumed = ResumableSampler(9, seed=1)
     resumed.load_state_dict(sampler.state_dict())
-    tail = [b.tolist() for b in take(cycle(DataLoader(ds, batch_size=2, sampler=resumed)), 7)]
+    tail = [b.tolist() for b in take(infinite(DataLoader(ds, batch_size=2, sampler=resumed)), 7)]
     assert head + tail == reference
 
 
@@ -196,16 +197,6 @@ def test_sampler_without_shuffle_and_guards():
     sampler = ResumableSampler(5, seed=0)
     with pytest.raises(DataError, match="num_samples_total"):
         sampler.load_state_dict({**ResumableSampler(6).state_dict(), "epoch": 0, "position": 2})
-
-
-def test_cycle_calls_set_epoch_on_torch_sampler():
-    ds = list(range(6))
-    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
-    batches = take(cycle(DataLoader(ds, batch_size=6, sampler=sampler)), 3)
-    assert sampler.epoch == 2
-    assert batches[0].tolist() != batches[1].tolist()  # the reference reshuffled never (set_epoch was not called)
-    with pytest.raises(DataError, match="no batches"):
-        next(cycle(DataLoader([], batch_size=1)))
 
 
 class _BadRow(torch.utils.data.Dataset):

@@ -1,4 +1,4 @@
-"""Torch datasets for prompts and latent LMDBs, ``cycle``, and a resumable (distributed) sampler.
+"""Torch datasets for prompts and latent LMDBs, and a resumable (distributed) sampler.
 
 Prompt files (:class:`TextDataset`): UTF-8 (a BOM is ignored), one prompt per line (``\n``, ``\r\n`` or ``\r``;
 Unicode separators inside a prompt are part of it), trailing whitespace stripped, blank lines skipped (messages give
@@ -134,24 +134,6 @@ class ODERegressionLMDBDataset(_LatentLMDBBase):
         return {"prompts": self.reader.get(PROMPTS, idx), "ode_latent": torch.from_numpy(row.astype(np.float32))}
 
 
-def cycle(loader) -> Iterator:
-    """Batches of ``loader`` forever; a sampler with ``set_epoch`` other than :class:`ResumableSampler` (which moves
-    on by itself), e.g. torch's ``DistributedSampler``, gets it called before every pass."""
-    sampler = getattr(loader, "sampler", None)
-    epoch = 0
-    while True:
-        if hasattr(sampler, "set_epoch") and not isinstance(sampler, ResumableSampler):
-            sampler.set_epoch(epoch)
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise DataError("cycle(): the data loader yields no batches (empty dataset, or drop_last with fewer "
-                            "samples than one batch)")
-        epoch += 1
-
-
 class ResumableSampler(Sampler[int]):
     """Deterministic per-epoch permutation, split across ranks, resumable mid-epoch.
 
@@ -195,11 +177,6 @@ class ResumableSampler(Sampler[int]):
             self.position += 1
             yield index
         self.epoch, self.position = self.epoch + 1, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Jump to the start of ``epoch`` (no-op if already in it, so a resumed position survives)."""
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
