@@ -1,20 +1,11 @@
-"""Checks that downloaded weights are where the code expects them, with the command that fetches what is missing.
+"""Where downloaded weights are expected, the command that fetches what is missing, and downloads on demand.
 
-A Wan2.1 T2V folder (``hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B``) holds:
-
-* DiT: ``config.json`` and ``diffusion_pytorch_model.safetensors`` (1.3B), or
-  ``diffusion_pytorch_model.safetensors.index.json`` plus the shards its ``weight_map`` names (14B);
-* text encoder: ``models_t5_umt5-xxl-enc-bf16.pth``; tokenizer: ``google/umt5-xxl/`` (spiece.model or tokenizer.json);
-* VAE: ``Wan2.1_VAE.pth``.
-
-Only file presence is checked (no sizes or hashes), so this stays instant; readers report corrupt files themselves.
-
-Downloads on demand (:func:`resolve_checkpoint`, :func:`resolve_wan_folder`): a missing released checkpoint
-(``checkpoints/chunkwise/causal_forcing.pt``) or Wan folder (``wan_models/Wan2.1-T2V-1.3B``, only the parts a caller
-needs) is fetched through ``huggingface_hub`` into that very place, as the ``hf download`` command would; a Hub
-reference (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``, a folder name ``Wan-AI/Wan2.1-T2V-1.3B``) into the
-Hugging Face cache. ``HF_HUB_OFFLINE=1`` (the scripts' ``--offline``) downloads nothing: a cached Hub file is still
-used, anything else missing gets the one-line message with its ``hf download`` command.
+A Wan2.1 T2V folder holds the DiT (``config.json`` + ``diffusion_pytorch_model.safetensors``, or the 14B model's
+index + shards), the text encoder ``models_t5_umt5-xxl-enc-bf16.pth``, its tokenizer ``google/umt5-xxl/`` and the VAE
+``Wan2.1_VAE.pth``; only file presence is checked (instant; readers report corrupt files). A missing released
+checkpoint or Wan folder part is fetched through ``huggingface_hub`` where ``hf download`` would put it, a Hub
+reference (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``, ``Wan-AI/Wan2.1-T2V-1.3B``) into the Hugging Face
+cache. ``HF_HUB_OFFLINE=1`` (``--offline``) downloads nothing; what is missing then gets its ``hf download`` command.
 """
 
 from __future__ import annotations
@@ -114,13 +105,8 @@ def missing_wan_files(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, rep
 
 
 def check_wan_folder(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo_id: str | None = None) -> None:
-    """Raise WeightsMissingError, in one line naming every missing file and the download command, unless complete.
-
-    Args:
-        folder: the Wan2.1 weights folder, e.g. ``wan_models/Wan2.1-T2V-1.3B``.
-        need: which parts to check, any of ``("dit", "text_encoder", "tokenizer", "vae")``.
-        repo_id: the Hugging Face repository to name; by default derived from the folder name.
-    """
+    """Raise one-line WeightsMissingError naming every file of the parts ``need`` missing from ``folder`` and the
+    download command (``repo_id`` by default from the folder name), unless complete."""
     missing = missing_wan_files(folder, need, repo_id)
     if not missing:
         return
@@ -131,12 +117,9 @@ def check_wan_folder(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo
 
 
 def download_hint_for_checkpoint(path: str | Path) -> str | None:
-    """The ``hf download`` command for a released Causal Forcing checkpoint path (one of
-    :data:`RELEASED_CHECKPOINTS` under any folder), else None.
-
-    ``checkpoints/chunkwise/causal_forcing.pt`` ->
-    ``hf download zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt --local-dir checkpoints``.
-    """
+    """The ``hf download`` command for a released checkpoint path or Hub reference, else None:
+    ``checkpoints/chunkwise/causal_forcing.pt`` -> ``hf download zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt
+    --local-dir checkpoints``."""
     hub = split_hub_file(path)
     if hub is not None and hub[0] == CAUSAL_FORCING_REPO:
         return f"hf download {hub[0]} {hub[1]}"          # a Hub reference: into the Hugging Face cache
@@ -157,11 +140,8 @@ def _released(path: str | Path) -> tuple[str, str] | None:
 
 
 def check_file(path: str | Path, what: str, how_to_get: str | None = None) -> None:
-    """Raise WeightsMissingError ``"<what> not found: <path>; get it with: <command>"`` unless ``path`` is a file.
-
-    ``how_to_get`` is the command (or instruction) to print; by default a released checkpoint's ``hf download``
-    command when the path is recognised.
-    """
+    """Raise WeightsMissingError ``"<what> not found: <path>; get it with: <how_to_get>"`` unless ``path`` is a file
+    (default hint: a released checkpoint's ``hf download`` command)."""
     path = Path(path)
     if path.is_file():
         return
@@ -248,15 +228,10 @@ def _wan_files(part: str, repo_id: str, local_dir: str | None) -> list[tuple[str
 
 
 def resolve_wan_folder(models_dir: str | Path, name: str, need: tuple[str, ...] = WAN_PARTS) -> str:
-    """The Wan2.1 folder of model ``name`` under ``models_dir`` holding the parts ``need`` names, with what is
-    missing downloaded.
-
-    ``name`` ``Wan2.1-T2V-1.3B`` (or ``-14B``): ``<models_dir>/<name>`` is completed in place from ``Wan-AI/<name>``,
-    only the missing parts. ``name`` a Hub repository (``Wan-AI/Wan2.1-T2V-1.3B``) without such a local folder: its
-    files come into the Hugging Face cache and the snapshot folder is returned. Any other name, a diffusers-format
-    folder, and offline a file not at hand: the folder comes back as it is, and its reader reports what is missing
-    with the ``hf download`` command.
-    """
+    """The Wan2.1 folder of model ``name`` under ``models_dir`` with the parts ``need`` names downloaded when missing:
+    ``Wan2.1-T2V-1.3B`` / ``-14B`` completed in place from ``Wan-AI/<name>``; a Hub repository name without a local
+    folder into the Hugging Face cache (its snapshot folder returned). Otherwise (other names, diffusers folders,
+    offline) the folder as it is, for its reader to report what is missing."""
     folder = os.path.join(models_dir, name)
     if name.count("/") == 1 and not os.path.isdir(folder):
         repo_id, local_dir = name, None
