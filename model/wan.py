@@ -157,8 +157,7 @@ class CrossAttention(nn.Module):
             return attention(q, cache.cross_k[layer], cache.cross_v[layer])
         k, v = self.kv(ctx)
         if plan.cross is Cross.FILL:  # each layer fills its own entry inside its forward (see KVCache)
-            cache.cross_k[layer] = k = k.to(cache.k.dtype)
-            cache.cross_v[layer] = v = v.to(cache.v.dtype)
+            k, v = cache.store_cross(layer, k, v)
         return attention(q, k, v)
 
 

@@ -43,6 +43,7 @@ from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.api import OUTPUT_TYPES, as_output_type, latent_frames_for
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
+from pipeline.graphs import CUDAGraphs
 from utils.config import Config
 from utils.errors import ConfigError
 from utils.video import pixels_to_uint8
@@ -97,6 +98,7 @@ class StreamingPipeline:
     dtype: torch.dtype = torch.float32
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
     preview_decoder: TinyVideoDecoder | None = None  # decodes the stream instead of the VAE (fast, lower quality)
+    graphs: CUDAGraphs | None = None            # CUDA: the denoising forwards replayed from CUDA graphs
     _side_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
 
     @property
@@ -114,11 +116,12 @@ class StreamingPipeline:
             self._side_stream = torch.cuda.Stream(self.device)
         return self._side_stream
 
-    def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True):
+    def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True, graphs: bool | None = None):
         """The CUDA fast path: cuDNN autotuning, one q/k/v product per layer (:meth:`WanModel.fuse_qkv`), compiled DiT
         elementwise regions (:meth:`WanModel.compile_blocks`) and VAE decoder regions (:meth:`WanVAE.compile_decoder`),
-        and VAE decode overlapped with the next block's DiT work. ``compile=False`` keeps both eager. No-op on the
-        CPU."""
+        the denoising forwards replayed from CUDA graphs (:mod:`pipeline.graphs`; ``graphs``, default: as
+        ``compile``), and VAE decode overlapped with the next block's DiT work. ``compile=False`` keeps everything
+        eager. No-op on the CPU."""
         if self.device.type != "cuda":
             return self
         # cuDNN picks its fastest kernels per shape once (the VAE's 3-D convolutions see a handful of shapes);
@@ -130,7 +133,9 @@ class StreamingPipeline:
         if self.frame_decoder is not None:
             self.frame_decoder.compile_decoder(compile)
         self.overlap_decode = overlap_decode
-        log.info("fast path: compiled DiT and VAE regions %s, overlapped decode %s", compile, overlap_decode)
+        self.graphs = CUDAGraphs(self.generator) if (compile if graphs is None else graphs) else None
+        log.info("fast path: compiled DiT and VAE regions %s, CUDA graphs %s, overlapped decode %s", compile,
+                 self.graphs is not None, overlap_decode)
         return self
 
     @classmethod
@@ -319,17 +324,23 @@ class VideoStream:
         self.rng = torch.Generator(pipe.device).manual_seed(seed)
         window, sink = pipe.window(total)
         guided = pipe.guidance_scale != 1.0
-        self.cache = KVCache.for_model(pipe.generator, batch * (2 if guided else 1), h, w, window, sink,
-                                       dtype=pipe.dtype, device=pipe.device)
+        rows = batch * (2 if guided else 1)
+        # the fast path's graphs read the one cache it keeps; without it (or while another stream holds it) a new one
+        self.cache = pipe.graphs.lease(self, rows, h, w, window, sink, pipe.dtype) if pipe.graphs else None
+        self.leased = self.cache is not None
+        if self.cache is None:
+            self.cache = KVCache.for_model(pipe.generator, rows, h, w, window, sink, dtype=pipe.dtype,
+                                           device=pipe.device)
         # the longest call: a block, two fused blocks (only before the window fills) or a rolling window
         steps = len(pipe.schedule.timesteps) if pipe.rolling_span else 1
         try:
             self.cache.check_positions(steps * layout.frames_per_block)   # a stream of any length, checked now
         except ValueError as e:
+            self.close()
             raise ConfigError(f"model_kwargs.local_attn_size: {e}") from None
         negative = pipe.encode([pipe.negative_prompt]) if guided else None
         views = CacheViews.rolling(pipe.rolling_span) if pipe.rolling_span else CacheViews()
-        self.loop = BlockLoop(pipe.generator, pipe.scheduler, pipe.schedule,
+        self.loop = BlockLoop(pipe.graphs if self.leased else pipe.generator, pipe.scheduler, pipe.schedule,
                               Guidance(pipe.encode(self.prompts) if context is None else context.to(pipe.dtype),
                                        negative, pipe.guidance_scale), self.cache,
                               context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng),
@@ -487,7 +498,10 @@ class VideoStream:
         return next(self._iter)
 
     def close(self) -> None:
-        """Free the KV cache now (a stopped or disconnected stream must not hold GPU memory)."""
-        self.cache.k = self.cache.v = self.cache.sink_k = torch.empty(0)
-        self.cache.reset_cross()
+        """Free the KV cache now (a stopped or disconnected stream must not hold GPU memory), or hand the fast
+        path's kept cache back to the pipeline for the next video."""
+        if self.leased:
+            self.pipe.graphs.release(self)
+        else:
+            self.cache.free()
         self.held = []

@@ -62,7 +62,9 @@ def test_fast_path_is_a_no_op_on_cpu():
     pipe = StreamingPipeline(model, None, None, sch, StepSchedule.from_config(sch, [1000, 500]),
                              latent_shape=(16, 4, 6))
     pipe.enable_fast_path()
-    assert not pipe.overlap_decode and "_ffn" not in vars(model.blocks[0])
+    assert not pipe.overlap_decode and "_ffn" not in vars(model.blocks[0]) and pipe.graphs is None
+    stream = pipe.open("x", num_frames=3, context=torch.randn(1, 8, 32), decode=False)
+    assert stream.loop.model is model and not stream.leased   # the CPU runs the generator itself, no CUDA graphs
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
