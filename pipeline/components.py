@@ -96,6 +96,43 @@ def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_d
                                        text_len=text_len)
 
 
+def gpu_memory_budget(device: torch.device) -> int:
+    """Bytes this process may hold on CUDA ``device``: the card's memory, less under
+    ``torch.cuda.set_per_process_memory_fraction``, and no more than is free plus what this process holds."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device) \
+        if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0   # torch >= 2.9
+    return min(int(total * fraction), free + torch.cuda.memory_reserved(device))
+
+
+def video_working_bytes(generator: WanModel, latent_shape: tuple[int, int, int], num_frames: int) -> int:
+    """GPU memory a video of ``num_frames`` latent frames needs besides the weights: its KV cache, and activations
+    and decode buffers taken as large as the weights already on the device (at 480p on an H200: 12.3 GiB peak =
+    3.2 GiB of generator and VAE weights + 6.0 GiB of cache + 3.1 GiB working set; docs/performance.md)."""
+    cfg = generator.config
+    _, h, w = latent_shape
+    itemsize = next(generator.parameters()).element_size()
+    cache = 2 * cfg.num_layers * num_frames * cfg.tokens_per_frame(h, w) * cfg.dim * itemsize
+    device = next(generator.parameters()).device
+    return cache + (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+
+
+def place_text_encoder(encoder: TextEncoder, device: torch.device, working_bytes: int) -> bool:
+    """Move the text encoder (built on the CPU) to CUDA ``device`` when its weights fit beside what the process holds
+    there and ``working_bytes``; otherwise leave it on the CPU and return False: the caller then streams it to the
+    device layer by layer for each new prompt (:meth:`TextEncoder.streamed`; prompts are encoded once and their
+    embeddings cached), the 24 GB mode."""
+    weights = sum(p.nbytes for p in encoder.parameters())
+    room = gpu_memory_budget(device) - torch.cuda.memory_allocated(device)
+    if weights + working_bytes > room:
+        log.info("text encoder: %.1f GiB of weights and %.1f GiB for the video exceed the %.1f GiB left on %s: "
+                 "weights stay on the CPU, streamed to the GPU layer by layer per new prompt", weights / 2**30,
+                 working_bytes / 2**30, room / 2**30, device)
+        return False
+    encoder.encoder.to(device)
+    return True
+
+
 def build_vae(cfg: Config, device="cpu", dtype=torch.float32) -> WanVAE:
     """The Wan VAE of ``text_encoder_name``: ``Wan2.1_VAE.pth``, else a diffusers ``vae/`` folder beside it.
 

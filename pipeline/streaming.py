@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.fp8 import check_fp8_device, convert_to_fp8
 from model.kv_cache import KVCache
 from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
@@ -99,6 +100,7 @@ class StreamingPipeline:
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
     preview_decoder: TinyVideoDecoder | None = None  # decodes the stream instead of the VAE (fast, lower quality)
     graphs: CUDAGraphs | None = None            # CUDA: the denoising forwards replayed from CUDA graphs
+    stream_text_encoder: bool = False           # text encoder weights on the CPU, streamed to the GPU per new prompt
     _side_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
 
     @property
@@ -161,20 +163,26 @@ class StreamingPipeline:
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
                     dtype=None, text_encoder_device=None, decode: bool = True, fast: bool = True,
-                    compile: bool = True, preview_decoder: str | None = None) -> "StreamingPipeline":
+                    compile: bool = True, preview_decoder: str | None = None, fp8: bool = False) -> "StreamingPipeline":
         """Build everything ``cfg`` names. GPU: bf16 everywhere; CPU: float32.
 
         On CUDA ``fast`` turns on :meth:`enable_fast_path` (``compile=False``: without compiling; otherwise the
         first video pays the compile time once per process). ``preview_decoder``: a TAEHV file
         (:mod:`model.preview_decoder`) that decodes the frames instead of the Wan VAE (which still encodes I2V
-        images)."""
+        images). ``fp8``: the generator's block products in fp8 (:mod:`model.fp8`). ``text_encoder_device``: where
+        the text encoder runs; by default the GPU when it fits beside a video, else its weights stay on the CPU and
+        are streamed to the GPU for each new prompt (:func:`pipeline.components.place_text_encoder`)."""
         from pipeline import components as C
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         generator = C.build_generator(cfg, checkpoint_path, use_ema, device=device, dtype=dtype).eval()
-        text_encoder = C.build_text_encoder(cfg, device=text_encoder_device or device, dtype=dtype,
-                                            output_device=device)
+        if fp8:
+            try:
+                check_fp8_device(device)
+            except ValueError as e:
+                raise ConfigError(f"--fp8: {e}") from None
+            convert_to_fp8(generator)
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
         if vae is not None and device.type == "cuda":
             vae.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
@@ -183,7 +191,13 @@ class StreamingPipeline:
             preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype)
             if device.type == "cuda":
                 preview.to_channels_last()
+        shape = cfg.image_or_video_shape
+        auto = text_encoder_device is None and device.type == "cuda"
+        text_encoder = C.build_text_encoder(cfg, device="cpu" if auto else text_encoder_device or device,
+                                            dtype=dtype, output_device=device)
         pipe = cls.from_networks(cfg, generator, text_encoder, vae, device, dtype, preview)
+        pipe.stream_text_encoder = auto and not C.place_text_encoder(
+            text_encoder, device, C.video_working_bytes(generator, tuple(shape[2:]), shape[1]))
         return pipe.enable_fast_path(compile) if fast else pipe
 
     @classmethod
@@ -213,6 +227,9 @@ class StreamingPipeline:
 
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> torch.Tensor:
+        if self.stream_text_encoder:  # the 24 GB mode: one layer at a time on the GPU, for prompts not cached yet
+            with self.text_encoder.streamed(self.device):
+                return self.text_encoder.encode(prompts).to(self.device, self.dtype)
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
     def window(self, total_frames: int | None) -> tuple[int, int]:
