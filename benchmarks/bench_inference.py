@@ -146,8 +146,8 @@ def zero_text_encoder(tiny: bool):
 
     config = umt5_config(**(TINY_T5 if tiny else {}))
     with torch.device("meta"):
-        encoder = UMT5EncoderModel(config)
-    encoder = encoder.to_empty(device="cpu").to(torch.bfloat16)
+        encoder = UMT5EncoderModel(config).to(torch.bfloat16)   # no memory yet
+    encoder = encoder.to_empty(device="cpu")
     for t in [*encoder.parameters(), *encoder.buffers()]:
         t.data.zero_()
     folder = Path(__file__).resolve().parent.parent / "assets/toy/Toy-T2V/google/umt5-xxl"

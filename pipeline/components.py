@@ -99,8 +99,9 @@ def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_d
 def gpu_memory_budget(device: torch.device) -> int:
     """Bytes this process may hold on CUDA ``device``: the card's memory, less under
     ``torch.cuda.set_per_process_memory_fraction``, and no more than is free plus what this process holds."""
-    free, total = torch.cuda.mem_get_info(device)
-    fraction = torch.cuda.get_per_process_memory_fraction(device) \
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    fraction = torch.cuda.get_per_process_memory_fraction(index) \
         if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0   # torch >= 2.9
     return min(int(total * fraction), free + torch.cuda.memory_reserved(device))
 
