@@ -240,3 +240,36 @@ def test_cpu_encoder_gpu_output_and_streaming(wan_folder, hf_model, encoder):
         moved = cpu_to_gpu.encode(PROMPTS)
     assert next(cpu_to_gpu.encoder.parameters()).device.type == "cpu"
     assert torch.allclose(moved.cpu(), expected, atol=1e-5, rtol=0)
+
+
+def test_text_encoder_goes_to_the_gpu_only_when_it_fits_beside_a_video(monkeypatch, wan_folder, hf_model):
+    """The placement rule of StreamingPipeline.from_config (pipeline/components.py), with the GPU's numbers faked:
+    weights + what a video needs against the budget left."""
+    from pipeline import components as C
+
+    enc = TextEncoder.from_pretrained(wan_folder, dtype=torch.float32, text_len=TEXT_LEN)
+    weights = sum(p.nbytes for p in enc.parameters())
+    moved = []
+    monkeypatch.setattr(enc.encoder, "to", lambda device: moved.append(device))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1000)   # generator and VAE
+    monkeypatch.setattr(C, "gpu_memory_budget", lambda device: 1000 + weights + 500)
+    assert not C.place_text_encoder(enc, torch.device("cuda"), 501) and moved == []
+    assert C.place_text_encoder(enc, torch.device("cuda"), 500) and moved == [torch.device("cuda")]
+
+
+def test_streamed_text_encoder_gives_the_resident_embeddings(wan_folder, hf_model, encoder):
+    """The 24 GB mode's encode (weights streamed layer by layer; here to the CPU itself) equals a resident encode."""
+    from model.config import WanConfig
+    from model.scheduler import FlowMatchScheduler
+    from model.wan import WanModel
+    from pipeline.causal import StepSchedule
+    from pipeline.streaming import StreamingPipeline
+
+    streamed = TextEncoder.from_pretrained(wan_folder, dtype=torch.float32, text_len=TEXT_LEN)
+    sch = FlowMatchScheduler()
+    model = WanModel(WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=32, num_heads=2, num_layers=1,
+                               text_len=TEXT_LEN), causal=True)
+    pipe = StreamingPipeline(model, streamed, None, sch, StepSchedule([1000.0]), latent_shape=(16, 4, 4),
+                             stream_text_encoder=True)
+    encoder.clear_cache()
+    assert torch.equal(pipe.encode(PROMPTS), encoder.encode(PROMPTS))
