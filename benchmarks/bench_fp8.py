@@ -175,14 +175,15 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     cfg = get_preset(PRESET)
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
-    result = dict(kernels=kernel_speeds(device), sage_attention=sage_attention(device))
-    print(result, flush=True)
     gen32, gen16 = build(device)
-    result["layers"] = layer_errors(gen32, gen16, ctx.bfloat16())
-    print(result["layers"], flush=True)
-    result["video"] = video_errors(gen32, gen16, ctx)
-    print(result["video"], flush=True)
-    save_results(args.out, [result], device)
+    result = {}
+    steps = (("layers", lambda: layer_errors(gen32, gen16, ctx.bfloat16())),
+             ("video", lambda: video_errors(gen32, gen16, ctx)),
+             ("kernels", lambda: kernel_speeds(device)), ("sage_attention", lambda: sage_attention(device)))
+    for name, step in steps:   # saved section by section
+        result[name] = step()
+        print(name, result[name], flush=True)
+        save_results(args.out, [result], device)
     return 0
 
 
