@@ -99,7 +99,7 @@ def video(gen: WanModel, dtype, ctx: torch.Tensor) -> torch.Tensor:
     pipe = StreamingPipeline(gen, None, None, sch, StepSchedule.from_config(sch, [1000, 750, 500, 250]),
                              latent_shape=LATENT, device=ctx.device, dtype=dtype)
     pipe.enable_fast_path(compile=False)   # eager: the same kernels for every precision's products
-    stream = pipe.open("fp8", FRAMES, seed=0, decode=False, context=ctx.to(dtype))
+    stream = pipe.open("fp8", num_latent_frames=FRAMES, seed=0, decode=False, context=ctx.to(dtype))
     return torch.cat([c.latents for c in stream], 1).float()
 
 

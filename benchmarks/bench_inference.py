@@ -100,8 +100,7 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
         if "text_encoder_on_gpu" not in models and device.type == "cuda":
             models["text_encoder_on_gpu"] = C.place_text_encoder(
                 models["text_encoder"], device, C.video_working_bytes(gen, latent_shape, 21))
-        pipe.text_encoder = models["text_encoder"]
-        pipe.stream_text_encoder = models.get("text_encoder_on_gpu") is False
+        pipe.text_encoder = models["text_encoder"]   # on the CPU: streamed per new prompt (stream_device)
     if not variant.get("compile_vae", True):
         vae.compile_decoder(False)
     return pipe

@@ -16,6 +16,7 @@ import torch
 
 from model import attention
 from model.config import PRESET_ALIASES, PRESETS, WanConfig, get_preset
+from model.fp8 import check_fp8_device, convert_to_fp8
 from model.loader import build_wan_model, read_model_config
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
@@ -120,18 +121,39 @@ def video_working_bytes(generator: WanModel, latent_shape: tuple[int, int, int],
 
 def place_text_encoder(encoder: TextEncoder, device: torch.device, working_bytes: int) -> bool:
     """Move the text encoder (built on the CPU) to CUDA ``device`` when its weights fit beside what the process holds
-    there and ``working_bytes``; otherwise leave it on the CPU and return False: the caller then streams it to the
-    device layer by layer for each new prompt (:meth:`TextEncoder.streamed`; prompts are encoded once and their
-    embeddings cached), the 24 GB mode."""
+    there and ``working_bytes``; otherwise leave it on the CPU, streamed to the device layer by layer for each new
+    prompt (``TextEncoder.stream_device``; prompts are encoded once and their embeddings cached), and return False:
+    the 24 GB mode."""
     weights = sum(p.nbytes for p in encoder.parameters())
     room = gpu_memory_budget(device) - torch.cuda.memory_allocated(device)
     if weights + working_bytes > room:
         log.info("text encoder: %.1f GiB of weights and %.1f GiB for the video exceed the %.1f GiB left on %s: "
                  "weights stay on the CPU, streamed to the GPU layer by layer per new prompt", weights / 2**30,
                  working_bytes / 2**30, room / 2**30, device)
+        encoder.stream_device = device
         return False
     encoder.encoder.to(device)
     return True
+
+
+def placed_text_encoder(cfg: Config, generator: WanModel, device: torch.device, dtype: torch.dtype,
+                        text_encoder_device=None) -> TextEncoder:
+    """The text encoder on ``text_encoder_device``, or by default (CUDA) where :func:`place_text_encoder` puts it."""
+    if text_encoder_device is not None or device.type != "cuda":
+        return build_text_encoder(cfg, device=text_encoder_device or device, dtype=dtype, output_device=device)
+    encoder = build_text_encoder(cfg, device="cpu", dtype=dtype, output_device=device)
+    shape = cfg.image_or_video_shape
+    place_text_encoder(encoder, device, video_working_bytes(generator, tuple(shape[2:]), shape[1]))
+    return encoder
+
+
+def generator_to_fp8(generator: WanModel, device: torch.device) -> None:
+    """``--fp8``: the generator's block products in fp8 (:mod:`model.fp8`); one line where the GPU has no fp8."""
+    try:
+        check_fp8_device(device)
+    except ValueError as e:
+        raise ConfigError(f"--fp8: {e}") from None
+    convert_to_fp8(generator)
 
 
 def build_vae(cfg: Config, device="cpu", dtype=torch.float32) -> WanVAE:

@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.fp8 import check_fp8_device, convert_to_fp8
-from model.kv_cache import KVCache
 from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
@@ -44,7 +42,7 @@ from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.api import OUTPUT_TYPES, as_output_type, latent_frames_for
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
-from pipeline.graphs import CUDAGraphs
+from pipeline.graphs import CUDAGraphs, stream_cache
 from utils.config import Config
 from utils.errors import ConfigError
 from utils.video import pixels_to_uint8
@@ -100,7 +98,6 @@ class StreamingPipeline:
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
     preview_decoder: TinyVideoDecoder | None = None  # decodes the stream instead of the VAE (fast, lower quality)
     graphs: CUDAGraphs | None = None            # CUDA: the denoising forwards replayed from CUDA graphs
-    stream_text_encoder: bool = False           # text encoder weights on the CPU, streamed to the GPU per new prompt
     _side_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
 
     @property
@@ -121,9 +118,8 @@ class StreamingPipeline:
     def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True, graphs: bool | None = None):
         """The CUDA fast path: cuDNN autotuning, one q/k/v product per layer (:meth:`WanModel.fuse_qkv`), compiled DiT
         elementwise regions (:meth:`WanModel.compile_blocks`) and VAE decoder regions (:meth:`WanVAE.compile_decoder`),
-        the denoising forwards replayed from CUDA graphs (:mod:`pipeline.graphs`; ``graphs``, default: as
-        ``compile``), and VAE decode overlapped with the next block's DiT work. ``compile=False`` keeps everything
-        eager. No-op on the CPU."""
+        DiT forwards replayed from CUDA graphs (:mod:`pipeline.graphs`; ``graphs`` defaults to ``compile``), and VAE
+        decode overlapped with the next block's DiT work. ``compile=False``: everything eager. No-op on the CPU."""
         if self.device.type != "cuda":
             return self
         # cuDNN picks its fastest kernels per shape once (the VAE's 3-D convolutions see a handful of shapes);
@@ -169,20 +165,15 @@ class StreamingPipeline:
         On CUDA ``fast`` turns on :meth:`enable_fast_path` (``compile=False``: without compiling; otherwise the
         first video pays the compile time once per process). ``preview_decoder``: a TAEHV file
         (:mod:`model.preview_decoder`) that decodes the frames instead of the Wan VAE (which still encodes I2V
-        images). ``fp8``: the generator's block products in fp8 (:mod:`model.fp8`). ``text_encoder_device``: where
-        the text encoder runs; by default the GPU when it fits beside a video, else its weights stay on the CPU and
-        are streamed to the GPU for each new prompt (:func:`pipeline.components.place_text_encoder`)."""
+        images). ``fp8``: block products in fp8 (:mod:`model.fp8`). ``text_encoder_device``: by default the GPU if it
+        fits beside a video, else streamed there per new prompt (:func:`pipeline.components.placed_text_encoder`)."""
         from pipeline import components as C
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         generator = C.build_generator(cfg, checkpoint_path, use_ema, device=device, dtype=dtype).eval()
         if fp8:
-            try:
-                check_fp8_device(device)
-            except ValueError as e:
-                raise ConfigError(f"--fp8: {e}") from None
-            convert_to_fp8(generator)
+            C.generator_to_fp8(generator, device)
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
         if vae is not None and device.type == "cuda":
             vae.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
@@ -191,13 +182,8 @@ class StreamingPipeline:
             preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype)
             if device.type == "cuda":
                 preview.to_channels_last()
-        shape = cfg.image_or_video_shape
-        auto = text_encoder_device is None and device.type == "cuda"
-        text_encoder = C.build_text_encoder(cfg, device="cpu" if auto else text_encoder_device or device,
-                                            dtype=dtype, output_device=device)
+        text_encoder = C.placed_text_encoder(cfg, generator, device, dtype, text_encoder_device)
         pipe = cls.from_networks(cfg, generator, text_encoder, vae, device, dtype, preview)
-        pipe.stream_text_encoder = auto and not C.place_text_encoder(
-            text_encoder, device, C.video_working_bytes(generator, tuple(shape[2:]), shape[1]))
         return pipe.enable_fast_path(compile) if fast else pipe
 
     @classmethod
@@ -227,9 +213,6 @@ class StreamingPipeline:
 
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        if self.stream_text_encoder:  # the 24 GB mode: one layer at a time on the GPU, for prompts not cached yet
-            with self.text_encoder.streamed(self.device):
-                return self.text_encoder.encode(prompts).to(self.device, self.dtype)
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
     def window(self, total_frames: int | None) -> tuple[int, int]:
@@ -341,13 +324,8 @@ class VideoStream:
         self.rng = torch.Generator(pipe.device).manual_seed(seed)
         window, sink = pipe.window(total)
         guided = pipe.guidance_scale != 1.0
-        rows = batch * (2 if guided else 1)
-        # the fast path's graphs read the one cache it keeps; without it (or while another stream holds it) a new one
-        self.cache = pipe.graphs.lease(self, rows, h, w, window, sink, pipe.dtype) if pipe.graphs else None
-        self.leased = self.cache is not None
-        if self.cache is None:
-            self.cache = KVCache.for_model(pipe.generator, rows, h, w, window, sink, dtype=pipe.dtype,
-                                           device=pipe.device)
+        self.cache, self.leased = stream_cache(pipe.graphs, self, pipe.generator, batch * (2 if guided else 1), h, w,
+                                               window, sink, pipe.dtype, pipe.device)
         # the longest call: a block, two fused blocks (only before the window fills) or a rolling window
         steps = len(pipe.schedule.timesteps) if pipe.rolling_span else 1
         try:
@@ -515,10 +493,6 @@ class VideoStream:
         return next(self._iter)
 
     def close(self) -> None:
-        """Free the KV cache now (a stopped or disconnected stream must not hold GPU memory), or hand the fast
-        path's kept cache back to the pipeline for the next video."""
-        if self.leased:
-            self.pipe.graphs.release(self)
-        else:
-            self.cache.free()
+        """Free the KV cache now (a stopped stream must not hold GPU memory), or hand the fast path's back."""
+        self.pipe.graphs.release(self) if self.leased else self.cache.free()
         self.held = []

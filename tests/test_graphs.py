@@ -37,7 +37,7 @@ def ctx(seed):
 
 
 def latents(pipe, num_frames, switch_at=None, seed=3):
-    stream = pipe.open("x", num_frames=num_frames, seed=seed, decode=False, context=ctx(1))
+    stream = pipe.open("x", num_latent_frames=num_frames, seed=seed, decode=False, context=ctx(1))
     out = []
     for chunk in stream:
         out.append(chunk.latents)
@@ -89,11 +89,11 @@ def test_rolling_forcing_runs_eagerly():
 def test_a_second_open_stream_gets_its_own_cache_and_runs_eagerly():
     eager, graphed = make_pipe(3, [1000, 500], graphs=False), make_pipe(3, [1000, 500])
     latents(graphed, 9)                                        # capture
-    holder = graphed.open("x", num_frames=9, seed=3, decode=False, context=ctx(1))
+    holder = graphed.open("x", num_latent_frames=9, seed=3, decode=False, context=ctx(1))
     next(holder)                                               # holds the kept cache
-    other = graphed.open("x", num_frames=9, seed=3, decode=False, context=ctx(1))
+    other = graphed.open("x", num_latent_frames=9, seed=3, decode=False, context=ctx(1))
     assert other.cache is not holder.cache and not other.leased
     assert torch.equal(torch.cat([c.latents for c in other], 1), latents(eager, 9))
     rest = torch.cat([c.latents for c in holder], 1)           # the holder is undisturbed
     assert torch.equal(rest, latents(eager, 9)[:, 3:])
-    assert graphed.open("x", num_frames=9, decode=False, context=ctx(1)).leased   # handed back at the end
+    assert graphed.open("x", num_latent_frames=9, decode=False, context=ctx(1)).leased   # handed back at the end
