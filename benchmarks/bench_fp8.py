@@ -17,6 +17,7 @@ embeddings; GPU only.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import statistics
 import sys
@@ -144,8 +145,8 @@ def kernel_speeds(device) -> dict:
 
 def sage_attention(device) -> dict:
     """SageAttention 1 (INT8 Q·K, fp16 P·V; Triton) against SDPA (cuDNN first) at the streaming shapes."""
-    try:
-        from sageattention import sageattn
+    try:   # optional, not a dependency: pip install sageattention==1.0.6 (Triton kernels, no build)
+        sageattn = importlib.import_module("sageattention").sageattn
     except ImportError as e:
         return dict(available=False, error=str(e))
     out = {}
