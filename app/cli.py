@@ -30,11 +30,16 @@ def add_model_flags(p: argparse.ArgumentParser, config_required: bool = True, co
     p.add_argument("--local_attn_size", type=int, default=None, help="override the attention window (latent frames)")
     p.add_argument("--sink_size", type=int, default=None, help="override the number of sink frames")
     p.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU "
-                                                                    "(saves ~11 GB of GPU memory)")
+                   "(saves ~11 GB of GPU memory; by default it runs on the GPU, and where it does not fit beside a "
+                   "video its weights stay on the CPU and stream to the GPU layer by layer for each new prompt)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. seed=3")
-    p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile (the fast path compiles the DiT's "
-                   "and the VAE decoder's regions once per process, ~30-40 s before the first video)")
+    p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile and no CUDA graphs (the fast "
+                   "path compiles the DiT's and the VAE decoder's regions once per process, ~30-40 s before the first "
+                   "video, and records the DiT's block forwards as CUDA graphs during the first video)")
+    p.add_argument("--fp8", action="store_true", help="GPU with fp8 tensor cores (Ada, Hopper, Blackwell): the DiT "
+                   "blocks' matrix products in fp8 with row-wise scales (faster, slightly different videos: "
+                   "docs/performance.md)")
     p.add_argument("--preview_decoder", default=None, metavar="FILE",
                    help="decode with a tiny TAEHV preview decoder (e.g. taew2_1.pth from "
                         "github.com/madebyollin/taehv) instead of the Wan VAE: much cheaper, lower quality")
@@ -61,4 +66,4 @@ def pipeline_from_args(args: argparse.Namespace, cfg: Config, device=None) -> St
     return StreamingPipeline.from_config(
         cfg, args.checkpoint_path, args.use_ema, device=device,
         text_encoder_device="cpu" if args.text_encoder_cpu else None, compile=not args.no_compile,
-        preview_decoder=args.preview_decoder)
+        preview_decoder=args.preview_decoder, fp8=args.fp8)

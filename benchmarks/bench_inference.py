@@ -24,16 +24,19 @@ import gc
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from common import conv_padding, save_results, streaming_setup
 
 from model import attention as attn
+from model.fp8 import convert_to_fp8
 from model.loader import build_wan_model
 from model.masks import BlockLayout
 from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
 from model.vae import WanVAE
+from pipeline import components as C
 from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
 
@@ -51,6 +54,8 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
     "fast_eager_vae": dict(compile_vae=False),     # A/B: the VAE decoder regions eager, the DiT compiled
     "fast_no_conv_pad": dict(conv_pad=False),      # A/B: the 96-channel convolutions without padded outputs
+    "fast_no_graphs": dict(graphs=False),          # A/B: compiled regions, no CUDA graphs
+    "fast_fp8": dict(fp8=True),                    # --fp8: the DiT blocks' products in fp8 (list fp8 variants last)
 }
 
 
@@ -70,6 +75,11 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
     if "generator" not in models:  # ONE generator for every mode: peak memory must not count a second copy
         models["generator"] = build_wan_model(preset, causal=True, dtype=dtype, device=device).eval()
     gen = models["generator"]
+    if variant.get("fp8", False) != models.get("fp8", False):
+        if not variant.get("fp8"):
+            raise SystemExit("the generator is converted to fp8 in place: list the fp8 variants last")
+        convert_to_fp8(gen)
+        models["fp8"] = True
     gen.layout = BlockLayout(mode["n"], False)  # frames per block is run-time configuration, not weights
     gen.uncompile_blocks()  # the previous variant's compilation
     sch = FlowMatchScheduler(shift=5.0)
@@ -84,7 +94,13 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
     pipe = StreamingPipeline(gen, None, vae, sch, schedule, latent_shape=latent_shape,
                              local_attn_size=mode.get("window", -1), sink_size=mode.get("sink", 0),
                              default_num_frames=21, device=device, dtype=dtype, preview_decoder=preview)
-    pipe.enable_fast_path(compile=variant.get("compile", True))  # as inference.py; a no-op on the CPU
+    # as inference.py; a no-op on the CPU
+    pipe.enable_fast_path(compile=variant.get("compile", True), graphs=variant.get("graphs"))
+    if "text_encoder" in models:   # placed as StreamingPipeline.from_config places it
+        if "text_encoder_on_gpu" not in models and device.type == "cuda":
+            models["text_encoder_on_gpu"] = C.place_text_encoder(
+                models["text_encoder"], device, C.video_working_bytes(gen, latent_shape, 21))
+        pipe.text_encoder = models["text_encoder"]   # on the CPU: streamed per new prompt (stream_device)
     if not variant.get("compile_vae", True):
         vae.compile_decoder(False)
     return pipe
@@ -119,6 +135,24 @@ def _allocator_counts() -> dict:
     return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
 
 
+def zero_text_encoder(tiny: bool):
+    """UMT5-XXL at full size with zero weights on the CPU (memory and transfer times do not depend on the values), with
+    the toy folder's tokenizer; a tiny encoder for --tiny."""
+    from transformers import UMT5EncoderModel
+
+    from model.text_encoder import TextEncoder, load_tokenizer, umt5_config
+    from toy.folders import TINY_T5
+
+    config = umt5_config(**(TINY_T5 if tiny else {}))
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(config).to(torch.bfloat16)   # no memory yet
+    encoder = encoder.to_empty(device="cpu")
+    for t in [*encoder.parameters(), *encoder.buffers()]:
+        t.data.zero_()
+    folder = Path(__file__).resolve().parent.parent / "assets/toy/Toy-T2V/google/umt5-xxl"
+    return TextEncoder(encoder, load_tokenizer(folder), text_len=16 if tiny else 512)
+
+
 def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bool) -> dict:
     with _GcTimer() as gc_timer:
         before = _allocator_counts()
@@ -133,7 +167,8 @@ def _run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: b
     start = time.perf_counter()
     first, first_block, block_times, pixel_frames, last = None, None, [], 0, start
     # frames leave the GPU block by block as uint8, as inference.py and the demo take them
-    for chunk in pipe.open("benchmark", num_latent_frames=frames, seed=0, decode=decode, context=ctx,
+    context = None if pipe.text_encoder is not None else ctx   # with a text encoder: the cached prompt embedding
+    for chunk in pipe.open("benchmark", num_latent_frames=frames, seed=0, decode=decode, context=context,
                            uint8=decode):
         if decode:
             host = chunk.frames.to("cpu")   # already on the host (pinned copy) on the overlapped path
@@ -171,6 +206,7 @@ def measure(pipe, ctx, frames: int, runs: int, decode: bool) -> dict:
     med["host_runs"] = [{k: r[k] for k in ("gc_seconds", "gc_count", "num_device_alloc", "num_device_free",
                                            "num_alloc_retries") if k in r} for r in results]
     med["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    med["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
     med["warmup_s"] = warmup_s
     return med
 
@@ -179,17 +215,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", default=["chunk4", "frame4", "frame2", "frame1", "long"], choices=MODES)
     p.add_argument("--variants", nargs="+", default=["fast"], choices=VARIANTS)
-    p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--long_runs", type=int, default=1, help="timed runs of the long video")
+    p.add_argument("--dit_runs", type=int, default=None, help="timed runs without decoding (default: --runs)")
     p.add_argument("--out", default="bench_inference.json", help="JSON output path")
     p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models")
+    p.add_argument("--cap_gib", type=float, default=None,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24")
+    p.add_argument("--text_encoder", action="store_true",
+                   help="also hold a full-size UMT5-XXL (zero weights), placed as from_config places it (on the GPU "
+                        "when it fits beside a video, else streamed per new prompt); prompts go through it")
     args = p.parse_args(argv)
+    if args.cap_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
     setup = streaming_setup(args.tiny)
     if setup is None:
         print("this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
         return 2
     device, dtype, preset, latent_shape, vae, ctx = setup
     models, rows = {}, []
+    if args.text_encoder:
+        models["text_encoder"] = zero_text_encoder(args.tiny)
     for variant_name in args.variants:
         variant = VARIANTS[variant_name]
         prepare(variant)
@@ -199,19 +246,30 @@ def main(argv=None) -> int:
                 pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)
                 runs = args.long_runs if mode_name == "long" else args.runs
                 e2e = measure(pipe, ctx, mode["frames"], runs, decode=True)
-                dit = measure(pipe, ctx, mode["frames"], runs, decode=False)
+                dit = measure(pipe, ctx, mode["frames"], min(runs, args.dit_runs or runs), decode=False)
+            encode_s = None
+            if "text_encoder" in models:   # a prompt not seen yet: the encoder's full cost (streamed or resident)
+                sync()
+                t = time.perf_counter()
+                pipe.encode([f"a new prompt for {mode_name} {variant_name}"])
+                sync()
+                encode_s = time.perf_counter() - t
             row = dict(mode=mode_name, variant=variant_name, fps=e2e["fps"], dit_fps=dit["fps"],
                        first_frame_s=e2e["first_frame_s"], first_block_s=e2e["first_block_s"],
                        seconds=e2e["seconds"], dit_seconds=dit["seconds"],
                        mean_block_s=e2e["mean_block_s"], steady_block_s=e2e["steady_block_s"],
                        peak_gib=max(e2e["peak_gib"], dit["peak_gib"]), pixel_frames=e2e["pixel_frames"],
                        warmup_s=e2e["warmup_s"], dit_peak_gib=dit["peak_gib"], fps_runs=e2e["fps_runs"],
-                       first_frame_runs=e2e["first_frame_runs"], host_runs=e2e["host_runs"])
+                       first_frame_runs=e2e["first_frame_runs"], host_runs=e2e["host_runs"],
+                       reserved_gib=max(e2e["reserved_gib"], dit["reserved_gib"]), encode_s=encode_s,
+                       text_encoder_on_gpu=models.get("text_encoder_on_gpu"),
+                       cuda_graphs=pipe.graphs.num_graphs if pipe.graphs else 0)
             rows.append(row)
             print(f"{mode_name:7s} {variant_name:15s} e2e {row['fps']:6.1f} FPS | DiT {row['dit_fps']:6.1f} FPS | "
                   f"first frame {row['first_frame_s']:.3f} s (block {row['first_block_s']:.3f} s) | "
                   f"block {row['mean_block_s'] * 1e3:6.1f} ms | "
-                  f"peak {row['peak_gib']:.1f} GiB | warm-up {row['warmup_s']:.0f} s", flush=True)
+                  f"peak {row['peak_gib']:.1f} GiB (reserved {row['reserved_gib']:.1f}) | warm-up "
+                  f"{row['warmup_s']:.0f} s | graphs {row['cuda_graphs']} | encode {encode_s}", flush=True)
             host = row["host_runs"]
             print(f"    runs: FPS {[round(v, 1) for v in row['fps_runs']]} first frame "
                   f"{[round(v, 3) for v in row['first_frame_runs']]} | GC s "
@@ -219,7 +277,7 @@ def main(argv=None) -> int:
                   f" | cudaMalloc {[h.get('num_device_alloc') for h in host]} cudaFree "
                   f"{[h.get('num_device_free') for h in host]} retries {[h.get('num_alloc_retries') for h in host]}",
                   flush=True)
-    save_results(args.out, rows, device, flash_attn=attn._flash_module)
+            save_results(args.out, rows, device, flash_attn=attn._flash_module, cap_gib=args.cap_gib)  # row by row
     return 0
 
 

@@ -99,6 +99,7 @@ class KVCache:
         # sharded on its own (FSDP2) only ever touches its own weights
         self.cross_k: list[torch.Tensor | None] = [None] * num_layers
         self.cross_v: list[torch.Tensor | None] = [None] * num_layers
+        self._cross_memory: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.text_len = text_len
         self.frames_written = 0   # one past the highest frame written so far
         self.origin = 0           # the frame at rotary position 0
@@ -128,6 +129,23 @@ class KVCache:
         """Forget the prompt's cross-attention K/V (a new prompt refills them on the next call)."""
         self.cross_k = [None] * self.num_layers
         self.cross_v = [None] * self.num_layers
+
+    def store_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep a prompt's cross-attention K/V of ``layer``, in the memory of the previous prompt's when the shapes
+        agree: a CUDA graph that reads them (pipeline/graphs.py) reads them there."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        old = self._cross_memory[layer]
+        if old is not None and old[0].shape == k.shape and old[1].shape == v.shape:
+            k, v = old[0].copy_(k), old[1].copy_(v)
+        self._cross_memory[layer] = (k, v)
+        self.cross_k[layer], self.cross_v[layer] = k, v
+        return k, v
+
+    def free(self) -> None:
+        """Release every buffer now (a stopped stream must not hold GPU memory); the cache is unusable after."""
+        self.k = self.v = self.sink_k = torch.empty(0)
+        self.reset_cross()
+        self._cross_memory = [None] * self.num_layers
 
     def skip_to(self, frame: int) -> None:
         """Continue at ``frame`` after a reset, frames ``sink..frame-1`` left out (re-encoding only the frames a

@@ -285,6 +285,7 @@ class TextEncoder(nn.Module):
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, torch.dtype], torch.Tensor] = OrderedDict()
         self._stream_device: torch.device | None = None
+        self.stream_device: torch.device | None = None   # set: every encode streams the weights there (24 GB mode)
 
     @property
     def dim(self) -> int:
@@ -316,6 +317,9 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def _run(self, prompts: list[str]) -> torch.Tensor:
         """Encode without the cache: ``[B, text_len, d_model]`` in the encoder dtype on :attr:`device`."""
+        if self.stream_device is not None and self._stream_device is None:   # weights stay put, layers visit
+            with self.streamed(self.stream_device):
+                return self._run(prompts)
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, D]

@@ -13,6 +13,7 @@ import torch
 
 from model import attention
 from model.config import PRESET_ALIASES, PRESETS, WanConfig, get_preset
+from model.fp8 import check_fp8_device, convert_to_fp8
 from model.loader import build_wan_model, read_model_config
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
@@ -91,6 +92,65 @@ def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_d
     text_len = model_config(cfg, cfg.generator_name).text_len
     return TextEncoder.from_pretrained(folder, dtype=dtype, device=device, output_device=output_device,
                                        text_len=text_len)
+
+
+def gpu_memory_budget(device: torch.device) -> int:
+    """Bytes this process may hold on CUDA ``device``: the card's memory, less under
+    ``torch.cuda.set_per_process_memory_fraction``, and no more than is free plus what this process holds."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    fraction = torch.cuda.get_per_process_memory_fraction(index) \
+        if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0   # torch >= 2.9
+    return min(int(total * fraction), free + torch.cuda.memory_reserved(device))
+
+
+def video_working_bytes(generator: WanModel, latent_shape: tuple[int, int, int], num_frames: int) -> int:
+    """GPU memory a video of ``num_frames`` latent frames needs besides the weights: its KV cache, and activations
+    and decode buffers taken as large as the weights already on the device (at 480p on an H200: 12.3 GiB peak =
+    3.2 GiB of generator and VAE weights + 6.0 GiB of cache + 3.1 GiB working set; docs/performance.md)."""
+    cfg = generator.config
+    _, h, w = latent_shape
+    itemsize = next(generator.parameters()).element_size()
+    cache = 2 * cfg.num_layers * num_frames * cfg.tokens_per_frame(h, w) * cfg.dim * itemsize
+    device = next(generator.parameters()).device
+    return cache + (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+
+
+def place_text_encoder(encoder: TextEncoder, device: torch.device, working_bytes: int) -> bool:
+    """Move the text encoder (built on the CPU) to CUDA ``device`` when its weights fit beside what the process holds
+    there and ``working_bytes``; otherwise leave it on the CPU, streamed to the device layer by layer for each new
+    prompt (``TextEncoder.stream_device``; prompts are encoded once and their embeddings cached), and return False:
+    the 24 GB mode."""
+    weights = sum(p.nbytes for p in encoder.parameters())
+    room = gpu_memory_budget(device) - torch.cuda.memory_allocated(device)
+    if weights + working_bytes > room:
+        log.info("text encoder: %.1f GiB of weights and %.1f GiB for the video exceed the %.1f GiB left on %s: "
+                 "weights stay on the CPU, streamed to the GPU layer by layer per new prompt", weights / 2**30,
+                 working_bytes / 2**30, room / 2**30, device)
+        encoder.stream_device = device
+        return False
+    encoder.encoder.to(device)
+    return True
+
+
+def placed_text_encoder(cfg: Config, generator: WanModel, device: torch.device, dtype: torch.dtype,
+                        text_encoder_device=None) -> TextEncoder:
+    """The text encoder on ``text_encoder_device``, or by default (CUDA) where :func:`place_text_encoder` puts it."""
+    if text_encoder_device is not None or device.type != "cuda":
+        return build_text_encoder(cfg, device=text_encoder_device or device, dtype=dtype, output_device=device)
+    encoder = build_text_encoder(cfg, device="cpu", dtype=dtype, output_device=device)
+    shape = cfg.image_or_video_shape
+    place_text_encoder(encoder, device, video_working_bytes(generator, tuple(shape[2:]), shape[1]))
+    return encoder
+
+
+def generator_to_fp8(generator: WanModel, device: torch.device) -> None:
+    """``--fp8``: the generator's block products in fp8 (:mod:`model.fp8`); one line where the GPU has no fp8."""
+    try:
+        check_fp8_device(device)
+    except ValueError as e:
+        raise ConfigError(f"--fp8: {e}") from None
+    convert_to_fp8(generator)
 
 
 def build_vae(cfg: Config, device="cpu", dtype=torch.float32) -> WanVAE:

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.kv_cache import KVCache
 from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
@@ -43,6 +42,7 @@ from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.api import OUTPUT_TYPES, as_output_type, latent_frames_for
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
+from pipeline.graphs import CUDAGraphs, stream_cache
 from utils.config import Config
 from utils.errors import ConfigError
 from utils.video import pixels_to_uint8
@@ -97,6 +97,7 @@ class StreamingPipeline:
     dtype: torch.dtype = torch.float32
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
     preview_decoder: TinyVideoDecoder | None = None  # decodes the stream instead of the VAE (fast, lower quality)
+    graphs: CUDAGraphs | None = None            # CUDA: the denoising forwards replayed from CUDA graphs
     _side_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
 
     @property
@@ -114,11 +115,11 @@ class StreamingPipeline:
             self._side_stream = torch.cuda.Stream(self.device)
         return self._side_stream
 
-    def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True):
+    def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True, graphs: bool | None = None):
         """The CUDA fast path: cuDNN autotuning, one q/k/v product per layer (:meth:`WanModel.fuse_qkv`), compiled DiT
         elementwise regions (:meth:`WanModel.compile_blocks`) and VAE decoder regions (:meth:`WanVAE.compile_decoder`),
-        and VAE decode overlapped with the next block's DiT work. ``compile=False`` keeps both eager. No-op on the
-        CPU."""
+        DiT forwards replayed from CUDA graphs (:mod:`pipeline.graphs`; ``graphs`` defaults to ``compile``), and VAE
+        decode overlapped with the next block's DiT work. ``compile=False``: everything eager. No-op on the CPU."""
         if self.device.type != "cuda":
             return self
         # cuDNN picks its fastest kernels per shape once (the VAE's 3-D convolutions see a handful of shapes);
@@ -130,7 +131,9 @@ class StreamingPipeline:
         if self.frame_decoder is not None:
             self.frame_decoder.compile_decoder(compile)
         self.overlap_decode = overlap_decode
-        log.info("fast path: compiled DiT and VAE regions %s, overlapped decode %s", compile, overlap_decode)
+        self.graphs = CUDAGraphs(self.generator) if (compile if graphs is None else graphs) else None
+        log.info("fast path: compiled DiT and VAE regions %s, CUDA graphs %s, overlapped decode %s", compile,
+                 self.graphs is not None, overlap_decode)
         return self
 
     @classmethod
@@ -156,20 +159,21 @@ class StreamingPipeline:
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
                     dtype=None, text_encoder_device=None, decode: bool = True, fast: bool = True,
-                    compile: bool = True, preview_decoder: str | None = None) -> "StreamingPipeline":
+                    compile: bool = True, preview_decoder: str | None = None, fp8: bool = False) -> "StreamingPipeline":
         """Build everything ``cfg`` names. GPU: bf16 everywhere; CPU: float32.
 
         On CUDA ``fast`` turns on :meth:`enable_fast_path` (``compile=False``: without compiling; otherwise the
         first video pays the compile time once per process). ``preview_decoder``: a TAEHV file
         (:mod:`model.preview_decoder`) that decodes the frames instead of the Wan VAE (which still encodes I2V
-        images)."""
+        images). ``fp8``: block products in fp8 (:mod:`model.fp8`). ``text_encoder_device``: by default the GPU if it
+        fits beside a video, else streamed there per new prompt (:func:`pipeline.components.placed_text_encoder`)."""
         from pipeline import components as C
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         generator = C.build_generator(cfg, checkpoint_path, use_ema, device=device, dtype=dtype).eval()
-        text_encoder = C.build_text_encoder(cfg, device=text_encoder_device or device, dtype=dtype,
-                                            output_device=device)
+        if fp8:
+            C.generator_to_fp8(generator, device)
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
         if vae is not None and device.type == "cuda":
             vae.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
@@ -178,6 +182,7 @@ class StreamingPipeline:
             preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype)
             if device.type == "cuda":
                 preview.to_channels_last()
+        text_encoder = C.placed_text_encoder(cfg, generator, device, dtype, text_encoder_device)
         pipe = cls.from_networks(cfg, generator, text_encoder, vae, device, dtype, preview)
         return pipe.enable_fast_path(compile) if fast else pipe
 
@@ -319,17 +324,18 @@ class VideoStream:
         self.rng = torch.Generator(pipe.device).manual_seed(seed)
         window, sink = pipe.window(total)
         guided = pipe.guidance_scale != 1.0
-        self.cache = KVCache.for_model(pipe.generator, batch * (2 if guided else 1), h, w, window, sink,
-                                       dtype=pipe.dtype, device=pipe.device)
+        self.cache, self.leased = stream_cache(pipe.graphs, self, pipe.generator, batch * (2 if guided else 1), h, w,
+                                               window, sink, pipe.dtype, pipe.device)
         # the longest call: a block, two fused blocks (only before the window fills) or a rolling window
         steps = len(pipe.schedule.timesteps) if pipe.rolling_span else 1
         try:
             self.cache.check_positions(steps * layout.frames_per_block)   # a stream of any length, checked now
         except ValueError as e:
+            self.close()
             raise ConfigError(f"model_kwargs.local_attn_size: {e}") from None
         negative = pipe.encode([pipe.negative_prompt]) if guided else None
         views = CacheViews.rolling(pipe.rolling_span) if pipe.rolling_span else CacheViews()
-        self.loop = BlockLoop(pipe.generator, pipe.scheduler, pipe.schedule,
+        self.loop = BlockLoop(pipe.graphs if self.leased else pipe.generator, pipe.scheduler, pipe.schedule,
                               Guidance(pipe.encode(self.prompts) if context is None else context.to(pipe.dtype),
                                        negative, pipe.guidance_scale), self.cache,
                               context_noise=pipe.context_noise, noise_fn=randn_like_from(self.rng),
@@ -487,7 +493,6 @@ class VideoStream:
         return next(self._iter)
 
     def close(self) -> None:
-        """Free the KV cache now (a stopped or disconnected stream must not hold GPU memory)."""
-        self.cache.k = self.cache.v = self.cache.sink_k = torch.empty(0)
-        self.cache.reset_cross()
+        """Free the KV cache now (a stopped stream must not hold GPU memory), or hand the fast path's back."""
+        self.pipe.graphs.release(self) if self.leased else self.cache.free()
         self.held = []

@@ -19,8 +19,9 @@ def run(script: str, out: Path, *args: str, runs: bool = True) -> dict:
 
 def test_bench_inference_counts_every_frame(tmp_path):
     result = run("bench_inference.py", tmp_path / "inference.json", "--modes", "chunk4", "frame2",
-                 "--variants", "fast", "fast_preview")
-    assert result["info"]["device"] == "cpu" and len(result["rows"]) == 4
+                 "--variants", "fast", "fast_preview", "fast_fp8", "--text_encoder")
+    assert result["info"]["device"] == "cpu" and len(result["rows"]) == 6
+    assert all(row["encode_s"] > 0 for row in result["rows"])   # prompts went through the (zero-weight) encoder
     for row in result["rows"]:
         assert row["pixel_frames"] == 81 and row["fps"] > 0 and row["dit_fps"] > 0
         assert 0 < row["first_frame_s"] <= row["first_block_s"] <= row["seconds"]

@@ -62,7 +62,9 @@ def test_fast_path_is_a_no_op_on_cpu():
     pipe = StreamingPipeline(model, None, None, sch, StepSchedule.from_config(sch, [1000, 500]),
                              latent_shape=(16, 4, 6))
     pipe.enable_fast_path()
-    assert not pipe.overlap_decode and "_ffn" not in vars(model.blocks[0])
+    assert not pipe.overlap_decode and "_ffn" not in vars(model.blocks[0]) and pipe.graphs is None
+    stream = pipe.open("x", num_latent_frames=3, context=torch.randn(1, 8, 32), decode=False)
+    assert stream.loop.model is model and not stream.leased   # the CPU runs the generator itself, no CUDA graphs
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -163,7 +165,7 @@ def test_overlapped_decode_hands_out_the_same_frames_on_gpu():
     def run(overlap, uint8=False):
         pipe = StreamingPipeline(model, None, vae, sch, StepSchedule.from_config(sch, [1000, 750, 500, 250]),
                                  latent_shape=(16, 4, 6), device=dev, dtype=dtype, overlap_decode=overlap)
-        return list(pipe.open("x", num_frames=9, seed=1, context=ctx, uint8=uint8))
+        return list(pipe.open("x", num_latent_frames=9, seed=1, context=ctx, uint8=uint8))
 
     serial, overlapped = run(False), run(True)
     assert [c.block_index for c in overlapped] == [0, 0, 1, 2]  # the first frame leaves alone
@@ -191,7 +193,7 @@ def test_later_videos_reuse_the_decode_memory_on_gpu():
                              latent_shape=(16, 4, 6), device=dev, dtype=dtype, overlap_decode=True)
     mallocs = []
     for _ in range(3):
-        list(pipe.open("x", num_frames=9, seed=1, context=ctx, uint8=True))
+        list(pipe.open("x", num_latent_frames=9, seed=1, context=ctx, uint8=True))
         torch.cuda.synchronize()
         mallocs.append(torch.cuda.memory_stats()["num_device_alloc"])
     assert mallocs[2] == mallocs[1] == mallocs[0], f"cudaMalloc calls after each video: {mallocs}"

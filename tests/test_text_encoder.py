@@ -240,3 +240,33 @@ def test_cpu_encoder_gpu_output_and_streaming(wan_folder, hf_model, encoder):
         moved = cpu_to_gpu.encode(PROMPTS)
     assert next(cpu_to_gpu.encoder.parameters()).device.type == "cpu"
     assert torch.allclose(moved.cpu(), expected, atol=1e-5, rtol=0)
+
+
+def test_text_encoder_goes_to_the_gpu_only_when_it_fits_beside_a_video(monkeypatch, wan_folder, hf_model):
+    """The placement rule of StreamingPipeline.from_config (pipeline/components.py), with the GPU's numbers faked:
+    weights + what a video needs against the budget left."""
+    from pipeline import components as C
+
+    enc = TextEncoder.from_pretrained(wan_folder, dtype=torch.float32, text_len=TEXT_LEN)
+    weights = sum(p.nbytes for p in enc.parameters())
+    moved = []
+    monkeypatch.setattr(enc.encoder, "to", lambda device: moved.append(device))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1000)   # generator and VAE
+    monkeypatch.setattr(C, "gpu_memory_budget", lambda device: 1000 + weights + 500)
+    assert not C.place_text_encoder(enc, torch.device("cuda"), 501) and moved == []
+    assert enc.stream_device == torch.device("cuda")   # each new prompt streams the weights there
+    enc.stream_device = None
+    assert C.place_text_encoder(enc, torch.device("cuda"), 500) and moved == [torch.device("cuda")]
+    assert enc.stream_device is None
+
+
+def test_streamed_text_encoder_gives_the_resident_embeddings(wan_folder, hf_model, encoder):
+    """The 24 GB mode's encode (weights streamed layer by layer; here to the CPU itself) equals a resident encode, and
+    the weights stay where they were."""
+    streamed = TextEncoder.from_pretrained(wan_folder, dtype=torch.float32, text_len=TEXT_LEN)
+    streamed.stream_device = torch.device("cpu")
+    swaps = []
+    block = streamed.encoder.encoder.block[0]   # swapped in while it runs (a hook before the swap-out's)
+    block.register_forward_hook(lambda mod, args, out: swaps.append(hasattr(mod, "_host_tensors")))
+    encoder.clear_cache()
+    assert torch.equal(streamed.encode(PROMPTS), encoder.encode(PROMPTS)) and swaps == [True]

@@ -1,0 +1,192 @@
+"""How far fp8 moves the generator from bf16, with bf16's own distance to float32 as the yardstick; and the kernels'
+speed. Full-size Wan2.1-1.3B generator with random weights (head drawn too: Wan zero-initialises it), random text
+embeddings; GPU only.
+
+1. Per layer: the inputs every converted linear layer sees in one bf16 forward of a three-frame block; for each, the
+   relative error of its bf16 and its fp8 output against the float32 product of the float32 weights (median and max
+   over the 30 blocks).
+2. Whole video: an 81-frame chunk-wise 4-step video generated in float32, bf16 and bf16 + fp8 (same seed and noise),
+   eager; the latents' relative error, and the PSNR of their decodes (float32 Wan VAE, random weights) against
+   each other.
+3. Kernels: fp8 row-wise products against bf16 ones at the block's shapes, and 8-bit attention (SageAttention,
+   when its package is installed) against SDPA's cuDNN kernel, with its error against float32 attention.
+
+    python benchmarks/bench_fp8.py --out fp8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from common import cuda_ms, save_results
+
+from model.attention import attention
+from model.config import get_preset
+from model.fp8 import Fp8Linear, convert_to_fp8, quantize_rows
+from model.loader import build_wan_model
+from model.scheduler import FlowMatchScheduler
+from model.vae import WAN21_VAE_CONFIG, WanVAE
+from model.wan import WanModel
+from pipeline.causal import StepSchedule
+from pipeline.streaming import StreamingPipeline
+
+PRESET, LATENT, FRAMES = "wan2.1-t2v-1.3b", (16, 60, 104), 21
+LAYERS = {"qkv": ("self_attn.q", "self_attn.k", "self_attn.v"), "self_o": ("self_attn.o",),
+          "cross_q": ("cross_attn.q",), "cross_o": ("cross_attn.o",), "ffn_up": ("ffn.0",), "ffn_down": ("ffn.2",)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pixels in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.double().clamp(-1, 1) - b.double().clamp(-1, 1)).pow(2).mean().item()
+    return 10 * math.log10(4 / mse) if mse > 0 else float("inf")
+
+
+def build(device) -> tuple[WanModel, WanModel]:
+    """The float32 generator and its bf16 copy."""
+    torch.manual_seed(0)
+    gen32 = build_wan_model(PRESET, causal=True, dtype=torch.float32, device=device).eval()
+    with torch.no_grad():
+        gen32.head.head.weight.normal_(std=0.02)
+    gen16 = build_wan_model(PRESET, causal=True, dtype=torch.bfloat16, device=device).eval()
+    gen16.load_state_dict(gen32.state_dict())
+    return gen32, gen16
+
+
+def layer_errors(gen32: WanModel, gen16: WanModel, ctx: torch.Tensor) -> dict:
+    """Per-layer relative errors (section 1 of the module docstring)."""
+    device = ctx.device
+    bidir = WanModel(gen16.config, causal=False).to(device, torch.bfloat16).eval()   # plain SDPA, same weights
+    bidir.load_state_dict(gen16.state_dict())
+    errors = defaultdict(lambda: defaultdict(list))
+    names = {name: kind for kind, names in LAYERS.items() for name in names}
+
+    def hook(kind, lin16, lin32):
+        def fn(module, args):
+            x = args[0]
+            exact = F.linear(x.float(), lin32.weight, lin32.bias)
+            errors[kind]["bf16"].append(rel(F.linear(x, lin16.weight, lin16.bias), exact))
+            fp8 = Fp8Linear(lin16.weight, lin16.bias)(x)
+            errors[kind]["fp8"].append(rel(fp8, exact))
+            errors[kind]["fp8_vs_bf16"].append(rel(fp8, F.linear(x, lin16.weight, lin16.bias)))
+        return fn
+
+    handles = []
+    for i, block in enumerate(bidir.blocks):
+        for name, kind in names.items():
+            lin16, lin32 = block.get_submodule(name), gen32.blocks[i].get_submodule(name)
+            handles.append(lin16.register_forward_pre_hook(hook(kind, lin16, lin32)))
+    x = torch.randn(1, 3, *LATENT, device=device, dtype=torch.bfloat16)
+    with torch.enable_grad():   # nothing requires gradients; this keeps the FFN on its module path (hooks fire)
+        bidir(x, torch.full((1,), 500.0, device=device), ctx)
+    for h in handles:
+        h.remove()
+    return {kind: {k: dict(median=statistics.median(v), max=max(v)) for k, v in d.items()}
+            for kind, d in errors.items()}
+
+
+def video(gen: WanModel, dtype, ctx: torch.Tensor) -> torch.Tensor:
+    sch = FlowMatchScheduler(shift=5.0)
+    pipe = StreamingPipeline(gen, None, None, sch, StepSchedule.from_config(sch, [1000, 750, 500, 250]),
+                             latent_shape=LATENT, device=ctx.device, dtype=dtype)
+    pipe.enable_fast_path(compile=False)   # eager: the same kernels for every precision's products
+    stream = pipe.open("fp8", num_latent_frames=FRAMES, seed=0, decode=False, context=ctx.to(dtype))
+    return torch.cat([c.latents for c in stream], 1).float()
+
+
+def video_errors(gen32: WanModel, gen16: WanModel, ctx: torch.Tensor) -> dict:
+    lat32 = video(gen32, torch.float32, ctx)
+    lat16 = video(gen16, torch.bfloat16, ctx)
+    convert_to_fp8(gen16)
+    lat8 = video(gen16, torch.bfloat16, ctx)
+    vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(ctx.device).eval()
+    with torch.no_grad():
+        pix = {name: vae.decode(lat, frames_per_call=1).float().cpu()
+               for name, lat in (("fp32", lat32), ("bf16", lat16), ("fp8", lat8))}
+    g = torch.Generator(device=ctx.device).manual_seed(1)
+    noise_equal = torch.equal(torch.randn(1000, generator=g, device=ctx.device, dtype=torch.bfloat16),
+                              torch.randn(1000, generator=g.manual_seed(1), device=ctx.device).bfloat16())
+    return dict(latent_rel=dict(bf16_vs_fp32=rel(lat16, lat32), fp8_vs_fp32=rel(lat8, lat32),
+                                fp8_vs_bf16=rel(lat8, lat16)),
+                psnr_db=dict(bf16_vs_fp32=psnr(pix["bf16"], pix["fp32"]), fp8_vs_fp32=psnr(pix["fp8"], pix["fp32"]),
+                             fp8_vs_bf16=psnr(pix["fp8"], pix["bf16"])),
+                pixel_frames=pix["fp32"].shape[1], same_noise_in_bf16_and_fp32=noise_equal)
+
+
+def kernel_speeds(device) -> dict:
+    cfg = get_preset(PRESET)
+    out = {}
+    for tokens in (1560, 3120, 4680, 9360):
+        for name, (k, n) in dict(qkv=(cfg.dim, 3 * cfg.dim), o=(cfg.dim, cfg.dim), ffn_up=(cfg.dim, cfg.ffn_dim),
+                                 ffn_down=(cfg.ffn_dim, cfg.dim)).items():
+            lin = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+            x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+            fp8 = Fp8Linear(lin.weight, lin.bias)
+            with torch.no_grad():
+                bf16_ms, fp8_ms = cuda_ms(lambda: lin(x)), cuda_ms(lambda: fp8(x))
+                x8, sx = quantize_rows(x)   # the product alone: inside the compiled regions the quantisation is fused
+                fp8_ms_gemm = cuda_ms(lambda: torch._scaled_mm(x8, fp8.weight_fp8.t(), scale_a=sx,
+                                                               scale_b=fp8.weight_scale, bias=fp8.bias,
+                                                               out_dtype=torch.bfloat16))
+            out[f"{name}_{tokens}"] = dict(bf16_ms=bf16_ms, fp8_eager_ms=fp8_ms, fp8_gemm_only_ms=fp8_ms_gemm,
+                                           gemm_speedup=bf16_ms / fp8_ms_gemm)
+    return out
+
+
+def sage_attention(device) -> dict:
+    """SageAttention 1 (INT8 Q·K, fp16 P·V; Triton) against SDPA (cuDNN first) at the streaming shapes."""
+    try:   # optional, not a dependency: pip install sageattention==1.0.6 (Triton kernels, no build)
+        sageattn = importlib.import_module("sageattention").sageattn
+    except ImportError as e:
+        return dict(available=False, error=str(e))
+    out = {}
+    for lq, lk in ((1560, 32760), (4680, 32760), (4680, 9360)):
+        q, k, v = (torch.randn(1, n, 12, 128, device=device, dtype=torch.bfloat16) for n in (lq, lk, lk))
+        try:
+            sage = sageattn(q, k, v, tensor_layout="NHD")
+            sage_ms = cuda_ms(lambda: sageattn(q, k, v, tensor_layout="NHD"))
+        except Exception as e:   # a kernel that does not build or run here is a result too
+            return dict(available=True, error=f"{type(e).__name__}: {e}"[:500])
+        exact = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        sdpa = attention(q, k, v)
+        out[f"{lq}x{lk}"] = dict(sdpa_ms=cuda_ms(lambda: attention(q, k, v)), sage_ms=sage_ms,
+                                 sdpa_rel=rel(sdpa, exact), sage_rel=rel(sage, exact))
+    return dict(available=True, shapes=out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_fp8.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False   # the float32 reference is float32
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = get_preset(PRESET)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
+    gen32, gen16 = build(device)
+    result = {}
+    steps = (("layers", lambda: layer_errors(gen32, gen16, ctx.bfloat16())),
+             ("video", lambda: video_errors(gen32, gen16, ctx)),
+             ("kernels", lambda: kernel_speeds(device)), ("sage_attention", lambda: sage_attention(device)))
+    for name, step in steps:   # saved section by section
+        result[name] = step()
+        print(name, result[name], flush=True)
+        save_results(args.out, [result], device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
