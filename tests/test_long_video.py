@@ -114,5 +114,5 @@ def test_cli_video_past_1024_latent_frames_is_written_whole(tmp_path):
                            "--device", "cpu", "--save_latents"])
     assert code == 0
     assert read_mp4(tmp_path / "out" / f"{PROMPT}.mp4").shape == (1 + 4 * 1031, 16, 16, 3)
-    latents = torch.load(tmp_path / "out" / f"{PROMPT}.latents.pt")
+    latents = torch.load(tmp_path / "out" / f"{PROMPT}.latents.pt", weights_only=True)
     assert latents.shape == (1, 1032, 16, 2, 2) and torch.isfinite(latents).all()
