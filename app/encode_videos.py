@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -67,12 +68,17 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+_SPAWN_LOCK = threading.Lock()
+
+
 def read_video(path: str | os.PathLike, num_frames: int, fps: float) -> np.ndarray:
     """The first ``num_frames`` frames of ``path`` sampled at ``fps`` (frame ``i`` = source frame
     ``floor(i * source_fps / fps)``), uint8 ``[num_frames, H, W, 3]``. Raises DataError when too short."""
     import imageio.v2 as imageio  # lazily: only the command line reads files
 
-    with imageio.get_reader(os.fspath(path), format="FFMPEG") as reader:
+    with _SPAWN_LOCK:  # one ffmpeg started at a time: concurrent spawns from decode threads crashed CPython 3.11
+        reader = imageio.get_reader(os.fspath(path), format="FFMPEG")
+    with reader:
         source_fps = float(reader.get_meta_data().get("fps") or fps)
         wanted = [int(i * source_fps / fps + 1e-6) for i in range(num_frames)]
         frames: dict[int, np.ndarray] = {}
