@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -68,16 +67,18 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-_SPAWN_LOCK = threading.Lock()
-
-
-def read_video(path: str | os.PathLike, num_frames: int, fps: float) -> np.ndarray:
-    """The first ``num_frames`` frames of ``path`` sampled at ``fps`` (frame ``i`` = source frame
-    ``floor(i * source_fps / fps)``), uint8 ``[num_frames, H, W, 3]``. Raises DataError when too short."""
+def open_video(path: str | os.PathLike):
+    """An imageio ffmpeg reader of ``path``; this starts the ffmpeg process, so call it from the main thread only
+    (ffmpeg spawned from worker threads segfaulted CPython 3.11's vfork path in CI)."""
     import imageio.v2 as imageio  # lazily: only the command line reads files
 
-    with _SPAWN_LOCK:  # one ffmpeg started at a time: concurrent spawns from decode threads crashed CPython 3.11
-        reader = imageio.get_reader(os.fspath(path), format="FFMPEG")
+    return imageio.get_reader(os.fspath(path), format="FFMPEG")
+
+
+def read_frames(reader, path: str | os.PathLike, num_frames: int, fps: float) -> np.ndarray:
+    """The first ``num_frames`` frames of an open reader sampled at ``fps`` (frame ``i`` = source frame
+    ``floor(i * source_fps / fps)``), uint8 ``[num_frames, H, W, 3]``; closes the reader. Raises DataError when too
+    short. Safe in a worker thread: it only drains ffmpeg's pipe."""
     with reader:
         source_fps = float(reader.get_meta_data().get("fps") or fps)
         wanted = [int(i * source_fps / fps + 1e-6) for i in range(num_frames)]
@@ -91,6 +92,11 @@ def read_video(path: str | os.PathLike, num_frames: int, fps: float) -> np.ndarr
         raise DataError(f"{path}: {len(frames)} frames at {fps} fps, need {num_frames} "
                         f"(source {source_fps:g} fps)")
     return np.stack([frames[i] for i in wanted])
+
+
+def read_video(path: str | os.PathLike, num_frames: int, fps: float) -> np.ndarray:
+    """:func:`read_frames` of :func:`open_video` (main thread)."""
+    return read_frames(open_video(path), path, num_frames, fps)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,33 +225,53 @@ def list_captioned_videos(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     return found
 
 
-def _read_one(path: Path, caption: str, num_frames: int, fps: float) -> tuple[str, np.ndarray] | None:
+def _skip(path: Path, err: Exception) -> None:
+    # a broken file must not stop a long encoding run; say which one and why
+    logger.warning("skipping unreadable video %s: %s", path, str(err).splitlines()[0] if str(err) else err)
+
+
+def _drain(reader, path: Path, caption: str, num_frames: int, fps: float) -> tuple[str, np.ndarray] | None:
     try:
-        return caption, read_video(path, num_frames, fps)
-    except Exception as err:  # a broken file must not stop a long encoding run; say which one and why
-        logger.warning("skipping unreadable video %s: %s", path, str(err).splitlines()[0] if str(err) else err)
+        return caption, read_frames(reader, path, num_frames, fps)
+    except Exception as err:
+        _skip(path, err)
         return None
 
 
 def read_all(pairs: list[tuple[Path, str]], num_frames: int, fps: float,
-              num_workers: int = 0) -> Iterator[tuple[str, np.ndarray] | None]:
-    """The decoded clips in the order of ``pairs``; ``num_workers`` threads decode ahead (ffmpeg runs outside the
-    GIL), at most ``2 * num_workers`` clips in flight so memory stays bounded."""
+             num_workers: int = 0) -> Iterator[tuple[str, np.ndarray] | None]:
+    """The decoded clips in the order of ``pairs`` (``None`` for an unreadable file, warned about).
+
+    Every ffmpeg is started here, in the calling thread; with ``num_workers > 0`` that many threads drain the readers
+    ahead of the consumer (the decoding itself runs in the ffmpeg processes), at most ``2 * num_workers`` clips in
+    flight so memory stays bounded."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    def start(path: Path, caption: str, pool) -> Future | tuple[str, np.ndarray] | None:
+        try:
+            reader = open_video(path)
+        except Exception as err:
+            _skip(path, err)
+            return None
+        if pool is None:
+            return _drain(reader, path, caption, num_frames, fps)
+        return pool.submit(_drain, reader, path, caption, num_frames, fps)
+
     if num_workers <= 0:
         for path, caption in pairs:
-            yield _read_one(path, caption, num_frames, fps)
+            yield start(path, caption, None)
         return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(num_workers, thread_name_prefix="decode") as pool:
         in_flight: deque = deque()
         for path, caption in pairs:
-            in_flight.append(pool.submit(_read_one, path, caption, num_frames, fps))
+            in_flight.append(start(path, caption, pool))
             if len(in_flight) >= 2 * num_workers:
-                yield in_flight.popleft().result()
+                item = in_flight.popleft()
+                yield item.result() if item is not None else None
         while in_flight:
-            yield in_flight.popleft().result()
+            item = in_flight.popleft()
+            yield item.result() if item is not None else None
 
 
 def build_parser() -> argparse.ArgumentParser:
