@@ -41,6 +41,7 @@ from pipeline.components import build_vae
 from utils.config import load_config
 from utils.errors import DataError, UserError
 from utils.lmdb_store import DEFAULT_MAP_SIZE, LMDBWriter, natural_key
+from utils.video import imageio_v2
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,9 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
 
 
 def open_video(path: str | os.PathLike):
-    """An imageio ffmpeg reader of ``path``; this starts the ffmpeg process, so call it from the main thread only
-    (ffmpeg spawned from worker threads segfaulted CPython 3.11's vfork path in CI)."""
-    import imageio.v2 as imageio  # lazily: only the command line reads files
-
-    return imageio.get_reader(os.fspath(path), format="FFMPEG")
+    """An imageio ffmpeg reader of ``path`` (this starts the ffmpeg process; :func:`read_all` starts them all from its
+    own thread and lets worker threads drain the pipes)."""
+    return imageio_v2().get_reader(os.fspath(path), format="FFMPEG")
 
 
 def read_frames(reader, path: str | os.PathLike, num_frames: int, fps: float) -> np.ndarray:

@@ -177,3 +177,16 @@ def test_pixels_to_uint8_equals_to_uint8_frames():
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 5, 7, 3)
     for b in range(2):
         np.testing.assert_array_equal(out[b].numpy(), to_uint8_frames(x[b], (-1, 1), "TCHW"))   # exact
+
+
+def test_ffmpeg_starts_without_a_preexec_fn(monkeypatch):
+    """imageio-ffmpeg's default preexec_fn runs Python between fork and exec, unsafe beside other threads (it
+    segfaulted CI's decode threads); every mp4 reader/writer of ours must start ffmpeg without one."""
+    from imageio_ffmpeg import _utils
+
+    from utils.video import imageio_v2
+
+    monkeypatch.delenv("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", raising=False)
+    assert _utils._popen_kwargs(prevent_sigint=True)["preexec_fn"] is not None   # the library's default
+    imageio_v2()
+    assert _utils._popen_kwargs(prevent_sigint=True)["preexec_fn"] is None

@@ -20,6 +20,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_FPS = 16
 
 
+def imageio_v2():
+    """``imageio.v2`` (imported lazily: only video tools need ffmpeg), with imageio-ffmpeg told to start ffmpeg without
+    its ``preexec_fn=os.setpgrp``: a preexec_fn runs Python in the forked child, which is unsafe while other threads
+    run (torch's pools, decode threads) and segfaulted or hung CI. Set ``IMAGEIO_FFMPEG_NO_PREVENT_SIGINT=0`` to get
+    it back (ffmpeg then ignores Ctrl-C sent to its terminal's process group)."""
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+    import imageio.v2 as imageio
+
+    return imageio
+
+
 def pixels_to_uint8(frames):
     """Pixels ``[..., 3, H, W]`` in [-1, 1] (a tensor) -> uint8 ``[..., H, W, 3]`` on their device, equal to
     :func:`to_uint8_frames` (a GPU stream then sends the host a quarter of the bytes)."""
@@ -97,8 +108,7 @@ class Mp4StreamWriter:
             raise RuntimeError(f"writer for {self.path} is already closed")
         frames = pad_to_even(to_uint8_frames(frames, self.value_range, self.layout))
         if self._writer is None:
-            import imageio.v2 as imageio  # imported lazily: only video tools need ffmpeg
-
+            imageio = imageio_v2()
             # ffmpeg picks the container from the temporary name's extension (the final name's). Its own error lines
             # are silenced: close() checks what it wrote and reports a failure in one line.
             self._target = AtomicPath(self.path)
@@ -175,9 +185,7 @@ def count_mp4_frames(path: str | os.PathLike) -> int | None:
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:
     """All frames of a video as uint8 ``[T, H, W, 3]`` (for tests and tools)."""
-    import imageio.v2 as imageio
-
-    with imageio.get_reader(os.fspath(path), format="FFMPEG") as reader:
+    with imageio_v2().get_reader(os.fspath(path), format="FFMPEG") as reader:
         frames = [np.asarray(frame) for frame in reader]
     return np.stack(frames)
 
