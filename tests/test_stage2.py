@@ -171,6 +171,17 @@ def test_chunkwise_is_the_same_script_with_a_block_size(world, tmp_path):
     assert rel(traj[:, 4], framewise[:, 4]) > 1e-3   # the block size changes the teacher-forcing mask
 
 
+def test_batched_samples_write_the_same_files(world, ode_files, tmp_path):
+    """--batch_size integrates samples together; each keeps its own seeded noise, prompt and file."""
+    run_script(world, tmp_path, "--batch_size", "2")
+    assert sorted(os.listdir(tmp_path)) == ["00000.pt", "00001.pt", "00002.pt"]   # a full batch and a partial one
+    for i in range(3):
+        batched = torch.load(tmp_path / f"{i:05d}.pt", weights_only=True)
+        single = torch.load(ode_files / f"{i:05d}.pt", weights_only=True)
+        assert list(batched) == [CAPTIONS[i]]
+        assert rel(batched[CAPTIONS[i]], single[CAPTIONS[i]]) < 1e-5   # float32 batch vs one by one
+
+
 def test_restart_skips_finished_files_and_redoes_partial_ones(world, ode_files, tmp_path, capsys):
     out = tmp_path / "ode"
     shutil.copytree(ode_files, out)
