@@ -46,6 +46,9 @@ SCORES = ("color", "shape", "direction", "speed")
 CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS),
           "speed": 1 / len(SPEED_TRAVEL)}
 CHANCE["faithfulness"] = float(np.mean([CHANCE[k] for k in SCORES]))
+# Per-clip diagnostics of :func:`track_diagnostics`, averaged over clips in the aggregate.
+DIAGNOSTICS = ("frame0_present", "frame0_area_ratio", "jitter_px", "presence_early", "presence_late",
+               "color_error_early", "color_error_late")
 _LUT_STEP = 8  # colour classification is tabulated on 8-level RGB cells (see _membership_table)
 _LUT_LEVELS = 256 // _LUT_STEP
 
@@ -74,6 +77,7 @@ class ObjectTrack:
     ellipse_iou: np.ndarray  # [T] IoU of the blob with the ellipse inscribed in its bounding box
     height: int
     width: int
+    rgb: np.ndarray | None = None  # [T, 3] median colour of the blob (NaN where absent)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,9 +205,11 @@ def detect_object(video: np.ndarray, color: str, settings: DetectorSettings | No
     present = blobs.any(axis=(1, 2))
     geometry = np.full((t, 6), np.nan)  # area, cx, cy, fill, offset, ellipse IoU per frame
     geometry[:, 0] = 0.0
+    rgb = np.full((t, 3), np.nan)
     for i in np.nonzero(present)[0]:
         geometry[i] = _frame_geometry(blobs[i])
-    return ObjectTrack(present, *geometry.T, height=h, width=w)
+        rgb[i] = np.median(frames[i][blobs[i]], axis=0)   # median: the blurred rim does not pull it to the background
+    return ObjectTrack(present, *geometry.T, height=h, width=w, rgb=rgb)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -281,6 +287,37 @@ def motion_scores(video: np.ndarray, track: ObjectTrack) -> dict:
             "area_stability": None if cv is None else max(0.0, 1.0 - cv)}
 
 
+def track_diagnostics(track: ObjectTrack, color: str) -> dict:
+    """What goes wrong along one clip (issue 27): the first frame, wobble and colour drift.
+
+    * ``frame0_present``: the object is found in frame 0; ``frame0_area_ratio``: its area there over the median area
+      of the later frames where it is found (1 for a rigid object; None when either is missing);
+    * ``jitter_px``: RMS distance in pixels of the present centroids from the straight line fitted through them
+      (ground-truth clips: ~0.1 px, rasterisation only);
+    * ``presence_early`` / ``presence_late``: fraction of the first / last third of the frames that show the object;
+    * ``color_error_early`` / ``color_error_late``: mean RGB distance of the blob's median colour to the palette
+      colour over the present frames of the first / last third (a drift to another colour also lowers the late
+      presence, since the mask no longer finds it).
+    """
+    t = len(track.present)
+    idx = np.nonzero(track.present)[0]
+    out = {"frame0_present": bool(track.present[0]), "frame0_area_ratio": None, "jitter_px": None}
+    later = track.area[1:][track.present[1:]]
+    if track.present[0] and len(later):
+        out["frame0_area_ratio"] = float(track.area[0] / np.median(later))
+    if len(idx) >= 3:
+        resid = [np.polyval(np.polyfit(idx, c[idx], 1), idx) - c[idx] for c in (track.cx, track.cy)]
+        out["jitter_px"] = float(np.sqrt(np.mean(resid[0] ** 2 + resid[1] ** 2)))
+    third = max(1, t // 3)
+    error = np.linalg.norm(track.rgb - np.asarray(COLORS[color], np.float64), axis=-1) if track.rgb is not None \
+        else np.full(t, np.nan)
+    for name, part in (("early", slice(0, third)), ("late", slice(t - third, t))):
+        out[f"presence_{name}"] = float(track.present[part].mean())
+        seen = error[part][track.present[part]]
+        out[f"color_error_{name}"] = float(seen.mean()) if len(seen) else None
+    return out
+
+
 def score_video(video: np.ndarray, prompt: str, settings: DetectorSettings | None = None) -> dict:
     """Scores of one clip (uint8 ``[T, H, W, 3]``) against its caption.
 
@@ -307,7 +344,8 @@ def score_video(video: np.ndarray, prompt: str, settings: DetectorSettings | Non
     motion = motion_scores(video, track)
     features = video_features(video, track, detected, motion)
     return {"prompt": prompt, "target": target, "detected": detected, **scores, **motion,
-            "features": features.tolist(), "seconds": time.perf_counter() - start}
+            **track_diagnostics(track, target["color"]), "features": features.tolist(),
+            "seconds": time.perf_counter() - start}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -386,6 +424,45 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _prompt_means(rows: list[dict], key: str) -> dict[str, tuple[float, int]]:
+    """``{prompt: (sum of key, count)}`` over the rows where ``key`` is not None."""
+    groups: dict[str, tuple[float, int]] = {}
+    for r in rows:
+        if r[key] is not None:
+            total, count = groups.get(r["prompt"], (0.0, 0))
+            groups[r["prompt"]] = (total + float(r[key]), count + 1)
+    return groups
+
+
+def paired_difference(rows_a: list[dict], rows_b: list[dict], key: str = "faithfulness", level: float = 0.95,
+                      draws: int = 2000, seed: int = 0) -> dict | None:
+    """Mean of ``key`` over set A minus set B, prompt by prompt (both scored on the same prompts), with a
+    percentile bootstrap interval over prompts: ``{"difference", "low", "high", "prompts"}``."""
+    a, b = _prompt_means(rows_a, key), _prompt_means(rows_b, key)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    diff = np.array([a[p][0] / a[p][1] - b[p][0] / b[p][1] for p in common])
+    pick = np.random.default_rng(seed).integers(len(diff), size=(draws, len(diff)))
+    lo, hi = np.quantile(diff[pick].mean(1), [(1 - level) / 2, (1 + level) / 2])
+    return {"difference": float(diff.mean()), "low": float(lo), "high": float(hi), "prompts": len(common)}
+
+
+def bootstrap_interval(rows: list[dict], key: str, level: float = 0.95, draws: int = 2000,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of ``key`` over ``rows``, resampling whole prompts (the videos of
+    one prompt are not independent draws: the prompt decides much of what a model gets right)."""
+    groups = _prompt_means(rows, key)
+    if not groups:
+        return None
+    sums = np.array([total for total, _ in groups.values()])
+    counts = np.array([count for _, count in groups.values()])
+    pick = np.random.default_rng(seed).integers(len(sums), size=(draws, len(sums)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def distance_to_real(gen_features: np.ndarray, real_features: np.ndarray) -> dict:
     """Set distances of generated to real features, with the real set's own leave-one-out spread as a scale."""
     out = {"num_generated": len(gen_features), "num_real": len(real_features), "frechet": None,
@@ -424,8 +501,9 @@ def evaluate_clips(prompts: list[str], videos: list[np.ndarray], real: list | No
         if names is not None:
             row["name"] = names[i]
     aggregate = {key: _mean(rows, key) for key in (*SCORES, "faithfulness", "centroid_step", "frame_diff",
-                                                   "area_stability")}
+                                                   "area_stability", *DIAGNOSTICS)}
     aggregate["count"] = len(rows)
+    aggregate["interval95"] = {key: bootstrap_interval(rows, key) for key in (*SCORES, "faithfulness")}
     aggregate["seconds_per_video"] = _mean(rows, "seconds")
     distance = {"reference": None}
     if real is None and num_real > 0 and videos:
