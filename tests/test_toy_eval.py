@@ -85,6 +85,44 @@ def test_static_clip_has_no_motion(clips):
     assert moving["centroid_step"] > 0.005 and moving["frame_diff"] > 0.001, moving
 
 
+def test_track_diagnostics_find_an_empty_first_frame_a_wobble_and_a_drift(clips):
+    caption, video = clips[1]
+    clean = te.score_video(video, caption)
+    # Measured on this clip: wobble 0.05 px (rasterisation), colour error 0 (exact palette colours).
+    assert clean["frame0_present"] and clean["jitter_px"] < 0.3 and clean["frame0_area_ratio"] == pytest.approx(1, 0.1)
+    assert clean["presence_early"] == clean["presence_late"] == 1.0 and clean["color_error_late"] == 0.0
+    emptied = video.copy()
+    emptied[0] = te.BACKGROUND
+    assert not te.score_video(emptied, caption)["frame0_present"]
+    # Every other frame shifted 2 px sideways (an integer roll of the whole frame): the centroids sit +-1 px around the
+    # straight track (its fitted line takes the mean shift), so the RMS distance from it is 1 px.
+    wobbly = video.copy()
+    wobbly[1::2] = np.roll(video[1::2], 2, axis=2)
+    assert te.score_video(wobbly, caption)["jitter_px"] == pytest.approx(1.0, abs=0.15)
+    # The last third turned into a darker shade of the same colour (scaled by 0.75): still found, its median colour
+    # a quarter of the palette colour away (measured: 62.2 vs 61.7 RGB units for this blue circle)
+    drifted = video.copy()
+    late = slice(len(video) - len(video) // 3, None)
+    target = np.all(video[late] == te.COLORS[te.parse_caption(caption)["color"]], axis=-1)
+    drifted[late][target] = (drifted[late][target] * 0.75).astype(np.uint8)
+    result = te.score_video(drifted, caption)
+    expected = np.linalg.norm(0.25 * np.asarray(te.COLORS[te.parse_caption(caption)["color"]], float))
+    assert result["color_error_early"] == 0.0
+    assert result["presence_late"] == 1.0 and result["color_error_late"] == pytest.approx(expected, abs=3.0)
+
+
+def test_bootstrap_intervals_and_paired_differences():
+    rows = [{"prompt": f"p{i % 4}", "faithfulness": float(i % 2)} for i in range(16)]   # p0, p2: 0; p1, p3: 1
+    low, high = te.bootstrap_interval(rows, "faithfulness")
+    assert 0.0 <= low < 0.5 < high <= 1.0
+    assert te.bootstrap_interval([{"prompt": "a", "x": 0.7}] * 3, "x") == pytest.approx((0.7, 0.7))
+    better = [dict(r, faithfulness=1.0) for r in rows]
+    d = te.paired_difference(better, rows)
+    assert d["difference"] == pytest.approx(0.5) and d["prompts"] == 4 and 0.0 <= d["low"] <= 0.5 <= d["high"]
+    same = te.paired_difference(rows, rows)
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+
+
 def test_distance_to_real_separates_real_from_noise_and_static():
     real = make_split(0, 32, seed=0)[1]  # held-out clips: the first 16 are the reference, the last 16 "generated"
     reference, other = real[:16], real[16:]
