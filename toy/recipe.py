@@ -535,16 +535,21 @@ class BaseSampler:
         self.negative = self.encoder.encode([cfg.negative_prompt])
 
     def __call__(self, prompt: str, seed: int):
+        return self.batch([prompt], seed)[0]
+
+    def batch(self, prompts: list[str], seed: int):
+        """Frames ``[B, T, 3, H, W]`` of the prompts sampled together (one noise draw of ``seed`` for the batch; a
+        batch of one is ``self(prompt, seed)``)."""
         import torch
 
         from pipeline.bidirectional import sample_bidirectional
 
         gen = torch.Generator(self.device).manual_seed(seed)
-        noise = torch.randn((1, *self.cfg.image_or_video_shape[1:]), generator=gen, device=self.device)
+        noise = torch.randn((len(prompts), *self.cfg.image_or_video_shape[1:]), generator=gen, device=self.device)
         with torch.no_grad():
-            x0 = sample_bidirectional(self.model, self.scheduler, noise, self.encoder.encode([prompt]), self.schedule,
-                                      self.negative, self.cfg.guidance_scale)
-            return self.vae.decode(x0)[0]
+            x0 = sample_bidirectional(self.model, self.scheduler, noise, self.encoder.encode(list(prompts)),
+                                      self.schedule, self.negative, self.cfg.guidance_scale)
+            return self.vae.decode(x0)
 
 
 def _default_device() -> str:
