@@ -20,6 +20,9 @@ def test_ceiling_and_vae_parts(tmp_path, repo_root, monkeypatch):
     assert all(k.split("->")[0] == k.split("->")[1] for k in ceiling["shape_confusion"])
     # Measured: 1.0 on these 4 clips (0.99 on 24, docs/toy_results.md); one wrong attribute would give 0.94.
     assert vae["faithfulness"] >= 0.85 and vae["jitter_px"] < 1.0, vae
+    # Latent frame 0 encodes one pixel frame, the others four: the least spread (measured 0.62 vs 0.78-0.95 on 24).
+    spread = result["vae"]["latent_std_per_frame"]
+    assert len(spread) == 9 and spread[0] < min(spread[1:]), spread
 
 
 @pytest.mark.parametrize("config", ["causal_forcing_dmd_chunkwise", "causal_forcing_dmd_framewise"])
@@ -42,3 +45,48 @@ def test_teacher_forcing_on_its_own_rollout_reproduces_it(config, repo_root, mon
     n = pipe.generator.num_frame_per_block
     assert (other[:, n:] - rolled[:, n:]).abs().max() > 0.1                      # later blocks read the context
     torch.testing.assert_close(other[:, :n], rolled[:, :n], rtol=0, atol=1e-5)   # block 0 reads none
+
+
+def test_models_part_scores_every_video_of_a_shipped_generator(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    out = tmp_path / "diag.json"
+    argv = ["--parts", "models", "--rows", "dmd_chunkwise_4", "--num_clips", "2", "--num_samples", "2", "--batch", "3",
+            "--per_video", "--device", "cpu", "--out", str(out)]
+    assert diagnose.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"command", "device", "model:dmd_chunkwise_4"}
+    row = result["model:dmd_chunkwise_4"]
+    agg = row["aggregate"]
+    assert agg["count"] == len(row["videos"]) == 4 and agg["count_seen"] + agg["count_heldout"] == 4
+    assert [v["prompt"] for v in row["videos"]][::2] == [c for c, _ in diagnose.clips_for(2, 0)]   # 2 per prompt
+    low, high = agg["interval95"]["faithfulness"]
+    assert low <= agg["faithfulness"] <= high
+
+
+def test_split_scores_follow_the_training_split():
+    from toy.world import format_caption, split_combinations
+
+    train, heldout = split_combinations(seed=0)
+    rows = [{"prompt": format_caption(heldout[0]), "faithfulness": 0.25},
+            {"prompt": format_caption(train[0]), "faithfulness": 1.0},
+            {"prompt": format_caption(train[1]), "faithfulness": 0.5}]
+    split = diagnose.split_scores(rows, seed=0)
+    assert split["faithfulness_heldout"] == 0.25 and split["count_heldout"] == 1
+    assert split["faithfulness_seen"] == 0.75 and split["count_seen"] == 2
+    assert split["interval95_heldout"] == (0.25, 0.25)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--rows", "dmd_framewise_9"], "--rows dmd_framewise_9"),
+    (["--rows", "ar_framewise_50"], "no model for it in assets/toy"),   # a table row, not shipped
+    (["--exposure_rows", "nope"], "--exposure_rows nope"),
+    (["--workdir", "no/such/dir"], "--workdir no/such/dir"),
+    (["--prompts", "no_such_prompts.txt"], "--prompts no_such_prompts.txt"),
+    (["--num_samples", "0"], "--num_samples must be >= 1"),
+])
+def test_bad_flags_are_one_line_errors(argv, names, tmp_path, repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)
+    assert diagnose.main([*argv, "--parts", "ceiling", "--out", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and names in err and "\n" not in err
+    assert not (tmp_path / "d.json").exists()

@@ -11,7 +11,7 @@ Parts (``--parts``, all by default), each scored by the toy detector (:mod:`toy.
 * ``ceiling``: the detector on ground-truth clips (held-out and training splits of :func:`toy.world.make_split`):
   what a perfect generator would score;
 * ``vae``: the same clips encoded and decoded by the toy VAE (the path every generated video takes at its end): is an
-  attribute lost before any diffusion model is involved?
+  attribute lost before any diffusion model is involved? Also the spread (std) of each latent frame over the clips;
 * ``models``: samples of the base (50 solver steps, CFG 3) and of every stage's model (``--workdir``: the recipe's
   checkpoints, rows as in :func:`toy.recipe.table_rows`; otherwise the shipped base and generators): per attribute,
   shape confusion, frame 0, wobble and colour drift (:func:`toy.eval.track_diagnostics`), each mean with a 95%
@@ -101,16 +101,26 @@ def chunks(items: list, size: int) -> list[list]:
 
 
 @torch.no_grad()
-def vae_roundtrip(vae, clips: list[np.ndarray], batch: int = 4) -> list[np.ndarray]:
-    """Clips through ``WanVAE.encode`` and ``decode`` (the pipelines' normalised latents and streaming decoder)."""
+def vae_roundtrip(vae, clips: list[np.ndarray], batch: int = 4) -> tuple[list[np.ndarray], list[float]]:
+    """Clips through ``WanVAE.encode`` and ``decode`` (the pipelines' normalised latents and streaming decoder), and
+    the standard deviation of each latent frame over all clips (how visible a frame is under the same noise)."""
     from toy.vae import videos_to_tensor
     from utils.video import pixels_to_uint8
 
-    out = []
+    out, latents = [], []
     for part in chunks(clips, batch):
-        latents = vae.encode(videos_to_tensor(part).to(vae.device))
-        out += list(pixels_to_uint8(vae.decode(latents)).cpu().numpy())
-    return out
+        latents.append(vae.encode(videos_to_tensor(part).to(vae.device)))
+        out += list(pixels_to_uint8(vae.decode(latents[-1])).cpu().numpy())
+    z = torch.cat(latents)                                                              # [B, F, C, h, w]
+    return out, [round(float(z[:, f].std()), 3) for f in range(z.shape[1])]
+
+
+def vae_part(vae, clips: list[tuple[str, np.ndarray]], seed: int) -> dict:
+    """Scores of the round-tripped clips, with ``latent_std_per_frame``."""
+    decoded, spread = vae_roundtrip(vae, [v for _, v in clips])
+    result = score([c for c, _ in clips], decoded, seed=seed)
+    result["latent_std_per_frame"] = spread
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,7 +394,7 @@ def run(args) -> dict:
 
         models_dir = workdir / "models" / "base" if workdir else REPO / "assets" / "toy"
         vae = WanVAE.from_pretrained(models_dir / MODEL / "vae").to(device)
-        timed("vae", lambda: score(captions, vae_roundtrip(vae, [v for _, v in clips]), seed=args.seed))
+        timed("vae", lambda: vae_part(vae, clips, args.seed))
     if "models" in args.parts:
         if args.prompts:
             from utils.datasets import TextDataset
@@ -441,6 +451,9 @@ def format_summary(result: dict) -> str:
                 line(f"{name[len('exposure:'):]} {kind}", value[kind]["aggregate"])
         else:
             line(name, value["aggregate"])
+            if "latent_std_per_frame" in value:
+                spread = " ".join(f"{v:.2f}" for v in value["latent_std_per_frame"])
+                lines.append(f"{name}: latent std per frame {spread}")
     return "\n".join(lines)
 
 
