@@ -190,9 +190,6 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
     return np.stack(frames)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Output names
-
 _RESERVED_CHARS = set('<>:"/\\|?*')  # path separators plus the characters Windows forbids in names
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 _MAX_NAME_BYTES = 200  # filesystems cap names at 255 bytes; leave room for index, dedup suffix and extension
