@@ -3,13 +3,11 @@
 Load order (later wins): schema < ``default_config.yaml`` beside the file < ``base:`` chain < the YAML < overrides;
 unknown keys and bad values raise :class:`ConfigError` naming the file and key (README "Configs" has the rules, the
 derived ``height``/``width``/``num_frames`` copies and the published-YAML rule of :mod:`utils.config_compat`).
-``python -m utils.config [CONFIG] [key=value ...]`` prints a resolved config, or every default with its doc.
+``python -m app.config [CONFIG] [key=value ...]`` prints a resolved config, or every default with its doc.
 """
 
 import copy
 import dataclasses
-import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union, get_type_hints
@@ -21,8 +19,6 @@ from utils.config_compat import adapt_layer, published_rolling_forcing
 from utils.config_yaml import check_keys, describe_type_error, find_default_config, read_chain, read_override
 from utils.errors import ConfigError
 from utils.paths import in_repository
-
-logger = logging.getLogger(__name__)
 
 TRAINERS = ("diffusion", "ode", "consistency_distillation", "score_distillation")
 SHARDING_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")
@@ -44,7 +40,7 @@ VAE_SPATIAL_STRIDE = 8
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "") -> Any:
-    """A dataclass field with its one-line doc in ``metadata['doc']`` (printed by ``python -m utils.config``)."""
+    """A dataclass field with its one-line doc in ``metadata['doc']`` (printed by ``python -m app.config``)."""
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
@@ -386,8 +382,3 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x world size = "
                           f"{cfg.batch_size} x {world_size}; change it or set it to null")
     return cfg.total_batch_size // per_step
-
-
-if __name__ == "__main__":   # the printer lives in utils/config_cli.py
-    from utils.config_cli import main
-    sys.exit(main())

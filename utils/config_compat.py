@@ -131,17 +131,6 @@ def _refuse_environment(value: Any, source: str, key: str = "") -> None:
                           f"environment, where W&B reads WANDB_API_KEY itself)")
 
 
-def describe_compat() -> List[str]:
-    """One comment line per compatibility key (for ``python -m utils.config``)."""
-    lines = ["# Accepted for published YAMLs, with no effect (utils/config_compat.py):"]
-    for key, (allowed, why) in COMPAT_KEYS.items():
-        only = f" (only {', '.join(map(repr, allowed))})" if allowed is not None else ""
-        lines.append(f"#   {key}{only}: {why}")
-    lines.append(f"# Ignored with a warning (export the variable instead): "
-                 f"{', '.join(f'{k} -> {v}' for k, v in SECRET_KEYS.items())}")
-    return lines
-
-
 def _published_meanings(node: DictConfig, source: str, dropped: List[str]) -> None:
     kept = [key for key in PUBLISHED_MEANINGS if key in node]
     for key in kept:

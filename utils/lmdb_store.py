@@ -307,21 +307,16 @@ class ShardedLMDBReader:
             reader.close()
 
 
-def list_shards(directory: str | os.PathLike) -> list[Path]:
-    """LMDB sub-directories of ``directory`` in natural name order (``x_2`` before ``x_10``)."""
-    subdirs = [p for p in Path(directory).iterdir() if p.is_dir() and is_lmdb_dir(p)]
-    return sorted(subdirs, key=lambda p: natural_key(p.name))
-
-
 def open_many(paths: str | os.PathLike | Sequence[str | os.PathLike]):
-    """One LMDB (an :class:`LMDBReader`), or a directory of shards (natural name order) or a list of them (a
-    :class:`ShardedLMDBReader`)."""
+    """One LMDB (an :class:`LMDBReader`), or a directory of shards (natural name order: ``x_2`` before ``x_10``) or a
+    list of them (a :class:`ShardedLMDBReader`)."""
     if isinstance(paths, (str, os.PathLike)):
         if not os.path.isdir(paths):
             raise DataError(f"LMDB not found: {paths}")
         if is_lmdb_dir(paths):
             return LMDBReader(paths)
-        shards = list_shards(paths)
+        shards = sorted((p for p in Path(paths).iterdir() if p.is_dir() and is_lmdb_dir(p)),
+                        key=lambda p: natural_key(p.name))
         if not shards:
             raise DataError(f"no LMDB (data.mdb) in {paths} or its sub-directories")
         paths = shards
