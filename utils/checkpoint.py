@@ -7,6 +7,7 @@ previous one the latest. Per-rank files hold only tensors and plain values (``we
 
 from __future__ import annotations
 
+import fcntl  # POSIX only, like the training runs
 import json
 import logging
 import os
@@ -55,14 +56,11 @@ def release_path(logdir: str | os.PathLike, step: int) -> Path:
 
 def list_checkpoints(logdir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``logdir`` as ``(step, path)``, oldest first (``.tmp`` folders are not listed)."""
-    root = Path(logdir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
     found = []
-    for entry in root.iterdir():
-        match = _STEP_DIR.match(entry.name)
-        if match and entry.is_dir() and (entry / "meta.json").is_file():
-            found.append((int(match.group(1)), entry))
+    for meta in (Path(logdir) / CHECKPOINTS).glob("step_*/meta.json"):
+        match = _STEP_DIR.match(meta.parent.name)
+        if match and meta.is_file():
+            found.append((int(match.group(1)), meta.parent))
     return sorted(found)
 
 
@@ -79,8 +77,6 @@ class LogdirLock:
     NAME = ".lock"
 
     def __init__(self, logdir: str | os.PathLike):
-        import fcntl  # POSIX only, like the training runs
-
         ensure_folder(logdir, "logdir")
         path = Path(logdir) / self.NAME
         self._file = open(path, "a+")
@@ -98,8 +94,6 @@ class LogdirLock:
         self._file.flush()
 
     def release(self) -> None:
-        import fcntl
-
         if not self._file.closed:
             # Unlock explicitly: forked DataLoader workers share the open file (and with it the lock) until they exit.
             fcntl.flock(self._file, fcntl.LOCK_UN)

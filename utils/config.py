@@ -211,15 +211,15 @@ class Config:
             _check(getattr(self, key) in choices, f"{key} must be one of {', '.join(choices)}", getattr(self, key))
         _check(self.causal or self.trainer == "diffusion", "causal: false (a bidirectional generator) needs "
                "trainer: diffusion", self.causal)
+        for key, low in MINIMUMS.items():
+            _check(getattr(self, key) >= low, f"{key} must be >= {low}", getattr(self, key))
         k = self.num_frame_per_block
-        _check(k >= 1, "num_frame_per_block must be >= 1", k)
         local = self.model_kwargs.local_attn_size
         _check(local == -1 or local >= k, f"model_kwargs.local_attn_size must be -1 or >= num_frame_per_block ({k})",
                local)
         shape = self.image_or_video_shape
         _check(len(shape) == 5 and min(shape) >= 1, "image_or_video_shape must be 5 positive ints [B, F, C, H, W]",
                shape)
-        _check(self.fps >= 1, "fps must be >= 1", self.fps)
         if self.num_training_frames is None:   # the documented null: the clip's latent length
             self.num_training_frames = shape[1]
         if self.rolling_forcing:
@@ -262,7 +262,6 @@ class Config:
 
     def _check_schedule(self) -> None:
         T = self.num_train_timestep
-        _check(T >= 1, "num_train_timestep must be >= 1", T)
         _check(self.timestep_shift > 0, "timestep_shift must be > 0", self.timestep_shift)
         for key in ("denoising_step_list", "denoising_step_list_first_chunk"):
             steps = getattr(self, key)
@@ -275,7 +274,6 @@ class Config:
         _check(0 <= self.noise_augmentation_max_timestep < T, f"noise_augmentation_max_timestep must lie in [0, {T})",
                self.noise_augmentation_max_timestep)
         _check(0 <= self.min_score_timestep < T, f"min_score_timestep must lie in [0, {T})", self.min_score_timestep)
-        _check(self.discrete_cd_N >= 2, "discrete_cd_N must be >= 2", self.discrete_cd_N)
         for key in ("guidance_scale", "real_guidance_scale", "fake_guidance_scale"):
             value = getattr(self, key)
             _check(value is None or value >= 0, f"{key} must be >= 0", value)
@@ -289,19 +287,18 @@ class Config:
             _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
         _check(0 <= self.weight_decay < float("inf"), "weight_decay must be a finite number >= 0", self.weight_decay)
         _check(0 <= self.seed < 2**63, "seed must lie in [0, 2^63)", self.seed)
-        _check(self.batch_size >= 1, "batch_size must be >= 1", self.batch_size)
         total = self.total_batch_size
         _check(total is None or (total >= 1 and total % self.batch_size == 0),
                f"total_batch_size must be a positive multiple of batch_size ({self.batch_size}) or null", total)
-        for key in ("ema_start_step", "max_steps", "gc_interval"):
-            _check(getattr(self, key) >= 0, f"{key} must be >= 0", getattr(self, key))
-        for key in ("log_iters", "log_every", "dfake_gen_update_ratio"):
-            _check(getattr(self, key) >= 1, f"{key} must be >= 1", getattr(self, key))
 
 
 CHOICES = {"trainer": TRAINERS, "attention_backend": ATTENTION_BACKENDS, "sample_solver": SAMPLE_SOLVERS,
            "sharding_strategy": SHARDING_STRATEGIES, "wandb_mode": WANDB_MODES,
            "denoising_loss_type": DENOISING_LOSS_TYPES, "loss_weighting": LOSS_WEIGHTINGS}
+# Integer keys with a lower bound (checked first, so the rules below may divide by them).
+MINIMUMS = {"num_frame_per_block": 1, "fps": 1, "num_train_timestep": 1, "discrete_cd_N": 2, "batch_size": 1,
+            "ema_start_step": 0, "max_steps": 0, "gc_interval": 0, "log_iters": 1, "log_every": 1,
+            "dfake_gen_update_ratio": 1}
 # Keys a YAML may give although their value derives from another key (published YAMLs give both):
 # key -> (the source key, the derived value). load_config checks each copy against its source.
 COPIES = {

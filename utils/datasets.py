@@ -130,14 +130,10 @@ class ODERegressionLMDBDataset(_LatentLMDBBase):
 
 
 class ResumableSampler(Sampler[int]):
-    """Deterministic per-epoch permutation, split across ranks, resumable mid-epoch.
-
-    Epoch ``e`` permutes with ``numpy.random.default_rng([seed, e])`` (``0..n-1`` without shuffle); rank ``r`` of
-    ``R`` takes positions ``r, r + R, ...``. ``drop_last`` drops the uneven tail so ranks stay in step (training);
-    without it every sample is used once (inference). Iteration yields the rest of the epoch, then moves to the next.
-    ``state_dict()`` holds ``epoch`` and ``position`` (this rank's items yielded); with DataLoader workers fetching
-    ahead, save ``state_for(num_consumed)`` instead.
-    """
+    """Deterministic per-epoch permutation, split across ranks, resumable mid-epoch: epoch ``e`` permutes with
+    ``numpy.random.default_rng([seed, e])``, rank ``r`` of ``R`` takes positions ``r, r + R, ...``; ``drop_last``
+    drops the uneven tail so ranks stay in step. With DataLoader workers fetching ahead, save
+    ``state_for(num_consumed)`` rather than ``state_dict()``."""
 
     def __init__(self, data_source, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  num_replicas: int = 1, rank: int = 0):

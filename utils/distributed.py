@@ -1,10 +1,7 @@
 """Process groups and FSDP2 sharding, applied from outside the model (model/ imports nothing distributed).
 
-:func:`init_distributed` makes a one-process group when not under ``torchrun``, so collectives, DCP and FSDP2 run the
-same code in ``python train.py`` and in tests. :func:`apply_fsdp` shards each transformer block, then the root
-(torchtitan's order). Strategies (training.md §8.2, the reference's FSDP1 names): ``full`` over every rank;
-``hybrid_full`` replicates across nodes and shards within one (HSDP); ``hybrid_zero2`` also keeps the parameters
-gathered until backward; ``no_shard`` replicates.
+Strategies (the reference's FSDP1 names): ``full`` shards over every rank; ``hybrid_full`` replicates across nodes and
+shards within one (HSDP); ``hybrid_zero2`` also keeps the parameters gathered until backward; ``no_shard`` replicates.
 """
 
 from __future__ import annotations
@@ -68,7 +65,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed() -> World:
-    """Initialise the default process group once (idempotent) and return this process's :class:`World`."""
+    """Initialise the default process group once (a one-rank group without ``torchrun``, so collectives, DCP and FSDP2
+    run the same code everywhere) and return this process's :class:`World`."""
     global _created_group
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
