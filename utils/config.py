@@ -58,9 +58,7 @@ class ModelKwargs:
     local_attn_size: int = _f(-1, "KV-cache attention window in latent frames; -1 attends to every cached frame")
     sink_size: int = _f(0, "first latent frames kept in the cache when the window slides (attention sink)")
 
-    def __post_init__(self) -> None:
-        _check(self.local_attn_size == -1 or self.local_attn_size >= 1,
-               "model_kwargs.local_attn_size must be -1 or >= 1", self.local_attn_size)
+    def __post_init__(self) -> None:   # local_attn_size is checked against num_frame_per_block by Config
         _check(self.sink_size >= 0, "model_kwargs.sink_size must be >= 0", self.sink_size)
 
 
