@@ -190,37 +190,32 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
 
 _RESERVED_CHARS = set('<>:"/\\|?*')  # path separators plus the characters Windows forbids in names
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
-_MAX_NAME_BYTES = 200  # filesystems cap names at 255 bytes; leave room for index, dedup suffix and extension
-
-
-def _trim(name: str) -> str:
-    # Leading dots would hide the file (or make ".."), a leading "-" reads as an option on command lines;
-    # Windows drops trailing dots and spaces.
-    return name.lstrip(" .-").rstrip(" .")
+_MAX_NAME_BYTES = 200  # filesystems cap names at 255 bytes; leave room for suffixes and the extension
 
 
 def _cut(name: str, max_chars: int) -> str:
     name = name[:max(max_chars, 0)]
     while len(name.encode("utf-8")) > _MAX_NAME_BYTES:
         name = name[:-1]
-    return _trim(name)
+    # Leading dots would hide the file (or make ".."), a leading "-" reads as an option on command lines;
+    # Windows drops trailing dots and spaces.
+    return name.lstrip(" .-").rstrip(" .")
 
 
-def safe_output_name(prompt: str, index: int | None = None, used: set | None = None, max_len: int = 100) -> str:
+def safe_output_name(prompt: str, used: set | None = None, max_len: int = 100) -> str:
     """A file-name stem for ``prompt``, safe on Linux, macOS and Windows and the same on every run (a plain prompt
     gives ``prompt[:max_len]``, as in the reference): NFKC-normalised; ``/ \\ < > : " | ? *`` become ``_``, control,
     format and separator characters a space; cut to ``max_len`` characters and 200 UTF-8 bytes; empty becomes
-    ``"prompt"``, a Windows device name gets a leading ``_``. ``index`` prefixes ``f"{index:05d}_"``; with ``used``
-    (casefolded stems taken, updated) a clash gets ``_1``, ``_2``, ... within ``max_len``."""
+    ``"prompt"``, a Windows device name gets a leading ``_``. With ``used`` (casefolded stems taken, updated) a clash
+    gets ``_1``, ``_2``, ... within ``max_len``."""
     base = "".join("_" if ch in _RESERVED_CHARS else " " if unicodedata.category(ch)[0] in "CZ" else ch
                    for ch in unicodedata.normalize("NFKC", prompt or ""))
-    prefix = "" if index is None else f"{index:05d}_"
 
     def build(suffix: str) -> str:
         stem = _cut(base, max_len - len(suffix)) or "prompt"
         if stem.split(".")[0].strip().upper() in _WINDOWS_DEVICES:
             stem = "_" + stem
-        return prefix + stem + suffix
+        return stem + suffix
 
     name, count = build(""), 0
     if used is not None:
