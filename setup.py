@@ -35,7 +35,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "wandb": ["wandb>=0.19"],   # Weights & Biases logging (wandb_mode: online/offline)
-    "plot": ["matplotlib>=3.7"],  # python -m utils.metrics plot LOGDIR
+    "plot": ["matplotlib>=3.7"],  # python -m app.plot_losses LOGDIR
     "fa4": ["flash-attn-4"],    # FlashAttention-4 (Hopper, Blackwell): wheels only, no build
     "flash": ["flash-attn"],    # FlashAttention-2: CUDA build, pip install -e .[flash] --no-build-isolation
 }

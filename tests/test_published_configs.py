@@ -2,7 +2,7 @@
 ``configs/*.yaml`` and ``long_video/configs/*.yaml``, Self Forcing's ``configs/self_forcing_dmd.yaml``.
 
 The files are written here from their key names and values (facts of the format), every published key with its
-published value, and go through ``load_config``, ``python -m utils.config``, train.py and inference.py.
+published value, and go through ``load_config``, ``python -m app.config``, train.py and inference.py.
 """
 
 import logging
@@ -147,7 +147,7 @@ def test_published_yaml_loads_with_its_published_values(published, name, caplog)
 
 def test_every_published_yaml_through_the_command_line_printer(published):
     for name in PUBLISHED:
-        run = subprocess.run([sys.executable, "-m", "utils.config", str(published / f"{name}.yaml")],
+        run = subprocess.run([sys.executable, "-m", "app.config", str(published / f"{name}.yaml")],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, (name, run.stderr)
         printed = yaml.safe_load(run.stdout)
@@ -244,7 +244,7 @@ def test_rolling_forcing_yaml_loads_as_rolling_forcing(tmp_path, repo_root):
     assert cfg.rolling_forcing and cfg.num_training_frames == 27
     assert load_config(alone, ["num_training_frames=24"]).num_training_frames == 24
     assert not load_config(alone, ["rolling_forcing=false", "num_training_frames=21"]).rolling_forcing
-    run = subprocess.run([sys.executable, "-m", "utils.config", str(rolling)], cwd=repo_root, capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "app.config", str(rolling)], cwd=repo_root, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and "rolling_forcing: true" in run.stdout
     # renamed, it is plain DMD, and its long_video rollout length asks for the key

@@ -1,5 +1,5 @@
 """Pictures of a training run: sample videos at each checkpoint (trainer/samples.py), loss curves as a PNG
-(``python -m utils.metrics plot``), and the W&B upload of the videos."""
+(``python -m app.plot_losses``), and the W&B upload of the videos."""
 
 import json
 import os
@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from app.plot_losses import plot_losses
 from pipeline.streaming import StreamingPipeline
 from tests.conftest import REPO_ROOT, write_tiny_stream_config
 from trainer.loop import Trainer
 from trainer.registry import build_objective
 from utils.checkpoint import release_path
 from utils.config import load_config
-from utils.metrics import MetricsLogger, plot_losses
+from utils.metrics import MetricsLogger
 from utils.video import read_mp4, write_mp4
 
 PROMPTS = ["a red circle moving left slowly", "a blue square moving up quickly"]
@@ -96,10 +97,10 @@ def test_loss_curves_png(tmp_path):
     path = plot_losses(str(tmp_path))
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[1] > image.size[0] / 2   # two panels, one over the other
-    out = subprocess.run([sys.executable, "-m", "utils.metrics", "plot", str(tmp_path), "--out",
+    out = subprocess.run([sys.executable, "-m", "app.plot_losses", str(tmp_path), "--out",
                           str(tmp_path / "curves.png")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "curves.png")
-    missing = subprocess.run([sys.executable, "-m", "utils.metrics", "plot", str(tmp_path / "nothing")],
+    missing = subprocess.run([sys.executable, "-m", "app.plot_losses", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nothing' / 'metrics.jsonl'} not found: pass a training logdir (train.py --logdir)"]

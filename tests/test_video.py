@@ -159,12 +159,11 @@ def test_safe_output_name_length_limits():
     assert safe_output_name("a" * 99 + " b") == "a" * 99  # trailing space after the cut is stripped
 
 
-def test_safe_output_name_dedup_and_index():
+def test_safe_output_name_dedup():
     used: set = set()
     names = [safe_output_name(p, used=used) for p in ["A cat", "a cat", "A CAT", "a cat_1", "x" * 300, "x" * 301]]
     assert names == ["A cat", "a cat_1", "A CAT_2", "a cat_1_1", "x" * 100, "x" * 98 + "_1"]
     assert len({n.casefold() for n in names}) == len(names)
-    assert safe_output_name("a/b", index=7) == "00007_a_b"
     for name in names:
         assert "/" not in name and name == unicodedata.normalize("NFKC", name)
 

@@ -1,19 +1,13 @@
 """Resumable training checkpoints (torch.distributed.checkpoint) and the helpers of the release export.
 
-Layout of one resume checkpoint (``<logdir>/checkpoints/step_<N:06d>/``, N = optimizer steps completed)::
-
-    .metadata, __0_0.distcp, ...   DCP: model/<net>, optim/<net>, ema/<net>   (sharded; any world size can load them)
-    rank_00000.pt, ...             per rank: RNG states (python, numpy, torch CPU, CUDA) and the data position
-    meta.json                      step, world size, names of the networks / optimizers / EMAs, format version
-    config.yaml                    the resolved config of the run that wrote it
-
-Everything goes into ``step_<N>.tmp/``, renamed by rank 0 once every rank has written, so a crash mid-save leaves the
-previous checkpoint the latest (the next run removes the ``.tmp``). Per-rank files hold only tensors and plain values
-(``weights_only`` loads); keys are canonical (``get_model_state_dict`` strips the wrappers).
+A checkpoint ``<logdir>/checkpoints/step_<N:06d>/`` (N = optimizer steps completed; layout in docs/training_loop.md)
+is written into ``step_<N>.tmp/`` and renamed by rank 0 once every rank has written, so a crash mid-save leaves the
+previous one the latest. Per-rank files hold only tensors and plain values (``weights_only`` loads); keys are canonical.
 """
 
 from __future__ import annotations
 
+import fcntl  # POSIX only, like the training runs
 import json
 import logging
 import os
@@ -62,14 +56,11 @@ def release_path(logdir: str | os.PathLike, step: int) -> Path:
 
 def list_checkpoints(logdir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``logdir`` as ``(step, path)``, oldest first (``.tmp`` folders are not listed)."""
-    root = Path(logdir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
     found = []
-    for entry in root.iterdir():
-        match = _STEP_DIR.match(entry.name)
-        if match and entry.is_dir() and (entry / "meta.json").is_file():
-            found.append((int(match.group(1)), entry))
+    for meta in (Path(logdir) / CHECKPOINTS).glob("step_*/meta.json"):
+        match = _STEP_DIR.match(meta.parent.name)
+        if match and meta.is_file():
+            found.append((int(match.group(1)), meta.parent))
     return sorted(found)
 
 
@@ -86,8 +77,6 @@ class LogdirLock:
     NAME = ".lock"
 
     def __init__(self, logdir: str | os.PathLike):
-        import fcntl  # POSIX only, like the training runs
-
         ensure_folder(logdir, "logdir")
         path = Path(logdir) / self.NAME
         self._file = open(path, "a+")
@@ -105,8 +94,6 @@ class LogdirLock:
         self._file.flush()
 
     def release(self) -> None:
-        import fcntl
-
         if not self._file.closed:
             # Unlock explicitly: forked DataLoader workers share the open file (and with it the lock) until they exit.
             fcntl.flock(self._file, fcntl.LOCK_UN)
@@ -136,10 +123,6 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# RNG states (per rank)
-
-
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain values (``weights_only``-loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -163,10 +146,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Save / load
 
 
 @dataclass
@@ -306,10 +285,6 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
     extra = torch.load(path / f"rank_{w.rank:05d}.pt", map_location="cpu", weights_only=True)
     set_rng_state(extra["rng"])
     return Resumed(meta["step"], extra["data"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Release export helpers
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

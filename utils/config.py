@@ -1,37 +1,13 @@
-"""Typed configuration: one schema, every default written once, strict YAML loading.
+"""Typed configuration: the :class:`Config` schema holds every default with its one-line doc; YAMLs load strictly.
 
-Where defaults live: the :class:`Config` dataclass below is the single source of every default, each with a one-line
-doc. ``configs/default_config.yaml`` is kept (``load_config`` merges the one beside the given file, so a site may pin
-values there) but ships with no keys. Stage YAMLs hold only what differs from the schema and may name a ``base:`` YAML
-(path relative to the file) to inherit from. ``python -m utils.config [CONFIG] [key=value ...]`` prints the resolved
-config (or, with no CONFIG, every default with its doc) as one flat YAML.
-
-API: ``load_config(path, overrides) -> Config`` returns the validated dataclass, holding plain Python values
-(``cfg.lr``, ``cfg.model_kwargs.local_attn_size``). ``config_to_dict`` / ``config_to_yaml`` log or print it;
-``grad_accum_steps`` is the one place that decides the micro-steps per optimizer step.
-
-Load order (later wins): schema defaults < default_config.yaml < base chain (outermost first) < the YAML < overrides.
-(:mod:`utils.config_yaml` reads each layer: a YAML file, its ``base:`` chain, a ``key=value`` override.)
-Unknown keys, mistyped and bad values raise :class:`ConfigError` with one line naming the file and the key.
-
-Derived values, computed once: ``image_or_video_shape`` ``[B, F, C, H, W]`` (latent) is the geometry's source of truth;
-``height``/``width``/``num_frames`` are properties derived from it with the Wan VAE's strides (8 spatial, 4 temporal).
-``timestep_shift`` is the one shift (the generator's grid, DMD/critic timestep sampling, the samplers). A YAML may
-still give ``height``, ``width``, ``num_frames`` or ``model_kwargs.timestep_shift`` (published YAMLs do): each is a
-copy, checked against the value derived from its source unless a later layer sets that source; a mismatch fails.
-
-Published YAMLs (thu-ml/Causal-Forcing, Self Forcing) load unchanged; :mod:`utils.config_compat` holds the keys we do
-not read, secrets and placeholders. The published rule: a file without ``base:`` that sets a key only published YAMLs
-have (a compatibility or secret key) and none of ours (``max_steps``, ``log_every``, ``wandb_mode``, ``config_name``)
-keeps the published meaning of ``total_batch_size`` and ``wandb_name``: not read, so no gradient accumulation and the
-W&B run named after the file (one warning); a real ``wandb_project``/``wandb_entity`` there turns W&B on. Elsewhere
-``total_batch_size`` is reached by gradient accumulation. ``seed: 0`` is a fixed seed everywhere.
+Load order (later wins): schema < ``default_config.yaml`` beside the file < ``base:`` chain < the YAML < overrides;
+unknown keys and bad values raise :class:`ConfigError` naming the file and key (README "Configs" has the rules, the
+derived ``height``/``width``/``num_frames`` copies and the published-YAML rule of :mod:`utils.config_compat`).
+``python -m app.config [CONFIG] [key=value ...]`` prints a resolved config, or every default with its doc.
 """
 
 import copy
 import dataclasses
-import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union, get_type_hints
@@ -44,14 +20,13 @@ from utils.config_yaml import check_keys, describe_type_error, find_default_conf
 from utils.errors import ConfigError
 from utils.paths import in_repository
 
-logger = logging.getLogger(__name__)
-
 TRAINERS = ("diffusion", "ode", "consistency_distillation", "score_distillation")
 SHARDING_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")
 DENOISING_LOSS_TYPES = ("flow", "x0")
 WANDB_MODES = ("disabled", "offline", "online")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn")
 SAMPLE_SOLVERS = ("unipc", "euler")
+LOSS_WEIGHTINGS = ("gaussian", "uniform")
 
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
@@ -65,7 +40,7 @@ VAE_SPATIAL_STRIDE = 8
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "") -> Any:
-    """A dataclass field with its one-line doc in ``metadata['doc']`` (printed by ``python -m utils.config``)."""
+    """A dataclass field with its one-line doc in ``metadata['doc']`` (printed by ``python -m app.config``)."""
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
@@ -76,10 +51,6 @@ def _check(ok: bool, message: str, value: Any) -> None:
         raise ConfigError(f"{message}, got {value!r}")
 
 
-def _check_choice(key: str, value: str, choices: Tuple[str, ...]) -> None:
-    _check(value in choices, f"{key} must be one of {', '.join(choices)}", value)
-
-
 @dataclass
 class ModelKwargs:
     """Constructor options of the causal generator (reference: ``model_kwargs`` of the generator wrapper)."""
@@ -87,9 +58,7 @@ class ModelKwargs:
     local_attn_size: int = _f(-1, "KV-cache attention window in latent frames; -1 attends to every cached frame")
     sink_size: int = _f(0, "first latent frames kept in the cache when the window slides (attention sink)")
 
-    def __post_init__(self) -> None:
-        _check(self.local_attn_size == -1 or self.local_attn_size >= 1,
-               "model_kwargs.local_attn_size must be -1 or >= 1", self.local_attn_size)
+    def __post_init__(self) -> None:   # local_attn_size is checked against num_frame_per_block by Config
         _check(self.sink_size >= 0, "model_kwargs.sink_size must be >= 0", self.sink_size)
 
 
@@ -160,9 +129,8 @@ class Config:
     # --- stage 1 (diffusion) ---
     teacher_forcing: bool = _f(False, "condition on ground-truth clean context (true) or diffusion forcing (false)")
     noise_augmentation_max_timestep: int = _f(0, "noise the clean context up to this timestep; 0 disables")
-    loss_weighting: str = _f("gaussian", "stage-1 loss weight over timesteps: 'gaussian' (the reference's, "
-                             "exp(-2((t-500)/1000)^2) scaled to mean 1: 0 at t = 1000, ~2.08 at 500) or 'uniform' "
-                             "(from-scratch models, which must learn the high-noise layout)")
+    loss_weighting: str = _f("gaussian", "stage-1 loss weight over t: 'gaussian' (the reference's bell around "
+                             "t = 500, mean 1) or 'uniform' (from-scratch models must learn the high-noise layout)")
     caption_dropout: float = _f(0.0, "probability that a training caption is replaced by the empty string \"\", "
                                 "so classifier-free guidance has an unconditional model; 0 disables")
 
@@ -182,13 +150,10 @@ class Config:
     min_score_timestep: int = _f(0, "lowest DMD/critic timestep when ts_schedule is off")
 
     # --- long video: Rolling Forcing (the published long_video/) ---
-    rolling_forcing: bool = _f(False, "Rolling Forcing: inference denoises windows of len(denoising_step_list) "
-                               "blocks at staggered steps; DMD rolls out image_or_video_shape[1] to "
-                               "num_training_frames frames (rolling windows or the self-forcing rollout, half the "
-                               "time each) and distills the last image_or_video_shape[1]. Each call attends to "
-                               "model_kwargs.local_attn_size frames (-1: image_or_video_shape[1]) with "
-                               "model_kwargs.sink_size sink frames (0: one block). Published rolling_forcing*.yaml "
-                               "files imply it")
+    rolling_forcing: bool = _f(False, "Rolling Forcing: denoise windows of len(denoising_step_list) blocks at "
+                               "staggered steps; DMD rolls out up to num_training_frames and distills the last "
+                               "image_or_video_shape[1]; attends to model_kwargs.local_attn_size frames (-1: "
+                               "image_or_video_shape[1]), model_kwargs.sink_size sinks (0: one block)")
 
     # --- distribution (FSDP) ---
     sharding_strategy: str = _f("hybrid_full", f"FSDP sharding, one of {', '.join(SHARDING_STRATEGIES)}")
@@ -240,23 +205,19 @@ class Config:
         return 1 + VAE_TEMPORAL_STRIDE * (self.image_or_video_shape[1] - 1)
 
     def _check_stage(self) -> None:
-        _check_choice("trainer", self.trainer, TRAINERS)
-        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _check_choice("sample_solver", self.sample_solver, SAMPLE_SOLVERS)
-        _check_choice("sharding_strategy", self.sharding_strategy, SHARDING_STRATEGIES)
-        _check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
+        for key, choices in CHOICES.items():
+            _check(getattr(self, key) in choices, f"{key} must be one of {', '.join(choices)}", getattr(self, key))
         _check(self.causal or self.trainer == "diffusion", "causal: false (a bidirectional generator) needs "
                "trainer: diffusion", self.causal)
-        _check_choice("denoising_loss_type", self.denoising_loss_type, DENOISING_LOSS_TYPES)
+        for key, low in MINIMUMS.items():
+            _check(getattr(self, key) >= low, f"{key} must be >= {low}", getattr(self, key))
         k = self.num_frame_per_block
-        _check(k >= 1, "num_frame_per_block must be >= 1", k)
         local = self.model_kwargs.local_attn_size
         _check(local == -1 or local >= k, f"model_kwargs.local_attn_size must be -1 or >= num_frame_per_block ({k})",
                local)
         shape = self.image_or_video_shape
         _check(len(shape) == 5 and min(shape) >= 1, "image_or_video_shape must be 5 positive ints [B, F, C, H, W]",
                shape)
-        _check(self.fps >= 1, "fps must be >= 1", self.fps)
         if self.num_training_frames is None:   # the documented null: the clip's latent length
             self.num_training_frames = shape[1]
         if self.rolling_forcing:
@@ -299,7 +260,6 @@ class Config:
 
     def _check_schedule(self) -> None:
         T = self.num_train_timestep
-        _check(T >= 1, "num_train_timestep must be >= 1", T)
         _check(self.timestep_shift > 0, "timestep_shift must be > 0", self.timestep_shift)
         for key in ("denoising_step_list", "denoising_step_list_first_chunk"):
             steps = getattr(self, key)
@@ -312,7 +272,6 @@ class Config:
         _check(0 <= self.noise_augmentation_max_timestep < T, f"noise_augmentation_max_timestep must lie in [0, {T})",
                self.noise_augmentation_max_timestep)
         _check(0 <= self.min_score_timestep < T, f"min_score_timestep must lie in [0, {T})", self.min_score_timestep)
-        _check(self.discrete_cd_N >= 2, "discrete_cd_N must be >= 2", self.discrete_cd_N)
         for key in ("guidance_scale", "real_guidance_scale", "fake_guidance_scale"):
             value = getattr(self, key)
             _check(value is None or value >= 0, f"{key} must be >= 0", value)
@@ -322,22 +281,22 @@ class Config:
             value = getattr(self, key)   # .inf or .nan would train nothing useful without any error
             _check(value is None or 0 < value < float("inf"), f"{key} must be a finite number > 0", value)
         _check(0 <= self.caption_dropout <= 1, "caption_dropout must lie in [0, 1]", self.caption_dropout)
-        _check(self.loss_weighting in ("gaussian", "uniform"), "loss_weighting must be 'gaussian' or 'uniform'",
-               self.loss_weighting)
         for key in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
             _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
         _check(0 <= self.weight_decay < float("inf"), "weight_decay must be a finite number >= 0", self.weight_decay)
         _check(0 <= self.seed < 2**63, "seed must lie in [0, 2^63)", self.seed)
-        _check(self.batch_size >= 1, "batch_size must be >= 1", self.batch_size)
         total = self.total_batch_size
         _check(total is None or (total >= 1 and total % self.batch_size == 0),
                f"total_batch_size must be a positive multiple of batch_size ({self.batch_size}) or null", total)
-        for key in ("ema_start_step", "max_steps", "gc_interval"):
-            _check(getattr(self, key) >= 0, f"{key} must be >= 0", getattr(self, key))
-        for key in ("log_iters", "log_every", "dfake_gen_update_ratio"):
-            _check(getattr(self, key) >= 1, f"{key} must be >= 1", getattr(self, key))
 
 
+CHOICES = {"trainer": TRAINERS, "attention_backend": ATTENTION_BACKENDS, "sample_solver": SAMPLE_SOLVERS,
+           "sharding_strategy": SHARDING_STRATEGIES, "wandb_mode": WANDB_MODES,
+           "denoising_loss_type": DENOISING_LOSS_TYPES, "loss_weighting": LOSS_WEIGHTINGS}
+# Integer keys with a lower bound (checked first, so the rules below may divide by them).
+MINIMUMS = {"num_frame_per_block": 1, "fps": 1, "num_train_timestep": 1, "discrete_cd_N": 2, "batch_size": 1,
+            "ema_start_step": 0, "max_steps": 0, "gc_interval": 0, "log_iters": 1, "log_every": 1,
+            "dfake_gen_update_ratio": 1}
 # Keys a YAML may give although their value derives from another key (published YAMLs give both):
 # key -> (the source key, the derived value). load_config checks each copy against its source.
 COPIES = {
@@ -350,23 +309,10 @@ COPIES = {
 STRING_KEYS = frozenset(k for k, t in get_type_hints(Config).items() if t in (str, Optional[str]))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading
-
-
 def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -> Config:
-    """Load a stage YAML into a validated :class:`Config`.
-
-    Args:
-        path: the stage YAML (e.g. ``configs/causal_forcing_dmd_chunkwise.yaml``).
-        overrides: dotlist items applied last, e.g. ``["lr=1e-5", "model_kwargs.local_attn_size=12"]``.
-    Returns:
-        A :class:`Config` dataclass (``cfg.lr``; nested ``cfg.model_kwargs.local_attn_size``); ``config_name`` is the
-        file's stem unless set. ``OmegaConf.to_yaml(cfg)`` / :func:`config_to_yaml` print it.
-    Raises:
-        ConfigError: missing file, bad YAML, unknown key, mistyped or invalid value, a copy that disagrees with its
-        source, a file or value we cannot honour (one line, names the file).
-    """
+    """A stage YAML (found from any working directory if shipped) plus dotlist ``overrides`` (``["lr=1e-5"]``) as a
+    validated :class:`Config`; ``config_name`` is the file's stem unless set. Any problem raises a one-line
+    :class:`ConfigError` naming the file."""
     path = Path(in_repository(path))   # a shipped config is found from any working directory
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -423,10 +369,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    """Micro-steps per optimizer step so that ``batch_size x world_size x steps == total_batch_size``.
-
-    Raises ConfigError when ``total_batch_size`` is not a multiple of ``batch_size x world_size``.
-    """
+    """Micro-steps per optimizer step so that ``batch_size x world_size x steps == total_batch_size``."""
     per_step = cfg.batch_size * world_size
     if cfg.total_batch_size is None:
         return 1
@@ -434,8 +377,3 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x world size = "
                           f"{cfg.batch_size} x {world_size}; change it or set it to null")
     return cfg.total_batch_size // per_step
-
-
-if __name__ == "__main__":   # the printer lives in utils/config_cli.py
-    from utils.config_cli import main
-    sys.exit(main())

@@ -1,36 +1,15 @@
-"""Reading YAMLs of the published format (thu-ml/Causal-Forcing ``configs/*.yaml``, Self Forcing's
-``self_forcing_dmd.yaml``): the keys they carry that our schema does not read, and how each is treated.
+"""The published YAML format (thu-ml/Causal-Forcing ``configs/*.yaml``, Self Forcing's ``self_forcing_dmd.yaml``):
+what happens to each top-level key our schema does not read (README "Configs" gives the user's view).
 
-Every top-level key of a YAML layer falls in one class, decided here before the layer is merged:
+* compatibility keys (:data:`COMPAT_KEYS`): checked against the values we can honour, dropped, named in one warning;
+* secrets (:data:`SECRET_KEYS`): dropped unread (never printed, logged or saved), with the variable to export;
+* a value interpolating the environment (``${oc.env:...}``) fails: the resolved config is saved and sent to W&B;
+* placeholders (``{your entity}``, or the key's name in capitals) count as unset.
 
-* **schema keys** (``utils/config.py``) are read by some code;
-* **compatibility keys** (:data:`COMPAT_KEYS`) are accepted, checked against the values we can honour, dropped, and
-  named in one warning per file. A value outside that set fails with one line saying why (e.g.
-  ``distribution_loss: sid``), so no key loads with another meaning;
-* **secrets** (:data:`SECRET_KEYS`, ``wandb_key``/``wandb_host``) are dropped with one warning that says which
-  environment variable to export; the value is never printed, logged or kept, so it cannot reach a checkpoint's
-  ``config.yaml`` or W&B;
-* **environment values**: a value that interpolates an environment variable (``${oc.env:WANDB_API_KEY}``) fails
-  with one line naming the key: the resolved config is saved in every checkpoint and sent to W&B, so a secret read
-  that way would be published;
-* **placeholders**: a string key whose value is ``{your entity}`` (YAML reads it as a one-key mapping with a null
-  value) or the key's own name in capitals (Self Forcing's ``wandb_entity: WANDB_ENTITY``) counts as unset, with
-  one warning.
-
-**The published rule.** A file is read as a published YAML when it has no ``base:``, sets at least one
-compatibility or secret key, and sets none of :data:`OWN_KEYS` (keys that every ``config.yaml`` our trainer saves
-holds and no published YAML has). In such a file the keys whose meaning we changed keep the published one
-(:data:`PUBLISHED_MEANINGS`): ``total_batch_size`` and ``wandb_name`` are dropped (the published trainers never read
-them: no gradient accumulation, the W&B run is named after the file), and a real ``wandb_project``/``wandb_entity``
-turns W&B on (the published trainers always logged unless ``--disable-wandb``). Our own YAMLs, command-line overrides
-and files with ``base:`` keep our meanings. ``seed: 0`` stays a fixed seed even there: the published trainers drew a
-random seed, and a fixed one is one of the draws they could have made.
-
-**Rolling Forcing.** The published ``long_video/`` fork has no key for it: running that fork *is* Rolling Forcing.
-A published YAML named ``rolling_forcing*.yaml`` (``long_video/configs/rolling_forcing_dmd.yaml``) therefore loads
-with our key ``rolling_forcing: true`` (unless it sets the key itself), and, when no layer sets
-``num_training_frames``, with the value of the fork's ``default_config.yaml`` (27, the only key where it differs from
-the main one), so the file means the same without the fork's folder around it.
+A file is published when it has no ``base:``, sets a compatibility or secret key and none of :data:`OWN_KEYS`; it
+keeps the published meaning of :data:`PUBLISHED_MEANINGS`, and a real ``wandb_project``/``wandb_entity`` turns W&B
+on. A published ``rolling_forcing*.yaml`` (the ``long_video/`` fork, which had no key for it) loads with
+``rolling_forcing: true`` and, unless a layer sets it, the fork's ``num_training_frames``.
 """
 
 from __future__ import annotations
@@ -150,17 +129,6 @@ def _refuse_environment(value: Any, source: str, key: str = "") -> None:
         raise ConfigError(f"{source}: {key} reads an environment variable (oc.env), which a config may not: it is "
                           f"saved with every checkpoint and sent to W&B; write the value (secrets stay in the "
                           f"environment, where W&B reads WANDB_API_KEY itself)")
-
-
-def describe_compat() -> List[str]:
-    """One comment line per compatibility key (for ``python -m utils.config``)."""
-    lines = ["# Accepted for published YAMLs, with no effect (utils/config_compat.py):"]
-    for key, (allowed, why) in COMPAT_KEYS.items():
-        only = f" (only {', '.join(map(repr, allowed))})" if allowed is not None else ""
-        lines.append(f"#   {key}{only}: {why}")
-    lines.append(f"# Ignored with a warning (export the variable instead): "
-                 f"{', '.join(f'{k} -> {v}' for k, v in SECRET_KEYS.items())}")
-    return lines
 
 
 def _published_meanings(node: DictConfig, source: str, dropped: List[str]) -> None:

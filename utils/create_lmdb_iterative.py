@@ -3,9 +3,8 @@
     python utils/create_lmdb_iterative.py --data_path dataset/ODE6KCausal_framewise_latents \
         --lmdb_path dataset/ODE6KCausal_framewise
 
-Each ``.pt`` file (from the ODE-pair generator) holds ``{prompt: trajectory [1, S, F, C, H, W] or [S, F, C, H, W]}``.
-Files are read in natural name order; a prompt already written is skipped (exact-string deduplication, as the
-reference does); rows are float16 in the :mod:`utils.lmdb_store` layout.
+Files (``{prompt: trajectory [1, S, F, C, H, W] or [S, F, C, H, W]}`` from the ODE-pair generator) are read in
+natural name order; a prompt already written is skipped (exact-string deduplication, as in the reference).
 """
 
 from __future__ import annotations

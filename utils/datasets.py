@@ -8,7 +8,6 @@ file line numbers). Extended prompts (the LLM-expanded version) come either as a
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Iterator
 
@@ -18,8 +17,6 @@ from torch.utils.data import Dataset, Sampler
 
 from utils.errors import DataError
 from utils.lmdb_store import LATENTS, PROMPTS, open_many
-
-logger = logging.getLogger(__name__)
 
 
 def read_prompt_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
@@ -83,8 +80,6 @@ class _LatentLMDBBase(Dataset):
     def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
         self.reader = open_many(data_path)
         self.row_shape = self.reader.shape(LATENTS)[1:]
-        if max_pair < 1:
-            raise DataError(f"max_pair must be >= 1, got {max_pair}")
         self._len = min(len(self.reader), int(max_pair))
 
     def __len__(self) -> int:
@@ -135,14 +130,10 @@ class ODERegressionLMDBDataset(_LatentLMDBBase):
 
 
 class ResumableSampler(Sampler[int]):
-    """Deterministic per-epoch permutation, split across ranks, resumable mid-epoch.
-
-    Epoch ``e`` permutes with ``numpy.random.default_rng([seed, e])`` (``0..n-1`` without shuffle); rank ``r`` of
-    ``R`` takes positions ``r, r + R, ...``. ``drop_last`` drops the uneven tail so ranks stay in step (training);
-    without it every sample is used once (inference). Iteration yields the rest of the epoch, then moves to the next.
-    ``state_dict()`` holds ``epoch`` and ``position`` (this rank's items yielded); with DataLoader workers fetching
-    ahead, save ``state_for(num_consumed)`` instead.
-    """
+    """Deterministic per-epoch permutation, split across ranks, resumable mid-epoch: epoch ``e`` permutes with
+    ``numpy.random.default_rng([seed, e])``, rank ``r`` of ``R`` takes positions ``r, r + R, ...``; ``drop_last``
+    drops the uneven tail so ranks stay in step. With DataLoader workers fetching ahead, save
+    ``state_for(num_consumed)`` rather than ``state_dict()``."""
 
     def __init__(self, data_source, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  num_replicas: int = 1, rank: int = 0):

@@ -1,10 +1,7 @@
 """Process groups and FSDP2 sharding, applied from outside the model (model/ imports nothing distributed).
 
-:func:`init_distributed` makes a one-process group when not under ``torchrun``, so collectives, DCP and FSDP2 run the
-same code in ``python train.py`` and in tests. :func:`apply_fsdp` shards each transformer block, then the root
-(torchtitan's order). Strategies (training.md §8.2, the reference's FSDP1 names): ``full`` over every rank;
-``hybrid_full`` replicates across nodes and shards within one (HSDP); ``hybrid_zero2`` also keeps the parameters
-gathered until backward; ``no_shard`` replicates.
+Strategies (the reference's FSDP1 names): ``full`` shards over every rank; ``hybrid_full`` replicates across nodes and
+shards within one (HSDP); ``hybrid_zero2`` also keeps the parameters gathered until backward; ``no_shard`` replicates.
 """
 
 from __future__ import annotations
@@ -32,9 +29,10 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 
+from utils.config import SHARDING_STRATEGIES
+
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")
 # Names of the ModuleList that holds a network's repeated blocks: ours/Wan (``blocks``), HF T5 (``block``), others.
 BLOCK_LIST_NAMES = ("blocks", "block", "layers")
 # Entry points besides ``forward`` and ``forward_*`` (the text encoder's ``encode``), see _forward_methods.
@@ -67,7 +65,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed() -> World:
-    """Initialise the default process group once (idempotent) and return this process's :class:`World`."""
+    """Initialise the default process group once (a one-rank group without ``torchrun``, so collectives, DCP and FSDP2
+    run the same code everywhere) and return this process's :class:`World`."""
     global _created_group
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
@@ -102,8 +101,13 @@ def world() -> World:
     return World(rank, world_size, local_rank, local_world_size, device)
 
 
+def multi_rank() -> bool:
+    """Whether collectives have other ranks to talk to (skipped otherwise: one rank has nothing to exchange)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         dist.barrier()
 
 
@@ -111,20 +115,15 @@ def all_ok(ok: bool) -> bool:
     """True on every rank iff ``ok`` on every rank (a CPU all-reduce): every rank learns of a failure on one, instead
     of waiting at the next collective."""
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# FSDP2
 
 
 def build_mesh(strategy: str, w: World | None = None) -> DeviceMesh:
     """The data-parallel mesh of a strategy: 1-D ``("shard",)``, or 2-D ``("replicate", "shard")`` for the hybrid
     strategies on several nodes (``LOCAL_WORLD_SIZE`` ranks each) and for ``no_shard`` (shard = 1)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown sharding strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    assert strategy in SHARDING_STRATEGIES, strategy   # the config checks the user's value
     w = w or world()
     device_type = w.device.type
     if strategy == "no_shard":
@@ -186,11 +185,11 @@ def _forward_methods(model: nn.Module) -> list[str]:
 
 
 def apply_fsdp(model: nn.Module, strategy: str, mixed_precision: bool, device_mesh: DeviceMesh | None = None,
-               reshard_after_forward: bool = True, cpu_offload: bool = False) -> nn.Module:
+               cpu_offload: bool = False) -> nn.Module:
     """Shard ``model`` in place with FSDP2, each transformer block then the root; returns it. ``hybrid_zero2`` keeps
     gathered parameters until backward (more memory, less traffic)."""
     mesh = device_mesh if device_mesh is not None else build_mesh(strategy)
-    reshard = reshard_after_forward and strategy != "hybrid_zero2"
+    reshard = strategy != "hybrid_zero2"
     kwargs = dict(mesh=mesh, mp_policy=_policy(mixed_precision),
                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for block in transformer_blocks(model):
@@ -213,7 +212,7 @@ def shard_frozen(model: nn.Module, strategy: str = "full", mixed_precision: bool
     if getattr(model, "cache_size", 0) > 0 and mesh.size() > 1:
         model.cache_size = 0
         logger.info("%s: prompt cache off (sharded over %d ranks)", type(model).__name__, mesh.size())
-    return apply_fsdp(model, strategy, mixed_precision, mesh, reshard_after_forward=True, cpu_offload=cpu_offload)
+    return apply_fsdp(model, strategy, mixed_precision, mesh, cpu_offload=cpu_offload)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -1,9 +1,5 @@
-"""Exponential moving average of a (possibly FSDP2-sharded) network, kept shard-local on the network's device.
-
-Each rank keeps fp32 copies of its own shards (DTensor clones, so DCP saves them sharded and reloads them on any world
-size); an update is one ``torch._foreach_lerp_``: no all-gather, CPU copy or host sync (the reference copied every
-parameter to the CPU each step, training.md §8.4). Only the release export gathers.
-"""
+"""Exponential moving average of a (possibly FSDP2-sharded) network: fp32 DTensor clones of this rank's shards (DCP
+reshards them), updated by one ``torch._foreach_lerp_`` with no all-gather, CPU copy or host sync."""
 
 from __future__ import annotations
 
@@ -29,10 +25,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(canonical_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
-
-
 class ShardLocalEMA:
     """``shadow <- decay * shadow + (1 - decay) * param`` over ``module``'s trainable parameters; create it after
     ``fully_shard``, so that it holds the sharded parameters the optimizer updates."""
@@ -41,7 +33,7 @@ class ShardLocalEMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay
-        named = _trainable(module)
+        named = [(canonical_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
         self._params = [p for _, p in named]
         with torch.no_grad():
             self.shadow: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in named}

@@ -1,9 +1,5 @@
-"""User-facing errors.
-
-Anything a user can cause (a missing file, a misspelt config key, a checkpoint that does not fit) raises a
-:class:`UserError` with a one-line message that names the problem. Entry scripts catch it and print the line instead
-of a traceback; internal invariants stay ``assert``.
-"""
+"""User-facing errors: anything a user can cause raises a :class:`UserError` whose one-line message names the problem
+and the fix; entry scripts print that line instead of a traceback. Internal invariants stay ``assert``."""
 
 import os
 import shutil

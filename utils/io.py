@@ -1,9 +1,6 @@
-"""Atomic file writes, written once: a file is written under a temporary name in its folder and renamed (atomic within
-one filesystem) only when complete, so code that skips existing outputs never keeps a broken one.
-
-Temporaries are ``.tmp-<8 hex>-<final name>``: hidden, unique per writer, keeping the extension (ffmpeg picks the
-format from it). A killed writer leaves one behind: :func:`remove_stale_temps` deletes them, :func:`is_temp` spots them.
-"""
+"""Atomic file writes: a file is written as ``.tmp-<8 hex>-<final name>`` in its folder (hidden, unique per writer,
+extension kept for ffmpeg) and renamed only when complete, so code that skips existing outputs never keeps a broken
+one. :func:`remove_stale_temps` deletes what killed writers left."""
 
 from __future__ import annotations
 

@@ -3,9 +3,8 @@
 One environment directory holds named *arrays* row by row: key ``<array>_<i>_data`` (ASCII) -> the row's raw
 little-endian C-order bytes (``latents``, float16) or UTF-8 text (``prompts``); key ``<array>_shape`` -> decimal
 integers, row count first (``"N 6 21 16 60 104"`` for ODE trajectories, ``"N 1 21 16 60 104"`` for clean latents,
-``prompts_shape = "N"``). Unlike the reference writer, the shape keys come from the row shape itself (the reference
-took "the last file"'s, wrong when it was a skipped duplicate) and are written LAST, in their own transaction, so an
-interrupted build leaves a database :class:`LMDBReader` refuses.
+``prompts_shape = "N"``). The writer takes the shape keys from the rows (not "the last file"'s) and writes them LAST,
+so an interrupted build leaves a database :class:`LMDBReader` refuses.
 """
 
 from __future__ import annotations
@@ -246,9 +245,7 @@ class LMDBReader:
         return self._len
 
     def shape(self, array: str) -> tuple[int, ...]:
-        """Full shape of ``array``: ``(rows, *row_shape)``."""
-        if array not in self._shapes:
-            raise KeyError(f"array {array!r} not in {self.path} (has {list(self._shapes)})")
+        """Full shape of ``array`` (``LATENTS`` or ``PROMPTS``): ``(rows, *row_shape)``."""
         return self._shapes[array]
 
     def get(self, array: str, index: int):
@@ -307,22 +304,13 @@ class ShardedLMDBReader:
             reader.close()
 
 
-def list_shards(directory: str | os.PathLike) -> list[Path]:
-    """LMDB sub-directories of ``directory`` in natural name order (``x_2`` before ``x_10``)."""
-    subdirs = [p for p in Path(directory).iterdir() if p.is_dir() and is_lmdb_dir(p)]
-    return sorted(subdirs, key=lambda p: natural_key(p.name))
-
-
-def open_many(paths: str | os.PathLike | Sequence[str | os.PathLike]):
-    """One LMDB (an :class:`LMDBReader`), or a directory of shards (natural name order) or a list of them (a
-    :class:`ShardedLMDBReader`)."""
-    if isinstance(paths, (str, os.PathLike)):
-        if not os.path.isdir(paths):
-            raise DataError(f"LMDB not found: {paths}")
-        if is_lmdb_dir(paths):
-            return LMDBReader(paths)
-        shards = list_shards(paths)
-        if not shards:
-            raise DataError(f"no LMDB (data.mdb) in {paths} or its sub-directories")
-        paths = shards
-    return ShardedLMDBReader([LMDBReader(p) for p in paths])
+def open_many(path: str | os.PathLike) -> LMDBReader | ShardedLMDBReader:
+    """One LMDB, or a directory of LMDB shards read in natural name order (``x_2`` before ``x_10``)."""
+    if not os.path.isdir(path):
+        raise DataError(f"LMDB not found: {path}")
+    if is_lmdb_dir(path):
+        return LMDBReader(path)
+    shards = sorted((p for p in Path(path).iterdir() if is_lmdb_dir(p)), key=lambda p: natural_key(p.name))
+    if not shards:
+        raise DataError(f"no LMDB (data.mdb) in {path} or its sub-directories")
+    return ShardedLMDBReader([LMDBReader(p) for p in shards])

@@ -2,10 +2,8 @@
 
     python utils/merge_and_get_clean.py               # dataset/ODE6KCausal_chunkwise_<i> -> dataset/clean_data
 
-Each ODE row ``[S, F, C, H, W]`` keeps only its last slot (the ground-truth VAE latent), stored as ``[1, F, C, H, W]``
-float16 next to its prompt. Unlike the reference, nothing is deleted unless ``--delete_sources`` is given (the
-reference removed both the chunkwise and the framewise shards, forcing a second download for stage 2); with it, only
-the shards that were read are removed.
+Each ODE row ``[S, F, C, H, W]`` keeps its last slot (the ground truth) as ``[1, F, C, H, W]``. Nothing is deleted
+unless ``--delete_sources`` (the reference deleted every shard, forcing a second download for stage 2).
 """
 
 from __future__ import annotations

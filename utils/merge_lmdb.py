@@ -3,9 +3,8 @@
     python utils/merge_lmdb.py                        # dataset/ODE6KCausal_{framewise,chunkwise}_<i> -> ..._{...}
     python utils/merge_lmdb.py --data_dir dataset --names ODE6KCausal_chunkwise --delete_sources
 
-Rows are copied in shard order (shard index numerically, then row index). All shards must have the same arrays and
-row shapes. The shards are kept unless ``--delete_sources`` is given; they are deleted only after the merged database
-was written completely and its row count checked.
+Rows are copied in shard order (shard index numerically, then row index); all shards must have the same row shapes.
+``--delete_sources`` deletes the shards once the merged database is complete and its row count checked.
 """
 
 from __future__ import annotations

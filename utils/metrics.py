@@ -1,13 +1,5 @@
-"""One metrics path: accumulate detached tensors between log steps, reduce them once, write them everywhere.
-
-* :class:`MetricAccumulator` sums detached scalars on the device between log steps and notes the first step whose loss
-  was not finite, with device-side ops only. :meth:`MetricAccumulator.reduce` is the one host sync per log step: one
-  all-reduce across ranks, one ``.tolist()``. A non-finite loss raises :class:`NonFiniteLossError` on all ranks at once.
-* :class:`MetricsLogger` writes a console line (``logging``) and a JSON line to ``<logdir>/metrics.jsonl`` on rank 0,
-  plus Weights & Biases when the config asks for it (imported lazily; the key comes from ``WANDB_API_KEY``).
-* ``python -m utils.metrics plot LOGDIR [--out FILE]`` draws the losses of ``metrics.jsonl`` as a PNG
-  (``LOGDIR/losses.png``; needs the ``plot`` extra, matplotlib).
-"""
+"""One metrics path: :class:`MetricAccumulator` sums detached scalars on the device (no host sync) and reduces them
+across ranks once per log step; :class:`MetricsLogger` writes them to the console, ``metrics.jsonl`` and W&B."""
 
 from __future__ import annotations
 
@@ -22,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from utils.config import Config, config_to_dict
-from utils.errors import ConfigError, DataError, UserError, one_line
+from utils.distributed import multi_rank
+from utils.errors import ConfigError, UserError, one_line
 from utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -62,21 +55,25 @@ class MetricAccumulator:
     def pending(self) -> bool:
         return bool(self._sums)
 
+    def _first_bad_step(self) -> int:
+        """The first step with a non-finite checked value on any rank, or ``_NONE`` (collective; a host sync)."""
+        first_bad = torch.where(self._first_bad < 0, _NONE, self._first_bad)
+        if multi_rank():
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        return int(first_bad.item())
+
     def reduce(self) -> dict[str, float]:
         """Means over the adds since the last call, averaged over ranks; resets. Raises NonFiniteLossError.
-
-        Collective (every rank must call it at the same step) and a host sync."""
+        Collective (every rank must call it at the same step) and the host sync of a log step."""
         names = sorted(self._sums)
         means = [self._sums[n] / self._counts[n] for n in names]
-        first_bad = torch.where(self._first_bad < 0, _NONE, self._first_bad)
         flags = [self._bad[n].float() if n in self._bad else torch.zeros((), device=self.device) for n in names]
         packed = torch.stack(means + flags) if names else torch.zeros(0, device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_rank():
             dist.all_reduce(packed)  # SUM: gloo has no AVG
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
             packed[: len(names)] /= dist.get_world_size()
-        values = packed.tolist()  # the one host sync of a log step
-        bad_step = int(first_bad.item())
+        values = packed.tolist()
+        bad_step = self._first_bad_step()
         self._reset()
         if bad_step != _NONE:
             bad = [n for n, flag in zip(names, values[len(names):]) if flag > 0]
@@ -87,33 +84,16 @@ class MetricAccumulator:
         return dict(zip(names, values[: len(names)]))
 
     def check_finite(self) -> None:
-        """Raise NonFiniteLossError if a checked loss was non-finite since the last reduce (collective; a host sync).
-        Called before saving so a diverged model is never checkpointed."""
-        first_bad = self._first_bad.clone()
-        first_bad = torch.where(first_bad < 0, _NONE, first_bad)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-        if int(first_bad.item()) != _NONE:
+        """Raise NonFiniteLossError if a checked loss was non-finite since the last reduce (collective; a host sync),
+        so that a diverged model is never checkpointed."""
+        if self._first_bad_step() != _NONE:
             self.reduce()  # raises with the names and values
 
 
-def format_metrics(metrics: dict[str, float], step: int) -> str:
-    parts = [f"step {step}"]
-    for name, value in metrics.items():
-        parts.append(f"{name} {value:.4g}" if isinstance(value, float) and math.isfinite(value) else f"{name} {value}")
-    return " | ".join(parts)
-
-
 class MetricsLogger:
-    """``log(metrics, step)`` / ``close()``: console + ``metrics.jsonl`` (+ W&B), on the main rank only.
-
-    Args:
-        logdir: folder of ``metrics.jsonl`` (none written when empty).
-        enabled: False on non-main ranks (every call is then a no-op).
-        wandb_init: keyword arguments of ``wandb.init`` when W&B is on, else None.
-        start_step: the step the run starts from; rows of later steps (written before a kill, redone now) are
-            removed from ``metrics.jsonl`` so that every step has one row.
-    """
+    """Console + ``<logdir>/metrics.jsonl`` (none when ``logdir`` is empty) + W&B (``wandb_init``: the arguments of
+    ``wandb.init``, None = off); every call is a no-op unless ``enabled`` (the main rank). Rows after ``start_step``
+    (written before a kill, redone now) are dropped, so that every step has one row."""
 
     def __init__(self, logdir: str, enabled: bool = True, wandb_init: Optional[dict[str, Any]] = None,
                  start_step: int = 0):
@@ -138,7 +118,9 @@ class MetricsLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        logger.info(format_metrics(metrics, step))
+        shown = [f"{k} {v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k} {v}"
+                 for k, v in metrics.items()]
+        logger.info(" | ".join([f"step {step}", *shown]))
         if self._file is not None:
             try:
                 self._file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -197,58 +179,3 @@ def build_metrics_logger(cfg: Config, is_main: bool, start_step: int = 0) -> Met
                           config=config_to_dict(cfg))
     return MetricsLogger(cfg.logdir, enabled=is_main, wandb_init=wandb_init, start_step=start_step)
 
-
-def plot_losses(logdir: str, out: Optional[str] = None) -> str:
-    """Every ``*_loss`` column of ``<logdir>/metrics.jsonl`` against the step, one panel each (their scales differ),
-    as a PNG at ``out`` (default ``<logdir>/losses.png``); returns its path."""
-    path = os.path.join(logdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise DataError(f"{path} not found: pass a training logdir (train.py --logdir)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:   # a line cut short by a kill
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    names = sorted({key for row in rows for key in row if key.endswith("_loss")})
-    if not names:
-        raise DataError(f"{path}: no *_loss values to plot")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")   # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install -e '.[plot]'") from None
-    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True, squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        points = [(row["step"], row[name]) for row in rows if isinstance(row.get(name), (int, float))]
-        ax.plot(*zip(*points), linewidth=1)
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("step")
-    fig.suptitle(os.path.basename(os.path.normpath(logdir)))
-    fig.tight_layout()
-    out = out or os.path.join(logdir, "losses.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m utils.metrics", description="Training metrics tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    plot = commands.add_parser("plot", help="draw the losses of LOGDIR/metrics.jsonl as a PNG")
-    plot.add_argument("logdir")
-    plot.add_argument("--out", help="PNG file (default: LOGDIR/losses.png)")
-    args = parser.parse_args()
-    try:
-        sys.stdout.write(plot_losses(args.logdir, args.out) + "\n")
-    except UserError as err:
-        sys.exit(f"error: {err}")

@@ -1,10 +1,5 @@
-"""The repository's own files (shipped configs, toy model, prompts), found whatever the working directory.
-
-A relative path keeps its published meaning, relative to the working directory. Only when nothing exists there and
-the repository holds a file or folder of that relative name is the repository's taken (logged once per path), so
-``python /path/to/repo/inference.py --config_path configs/toy/causal_forcing_dmd_chunkwise.yaml`` works from any
-folder, and so do the ``assets/toy/...`` paths inside the shipped configs.
-"""
+"""The repository's own files (shipped configs, toy model, prompts), found whatever the working directory: a relative
+path that exists nowhere else falls back to the repository's file of that name (logged once per path)."""
 
 from __future__ import annotations
 
@@ -35,15 +30,10 @@ def _announce(path: str, found: str) -> str:
     return found
 
 
-def is_shipped_config(path: str | Path) -> bool:
-    """True for a YAML inside this repository's ``configs/`` folder."""
-    return Path(path).resolve().is_relative_to(CONFIGS_DIR)
-
-
 def resolve_shipped_paths(node, config_path: str | Path) -> None:
     """In a YAML of the repository's ``configs/`` (a mapping ``node``), apply :func:`in_repository` to the
     :data:`PATH_KEYS` it sets; users' own YAMLs keep their paths as written."""
-    if is_shipped_config(config_path):
+    if Path(config_path).resolve().is_relative_to(CONFIGS_DIR):
         for key in PATH_KEYS:
             if isinstance(node.get(key), str):
                 node[key] = in_repository(node[key])

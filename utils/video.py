@@ -80,13 +80,11 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
 
 class Mp4StreamWriter:
     """Append frames chunk by chunk (one frame size) to an mp4 that appears atomically at :meth:`close`; an exception
-    in the ``with`` block, or :meth:`abort`, leaves no file. ``value_range``, ``layout``: see :func:`to_uint8_frames`;
-    ``quality``: imageio's 1..10 (None: libx264's CRF 23)."""
+    in the ``with`` block, or :meth:`abort`, leaves no file (``value_range``, ``layout``: :func:`to_uint8_frames`)."""
 
-    def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS, value_range=None, layout: str = "THWC",
-                 quality: float | None = None):
+    def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS, value_range=None, layout: str = "THWC"):
         self.path = os.fspath(path)
-        self.fps, self.value_range, self.layout, self.quality = fps, value_range, layout, quality
+        self.fps, self.value_range, self.layout = fps, value_range, layout
         self.num_frames = 0
         self._size: tuple[int, int] | None = None
         self._writer = None
@@ -110,12 +108,13 @@ class Mp4StreamWriter:
         if self._writer is None:
             imageio = imageio_v2()
             # ffmpeg picks the container from the temporary name's extension (the final name's). Its own error lines
-            # are silenced: close() checks what it wrote and reports a failure in one line.
+            # are silenced: close() checks what it wrote and reports a failure in one line. quality=None: libx264's
+            # own default (CRF 23), not imageio's quality 5.
             self._target = AtomicPath(self.path)
             self._size = frames.shape[1:3]
             self._writer = imageio.get_writer(
                 str(self._target.tmp), format="FFMPEG", mode="I", fps=self.fps, codec="libx264", pixelformat="yuv420p",
-                quality=self.quality, macro_block_size=1, ffmpeg_log_level="fatal")
+                quality=None, macro_block_size=1, ffmpeg_log_level="fatal")
         elif frames.shape[1:3] != self._size:
             raise ValueError(f"frame size {frames.shape[1:3]} differs from the first frames' {self._size}")
         try:
@@ -164,10 +163,9 @@ class Mp4StreamWriter:
             self._target = None
 
 
-def write_mp4(path: str | os.PathLike, frames, fps: float = DEFAULT_FPS, value_range=None, layout: str = "THWC",
-              quality: float | None = None) -> None:
+def write_mp4(path: str | os.PathLike, frames, fps: float = DEFAULT_FPS, value_range=None, layout: str = "THWC"):
     """Write ``frames`` (uint8 ``[T, H, W, 3]``, or float with ``value_range``) to ``path`` atomically."""
-    with Mp4StreamWriter(path, fps=fps, value_range=value_range, layout=layout, quality=quality) as writer:
+    with Mp4StreamWriter(path, fps=fps, value_range=value_range, layout=layout) as writer:
         writer.append(frames)
 
 
@@ -190,56 +188,34 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
     return np.stack(frames)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Output names
-
 _RESERVED_CHARS = set('<>:"/\\|?*')  # path separators plus the characters Windows forbids in names
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
-_MAX_NAME_BYTES = 200  # filesystems cap names at 255 bytes; leave room for index, dedup suffix and extension
-_FALLBACK = "prompt"
-
-
-def _trim(name: str) -> str:
-    # Leading dots would hide the file (or make ".."), a leading "-" reads as an option on command lines;
-    # Windows drops trailing dots and spaces.
-    return name.lstrip(" .-").rstrip(" .")
+_MAX_NAME_BYTES = 200  # filesystems cap names at 255 bytes; leave room for suffixes and the extension
 
 
 def _cut(name: str, max_chars: int) -> str:
     name = name[:max(max_chars, 0)]
     while len(name.encode("utf-8")) > _MAX_NAME_BYTES:
         name = name[:-1]
-    return _trim(name)
+    # Leading dots would hide the file (or make ".."), a leading "-" reads as an option on command lines;
+    # Windows drops trailing dots and spaces.
+    return name.lstrip(" .-").rstrip(" .")
 
 
-def safe_output_name(prompt: str, index: int | None = None, used: set | None = None, max_len: int = 100) -> str:
-    """A file-name stem for ``prompt``, safe on Linux, macOS and Windows, the same on every run:
-
-    1. NFKC normalisation; ``/ \\ < > : " | ? *`` become ``_``, control, format and separator characters a space.
-    2. Cut to ``max_len`` characters (at most 200 UTF-8 bytes), leading ``" .-"`` and trailing ``" ."`` stripped;
-       empty becomes ``"prompt"``, a Windows device name (``CON``, ``COM1`` ...) gets a leading ``_``.
-    3. ``index`` prefixes ``f"{index:05d}_"``; with ``used`` (casefolded stems taken, updated) a clash gets ``_1``,
-       ``_2``, ... within ``max_len``.
-
-    A plain prompt maps to ``prompt[:max_len]``, as in the reference.
-    """
-    text = unicodedata.normalize("NFKC", prompt or "")
-    chars = []
-    for ch in text:
-        if ch in _RESERVED_CHARS:
-            chars.append("_")
-        elif unicodedata.category(ch)[0] in "CZ":
-            chars.append(" ")
-        else:
-            chars.append(ch)
-    base = "".join(chars)
-    prefix = "" if index is None else f"{index:05d}_"
+def safe_output_name(prompt: str, used: set | None = None, max_len: int = 100) -> str:
+    """A file-name stem for ``prompt``, safe on Linux, macOS and Windows and the same on every run (a plain prompt
+    gives ``prompt[:max_len]``, as in the reference): NFKC-normalised; ``/ \\ < > : " | ? *`` become ``_``, control,
+    format and separator characters a space; cut to ``max_len`` characters and 200 UTF-8 bytes; empty becomes
+    ``"prompt"``, a Windows device name gets a leading ``_``. With ``used`` (casefolded stems taken, updated) a clash
+    gets ``_1``, ``_2``, ... within ``max_len``."""
+    base = "".join("_" if ch in _RESERVED_CHARS else " " if unicodedata.category(ch)[0] in "CZ" else ch
+                   for ch in unicodedata.normalize("NFKC", prompt or ""))
 
     def build(suffix: str) -> str:
-        stem = _cut(base, max_len - len(suffix)) or _FALLBACK
+        stem = _cut(base, max_len - len(suffix)) or "prompt"
         if stem.split(".")[0].strip().upper() in _WINDOWS_DEVICES:
             stem = "_" + stem
-        return prefix + stem + suffix
+        return stem + suffix
 
     name, count = build(""), 0
     if used is not None:

@@ -1,4 +1,4 @@
-"""``python -m utils.config [CONFIG] [key=value ...]``: print a resolved config, or every default with its doc."""
+"""``python -m app.config [CONFIG] [key=value ...]``: print a resolved config, or every default with its doc."""
 
 import dataclasses
 import sys
@@ -7,7 +7,7 @@ from typing import List, Optional
 import yaml
 
 from utils.config import COPIES, Config, config_to_yaml, load_config
-from utils.config_compat import describe_compat
+from utils.config_compat import COMPAT_KEYS, SECRET_KEYS
 from utils.errors import ConfigError
 
 
@@ -35,10 +35,21 @@ def describe_defaults() -> str:
     return "\n".join(lines + describe_compat()) + "\n"
 
 
+def describe_compat() -> List[str]:
+    """One comment line per compatibility key."""
+    lines = ["# Accepted for published YAMLs, with no effect (utils/config_compat.py):"]
+    for key, (allowed, why) in COMPAT_KEYS.items():
+        only = f" (only {', '.join(map(repr, allowed))})" if allowed is not None else ""
+        lines.append(f"#   {key}{only}: {why}")
+    lines.append(f"# Ignored with a warning (export the variable instead): "
+                 f"{', '.join(f'{k} -> {v}' for k, v in SECRET_KEYS.items())}")
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        sys.stdout.write("usage: python -m utils.config [CONFIG.yaml [key=value ...]]\n")
+        sys.stdout.write("usage: python -m app.config [CONFIG.yaml [key=value ...]]\n")
         return 0
     try:
         text = _resolved(argv[0], argv[1:]) if argv else describe_defaults()
