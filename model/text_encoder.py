@@ -1,13 +1,6 @@
-"""UMT5-XXL text encoder (the encoder half of google/umt5-xxl), as used by Wan2.1.
-
-The network is ``transformers.UMT5EncoderModel``; this file adds what Wan does around it:
-
-1. key conversion between Wan's own T5 checkpoint naming (``models_t5_umt5-xxl-enc-bf16.pth``) and HF naming,
-2. the prompt cleaning of Wan's tokenizer wrapper (ftfy + HTML unescape + whitespace collapse),
-3. tokenisation to a fixed ``text_len`` and zeroing of the output rows at padded positions,
-4. loading from a Wan weights folder or a transformers/diffusers folder, and device helpers for small GPUs.
-
-Spec: model_and_inference.md §6.2 (encoder), §7.3 (key mapping).
+"""UMT5-XXL text encoder of Wan2.1 over ``transformers.UMT5EncoderModel``: Wan <-> HF key conversion, Wan's prompt
+cleaning, a fixed ``text_len`` with padded rows zeroed, loading from a Wan or transformers/diffusers folder
+(model_and_inference.md §6.2, §7.3).
 """
 
 from __future__ import annotations
@@ -52,11 +45,6 @@ UMT5_XXL = dict(
     relative_attention_num_buckets=32, relative_attention_max_distance=128,
 )
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# 1. Key conversion and config
-# ---------------------------------------------------------------------------------------------------------------
-
 def _num_wan_layers(state_dict: dict) -> int:
     indices = [int(m.group(1)) for k in state_dict if (m := _WAN_BLOCK_RE.match(k))]
     return max(indices) + 1 if indices else 0
@@ -79,11 +67,8 @@ def check_wan_t5_keys(state_dict: dict, source: str = "checkpoint") -> None:
 
 
 def convert_wan_t5_to_hf(state_dict: dict) -> dict:
-    """Rename a Wan T5 encoder state dict to ``UMT5EncoderModel`` keys (tensors are shared, not copied).
-
-    ``token_embedding.weight`` becomes both ``shared.weight`` and ``encoder.embed_tokens.weight`` (the same tensor;
-    HF ties them). Raises CheckpointError on keys that are not part of a Wan T5 encoder.
-    """
+    """Wan T5 encoder keys -> ``UMT5EncoderModel`` keys (tensors shared); ``token_embedding.weight`` becomes both of
+    HF's tied ``shared.weight`` and ``encoder.embed_tokens.weight``."""
     out, unknown = {}, []
     for key, value in state_dict.items():
         if key == "token_embedding.weight":
@@ -101,16 +86,14 @@ def convert_wan_t5_to_hf(state_dict: dict) -> dict:
 
 
 def convert_hf_t5_to_wan(state_dict: dict) -> dict:
-    """Rename a ``UMT5EncoderModel`` state dict to Wan T5 keys (inverse of :func:`convert_wan_t5_to_hf`).
-
-    The embedding is taken from ``shared.weight`` (or ``encoder.embed_tokens.weight`` if only that is present); if
-    both are present they must be equal, since Wan has one embedding.
-    """
+    """Inverse of :func:`convert_wan_t5_to_hf`; Wan's one embedding is HF's tied ``shared.weight``."""
     out, unknown = {}, []
     for key, value in state_dict.items():
-        if key in ("shared.weight", "encoder.embed_tokens.weight"):
+        if key == "shared.weight":
+            out["token_embedding.weight"] = value
+        elif key == "encoder.embed_tokens.weight":
             continue
-        if key == "encoder.final_layer_norm.weight":
+        elif key == "encoder.final_layer_norm.weight":
             out["norm.weight"] = value
         elif (m := _HF_BLOCK_RE.match(key)) and m.group(2) in _BLOCK_HF_TO_WAN:
             out[f"blocks.{m.group(1)}.{_BLOCK_HF_TO_WAN[m.group(2)]}"] = value
@@ -119,22 +102,12 @@ def convert_hf_t5_to_wan(state_dict: dict) -> dict:
     if unknown:
         raise CheckpointError(f"HF UMT5 encoder state dict with keys of no Wan T5 parameter: "
                               f"{key_mismatch(unexpected=unknown)}")
-    shared, embed = state_dict.get("shared.weight"), state_dict.get("encoder.embed_tokens.weight")
-    if shared is not None and embed is not None and shared.data_ptr() != embed.data_ptr():
-        if not torch.equal(shared, embed):
-            raise CheckpointError("shared.weight and encoder.embed_tokens.weight differ; Wan T5 has one embedding")
-    embedding = shared if shared is not None else embed
-    if embedding is not None:
-        out["token_embedding.weight"] = embedding
     return out
 
 
 def umt5_config(**overrides):
-    """A ``UMT5Config`` for the Wan text encoder: UMT5-XXL sizes unless overridden.
-
-    Gated-GELU (tanh) FFN, per-layer relative position bias, eps 1e-6. Dropout is 0 (Wan's 0.1 is inactive in eval
-    and the encoder is frozen, so a stray ``.train()`` must not change its output).
-    """
+    """A ``UMT5Config`` for the Wan text encoder (gated tanh-GELU FFN, eps 1e-6): UMT5-XXL sizes unless overridden.
+    Dropout 0: Wan's 0.1 is inactive in eval, and a stray ``.train()`` must not change a frozen encoder's output."""
     from transformers import UMT5Config
 
     kwargs = dict(UMT5_XXL, feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6)
@@ -142,13 +115,10 @@ def umt5_config(**overrides):
     return UMT5Config(**kwargs)
 
 
-def umt5_config_from_wan_state_dict(state_dict: dict):
-    """Infer the ``UMT5Config`` from the shapes of a Wan T5 encoder state dict (works for tiny test models too).
-
-    Shapes: token_embedding [vocab, d_model], attn.q [heads*d_kv, d_model], ffn.fc1 [d_ff, d_model],
-    pos_embedding [buckets, heads]. The maximum relative distance is not stored; Wan uses 128.
-    """
-    check_wan_t5_keys(state_dict)
+def umt5_config_from_wan_state_dict(state_dict: dict, source: str = "checkpoint"):
+    """The ``UMT5Config`` read from a (strictly checked) Wan T5 state dict's shapes; the maximum relative distance
+    is not stored (Wan: 128)."""
+    check_wan_t5_keys(state_dict, source)
     vocab_size, d_model = state_dict["token_embedding.weight"].shape
     num_buckets, num_heads = state_dict["blocks.0.pos_embedding.embedding.weight"].shape
     inner_dim = state_dict["blocks.0.attn.q.weight"].shape[0]
@@ -160,11 +130,6 @@ def umt5_config_from_wan_state_dict(state_dict: dict):
         relative_attention_num_buckets=num_buckets,
     )
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# 2. Prompt cleaning
-# ---------------------------------------------------------------------------------------------------------------
-
 def clean_prompt(text: str) -> str:
     """Wan's ``clean='whitespace'``: repair mojibake (ftfy), unescape HTML twice, collapse whitespace, strip."""
     import ftfy  # Wan's cleaning depends on it; imported here so the rest of the module works without it
@@ -172,11 +137,6 @@ def clean_prompt(text: str) -> str:
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     return re.sub(r"\s+", " ", text).strip()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 3. Loading helpers
-# ---------------------------------------------------------------------------------------------------------------
 
 def _has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in WAN_TOKENIZER_FILES)
@@ -206,14 +166,10 @@ def _load_wan_state_dict(path: Path) -> dict:
 
 
 def umt5_from_wan_state_dict(state_dict: dict, dtype: torch.dtype = torch.bfloat16, source: str = "checkpoint"):
-    """Build a ``UMT5EncoderModel`` from a Wan T5 encoder state dict, with a strict key check.
-
-    The model is created on the meta device and the checkpoint tensors are assigned (no random init, no copy).
-    """
+    """A ``UMT5EncoderModel`` built on ``meta`` that takes the checkpoint's tensors (no random init, no copy)."""
     from transformers import UMT5EncoderModel
 
-    check_wan_t5_keys(state_dict, source)
-    config = umt5_config_from_wan_state_dict(state_dict)
+    config = umt5_config_from_wan_state_dict(state_dict, source)
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     hf_state_dict = convert_wan_t5_to_hf(state_dict)
@@ -257,22 +213,14 @@ def _find_tokenizer(weights: Path, explicit: str | Path | None) -> Path:
         "pass tokenizer_path"
     )
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# 4. The encoder module
-# ---------------------------------------------------------------------------------------------------------------
-
 class TextEncoder(nn.Module):
     """Frozen UMT5 encoder + tokenizer: prompts -> ``[B, text_len, d_model]`` with padded rows set to zero.
 
     Args:
-        encoder: a ``transformers.UMT5EncoderModel``; frozen and put in eval mode here.
-        tokenizer: the matching tokenizer (google/umt5-xxl for Wan).
-        text_len: fixed token length; prompts are padded/truncated to it (512 for Wan, incl. the EOS token).
-        output_device: where :meth:`encode` returns its result; ``None`` = where the encoder runs. Lets the encoder
-            stay on the CPU while the DiT consumes embeddings on the GPU.
-        cache_size: number of (prompt -> embedding) pairs kept, least recently used dropped; 0 disables. Saves
-            re-encoding the same negative prompt or a repeated prompt.
+        text_len: prompts are padded/truncated to it (512 for Wan, EOS included).
+        output_device: where :meth:`encode` returns its result (None: where the encoder runs), so the encoder may
+            stay on the CPU beside a DiT on the GPU.
+        cache_size: (prompt -> embedding) pairs kept, least recently used dropped; 0 disables.
     """
 
     def __init__(self, encoder: nn.Module, tokenizer, text_len: int = 512,
@@ -327,10 +275,7 @@ class TextEncoder(nn.Module):
         return hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Embed prompts: ``[B, text_len, d_model]`` in the encoder dtype, on ``output_device`` (or :attr:`device`).
-
-        Runs without gradients (the encoder is frozen); the result may be used as input to a trained network.
-        """
+        """``[B, text_len, d_model]`` in the encoder dtype on ``output_device`` (or :attr:`device`), no gradients."""
         if isinstance(prompts, str):
             prompts = [prompts]
         out_device = self.output_device or self.device
@@ -356,29 +301,6 @@ class TextEncoder(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    # -- memory helpers for small GPUs ---------------------------------------------------------------------------
-
-    def offload(self) -> None:
-        """Move the encoder weights to the CPU and release cached CUDA memory."""
-        self.encoder.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    @contextlib.contextmanager
-    def on_device(self, device: torch.device | str) -> Iterator["TextEncoder"]:
-        """Move the whole encoder to ``device`` for the block, then back where it was (CUDA cache released).
-
-        Costs one host-to-device copy of the weights (~11 GB in bf16 for UMT5-XXL) per use.
-        """
-        previous = next(self.encoder.parameters()).device
-        self.encoder.to(device)
-        try:
-            yield self
-        finally:
-            self.encoder.to(previous)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
     @contextlib.contextmanager
     def streamed(self, device: torch.device | str) -> Iterator["TextEncoder"]:
         """Keep weights where they are (CPU) and copy each layer to ``device`` only while it runs.
@@ -401,23 +323,14 @@ class TextEncoder(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    # -- loading -------------------------------------------------------------------------------------------------
-
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer_path: str | Path | None = None,
                         dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                         text_len: int = 512, output_device: torch.device | str | None = None,
                         cache_size: int = 8) -> "TextEncoder":
-        """Load from a Wan weights folder / ``.pth`` file, or a transformers/diffusers folder.
-
-        * Wan: ``<folder>/models_t5_umt5-xxl-enc-bf16.pth`` (or that file itself), tokenizer in
-          ``<folder>/google/umt5-xxl``.
-        * transformers: a folder with ``config.json`` + safetensors (e.g. a diffusers pipeline's ``text_encoder/``,
-          tokenizer from its sibling ``tokenizer/``); a diffusers pipeline root with ``text_encoder/`` also works.
-
-        Keys are checked strictly; a mismatch raises CheckpointError naming the missing/unexpected keys. The weights
-        end up in ``dtype`` on ``device`` (bf16 is lossless for Wan's bf16 file).
-        """
+        """Load, keys checked strictly, from a Wan folder (``models_t5_umt5-xxl-enc-bf16.pth``, tokenizer in
+        ``google/umt5-xxl``) or that file, or a transformers folder (``config.json`` + safetensors: a diffusers
+        pipeline's ``text_encoder/`` with its sibling ``tokenizer/``, or the pipeline root)."""
         path = Path(path)
         if path.is_dir() and not (path / WAN_T5_FILENAME).is_file() and not (path / "config.json").is_file() \
                 and (path / "text_encoder" / "config.json").is_file():

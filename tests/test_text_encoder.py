@@ -155,18 +155,14 @@ def test_cache_skips_repeated_prompts(wan_folder, hf_model):
 
 
 def test_device_helpers_keep_results(encoder):
-    """CPU-only smoke test of streamed/on_device/offload; the real device moves are tested on GPU below."""
+    """CPU-only smoke test of streamed; the real device moves are tested on GPU below."""
     encoder.clear_cache()
     expected = encoder.encode(PROMPTS)
     encoder.clear_cache()
     with encoder.streamed("cpu"):
         assert encoder.device == torch.device("cpu")
         streamed = encoder.encode(PROMPTS)
-    encoder.clear_cache()
-    with encoder.on_device("cpu"):
-        moved = encoder.encode(PROMPTS)
-    encoder.offload()
-    assert torch.equal(streamed, expected) and torch.equal(moved, expected)
+    assert torch.equal(streamed, expected)
     assert all(not hasattr(m, "_host_tensors") for m in encoder.modules())
 
 
@@ -235,11 +231,6 @@ def test_cpu_encoder_gpu_output_and_streaming(wan_folder, hf_model, encoder):
         streamed = cpu_to_gpu.encode(PROMPTS)
     assert next(cpu_to_gpu.encoder.parameters()).device.type == "cpu"  # weights never left the host
     assert torch.allclose(streamed.cpu(), expected, atol=1e-5, rtol=0)  # GPU kernels: fp32 rounding only
-    cpu_to_gpu.clear_cache()
-    with cpu_to_gpu.on_device("cuda"):
-        moved = cpu_to_gpu.encode(PROMPTS)
-    assert next(cpu_to_gpu.encoder.parameters()).device.type == "cpu"
-    assert torch.allclose(moved.cpu(), expected, atol=1e-5, rtol=0)
 
 
 def test_text_encoder_goes_to_the_gpu_only_when_it_fits_beside_a_video(monkeypatch, wan_folder, hf_model):
