@@ -1,35 +1,19 @@
-"""Preallocated key/value cache for streaming generation (model_and_inference.md §5), and the attention of one
-cached call against it.
+"""Preallocated key/value cache for streaming generation (model_and_inference.md §5) and the attention of one
+cached call against it: self-attention K/V of every layer (keys already rotated) and the prompt's cross-attention K/V.
 
-One object per model and prompt: self-attention K/V of every layer (keys already rotated) and the cross-attention
-K/V of the prompt.
+**Slots.** Frame ``f`` lives in slot ``f`` while ``f < sink`` and in slot ``sink + (f - sink) mod (capacity - sink)``
+after that: a ring over the non-sink slots, the reference's shift-left eviction without moving memory.
 
-**Slots.** Slots are frames. With a window of ``capacity`` frames of which the first ``sink`` are permanent, frame
-``f`` lives in slot ``f`` while ``f < sink`` and in slot ``sink + (f - sink) mod (capacity - sink)`` after that: a
-ring over the non-sink slots. Before the ring wraps this is slot ``f``, so a cache that holds the whole video is a
-plain array. After writing a block that ends at frame ``e`` the cache holds the sink frames plus the
-``capacity - sink`` frames ending at ``e`` -- the reference's shift-left eviction, without moving any memory.
+**Positions.** Frame ``f`` is rotated at position ``f - origin``. When a call would pass the RoPE table the cache
+*re-bases*: RoPE is relative, so rotating the ring's keys back by ``delta`` frames and adding ``delta`` to ``origin``
+changes no attention output, and a stream of any length keeps its positions below ``capacity + call length``.
 
-**Positions.** Frame ``f`` is rotated at rotary position ``f - origin``. RoPE is relative (rotating a query and all
-its keys by the same offset leaves every score unchanged), so when a call would pass the RoPE table
-(``rope.max_positions``, 1,024 frames) the cache *re-bases*: it rotates the ring's keys back by ``delta`` frames
-(:meth:`RotaryTables.frame_rotation`) and adds ``delta`` to ``origin``, so that the oldest ring frame sits right
-after the sink again. Attention outputs are unchanged and every position stays below ``capacity + call length``:
-a stream of any length runs with the same memory and the same per-block work (one rotation of the ring per
-``max_positions - capacity`` frames).
+**Sink frames** are kept as written (``sink_k``) and rotated to sit just before the oldest other frame a call
+attends to, so a call always sees the geometry of one contiguous clip no longer than the window (as the published
+Rolling Forcing code keeps its anchor block).
 
-**Sink frames** are placed immediately before the oldest other frame a call attends to, so what a call sees always
-has the geometry of one contiguous clip no longer than the window, the geometry the model was trained on. (Under
-absolute positions their distance to new frames would grow without bound; the published Rolling Forcing code keeps
-its anchor block the same way.) Their keys are kept as written (at rotary positions ``0..sink-1``, in
-``sink_k``) and rotated into place: into their slots for the prefix path, or into the key list of a gathering call.
-Before the ring wraps this is their own position, so nothing changes for a window that never slides.
-
-**Views.** What a call attends to besides its own frames is a :class:`CacheView`: everything the cache holds (the
-default; each call writes its K/V first and attends to a prefix of the buffer, no copy), or at most ``span`` frames,
-with or without the sink, and with or without writing its own K/V (Rolling Forcing's windows attend to the clean
-cache without entering it). Every position here is a Python integer derived from the block schedule, so the per-block
-step never reads the GPU.
+**Views.** A :class:`CacheView` says what a call attends to besides its own frames. Positions are Python integers
+from the block schedule, so the per-block step never reads the GPU.
 """
 
 from __future__ import annotations
@@ -44,10 +28,9 @@ from model.rope import RotaryTables, apply_rope
 
 
 class CacheMode(str, Enum):
-    """How a cached call runs, named by the caller (never guessed from autograd); same values.
-    ``INFERENCE`` (no autograd): attention over views of the cache, the prompt's cross-attention K/V cached once.
-    ``ROLLOUT`` (a step that keeps gradients): earlier frames' K/V copied out of the cache next to the block's own,
-    the cross-attention K/V recomputed so gradients reach them."""
+    """How a cached call runs, named by the caller; same values. ``INFERENCE`` (no autograd): attention over views of
+    the cache, the prompt's cross K/V cached. ``ROLLOUT`` (keeps gradients): earlier frames' K/V copied out next to
+    the block's own, the cross K/V recomputed so gradients reach them."""
 
     INFERENCE = "inference"
     ROLLOUT = "rollout"
@@ -55,13 +38,9 @@ class CacheMode(str, Enum):
 
 @dataclass(frozen=True)
 class CacheView:
-    """What one cached call attends to, and whether it stores its own K/V.
-
-    ``span``: frames attended in all -- the sink (when attended), earlier frames and the call's own frames; None:
-    everything the cache holds. ``sink``: attend the sink frames, placed just before the oldest other frame attended;
-    without it, sink frames are ordinary history at their own positions (when the span reaches back to them).
-    ``write``: store the call's K/V, so later calls see its frames.
-    """
+    """What one cached call attends to: ``span`` frames in all, sink and own frames included (None: everything
+    cached); ``sink``: the sink frames placed just before the oldest other frame (without it they are ordinary
+    history); ``write``: store the call's K/V for later calls."""
 
     span: int | None = None
     sink: bool = True
@@ -114,9 +93,6 @@ class KVCache:
         return cls(cfg.num_layers, batch_size, cfg.tokens_per_frame(height, width), cfg.num_heads, cfg.head_dim,
                    capacity_frames, sink_frames, cfg.text_len, dtype or p.dtype, device or p.device, model.rope)
 
-    # ----------------------------------------------------------------------------------------------------------
-    # bookkeeping (Python integers only)
-
     def reset(self, keep_cross: bool = False) -> None:
         """Forget every frame (buffers are reused; stale values are never read)."""
         self.frames_written = 0
@@ -165,13 +141,6 @@ class KVCache:
     def slot(self, frame: int) -> int:
         return frame if frame < self.sink else self.sink + (frame - self.sink) % self.ring
 
-    def check_block(self, start_frame: int, num_frames: int, write: bool = True) -> None:
-        if write and num_frames > self.ring:   # a call that is not stored may be longer than the ring
-            raise ValueError(f"a block of {num_frames} frames does not fit a cache window of {self.capacity} "
-                             f"frames with {self.sink} sink frames")
-        if start_frame > self.frames_written:
-            raise ValueError(f"block starts at frame {start_frame} but only {self.frames_written} frames are cached")
-
     def check_positions(self, call_frames: int) -> None:
         """Raise unless calls of ``call_frames`` frames can run forever: after a re-base the window and the call
         must fit the RoPE table. Streams check this before their first block."""
@@ -192,10 +161,6 @@ class KVCache:
                 ranges.append((a, a + s))
         return ranges
 
-    def visible_frames(self, end_frame: int) -> int:
-        """Slots holding valid frames once everything before ``end_frame`` is written (a prefix of the buffer)."""
-        return min(end_frame, self.capacity)
-
     def can_fuse(self, start_frame: int, num_frames: int) -> bool:
         """Whether frames ``start_frame..start_frame+num_frames-1`` can be written in one call without evicting a
         frame that an earlier block of the same call still attends to (true until the window is full)."""
@@ -208,14 +173,16 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.sink_k.nbytes
 
-    # ----------------------------------------------------------------------------------------------------------
-    # one call
-
     def begin(self, start_frame: int, num_frames: int, view: CacheView = FULL,
               mode: CacheMode = CacheMode.INFERENCE, blocks: tuple[int, ...] = ()) -> "CachedCall":
         """Check and position a call over frames ``start_frame..start_frame+num_frames-1`` (re-basing first when it
         would pass the RoPE table) and work out what it attends to."""
-        self.check_block(start_frame, max(blocks) if blocks else num_frames, view.write)
+        block = max(blocks) if blocks else num_frames
+        if view.write and block > self.ring:   # a call that is not stored may be longer than the ring
+            raise ValueError(f"a block of {block} frames does not fit a cache window of {self.capacity} "
+                             f"frames with {self.sink} sink frames")
+        if start_frame > self.frames_written:
+            raise ValueError(f"block starts at frame {start_frame} but only {self.frames_written} frames are cached")
         end = start_frame + num_frames
         if end - self.origin > self.rope.max_positions:
             self._rebase(end)
@@ -317,7 +284,7 @@ class CachedCall:
         outs, q0, end = [], 0, self.start_frame
         for n in self.blocks or (self.num_frames,):
             end += n
-            visible = cache.visible_frames(end) * s
+            visible = min(end, cache.capacity) * s   # the slots holding valid frames: a prefix of the buffer
             outs.append(attention(q[:, q0:q0 + n * s], cache.k[layer, :, :visible], cache.v[layer, :, :visible]))
             q0 += n * s
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

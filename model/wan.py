@@ -1,20 +1,11 @@
 """The Wan2.1 diffusion transformer, bidirectional (teacher, critic) and block-causal (generator), in one class.
 
-Parameter names are the original Wan2.1 ones (model_and_inference.md §2.2), so original weights and released Causal
-Forcing checkpoints load with ``strict=True``. Latents are ``[B, F, C, H, W]`` at every boundary; timesteps are per
-frame ``[B, F]`` (a ``[B]`` timestep is broadcast over frames). Every size comes from :class:`WanConfig` and the input
-shape.
-
-Three named attention paths, chosen by the caller:
-
-* :meth:`WanModel.forward` -- one full-sequence pass; no mask for the bidirectional model, the block-causal mask
-  (with optional local window) for the causal one (diffusion forcing).
-* :meth:`WanModel.forward_teacher_forcing` -- ``[clean ; noisy]`` in one pass under the teacher-forcing mask.
-* :meth:`WanModel.forward_cached` -- one block against a :class:`KVCache`, in a :class:`CacheMode` the caller names:
-  ``"inference"`` (no autograd; streaming) or ``"rollout"`` (a step that keeps gradients; self-forcing rollouts),
-  attending to what a :class:`CacheView` says (default: everything the cache holds).
-
-Module order follows the forward pass: norms -> self-attention -> cross-attention -> block -> head -> model.
+Parameter names are the original Wan2.1 ones (model_and_inference.md §2.2), so original weights and released
+checkpoints load strictly. Latents are ``[B, F, C, H, W]``, timesteps ``[B, F]`` (``[B]`` is broadcast over frames);
+every size comes from :class:`WanConfig` and the input shape. The caller names one of three attention paths:
+:meth:`WanModel.forward` (full sequence, block-causal mask for the causal model),
+:meth:`WanModel.forward_teacher_forcing` (``[clean ; noisy]``) and :meth:`WanModel.forward_cached` (against a
+:class:`KVCache`, in a :class:`CacheMode`, attending to what a :class:`CacheView` says).
 """
 
 from __future__ import annotations
@@ -109,10 +100,9 @@ class SelfAttention(nn.Module):
         return q, k, v.view(b, n, self.num_heads, -1)
 
     def fuse_qkv(self) -> None:
-        """Store W_q, W_k, W_v (and biases) as row blocks of one ``[3D, D]`` tensor and let :meth:`qkv` run one
-        matrix product: on a one-frame block (1,560 tokens) the three D x D products run at a third of an H100
-        (libraries.md §9). The parameters become views of the fused tensor, so no memory is added, the state dict is
-        unchanged and loading weights later updates the fused product too. Inference only."""
+        """One ``[3D, D]`` product for q, k, v (inference): three D x D products on a one-frame block use a third of
+        an H100 (libraries.md §9). The parameters become views of the fused tensor: no memory added, state dict
+        unchanged, later weight loads update it too."""
         if self.fused_qkv is not None:
             return
         w = torch.cat([self.q.weight, self.k.weight, self.v.weight]).detach()
@@ -122,13 +112,6 @@ class SelfAttention(nn.Module):
             lin.weight = nn.Parameter(w[rows], requires_grad=lin.weight.requires_grad)
             lin.bias = nn.Parameter(b[rows], requires_grad=lin.bias.requires_grad)
         self.fused_qkv = (w, b)
-
-    def attend(self, q, k, v, plan: AttnPlan, layer: int) -> torch.Tensor:
-        """Full sequence (optionally masked) or against the cache (:meth:`CachedCall.attend`); ``[B, L, N, d]``
-        before the output projection."""
-        if plan.call is None:
-            return attention(q, k, v, plan.mask)
-        return plan.call.attend(q, k, v, layer)
 
 
 class CrossAttention(nn.Module):
@@ -176,17 +159,13 @@ class WanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor | None, plan: AttnPlan,
                 layer: int) -> torch.Tensor:
-        """x ``[B, L, D]`` with ``L = F·S``; e0 ``[B, F, 6, D]`` per-frame modulation; ctx ``[B, text_len, D]`` the
-        embedded context (None when the cross-attention K/V come from the cache).
-
-        Split into pure tensor functions around the two attention calls, so :meth:`compile_regions` can compile
-        the elementwise work (norms, modulation, RoPE, gates) without touching the cache bookkeeping.
-        """
+        """x ``[B, F·S, D]``, e0 ``[B, F, 6, D]`` per-frame modulation, ctx ``[B, text_len, D]`` (None: cross K/V
+        cached). The elementwise work between the attention calls is in regions :meth:`compile_regions` compiles."""
         mod = (self.modulation.unsqueeze(0) + e0).chunk(6, dim=2)   # six [B, F, 1, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
-        # 1. self-attention, modulated and gated per frame
+        # 1. self-attention, modulated and gated per frame: full sequence (optionally masked) or against the cache
         q, k, v = self._self_attn_in(x, shift1, scale1, plan.cos, plan.sin)
-        y = self.self_attn.attend(q, k, v, plan, layer)
+        y = attention(q, k, v, plan.mask) if plan.call is None else plan.call.attend(q, k, v, layer)
         # 2. cross-attention to the text (no modulation, no gate)
         x, cq = self._cross_attn_in(x, y, gate1)
         c = self.cross_attn.attend(cq, ctx, plan, layer)
@@ -211,9 +190,8 @@ class WanBlock(nn.Module):
         return x + (self._per_frame(self.mlp(h), gate2.shape[1]) * gate2).flatten(1, 2)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """``ffn(h)``. On CUDA without autograd the first product and its tanh-GELU are one cuBLASLt call (GELU in the
-        GEMM epilogue, applied before rounding to bf16): no separate pass over the ``ffn_dim``-wide hidden state (H100:
-        0.196 vs 0.244 ms at 4,680 tokens; closer to a float64 reference than product-then-GELU)."""
+        """``ffn(h)``; on CUDA without autograd the tanh-GELU runs in the first GEMM's epilogue, before rounding to bf16
+        (H100: 0.196 vs 0.244 ms at 4,680 tokens; closer to a float64 reference than product-then-GELU)."""
         up, act, down = self.ffn
         if h.is_cuda and not torch.is_grad_enabled() and isinstance(up, nn.Linear):   # not once converted to fp8
             hidden = torch._addmm_activation(up.bias, h.reshape(-1, h.shape[-1]), up.weight.t(), use_gelu=True)
@@ -221,11 +199,8 @@ class WanBlock(nn.Module):
         return down(act(up(h)))
 
     def compile_regions(self, **options) -> None:
-        """``torch.compile`` the three elementwise regions of this block (inference fast path).
-
-        Attention and KV-cache writes stay eager (they take Python-int positions that would specialise graphs).
-        Shapes are fixed per generation mode, so ``dynamic=False`` gives a few graphs reused by every layer.
-        """
+        """``torch.compile`` the three elementwise regions (inference); attention and cache writes stay eager (their
+        Python-int positions would specialise graphs)."""
         for name in ("_self_attn_in", "_cross_attn_in", "_ffn"):
             setattr(self, name, torch.compile(getattr(type(self), name).__get__(self), **options))
 
@@ -298,11 +273,8 @@ class WanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
 
     def compile_blocks(self, **options) -> None:
-        """Compile every block's elementwise regions (:meth:`WanBlock.compile_regions`); inference fast path.
-
-        The graphs are shared by all layers of equal shapes (parameters are graph inputs), so compile time does not
-        grow with depth; each generation mode adds a few shapes (one block, or two fused blocks).
-        """
+        """Compile every block's elementwise regions; layers of equal shapes share graphs (parameters are inputs), so
+        compile time does not grow with depth."""
         options = {"dynamic": False, "fullgraph": True, **options}
         # One cache entry per distinct token count / frame count; streaming uses a handful, long videos no more.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -310,9 +282,8 @@ class WanModel(nn.Module):
             block.compile_regions(**options)
 
     def fuse_qkv(self, enabled: bool = True) -> None:
-        """One q/k/v product per layer (:meth:`SelfAttention.fuse_qkv`); ``enabled=False`` goes back to three
-        products (the parameters stay views, which is harmless). Call after moving the model to its device and
-        dtype: ``.to()`` replaces parameters and would undo the sharing."""
+        """One q/k/v product per layer (:meth:`SelfAttention.fuse_qkv`), or three again; call after ``.to()``, which
+        replaces parameters and would undo the sharing."""
         for block in self.blocks:
             if enabled:
                 block.self_attn.fuse_qkv()
@@ -322,9 +293,6 @@ class WanModel(nn.Module):
     def uncompile_blocks(self) -> None:
         for block in self.blocks:
             block.uncompile_regions()
-
-    # ------------------------------------------------------------------------------------------------------------
-    # embeddings
 
     def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``[B, F, C, H, W]`` -> tokens ``[B, F'·H'·W', D]`` and the grid ``(F', H', W')``."""
@@ -356,9 +324,6 @@ class WanModel(nn.Module):
             raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={self.config.text_len}")
         return self.text_embedding(F.pad(context, (0, 0, 0, pad)))
 
-    # ------------------------------------------------------------------------------------------------------------
-    # shared trunk
-
     def _run_blocks(self, x, e0, ctx, plan: AttnPlan) -> torch.Tensor:
         # Activation checkpointing is applied from outside (utils.distributed.apply_activation_checkpointing).
         with kernel_scope(x.device.type):  # the SDPA kernel order, set once per pass
@@ -380,34 +345,22 @@ class WanModel(nn.Module):
                 self._masks[key] = dense_token_mask(frame_mask, tokens_per_frame, device)
         return self._masks[key]
 
-    def _output(self, x, e, grid) -> torch.Tensor:
-        return self._unpatchify(self.head(x, e), grid)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # the three attention paths
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Full-sequence pass. x ``[B, F, C, H, W]``, t ``[B]`` or ``[B, F]``, context ``[B, L, text_dim]``.
-
-        Bidirectional model: every token sees every token. Causal model: block-causal mask (diffusion forcing).
-        Returns the flow prediction ``[B, F, C, H, W]``.
-        """
+        """Full-sequence flow ``[B, F, C, H, W]``: x ``[B, F, C, H, W]``, t ``[B]`` or ``[B, F]``, context ``[B, L,
+        text_dim]``; bidirectional, or under the block-causal mask (diffusion forcing) for the causal model."""
         tokens, grid = self._patchify(x)
         e, e0 = self._time(t, grid[0], tokens.dtype)
         ctx = self.embed_text(context)
         cos, sin = self.rope.tables(tuple(range(grid[0])), grid[1], grid[2], x.device)
         mask = self._mask("block_causal", grid[0], grid[1] * grid[2], x.device) if self.causal else None
         out = self._run_blocks(tokens, e0, ctx, AttnPlan(cos, sin, mask))
-        return self._output(out, e, grid)
+        return self._unpatchify(self.head(out, e), grid)
 
     def forward_teacher_forcing(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                                 clean_x: torch.Tensor, clean_t: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing: noisy ``x`` at ``t`` next to the clean context ``clean_x`` at ``clean_t`` (zeros).
-
-        The sequence is ``[clean ; noisy]``; clean frame i and noisy frame i share temporal position i. Each noisy
-        block sees the clean blocks strictly before it and itself (masks.teacher_forcing_frame_mask), so one pass
-        equals K independent "denoise block b given the clean prefix" problems. Returns the noisy half's flow.
-        """
+        """The noisy half's flow of ``[clean_x at clean_t (zeros) ; x at t]``, clean and noisy frame i at position i:
+        each noisy block sees itself and the clean blocks before it, K "denoise block b given the clean prefix"
+        problems in one pass."""
         if clean_x.shape != x.shape:
             raise ValueError(f"clean_x {tuple(clean_x.shape)} must match x {tuple(x.shape)}")
         noisy, grid = self._patchify(x)
@@ -421,24 +374,17 @@ class WanModel(nn.Module):
         cos, sin = self.rope.tables(tuple(range(num_frames)) * 2, grid[1], grid[2], x.device)
         mask = self._mask("teacher_forcing", num_frames, grid[1] * grid[2], x.device)
         out = self._run_blocks(torch.cat([clean, noisy], dim=1), e0, ctx, AttnPlan(cos, sin, mask))
-        return self._output(out[:, clean.shape[1]:], e[:, num_frames:], grid)
+        return self._unpatchify(self.head(out[:, clean.shape[1]:], e[:, num_frames:]), grid)
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: KVCache,
                        start_frame: int, *, mode: CacheMode | str = CacheMode.INFERENCE,
                        blocks: tuple[int, ...] = (), view: CacheView = FULL) -> torch.Tensor:
         """Frames ``start_frame .. start_frame+n-1`` (x ``[B, n, C, H, W]``, t ``[B]`` or ``[B, n]``) through the KV
-        cache.
+        cache: by default the call writes its K/V at its slots and attends to everything cached up to it, its own
+        frames in both directions (``view``). Inference under autograd raises (gradients would skip the call's K/V).
 
-        By default (``view``, :class:`CacheView`) the call writes its keys/values at its slots (overwriting what an
-        earlier call at the same position wrote) and attends to everything cached up to and including it; its own
-        frames attend to each other in both directions. ``mode``: :class:`CacheMode`; inference under autograd
-        raises (its gradients would skip the call's own K/V). ``start_frame`` is a Python int; positions past the
-        RoPE table are re-based by the cache (model/kv_cache.py).
-
-        ``blocks`` lets one call carry several consecutive blocks (e.g. the context pass of block b together with
-        the first step of block b+1): each block's queries then see the cache up to their own block's end, exactly
-        as separate calls would, while every matrix product runs on the larger token count. Inference over the full
-        view only, and only while no frame the earlier block sees is evicted by the later one (``cache.can_fuse``).
+        ``blocks`` carries several consecutive blocks in one call (inference over the full view, while
+        ``cache.can_fuse``): each block's queries see the cache up to their own block's end, as separate calls would.
         """
         mode = CacheMode(mode)
         if mode is CacheMode.INFERENCE and torch.is_grad_enabled():
@@ -457,4 +403,4 @@ class WanModel(nn.Module):
         out = self._run_blocks(tokens, e0, ctx, AttnPlan(cos, sin, call=call, cross=cross))
         if view.write:
             cache.advance(start_frame, grid[0])
-        return self._output(out, e, grid)
+        return self._unpatchify(self.head(out, e), grid)

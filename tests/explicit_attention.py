@@ -75,4 +75,4 @@ def call(model: WanModel, x: torch.Tensor, t: torch.Tensor, context: torch.Tenso
             h, cq = block._cross_attn_in(h, y, gate1)
             c = block.cross_attn.attend(cq, ctx, identity, i)
             h = block._ffn(h, c, shift2, scale2, gate2)
-        return model._output(h, e, (f, rows, cols)), new
+        return model._unpatchify(model.head(h, e), (f, rows, cols)), new
