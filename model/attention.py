@@ -1,26 +1,15 @@
-"""The one attention entry point.
+"""The one attention entry point: ``attention(q, k, v, mask)`` on ``[B, L, N, d]`` tensors, dispatched on the mask.
 
-``attention(q, k, v, mask)`` takes ``[B, L, N, d]`` tensors and dispatches on the mask it is given:
-
-* ``None`` (bidirectional self-attention, cross-attention, cached streaming attention): a flash-attn package or
-  PyTorch SDPA. On CUDA, SDPA is asked for cuDNN attention first: on the H100 it is 1.6-1.8x PyTorch's own flash
-  kernel at our shapes (libraries.md §9), and so faster than FlashAttention-2 too.
-* a dense boolean ``[Lq, Lk]`` mask (True = attend): SDPA. This is the CPU path for training masks.
+* ``None``: a flash-attn package or PyTorch SDPA; on CUDA SDPA tries cuDNN attention first (on the H100 1.6-1.8x
+  PyTorch's flash kernel at our shapes, libraries.md §9).
+* a dense boolean ``[Lq, Lk]`` mask (True = attend): SDPA, the CPU path for training masks.
 * a flex-attention ``BlockMask``: compiled ``flex_attention`` over the length padded to a multiple of 128.
 
-The backend is chosen once per process with :func:`set_backend` ("auto", "sdpa", "flash_attn"; the config key
-``attention_backend``) and read back with :func:`get_backend`:
-
-* "flash_attn": the installed flash-attn package (FlashAttention-3, -4 or -2, first found) for every unmasked call.
-* "sdpa": PyTorch SDPA only.
-* "auto" (default): FlashAttention-3 or -4 when installed, for unmasked CUDA calls with at least
-  :data:`FLASH_MIN_QUERIES` queries and :data:`FLASH_MIN_KEYS` keys that need no gradient (inference); SDPA
-  otherwise. On the H100 FlashAttention-4 runs a chunk-wise block's cached self-attention 1.15-1.2x faster than
-  cuDNN (chunk-wise 4-step 32.7 vs 30.3 FPS end to end), but its per-call host cost (~0.1 ms) loses on the
-  512-token cross-attention and on one-frame (1,560-token) blocks, where frame-wise generation is bound by kernel
-  launches (frame-wise 4-step 21.1 vs 21.8 FPS with it); its backward is not exercised by our tests.
-  FlashAttention-2 is never picked automatically: cuDNN attention beats it on Hopper. Numbers:
-  docs/performance.md.
+The backend of unmasked calls is chosen once per process (:func:`set_backend`, config ``attention_backend``):
+"flash_attn" (the first installed of FlashAttention-3, -4, -2), "sdpa", or "auto" (default): FlashAttention-3 or -4
+for large inference calls (:func:`flash_policy`), SDPA otherwise. FlashAttention-4 runs a chunk-wise block's cached
+self-attention 1.15-1.2x faster than cuDNN, but its ~0.1 ms host cost per call loses on the 512-token
+cross-attention and on launch-bound one-frame blocks; FlashAttention-2 loses to cuDNN on Hopper (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -45,10 +34,9 @@ _compiled_flex = None
 
 FLASH_MIN_QUERIES = 4096
 FLASH_MIN_KEYS = 8192
-"""Smallest calls that "auto" gives to flash-attn: three-frame blocks (4,680 queries) and longer against a cache of
-two blocks or more; not one-frame blocks, not the text, and not a video's first block, whose time is the time to
-the first frame (on the H100 that block ran 0.15-0.2 s slower with FlashAttention-4 in 2 of 5 runs; at 4,680 keys
-the kernel gains only ~4 ms per video). See the module docstring."""
+"""Smallest calls "auto" gives to flash-attn: three-frame blocks (4,680 queries) against two blocks or more; not
+one-frame blocks, the text, or a video's first block (its time is the time to the first frame: on the H100 it ran
+0.15-0.2 s slower with FlashAttention-4 in 2 of 5 runs)."""
 _AUTO_MODULES = ("flash_attn_interface", "flash_attn.cute")  # Hopper-class kernels that beat cuDNN attention
 
 
@@ -165,14 +153,8 @@ def kernel_scope(device_type: str):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """Softmax attention with scale ``1/sqrt(d)``.
-
-    Args:
-        q: ``[B, Lq, N, d]``; k, v: ``[B, Lk, N, d]``.
-        mask: None, a boolean ``[Lq, Lk]`` tensor (True = attend) or a flex ``BlockMask``.
-    Returns:
-        ``[B, Lq, N, d]`` in q's dtype.
-    """
+    """Softmax attention with scale ``1/sqrt(d)``: q ``[B, Lq, N, d]``, k/v ``[B, Lk, N, d]``, mask as in the module
+    docstring -> ``[B, Lq, N, d]`` in q's dtype."""
     if mask is not None and not isinstance(mask, torch.Tensor):
         return _flex(q, k, v, mask)
     if mask is None and _use_flash(q, k, v):

@@ -1,12 +1,9 @@
 """One checkpoint loader for every weights format, ending in original Wan2.1 key names and a strict load.
 
-Sources (model_and_inference.md §2.2, §7.1, §12; training.md §2.5 item 8, §8.3-8.4): an original Wan2.1 folder
-(one safetensors file, or the 14B model's index + shards); a diffusers transformer folder (``WanTransformer3DModel`` /
-``SkyReelsV2Transformer3DModel``) or a pipeline root holding ``transformer/``; a single ``.safetensors`` file; a
-``.pt`` / ``.pth``: a released or published-trainer checkpoint (``generator`` / ``generator_ema`` / ``model`` entries,
-see :func:`read_state_dict`), a bare state dict, or our release format (the released files' keys). Keys are
-normalised (wrapper segments dropped, diffusers names converted) and loaded strictly; a misfit raises ONE
-:class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
+Sources (model_and_inference.md §2.2, §7.1, §12; training.md §2.5, §8.3-8.4): a Wan2.1 folder (one safetensors file,
+or an index + shards), a diffusers transformer folder or pipeline root, a ``.safetensors`` file, or a ``.pt``/``.pth``
+(released or published-trainer entries, a bare state dict). Wrapper segments are dropped and diffusers names
+converted; a misfit raises ONE :class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
 """
 
 from __future__ import annotations
@@ -23,14 +20,18 @@ from safetensors.torch import load_file
 from model.config import PRESET_ALIASES, WanConfig, get_preset
 from model.rope import RotaryTables
 from model.wan import WanModel
-from model.weights import download_hint_for_checkpoint, wan_download_hint, wan_repo_id
+from model.weights import (
+    WAN_DIT_INDEX,
+    WAN_DIT_WEIGHTS,
+    download_hint_for_checkpoint,
+    wan_download_hint,
+    wan_repo_id,
+)
 from utils.errors import CheckpointError, ConfigError, one_line, state_dict_mismatch
 from utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = WEIGHTS_NAME + ".index.json"
 DIFFUSERS_CLASSES = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
 # Path segments that wrappers insert into parameter names: the reference WanDiffusionWrapper attribute (``model``),
 # DDP (``module``), FSDP, activation checkpointing and torch.compile. No Wan parameter has a segment of these names.
@@ -38,8 +39,7 @@ WRAPPER_SEGMENTS = frozenset({"model", "module", "_fsdp_wrapped_module", "_check
 RELEASE_PREFIX = "model."  # the reference wrapper's attribute: keys of released checkpoints start with it
 _LIST_LIMIT = 8
 
-# ----------------------------------------------------------------------------------------------------------------
-# original <-> diffusers key names (model_and_inference.md §7.1). Each entry is (original, diffusers); an entry that
+# Original <-> diffusers key names (model_and_inference.md §7.1). Each entry is (original, diffusers); an entry that
 # ends in "." renames a prefix, any other entry renames a whole key (or, inside a block, the rest after "blocks.N.").
 
 _TOP_LEVEL = (
@@ -124,10 +124,6 @@ def normalize_keys(sd: dict) -> dict:
     return convert_diffusers_to_original(stripped) if is_diffusers_naming(stripped) else stripped
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# reading
-
-
 def _download_hint(path: str) -> str:
     """``"; <the hf download command>"`` for a released checkpoint or Wan2.1 folder path, else ``""``."""
     hint = download_hint_for_checkpoint(path)
@@ -164,7 +160,7 @@ def _read_folder(folder: str) -> dict:
     """All tensors of a Wan / diffusers model folder: one safetensors file, or an index and its shards."""
     folder = _resolve_model_folder(folder)
     indexes = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")))
-    preferred = os.path.join(folder, INDEX_NAME)
+    preferred = os.path.join(folder, WAN_DIT_INDEX)
     index = preferred if preferred in indexes else (indexes[0] if len(indexes) == 1 else None)
     if index is not None:
         try:
@@ -181,11 +177,11 @@ def _read_folder(folder: str) -> dict:
         for shard in shards:
             sd.update(_read_safetensors(os.path.join(folder, shard)))
         return sd
-    single = os.path.join(folder, WEIGHTS_NAME)
+    single = os.path.join(folder, WAN_DIT_WEIGHTS)
     files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if len(files) != 1:
         found = f"{len(files)} .safetensors files and no index" if files else "no weights"
-        raise CheckpointError(f"{folder}: {found}; expected {WEIGHTS_NAME} or {INDEX_NAME} with its shards"
+        raise CheckpointError(f"{folder}: {found}; expected {WAN_DIT_WEIGHTS} or {WAN_DIT_INDEX} with its shards"
                               f"{_download_hint(folder)}")
     return _read_safetensors(files[0])
 
@@ -303,10 +299,6 @@ def read_model_config(folder) -> WanConfig:
     return WanConfig.from_dict(d)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# loading
-
-
 def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> torch.nn.Module:
     """Normalise ``sd`` and load it into ``model`` strictly (one :class:`CheckpointError` naming every misfit). A model
     on ``meta`` takes the tensors themselves (no second copy); otherwise values are copied and cast."""
@@ -318,22 +310,6 @@ def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> tor
     model.load_state_dict(sd, strict=True, assign=on_meta)
     log.info("loaded %d tensors from %s", len(sd), what)
     return model
-
-
-def _rebuild_python_tables(model: WanModel) -> None:
-    """Rebuild the RoPE tables (plain attributes, created on ``meta`` too) and assert no other meta tensor hides
-    outside the parameters."""
-    model.rope = RotaryTables(model.config.head_dim, model.config.rope_max_positions)
-    for name, module in model.named_modules():
-        for attr, value in vars(module).items():
-            if attr in ("_parameters", "_buffers", "_modules"):
-                continue
-            values = vars(value).values() if hasattr(value, "__dict__") and not isinstance(value, torch.Tensor) \
-                else [value]
-            for v in values:
-                items = v if isinstance(v, (list, tuple)) else [v]
-                if any(isinstance(t, torch.Tensor) and t.is_meta for t in items):
-                    raise RuntimeError(f"meta tensor left in {name or 'model'}.{attr} after materialisation")
 
 
 def _resolve_source(source) -> tuple[WanConfig, str | None]:
@@ -353,13 +329,10 @@ def build_wan_model(source, causal: bool, num_frame_per_block: int = 1, independ
                     local_attn_size: int = -1, sink_size: int = 0, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, checkpoint_path=None,
                     use_ema: bool = False) -> WanModel:
-    """Build a :class:`WanModel` from a Wan folder (weights loaded) or a preset name / WanConfig (random init), then
-    optionally load ``checkpoint_path`` (``generator_ema`` with ``use_ema``) on top.
-
-    With weights, the model is built on the ``meta`` device and takes the loaded tensors directly, so 1.3B/14B
-    parameters are neither initialised nor held twice. A checkpoint replaces every tensor (strict load), so when one
-    is given the folder's own weights are not read at all (only its ``config.json``). ``dtype`` defaults to float32.
-    """
+    """A :class:`WanModel` from a Wan folder (weights loaded) or a preset name / WanConfig (random init), or with
+    ``checkpoint_path``'s weights (``generator_ema`` with ``use_ema``) instead of the folder's (only its
+    ``config.json`` is read). With weights it is built on ``meta`` and takes the loaded tensors: none initialised or
+    held twice. ``dtype`` defaults to float32."""
     config, folder = _resolve_source(source)
     kwargs = dict(causal=causal, num_frame_per_block=num_frame_per_block,
                   independent_first_frame=independent_first_frame, local_attn_size=local_attn_size,
@@ -378,15 +351,11 @@ def build_wan_model(source, causal: bool, num_frame_per_block: int = 1, independ
     sd = read_state_dict(weights, use_ema=use_ema if checkpoint_path is not None else False)
     with torch.device("meta"):
         model = WanModel(config, **kwargs)
-    _rebuild_python_tables(model)
+    model.rope = RotaryTables(config.head_dim, config.rope_max_positions)   # plain tensors: built on meta too
     what = f"{weights} ({'generator_ema' if use_ema else 'weights'})" if checkpoint_path is not None else weights
     load_into(model, sd, what=what)
     del sd
     return model.to(device=device, dtype=dtype or torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# saving
 
 
 def _release_entry(sd: dict) -> dict:

@@ -19,37 +19,26 @@ class FlowMatchScheduler:
     Args:
         num_train_timesteps: grid entries and the timestep scale (t = num_train_timesteps * sigma).
         shift: timestep shift ``s``; sigma <- s * sigma / (1 + (s - 1) * sigma).
-        sigma_min, sigma_max: range of the raw (pre-shift) linspace.
-        extra_one_step: build ``N + 1`` raw values and drop the last (the reference's choice): the raw grid is
-            ``1 - i / N`` for sigma_min = 0 and never reaches 0.
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 5.0, sigma_min: float = 0.0,
-                 sigma_max: float = 1.0, extra_one_step: bool = True) -> None:
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 5.0) -> None:
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         self.num_train_timesteps = num_train_timesteps
         self.shift = float(shift)
-        self.sigma_min = float(sigma_min)
-        self.sigma_max = float(sigma_max)
-        self.extra_one_step = extra_one_step
-
         sigmas64 = self._shifted_grid(num_train_timesteps, self.shift)
         self.sigmas = sigmas64.float()  # [N], descending
         self.timesteps = (sigmas64 * num_train_timesteps).float()  # [N], timesteps[0] == N
         self.weights = self._gaussian_weights(sigmas64 * num_train_timesteps).float()  # [N], mean 1
         self._tables_by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    # ------------------------------------------------------------------ grid construction (float64)
-
-    def _shifted_grid(self, num_steps: int, shift: float) -> torch.Tensor:
-        """Shifted sigmas of a ``num_steps`` grid, float64 ``[num_steps]``, descending."""
-        if self.extra_one_step:
-            raw = torch.linspace(self.sigma_max, self.sigma_min, num_steps + 1, dtype=torch.float64)[:-1]
-        else:
-            raw = torch.linspace(self.sigma_max, self.sigma_min, num_steps, dtype=torch.float64)
+    @staticmethod
+    def _shifted_grid(num_steps: int, shift: float) -> torch.Tensor:
+        """Shifted sigmas of a ``num_steps`` grid, float64 ``[num_steps]``, descending: raw ``1 - i / num_steps``
+        (the reference's ``N + 1`` values with the last, 0, dropped)."""
+        raw = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
         return shift * raw / (1 + (shift - 1) * raw)
 
     def _gaussian_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -67,8 +56,6 @@ class FlowMatchScheduler:
             tables = (self.timesteps, torch.cat([self.sigmas, zero]), self.weights, torch.cat([self.timesteps, zero]))
             self._tables_by_device[device] = tuple(tensor.to(device) for tensor in tables)
         return self._tables_by_device[device]
-
-    # ------------------------------------------------------------------ lookups
 
     def index_for(self, t: torch.Tensor) -> torch.Tensor:
         """int64 index of the nearest grid timestep, ``t``'s shape and device (ties go to the larger entry)."""
@@ -90,8 +77,6 @@ class FlowMatchScheduler:
     def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Reshape per-sample / per-frame values ``[B]`` or ``[B, F]`` to broadcast against ``like``."""
         return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
-
-    # ------------------------------------------------------------------ forward process and conversions
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``(1 - sigma) * x0 + sigma * noise`` (sigma by nearest lookup) in ``noise.dtype``; ``t`` is ``[B, F]``,
@@ -134,8 +119,6 @@ class FlowMatchScheduler:
         delta = self._expand((sigma_next - sigma).float(), x)
         return (x + flow * delta).to(x.dtype)
 
-    # ------------------------------------------------------------------ step lists
-
     def warp_steps(self, steps: list[int] | tuple[int, ...]) -> torch.Tensor:
         """Nominal steps ``s`` (e.g. [1000, 750, 500, 250]) -> grid timesteps ``T[N - s]`` (``T`` extended with a
         trailing 0, so ``s = 0`` maps to 0); float32 ``[len(steps)]``."""
@@ -153,8 +136,6 @@ class FlowMatchScheduler:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         sigmas = self._shifted_grid(num_steps, self.shift if shift is None else float(shift))
         return (sigmas * self.num_train_timesteps).float()
-
-    # ------------------------------------------------------------------ training timestep samplers
 
     def sample_block_indices(self, batch_size: int, num_frames: int, num_frame_per_block: int = 1, low: int = 0,
                              high: int | None = None, uniform: bool = False, independent_first_frame: bool = False,
@@ -177,22 +158,19 @@ class FlowMatchScheduler:
         return self._tables(index.device)[0][index]
 
     def sample_dmd_timesteps(self, batch_size: int, num_frames: int, low: int = 0, high: int | None = None,
-                             shift: float | None = None, min_t: float | None = None, max_t: float | None = None,
-                             generator: torch.Generator | None = None,
+                             shift: float | None = None, generator: torch.Generator | None = None,
                              device: torch.device | str | None = None) -> torch.Tensor:
         """DMD / critic timesteps (training.md §6.4 2a-2c), float32 ``[B, F]``, one value per sample: u ~ integers in
         ``[low, high)``, shifted ``t = N s u' / (1 + (s - 1) u')`` with ``u' = u / N`` when s > 1, clamped to
-        ``[min_t, max_t]`` (default 0.02 N, 0.98 N)."""
+        ``[0.02 N, 0.98 N]``."""
         n = self.num_train_timesteps
         shift = self.shift if shift is None else float(shift)
-        min_t = 0.02 * n if min_t is None else min_t
-        max_t = 0.98 * n if max_t is None else max_t
         t = self.sample_block_indices(batch_size, num_frames, low=low, high=high, uniform=True, generator=generator,
                                       device=device).float()
         if shift > 1:
             frac = t / n
             t = shift * frac / (1 + (shift - 1) * frac) * n
-        return t.clamp(min_t, max_t)
+        return t.clamp(0.02 * n, 0.98 * n)
 
 
 def _block_first_frames(num_frames: int, num_frame_per_block: int, independent_first_frame: bool) -> torch.Tensor:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from model.loader import read_weights_file
 from model.vae_decoder import EAGER_REGIONS, decoder_step
+from model.weights import WAN_VAE_FILENAME
 from utils.errors import CheckpointError, ConfigError, WeightsMissingError, state_dict_mismatch
 
 if TYPE_CHECKING:
@@ -30,9 +30,9 @@ def _autoencoder_class():
 
     return AutoencoderKLWan
 
+
 logger = logging.getLogger(__name__)
 
-ORIGINAL_VAE_FILENAME = "Wan2.1_VAE.pth"   # inside wan_models/Wan2.1-T2V-1.3B/
 DOWNLOAD_HINT = "hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -52,9 +52,6 @@ WAN21_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_bl
                         latents_std=WAN21_LATENTS_STD)
 TINY_VAE_CONFIG = dict(WAN21_VAE_CONFIG, base_dim=8)   # 0.92M parameters: tests and the toy world
 
-
-# ---------------------------------------------------------------------------------------------- key conversion
-
 # Original module names -> diffusers module names (spec §7.2). Residual blocks are nn.Sequential in the original.
 _RESIDUAL_PARTS = {
     "residual.0": "norm1",
@@ -69,13 +66,10 @@ _TOP_LEVEL = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
 
 
 def convert_original_vae_key(key: str, num_res_blocks: int) -> str | None:
-    """Diffusers name of an original Wan VAE parameter name, or None if the name is not a Wan VAE name.
-
-    The original decoder keeps its stages in one flat ``upsamples`` list: per stage ``num_res_blocks + 1``
-    residual blocks then one resampler (absent after the last stage), which diffusers regroups into
-    ``up_blocks.<stage>.resnets.<i>`` / ``up_blocks.<stage>.upsamplers.0``. The encoder's flat
-    ``downsamples`` list keeps its indices as ``down_blocks``.
-    """
+    """Diffusers name of an original Wan VAE parameter name, or None if it is not one. The original decoder's flat
+    ``upsamples`` list holds per stage ``num_res_blocks + 1`` residual blocks and a resampler (none after the last),
+    regrouped as ``up_blocks.<stage>.resnets.<i>`` / ``.upsamplers.0``; the encoder's ``downsamples`` keep their
+    indices as ``down_blocks``."""
     parts = key.split(".")
     if len(parts) == 2 and parts[0] in _TOP_LEVEL:
         return f"{_TOP_LEVEL[parts[0]]}.{parts[1]}"
@@ -120,9 +114,6 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
-# ---------------------------------------------------------------------------------------------- the wrapper
-
-
 class WanVAE(nn.Module):
     """Frozen Wan VAE (a diffusers ``AutoencoderKLWan``); the per-channel latent statistics default to
     ``model.config``'s, else Wan2.1's."""
@@ -143,8 +134,6 @@ class WanVAE(nn.Module):
         self._stats_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.regions = EAGER_REGIONS  # or compiled ones (compile_decoder)
 
-    # ------------------------------------------------------------------ construction
-
     @classmethod
     def from_config(cls, **config) -> WanVAE:
         """Randomly initialised VAE from ``AutoencoderKLWan`` arguments (e.g. ``**TINY_VAE_CONFIG``)."""
@@ -156,8 +145,8 @@ class WanVAE(nn.Module):
         ``Wan2.1_VAE.pth``, or a diffusers VAE folder (also as a pipeline's ``vae/``), strictly. ``config``:
         ``AutoencoderKLWan`` arguments overriding the Wan2.1 defaults (or the folder's config.json)."""
         path = Path(path)
-        if path.is_dir() and (path / ORIGINAL_VAE_FILENAME).is_file():
-            path = path / ORIGINAL_VAE_FILENAME
+        if path.is_dir() and (path / WAN_VAE_FILENAME).is_file():
+            path = path / WAN_VAE_FILENAME
         elif path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
             path = path / "vae"
         if path.is_dir() and (path / "config.json").is_file():
@@ -165,7 +154,7 @@ class WanVAE(nn.Module):
             if not weights.is_file():
                 raise WeightsMissingError(f"VAE weights {weights} not found")
             full_config = {**_autoencoder_class().load_config(str(path)), **config}
-            state_dict = load_file(str(weights))
+            state_dict = read_weights_file(weights)
         elif path.is_file():
             full_config = {**WAN21_VAE_CONFIG, **config}
             state_dict = read_weights_file(path)
@@ -200,8 +189,6 @@ class WanVAE(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.regions = EAGER_REGIONS.compiled(**options) if enabled else EAGER_REGIONS
         return self
-
-    # ------------------------------------------------------------------ properties and helpers
 
     @property
     def dtype(self) -> torch.dtype:
@@ -240,8 +227,6 @@ class WanVAE(nn.Module):
         mean, std = self._stats(latents.device)
         return latents.float() * std + mean
 
-    # ------------------------------------------------------------------ encode / decode
-
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised posterior means: ``[B, 3, 1 + 4k, H, W]`` in [-1, 1] -> float32 ``[B, 1 + k, 16, H/8, W/8]``."""
         if pixels.ndim != 5 or (pixels.shape[2] - 1) % self.temporal_compression:
@@ -261,15 +246,10 @@ class WanVAE(nn.Module):
 
 
 class StreamingDecoder:
-    """Decodes a video chunk by chunk, carrying the decoder's causal feature cache between calls.
-
-    diffusers' ``decode()`` clears its feature cache at start and end, so chunk-wise calls would restart the causal
-    context (chunks [3, 3] give 18 frames instead of 21). :func:`decoder_step` takes the cache as explicit tensors;
-    tests/test_vae.py pins it to diffusers' one-shot decode (re-check on diffusers upgrades). A video's first call
-    decodes exactly one latent frame (one pixel frame); later calls take ``frames_per_call`` latent frames at once
-    (equal to per-frame decoding up to rounding; memory grows with it), all of one shape, so compiled regions
-    compile once.
-    """
+    """Decodes a video chunk by chunk, carrying the decoder's causal feature cache between calls (diffusers'
+    ``decode()`` clears it, restarting the causal context per call; tests/test_vae.py pins this to its one-shot
+    decode). A video's first call decodes one latent frame, later calls ``frames_per_call`` frames at once (equal to
+    per-frame decoding up to rounding), all of one shape, so compiled regions compile once."""
 
     def __init__(self, vae: WanVAE, frames_per_call: int = 4) -> None:
         if frames_per_call < 1:

@@ -25,7 +25,7 @@ def reference_grid(num_steps: int = N, shift: float = 5.0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sched():
-    return FlowMatchScheduler(num_train_timesteps=N, shift=5.0, sigma_min=0.0, extra_one_step=True)
+    return FlowMatchScheduler(num_train_timesteps=N, shift=5.0)
 
 
 def test_grid_matches_formula(sched):
@@ -192,8 +192,8 @@ def test_dmd_sampler(sched):
     torch.testing.assert_close(t[:, 0], expected.float(), rtol=1e-6, atol=1e-4)
     assert t.min() >= 20 and t.max() <= 980
     gen = torch.Generator().manual_seed(7)
-    unshifted = sched.sample_dmd_timesteps(8, 1, shift=1.0, min_t=0, max_t=N, generator=gen)
-    assert torch.equal(unshifted, torch.randint(0, N, (8, 1), generator=torch.Generator().manual_seed(7)).float())
+    unshifted = sched.sample_dmd_timesteps(8, 1, low=20, high=980, shift=1.0, generator=gen)   # inside the clamp
+    assert torch.equal(unshifted, torch.randint(20, 980, (8, 1), generator=torch.Generator().manual_seed(7)).float())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

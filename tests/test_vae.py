@@ -14,12 +14,12 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from model.vae import (
-    ORIGINAL_VAE_FILENAME,
     TINY_VAE_CONFIG,
     WAN21_VAE_CONFIG,
     WanVAE,
     convert_original_vae_state_dict,
 )
+from model.weights import WAN_VAE_FILENAME
 from utils.errors import CheckpointError, WeightsMissingError
 
 # Spec §6.3, written out again so the test does not read the constants it checks.
@@ -184,8 +184,8 @@ def test_load_original_checkpoint(vae, latents, tmp_path):
     original = {original_name(k): v.clone() for k, v in vae.model.state_dict().items()}
     folder = tmp_path / "Wan2.1-T2V-1.3B"
     folder.mkdir()
-    torch.save(original, folder / ORIGINAL_VAE_FILENAME)
-    for path in (folder / ORIGINAL_VAE_FILENAME, folder):
+    torch.save(original, folder / WAN_VAE_FILENAME)
+    for path in (folder / WAN_VAE_FILENAME, folder):
         loaded = WanVAE.from_pretrained(path, base_dim=8)
         assert torch.equal(loaded.decode(latents[:, :3]), vae.decode(latents[:, :3]))
     pixels = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1

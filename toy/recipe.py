@@ -293,10 +293,10 @@ class Recipe:
     # --- data and model folders -----------------------------------------------------------------------------------
     def make_model_folders(self) -> None:
         """``models/init/Toy-T2V``: the shipped toy encoder, tokenizer and VAE with a randomly initialised DiT."""
-        from model.loader import WEIGHTS_NAME
+        from model.weights import WAN_DIT_WEIGHTS
 
         init = self.models("init") / MODEL
-        if (init / WEIGHTS_NAME).is_file():
+        if (init / WAN_DIT_WEIGHTS).is_file():
             on_disk = json.loads((init / "config.json").read_text())
             wanted = _dit_config(on_disk, self.args.dit)
             if wanted != on_disk:
@@ -386,16 +386,17 @@ class Recipe:
         """The trained base model as a Wan folder ``models/base/Toy-T2V`` (real score, critic, Stage-1 init)."""
         from safetensors.torch import save_file
 
-        from model.loader import WEIGHTS_NAME, read_state_dict
+        from model.loader import read_state_dict
+        from model.weights import WAN_DIT_WEIGHTS
 
         folder = self.models("base") / MODEL
-        if (folder / WEIGHTS_NAME).is_file():
+        if (folder / WAN_DIT_WEIGHTS).is_file():
             return
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         _copy_folder_without_dit(self.models("init") / MODEL, tmp)
         sd = read_state_dict(str(self.ckpt("base")))
-        save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / WEIGHTS_NAME))
+        save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / WAN_DIT_WEIGHTS))
         tmp.rename(folder)
 
     def ode_data(self, variant: str) -> None:
@@ -495,7 +496,8 @@ class Recipe:
         """Frame-wise and chunk-wise DMD generators -> ``assets/toy/checkpoints/<v>/causal_forcing.pt`` (bf16)."""
         import torch
 
-        from model.loader import WEIGHTS_NAME, read_state_dict, save_release_checkpoint
+        from model.loader import read_state_dict, save_release_checkpoint
+        from model.weights import WAN_DIT_WEIGHTS
 
         for v in VARIANTS:
             sd = read_state_dict(str(self.ckpt(f"dmd_{v}")))
@@ -505,7 +507,7 @@ class Recipe:
         if self.args.ship_base:
             from safetensors.torch import save_file
 
-            target = REPO / "assets" / "toy" / MODEL / WEIGHTS_NAME
+            target = REPO / "assets" / "toy" / MODEL / WAN_DIT_WEIGHTS
             sd = read_state_dict(str(self.ckpt("base")))
             save_file({k: t.to(torch.bfloat16).contiguous() for k, t in sd.items()}, str(target))
             say(f"        shipped the base model into {target.relative_to(REPO)}")
@@ -560,11 +562,11 @@ def _default_device() -> str:
 
 def _copy_folder_without_dit(source: Path, target: Path) -> None:
     """Copy a Wan folder except the DiT weights at its top level (``vae/`` keeps its own safetensors)."""
-    from model.loader import WEIGHTS_NAME
+    from model.weights import WAN_DIT_WEIGHTS
 
     def ignore(folder: str, names: list[str]) -> list[str]:
         top = Path(folder).resolve() == source.resolve()
-        return [n for n in names if top and (n == WEIGHTS_NAME or n.startswith(WEIGHTS_NAME.split(".")[0] + "-"))
+        return [n for n in names if top and (n == WAN_DIT_WEIGHTS or n.startswith(WAN_DIT_WEIGHTS.split(".")[0] + "-"))
                 or top and n.endswith(".index.json")]
 
     shutil.copytree(source, target, ignore=ignore)
@@ -592,12 +594,13 @@ def _write_random_dit(folder: Path, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from model.loader import WEIGHTS_NAME, read_model_config
+    from model.loader import read_model_config
     from model.wan import WanModel
+    from model.weights import WAN_DIT_WEIGHTS
 
     torch.manual_seed(seed)
     model = WanModel(read_model_config(str(folder)))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_NAME))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WAN_DIT_WEIGHTS))
 
 
 def split_faithfulness(result: dict, seed: int) -> dict:
