@@ -1,15 +1,11 @@
 """fp8 matrix products for inference (``--fp8``): the DiT blocks' linear layers on fp8 tensor cores.
 
-Row-wise scaling: every activation row and every weight row (output channel) is divided by its own float32 scale
-``amax / 448`` and rounded to float8 e4m3; ``torch._scaled_mm`` multiplies the fp8 operands, accumulates in float32,
-multiplies the scales back in and adds the bias, and writes bf16. The weights are quantised once; the activations'
-quantisation (one max and one cast per row) sits inside the compiled elementwise regions, fused with the work
-around it. Converted: each block's q/k/v product, self-attention output, cross-attention query and output, and both
-FFN products -- everything whose rows are the video tokens. Left in bf16: the cross-attention keys and values (once
-per prompt), the text, time and patch embeddings and the head (a few rows or a small share of the time).
-
-Inference only: the converted model's state dict holds fp8 weights and scales, not the checkpoint's keys. How far
-the result moves from bf16, layer by layer and over a whole video, and what it buys: docs/performance.md.
+Row-wise scaling: every activation and weight row is divided by its own float32 scale ``amax / 448`` and rounded to
+float8 e4m3; ``torch._scaled_mm`` accumulates in float32, applies the scales and the bias and writes bf16. Weights
+are quantised once, activations inside the compiled elementwise regions. Converted: every product whose rows are the
+video tokens; the cross-attention K/V, the embeddings and the head stay bf16 (a few rows or a small share of the
+time). The converted state dict holds fp8 weights and scales, not the checkpoint's keys. Accuracy and speed:
+docs/performance.md.
 """
 
 from __future__ import annotations

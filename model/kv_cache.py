@@ -58,9 +58,8 @@ class KVCache:
     """Self- and cross-attention cache of one model for one batch of prompts."""
 
     def __init__(self, num_layers: int, batch_size: int, tokens_per_frame: int, num_heads: int, head_dim: int,
-                 capacity_frames: int, sink_frames: int = 0, text_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 rope: RotaryTables | None = None):
+                 capacity_frames: int, sink_frames: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", rope: RotaryTables | None = None):
         if not 0 <= sink_frames < capacity_frames:
             raise ValueError(f"sink_size {sink_frames} must be >= 0 and below the cache size {capacity_frames}")
         self.num_layers = num_layers
@@ -79,7 +78,6 @@ class KVCache:
         self.cross_k: list[torch.Tensor | None] = [None] * num_layers
         self.cross_v: list[torch.Tensor | None] = [None] * num_layers
         self._cross_memory: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.text_len = text_len
         self.frames_written = 0   # one past the highest frame written so far
         self.origin = 0           # the frame at rotary position 0
         self.placed = [0] * num_layers   # rotation (frames) of the sink keys now in each layer's sink slots
@@ -91,7 +89,7 @@ class KVCache:
         cfg = model.config
         p = next(model.parameters())
         return cls(cfg.num_layers, batch_size, cfg.tokens_per_frame(height, width), cfg.num_heads, cfg.head_dim,
-                   capacity_frames, sink_frames, cfg.text_len, dtype or p.dtype, device or p.device, model.rope)
+                   capacity_frames, sink_frames, dtype or p.dtype, device or p.device, model.rope)
 
     def reset(self, keep_cross: bool = False) -> None:
         """Forget every frame (buffers are reused; stale values are never read)."""

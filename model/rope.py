@@ -27,18 +27,14 @@ def _inv_freq(pairs: int) -> torch.Tensor:
     return 1.0 / (THETA ** (torch.arange(0, n, 2, dtype=torch.float64) / n))
 
 
-def _axis_angles(max_positions: int, pairs: int) -> torch.Tensor:
-    """float64 angles ``[max_positions, pairs]`` of one axis."""
-    return torch.outer(torch.arange(max_positions, dtype=torch.float64), _inv_freq(pairs))
-
-
 class RotaryTables:
     """Per-axis angle tables plus a small cache of per-call ``(cos, sin)`` token tables."""
 
     def __init__(self, head_dim: int, max_positions: int = 1024):
         self.head_dim = head_dim
         self.max_positions = max_positions
-        self.angles = [_axis_angles(max_positions, p) for p in axis_pairs(head_dim)]
+        positions = torch.arange(max_positions, dtype=torch.float64)
+        self.angles = [torch.outer(positions, _inv_freq(p)) for p in axis_pairs(head_dim)]   # per axis, float64
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._shifts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from model.masks import BlockLayout
+
 
 class FlowMatchScheduler:
     """Shifted flow-matching grid with nearest-grid lookups, Euler steps and timestep samplers.
@@ -148,7 +150,8 @@ class FlowMatchScheduler:
         if uniform:
             values = torch.randint(low, high, (batch_size, 1), generator=generator, device=device)
             return values.expand(batch_size, num_frames).clone()
-        block_first = _block_first_frames(num_frames, num_frame_per_block, independent_first_frame)
+        sizes = torch.tensor(BlockLayout(num_frame_per_block, independent_first_frame).block_sizes(num_frames))
+        block_first = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)   # each frame's block's first frame
         values = torch.randint(low, high, (batch_size, num_frames), generator=generator, device=device)
         return values[:, block_first.to(values.device)]
 
@@ -172,16 +175,3 @@ class FlowMatchScheduler:
             t = shift * frac / (1 + (shift - 1) * frac) * n
         return t.clamp(0.02 * n, 0.98 * n)
 
-
-def _block_first_frames(num_frames: int, num_frame_per_block: int, independent_first_frame: bool) -> torch.Tensor:
-    """For each frame, the index of the first frame of its block; int64 ``[num_frames]``."""
-    k = num_frame_per_block
-    blocked = num_frames - 1 if independent_first_frame else num_frames
-    if k < 1 or blocked % k != 0:
-        raise ValueError(f"{blocked} frames (after an independent first frame: {independent_first_frame}) "
-                         f"do not split into blocks of {k}")
-    frames = torch.arange(num_frames)
-    if not independent_first_frame:
-        return frames - frames % k
-    rest = frames[1:] - 1
-    return torch.cat([frames[:1], rest - rest % k + 1])

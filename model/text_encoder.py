@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # Per-block key suffixes: Wan name -> HF name (under ``encoder.block.{i}.``). The FFN is
 # ``fc2(fc1(x) * gelu_tanh(gate(x)))`` in Wan and ``wo(gelu_new(wi_0(x)) * wi_1(x))`` in HF, hence gate <-> wi_0.
-_BLOCK_WAN_TO_HF = {
+WAN_T5_BLOCK_KEYS = {
     "norm1.weight": "layer.0.layer_norm.weight",
     "attn.q.weight": "layer.0.SelfAttention.q.weight",
     "attn.k.weight": "layer.0.SelfAttention.k.weight",
@@ -35,15 +35,14 @@ _BLOCK_WAN_TO_HF = {
     "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
     "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
 }
-_BLOCK_HF_TO_WAN = {hf: wan for wan, hf in _BLOCK_WAN_TO_HF.items()}
 _WAN_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_HF_BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
 
 # UMT5-XXL as built by Wan's ``umt5_xxl(encoder_only=True)``; 5,680,910,336 parameters.
 UMT5_XXL = dict(
     vocab_size=256384, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
     relative_attention_num_buckets=32, relative_attention_max_distance=128,
 )
+
 
 def _num_wan_layers(state_dict: dict) -> int:
     indices = [int(m.group(1)) for k in state_dict if (m := _WAN_BLOCK_RE.match(k))]
@@ -53,7 +52,7 @@ def _num_wan_layers(state_dict: dict) -> int:
 def expected_wan_t5_keys(num_layers: int) -> set[str]:
     """The exact key set of a Wan T5 encoder checkpoint with ``num_layers`` blocks (242 keys for 24 layers)."""
     keys = {"token_embedding.weight", "norm.weight"}
-    keys.update(f"blocks.{i}.{suffix}" for i in range(num_layers) for suffix in _BLOCK_WAN_TO_HF)
+    keys.update(f"blocks.{i}.{suffix}" for i in range(num_layers) for suffix in WAN_T5_BLOCK_KEYS)
     return keys
 
 
@@ -76,32 +75,12 @@ def convert_wan_t5_to_hf(state_dict: dict) -> dict:
             out["encoder.embed_tokens.weight"] = value
         elif key == "norm.weight":
             out["encoder.final_layer_norm.weight"] = value
-        elif (m := _WAN_BLOCK_RE.match(key)) and m.group(2) in _BLOCK_WAN_TO_HF:
-            out[f"encoder.block.{m.group(1)}.{_BLOCK_WAN_TO_HF[m.group(2)]}"] = value
+        elif (m := _WAN_BLOCK_RE.match(key)) and m.group(2) in WAN_T5_BLOCK_KEYS:
+            out[f"encoder.block.{m.group(1)}.{WAN_T5_BLOCK_KEYS[m.group(2)]}"] = value
         else:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"Wan T5 state dict with keys of no UMT5 parameter: {key_mismatch(unexpected=unknown)}")
-    return out
-
-
-def convert_hf_t5_to_wan(state_dict: dict) -> dict:
-    """Inverse of :func:`convert_wan_t5_to_hf`; Wan's one embedding is HF's tied ``shared.weight``."""
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        if key == "shared.weight":
-            out["token_embedding.weight"] = value
-        elif key == "encoder.embed_tokens.weight":
-            continue
-        elif key == "encoder.final_layer_norm.weight":
-            out["norm.weight"] = value
-        elif (m := _HF_BLOCK_RE.match(key)) and m.group(2) in _BLOCK_HF_TO_WAN:
-            out[f"blocks.{m.group(1)}.{_BLOCK_HF_TO_WAN[m.group(2)]}"] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"HF UMT5 encoder state dict with keys of no Wan T5 parameter: "
-                              f"{key_mismatch(unexpected=unknown)}")
     return out
 
 
@@ -130,6 +109,7 @@ def umt5_config_from_wan_state_dict(state_dict: dict, source: str = "checkpoint"
         relative_attention_num_buckets=num_buckets,
     )
 
+
 def clean_prompt(text: str) -> str:
     """Wan's ``clean='whitespace'``: repair mojibake (ftfy), unescape HTML twice, collapse whitespace, strip."""
     import ftfy  # Wan's cleaning depends on it; imported here so the rest of the module works without it
@@ -137,6 +117,7 @@ def clean_prompt(text: str) -> str:
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     return re.sub(r"\s+", " ", text).strip()
+
 
 def _has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in WAN_TOKENIZER_FILES)
@@ -213,6 +194,7 @@ def _find_tokenizer(weights: Path, explicit: str | Path | None) -> Path:
         "pass tokenizer_path"
     )
 
+
 class TextEncoder(nn.Module):
     """Frozen UMT5 encoder + tokenizer: prompts -> ``[B, text_len, d_model]`` with padded rows set to zero.
 
@@ -234,10 +216,6 @@ class TextEncoder(nn.Module):
         self._cache: OrderedDict[tuple[str, torch.dtype], torch.Tensor] = OrderedDict()
         self._stream_device: torch.device | None = None
         self.stream_device: torch.device | None = None   # set: every encode streams the weights there (24 GB mode)
-
-    @property
-    def dim(self) -> int:
-        return self.encoder.config.d_model
 
     @property
     def device(self) -> torch.device:

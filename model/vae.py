@@ -118,13 +118,12 @@ class WanVAE(nn.Module):
     """Frozen Wan VAE (a diffusers ``AutoencoderKLWan``); the per-channel latent statistics default to
     ``model.config``'s, else Wan2.1's."""
 
-    def __init__(self, model: AutoencoderKLWan, latents_mean: list[float] | None = None,
-                 latents_std: list[float] | None = None) -> None:
+    def __init__(self, model: AutoencoderKLWan) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         config = model.config
-        self.latents_mean = list(latents_mean or config.get("latents_mean") or WAN21_LATENTS_MEAN)
-        self.latents_std = list(latents_std or config.get("latents_std") or WAN21_LATENTS_STD)
+        self.latents_mean = list(config.get("latents_mean") or WAN21_LATENTS_MEAN)
+        self.latents_std = list(config.get("latents_std") or WAN21_LATENTS_STD)
         self.latent_channels = config.z_dim
         if len(self.latents_mean) != self.latent_channels or len(self.latents_std) != self.latent_channels:
             raise ConfigError(f"latents_mean/latents_std need {self.latent_channels} values (z_dim)")
@@ -200,9 +199,6 @@ class WanVAE(nn.Module):
 
     def num_pixel_frames(self, num_latent_frames: int) -> int:
         return 1 + self.temporal_compression * (num_latent_frames - 1)
-
-    def num_latent_frames(self, num_pixel_frames: int) -> int:
-        return 1 + (num_pixel_frames - 1) // self.temporal_compression
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 mean/std ``[1, 1, C, 1, 1]`` on ``device``, copied once per device."""

@@ -1,6 +1,14 @@
-"""The Wan VAE decoder run one step at a time with its causal cache as plain tensors (:func:`decoder_step`), cut into
-regions that :meth:`model.vae.WanVAE.compile_decoder` compiles (:class:`DecoderRegions`); the arithmetic of diffusers'
-``AutoencoderKLWan`` decoder, which :class:`model.vae.StreamingDecoder` drives block by block."""
+"""The arithmetic of diffusers' ``AutoencoderKLWan`` decoder, one step at a time (:func:`decoder_step`), with its
+causal cache as plain tensors, which :class:`model.vae.StreamingDecoder` drives block by block.
+
+diffusers keeps the cache in a list it mutates, with None / "Rep" markers for a video's first calls: under
+torch.compile each marker state is another graph. Here every causal convolution sees ``cat(cache, x)`` in time, the
+cache holding the last ``kernel_t - 1`` frames of its input so far, zeros at a video's start (the same numbers as
+diffusers' padding); only the temporal upsampler's convolution is skipped on the first call and runs from zeros on
+the second. The regions (:class:`DecoderRegions`: a residual block, an upsampler, the head) are compiled one by one,
+each output a real buffer: compiled as one graph, inductor recomputed the residual sums inside later kernels and
+kept every convolution output of a stage alive. Regions of equal shapes share graphs: 9 small graphs in all.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +18,6 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-# diffusers' decoder keeps its causal cache in a list it mutates, with None / "Rep" markers for the first calls of
-# a video; under torch.compile each marker state is another graph. The same arithmetic with the cache as plain
-# tensors: every causal convolution sees ``cat(cache, x)`` in time, where the cache holds the last
-# ``kernel_t - 1`` frames of that convolution's input so far, zeros at the start of a video. (diffusers pads the
-# first call with zeros and keeps fewer frames until it has them: the same numbers.) The one exception is the
-# temporal upsampler's convolution, which diffusers skips on the first call and runs from zeros on the second.
-#
-# The decoder is cut into regions (a residual block, an upsampler, the output head) that take and return plain
-# tensors; :meth:`WanVAE.compile_decoder` compiles the regions, not the whole step. A region's output is a real
-# buffer: compiled as one graph, inductor recomputed the cheap residual sums inside later kernels instead, keeping
-# every convolution output of a stage alive until its end (seen in the generated code). Regions of equal shapes
-# share graphs, so the whole decoder is 9 small graphs.
-
 
 # Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are dropped:
 # on the H100, cuDNN takes 2.12 ms for the last stage's full-resolution 96-channel 3x3x3 convolution (one steady

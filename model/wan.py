@@ -78,14 +78,21 @@ class AttnPlan:
     cross: Cross = Cross.CONTEXT
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """The q, k, v, o projections and the q/k RMSNorm over all heads of an attention layer."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.fused_qkv: tuple[torch.Tensor, torch.Tensor] | nn.Module | None = None
+
+
+class SelfAttention(Projections):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor] | nn.Module | None = None   # see fuse_qkv
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projections, q/k RMSNorm over all heads, RoPE at the tokens' positions: three ``[B, L, N, d]``."""
@@ -114,15 +121,8 @@ class SelfAttention(nn.Module):
         self.fused_qkv = (w, b)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Projections):
     """Text cross-attention; no RoPE, no mask: all ``text_len`` (zero-padded) context rows are attended."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, text_len, N, d]`` of the embedded context (cacheable per prompt)."""

@@ -1,11 +1,9 @@
 """Where downloaded weights are expected, the command that fetches what is missing, and downloads on demand.
 
-A Wan2.1 T2V folder holds the DiT (``config.json`` + ``diffusion_pytorch_model.safetensors``, or the 14B model's
-index + shards), the text encoder ``models_t5_umt5-xxl-enc-bf16.pth``, its tokenizer ``google/umt5-xxl/`` and the VAE
-``Wan2.1_VAE.pth``; only file presence is checked (instant; readers report corrupt files). A missing released
-checkpoint or Wan folder part is fetched through ``huggingface_hub`` where ``hf download`` would put it, a Hub
-reference (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``, ``Wan-AI/Wan2.1-T2V-1.3B``) into the Hugging Face
-cache. ``HF_HUB_OFFLINE=1`` (``--offline``) downloads nothing; what is missing then gets its ``hf download`` command.
+Only file presence is checked (readers report corrupt files). A missing released checkpoint or Wan folder part is
+fetched through ``huggingface_hub`` where ``hf download`` would put it, a Hub reference
+(``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``, ``Wan-AI/Wan2.1-T2V-1.3B``) into the Hugging Face cache;
+``HF_HUB_OFFLINE=1`` (``--offline``) downloads nothing, and what is missing gets its ``hf download`` command.
 """
 
 from __future__ import annotations
@@ -34,9 +32,8 @@ WAN_PARTS = ("dit", "text_encoder", "tokenizer", "vae")
 WAN_ORG = "Wan-AI"
 _WAN_REPO_RE = re.compile(r"^Wan2\.1-T2V-(1\.3B|14B)$")
 CAUSAL_FORCING_REPO = "zhuhz22/Causal-Forcing"
-# Every file of the zhuhz22/Causal-Forcing model repository, as its path inside the repository (README.md lists each
-# with its download line and command). `hf download <repo> <file> --local-dir checkpoints` puts it at
-# checkpoints/<file>.
+# Every file of the zhuhz22/Causal-Forcing model repository (README.md lists each with its download command);
+# `hf download <repo> <file> --local-dir checkpoints` puts it at checkpoints/<file>.
 RELEASED_CHECKPOINTS = (
     "framewise/ar_diffusion.pt", "chunkwise/ar_diffusion.pt",            # Stage 1 (many-step)
     "framewise/causal_ode.pt", "chunkwise/causal_ode.pt",                # Stage 2a (4-step)
@@ -105,8 +102,7 @@ def missing_wan_files(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, rep
 
 
 def check_wan_folder(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo_id: str | None = None) -> None:
-    """Raise one-line WeightsMissingError naming every file of the parts ``need`` missing from ``folder`` and the
-    download command (``repo_id`` by default from the folder name), unless complete."""
+    """Raise one WeightsMissingError line naming every missing file of the parts ``need`` and the download command."""
     missing = missing_wan_files(folder, need, repo_id)
     if not missing:
         return
@@ -117,9 +113,7 @@ def check_wan_folder(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo
 
 
 def download_hint_for_checkpoint(path: str | Path) -> str | None:
-    """The ``hf download`` command for a released checkpoint path or Hub reference, else None:
-    ``checkpoints/chunkwise/causal_forcing.pt`` -> ``hf download zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt
-    --local-dir checkpoints``."""
+    """The ``hf download`` command for a released checkpoint path or Hub reference, else None."""
     hub = split_hub_file(path)
     if hub is not None and hub[0] == CAUSAL_FORCING_REPO:
         return f"hf download {hub[0]} {hub[1]}"          # a Hub reference: into the Hugging Face cache
@@ -141,17 +135,13 @@ def _released(path: str | Path) -> tuple[str, str] | None:
 
 def check_file(path: str | Path, what: str, how_to_get: str | None = None) -> None:
     """Raise WeightsMissingError ``"<what> not found: <path>; get it with: <how_to_get>"`` unless ``path`` is a file
-    (default hint: a released checkpoint's ``hf download`` command)."""
+    (default: a released checkpoint's ``hf download`` command)."""
     path = Path(path)
     if path.is_file():
         return
     how_to_get = how_to_get or download_hint_for_checkpoint(path)
     hint = f"; get it with: {how_to_get}" if how_to_get else ""
     raise WeightsMissingError(f"{what} not found: {path}{hint}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# downloads
 
 
 def hub_offline() -> bool:
@@ -188,11 +178,9 @@ def _download(repo_id: str, filename: str, local_dir: str | None, what: str) -> 
 
 
 def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> str:
-    """The local file for ``path``: itself when it exists; a released checkpoint's usual path
-    (``checkpoints/chunkwise/causal_forcing.pt``) downloaded into its folder; a Hub reference
-    (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``) downloaded into the Hugging Face cache. Offline, or when
-    ``path`` is neither, ``path`` comes back unchanged and the reader reports it missing (with its download command).
-    """
+    """The local file for ``path``: itself when it exists, else a released checkpoint's usual path downloaded into its
+    folder or a Hub reference into the Hugging Face cache; offline or otherwise ``path`` unchanged (the reader reports
+    it missing, with its download command)."""
     path = str(path)
     if os.path.exists(path):
         return path
@@ -208,8 +196,8 @@ def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> str:
 
 
 def _wan_files(part: str, repo_id: str, local_dir: str | None) -> list[tuple[str, str | None]]:
-    """Download the files of one Wan part: ``[(name in the repository, local path or None offline), ...]``. The DiT
-    is one safetensors file (1.3B) or an index and the shards it lists (14B)."""
+    """Download one Wan part: ``[(name in the repository, local path or None offline), ...]``; the DiT is one file
+    (1.3B) or an index and its shards (14B)."""
     def get(name: str) -> tuple[str, str | None]:
         return name, _download(repo_id, name, local_dir, f"Wan2.1 weights {repo_id}")
 
@@ -228,10 +216,9 @@ def _wan_files(part: str, repo_id: str, local_dir: str | None) -> list[tuple[str
 
 
 def resolve_wan_folder(models_dir: str | Path, name: str, need: tuple[str, ...] = WAN_PARTS) -> str:
-    """The Wan2.1 folder of model ``name`` under ``models_dir`` with the parts ``need`` names downloaded when missing:
-    ``Wan2.1-T2V-1.3B`` / ``-14B`` completed in place from ``Wan-AI/<name>``; a Hub repository name without a local
-    folder into the Hugging Face cache (its snapshot folder returned). Otherwise (other names, diffusers folders,
-    offline) the folder as it is, for its reader to report what is missing."""
+    """The Wan2.1 folder ``models_dir/name`` with the parts ``need`` downloaded when missing: ``Wan2.1-T2V-1.3B`` /
+    ``-14B`` completed in place, a Hub repository name without a local folder into the Hugging Face cache (its
+    snapshot folder returned); otherwise (other names, diffusers folders, offline) the folder as it is."""
     folder = os.path.join(models_dir, name)
     if name.count("/") == 1 and not os.path.isdir(folder):
         repo_id, local_dir = name, None

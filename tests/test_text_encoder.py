@@ -18,13 +18,13 @@ from model.text_encoder import (  # noqa: E402
     UMT5_XXL,
     TextEncoder,
     clean_prompt,
-    convert_hf_t5_to_wan,
     convert_wan_t5_to_hf,
     expected_wan_t5_keys,
     umt5_config,
     umt5_config_from_wan_state_dict,
 )
 from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_SUBDIR  # noqa: E402
+from toy.folders import convert_hf_t5_to_wan  # noqa: E402
 from utils.errors import CheckpointError, WeightsMissingError  # noqa: E402
 
 TEXT_LEN = 48

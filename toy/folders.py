@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model.config import WanConfig
+from model.text_encoder import WAN_T5_BLOCK_KEYS
 from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_SUBDIR
 
 TINY_DIT = WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=4, num_layers=2, text_len=16)
@@ -81,6 +82,22 @@ def write_tokenizer(folder: Path, sentences: list[str], vocab_size: int = 120, w
     return folder
 
 
+def convert_hf_t5_to_wan(state_dict: dict) -> dict:
+    """A ``UMT5EncoderModel`` state dict in Wan's T5 naming, as a Wan folder stores it (the inverse of
+    :func:`model.text_encoder.convert_wan_t5_to_hf`): HF's tied embedding is Wan's one ``token_embedding``."""
+    hf_to_wan = {hf: wan for wan, hf in WAN_T5_BLOCK_KEYS.items()}
+    out = {}
+    for key, value in state_dict.items():
+        if key == "shared.weight":
+            out["token_embedding.weight"] = value
+        elif key == "encoder.final_layer_norm.weight":
+            out["norm.weight"] = value
+        elif key.startswith("encoder.block."):
+            index, rest = key.removeprefix("encoder.block.").split(".", 1)
+            out[f"blocks.{index}.{hf_to_wan[rest]}"] = value
+    return out
+
+
 def _cast(state_dict: dict, dtype: torch.dtype | None) -> dict:
     """Contiguous copies in ``dtype`` (floating tensors only; None keeps each tensor's dtype)."""
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
@@ -107,7 +124,7 @@ def write_tiny_wan_folder(folder: str | Path, dit: WanConfig = TINY_DIT, t5: dic
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from model.text_encoder import convert_hf_t5_to_wan, umt5_config
+    from model.text_encoder import umt5_config
     from model.vae import WanVAE
     from model.wan import WanModel
 
