@@ -299,15 +299,19 @@ def read_model_config(folder) -> WanConfig:
     return WanConfig.from_dict(d)
 
 
-def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> torch.nn.Module:
-    """Normalise ``sd`` and load it into ``model`` strictly (one :class:`CheckpointError` naming every misfit). A model
-    on ``meta`` takes the tensors themselves (no second copy); otherwise values are copied and cast."""
-    sd = normalize_keys(sd)
+def load_strict(model: torch.nn.Module, sd: dict, source: str, what: str = "the model") -> None:
+    """Load ``sd`` with strict names and shapes (one :class:`CheckpointError` naming every misfit). A model on
+    ``meta`` takes the tensors themselves (no second copy); otherwise values are copied and cast."""
     problems = state_dict_mismatch(model.state_dict(), sd)
     if problems:
-        raise CheckpointError(f"{what} does not fit the model: {problems}")
-    on_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict(sd, strict=True, assign=on_meta)
+        raise CheckpointError(f"{source} does not fit {what}: {problems}")
+    model.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in model.parameters()))
+
+
+def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> torch.nn.Module:
+    """:func:`load_strict` of ``sd`` with its keys normalised."""
+    sd = normalize_keys(sd)
+    load_strict(model, sd, what)
     log.info("loaded %d tensors from %s", len(sd), what)
     return model
 

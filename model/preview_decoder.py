@@ -113,8 +113,7 @@ class TinyVideoDecoder(nn.Module):
     def from_file(cls, path: str | Path, device="cpu", dtype=torch.float32, **config) -> TinyVideoDecoder:
         """Load the decoder half of a TAEHV file (``encoder.*`` keys are ignored). ``config`` defaults to
         :data:`TAEHV_WAN21`."""
-        from model.loader import read_weights_file
-        from model.vae import load_state_dict_strict
+        from model.loader import load_strict, read_weights_file
 
         path = Path(path)
         check_file(path, "preview decoder", PREVIEW_HINT)
@@ -125,7 +124,7 @@ class TinyVideoDecoder(nn.Module):
             if isinstance(layer, TimeGrow) and key in state and state[key].shape[0] > layer.conv.out_channels:
                 # files store the x1 time-grow layer at full width; its output is the last frame's channels
                 state[key] = state[key][-layer.conv.out_channels:]
-        load_state_dict_strict(model, state, str(path), what="the preview decoder")
+        load_strict(model, state, str(path), "the preview decoder")
         log.info("preview decoder: loaded %s", path)
         return model.to(device, dtype).eval()
 

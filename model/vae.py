@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from model.loader import read_weights_file
+from model.loader import load_strict, read_weights_file
 from model.vae_decoder import EAGER_REGIONS, decoder_step
 from model.weights import WAN_VAE_FILENAME
-from utils.errors import CheckpointError, ConfigError, WeightsMissingError, state_dict_mismatch
+from utils.errors import ConfigError, WeightsMissingError
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
@@ -105,15 +105,6 @@ def convert_original_vae_state_dict(state_dict: dict[str, torch.Tensor], num_res
     return {convert_original_vae_key(key, num_res_blocks) or key: value for key, value in state_dict.items()}
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                           what: str = "the Wan VAE") -> None:
-    """Load with ``assign=True`` after checking names and shapes; raises CheckpointError naming the mismatches."""
-    problems = state_dict_mismatch(model.state_dict(), state_dict)
-    if problems:
-        raise CheckpointError(f"{source} does not fit {what}: {problems}")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-
-
 class WanVAE(nn.Module):
     """Frozen Wan VAE (a diffusers ``AutoencoderKLWan``); the per-channel latent statistics default to
     ``model.config``'s, else Wan2.1's."""
@@ -163,7 +154,7 @@ class WanVAE(nn.Module):
             model = _autoencoder_class().from_config(full_config)
         if "post_quant_conv.weight" not in state_dict:  # original Wan names
             state_dict = convert_original_vae_state_dict(state_dict, model.config.num_res_blocks)
-        load_state_dict_strict(model, state_dict, str(path))
+        load_strict(model, state_dict, str(path), "the Wan VAE")
         logger.info("loaded Wan VAE from %s", path)
         return cls(model.to(torch_dtype))
 
