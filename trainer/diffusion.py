@@ -8,7 +8,6 @@ stream, so any world size computes the same steps.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -22,8 +21,6 @@ from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
 from utils.datasets import LatentLMDBDataset
 from utils.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 NUM_TIMESTEP_BUCKETS = 4  # per-bucket MSE metrics: quarters of [0, num_train_timestep]
 # Independent random streams of one sample: tensor draws on the training device, caption dropout on the CPU.

@@ -1,14 +1,8 @@
-"""The one training loop of every stage. It knows no loss: an :class:`~trainer.objective.Objective` names the networks,
-the optimizer phases and how a micro-batch becomes a loss; this file does everything else.
-
-Order (torchtitan's): init distributed -> seed -> build networks -> activation checkpointing -> compile -> FSDP2 per
-block then root -> AdamW per phase -> resume from the latest checkpoint -> steps until ``max_steps`` (0 = forever),
-each phase with gradient accumulation, clipping, an optimizer step and the shard-local EMA -> metrics every
-``log_every`` steps -> a resume checkpoint, the release export and sample videos (trainer/samples.py) every
-``log_iters`` steps and at the end.
-
-Step numbering: the objective sees the 0-based ``step`` (steps done before this one, as the reference's ``self.step``);
-logs and checkpoint names use the number of steps completed (``step_000002`` = resume before the third step).
+"""The one training loop of every stage; an :class:`~trainer.objective.Objective` names the networks, the optimizer
+phases and how a micro-batch becomes a loss, this file does everything else, in torchtitan's order: distributed ->
+seed -> networks -> activation checkpointing -> compile -> FSDP2 -> AdamW per phase -> resume -> steps (accumulation,
+clipping, optimizer step, EMA) -> metrics every ``log_every`` -> checkpoint, release export and sample videos every
+``log_iters`` and at the end. The objective sees the 0-based ``step``; logs and checkpoint names count steps done.
 """
 
 from __future__ import annotations
@@ -59,13 +53,8 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Runs an objective. ``Trainer(cfg, objective).train()``; tests drive :meth:`setup` / :meth:`train_step`.
-
-    Args:
-        cfg: the resolved run config (``cfg.logdir`` holds checkpoints and ``metrics.jsonl``).
-        objective: the stage (see trainer/registry.py).
-        keep_checkpoints: resume checkpoints kept (newest first); release exports are all kept, as the reference did.
-    """
+    """Runs an objective: ``Trainer(cfg, objective).train()``; tests drive :meth:`setup` / :meth:`train_step`.
+    ``keep_checkpoints``: resume checkpoints kept (release exports are all kept, as the reference did)."""
 
     def __init__(self, cfg: Config, objective: Objective, keep_checkpoints: int = 3):
         if not cfg.logdir and not cfg.no_save:
@@ -86,9 +75,6 @@ class Trainer:
         self._owns_process_group = False
         self._lock: Optional[LogdirLock] = None
         self._samples: Optional[SampleWriter] = None
-
-    # -----------------------------------------------------------------------------------------------------------------
-    # the loop
 
     def train(self) -> int:
         """Train until ``cfg.max_steps`` (forever when 0); returns the number of steps completed."""
@@ -144,20 +130,16 @@ class Trainer:
         return step
 
     def train_step(self, step: int) -> None:
-        """One optimizer step of every phase due at ``step`` (0-based), on ``accum`` micro-batches: shared by the
-        phases, or drawn afresh for each (``Objective.fresh_batch_per_phase``)."""
+        """One optimizer step of every phase due at ``step`` (0-based) on ``accum`` micro-batches (shared by the
+        phases unless ``Objective.fresh_batch_per_phase``)."""
         batches = None
         for name in self.objective.phases_at(step):
             if batches is None or self.objective.fresh_batch_per_phase:
                 batches = [next(self.data) for _ in range(self._accum)]
             self._train_phase(self.phases[name], batches, step)
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # setup
-
     def _lock_logdir(self) -> None:
-        """Rank 0 locks the logdir for this run (:class:`LogdirLock`) and removes what killed runs left there; every
-        rank stops if it cannot."""
+        """Rank 0 locks the logdir and removes what killed runs left there; every rank stops if it cannot."""
         error = None
         if self.cfg.logdir and self.world.is_main:
             try:
@@ -234,9 +216,6 @@ class Trainer:
                 self.emas[phase.name] = ShardLocalEMA(self.networks.trainable[phase.name], self.cfg.ema_weight)
                 logger.info("EMA of %s kept from the start (decay %g)", phase.name, self.cfg.ema_weight)
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # one phase
-
     def _train_phase(self, phase: Phase, batches: list, step: int) -> None:
         """Accumulate gradients over ``batches``, clip, step AdamW, update the EMA."""
         model = self.networks.trainable[phase.name]
@@ -264,9 +243,6 @@ class Trainer:
                 ema.update()
             self.objective.ema_updated(phase.name, ema, step)
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # logging and saving
-
     def _log(self, step: int, bar: tqdm) -> None:
         """Reduce the accumulated metrics (the one host sync of a log step) and write them."""
         metrics = self._acc.reduce()
@@ -284,9 +260,7 @@ class Trainer:
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")}, refresh=False)
 
     def _peak_memory(self) -> dict[str, float]:
-        """``peak_memory_gib``: the largest CUDA memory allocated on any rank since the last log (one all-reduce);
-        nothing on CPU runs. The peak counter restarts when training starts and at each log, so a line shows its own
-        interval's peak."""
+        """``peak_memory_gib``: the largest CUDA memory allocated on any rank since the last log (CUDA only)."""
         device = self.world.device
         if device.type != "cuda":
             return {}
@@ -317,8 +291,7 @@ class Trainer:
             close_distributed()
 
     def _export_release(self, step: int) -> None:
-        """``checkpoint_model_<N>/model.pt`` with ``generator`` (and, after ``ema_start_step``, ``generator_ema``)
-        under ``model.<Wan key>``."""
+        """``checkpoint_model_<N>/model.pt``: ``generator`` (and after ``ema_start_step`` ``generator_ema``)."""
         if "generator" not in self.networks.trainable:
             return
         path = release_path(self.cfg.logdir, step)
