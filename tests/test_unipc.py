@@ -12,7 +12,7 @@ from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
 from model.unipc import UniPCSolver, unipc_grid
 from model.wan import WanModel
-from pipeline.bidirectional import sample_bidirectional
+from toy.bidirectional import sample_bidirectional
 from pipeline.causal import BlockLoop, Guidance, StepSchedule
 from toy.folders import TINY_DIT
 
