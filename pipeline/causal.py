@@ -184,22 +184,19 @@ class BlockLoop:
     views: CacheViews = field(default_factory=CacheViews)
 
     def flow(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, blocks: tuple[int, ...] = (),
-             grad: bool = False) -> torch.Tensor:
+             grad: bool = False, view: CacheView | None = None) -> torch.Tensor:
         """Guided flow for frames ``x [B, n, C, H, W]`` at ``t`` (a float, or ``[B, n]``); ``grad``: the model's
-        rollout mode (keeps gradients), else an inference forward without autograd."""
-        return self._forward(x, t, start_frame, self.views.denoise, blocks, grad)
-
-    def _forward(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, view: CacheView,
-                 blocks: tuple[int, ...] = (), grad: bool = False) -> torch.Tensor:
+        rollout mode (keeps gradients), else an inference forward without autograd. ``view``: default the
+        denoising view."""
         tt = t if isinstance(t, torch.Tensor) else self._t(x, t)
         mode = CacheMode.ROLLOUT if grad else CacheMode.INFERENCE
-        if not self.guidance.batched:
-            return self.model.forward_cached(x, tt, self.guidance.context, self.cache, start_frame, mode=mode,
-                                             blocks=blocks, view=view)
-        both = cond_uncond_context(self.guidance.context, self.guidance.negative)   # [2B, L, D]
-        out = self.model.forward_cached(torch.cat([x, x]), torch.cat([tt, tt]), both,
-                                        self.cache, start_frame, mode=mode, blocks=blocks, view=view)
-        return guide(*out.chunk(2), self.guidance.scale)
+        g = self.guidance
+        context = g.context
+        if g.batched:   # conditional and unconditional halves as one 2B batch
+            x, tt, context = torch.cat([x, x]), torch.cat([tt, tt]), cond_uncond_context(context, g.negative)
+        out = self.model.forward_cached(x, tt, context, self.cache, start_frame, mode=mode, blocks=blocks,
+                                        view=self.views.denoise if view is None else view)
+        return guide(*out.chunk(2), g.scale) if g.batched else out
 
     def _context_input(self, latents: torch.Tensor, t: float) -> torch.Tensor:
         x = latents.detach()
@@ -262,7 +259,7 @@ class BlockLoop:
         """Context pass: write ``latents`` into the cache, noised to ``timestep`` (default ``context_noise``); at 0
         exactly clean (the reference's rollout nudged them by the smallest grid sigma, its inference did not)."""
         t = self.context_noise if timestep is None else timestep
-        self._forward(self._context_input(latents, t), t, start_frame, self.views.context)
+        self.flow(self._context_input(latents, t), t, start_frame, view=self.views.context)
 
     def _blocks_from(self, start_frame: int, num_frames: int | None) -> Iterator[int]:
         """Sizes of the blocks covering frames ``start_frame .. start_frame+num_frames-1`` (None: endlessly)."""
@@ -330,10 +327,9 @@ class BlockLoop:
             yield WindowResult(w, x0, final)
 
     @torch.no_grad()
-    def prefill(self, latents: torch.Tensor, start_frame: int = 0) -> int:
-        """Write given clean latents (an image's or a clip's) at t = 0, block by block; returns the next frame."""
+    def prefill(self, latents: torch.Tensor, start_frame: int = 0) -> None:
+        """Write given clean latents (an image's or a clip's) at t = 0, block by block."""
         offset = 0
         for n in self._blocks_from(start_frame, latents.shape[1]):
             self.commit(latents[:, offset:offset + n], start_frame + offset, timestep=0.0)
             offset += n
-        return start_frame + offset

@@ -130,11 +130,3 @@ class CUDAGraphs:
             torch.cuda.current_stream().wait_stream(self._stream)
         self._graphs[key] = _Graph(graph, static_x, static_t, out, keep)
 
-
-def stream_cache(graphs: CUDAGraphs | None, owner, model: WanModel, batch: int, height: int, width: int,
-                 capacity: int, sink: int, dtype: torch.dtype, device: torch.device) -> tuple[KVCache, bool]:
-    """A stream's KV cache: the one ``graphs`` keeps, leased to ``owner`` (True), or a new one (False)."""
-    cache = graphs.lease(owner, batch, height, width, capacity, sink, dtype) if graphs is not None else None
-    if cache is not None:
-        return cache, True
-    return KVCache.for_model(model, batch, height, width, capacity, sink, dtype=dtype, device=device), False

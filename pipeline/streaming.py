@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.kv_cache import KVCache
 from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
@@ -27,7 +28,7 @@ from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.api import OUTPUT_TYPES, as_output_type, latent_frames_for
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
-from pipeline.graphs import CUDAGraphs, stream_cache
+from pipeline.graphs import CUDAGraphs
 from utils.config import Config
 from utils.errors import ConfigError
 from utils.video import pixels_to_uint8
@@ -85,7 +86,7 @@ class StreamingPipeline:
 
     @property
     def frame_decoder(self):
-        """What turns latents into frames: the preview decoder when one is given, else the VAE (None: no decoding)."""
+        """The preview decoder when one is given, else the VAE (None: no decoding)."""
         return self.preview_decoder if self.preview_decoder is not None else self.vae
 
     def side_stream(self) -> torch.cuda.Stream:
@@ -141,13 +142,11 @@ class StreamingPipeline:
         if fp8:
             C.generator_to_fp8(generator, device)
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
-        if vae is not None and device.type == "cuda":
-            vae.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
-        preview = None
-        if decode and preview_decoder:
-            preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype)
-            if device.type == "cuda":
-                preview.to_channels_last()
+        preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype) \
+            if decode and preview_decoder else None
+        for decoder in (vae, preview):
+            if decoder is not None and device.type == "cuda":
+                decoder.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
         text_encoder = C.placed_text_encoder(cfg, generator, device, dtype, text_encoder_device)
         pipe = cls.from_networks(cfg, generator, text_encoder, vae, device, dtype, preview)
         return pipe.enable_fast_path(compile) if fast else pipe
@@ -258,8 +257,12 @@ class VideoStream:
         self.rng = torch.Generator(pipe.device).manual_seed(seed)
         window, sink = pipe.window(total)
         guided = pipe.guidance_scale != 1.0
-        self.cache, self.leased = stream_cache(pipe.graphs, self, pipe.generator, batch * (2 if guided else 1), h, w,
-                                               window, sink, pipe.dtype, pipe.device)
+        rows = batch * (2 if guided else 1)
+        # the fast path's kept cache (its graphs read it), unless another stream holds it
+        leased = pipe.graphs.lease(self, rows, h, w, window, sink, pipe.dtype) if pipe.graphs is not None else None
+        self.leased = leased is not None
+        self.cache = leased if self.leased else KVCache.for_model(pipe.generator, rows, h, w, window, sink,
+                                                                  dtype=pipe.dtype, device=pipe.device)
         # the longest call: a block, two fused blocks (only before the window fills) or a rolling window
         steps = len(pipe.schedule.timesteps) if pipe.rolling_span else 1
         try:

@@ -74,8 +74,7 @@ class DMDObjective(Objective):
 
     def phases(self) -> list[Phase]:
         cfg = self.cfg
-        return [Phase("generator", cfg.lr, (cfg.beta1, cfg.beta2), cfg.max_grad_norm_generator,
-                      ema=cfg.ema_weight > 0),
+        return [Phase.generator(cfg),
                 Phase("critic", cfg.lr_critic, (cfg.beta1_critic, cfg.beta2_critic), cfg.max_grad_norm_critic)]
 
     def phases_at(self, step: int) -> list[str]:

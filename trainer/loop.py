@@ -21,30 +21,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.objective import Networks, Objective, Phase
 from trainer.samples import SampleWriter
-from utils.checkpoint import (
-    LogdirLock,
-    TrainState,
-    full_model_state_dict,
-    latest_checkpoint,
-    load_checkpoint,
-    read_meta,
-    release_path,
-    remove_stale_files,
-    save_checkpoint,
-)
+from utils import checkpoint, distributed
 from utils.config import Config, config_to_yaml, grad_accum_steps
-from utils.distributed import (
-    World,
-    all_ok,
-    apply_activation_checkpointing,
-    apply_fsdp,
-    build_mesh,
-    close_distributed,
-    init_distributed,
-    set_gradient_sync,
-    shard_frozen,
-    transformer_blocks,
-)
 from utils.ema import ShardLocalEMA
 from utils.errors import CheckpointError, ConfigError, OutputError, UserError, free_space, one_line
 from utils.metrics import MetricAccumulator, MetricsLogger, build_metrics_logger
@@ -64,7 +42,7 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.phases: dict[str, Phase] = {p.name: p for p in objective.phases()}
         self.emas: dict[str, ShardLocalEMA] = {}
-        self.world: Optional[World] = None
+        self.world: Optional[distributed.World] = None
         self.networks: Optional[Networks] = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.data: Optional[Iterator[Any]] = None
@@ -73,7 +51,7 @@ class Trainer:
         self._accum = 1
         self._last_log = (0.0, 0)  # (time, step) of the last metrics line
         self._owns_process_group = False
-        self._lock: Optional[LogdirLock] = None
+        self._lock: Optional[checkpoint.LogdirLock] = None
         self._samples: Optional[SampleWriter] = None
 
     def train(self) -> int:
@@ -110,7 +88,7 @@ class Trainer:
     def setup(self) -> int:
         """Everything before the first step; returns the step to start from (0, or the resumed checkpoint's)."""
         self._owns_process_group = not dist.is_initialized()
-        self.world = w = init_distributed()
+        self.world = w = distributed.init_distributed()
         self._lock_logdir()
         if w.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -143,11 +121,11 @@ class Trainer:
         error = None
         if self.cfg.logdir and self.world.is_main:
             try:
-                self._lock = LogdirLock(self.cfg.logdir)
-                remove_stale_files(self.cfg.logdir)   # safe now: no other run writes there
+                self._lock = checkpoint.LogdirLock(self.cfg.logdir)
+                checkpoint.remove_stale_files(self.cfg.logdir)   # safe now: no other run writes there
             except UserError as err:
                 error = err
-        if not all_ok(error is None):
+        if not distributed.all_ok(error is None):
             raise error or CheckpointError(f"rank 0 could not lock {self.cfg.logdir}")
 
     @staticmethod
@@ -163,18 +141,18 @@ class Trainer:
         missing = sorted(set(self.phases) - set(nets.trainable))
         if missing:
             raise ValueError(f"objective has phases {missing} without a trainable network of that name")
-        mesh = build_mesh(cfg.sharding_strategy, w)
+        mesh = distributed.build_mesh(cfg.sharding_strategy, w)
         for model in nets.trainable.values():
             if cfg.gradient_checkpointing:  # wrapped from outside, not the model's own flag: see the function's doc
-                apply_activation_checkpointing(model)
+                distributed.apply_activation_checkpointing(model)
             if cfg.compile:
-                for block in transformer_blocks(model):
+                for block in distributed.transformer_blocks(model):
                     block.compile()  # in place: parameter names stay canonical (no ``_orig_mod.``)
-            apply_fsdp(model, cfg.sharding_strategy, cfg.mixed_precision, mesh)
+            distributed.apply_fsdp(model, cfg.sharding_strategy, cfg.mixed_precision, mesh)
             model.train()
         offload = {"text_encoder": cfg.text_encoder_cpu_offload, "real_score": cfg.real_score_cpu_offload}
         for name, model in nets.frozen.items():
-            shard_frozen(model, cfg.sharding_strategy, cfg.mixed_precision, mesh,
+            distributed.shard_frozen(model, cfg.sharding_strategy, cfg.mixed_precision, mesh,
                          cpu_offload=offload.get(name, False) and w.device.type == "cuda")
         self.objective.attach(nets)
         return nets
@@ -186,17 +164,18 @@ class Trainer:
         impl = {"fused": True} if self.world.device.type == "cuda" else {}
         return torch.optim.AdamW(params, lr=phase.lr, betas=tuple(phase.betas), weight_decay=weight_decay, **impl)
 
-    def _state(self) -> TrainState:
-        return TrainState(models=dict(self.networks.trainable), optimizers=self.optimizers, emas=self.emas)
+    def _state(self) -> checkpoint.TrainState:
+        return checkpoint.TrainState(models=dict(self.networks.trainable), optimizers=self.optimizers, emas=self.emas)
 
     def _resume(self) -> int:
-        path = latest_checkpoint(self.cfg.logdir) if self.cfg.logdir else None
+        path = checkpoint.latest_checkpoint(self.cfg.logdir) if self.cfg.logdir else None
         if path is None:
             logger.info("no checkpoint under %s/checkpoints: starting at step 0", self.cfg.logdir or "(no logdir)")
             return 0
-        for name in read_meta(path)["emas"]:  # EMAs exist from ema_start_step on; recreate before loading into them
+        # EMAs exist from ema_start_step on: recreate them before loading into them
+        for name in checkpoint.read_meta(path)["emas"]:
             self.emas[name] = ShardLocalEMA(self.networks.trainable[name], self.cfg.ema_weight)
-        resumed = load_checkpoint(path, self._state())
+        resumed = checkpoint.load_checkpoint(path, self._state())
         for name, optimizer in self.optimizers.items():  # the config wins over the saved hyper-parameters
             phase = self.phases[name]
             for group in optimizer.param_groups:
@@ -223,7 +202,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         n = len(batches)
         for i, batch in enumerate(batches):
-            set_gradient_sync(model, i == n - 1)  # reduce gradients once, after the last micro-batch
+            distributed.set_gradient_sync(model, i == n - 1)  # reduce gradients once, after the last micro-batch
             loss, metrics = self.objective.loss(phase.name, batch, step)
             (loss / n).backward()
             self._acc.add(f"{phase.name}_loss", loss, step + 1, must_be_finite=True)
@@ -273,7 +252,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Resume checkpoint + release export of ``step`` (collective). Never saves a diverged model."""
         self._acc.check_finite()
-        save_checkpoint(self.cfg.logdir, step, self._state(), self.objective.data_state(),
+        checkpoint.save_checkpoint(self.cfg.logdir, step, self._state(), self.objective.data_state(),
                         config_to_yaml(self.cfg), keep=self.keep_checkpoints)
         self._export_release(step)
         if self._samples is not None:   # sample videos of the saved weights (collective: every rank generates)
@@ -288,18 +267,18 @@ class Trainer:
             self._lock.release()
             self._lock = None
         if self._owns_process_group:
-            close_distributed()
+            distributed.close_distributed()
 
     def _export_release(self, step: int) -> None:
         """``checkpoint_model_<N>/model.pt``: ``generator`` (and after ``ema_start_step`` ``generator_ema``)."""
         if "generator" not in self.networks.trainable:
             return
-        path = release_path(self.cfg.logdir, step)
+        path = checkpoint.release_path(self.cfg.logdir, step)
         if path.is_file():
             return
         from model.loader import save_release_checkpoint  # lazy: the loop itself needs no model code
 
-        generator = full_model_state_dict(self.networks.trainable["generator"])
+        generator = checkpoint.full_model_state_dict(self.networks.trainable["generator"])
         # An EMA kept from the start (CD's target) is exported, like any other, once ema_start_step has passed.
         with_ema = "generator" in self.emas and step > self.cfg.ema_start_step
         ema = self.emas["generator"].full_state_dict() if with_ema else None
