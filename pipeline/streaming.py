@@ -2,8 +2,10 @@
 
     pipe = StreamingPipeline.from_pretrained("zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt")
     video = pipe.generate("a red fox running through snow", num_frames=81)   # video.frames[0]: uint8 [T, H, W, 3]
-    for chunk in pipe.open("a red fox", num_frames=81, seed=0):   # one chunk per block (the first frame alone)
-        show(chunk.frames)                                       # float [B, T, 3, H, W] in [-1, 1]
+    stream = pipe.open("a red fox", num_frames=81, seed=0)
+    for chunk in stream:                  # one chunk per block (the first frame alone), as soon as it is decoded
+        show(chunk.frames)                # float [B, T, 3, H, W] in [-1, 1]
+        stream.switch_prompt("a wolf")    # takes effect at the next block
 
 ``num_frames`` counts video frames (``4k + 1``, as in diffusers); ``num_latent_frames`` counts latent frames, the
 unit of the published ``--num_output_frames``. Few-step generators, the many-step Stage-1 model (50 solver steps with
