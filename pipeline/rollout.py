@@ -17,7 +17,7 @@ from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
 from pipeline.causal import BlockLoop, CacheViews, ExitPolicy, Guidance, NoiseFn, StepSchedule, randn_like_from
-from utils.distributed import activation_checkpointed
+from utils.distributed import activation_checkpointed, multi_rank
 from utils.errors import ConfigError
 
 
@@ -32,7 +32,7 @@ class Rollout(NamedTuple):
 
 def broadcast_ints(values: list[int], src: int = 0) -> list[int]:
     """``values`` of rank ``src`` on every rank (a host sync the rollout needs anyway)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not multi_rank():
         return list(values)
     backend = str(dist.get_backend())
     # A CPU tensor needs a gloo backend; a pure NCCL group only moves CUDA tensors.
