@@ -29,9 +29,8 @@ RELEASED_CONFIGS = {
 
 def pretrained_config(name: str, checkpoint: str | None = None, use_ema: bool | None = None,
                       overrides: list[str] | None = None) -> tuple[Config, str | None, bool]:
-    """``(config, checkpoint, use_ema)`` for ``name``: a YAML path, a shipped config's name
-    (``toy/causal_forcing_dmd_chunkwise``) or a released file (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``,
-    which is also the checkpoint unless ``checkpoint`` is given)."""
+    """``(config, checkpoint, use_ema)`` for a YAML path, a shipped config's name (``toy/causal_forcing_dmd_chunkwise``)
+    or a released file (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``, also the default checkpoint)."""
     released = RELEASED_CONFIGS.get(name.removeprefix(f"{CAUSAL_FORCING_REPO}/"))
     if released is not None:
         checkpoint = checkpoint or name
@@ -43,9 +42,8 @@ def pretrained_config(name: str, checkpoint: str | None = None, use_ema: bool | 
 
 
 def latent_frames_for(num_frames: int, prefix: int, tiles: Callable[[int], bool], frames_per_block: int) -> int:
-    """Latent frames to generate after ``prefix`` latent frames for a whole video of ``num_frames`` video frames
-    (``4k + 1``: the VAE decodes latent frame 0 to one frame and every later one to 4) whose latent length
-    ``tiles`` into blocks. Raises ValueError for any other length, naming the nearest valid ones."""
+    """Latent frames to generate after ``prefix`` for a video of ``num_frames`` frames (``4k + 1``: the VAE decodes
+    latent frame 0 to one frame, every later one to 4) that ``tiles`` into blocks; else ValueError."""
     stride = VAE_TEMPORAL_STRIDE
     latent = 1 + (num_frames - 1) // stride if num_frames >= 1 else 0
     if (num_frames - 1) % stride == 0 and latent > prefix and tiles(latent):
@@ -58,8 +56,7 @@ def latent_frames_for(num_frames: int, prefix: int, tiles: Callable[[int], bool]
 
 
 def as_output_type(frames: torch.Tensor | None, output_type: str):
-    """A whole video's frames (uint8 ``[B, T, H, W, 3]`` for "np" and "pil", else float) as ``output_type`` asks:
-    a numpy array, B lists of PIL images, the tensor itself ("pt"), or None ("latent")."""
+    """A whole video's frames (uint8 ``[B, T, H, W, 3]`` for "np" and "pil") as ``output_type`` asks."""
     if output_type in ("pt", "latent"):
         return frames
     frames = frames.numpy()

@@ -1,28 +1,17 @@
-"""The per-block loop of causal generation, written once.
+"""The per-block loop of causal generation, written once (model_and_inference.md §9.1).
 
-Streaming inference, the self-forcing rollout of Stage 3, causal ODE trajectories of Stage 2 and multi-step sampling
-of Stage-1 models all run :class:`BlockLoop`: for each block, denoise its noise through the KV cache with a list of
-timesteps, then run one *context pass* that writes the block's clean latents into the cache for the blocks after it
-(model_and_inference.md §9.1). What differs between those uses is data, not code:
+Streaming inference, the Stage-3 self-forcing rollout and many-step Stage-1 sampling all run :class:`BlockLoop`: for
+each block, denoise its noise through the KV cache over a list of timesteps, then a *context pass* writes its clean
+latents into the cache for the blocks after it. What differs is data: the step rule (``"renoise"`` for few-step
+generators, ODE solvers ``"euler"`` or ``"unipc"`` for many-step models), classifier-free guidance (both halves as
+one ``2B`` batch against a ``2B`` cache), which latents the context pass writes (the prediction, or given ones), an
+:class:`ExitPolicy` and :class:`CacheViews`.
 
-* the step rule: ``"renoise"`` (few-step generators: predict x0, add fresh noise at the next timestep), or an ODE
-  solver for many-step models: ``"euler"`` (``x + v·(σ_next − σ)``) or ``"unipc"`` (Wan's multistep UniPC,
-  :mod:`model.unipc`; its history lives in a solver object made afresh for each block);
-* classifier-free guidance: a negative context and a scale; conditional and unconditional halves run as one batch
-  of ``2B`` against one cache of batch ``2B``;
-* which latents the context pass writes: the block's own prediction (generation), or given ones (teacher-forced ODE
-  trajectories with ground-truth context, I2V prefill);
-* an :class:`ExitPolicy` for the rollout: the step at which a block stops, and whether that step keeps gradients;
-* :class:`CacheViews`: what a denoising forward and a context pass attend to (everything cached, or Rolling Forcing's
-  span and sink).
+**Rolling Forcing** (published ``long_video/pipeline/rolling_forcing_inference.py``), :meth:`BlockLoop.rolling`,
+denoises windows of ``len(timesteps)`` consecutive blocks in one forward at staggered steps (block ``b`` at step
+``k - b`` in window ``k``); the oldest block, then clean, is committed and leaves the window.
 
-**Rolling Forcing** (published ``long_video/pipeline/rolling_forcing_inference.py``) is another schedule of the same
-pieces, :meth:`BlockLoop.rolling`: windows of ``len(timesteps)`` consecutive blocks are denoised in one forward at
-staggered steps (the newest block from pure noise at the first step, the oldest at the last), against the clean
-cache; each block is re-noised to its next step for the next window, and the oldest, now clean, is written into the
-cache by a context pass and leaves the window. Block ``b`` is at step ``k - b`` in window ``k``.
-
-Every timestep here is a Python float and every position a Python int, so the loop never waits on the GPU.
+Timesteps are Python floats and positions Python ints, so the loop never waits on the GPU.
 """
 
 from __future__ import annotations
@@ -89,8 +78,8 @@ class StepSchedule:
 
     @classmethod
     def multistep(cls, scheduler: FlowMatchScheduler, num_steps: int, shift: float, solver: str) -> "StepSchedule":
-        """Many-step ODE sampling: ``"unipc"`` on Wan's grid (:func:`model.unipc.unipc_grid`, as the published
-        Stage-1 and bidirectional pipelines sample), or ``"euler"`` on the shifted flow-matching grid."""
+        """Many-step ODE sampling: ``"unipc"`` on Wan's grid (as the published pipelines), or ``"euler"`` on the
+        shifted flow-matching grid."""
         if solver not in SAMPLE_SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SAMPLE_SOLVERS)}, got {solver!r}")
         if solver == "euler":
@@ -103,14 +92,18 @@ class StepSchedule:
 class ExitPolicy:
     """Where each block's denoising stops and whether that last forward keeps gradients (self-forcing rollout)."""
 
-    exit_step: int | None = None            # index into the block's list; None = the last step
-    first_block_exit_step: int | None = None
+    exit_step: int | tuple[int, ...] | None = None   # index into the block's list, or one per block; None = the last
+    first_block_exit_step: int | None = None         # block 0's (with a shared exit_step)
     grad_on_exit: bool = False
     grad_from_frame: int = 0                # only blocks starting at or after this frame get gradients
 
     def exit_for(self, block_index: int, num_steps: int) -> int:
-        step = self.first_block_exit_step if block_index == 0 and self.first_block_exit_step is not None \
-            else self.exit_step
+        if isinstance(self.exit_step, tuple):
+            step = self.exit_step[block_index] if block_index < len(self.exit_step) else None
+        elif block_index == 0 and self.first_block_exit_step is not None:
+            step = self.first_block_exit_step
+        else:
+            step = self.exit_step
         return num_steps - 1 if step is None else min(step, num_steps - 1)
 
 
@@ -123,10 +116,9 @@ class CacheViews:
 
     @classmethod
     def rolling(cls, span: int) -> "CacheViews":
-        """Rolling Forcing's attention (published ``long_video/wan/modules/causal_model.py``): a denoising forward sees
-        the sink (placed just before the frames it sees), the clean frames before it and its own frames, ``span``
-        frames in all, and is not written into the cache; a context pass writes its block and sees the last ``span``
-        frames up to it (the sink frames only when they are among them, at their own positions)."""
+        """Rolling Forcing's attention: a denoising forward sees ``span`` frames (the sink placed just before them) and
+        is not cached; a context pass writes its block and sees the last ``span`` frames (sink frames only among
+        them)."""
         return cls(CacheView(span, sink=True, write=False), CacheView(span, sink=False, write=True))
 
     @property
@@ -147,12 +139,8 @@ class Window(NamedTuple):
 
 
 def rolling_windows(num_steps: int, num_blocks: int | None = None) -> Iterator[Window]:
-    """The windows of a video of ``num_blocks`` blocks (None: endless): window ``k`` holds blocks
-    ``max(0, k-S+1) .. min(N-1, k)``, ``N + S - 1`` windows in all; the first and last ``S - 1`` are partial.
-
-    With at least ``S`` blocks these are the published windows and steps. With fewer, the published code re-draws
-    the newest block's noise in the middle windows and misplaces the steps; here every block still takes its ``S``
-    steps in order."""
+    """The windows of ``num_blocks`` blocks (None: endless): window ``k`` holds blocks ``max(0, k-S+1) .. min(N-1, k)``.
+    With fewer than ``S`` blocks each still takes its ``S`` steps in order (the published code misplaces them)."""
     k = 0
     while num_blocks is None or k < num_blocks + num_steps - 1:
         yield Window(k, max(0, k - num_steps + 1), k if num_blocks is None else min(num_blocks - 1, k))
@@ -163,7 +151,6 @@ class WindowResult(NamedTuple):
     """What one window of :meth:`BlockLoop.rolling` produced."""
 
     window: Window
-    start_frame: int                             # first frame of the window
     x0: torch.Tensor                             # clean predictions of all its blocks [B, n, C, H, W]
     final: tuple[int, torch.Tensor] | None       # (start frame, x0) of the block that became clean, if any
 
@@ -179,10 +166,6 @@ class Guidance:
     @property
     def batched(self) -> bool:
         return self.negative is not None and self.scale != 1.0
-
-    def model_context(self) -> torch.Tensor:
-        """The context the model sees: the prompt's, or ``[context ; negative]`` (``2B``) when guided."""
-        return cond_uncond_context(self.context, self.negative) if self.batched else self.context
 
 
 @dataclass
@@ -200,25 +183,20 @@ class BlockLoop:
     fuse_context: bool = False   # run each context pass inside the next block's first step (inference only)
     views: CacheViews = field(default_factory=CacheViews)
 
-    # ------------------------------------------------------------------------------------------------------------
     def flow(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, blocks: tuple[int, ...] = (),
-             grad: bool = False) -> torch.Tensor:
-        """Guided flow prediction for frames ``x [B, n, C, H, W]`` at timestep ``t`` (a float, or ``[B, n]``).
-
-        ``grad``: this forward keeps gradients (the model's rollout mode); otherwise it is an inference forward and
-        must run without autograd."""
-        return self._forward(x, t, start_frame, self.views.denoise, blocks, grad)
-
-    def _forward(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, view: CacheView,
-                 blocks: tuple[int, ...] = (), grad: bool = False) -> torch.Tensor:
+             grad: bool = False, view: CacheView | None = None) -> torch.Tensor:
+        """Guided flow for frames ``x [B, n, C, H, W]`` at ``t`` (a float, or ``[B, n]``); ``grad``: the model's
+        rollout mode (keeps gradients), else an inference forward without autograd. ``view``: default the
+        denoising view."""
         tt = t if isinstance(t, torch.Tensor) else self._t(x, t)
         mode = CacheMode.ROLLOUT if grad else CacheMode.INFERENCE
-        if not self.guidance.batched:
-            return self.model.forward_cached(x, tt, self.guidance.context, self.cache, start_frame, mode=mode,
-                                             blocks=blocks, view=view)
-        out = self.model.forward_cached(torch.cat([x, x]), torch.cat([tt, tt]), self.guidance.model_context(),
-                                        self.cache, start_frame, mode=mode, blocks=blocks, view=view)
-        return guide(*out.chunk(2), self.guidance.scale)
+        g = self.guidance
+        context = g.context
+        if g.batched:   # conditional and unconditional halves as one 2B batch
+            x, tt, context = torch.cat([x, x]), torch.cat([tt, tt]), cond_uncond_context(context, g.negative)
+        out = self.model.forward_cached(x, tt, context, self.cache, start_frame, mode=mode, blocks=blocks,
+                                        view=self.views.denoise if view is None else view)
+        return guide(*out.chunk(2), g.scale) if g.batched else out
 
     def _context_input(self, latents: torch.Tensor, t: float) -> torch.Tensor:
         x = latents.detach()
@@ -227,8 +205,7 @@ class BlockLoop:
         return x
 
     def _first_flow(self, x: torch.Tensor, t: float, start_frame: int, pending, grad: bool) -> torch.Tensor:
-        """Flow of a block's first step, running the previous block's due context pass first -- or, when allowed,
-        in the same forward (one call of twice the tokens instead of two calls)."""
+        """Flow of a block's first step, after the previous block's due context pass, or fused into one forward."""
         if pending is None:
             return self.flow(x, t, start_frame, grad=grad)
         latents, prev_start = pending
@@ -243,11 +220,8 @@ class BlockLoop:
     def denoise(self, noise: torch.Tensor, start_frame: int, block_index: int, policy: ExitPolicy | None = None,
                 record: Callable[[int, torch.Tensor], None] | None = None,
                 pending: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-        """Denoise one block from ``noise``; returns its clean prediction (x0) ``[B, n, C, H, W]``.
-
-        ``pending`` = (latents, start_frame) of the previous block whose context pass is still due; it runs before
-        (or fused into) this block's first step. ``record(step_index, x)`` sees the state before every step.
-        """
+        """Denoise one block from ``noise``; returns its x0 ``[B, n, C, H, W]``. ``pending``: (latents, start frame)
+        of the previous block's due context pass; ``record(step_index, x)`` sees the state before every step."""
         steps = self.schedule.for_block(block_index)
         policy = policy or ExitPolicy()
         last = policy.exit_for(block_index, len(steps))
@@ -282,14 +256,10 @@ class BlockLoop:
 
     @torch.no_grad()
     def commit(self, latents: torch.Tensor, start_frame: int, timestep: float | None = None) -> None:
-        """Context pass: write ``latents`` (the block's clean frames) into the cache.
-
-        The timestep is ``context_noise`` unless given. With ``context_noise > 0`` the latents are first noised to
-        it; at 0 they go in exactly clean (the reference's rollout nudged them by the smallest grid sigma even at 0;
-        its inference did not -- we do the same in both).
-        """
+        """Context pass: write ``latents`` into the cache, noised to ``timestep`` (default ``context_noise``); at 0
+        exactly clean (the reference's rollout nudged them by the smallest grid sigma, its inference did not)."""
         t = self.context_noise if timestep is None else timestep
-        self._forward(self._context_input(latents, t), t, start_frame, self.views.context)
+        self.flow(self._context_input(latents, t), t, start_frame, view=self.views.context)
 
     def _blocks_from(self, start_frame: int, num_frames: int | None) -> Iterator[int]:
         """Sizes of the blocks covering frames ``start_frame .. start_frame+num_frames-1`` (None: endlessly)."""
@@ -306,14 +276,11 @@ class BlockLoop:
             policy: ExitPolicy | None = None, context_latents: torch.Tensor | None = None,
             commit_last: bool = True, record: Callable[[int, int, torch.Tensor], None] | None = None,
             ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Generate the blocks of ``noise [B, F, C, H, W]``; yields ``(start_frame, x0 [B, n, C, H, W])`` per block.
+        """Generate the blocks of ``noise [B, F, C, H, W]``; yields ``(start_frame, x0)`` per block.
 
-        ``block_index`` numbers the first generated block (block 0 uses the first-block step list).
-        ``context_latents`` (same shape as noise) replace the predictions in the context pass (teacher-forced
-        trajectories). Each block's context pass runs at the start of the next block (fused into its first step
-        when ``fuse_context``); ``commit_last`` also runs the last one (nothing in this loop reads it).
-        ``record(block_start, step_index, x)`` sees every pre-step state.
-        """
+        ``block_index`` numbers the first block. ``context_latents`` (shaped as noise) replace the predictions in the
+        context passes (teacher-forced trajectories); ``commit_last`` also runs the last one, which nothing here
+        reads. ``record(block_start, step_index, x)`` sees every pre-step state."""
         offset, frame, pending = 0, start_frame, None
         for i, n in enumerate(self._blocks_from(start_frame, noise.shape[1])):
             rec = (lambda j, x, f=frame: record(f, j, x)) if record is not None else None
@@ -328,13 +295,9 @@ class BlockLoop:
     def rolling(self, block_noise: Callable[[int, int], torch.Tensor], start_frame: int = 0,
                 num_blocks: int | None = None, grad: Callable[[Window, int], bool] | None = None,
                 ) -> Iterator[WindowResult]:
-        """Rolling Forcing (module docstring): yields one :class:`WindowResult` per window.
-
-        ``block_noise(start_frame, n)`` gives a block's initial noise when it enters the newest slot of a window.
-        ``num_blocks``: blocks to generate (None: until the caller stops iterating). ``grad(window, end_frame)``:
-        whether that window's forward keeps gradients (self-forcing training); otherwise windows run without.
-        Re-noising and context passes never keep gradients. Timesteps come from ``schedule.timesteps``.
-        """
+        """Rolling Forcing (module docstring): one :class:`WindowResult` per window. ``block_noise(start_frame, n)``:
+        a block's noise as it enters; ``num_blocks`` None: endless. ``grad(window, end_frame)``: whether that window's
+        forward keeps gradients (re-noising and context passes never do)."""
         steps = self.schedule.timesteps
         layout = self.model.layout
         index0 = layout.block_starting_at(start_frame)
@@ -361,13 +324,12 @@ class BlockLoop:
                         del states[b], starts[b]
                         self.commit(part, start)
                         final = (start, part)
-            yield WindowResult(w, start, x0, final)
+            yield WindowResult(w, x0, final)
 
     @torch.no_grad()
-    def prefill(self, latents: torch.Tensor, start_frame: int = 0) -> int:
-        """Write given clean latents (an image's or a clip's) at t = 0, block by block; returns the next frame."""
+    def prefill(self, latents: torch.Tensor, start_frame: int = 0) -> None:
+        """Write given clean latents (an image's or a clip's) at t = 0, block by block."""
         offset = 0
         for n in self._blocks_from(start_frame, latents.shape[1]):
             self.commit(latents[:, offset:offset + n], start_frame + offset, timestep=0.0)
             offset += n
-        return start_frame + offset

@@ -1,8 +1,6 @@
-"""Building the networks a config names (generator, teacher/critic, text encoder, VAE), the one way every entry point
-finds weights: ``<wan_models_dir>/<name>/`` (Wan2.1 or diffusers/transformers format), overlaid by ``generator_ckpt``
-/ ``--checkpoint_path``. A preset name (``tiny``, ``wan2.1-t2v-1.3b``) without a folder builds random weights (tests,
-speed benchmarks).
-"""
+"""Building the networks a config names, the one way every entry point finds weights: ``<wan_models_dir>/<name>/``
+(Wan2.1 or diffusers format) overlaid by ``generator_ckpt`` / ``--checkpoint_path``; a preset name (``tiny``) without
+a folder builds random weights (tests, speed benchmarks)."""
 
 from __future__ import annotations
 
@@ -27,8 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def model_source(cfg: Config, name: str, weights: bool = True) -> str:
-    """Folder of model ``name`` under ``wan_models_dir`` (downloaded when it is a Wan2.1 repository's and
-    ``weights`` are needed: :func:`model.weights.resolve_wan_folder`), or the preset name when no such folder exists.
+    """Folder of model ``name`` under ``wan_models_dir`` (downloaded when needed), else the preset name.
     ``weights=False``: a checkpoint brings the weights, so a preset's architecture is as good as the folder's."""
     folder = os.path.join(cfg.wan_models_dir, name)
     preset = PRESET_ALIASES.get(name, name).lower() in PRESETS
@@ -95,8 +92,7 @@ def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_d
 
 
 def gpu_memory_budget(device: torch.device) -> int:
-    """Bytes this process may hold on CUDA ``device``: the card's memory, less under
-    ``torch.cuda.set_per_process_memory_fraction``, and no more than is free plus what this process holds."""
+    """Bytes this process may hold on CUDA ``device`` (its memory fraction; at most free + what it holds)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     fraction = torch.cuda.get_per_process_memory_fraction(index) \
@@ -105,9 +101,8 @@ def gpu_memory_budget(device: torch.device) -> int:
 
 
 def video_working_bytes(generator: WanModel, latent_shape: tuple[int, int, int], num_frames: int) -> int:
-    """GPU memory a video of ``num_frames`` latent frames needs besides the weights: its KV cache, and activations
-    and decode buffers taken as large as the weights already on the device (at 480p on an H200: 12.3 GiB peak =
-    3.2 GiB of generator and VAE weights + 6.0 GiB of cache + 3.1 GiB working set; docs/performance.md)."""
+    """GPU memory a video of ``num_frames`` latent frames needs besides the weights: its KV cache, and a working set
+    taken as large as the weights already on the device (480p, H200: 3.1 GiB beside 3.2 GiB; docs/performance.md)."""
     cfg = generator.config
     _, h, w = latent_shape
     itemsize = next(generator.parameters()).element_size()
@@ -117,10 +112,8 @@ def video_working_bytes(generator: WanModel, latent_shape: tuple[int, int, int],
 
 
 def place_text_encoder(encoder: TextEncoder, device: torch.device, working_bytes: int) -> bool:
-    """Move the text encoder (built on the CPU) to CUDA ``device`` when its weights fit beside what the process holds
-    there and ``working_bytes``; otherwise leave it on the CPU, streamed to the device layer by layer for each new
-    prompt (``TextEncoder.stream_device``; prompts are encoded once and their embeddings cached), and return False:
-    the 24 GB mode."""
+    """Move the text encoder (built on the CPU) to CUDA ``device`` when it fits beside ``working_bytes``; otherwise
+    return False and stream it there layer by layer per new prompt (``TextEncoder.stream_device``: the 24 GB mode)."""
     weights = sum(p.nbytes for p in encoder.parameters())
     room = gpu_memory_budget(device) - torch.cuda.memory_allocated(device)
     if weights + working_bytes > room:
@@ -154,11 +147,8 @@ def generator_to_fp8(generator: WanModel, device: torch.device) -> None:
 
 
 def build_vae(cfg: Config, device="cpu", dtype=torch.float32) -> WanVAE:
-    """The Wan VAE of ``text_encoder_name``: ``Wan2.1_VAE.pth``, else a diffusers ``vae/`` folder beside it.
-
-    Raises ConfigError when its strides or latent channels differ from the ones the config derives its pixel
-    geometry with (``height``, ``width``, ``num_frames`` and ``image_or_video_shape[2]``).
-    """
+    """The Wan VAE of ``text_encoder_name`` (``Wan2.1_VAE.pth``, else a diffusers ``vae/`` folder), checked against
+    the strides and latent channels the config derives its pixel geometry with."""
     folder = os.path.join(cfg.wan_models_dir, cfg.text_encoder_name)
     if os.path.isfile(os.path.join(folder, "Wan2.1_VAE.pth")) or not os.path.isdir(os.path.join(folder, "vae")):
         folder = resolve_wan_folder(cfg.wan_models_dir, cfg.text_encoder_name, ("vae",))

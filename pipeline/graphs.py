@@ -1,23 +1,16 @@
 """CUDA graphs for the per-block forward of streaming inference (part of the CUDA fast path).
 
-A one-frame block's forward launches ~2,000 kernels (30 layers), and frame-wise generation waits on the host: on one
-H200 4.3 s of DiT wall time held 2.3 s of GPU work. A CUDA graph records a forward's kernels once and replays them
-with one launch. What a graph bakes in, and how it stays valid:
+A one-frame block's forward launches ~2,000 kernels and frame-wise generation waits on the host (one H200: 4.3 s of
+DiT wall time held 2.3 s of GPU work); a graph replays them with one launch. What a graph bakes in stays valid:
+inputs are copied into its own buffers; the KV cache is the one :class:`CUDAGraphs` keeps per geometry from video to
+video (a new prompt overwrites its cross-attention K/V in place); the call's Python integers are fixed by its start
+frame, frame count and blocks, which with the input shape are the key; the cache's written-frame count is redone at
+each replay.
 
-* addresses: the latents and timesteps are copied into the graph's own input buffers; the KV cache is one cache per
-  geometry that :class:`CUDAGraphs` keeps from video to video (:meth:`CUDAGraphs.lease`), whose cross-attention K/V
-  a new prompt overwrites in place (:meth:`KVCache.store_cross`); the graph holds its RoPE tables;
-* the Python integers of a call (slots written, prefix lengths attended, rotary positions): fixed by its start
-  frame, frame count and blocks, which with the input shape are the graph's key. A graph serves one block position
-  of one generation mode, in every later video;
-* the Python side effect of a call (the cache's written-frame count) is redone at each replay.
-
-Calls no graph can serve run eagerly: steps that keep gradients, views other than the whole cache (Rolling
-Forcing), a prompt's first call (it fills the cross-attention cache), and every call that reaches past the cache's
-capacity (the ring wraps, sink frames move, positions are re-based: an endless stream's positions never repeat,
-so a graph per position would never be replayed). A key's first call runs eagerly (it also warms compiled
-kernels, cuDNN plans and RoPE tables, which capture must not create) and its graph is captured right after; later
-calls replay. All graphs share one memory pool: they run one at a time, in stream order.
+Calls no graph can serve run eagerly: steps keeping gradients, views other than the whole cache, a prompt's first
+call (it fills the cross-attention cache) and calls past the cache's capacity (an endless stream's positions never
+repeat). A key's first call runs eagerly (warming compiled kernels, cuDNN plans and RoPE tables, which capture must
+not create) and is captured right after; later calls replay. All graphs share one memory pool.
 """
 
 from __future__ import annotations
@@ -68,9 +61,8 @@ class CUDAGraphs:
 
     def lease(self, owner, batch: int, height: int, width: int, capacity: int, sink: int,
               dtype: torch.dtype) -> KVCache | None:
-        """The kept KV cache for a stream of this geometry, reset, until :meth:`release` of ``owner`` (or ``owner``
-        is garbage-collected); None while another stream holds it (that stream then makes its own cache and runs
-        eagerly). A new geometry replaces the kept cache and its graphs."""
+        """The kept KV cache for this geometry, reset, until :meth:`release` of ``owner`` (or its garbage
+        collection); None while another stream holds it. A new geometry replaces the cache and its graphs."""
         if self.disabled or (self._lease is not None and self._lease.alive):
             return None
         geometry = (batch, height, width, capacity, sink, dtype)
@@ -138,11 +130,3 @@ class CUDAGraphs:
             torch.cuda.current_stream().wait_stream(self._stream)
         self._graphs[key] = _Graph(graph, static_x, static_t, out, keep)
 
-
-def stream_cache(graphs: CUDAGraphs | None, owner, model: WanModel, batch: int, height: int, width: int,
-                 capacity: int, sink: int, dtype: torch.dtype, device: torch.device) -> tuple[KVCache, bool]:
-    """A stream's KV cache: the one ``graphs`` keeps, leased to ``owner`` (True), or a new one (False)."""
-    cache = graphs.lease(owner, batch, height, width, capacity, sink, dtype) if graphs is not None else None
-    if cache is not None:
-        return cache, True
-    return KVCache.for_model(model, batch, height, width, capacity, sink, dtype=dtype, device=device), False

@@ -1,40 +1,28 @@
 """The user-facing streaming API: prompts in, decoded frames out, block by block.
 
     pipe = StreamingPipeline.from_pretrained("zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt")
-    video = pipe.generate("a red fox running through snow", num_frames=81, generator=torch.Generator().manual_seed(0))
-    video.frames[0]                      # uint8 [T, H, W, 3] (output_type="np"; "pil": PIL images, "pt": tensors)
+    video = pipe.generate("a red fox running through snow", num_frames=81)   # video.frames[0]: uint8 [T, H, W, 3]
+    stream = pipe.open("a red fox", num_frames=81, seed=0)
+    for chunk in stream:                  # one chunk per block (the first frame alone), as soon as it is decoded
+        show(chunk.frames)                # float [B, T, 3, H, W] in [-1, 1]
+        stream.switch_prompt("a wolf")    # takes effect at the next block
 
-    stream = pipe.open("a red fox running through snow", num_frames=81, seed=0)
-    for chunk in stream:                 # one chunk per block (the first frame alone), as soon as it is decoded
-        show(chunk.frames)               # float [B, T, 3, H, W] in [-1, 1]
-        if user_typed_something:
-            stream.switch_prompt(new_prompt)   # takes effect at the next block boundary
-
-Units as in diffusers: ``num_frames`` counts video frames, ``4k + 1`` of them (the VAE decodes latent frame 0 to one
-frame and every later one to 4), in whole blocks; ``num_latent_frames`` counts latent frames, the unit of the
-published command lines (``inference.py --num_output_frames``) and of the demo.
-
-``inference.py`` and ``demo.py`` are thin shells around this. The few-step generator (config with
-``denoising_step_list``), the many-step Stage-1 model (no step list: 50 steps of ``sample_solver`` -- Wan's UniPC
-by default, as the published code samples, or Euler -- with classifier-free guidance on the negative prompt),
-Rolling Forcing (``rolling_forcing: true``: windows of blocks at staggered steps) and long videos all run the same
-:class:`~pipeline.causal.BlockLoop`.
-
-Any length, endless included (``open(..., endless=True)``: until the caller stops iterating or calls ``close``), runs at
-constant memory and per-block work: a video longer than the training length gets a sliding window with sink frames,
-the cache re-bases its positions before the RoPE table ends (model/kv_cache.py), every block draws its noise when it
-starts, and the stream keeps only the latents its cache still holds.
+``num_frames`` counts video frames (``4k + 1``, as in diffusers); ``num_latent_frames`` counts latent frames, the
+unit of the published ``--num_output_frames``. Few-step generators, the many-step Stage-1 model (50 solver steps with
+classifier-free guidance), Rolling Forcing and endless videos all run :class:`~pipeline.causal.BlockLoop` at constant
+memory: past the training length a sliding window with sink frames, noise drawn per block, and only the latents the
+cache still holds kept.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from model.kv_cache import KVCache
 from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
@@ -42,7 +30,7 @@ from model.vae import WanVAE
 from model.wan import WanModel
 from pipeline.api import OUTPUT_TYPES, as_output_type, latent_frames_for
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
-from pipeline.graphs import CUDAGraphs, stream_cache
+from pipeline.graphs import CUDAGraphs
 from utils.config import Config
 from utils.errors import ConfigError
 from utils.video import pixels_to_uint8
@@ -56,22 +44,20 @@ MULTISTEP_STEPS = 50  # Stage-1 models without a few-step list: the published pi
 class StreamChunk:
     """One generated block."""
 
-    block_index: int              # index among generated blocks (0 = first)
-    start_frame: int              # first latent frame of the block (absolute, prefill included)
+    block_index: int              # among generated blocks (0 = first)
+    start_frame: int              # first latent frame (absolute, prefill included)
     latents: torch.Tensor         # [B, n, C, h, w]
-    frames: torch.Tensor | None   # decoded pixels [B, T, 3, H, W] in [-1, 1], or with ``open(uint8=True)`` uint8
-                                  # [B, T, H, W, 3] on the host; None when decoding is off
+    frames: torch.Tensor | None   # float [B, T, 3, H, W] in [-1, 1], or (uint8=True) uint8 [B, T, H, W, 3] on the host
     prompt: str | list[str]       # the prompt this block was generated under
     switched: bool = False        # a prompt switch took effect at this block
-    seconds: float = 0.0          # wall time spent on this block (generation + decode)
+    seconds: float = 0.0          # wall time since the previous chunk (generation + decode)
 
 
 @dataclass
 class VideoOutput:
     """A whole video from :meth:`StreamingPipeline.generate`."""
 
-    frames: object                # output_type "np": uint8 array [B, T, H, W, 3]; "pil": B lists of T PIL images;
-                                  # "pt": float tensor [B, T, 3, H, W] in [-1, 1]; "latent": None
+    frames: object                # as ``output_type`` (see :meth:`StreamingPipeline.generate`)
     latents: torch.Tensor         # [B, F, C, h, w], the initial latent included
 
 
@@ -102,28 +88,23 @@ class StreamingPipeline:
 
     @property
     def frame_decoder(self):
-        """What turns latents into frames: the preview decoder when one is given, else the VAE (None: no decoding)."""
+        """The preview decoder when one is given, else the VAE (None: no decoding)."""
         return self.preview_decoder if self.preview_decoder is not None else self.vae
 
     def side_stream(self) -> torch.cuda.Stream:
-        """The CUDA stream overlapped decodes run on, one per pipeline. PyTorch's caching allocator keeps freed
-        memory per stream, and a new ``torch.cuda.Stream()`` per video is a different stream of its pool each time:
-        every video then cudaMalloc'ed its decode memory afresh (46 calls, H100) and the blocks cached for the old
-        streams stayed reserved until an allocation failed and freed them all, synchronising the device (first
-        frames 0.25-0.3 s instead of 0.18 s in some runs)."""
+        """The CUDA stream overlapped decodes run on, one per pipeline: the caching allocator keeps freed memory per
+        stream, so a new stream per video re-allocated its decode memory and stalled the first frame."""
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
         return self._side_stream
 
     def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True, graphs: bool | None = None):
-        """The CUDA fast path: cuDNN autotuning, one q/k/v product per layer (:meth:`WanModel.fuse_qkv`), compiled DiT
-        elementwise regions (:meth:`WanModel.compile_blocks`) and VAE decoder regions (:meth:`WanVAE.compile_decoder`),
-        DiT forwards replayed from CUDA graphs (:mod:`pipeline.graphs`; ``graphs`` defaults to ``compile``), and VAE
-        decode overlapped with the next block's DiT work. ``compile=False``: everything eager. No-op on the CPU."""
+        """The CUDA fast path: cuDNN autotuning, fused q/k/v, compiled DiT and VAE regions, DiT forwards replayed from
+        CUDA graphs (:mod:`pipeline.graphs`; ``graphs`` defaults to ``compile``) and VAE decode overlapped with the
+        next block's DiT work. ``compile=False``: everything eager. No-op on the CPU."""
         if self.device.type != "cuda":
             return self
-        # cuDNN picks its fastest kernels per shape once (the VAE's 3-D convolutions see a handful of shapes);
-        # every speed in docs/performance.md was measured with it on. A process-wide setting, as torch has it.
+        # process-wide, as torch has it; the VAE's 3-D convolutions see a handful of shapes
         torch.backends.cudnn.benchmark = True
         self.generator.fuse_qkv()
         if compile:
@@ -139,18 +120,10 @@ class StreamingPipeline:
     @classmethod
     def from_pretrained(cls, name: str, checkpoint: str | None = None, use_ema: bool | None = None,
                         overrides: list[str] | None = None, **kwargs) -> "StreamingPipeline":
-        """Build from a config or a released checkpoint, as diffusers' ``from_pretrained``.
-
-        Args:
-            name: a stage YAML path; a shipped config's name (``causal_forcing_dmd_chunkwise``,
-                ``toy/causal_forcing_dmd_chunkwise``); or a released checkpoint on the Hub
-                (``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``), run with its shipped config.
-            checkpoint: the generator weights (local path, released path or Hub reference; downloaded when missing);
-                default: the released file ``name`` names, else the config's ``generator_ckpt``.
-            use_ema: load ``generator_ema``; default: as the published command of a released file, else False.
-            overrides: config overrides, ``["key=value", ...]``.
-            **kwargs: passed to :meth:`from_config` (``device``, ``dtype``, ``decode``, ``compile``, ...).
-        """
+        """Build from a YAML path, a shipped config's name or a released checkpoint
+        (:func:`pipeline.api.pretrained_config`), as diffusers' ``from_pretrained``. ``checkpoint``: the generator
+        weights (default: the released file, else ``generator_ckpt``); ``use_ema``: load ``generator_ema``;
+        ``overrides``: ``["key=value", ...]``; ``kwargs`` go to :meth:`from_config`."""
         from pipeline.api import pretrained_config
 
         cfg, checkpoint, use_ema = pretrained_config(name, checkpoint, use_ema, overrides)
@@ -160,13 +133,9 @@ class StreamingPipeline:
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
                     dtype=None, text_encoder_device=None, decode: bool = True, fast: bool = True,
                     compile: bool = True, preview_decoder: str | None = None, fp8: bool = False) -> "StreamingPipeline":
-        """Build everything ``cfg`` names. GPU: bf16 everywhere; CPU: float32.
-
-        On CUDA ``fast`` turns on :meth:`enable_fast_path` (``compile=False``: without compiling; otherwise the
-        first video pays the compile time once per process). ``preview_decoder``: a TAEHV file
-        (:mod:`model.preview_decoder`) that decodes the frames instead of the Wan VAE (which still encodes I2V
-        images). ``fp8``: block products in fp8 (:mod:`model.fp8`). ``text_encoder_device``: by default the GPU if it
-        fits beside a video, else streamed there per new prompt (:func:`pipeline.components.placed_text_encoder`)."""
+        """Build everything ``cfg`` names (GPU: bf16; CPU: float32). ``fast``: :meth:`enable_fast_path` on CUDA.
+        ``preview_decoder``: a TAEHV file that decodes instead of the Wan VAE. ``fp8``: block products in fp8.
+        ``text_encoder_device``: default :func:`pipeline.components.placed_text_encoder`."""
         from pipeline import components as C
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -175,13 +144,11 @@ class StreamingPipeline:
         if fp8:
             C.generator_to_fp8(generator, device)
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
-        if vae is not None and device.type == "cuda":
-            vae.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
-        preview = None
-        if decode and preview_decoder:
-            preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype)
-            if device.type == "cuda":
-                preview.to_channels_last()
+        preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype) \
+            if decode and preview_decoder else None
+        for decoder in (vae, preview):
+            if decoder is not None and device.type == "cuda":
+                decoder.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
         text_encoder = C.placed_text_encoder(cfg, generator, device, dtype, text_encoder_device)
         pipe = cls.from_networks(cfg, generator, text_encoder, vae, device, dtype, preview)
         return pipe.enable_fast_path(compile) if fast else pipe
@@ -190,8 +157,7 @@ class StreamingPipeline:
     def from_networks(cls, cfg: Config, generator: WanModel, text_encoder: TextEncoder | None, vae: WanVAE | None,
                       device: torch.device, dtype: torch.dtype,
                       preview: TinyVideoDecoder | None = None) -> "StreamingPipeline":
-        """A pipeline over networks built already (:meth:`from_config` builds them; the training loop's sample videos
-        pass its own): the config's step schedule, guidance, window and geometry."""
+        """A pipeline over networks built already (the training loop's sample videos pass its own)."""
         from pipeline.components import build_scheduler
 
         scheduler = build_scheduler(cfg)
@@ -211,17 +177,13 @@ class StreamingPipeline:
                    rolling_span=cfg.rolling_span if rolling else 0, default_num_frames=shape[1], fps=cfg.fps,
                    device=torch.device(device), dtype=dtype, preview_decoder=preview)
 
-    # ------------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
     def window(self, total_frames: int | None) -> tuple[int, int]:
-        """Cache window and sink (frames) for a video of ``total_frames`` latent frames (None: endless).
-
-        Rolling Forcing holds its sink and the ``rolling_span`` frames before a call. Otherwise the configured window
-        wins; without one, a video longer than the training length gets a window of the training length with one
-        block of sink frames, so memory stays fixed however long the video runs.
-        """
+        """Cache window and sink (frames) for ``total_frames`` latent frames (None: endless): Rolling Forcing's span
+        and sink, else the configured window, else past the training length a window of that length with one block
+        of sink frames (fixed memory however long the video runs)."""
         if self.rolling_span:
             return self.rolling_span + self.sink_size, self.sink_size
         if self.local_attn_size > 0:
@@ -235,9 +197,8 @@ class StreamingPipeline:
 
     def num_latent_frames(self, num_frames: int | None = None, num_latent_frames: int | None = None,
                           prefix: int = 0) -> int:
-        """Latent frames to generate after ``prefix`` latent frames, from ``num_frames`` video frames (the whole
-        video, prefix included) or ``num_latent_frames``; neither: the training length. Raises ValueError for a
-        video length the model cannot make, naming the nearest ones it can."""
+        """Latent frames to generate after ``prefix``, from ``num_frames`` (the whole video, prefix included) or
+        ``num_latent_frames``; neither: the training length."""
         if num_frames is not None and num_latent_frames is not None:
             raise ValueError("give num_frames (video frames) or num_latent_frames, not both")
         if num_frames is None:
@@ -248,14 +209,11 @@ class StreamingPipeline:
              seed: int = 0, generator: torch.Generator | None = None, initial_latent: torch.Tensor | None = None,
              decode: bool = True, context: torch.Tensor | None = None, uint8: bool = False,
              endless: bool = False) -> "VideoStream":
-        """Start a video of ``num_frames`` video frames (``4k + 1``, the whole video) or ``num_latent_frames``
-        latent frames generated after the optional ``initial_latent`` ``[B, f0, C, h, w]`` (I2V: one image latent;
-        video extension: a clip's latents); neither: the training length; ``endless``: until the caller stops.
-        ``generator`` (a ``torch.Generator`` on any device) seeds the video with its next draw, instead of ``seed``.
-        ``context`` gives precomputed prompt embeddings ``[B, L, text_dim]`` (the text encoder is then not run).
-        ``uint8`` hands out frames as uint8 ``[B, T, H, W, 3]`` on the host (:func:`utils.video.pixels_to_uint8`,
-        converted on the pipeline's device beside the decode): what a video writer or a web page needs, without CPU
-        work per block."""
+        """Start a video of ``num_frames`` video frames or ``num_latent_frames`` latent frames after the optional
+        ``initial_latent [B, f0, C, h, w]`` (I2V: an image's latent; extension: a clip's); ``endless``: until the
+        caller stops. ``generator`` seeds the video with its next draw instead of ``seed``. ``context``: precomputed
+        prompt embeddings ``[B, L, text_dim]``. ``uint8``: frames as uint8 ``[B, T, H, W, 3]`` on the host,
+        converted on the device beside the decode."""
         prefix = 0 if initial_latent is None else initial_latent.shape[1]
         count = None if endless else self.num_latent_frames(num_frames, num_latent_frames, prefix)
         if generator is not None:
@@ -265,9 +223,8 @@ class StreamingPipeline:
     def generate(self, prompt: str | list[str], num_frames: int | None = None, *,
                  num_latent_frames: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
                  initial_latent: torch.Tensor | None = None, output_type: str = "np") -> VideoOutput:
-        """A whole video (arguments as :meth:`open`). ``output_type``: ``"np"`` uint8 arrays ``[B, T, H, W, 3]``,
-        ``"pil"`` lists of PIL images, ``"pt"`` float tensors ``[B, T, 3, H, W]`` in [-1, 1], ``"latent"`` no
-        decoding (``frames`` None); the latents always come back."""
+        """A whole video (arguments as :meth:`open`). ``output_type``: ``"np"`` uint8 ``[B, T, H, W, 3]``, ``"pil"``
+        B lists of PIL images, ``"pt"`` float ``[B, T, 3, H, W]`` in [-1, 1], ``"latent"`` no frames (None)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         decode = output_type != "latent"
@@ -279,28 +236,6 @@ class StreamingPipeline:
             latents = torch.cat([initial_latent.to(latents), latents], 1)
         frames = torch.cat([c.frames for c in chunks], 1) if decode else None
         return VideoOutput(as_output_type(frames, output_type), latents)
-
-
-@dataclass
-class _HostFrames:
-    """Decoded frames being copied to pinned host memory on the side stream; ``wait`` blocks on that copy only."""
-
-    host: torch.Tensor
-    done: torch.cuda.Event
-
-    def wait(self) -> torch.Tensor:
-        self.done.synchronize()
-        return self.host
-
-
-@dataclass
-class _Deferred:
-    """A chunk's decode, run when the chunk is handed out (serial path)."""
-
-    decode: Callable[[], torch.Tensor]
-
-    def wait(self) -> torch.Tensor:
-        return self.decode()
 
 
 class VideoStream:
@@ -324,8 +259,12 @@ class VideoStream:
         self.rng = torch.Generator(pipe.device).manual_seed(seed)
         window, sink = pipe.window(total)
         guided = pipe.guidance_scale != 1.0
-        self.cache, self.leased = stream_cache(pipe.graphs, self, pipe.generator, batch * (2 if guided else 1), h, w,
-                                               window, sink, pipe.dtype, pipe.device)
+        rows = batch * (2 if guided else 1)
+        # the fast path's kept cache (its graphs read it), unless another stream holds it
+        leased = pipe.graphs.lease(self, rows, h, w, window, sink, pipe.dtype) if pipe.graphs is not None else None
+        self.leased = leased is not None
+        self.cache = leased if self.leased else KVCache.for_model(pipe.generator, rows, h, w, window, sink,
+                                                                  dtype=pipe.dtype, device=pipe.device)
         # the longest call: a block, two fused blocks (only before the window fills) or a rolling window
         steps = len(pipe.schedule.timesteps) if pipe.rolling_span else 1
         try:
@@ -353,10 +292,9 @@ class VideoStream:
 
     def switch_prompt(self, prompt: str | list[str], recache: bool = False,
                       context: torch.Tensor | None = None) -> None:
-        """Use ``prompt`` from the next block on (Rolling Forcing: from the next window, so the blocks in it finish
-        under the new prompt). ``recache`` re-encodes the frames the cache holds under the new prompt (one extra
-        forward per cached block); otherwise only the cross-attention cache changes. ``context``: its precomputed
-        embeddings, as for :meth:`StreamingPipeline.open`."""
+        """Use ``prompt`` from the next block on (Rolling Forcing: the next window). ``recache`` re-encodes the cached
+        frames under it (one forward per cached block); otherwise only the cross-attention cache changes.
+        ``context``: its precomputed embeddings."""
         prompts = [prompt] * len(self.prompts) if isinstance(prompt, str) else list(prompt)
         self._pending = (prompts, recache, context)
 
@@ -392,9 +330,8 @@ class VideoStream:
                            dtype=self.pipe.dtype)
 
     def _blocks(self):
-        """``(block index, start frame, x0, switched)`` of each block as it becomes final, by the pipeline's
-        schedule: block by block (each block's context pass runs with the next block's first step), or Rolling
-        Forcing windows (a switch applies from the next window; the next block handed out is marked)."""
+        """``(block index, start frame, x0, switched)`` of each block as it becomes final: block by block, or by
+        Rolling Forcing windows (a switch applies from the next window)."""
         if self.pipe.rolling_span:
             n = self.pipe.generator.num_frame_per_block
             blocks = None if self.num_frames is None else self.num_frames // n
@@ -418,10 +355,8 @@ class VideoStream:
 
     @torch.no_grad()
     def _run(self):
-        """Blocks in order. With ``overlap_decode`` block b is handed out after block b+1's DiT work is queued, so
-        its decode (side stream) runs beside that work; the video's first frame is handed out at once (time to
-        first frame). A prompt switch then lands on the first block not yet started, one later than without
-        overlap."""
+        """Blocks in order. With ``overlap_decode`` block b is handed out after block b+1's DiT work is queued (its
+        decode runs beside that work), so a prompt switch lands one block later; the first frame goes out at once."""
         if self.prefix is not None:
             self.loop.prefill(self.prefix, 0)
         held = None
@@ -446,28 +381,28 @@ class VideoStream:
         self.close()
 
     def _parts(self, index: int, x0: torch.Tensor) -> list[tuple[int, int]]:
-        """Latent-frame ranges of the block handed out one after the other: the first block of a video without a
-        prefix is cut after its first frame (time to the first frame: the causal VAE decodes that frame without the
-        others; the rest of the block is queued for decoding only once the first frame has been handed out)."""
+        """Latent-frame ranges of the block handed out one after the other: a video's first frame goes alone (time to
+        first frame; the causal VAE decodes it without the others)."""
         n = x0.shape[1]
         cut = index == 0 and self.prefix is None and self.decoder is not None
         return [(0, 1), (1, n)] if cut and n > 1 else [(0, n)]
 
     def _hand_out(self, chunk: StreamChunk) -> StreamChunk:
-        """Wait for the chunk's frames (host copy) and stamp the wall time since the previous hand-out."""
-        if isinstance(chunk.frames, (_HostFrames, _Deferred)):
-            chunk.frames = chunk.frames.wait()
+        """Get the chunk's frames (run its deferred decode, or wait for its host copy) and stamp the wall time."""
+        if callable(chunk.frames):
+            chunk.frames = chunk.frames()
         now = time.perf_counter()
         chunk.seconds, self._t_last = now - self._t_last, now
         return chunk
 
     def _decode(self, latents: torch.Tensor):
-        """Decode one chunk: when it is handed out (chunks leave in order, so the decoder's causal cache sees them
-        in order), or (overlap) queued now on the side stream with a pinned host copy."""
+        """A function giving the chunk's frames: its decode, run when the chunk is handed out (in order, as the
+        decoder's causal cache needs), or (overlap) a wait for the pinned host copy of a decode queued now on the side
+        stream."""
         if self.decoder is None:
             return None
         if self._side is None:
-            return _Deferred(lambda: self._decode_now(latents))
+            return lambda: self._decode_now(latents)
         self._side.wait_stream(torch.cuda.current_stream(latents.device))  # the block's DiT work comes first
         latents.record_stream(self._side)  # freed on the main stream only after the side stream used it
         with torch.cuda.stream(self._side):
@@ -478,7 +413,11 @@ class VideoStream:
             host.copy_(frames, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        return _HostFrames(host, done)
+
+        def wait() -> torch.Tensor:
+            done.synchronize()
+            return host
+        return wait
 
     def _decode_now(self, latents: torch.Tensor) -> torch.Tensor:
         frames = self.decoder.decode_chunk(latents)

@@ -4,8 +4,8 @@ import torch
 
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
-from pipeline.bidirectional import sample_bidirectional
 from pipeline.causal import StepSchedule
+from toy.bidirectional import sample_bidirectional
 from toy.folders import TINY_DIT
 
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from model.config import WanConfig
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
-from pipeline.bidirectional import sample_bidirectional
 from pipeline.causal import StepSchedule
 from pipeline.rollout import denoised_timestep_range, draw_exit_steps, self_forcing_rollout
+from toy.bidirectional import sample_bidirectional
 from toy.folders import write_tiny_wan_folder
 from trainer.dmd import DMDObjective
 from trainer.objective import Networks

@@ -12,8 +12,8 @@ from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
 from model.unipc import UniPCSolver, unipc_grid
 from model.wan import WanModel
-from pipeline.bidirectional import sample_bidirectional
 from pipeline.causal import BlockLoop, Guidance, StepSchedule
+from toy.bidirectional import sample_bidirectional
 from toy.folders import TINY_DIT
 
 # The timesteps the published Stage-1 pipeline gives the network: FlowUniPCMultistepScheduler(shift=1) with

@@ -544,7 +544,7 @@ class BaseSampler:
         batch of one is ``self(prompt, seed)``)."""
         import torch
 
-        from pipeline.bidirectional import sample_bidirectional
+        from toy.bidirectional import sample_bidirectional
 
         gen = torch.Generator(self.device).manual_seed(seed)
         noise = torch.randn((len(prompts), *self.cfg.image_or_video_shape[1:]), generator=gen, device=self.device)

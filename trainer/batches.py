@@ -16,22 +16,19 @@ from utils.errors import DataError, UserError
 
 
 class GlobalStreamSampler(Sampler[int]):
-    """Rank ``r``'s share of ONE endless sample stream that does not depend on the world size.
-
-    The stream concatenates per-epoch permutations (``numpy.random.default_rng([seed, e])``), nothing dropped; rank
-    ``r`` of ``R`` takes positions ``r, r + R, ...``. Optimizer step ``s`` with ``total_batch_size = T`` then consumes
-    positions ``[s*T, (s+1)*T)`` however the batch is split over GPUs and micro-batches. The state is the global
-    position every rank consumed up to (ranks consume in lockstep: ``consumed * R``), so it resumes on any world size.
-    """
+    """Rank ``r``'s share of ONE endless sample stream that does not depend on the world size: per-epoch permutations
+    (``numpy.random.default_rng([seed, e])``) end to end, rank ``r`` of ``R`` taking positions ``r, r + R, ...``, so
+    step ``s`` of ``total_batch_size = T`` consumes ``[s*T, (s+1)*T)`` however it is split. The state is the global
+    position (ranks consume in lockstep), so it resumes on any world size."""
 
     world_size_independent = True
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
         if num_samples < 1:
             raise DataError("the dataset is empty")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} not in [0, {num_replicas})")
-        self.num_samples_total, self.seed, self.shuffle = int(num_samples), int(seed), shuffle
+        self.num_samples_total, self.seed = int(num_samples), int(seed)
         self.num_replicas, self.rank = num_replicas, rank
         self.start = 0                                  # global position where this rank's count starts
         self._epoch, self._order = -1, np.arange(0)     # cached permutation of one epoch
@@ -40,8 +37,7 @@ class GlobalStreamSampler(Sampler[int]):
         """Dataset index at global stream ``position``."""
         epoch, offset = divmod(position, self.num_samples_total)
         if epoch != self._epoch:
-            n = self.num_samples_total
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples_total)
             self._epoch = epoch
         return int(self._order[offset])
 
@@ -144,8 +140,8 @@ class ResumableBatches:
 
 
 def _worker_message(err: Exception) -> str:
-    """The one-line message of an error a DataLoader worker raised (torch re-raises it with the worker's traceback,
-    ``"Caught DataError in DataLoader worker process 0.\n...\nutils.errors.DataError: <message>"``)."""
+    """The one-line message of an error a DataLoader worker raised (torch re-raises it with the worker's traceback:
+    ``"Caught DataError in ...\nutils.errors.DataError: <message>"``)."""
     text = str(err)
     if not text.startswith("Caught "):
         return text

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from model.guidance import cond_uncond_context, guide
 from trainer.objective import Networks, Phase
-from trainer.ode import Stage2Objective, device_of
+from trainer.ode import Stage2Objective
 from utils.config import Config
 from utils.datasets import LatentLMDBDataset
 from utils.errors import ConfigError
@@ -46,7 +46,6 @@ class ConsistencyObjective(Stage2Objective):
                         frozen={"teacher": teacher, "target": target,
                                 "text_encoder": self._build_text_encoder(device)})
 
-    # ------------------------------------------------------------------------------------------------------------
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Exact σ of timesteps ``[B, F]``, shaped to broadcast over ``[B, F, C, H, W]``."""
         return (t / self.cfg.num_train_timestep)[..., None, None, None]
@@ -75,7 +74,7 @@ class ConsistencyObjective(Stage2Objective):
         if g == 1.0:
             flow = teacher.forward_teacher_forcing(x, t, context, clean_x=clean).float()
         else:
-            neg = self.text.negative(self.networks.frozen["text_encoder"], x.shape[0], x.device)
+            neg = self.negative(x.shape[0], x.device)
             both = teacher.forward_teacher_forcing(torch.cat([x, x]), torch.cat([t, t]),
                                                    cond_uncond_context(context, neg),
                                                    clean_x=torch.cat([clean, clean])).float()
@@ -85,7 +84,7 @@ class ConsistencyObjective(Stage2Objective):
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Consistency loss of one micro-batch (fp32 loss; timesteps never quantised)."""
         student = self.networks.trainable["generator"]
-        device = device_of(student)
+        device = next(student.parameters()).device
         x0 = batch["clean_latent"].to(device, non_blocking=True).float()     # [B, F, C, H, W]
         b, f = x0.shape[:2]
         n = torch.randint(0, len(self.grid) - 1, (b,))
@@ -93,7 +92,7 @@ class ConsistencyObjective(Stage2Objective):
         t_next = self.grid[n + 1][:, None].expand(b, f).to(device)
         noise = torch.randn_like(x0)
         x_t = (1 - self.sigma(t)) * x0 + self.sigma(t) * noise
-        context = self.text(self.networks.frozen["text_encoder"], batch["prompts"], device)
+        context = self.encode(batch["prompts"], device)
         x_next = self.teacher_step(x_t, t, t_next, context, x0)
         with torch.no_grad():
             target_flow = self.networks.frozen["target"].forward_teacher_forcing(x_next, t_next, context, clean_x=x0)

@@ -8,7 +8,6 @@ stream, so any world size computes the same steps.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -23,22 +22,19 @@ from utils.config import Config
 from utils.datasets import LatentLMDBDataset
 from utils.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
-
 NUM_TIMESTEP_BUCKETS = 4  # per-bucket MSE metrics: quarters of [0, num_train_timestep]
 # Independent random streams of one sample: tensor draws on the training device, caption dropout on the CPU.
 DRAW_STREAM, CAPTION_STREAM = 0, 1
 
 
-def sample_seed(seed: int, sample_id: int, stream: int) -> int:
-    """A 63-bit generator seed for one sample's random ``stream``, mixed from ``(seed, sample_id, stream)``."""
-    words = np.random.SeedSequence([seed % 2**63, int(sample_id), stream]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
 def sample_generators(seed: int, sample_ids: torch.Tensor, stream: int, device: torch.device) -> list[torch.Generator]:
-    """One seeded ``torch.Generator`` on ``device`` per sample id (``sample_ids``: int64 ``[B]``)."""
-    return [torch.Generator(device=device).manual_seed(sample_seed(seed, i, stream)) for i in sample_ids.tolist()]
+    """One ``torch.Generator`` on ``device`` per sample id (int64 ``[B]``), its 63-bit seed mixed from
+    ``(seed, sample_id, stream)``."""
+    generators = []
+    for sample_id in sample_ids.tolist():
+        words = np.random.SeedSequence([seed % 2**63, int(sample_id), stream]).generate_state(2, dtype=np.uint32)
+        generators.append(torch.Generator(device=device).manual_seed((int(words[0]) << 31) ^ int(words[1])))
+    return generators
 
 
 @dataclass
@@ -63,9 +59,6 @@ class DiffusionObjective(Objective):
         self.compute_dtype = torch.float32   # dtype of the generator's latent and text inputs
         self._data = DataPosition()
 
-    # ------------------------------------------------------------------------------------------------------------
-    # networks and optimizer phases
-
     def build_networks(self, device: torch.device) -> Networks:
         """The generator (causal or bidirectional by ``cfg.causal``, one builder) and the frozen text encoder."""
         cfg = self.cfg
@@ -86,27 +79,22 @@ class DiffusionObjective(Objective):
         return Networks(trainable={"generator": generator}, frozen={"text_encoder": text_encoder})
 
     def phases(self) -> list[Phase]:
-        cfg = self.cfg
-        return [Phase("generator", lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), max_grad_norm=cfg.max_grad_norm_generator,
-                      ema=cfg.ema_weight > 0)]
+        return [Phase.generator(self.cfg)]
 
     def attach(self, networks: Networks) -> None:
         super().attach(networks)
         # Sharded parameters (DTensor) report the device of their local shard.
         self.device = next(networks.trainable["generator"].parameters()).device
 
-    # ------------------------------------------------------------------------------------------------------------
-    # data
-
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
-        """Infinite per-rank batches ``{"prompts", "clean_latent": float32 [B, F, C, H, W], "sample_id": int64 [B]}``
-        (global stream positions); ``seed`` is the same on every rank, which split one stream."""
+        """Infinite per-rank batches ``{"prompts", "clean_latent" [B, F, C, H, W], "sample_id" [B]}`` of one global
+        stream (``seed`` is the same on every rank)."""
         cfg = self.cfg
         dataset = LatentLMDBDataset(cfg.data_path, max_pair=cfg.max_pair or int(1e8))
         if len(dataset) == 0:
             raise DataError(f"{cfg.data_path} holds no samples")
         dataset.check_latent_shape(cfg.image_or_video_shape[1:])
-        sampler = GlobalStreamSampler(len(dataset), seed=seed, shuffle=True, num_replicas=world_size, rank=rank)
+        sampler = GlobalStreamSampler(len(dataset), seed=seed, num_replicas=world_size, rank=rank)
         return self._data.attach(ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers))
 
     def data_state(self) -> dict:
@@ -115,18 +103,14 @@ class DiffusionObjective(Objective):
     def load_data_state(self, state: dict) -> None:
         self._data.load_state_dict(state)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # loss
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompt embeddings ``[B, text_len, text_dim]`` float32 on the training device (one encoder call)."""
         return self.networks.frozen["text_encoder"].encode(list(prompts)).to(self.device, torch.float32)
 
     def drop_captions(self, prompts: list[str], sample_ids: torch.Tensor | None = None) -> list[str]:
-        """``prompts``, each replaced by ``""`` with probability ``caption_dropout``: one uniform draw from the
-        prompt's own generator keyed by its ``sample_ids`` entry, else from the global CPU RNG (seeded and saved by
-        the loop). Nothing is drawn at probability 0, so a run without dropout keeps its noise stream."""
+        """``prompts``, each replaced by ``""`` with probability ``caption_dropout`` (one draw from the prompt's
+        generator keyed by ``sample_ids``, else the global CPU RNG; none at probability 0)."""
         p = self.cfg.caption_dropout
         if p <= 0:
             return list(prompts)
@@ -139,9 +123,8 @@ class DiffusionObjective(Objective):
         return ["" if d else text for text, d in zip(prompts, drop)]
 
     def draw(self, x0: torch.Tensor, sample_ids: torch.Tensor | None = None) -> DiffusionDraw:
-        """Noise and timesteps for ``x0 [B, F, C, H, W]`` (training.md §2.4, §3.3 steps 2-3, 6). With ``sample_ids``
-        each sample draws from its own generator seeded by ``(seed, sample_ids[i])``, independent of batch, rank and
-        world size; without, from the global RNG."""
+        """Noise and timesteps for ``x0 [B, F, C, H, W]`` (training.md §3.3), each sample from its own generator
+        seeded by ``(seed, sample_ids[i])`` (independent of batch, rank and world size), else the global RNG."""
         if sample_ids is None:
             return self._draw(x0, None)
         gens = sample_generators(self.cfg.seed, sample_ids, DRAW_STREAM, x0.device)
@@ -156,7 +139,6 @@ class DiffusionObjective(Objective):
         randn = lambda: torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # noqa: E731
         noise = randn()
         # One timestep per block, constant within it; the bidirectional base model takes one per sample.
-        # float32 throughout: no bf16 quantisation of t (the reference's accident, see the module docstring).
         t = self.scheduler.sample_training_timesteps(
             b, f, num_frame_per_block=cfg.num_frame_per_block, uniform=not cfg.causal,
             independent_first_frame=cfg.independent_first_frame, generator=generator, device=x0.device)
@@ -178,7 +160,6 @@ class DiffusionObjective(Objective):
         x_t = self.scheduler.add_noise(x0, draw.noise, draw.t).to(dtype)
         target = self.scheduler.training_target(x0, draw.noise)
         context = context.to(dtype)
-        # draw.t / draw.clean_t stay float32 (never bf16, see the module docstring)
         if self.cfg.teacher_forcing:
             clean = x0 if draw.clean_t is None else self.scheduler.add_noise(x0, draw.clean_noise, draw.clean_t)
             flow = generator.forward_teacher_forcing(x_t, draw.t, context, clean_x=clean.to(dtype),

@@ -10,7 +10,6 @@ initialised from the raw Wan weights) and the frozen text encoder. The generator
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any, Iterator
 
 import torch
@@ -20,22 +19,13 @@ import torch.nn.functional as F
 from model.guidance import cond_uncond_context, guide
 from model.scheduler import FlowMatchScheduler
 from pipeline import components
-from pipeline.causal import CacheViews, StepSchedule
-from pipeline.rollout import (
-    Rollout,
-    broadcast_ints,
-    draw_exit_steps,
-    rolling_rollout,
-    rollout_cache,
-    self_forcing_rollout,
-)
+from pipeline.causal import StepSchedule
+from pipeline.rollout import Rollout, broadcast_ints, draw_exit_steps, rolling_rollout, self_forcing_rollout
 from trainer.batches import IndexBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
 from utils.datasets import ResumableSampler, TextDataset
 from utils.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class DMDObjective(Objective):
@@ -53,16 +43,12 @@ class DMDObjective(Objective):
         self.schedule = StepSchedule.from_config(self.scheduler, cfg.denoising_step_list,
                                                  cfg.denoising_step_list_first_chunk, warp=cfg.warp_denoising_step)
         self.latent_shape = tuple(cfg.image_or_video_shape[2:])   # (C, H, W)
-        self.cpu_offload = {"real_score": cfg.real_score_cpu_offload, "text_encoder": cfg.text_encoder_cpu_offload}
         self.device = torch.device("cpu")
         self.compute_dtype = torch.float32
         self.negative_embeds: torch.Tensor | None = None   # [1, L, D], encoded once
         self._sampler: ResumableSampler | None = None
         self.last_exit_step = -1   # exit step of the latest rollout (a metric; Rolling Forcing: its phase)
         self.vae = None            # Rolling Forcing, rollouts longer than the clip: re-encodes its first frame
-
-    # ------------------------------------------------------------------------------------------------------------
-    # networks and phases
 
     def build_networks(self, device: torch.device) -> Networks:
         cfg = self.cfg
@@ -88,26 +74,19 @@ class DMDObjective(Objective):
 
     def phases(self) -> list[Phase]:
         cfg = self.cfg
-        return [Phase("generator", cfg.lr, (cfg.beta1, cfg.beta2), cfg.max_grad_norm_generator,
-                      ema=cfg.ema_weight > 0),
+        return [Phase.generator(cfg),
                 Phase("critic", cfg.lr_critic, (cfg.beta1_critic, cfg.beta2_critic), cfg.max_grad_norm_critic)]
 
     def phases_at(self, step: int) -> list[str]:
         """The generator first (every ``dfake_gen_update_ratio`` steps), then the critic (every step)."""
         return ["generator", "critic"] if step % self.cfg.dfake_gen_update_ratio == 0 else ["critic"]
 
-    # ------------------------------------------------------------------------------------------------------------
-    # data: prompts, a fresh batch per phase
-
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
         dataset = TextDataset(self.cfg.data_path)
         self._sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True,
                                          num_replicas=world_size, rank=rank)
-        return self._batches(dataset, self._sampler)
-
-    def _batches(self, dataset: TextDataset, sampler: ResumableSampler) -> Iterator[dict]:
-        for indices in IndexBatches(sampler, self.cfg.batch_size):
-            yield {"prompts": [dataset[i]["prompts"] for i in indices]}
+        indices = IndexBatches(self._sampler, self.cfg.batch_size)
+        return ({"prompts": [dataset[i]["prompts"] for i in batch]} for batch in indices)
 
     def data_state(self) -> dict:
         return self._sampler.state_dict() if self._sampler is not None else {}
@@ -115,9 +94,6 @@ class DMDObjective(Objective):
     def load_data_state(self, state: dict) -> None:
         if self._sampler is not None and state:
             self._sampler.load_state_dict(state)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # losses
 
     def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         context = self.encode(batch)
@@ -147,10 +123,8 @@ class DMDObjective(Objective):
         with torch.set_grad_enabled(grad):
             result = self_forcing_rollout(
                 generator, self.scheduler, self.schedule, context, num_frames, latent_shape=self.latent_shape,
-                exit_step=exit_step, first_block_exit_step=first_exit,
-                # Only the last num_training_frames frames train (all of them: the rollout generates exactly that many).
-                grad_from_frame=max(0, num_frames - cfg.num_training_frames),
-                context_noise=cfg.context_noise, dtype=self.compute_dtype)
+                exit_step=exit_step, first_block_exit_step=first_exit, context_noise=cfg.context_noise,
+                dtype=self.compute_dtype)
         self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
         return result
 
@@ -176,11 +150,9 @@ class DMDObjective(Objective):
             else:
                 exit_step, _ = draw_exit_steps(self.schedule, blocks, last_step_only=cfg.last_step_only,
                                                same_step_across_blocks=cfg.same_step_across_blocks)
-                cache = rollout_cache(generator, context.shape[0], num_frames, *self.latent_shape[1:],
-                                      self.compute_dtype, self.device, cfg.rolling_sink)
                 result = self_forcing_rollout(generator, self.scheduler, self.schedule, context, num_frames,
-                                              exit_step=exit_step, cache=cache,
-                                              views=CacheViews.rolling(cfg.rolling_span), **common)
+                                              exit_step=exit_step, rolling=(cfg.rolling_span, cfg.rolling_sink),
+                                              **common)
                 self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
         # a longer rollout's clip starts with a re-encoded frame: its block is left out of the DMD loss
         return result._replace(latents=self._last_clip(result.latents, clip),
@@ -237,9 +209,6 @@ class DMDObjective(Objective):
         else:
             loss = F.mse_loss(x0, x_gen.double())
         return loss, self._step_metrics(t)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # pieces
 
     def score_timesteps(self, x: torch.Tensor, rollout: Rollout | None = None) -> torch.Tensor:
         """DMD/critic timesteps ``[B, F]``, one per sample: shifted uniform in [low, high), clamped to [2%, 98%]·T;

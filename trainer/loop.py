@@ -1,14 +1,8 @@
-"""The one training loop of every stage. It knows no loss: an :class:`~trainer.objective.Objective` names the networks,
-the optimizer phases and how a micro-batch becomes a loss; this file does everything else.
-
-Order (torchtitan's): init distributed -> seed -> build networks -> activation checkpointing -> compile -> FSDP2 per
-block then root -> AdamW per phase -> resume from the latest checkpoint -> steps until ``max_steps`` (0 = forever),
-each phase with gradient accumulation, clipping, an optimizer step and the shard-local EMA -> metrics every
-``log_every`` steps -> a resume checkpoint, the release export and sample videos (trainer/samples.py) every
-``log_iters`` steps and at the end.
-
-Step numbering: the objective sees the 0-based ``step`` (steps done before this one, as the reference's ``self.step``);
-logs and checkpoint names use the number of steps completed (``step_000002`` = resume before the third step).
+"""The one training loop of every stage; an :class:`~trainer.objective.Objective` names the networks, the optimizer
+phases and how a micro-batch becomes a loss, this file does everything else, in torchtitan's order: distributed ->
+seed -> networks -> activation checkpointing -> compile -> FSDP2 -> AdamW per phase -> resume -> steps (accumulation,
+clipping, optimizer step, EMA) -> metrics every ``log_every`` -> checkpoint, release export and sample videos every
+``log_iters`` and at the end. The objective sees the 0-based ``step``; logs and checkpoint names count steps done.
 """
 
 from __future__ import annotations
@@ -27,30 +21,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.objective import Networks, Objective, Phase
 from trainer.samples import SampleWriter
-from utils.checkpoint import (
-    LogdirLock,
-    TrainState,
-    full_model_state_dict,
-    latest_checkpoint,
-    load_checkpoint,
-    read_meta,
-    release_path,
-    remove_stale_files,
-    save_checkpoint,
-)
+from utils import checkpoint, distributed
 from utils.config import Config, config_to_yaml, grad_accum_steps
-from utils.distributed import (
-    World,
-    all_ok,
-    apply_activation_checkpointing,
-    apply_fsdp,
-    build_mesh,
-    close_distributed,
-    init_distributed,
-    set_gradient_sync,
-    shard_frozen,
-    transformer_blocks,
-)
 from utils.ema import ShardLocalEMA
 from utils.errors import CheckpointError, ConfigError, OutputError, UserError, free_space, one_line
 from utils.metrics import MetricAccumulator, MetricsLogger, build_metrics_logger
@@ -59,13 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Runs an objective. ``Trainer(cfg, objective).train()``; tests drive :meth:`setup` / :meth:`train_step`.
-
-    Args:
-        cfg: the resolved run config (``cfg.logdir`` holds checkpoints and ``metrics.jsonl``).
-        objective: the stage (see trainer/registry.py).
-        keep_checkpoints: resume checkpoints kept (newest first); release exports are all kept, as the reference did.
-    """
+    """Runs an objective: ``Trainer(cfg, objective).train()``; tests drive :meth:`setup` / :meth:`train_step`.
+    ``keep_checkpoints``: resume checkpoints kept (release exports are all kept, as the reference did)."""
 
     def __init__(self, cfg: Config, objective: Objective, keep_checkpoints: int = 3):
         if not cfg.logdir and not cfg.no_save:
@@ -75,7 +42,7 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.phases: dict[str, Phase] = {p.name: p for p in objective.phases()}
         self.emas: dict[str, ShardLocalEMA] = {}
-        self.world: Optional[World] = None
+        self.world: Optional[distributed.World] = None
         self.networks: Optional[Networks] = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.data: Optional[Iterator[Any]] = None
@@ -84,11 +51,8 @@ class Trainer:
         self._accum = 1
         self._last_log = (0.0, 0)  # (time, step) of the last metrics line
         self._owns_process_group = False
-        self._lock: Optional[LogdirLock] = None
+        self._lock: Optional[checkpoint.LogdirLock] = None
         self._samples: Optional[SampleWriter] = None
-
-    # -----------------------------------------------------------------------------------------------------------------
-    # the loop
 
     def train(self) -> int:
         """Train until ``cfg.max_steps`` (forever when 0); returns the number of steps completed."""
@@ -124,7 +88,7 @@ class Trainer:
     def setup(self) -> int:
         """Everything before the first step; returns the step to start from (0, or the resumed checkpoint's)."""
         self._owns_process_group = not dist.is_initialized()
-        self.world = w = init_distributed()
+        self.world = w = distributed.init_distributed()
         self._lock_logdir()
         if w.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -144,28 +108,24 @@ class Trainer:
         return step
 
     def train_step(self, step: int) -> None:
-        """One optimizer step of every phase due at ``step`` (0-based), on ``accum`` micro-batches: shared by the
-        phases, or drawn afresh for each (``Objective.fresh_batch_per_phase``)."""
+        """One optimizer step of every phase due at ``step`` (0-based) on ``accum`` micro-batches (shared by the
+        phases unless ``Objective.fresh_batch_per_phase``)."""
         batches = None
         for name in self.objective.phases_at(step):
             if batches is None or self.objective.fresh_batch_per_phase:
                 batches = [next(self.data) for _ in range(self._accum)]
             self._train_phase(self.phases[name], batches, step)
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # setup
-
     def _lock_logdir(self) -> None:
-        """Rank 0 locks the logdir for this run (:class:`LogdirLock`) and removes what killed runs left there; every
-        rank stops if it cannot."""
+        """Rank 0 locks the logdir and removes what killed runs left there; every rank stops if it cannot."""
         error = None
         if self.cfg.logdir and self.world.is_main:
             try:
-                self._lock = LogdirLock(self.cfg.logdir)
-                remove_stale_files(self.cfg.logdir)   # safe now: no other run writes there
+                self._lock = checkpoint.LogdirLock(self.cfg.logdir)
+                checkpoint.remove_stale_files(self.cfg.logdir)   # safe now: no other run writes there
             except UserError as err:
                 error = err
-        if not all_ok(error is None):
+        if not distributed.all_ok(error is None):
             raise error or CheckpointError(f"rank 0 could not lock {self.cfg.logdir}")
 
     @staticmethod
@@ -181,18 +141,18 @@ class Trainer:
         missing = sorted(set(self.phases) - set(nets.trainable))
         if missing:
             raise ValueError(f"objective has phases {missing} without a trainable network of that name")
-        mesh = build_mesh(cfg.sharding_strategy, w)
+        mesh = distributed.build_mesh(cfg.sharding_strategy, w)
         for model in nets.trainable.values():
             if cfg.gradient_checkpointing:  # wrapped from outside, not the model's own flag: see the function's doc
-                apply_activation_checkpointing(model)
+                distributed.apply_activation_checkpointing(model)
             if cfg.compile:
-                for block in transformer_blocks(model):
+                for block in distributed.transformer_blocks(model):
                     block.compile()  # in place: parameter names stay canonical (no ``_orig_mod.``)
-            apply_fsdp(model, cfg.sharding_strategy, cfg.mixed_precision, mesh)
+            distributed.apply_fsdp(model, cfg.sharding_strategy, cfg.mixed_precision, mesh)
             model.train()
         offload = {"text_encoder": cfg.text_encoder_cpu_offload, "real_score": cfg.real_score_cpu_offload}
         for name, model in nets.frozen.items():
-            shard_frozen(model, cfg.sharding_strategy, cfg.mixed_precision, mesh,
+            distributed.shard_frozen(model, cfg.sharding_strategy, cfg.mixed_precision, mesh,
                          cpu_offload=offload.get(name, False) and w.device.type == "cuda")
         self.objective.attach(nets)
         return nets
@@ -204,17 +164,18 @@ class Trainer:
         impl = {"fused": True} if self.world.device.type == "cuda" else {}
         return torch.optim.AdamW(params, lr=phase.lr, betas=tuple(phase.betas), weight_decay=weight_decay, **impl)
 
-    def _state(self) -> TrainState:
-        return TrainState(models=dict(self.networks.trainable), optimizers=self.optimizers, emas=self.emas)
+    def _state(self) -> checkpoint.TrainState:
+        return checkpoint.TrainState(models=dict(self.networks.trainable), optimizers=self.optimizers, emas=self.emas)
 
     def _resume(self) -> int:
-        path = latest_checkpoint(self.cfg.logdir) if self.cfg.logdir else None
+        path = checkpoint.latest_checkpoint(self.cfg.logdir) if self.cfg.logdir else None
         if path is None:
             logger.info("no checkpoint under %s/checkpoints: starting at step 0", self.cfg.logdir or "(no logdir)")
             return 0
-        for name in read_meta(path)["emas"]:  # EMAs exist from ema_start_step on; recreate before loading into them
+        # EMAs exist from ema_start_step on: recreate them before loading into them
+        for name in checkpoint.read_meta(path)["emas"]:
             self.emas[name] = ShardLocalEMA(self.networks.trainable[name], self.cfg.ema_weight)
-        resumed = load_checkpoint(path, self._state())
+        resumed = checkpoint.load_checkpoint(path, self._state())
         for name, optimizer in self.optimizers.items():  # the config wins over the saved hyper-parameters
             phase = self.phases[name]
             for group in optimizer.param_groups:
@@ -234,9 +195,6 @@ class Trainer:
                 self.emas[phase.name] = ShardLocalEMA(self.networks.trainable[phase.name], self.cfg.ema_weight)
                 logger.info("EMA of %s kept from the start (decay %g)", phase.name, self.cfg.ema_weight)
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # one phase
-
     def _train_phase(self, phase: Phase, batches: list, step: int) -> None:
         """Accumulate gradients over ``batches``, clip, step AdamW, update the EMA."""
         model = self.networks.trainable[phase.name]
@@ -244,7 +202,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         n = len(batches)
         for i, batch in enumerate(batches):
-            set_gradient_sync(model, i == n - 1)  # reduce gradients once, after the last micro-batch
+            distributed.set_gradient_sync(model, i == n - 1)  # reduce gradients once, after the last micro-batch
             loss, metrics = self.objective.loss(phase.name, batch, step)
             (loss / n).backward()
             self._acc.add(f"{phase.name}_loss", loss, step + 1, must_be_finite=True)
@@ -264,9 +222,6 @@ class Trainer:
                 ema.update()
             self.objective.ema_updated(phase.name, ema, step)
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # logging and saving
-
     def _log(self, step: int, bar: tqdm) -> None:
         """Reduce the accumulated metrics (the one host sync of a log step) and write them."""
         metrics = self._acc.reduce()
@@ -284,9 +239,7 @@ class Trainer:
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")}, refresh=False)
 
     def _peak_memory(self) -> dict[str, float]:
-        """``peak_memory_gib``: the largest CUDA memory allocated on any rank since the last log (one all-reduce);
-        nothing on CPU runs. The peak counter restarts when training starts and at each log, so a line shows its own
-        interval's peak."""
+        """``peak_memory_gib``: the largest CUDA memory allocated on any rank since the last log (CUDA only)."""
         device = self.world.device
         if device.type != "cuda":
             return {}
@@ -299,7 +252,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Resume checkpoint + release export of ``step`` (collective). Never saves a diverged model."""
         self._acc.check_finite()
-        save_checkpoint(self.cfg.logdir, step, self._state(), self.objective.data_state(),
+        checkpoint.save_checkpoint(self.cfg.logdir, step, self._state(), self.objective.data_state(),
                         config_to_yaml(self.cfg), keep=self.keep_checkpoints)
         self._export_release(step)
         if self._samples is not None:   # sample videos of the saved weights (collective: every rank generates)
@@ -314,19 +267,18 @@ class Trainer:
             self._lock.release()
             self._lock = None
         if self._owns_process_group:
-            close_distributed()
+            distributed.close_distributed()
 
     def _export_release(self, step: int) -> None:
-        """``checkpoint_model_<N>/model.pt`` with ``generator`` (and, after ``ema_start_step``, ``generator_ema``)
-        under ``model.<Wan key>``."""
+        """``checkpoint_model_<N>/model.pt``: ``generator`` (and after ``ema_start_step`` ``generator_ema``)."""
         if "generator" not in self.networks.trainable:
             return
-        path = release_path(self.cfg.logdir, step)
+        path = checkpoint.release_path(self.cfg.logdir, step)
         if path.is_file():
             return
         from model.loader import save_release_checkpoint  # lazy: the loop itself needs no model code
 
-        generator = full_model_state_dict(self.networks.trainable["generator"])
+        generator = checkpoint.full_model_state_dict(self.networks.trainable["generator"])
         # An EMA kept from the start (CD's target) is exported, like any other, once ema_start_step has passed.
         with_ema = "generator" in self.emas and step > self.cfg.ema_start_step
         ema = self.emas["generator"].full_state_dict() if with_ema else None

@@ -1,8 +1,5 @@
-"""The interface between the shared training loop (trainer/loop.py) and one stage's objective.
-
-The loop knows no loss: an objective names its networks (which train), the optimizer phases due at a step, and how a
-batch becomes a loss. FSDP2, mixed precision, accumulation, clipping, EMA, checkpoints and logging are the loop's.
-"""
+"""The interface between the shared training loop (trainer/loop.py) and one stage's objective: its networks, the
+optimizer phases due at a step and how a batch becomes a loss; everything else is the loop's."""
 
 from __future__ import annotations
 
@@ -28,6 +25,11 @@ class Phase:
     ema_from_start: bool = False
     weight_decay: Optional[float] = None  # AdamW weight decay; None = config ``weight_decay``
 
+    @classmethod
+    def generator(cls, cfg) -> "Phase":
+        """The generator's phase as every stage configures it (``lr``, ``beta1/2``, ``max_grad_norm_generator``)."""
+        return cls("generator", cfg.lr, (cfg.beta1, cfg.beta2), cfg.max_grad_norm_generator, ema=cfg.ema_weight > 0)
+
 
 @dataclass
 class Networks:
@@ -38,7 +40,7 @@ class Networks:
 
 
 class Objective(ABC):
-    """Base class of a stage objective. Subclasses implement the methods below."""
+    """Base class of a stage objective."""
 
     # True: every phase due at a step draws its own micro-batches (DMD: the generator and the critic see different
     # prompts, as in the reference); False: the phases of a step share them.
@@ -58,13 +60,11 @@ class Objective(ABC):
 
     @abstractmethod
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
-        """An infinite iterator of per-rank micro-batches; must expose ``state_dict``/``load_state_dict`` through
-        :meth:`data_state` so a resumed run continues at the same sample. The loop calls it once, after
-        :meth:`attach` and before :meth:`load_data_state`."""
+        """An infinite iterator of per-rank micro-batches, resumable through :meth:`data_state`. The loop calls it
+        once, after :meth:`attach` and before :meth:`load_data_state`."""
 
     def data_state(self) -> dict:
-        """This rank's data position. Saved per rank with ``torch.save`` and read back with ``weights_only=True``:
-        keep to tensors, numbers, strings, lists, tuples and dicts."""
+        """This rank's data position, read back with ``weights_only=True``: tensors, numbers, strings and containers."""
         return {}
 
     def load_data_state(self, state: dict) -> None:
@@ -72,14 +72,11 @@ class Objective(ABC):
 
     @abstractmethod
     def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one micro-batch for ``phase`` and metrics (tensors; the loop calls ``.item()`` only on log
-        steps). ``step`` is 0-based (the number of optimizer steps done before this one), as in the reference.
-        Every phase of a step sees the same micro-batches (the reference's DMD used one batch for both updates);
-        moving the batch to the device is the objective's job."""
+        """Loss of one micro-batch for ``phase`` and metrics (tensors, read only on log steps); ``step`` is 0-based.
+        Moving the batch to the device is the objective's job."""
 
     def ema_updated(self, phase: str, ema: Any, step: int) -> None:
-        """Called after the EMA of ``phase`` was created, updated or restored at ``step`` (a
-        :class:`utils.ema.ShardLocalEMA`). Consistency distillation copies it into its target network here."""
+        """Called after the EMA (:class:`utils.ema.ShardLocalEMA`) of ``phase`` was created, updated or restored."""
 
     def attach(self, networks: Networks) -> None:
         """Receive the (possibly sharded) networks the loop will train; called once before the first step."""

@@ -14,7 +14,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from pipeline import components
 from pipeline.causal import StepSchedule
@@ -27,36 +26,6 @@ from utils.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 ALL_ROWS = int(1e8)   # the reference's max_pair default
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def latent_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
-                   num_workers: int = 0) -> ResumableBatches:
-    """Resumable per-rank batches of ``dataset``: one shuffled permutation per epoch split across ranks."""
-    sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True, num_replicas=world_size, rank=rank)
-    if len(sampler) == 0:
-        raise DataError(f"{len(dataset)} samples cannot feed {world_size} ranks")
-    return ResumableBatches(dataset, sampler, batch_size, num_workers)
-
-
-class TextConditioner:
-    """Prompt embeddings from the frozen text encoder, float32 on the network's device; the negative prompt once."""
-
-    def __init__(self, negative_prompt: str):
-        self.negative_prompt = negative_prompt
-        self._negative: torch.Tensor | None = None
-
-    def __call__(self, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
-        # Calling the module (not .encode) lets a sharded encoder run its root hooks.
-        return text_encoder(list(prompts)).to(device, torch.float32)        # [B, L, text_dim]
-
-    def negative(self, text_encoder, batch_size: int, device: torch.device) -> torch.Tensor:
-        if self._negative is None or self._negative.device != device:
-            self._negative = self(text_encoder, [self.negative_prompt], device)
-        return self._negative.expand(batch_size, -1, -1)
 
 
 class Stage2Objective(Objective):
@@ -72,7 +41,7 @@ class Stage2Objective(Objective):
         # Workers decode LMDB rows ahead of the GPU; on the CPU (tests) they would only cost start-up time.
         self.num_workers = (2 if torch.cuda.is_available() else 0) if num_workers is None else num_workers
         self.scheduler = components.build_scheduler(cfg)
-        self.text = TextConditioner(cfg.negative_prompt)
+        self._negative: torch.Tensor | None = None
         self._data = DataPosition()
 
     def _build_generator(self, device: torch.device) -> torch.nn.Module:
@@ -88,15 +57,16 @@ class Stage2Objective(Objective):
                                              output_device=device).requires_grad_(False)
 
     def phases(self) -> list[Phase]:
-        c = self.cfg
-        return [Phase("generator", lr=c.lr, betas=(c.beta1, c.beta2), max_grad_norm=c.max_grad_norm_generator,
-                      ema=c.ema_weight > 0)]
+        return [Phase.generator(self.cfg)]
 
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
+        """Resumable per-rank batches: one shuffled permutation per epoch split across ranks."""
         dataset = self.dataset_cls(self.cfg.data_path, self.cfg.max_pair or ALL_ROWS)
         self._check_dataset(dataset)
-        return self._data.attach(latent_batches(dataset, self.cfg.batch_size, rank, world_size, seed,
-                                                self.num_workers))
+        sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True, num_replicas=world_size, rank=rank)
+        if len(sampler) == 0:
+            raise DataError(f"{len(dataset)} samples cannot feed {world_size} ranks")
+        return self._data.attach(ResumableBatches(dataset, sampler, self.cfg.batch_size, self.num_workers))
 
     def _check_dataset(self, dataset) -> None:
         """Reject data that cannot feed this objective, before the first step."""
@@ -107,6 +77,17 @@ class Stage2Objective(Objective):
 
     def load_data_state(self, state: dict) -> None:
         self._data.load_state_dict(state)
+
+    def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """Prompt embeddings ``[B, L, text_dim]``, float32 on ``device``. Calling the module (not ``.encode``) lets a
+        sharded encoder run its root hooks."""
+        return self.networks.frozen["text_encoder"](list(prompts)).to(device, torch.float32)
+
+    def negative(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """The negative prompt's embeddings, encoded once, expanded to ``batch_size``."""
+        if self._negative is None or self._negative.device != device:
+            self._negative = self.encode([self.cfg.negative_prompt], device)
+        return self._negative.expand(batch_size, -1, -1)
 
 
 class ODEObjective(Stage2Objective):
@@ -137,7 +118,7 @@ class ODEObjective(Stage2Objective):
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MSE between the generator's x̂0 at a trajectory state and the ODE output (fp32)."""
         gen = self.networks.trainable["generator"]
-        device = device_of(gen)
+        device = next(gen.parameters()).device
         ode = batch["ode_latent"].to(device, non_blocking=True)               # [B, S + 2, F, C, H, W]
         b, f = ode.shape[0], ode.shape[2]
         num_steps = len(self.timesteps)
@@ -147,7 +128,7 @@ class ODEObjective(Stage2Objective):
         index = j[:, None, :, None, None, None].expand(-1, 1, -1, *ode.shape[3:])
         x = torch.gather(ode[:, :num_steps], 1, index)[:, 0]                 # [B, F, C, H, W]
         t = self.timesteps.to(device)[j]                                     # [B, F]
-        context = self.text(self.networks.frozen["text_encoder"], batch["prompts"], device)
+        context = self.encode(batch["prompts"], device)
         flow = gen.forward_teacher_forcing(x, t, context, clean_x=ode[:, -1])
         pred = self.scheduler.flow_to_x0(flow.float(), x.float(), t)
         loss = F.mse_loss(pred, ode[:, -2].float())

@@ -1,8 +1,6 @@
-"""Stage objectives by ``cfg.trainer`` name. Imports are lazy, so a stage's dependencies load only when it runs.
-
-Adding a stage: write ``trainer/<stage>.py`` with an :class:`~trainer.objective.Objective` subclass constructed as
-``Cls(cfg)``, add a line to :data:`OBJECTIVES`, and add the name to ``utils.config.TRAINERS``.
-"""
+"""Stage objectives by ``cfg.trainer`` name, imported lazily. Adding a stage: an :class:`~trainer.objective.Objective`
+subclass built as ``Cls(cfg)`` in ``trainer/<stage>.py``, a line in :data:`OBJECTIVES`, the name in
+``utils.config.TRAINERS``."""
 
 from __future__ import annotations
 

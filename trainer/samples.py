@@ -1,10 +1,7 @@
-"""Sample videos written at each checkpoint, so that a run can be watched while it trains.
-
-At every save the generator's current weights make one short video per prompt (``sample_prompts``, else
-:data:`DEFAULT_PROMPTS`) through the streaming pipeline, the way inference runs: ``<logdir>/samples/step_<N>/
-<prompt>.mp4``, decoded with the VAE of the config's model folder (``<prompt>.latents.pt`` when the folder has none),
-and uploaded to W&B when it is on. The generator's weights are sharded, so every rank runs its forwards (collectives);
-rank 0 alone decodes and writes. ``no_visualize`` (``train.py --no_visualize``) turns this off.
+"""Sample videos written at each checkpoint, so that a run can be watched while it trains: one short video per prompt
+(``sample_prompts``, else :data:`DEFAULT_PROMPTS`) through the streaming pipeline, as ``<logdir>/samples/step_<N>/
+<prompt>.mp4`` (``.latents.pt`` without a VAE) and to W&B when it is on. Every rank runs the sharded generator's
+forwards; rank 0 alone decodes and writes. ``--no_visualize`` turns this off.
 """
 
 from __future__ import annotations
