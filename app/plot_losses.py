@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(plot_losses(args.logdir, args.out) + "\n")
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
-        return 1
+        return 2
     return 0
 
 

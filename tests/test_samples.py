@@ -102,7 +102,7 @@ def test_loss_curves_png(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "curves.png")
     missing = subprocess.run([sys.executable, "-m", "app.plot_losses", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nothing' / 'metrics.jsonl'} not found: pass a training logdir (train.py --logdir)"]
 
 
