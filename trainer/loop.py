@@ -56,7 +56,7 @@ class Trainer:
 
     def train(self) -> int:
         """Train until ``cfg.max_steps`` (forever when 0); returns the number of steps completed."""
-        bar = None
+        bar, finished = None, False
         try:
             step = self.setup()
             cfg, w = self.cfg, self.world
@@ -81,9 +81,10 @@ class Trainer:
                     self._log(step, bar)
                 if not cfg.no_save:
                     self.save(step)
+            finished = True
             return step
         finally:
-            self._close(bar)
+            self._close(bar, finished)
 
     def setup(self) -> int:
         """Everything before the first step; returns the step to start from (0, or the resumed checkpoint's)."""
@@ -258,7 +259,7 @@ class Trainer:
         if self._samples is not None:   # sample videos of the saved weights (collective: every rank generates)
             self._samples(self.networks, step, self.metrics)
 
-    def _close(self, bar: Optional[tqdm]) -> None:
+    def _close(self, bar: Optional[tqdm], finished: bool) -> None:
         if bar is not None:
             bar.close()
         if self.metrics is not None:
@@ -267,7 +268,7 @@ class Trainer:
             self._lock.release()
             self._lock = None
         if self._owns_process_group:
-            distributed.close_distributed()
+            distributed.close_distributed(finished)
 
     def _export_release(self, step: int) -> None:
         """``checkpoint_model_<N>/model.pt``: ``generator`` (and after ``ema_start_step`` ``generator_ema``)."""
