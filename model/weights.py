@@ -50,9 +50,9 @@ def wan_repo_id(folder: str | Path) -> str | None:
     return f"{WAN_ORG}/{name}" if _WAN_REPO_RE.match(name) else None
 
 
-def wan_download_hint(folder: str | Path, repo_id: str | None = None) -> str:
+def wan_download_hint(folder: str | Path) -> str:
     """The command that fills ``folder``; a generic instruction when the repository cannot be told from its name."""
-    repo_id = repo_id or wan_repo_id(folder)
+    repo_id = wan_repo_id(folder)
     local_dir = shlex.quote(str(folder))
     if repo_id is None:
         return (f"download the matching Wan2.1 repository into it, e.g. "
@@ -83,9 +83,6 @@ def _missing_dit(folder: Path, repo_id: str | None) -> list[str]:
 
 def missing_wan_files(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo_id: str | None = None) -> list[str]:
     """Relative names of the files ``need`` requires that are absent from ``folder`` (empty list = complete)."""
-    unknown = set(need) - set(WAN_PARTS)
-    if unknown:
-        raise ValueError(f"unknown Wan parts {sorted(unknown)}; choose from {WAN_PARTS}")
     folder = Path(folder)
     missing = []
     if "dit" in need:
@@ -99,17 +96,6 @@ def missing_wan_files(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, rep
     if "vae" in need and not (folder / WAN_VAE_FILENAME).is_file():
         missing.append(WAN_VAE_FILENAME)
     return missing
-
-
-def check_wan_folder(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo_id: str | None = None) -> None:
-    """Raise one WeightsMissingError line naming every missing file of the parts ``need`` and the download command."""
-    missing = missing_wan_files(folder, need, repo_id)
-    if not missing:
-        return
-    where = f"{folder} (folder does not exist)" if not Path(folder).is_dir() else str(folder)
-    raise WeightsMissingError(
-        f"Wan2.1 weights incomplete in {where}: missing {', '.join(missing)}; {wan_download_hint(folder, repo_id)}"
-    )
 
 
 def download_hint_for_checkpoint(path: str | Path) -> str | None:

@@ -1,4 +1,4 @@
-"""Weights-folder and checkpoint-file checks: one message naming every missing file and the command that fetches it."""
+"""Weights-folder and checkpoint-file checks: every missing file named, with the command that fetches it."""
 
 import json
 
@@ -13,14 +13,12 @@ from model.weights import (
     WAN_TOKENIZER_SUBDIR,
     WAN_VAE_FILENAME,
     check_file,
-    check_wan_folder,
     download_hint_for_checkpoint,
     missing_wan_files,
+    wan_download_hint,
     wan_repo_id,
 )
-from utils.errors import UserError, WeightsMissingError
-
-ALL_FILES = [WAN_DIT_CONFIG, WAN_DIT_WEIGHTS, WAN_T5_FILENAME, WAN_TOKENIZER_SUBDIR, WAN_VAE_FILENAME]
+from utils.errors import WeightsMissingError
 
 
 def _touch(folder, *names):
@@ -39,38 +37,23 @@ def _write_index(folder, shards):
     (folder / WAN_DIT_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def _error(folder, **kwargs) -> str:
-    with pytest.raises(WeightsMissingError) as info:
-        check_wan_folder(folder, **kwargs)
-    assert isinstance(info.value, UserError)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+TOKENIZER_MISSING = f"{WAN_TOKENIZER_SUBDIR}/ (spiece.model or tokenizer.json)"
 
 
-def test_empty_folder_names_every_file_and_the_command(tmp_path):
+def test_empty_or_absent_folder_names_every_file_and_the_command(tmp_path):
+    """The loaders name their own missing file; missing_wan_files is what resolve_wan_folder downloads."""
     folder = tmp_path / "wan_models" / "Wan2.1-T2V-1.3B"
+    everything = [WAN_DIT_CONFIG, WAN_DIT_WEIGHTS, WAN_T5_FILENAME, TOKENIZER_MISSING, WAN_VAE_FILENAME]
+    assert missing_wan_files(folder) == everything
     folder.mkdir(parents=True)
-    message = _error(folder)
-    for name in ALL_FILES:
-        assert name in message
-    assert f"hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir {folder}" in message
-
-
-def test_missing_folder_says_so(tmp_path):
-    folder = tmp_path / "Wan2.1-T2V-1.3B"
-    message = _error(folder)
-    assert "does not exist" in message and WAN_VAE_FILENAME in message
-    assert f"hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir {folder}" in message
+    assert missing_wan_files(folder) == everything
+    assert wan_download_hint(folder) == f"get them with: hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir {folder}"
 
 
 def test_partial_folder_names_only_missing(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-1.3B"
     _touch(folder, WAN_DIT_CONFIG, WAN_VAE_FILENAME, f"{WAN_TOKENIZER_SUBDIR}/tokenizer.json")
     assert missing_wan_files(folder) == [WAN_DIT_WEIGHTS, WAN_T5_FILENAME]
-    message = _error(folder)
-    assert WAN_DIT_WEIGHTS in message and WAN_T5_FILENAME in message
-    assert WAN_VAE_FILENAME not in message and WAN_TOKENIZER_SUBDIR not in message
 
 
 def test_sharded_14b_names_missing_shard(tmp_path):
@@ -79,46 +62,42 @@ def test_sharded_14b_names_missing_shard(tmp_path):
     _complete_common(folder)
     _write_index(folder, shards)
     _touch(folder, shards[0], shards[2])
-    message = _error(folder)
-    assert shards[1] in message and shards[0] not in message and shards[2] not in message
-    assert f"hf download Wan-AI/Wan2.1-T2V-14B --local-dir {folder}" in message
+    assert missing_wan_files(folder) == [shards[1]]
+    assert f"hf download Wan-AI/Wan2.1-T2V-14B --local-dir {folder}" in wan_download_hint(folder)
 
 
 def test_empty_14b_folder_asks_for_the_index(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-14B"
     folder.mkdir()
-    assert WAN_DIT_INDEX in _error(folder, need=("dit",))
+    assert missing_wan_files(folder, need=("dit",)) == [WAN_DIT_CONFIG, f"{WAN_DIT_INDEX} and its shards"]
 
 
 def test_unreadable_index_is_reported(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-14B"
     _complete_common(folder)
     (folder / WAN_DIT_INDEX).write_text("{not json")
-    assert "unreadable" in _error(folder)
+    assert missing_wan_files(folder) == [f"{WAN_DIT_INDEX} (unreadable: JSONDecodeError)"]
 
 
 def test_complete_fake_folders_pass(tmp_path):
     small = tmp_path / "Wan2.1-T2V-1.3B"
     _complete_common(small)
     _touch(small, WAN_DIT_WEIGHTS)
-    check_wan_folder(small)
+    assert missing_wan_files(small) == []
 
     large = tmp_path / "Wan2.1-T2V-14B"
     shards = ["a.safetensors", "b.safetensors"]
     _complete_common(large, tokenizer_file="tokenizer.json")
     _write_index(large, shards)
     _touch(large, *shards)
-    check_wan_folder(large)
+    assert missing_wan_files(large) == []
 
 
 def test_need_restricts_the_check(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-14B"
     _touch(folder, WAN_T5_FILENAME, f"{WAN_TOKENIZER_SUBDIR}/spiece.model")
-    check_wan_folder(folder, need=("text_encoder", "tokenizer"))
-    message = _error(folder, need=("vae",))
-    assert WAN_VAE_FILENAME in message and WAN_DIT_CONFIG not in message
-    with pytest.raises(ValueError):
-        check_wan_folder(folder, need=("unet",))
+    assert missing_wan_files(folder, need=("text_encoder", "tokenizer")) == []
+    assert missing_wan_files(folder, need=("vae",)) == [WAN_VAE_FILENAME]
 
 
 def test_repo_id_from_name_override_and_generic(tmp_path):
@@ -127,9 +106,10 @@ def test_repo_id_from_name_override_and_generic(tmp_path):
     assert wan_repo_id("my_weights") is None
     folder = tmp_path / "my_weights"
     folder.mkdir()
-    generic = _error(folder)
+    generic = wan_download_hint(folder)
     assert "Wan-AI/my_weights" not in generic and "download the matching Wan2.1 repository" in generic
-    assert f"hf download Wan-AI/Wan2.1-T2V-14B --local-dir {folder}" in _error(folder, repo_id="Wan-AI/Wan2.1-T2V-14B")
+    assert missing_wan_files(folder, ("dit",), repo_id="Wan-AI/Wan2.1-T2V-14B")[-1] == f"{WAN_DIT_INDEX} and its shards"
+    assert missing_wan_files(folder, ("dit",))[-1] == f"{WAN_DIT_WEIGHTS} (or {WAN_DIT_INDEX} and its shards)"
 
 
 @pytest.mark.parametrize("filename", [f"{variant}/{stage}.pt" for variant in ("framewise", "chunkwise")
