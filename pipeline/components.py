@@ -17,7 +17,7 @@ from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
-from model.weights import download_hint_for_checkpoint, resolve_checkpoint, resolve_wan_folder
+from model.weights import download_hint_for_checkpoint, resolve_checkpoint, resolve_wan_folder, wan_download_hint
 from utils.config import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, Config
 from utils.errors import CheckpointError, ConfigError, WeightsMissingError
 
@@ -37,7 +37,6 @@ def model_source(cfg: Config, name: str, weights: bool = True) -> str:
         if weights:
             log.warning("no folder %s: building preset %r with RANDOM weights", folder, name)
         return name
-    from model.weights import wan_download_hint
     raise WeightsMissingError(f"model folder {folder} not found; {wan_download_hint(folder)}")
 
 
@@ -51,9 +50,9 @@ def use_attention_backend(cfg: Config) -> None:
 
 def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False,
                     device=None, dtype=None, local_attn_size: int | None = None,
-                    sink_size: int | None = None) -> WanModel:
-    """The causal generator of ``cfg`` with ``checkpoint_path`` (or, when that is None, ``cfg.generator_ckpt``)
-    loaded on top of the model folder's weights."""
+                    sink_size: int | None = None, causal: bool = True) -> WanModel:
+    """The generator of ``cfg`` (block-causal; ``causal=False``: Stage 1's bidirectional base model) with
+    ``checkpoint_path`` (or, when that is None, ``cfg.generator_ckpt``) loaded on top of the model folder's weights."""
     if checkpoint_path is None and cfg.generator_ckpt:
         checkpoint_path = resolve_checkpoint(cfg.generator_ckpt, "generator_ckpt")
         if not os.path.exists(checkpoint_path):
@@ -64,7 +63,7 @@ def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bo
     mk = cfg.model_kwargs
     source = model_source(cfg, cfg.generator_name, weights=checkpoint_path is None)
     return build_wan_model(
-        source, causal=True, num_frame_per_block=cfg.num_frame_per_block,
+        source, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
         independent_first_frame=cfg.independent_first_frame,
         local_attn_size=mk.local_attn_size if local_attn_size is None else local_attn_size,
         sink_size=mk.sink_size if sink_size is None else sink_size, dtype=dtype, device=device,

@@ -14,8 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from model.loader import build_wan_model
-from pipeline.components import build_scheduler, build_text_encoder, model_source, use_attention_backend
+from pipeline.components import build_generator, build_scheduler, build_text_encoder
 from trainer.batches import DataPosition, GlobalStreamSampler, ResumableBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
@@ -63,11 +62,7 @@ class DiffusionObjective(Objective):
         """The generator (causal or bidirectional by ``cfg.causal``, one builder) and the frozen text encoder."""
         cfg = self.cfg
         device = torch.device(device)
-        use_attention_backend(cfg)
-        generator = build_wan_model(
-            model_source(cfg, cfg.generator_name), causal=cfg.causal, num_frame_per_block=cfg.num_frame_per_block,
-            independent_first_frame=cfg.independent_first_frame, local_attn_size=cfg.model_kwargs.local_attn_size,
-            sink_size=cfg.model_kwargs.sink_size, device=device, checkpoint_path=cfg.generator_ckpt)
+        generator = build_generator(cfg, cfg.generator_ckpt, device=device, causal=cfg.causal)
         generator.requires_grad_(True).train()  # gradient checkpointing is the loop's (applied from outside)
         # Mixed precision: the loop's FSDP policy computes in bf16 but does not cast forward inputs (a cast would round
         # t), so latents and text go in as bf16 here and timesteps as fp32. The frozen encoder simply runs in bf16.
