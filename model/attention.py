@@ -7,9 +7,7 @@
 
 The backend of unmasked calls is chosen once per process (:func:`set_backend`, config ``attention_backend``):
 "flash_attn" (the first installed of FlashAttention-3, -4, -2), "sdpa", or "auto" (default): FlashAttention-3 or -4
-for large inference calls (:func:`flash_policy`), SDPA otherwise. FlashAttention-4 runs a chunk-wise block's cached
-self-attention 1.15-1.2x faster than cuDNN, but its ~0.1 ms host cost per call loses on the 512-token
-cross-attention and on launch-bound one-frame blocks; FlashAttention-2 loses to cuDNN on Hopper (docs/performance.md).
+for large inference calls (:func:`flash_policy`; why: docs/architecture.md, "Attention kernel per call"), else SDPA.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
-"""Preallocated key/value cache for streaming generation (model_and_inference.md §5) and the attention of one
-cached call against it: self-attention K/V of every layer (keys already rotated) and the prompt's cross-attention K/V.
-
-**Slots.** Frame ``f`` lives in slot ``f`` while ``f < sink`` and in slot ``sink + (f - sink) mod (capacity - sink)``
-after that: a ring over the non-sink slots, the reference's shift-left eviction without moving memory.
-
-**Positions.** Frame ``f`` is rotated at position ``f - origin``. When a call would pass the RoPE table the cache
-*re-bases*: RoPE is relative, so rotating the ring's keys back by ``delta`` frames and adding ``delta`` to ``origin``
-changes no attention output, and a stream of any length keeps its positions below ``capacity + call length``.
-
-**Sink frames** are kept as written (``sink_k``) and rotated to sit just before the oldest other frame a call
-attends to, so a call always sees the geometry of one contiguous clip no longer than the window (as the published
-Rolling Forcing code keeps its anchor block).
-
-**Views.** A :class:`CacheView` says what a call attends to besides its own frames. Positions are Python integers
-from the block schedule, so the per-block step never reads the GPU.
+"""Preallocated key/value cache for streaming generation and the attention of one cached call against it:
+self-attention K/V of every layer (keys stored rotated) and the prompt's cross-attention K/V. The ring of slots, the
+sink, re-basing past the RoPE table and views: docs/architecture.md, "The KV cache" and "Rolling windows".
 """
 
 from __future__ import annotations
@@ -28,9 +15,8 @@ from model.rope import RotaryTables, apply_rope
 
 
 class CacheMode(str, Enum):
-    """How a cached call runs, named by the caller; same values. ``INFERENCE`` (no autograd): attention over views of
-    the cache, the prompt's cross K/V cached. ``ROLLOUT`` (keeps gradients): earlier frames' K/V copied out next to
-    the block's own, the cross K/V recomputed so gradients reach them."""
+    """How a cached call runs (same values): ``INFERENCE`` without autograd, ``ROLLOUT`` keeping gradients (earlier
+    frames' K/V copied out next to the block's own, cross K/V recomputed)."""
 
     INFERENCE = "inference"
     ROLLOUT = "rollout"
@@ -91,13 +77,12 @@ class KVCache:
         return cls(cfg.num_layers, batch_size, cfg.tokens_per_frame(height, width), cfg.num_heads, cfg.head_dim,
                    capacity_frames, sink_frames, dtype or p.dtype, device or p.device, model.rope)
 
-    def reset(self, keep_cross: bool = False) -> None:
-        """Forget every frame (buffers are reused; stale values are never read)."""
+    def reset(self) -> None:
+        """Forget every frame and the prompt (buffers are reused; stale values are never read)."""
         self.frames_written = 0
         self.origin = 0
         self.placed = [0] * self.num_layers
-        if not keep_cross:
-            self.reset_cross()
+        self.reset_cross()
 
     def reset_cross(self) -> None:
         """Forget the prompt's cross-attention K/V (a new prompt refills them on the next call)."""

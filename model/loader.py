@@ -1,9 +1,7 @@
-"""One checkpoint loader for every weights format, ending in original Wan2.1 key names and a strict load.
-
-Sources (model_and_inference.md §2.2, §7.1, §12; training.md §2.5, §8.3-8.4): a Wan2.1 folder (one safetensors file,
-or an index + shards), a diffusers transformer folder or pipeline root, a ``.safetensors`` file, or a ``.pt``/``.pth``
-(released or published-trainer entries, a bare state dict). Wrapper segments are dropped and diffusers names
-converted; a misfit raises ONE :class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
+"""One checkpoint loader for every weights format (model_and_inference.md §2.2, §7.1, §12; training.md §2.5, §8.3):
+a Wan2.1 folder (one safetensors file or an index + shards), a diffusers folder or pipeline root, a ``.safetensors``,
+or a ``.pt``/``.pth`` (released or trainer entries, a bare state dict), ending in original Wan2.1 key names and a
+strict load; a misfit raises ONE :class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
 """
 
 from __future__ import annotations

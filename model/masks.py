@@ -1,9 +1,5 @@
-"""Attention mask rules, written once at frame level and realised two ways (model_and_inference.md §4).
-
-A rule is a boolean ``[F_q, F_k]`` frame mask (all tokens of a frame share its row and column). It becomes a dense
-token mask (SDPA: CPU training, where flex-attention has no backward) or a flex-attention ``BlockMask`` (GPU) that
-looks the frame mask up per token. Blocks hold ``n`` frames (1 frame-wise, 3 chunk-wise); with
-``independent_first_frame`` frame 0 is a block of its own.
+"""Attention mask rules (model_and_inference.md §4) as boolean ``[F_q, F_k]`` frame masks, realised as a dense token
+mask (SDPA: CPU training, where flex-attention has no backward) or a flex-attention ``BlockMask`` (GPU).
 """
 
 from __future__ import annotations
@@ -15,7 +11,7 @@ import torch
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """How latent frames group into autoregressive blocks."""
+    """How latent frames group into autoregressive blocks (frame 0 alone with ``independent_first_frame``)."""
 
     frames_per_block: int = 1
     independent_first_frame: bool = False

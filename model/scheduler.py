@@ -1,11 +1,7 @@
-"""Flow-matching noise schedule shared by training, sampling and the x0 <-> flow conversions.
-
-Conventions (model_and_inference.md §8, training.md §2.3): ``t`` on the ``0..num_train_timesteps`` scale (1000),
-``sigma = t / 1000`` after the shift; ``x_t = (1 - sigma) x0 + sigma noise``; the network predicts the flow
-``v = noise - x0``. The training grid has ``num_train_timesteps`` entries descending from 1000; ``add_noise``,
-``flow_to_x0``, ``x0_to_flow`` and ``training_weight`` use the sigma of the NEAREST grid entry, as the reference does
-(``t = 0`` is the smallest entry, sigma ~= 0.00498 for shift 5). Latents are ``[B, F, C, H, W]``, timesteps ``[B, F]``
-or ``[B]``. Lookups are tensor ops (no ``.item()``): no GPU sync.
+"""Flow-matching noise schedule (model_and_inference.md §8, training.md §2.3): ``t`` on the 0..1000 scale,
+``x_t = (1 - sigma) x0 + sigma noise`` with ``sigma = t / 1000`` after the shift, the network predicts the flow
+``v = noise - x0``. Lookups use the NEAREST entry of the descending training grid, as the reference does (``t = 0``
+is the smallest entry, sigma ~= 0.00498 for shift 5), as tensor ops: no GPU sync. Latents ``[B, F, C, H, W]``.
 """
 
 from __future__ import annotations
@@ -16,12 +12,8 @@ from model.masks import BlockLayout
 
 
 class FlowMatchScheduler:
-    """Shifted flow-matching grid with nearest-grid lookups, Euler steps and timestep samplers.
-
-    Args:
-        num_train_timesteps: grid entries and the timestep scale (t = num_train_timesteps * sigma).
-        shift: timestep shift ``s``; sigma <- s * sigma / (1 + (s - 1) * sigma).
-    """
+    """Shifted grid of ``num_train_timesteps`` entries (also the scale: t = N sigma), shift ``s``:
+    sigma <- s sigma / (1 + (s - 1) sigma)."""
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 5.0) -> None:
         if num_train_timesteps < 1:
@@ -103,12 +95,8 @@ class FlowMatchScheduler:
 
     def step(self, flow: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
              t_next: torch.Tensor | float | None = None) -> torch.Tensor:
-        """One Euler step ``x + flow * (sigma_next - sigma)`` in ``x.dtype``.
-
-        With ``t_next``, both sigmas are exact (``t / N``), so a sampler may walk any grid (e.g.
-        :meth:`inference_timesteps` then 0). Without it, the reference's rule: the nearest training-grid entry's sigma
-        and the next entry's (0 after the last).
-        """
+        """One Euler step ``x + flow * (sigma_next - sigma)`` in ``x.dtype``: with ``t_next`` both sigmas exact
+        (``t / N``: any grid); without it the reference's rule, the nearest grid entry's sigma and the next one's."""
         t = torch.as_tensor(t, device=x.device)
         if t_next is None:
             sigmas_ext = self._tables(t.device)[1]

@@ -11,12 +11,10 @@ predictor but the first, final sigma 0. With ``x_σ = (1 - σ) x0 + σ ε`` and 
   ``r = (λ_{i-1} - λ_s) / h`` and ``ρ = 1/2`` at order 2 (UniPC's simplified order-2 predictor), no ``D`` at order 1;
 * corrector (UniC-p) once ``m_{i+1}`` is known: the same update from the corrected ``x_s`` with one more term,
   ``ρ_c`` solving ``R ρ_c = b`` (``R_kj = r_j^{k-1}`` over the nodes ``(r, 1)``, ``b_k = k! (-h) φ_{k+1}(-h) / B``;
-  ``ρ_c = 1/2`` at order 1). The corrected sample feeds the next predictor; the network has already seen the
-  uncorrected one, as in UniPC.
+  ``ρ_c = 1/2`` at order 1). The corrected sample feeds the next predictor (the network saw the uncorrected one).
 
 The last step (to σ = 0) is exactly ``m``. Coefficients are Python float64, tensors float32 or wider whatever the
-network's dtype (Wan's copy works in the latents' dtype). ``tests/test_unipc.py`` checks it against a float64
-recomputation from the paper's equations and a Gaussian problem's exact solution, and the grid against the published.
+network's dtype (Wan's copy works in the latents' dtype).
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """The arithmetic of diffusers' ``AutoencoderKLWan`` decoder, one step at a time (:func:`decoder_step`), with its
-causal cache as plain tensors, which :class:`model.vae.StreamingDecoder` drives block by block.
-
-diffusers keeps the cache in a list it mutates, with None / "Rep" markers for a video's first calls: under
-torch.compile each marker state is another graph. Here every causal convolution sees ``cat(cache, x)`` in time, the
-cache holding the last ``kernel_t - 1`` frames of its input so far, zeros at a video's start (the same numbers as
-diffusers' padding); only the temporal upsampler's convolution is skipped on the first call and runs from zeros on
-the second. The regions (:class:`DecoderRegions`: a residual block, an upsampler, the head) are compiled one by one,
-each output a real buffer: compiled as one graph, inductor recomputed the residual sums inside later kernels and
-kept every convolution output of a stage alive. Regions of equal shapes share graphs: 9 small graphs in all.
+causal cache as plain tensors: each causal convolution sees ``cat(cache, x)`` in time, the cache holding the last
+``kernel_t - 1`` frames of its input (zeros at a video's start, diffusers' padding). diffusers' own cache list carries
+None / "Rep" markers, a new graph per marker state under torch.compile. The regions (:class:`DecoderRegions`) are
+compiled one by one, not as one graph (why: docs/architecture.md, "Compiled VAE decoder regions").
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""The Wan2.1 diffusion transformer, bidirectional (teacher, critic) and block-causal (generator), in one class.
-
-Parameter names are the original Wan2.1 ones (model_and_inference.md §2.2), so original weights and released
-checkpoints load strictly. Latents are ``[B, F, C, H, W]``, timesteps ``[B, F]`` (``[B]`` is broadcast over frames);
-every size comes from :class:`WanConfig` and the input shape. The caller names one of three attention paths:
-:meth:`WanModel.forward` (full sequence, block-causal mask for the causal model),
-:meth:`WanModel.forward_teacher_forcing` (``[clean ; noisy]``) and :meth:`WanModel.forward_cached` (against a
-:class:`KVCache`, in a :class:`CacheMode`, attending to what a :class:`CacheView` says).
+"""The Wan2.1 diffusion transformer, bidirectional (teacher, critic) and block-causal (generator), in one class with
+the original parameter names. Latents are ``[B, F, C, H, W]``, timesteps ``[B, F]`` (``[B]`` is broadcast over
+frames). The caller names one of three attention paths (docs/architecture.md, "The model: three attention paths").
 """
 
 from __future__ import annotations
@@ -225,15 +220,9 @@ class Head(nn.Module):
 
 
 class WanModel(nn.Module):
-    """Wan2.1 DiT. ``causal=False``: the bidirectional Wan model; ``causal=True``: the block-causal generator.
-
-    Args:
-        config: architecture (see :mod:`model.config`).
-        causal: whether full-sequence calls use the block-causal mask.
-        num_frame_per_block: latent frames per autoregressive block (1 frame-wise, 3 chunk-wise).
-        independent_first_frame: frame 0 is a block of its own (image-conditioned layouts).
-        local_attn_size: attention window in frames (-1 = everything so far); sink_size: permanent first frames.
-    """
+    """Wan2.1 DiT; ``causal``: full-sequence calls use the block-causal mask. Blocks hold ``num_frame_per_block``
+    latent frames (frame 0 alone with ``independent_first_frame``); ``local_attn_size``: attention window in frames
+    (-1: everything so far), its first ``sink_size`` frames permanent."""
 
     def __init__(self, config: WanConfig, causal: bool = False, num_frame_per_block: int = 1,
                  independent_first_frame: bool = False, local_attn_size: int = -1, sink_size: int = 0):
@@ -273,22 +262,18 @@ class WanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
 
     def compile_blocks(self, **options) -> None:
-        """Compile every block's elementwise regions; layers of equal shapes share graphs (parameters are inputs), so
-        compile time does not grow with depth."""
+        """Compile every block's elementwise regions; layers share graphs, so compile time does not grow with depth."""
         options = {"dynamic": False, "fullgraph": True, **options}
         # One cache entry per distinct token count / frame count; streaming uses a handful, long videos no more.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.blocks:
             block.compile_regions(**options)
 
-    def fuse_qkv(self, enabled: bool = True) -> None:
-        """One q/k/v product per layer (:meth:`SelfAttention.fuse_qkv`), or three again; call after ``.to()``, which
-        replaces parameters and would undo the sharing."""
+    def fuse_qkv(self) -> None:
+        """One q/k/v product per layer (:meth:`SelfAttention.fuse_qkv`); call after ``.to()``, which replaces
+        parameters and would undo the sharing."""
         for block in self.blocks:
-            if enabled:
-                block.self_attn.fuse_qkv()
-            else:
-                block.self_attn.fused_qkv = None
+            block.self_attn.fuse_qkv()
 
     def uncompile_blocks(self) -> None:
         for block in self.blocks:
@@ -339,10 +324,8 @@ class WanModel(nn.Module):
                 frame_mask = teacher_forcing_frame_mask(num_frames, self.layout)
             else:
                 frame_mask = block_causal_frame_mask(num_frames, self.layout, self.local_attn_size, self.sink_size)
-            if device.type == "cuda":
-                self._masks[key] = flex_block_mask(frame_mask, tokens_per_frame, device)
-            else:
-                self._masks[key] = dense_token_mask(frame_mask, tokens_per_frame, device)
+            realise = flex_block_mask if device.type == "cuda" else dense_token_mask
+            self._masks[key] = realise(frame_mask, tokens_per_frame, device)
         return self._masks[key]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -380,12 +363,9 @@ class WanModel(nn.Module):
                        start_frame: int, *, mode: CacheMode | str = CacheMode.INFERENCE,
                        blocks: tuple[int, ...] = (), view: CacheView = FULL) -> torch.Tensor:
         """Frames ``start_frame .. start_frame+n-1`` (x ``[B, n, C, H, W]``, t ``[B]`` or ``[B, n]``) through the KV
-        cache: by default the call writes its K/V at its slots and attends to everything cached up to it, its own
-        frames in both directions (``view``). Inference under autograd raises (gradients would skip the call's K/V).
-
-        ``blocks`` carries several consecutive blocks in one call (inference over the full view, while
-        ``cache.can_fuse``): each block's queries see the cache up to their own block's end, as separate calls would.
-        """
+        cache, attending to what ``view`` says (default: write, attend to everything cached and the call's own frames
+        both ways). ``blocks``: several consecutive blocks in one inference call, each seeing the cache up to its own
+        end. Inference under autograd raises (gradients would skip the call's K/V)."""
         mode = CacheMode(mode)
         if mode is CacheMode.INFERENCE and torch.is_grad_enabled():
             raise RuntimeError("forward_cached(mode='inference') under autograd: use torch.no_grad(), or "

@@ -1,17 +1,7 @@
-"""The per-block loop of causal generation, written once (model_and_inference.md §9.1).
-
-Streaming inference, the Stage-3 self-forcing rollout and many-step Stage-1 sampling all run :class:`BlockLoop`: for
-each block, denoise its noise through the KV cache over a list of timesteps, then a *context pass* writes its clean
-latents into the cache for the blocks after it. What differs is data: the step rule (``"renoise"`` for few-step
-generators, ODE solvers ``"euler"`` or ``"unipc"`` for many-step models), classifier-free guidance (both halves as
-one ``2B`` batch against a ``2B`` cache), which latents the context pass writes (the prediction, or given ones), an
-:class:`ExitPolicy` and :class:`CacheViews`.
-
-**Rolling Forcing** (published ``long_video/pipeline/rolling_forcing_inference.py``), :meth:`BlockLoop.rolling`,
-denoises windows of ``len(timesteps)`` consecutive blocks in one forward at staggered steps (block ``b`` at step
-``k - b`` in window ``k``); the oldest block, then clean, is committed and leaves the window.
-
-Timesteps are Python floats and positions Python ints, so the loop never waits on the GPU.
+"""The per-block loop of causal generation, written once: streaming inference, the Stage-3 rollout and many-step
+sampling all run :class:`BlockLoop` and differ only in data (step rule, guidance, context latents, exit policy,
+cache views); Rolling Forcing is :meth:`BlockLoop.rolling`. See docs/architecture.md, "One block loop". Timesteps are
+Python floats and positions Python ints, so the loop never waits on the GPU.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
-"""CUDA graphs for the per-block forward of streaming inference (part of the CUDA fast path).
+"""CUDA graphs for the per-block forward of streaming inference (the CUDA fast path; docs/architecture.md).
 
 A one-frame block's forward launches ~2,000 kernels and frame-wise generation waits on the host (one H200: 4.3 s of
-DiT wall time held 2.3 s of GPU work); a graph replays them with one launch. What a graph bakes in stays valid:
-inputs are copied into its own buffers; the KV cache is the one :class:`CUDAGraphs` keeps per geometry from video to
-video (a new prompt overwrites its cross-attention K/V in place); the call's Python integers are fixed by its start
-frame, frame count and blocks, which with the input shape are the key; the cache's written-frame count is redone at
-each replay.
-
-Calls no graph can serve run eagerly: steps keeping gradients, views other than the whole cache, a prompt's first
-call (it fills the cross-attention cache) and calls past the cache's capacity (an endless stream's positions never
-repeat). A key's first call runs eagerly (warming compiled kernels, cuDNN plans and RoPE tables, which capture must
-not create) and is captured right after; later calls replay. All graphs share one memory pool.
+DiT wall time held 2.3 s of GPU work); a graph replays them with one launch. A graph is keyed by the call's start
+frame, blocks and input shape, which fix its Python integers; it reads the one KV cache :class:`CUDAGraphs` keeps
+per geometry. Calls no graph can serve run eagerly (:meth:`CUDAGraphs._key`); a key's first call runs eagerly (to
+create compiled kernels, cuDNN plans and RoPE tables, which capture must not) and is captured right after.
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
-"""The user-facing streaming API: prompts in, decoded frames out, block by block.
-
-    pipe = StreamingPipeline.from_pretrained("zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt")
-    video = pipe.generate("a red fox running through snow", num_frames=81)   # video.frames[0]: uint8 [T, H, W, 3]
-    stream = pipe.open("a red fox", num_frames=81, seed=0)
-    for chunk in stream:                  # one chunk per block (the first frame alone), as soon as it is decoded
-        show(chunk.frames)                # float [B, T, 3, H, W] in [-1, 1]
-        stream.switch_prompt("a wolf")    # takes effect at the next block
-
-``num_frames`` counts video frames (``4k + 1``, as in diffusers); ``num_latent_frames`` counts latent frames, the
-unit of the published ``--num_output_frames``. Few-step generators, the many-step Stage-1 model (50 solver steps with
-classifier-free guidance), Rolling Forcing and endless videos all run :class:`~pipeline.causal.BlockLoop` at constant
-memory: past the training length a sliding window with sink frames, noise drawn per block, and only the latents the
-cache still holds kept.
+"""The user-facing streaming API (README.md, "From Python"): prompts in, decoded frames out, block by block, through
+:class:`~pipeline.causal.BlockLoop` at constant memory (past the training length a sliding window with sink frames,
+noise drawn per block). ``num_frames`` counts video frames (``4k + 1``, as in diffusers); ``num_latent_frames``
+counts latent frames, the unit of the published ``--num_output_frames``.
 """
 
 from __future__ import annotations
