@@ -18,6 +18,7 @@ frames in [-1, 1], as with the Wan VAE.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -81,9 +82,7 @@ class TinyVideoDecoder(nn.Module):
                        _conv(w[stage], w[stage + 1], bias=False)]
         layers += [nn.ReLU(), _conv(w[-1], 3)]
         self.decoder = nn.Sequential(*layers)
-        self.temporal_compression = 1
-        for stride in time_grow:
-            self.temporal_compression *= stride
+        self.temporal_compression = math.prod(time_grow)
         self.spatial_compression = 2 ** len(time_grow)
         self.latent_channels = latent_channels
 
@@ -102,9 +101,8 @@ class TinyVideoDecoder(nn.Module):
         """Whole video: normalised ``[B, f, C, h, w]`` -> ``[B, 1 + 4(f-1), 3, 8h, 8w]`` float32 in [-1, 1]."""
         return self.stream().decode_chunk(latents)
 
-    # the Wan VAE's fast-path hooks
     def compile_decoder(self, enabled: bool = True, **options) -> TinyVideoDecoder:
-        return self  # 2-D convolutions and ReLUs: nothing for inductor to fuse that pays
+        return self  # the Wan VAE's fast-path hook; 2-D convolutions and ReLUs: nothing for inductor to fuse that pays
 
     def to_channels_last(self) -> TinyVideoDecoder:
         return self.to(memory_format=torch.channels_last)

@@ -1,9 +1,7 @@
-"""Wan2.1 causal 3-D VAE over diffusers' ``AutoencoderKLWan`` (spec model_and_inference.md §6.3).
-
-Adds latent normalisation ``z = (mu - mean) / std``, the ``[B, F, C, h, w]`` latent layout (diffusers:
-``[B, C, F, h, w]``), strict loading of the original ``Wan2.1_VAE.pth`` or a diffusers folder, and
-:class:`StreamingDecoder`, which carries the causal feature cache between calls. ``F`` latent frames decode to
-``1 + 4 (F - 1)`` pixel frames, 8x spatially; the factors come from the config.
+"""Wan2.1 causal 3-D VAE over diffusers' ``AutoencoderKLWan`` (model_and_inference.md §6.3): latent normalisation
+``z = (mu - mean) / std``, the ``[B, F, C, h, w]`` latent layout (diffusers: ``[B, C, F, h, w]``), strict loading of
+``Wan2.1_VAE.pth`` or a diffusers folder, and :class:`StreamingDecoder`. ``F`` latent frames decode to
+``1 + 4 (F - 1)`` pixel frames, 8x spatially (factors from the config).
 """
 
 from __future__ import annotations
@@ -106,8 +104,7 @@ def convert_original_vae_state_dict(state_dict: dict[str, torch.Tensor], num_res
 
 
 class WanVAE(nn.Module):
-    """Frozen Wan VAE (a diffusers ``AutoencoderKLWan``); the per-channel latent statistics default to
-    ``model.config``'s, else Wan2.1's."""
+    """Frozen Wan VAE; latent statistics from ``model.config``, else Wan2.1's."""
 
     def __init__(self, model: AutoencoderKLWan) -> None:
         super().__init__()
@@ -159,9 +156,8 @@ class WanVAE(nn.Module):
         return cls(model.to(torch_dtype))
 
     def to_channels_last(self) -> WanVAE:
-        """Store convolution weights channels-last (3-D, and 2-D for the upsamplers' frame-wise convolutions) and feed
-        inputs that way: faster cuDNN kernels, and the frame-wise view of a channels-last-3d video is a channels-last
-        image batch. Module by module, as some parameters are not 5-D."""
+        """Convolution weights and inputs channels-last (faster cuDNN kernels); module by module, as the upsamplers'
+        frame-wise convolutions are 2-D."""
         for module in self.model.modules():
             if isinstance(module, nn.Conv3d):
                 module.to(memory_format=torch.channels_last_3d)
@@ -171,10 +167,8 @@ class WanVAE(nn.Module):
         return self
 
     def compile_decoder(self, enabled: bool = True, **options) -> WanVAE:
-        """``torch.compile`` the streaming decoder's regions (:class:`DecoderRegions`; ``enabled=False``: eager).
-
-        Static shapes: every call after a video's first has ``frames_per_call`` latent frames (fewer only for a short
-        last chunk), so each region compiles once per shape. A video's one-frame first call stays eager."""
+        """``torch.compile`` the streaming decoder's regions (``enabled=False``: eager), static shapes: every call after
+        a video's first (one frame, eager) has ``frames_per_call`` frames, so each region compiles once per shape."""
         # a few graphs per region and resolution; switching resolution or options in one process adds more
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.regions = EAGER_REGIONS.compiled(**options) if enabled else EAGER_REGIONS
@@ -234,9 +228,7 @@ class WanVAE(nn.Module):
 
 class StreamingDecoder:
     """Decodes a video chunk by chunk, carrying the decoder's causal feature cache between calls (diffusers'
-    ``decode()`` clears it, restarting the causal context per call; tests/test_vae.py pins this to its one-shot
-    decode). A video's first call decodes one latent frame, later calls ``frames_per_call`` frames at once (equal to
-    per-frame decoding up to rounding), all of one shape, so compiled regions compile once."""
+    ``decode()`` restarts it per call): the first call one latent frame, later calls ``frames_per_call`` frames."""
 
     def __init__(self, vae: WanVAE, frames_per_call: int = 4) -> None:
         if frames_per_call < 1:

@@ -106,9 +106,7 @@ class CacheViews:
 
     @classmethod
     def rolling(cls, span: int) -> "CacheViews":
-        """Rolling Forcing's attention: a denoising forward sees ``span`` frames (the sink placed just before them) and
-        is not cached; a context pass writes its block and sees the last ``span`` frames (sink frames only among
-        them)."""
+        """Rolling Forcing's attention (docs/architecture.md, "Rolling windows")."""
         return cls(CacheView(span, sink=True, write=False), CacheView(span, sink=False, write=True))
 
     @property
@@ -129,8 +127,8 @@ class Window(NamedTuple):
 
 
 def rolling_windows(num_steps: int, num_blocks: int | None = None) -> Iterator[Window]:
-    """The windows of ``num_blocks`` blocks (None: endless): window ``k`` holds blocks ``max(0, k-S+1) .. min(N-1, k)``.
-    With fewer than ``S`` blocks each still takes its ``S`` steps in order (the published code misplaces them)."""
+    """The windows of ``num_blocks`` blocks (None: endless): window ``k`` holds blocks ``max(0, k-S+1) .. min(N-1, k)``
+    (with fewer than ``S`` blocks each still takes its ``S`` steps)."""
     k = 0
     while num_blocks is None or k < num_blocks + num_steps - 1:
         yield Window(k, max(0, k - num_steps + 1), k if num_blocks is None else min(num_blocks - 1, k))
@@ -175,9 +173,8 @@ class BlockLoop:
 
     def flow(self, x: torch.Tensor, t: float | torch.Tensor, start_frame: int, blocks: tuple[int, ...] = (),
              grad: bool = False, view: CacheView | None = None) -> torch.Tensor:
-        """Guided flow for frames ``x [B, n, C, H, W]`` at ``t`` (a float, or ``[B, n]``); ``grad``: the model's
-        rollout mode (keeps gradients), else an inference forward without autograd. ``view``: default the
-        denoising view."""
+        """Guided flow for frames ``x [B, n, C, H, W]`` at ``t`` (a float, or ``[B, n]``); ``grad``: rollout mode
+        (keeps gradients), else inference. ``view``: default the denoising view."""
         tt = t if isinstance(t, torch.Tensor) else self._t(x, t)
         mode = CacheMode.ROLLOUT if grad else CacheMode.INFERENCE
         g = self.guidance
@@ -266,11 +263,10 @@ class BlockLoop:
             policy: ExitPolicy | None = None, context_latents: torch.Tensor | None = None,
             commit_last: bool = True, record: Callable[[int, int, torch.Tensor], None] | None = None,
             ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Generate the blocks of ``noise [B, F, C, H, W]``; yields ``(start_frame, x0)`` per block.
-
-        ``block_index`` numbers the first block. ``context_latents`` (shaped as noise) replace the predictions in the
-        context passes (teacher-forced trajectories); ``commit_last`` also runs the last one, which nothing here
-        reads. ``record(block_start, step_index, x)`` sees every pre-step state."""
+        """Generate the blocks of ``noise [B, F, C, H, W]`` (the first numbered ``block_index``); yields
+        ``(start_frame, x0)`` per block. ``context_latents`` (shaped as noise) replace the predictions in the context
+        passes; ``commit_last`` also runs the last one; ``record(block_start, step_index, x)`` sees every pre-step
+        state."""
         offset, frame, pending = 0, start_frame, None
         for i, n in enumerate(self._blocks_from(start_frame, noise.shape[1])):
             rec = (lambda j, x, f=frame: record(f, j, x)) if record is not None else None
@@ -285,9 +281,9 @@ class BlockLoop:
     def rolling(self, block_noise: Callable[[int, int], torch.Tensor], start_frame: int = 0,
                 num_blocks: int | None = None, grad: Callable[[Window, int], bool] | None = None,
                 ) -> Iterator[WindowResult]:
-        """Rolling Forcing (module docstring): one :class:`WindowResult` per window. ``block_noise(start_frame, n)``:
-        a block's noise as it enters; ``num_blocks`` None: endless. ``grad(window, end_frame)``: whether that window's
-        forward keeps gradients (re-noising and context passes never do)."""
+        """Rolling Forcing: one :class:`WindowResult` per window. ``block_noise(start_frame, n)``: a block's noise as it
+        enters; ``num_blocks`` None: endless; ``grad(window, end_frame)``: whether that window's forward keeps
+        gradients."""
         steps = self.schedule.timesteps
         layout = self.model.layout
         index0 = layout.block_starting_at(start_frame)

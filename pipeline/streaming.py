@@ -82,16 +82,15 @@ class StreamingPipeline:
         return self.preview_decoder if self.preview_decoder is not None else self.vae
 
     def side_stream(self) -> torch.cuda.Stream:
-        """The CUDA stream overlapped decodes run on, one per pipeline: the caching allocator keeps freed memory per
-        stream, so a new stream per video re-allocated its decode memory and stalled the first frame."""
+        """The CUDA stream overlapped decodes run on, one per pipeline (why: docs/architecture.md, "Decode beside
+        the DiT")."""
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
         return self._side_stream
 
     def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True, graphs: bool | None = None):
-        """The CUDA fast path: cuDNN autotuning, fused q/k/v, compiled DiT and VAE regions, DiT forwards replayed from
-        CUDA graphs (:mod:`pipeline.graphs`; ``graphs`` defaults to ``compile``) and VAE decode overlapped with the
-        next block's DiT work. ``compile=False``: everything eager. No-op on the CPU."""
+        """The CUDA fast path (docs/architecture.md): cuDNN autotuning, fused q/k/v, compiled DiT and VAE regions, CUDA
+        graphs (``graphs`` defaults to ``compile``), overlapped decode. ``compile=False``: eager. No-op on the CPU."""
         if self.device.type != "cuda":
             return self
         # process-wide, as torch has it; the VAE's 3-D convolutions see a handful of shapes
@@ -111,9 +110,8 @@ class StreamingPipeline:
     def from_pretrained(cls, name: str, checkpoint: str | None = None, use_ema: bool | None = None,
                         overrides: list[str] | None = None, **kwargs) -> "StreamingPipeline":
         """Build from a YAML path, a shipped config's name or a released checkpoint
-        (:func:`pipeline.api.pretrained_config`), as diffusers' ``from_pretrained``. ``checkpoint``: the generator
-        weights (default: the released file, else ``generator_ckpt``); ``use_ema``: load ``generator_ema``;
-        ``overrides``: ``["key=value", ...]``; ``kwargs`` go to :meth:`from_config`."""
+        (:func:`pipeline.api.pretrained_config`). ``checkpoint``: the generator weights (default: the released file,
+        else ``generator_ckpt``); ``overrides``: ``["key=value", ...]``; ``kwargs`` go to :meth:`from_config`."""
         from pipeline.api import pretrained_config
 
         cfg, checkpoint, use_ema = pretrained_config(name, checkpoint, use_ema, overrides)
@@ -171,9 +169,8 @@ class StreamingPipeline:
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
     def window(self, total_frames: int | None) -> tuple[int, int]:
-        """Cache window and sink (frames) for ``total_frames`` latent frames (None: endless): Rolling Forcing's span
-        and sink, else the configured window, else past the training length a window of that length with one block
-        of sink frames (fixed memory however long the video runs)."""
+        """Cache window and sink (frames) for ``total_frames`` latent frames (None: endless): Rolling Forcing's, else
+        the configured window, else past the training length a window of that length with one block of sink."""
         if self.rolling_span:
             return self.rolling_span + self.sink_size, self.sink_size
         if self.local_attn_size > 0:
@@ -200,10 +197,9 @@ class StreamingPipeline:
              decode: bool = True, context: torch.Tensor | None = None, uint8: bool = False,
              endless: bool = False) -> "VideoStream":
         """Start a video of ``num_frames`` video frames or ``num_latent_frames`` latent frames after the optional
-        ``initial_latent [B, f0, C, h, w]`` (I2V: an image's latent; extension: a clip's); ``endless``: until the
-        caller stops. ``generator`` seeds the video with its next draw instead of ``seed``. ``context``: precomputed
-        prompt embeddings ``[B, L, text_dim]``. ``uint8``: frames as uint8 ``[B, T, H, W, 3]`` on the host,
-        converted on the device beside the decode."""
+        ``initial_latent [B, f0, C, h, w]`` (I2V, extension); ``endless``: until the caller stops. ``generator``
+        seeds it with its next draw instead of ``seed``; ``context``: precomputed prompt embeddings ``[B, L,
+        text_dim]``; ``uint8``: frames as uint8 ``[B, T, H, W, 3]`` on the host."""
         prefix = 0 if initial_latent is None else initial_latent.shape[1]
         count = None if endless else self.num_latent_frames(num_frames, num_latent_frames, prefix)
         if generator is not None:
@@ -282,9 +278,8 @@ class VideoStream:
 
     def switch_prompt(self, prompt: str | list[str], recache: bool = False,
                       context: torch.Tensor | None = None) -> None:
-        """Use ``prompt`` from the next block on (Rolling Forcing: the next window). ``recache`` re-encodes the cached
-        frames under it (one forward per cached block); otherwise only the cross-attention cache changes.
-        ``context``: its precomputed embeddings."""
+        """Use ``prompt`` (or its embeddings ``context``) from the next block on (Rolling Forcing: the next window);
+        ``recache`` re-encodes the cached frames under it, otherwise only the cross-attention cache changes."""
         prompts = [prompt] * len(self.prompts) if isinstance(prompt, str) else list(prompt)
         self._pending = (prompts, recache, context)
 
@@ -320,8 +315,7 @@ class VideoStream:
                            dtype=self.pipe.dtype)
 
     def _blocks(self):
-        """``(block index, start frame, x0, switched)`` of each block as it becomes final: block by block, or by
-        Rolling Forcing windows (a switch applies from the next window)."""
+        """``(block index, start frame, x0, switched)`` of each block as it becomes final."""
         if self.pipe.rolling_span:
             n = self.pipe.generator.num_frame_per_block
             blocks = None if self.num_frames is None else self.num_frames // n
@@ -345,8 +339,8 @@ class VideoStream:
 
     @torch.no_grad()
     def _run(self):
-        """Blocks in order. With ``overlap_decode`` block b is handed out after block b+1's DiT work is queued (its
-        decode runs beside that work), so a prompt switch lands one block later; the first frame goes out at once."""
+        """Blocks in order; with ``overlap_decode`` block b is handed out after block b+1's DiT work is queued (its
+        decode runs beside it); the first frame goes out at once."""
         if self.prefix is not None:
             self.loop.prefill(self.prefix, 0)
         held = None
@@ -371,8 +365,7 @@ class VideoStream:
         self.close()
 
     def _parts(self, index: int, x0: torch.Tensor) -> list[tuple[int, int]]:
-        """Latent-frame ranges of the block handed out one after the other: a video's first frame goes alone (time to
-        first frame; the causal VAE decodes it without the others)."""
+        """Latent-frame ranges of the block handed out one after the other: a video's first frame goes alone."""
         n = x0.shape[1]
         cut = index == 0 and self.prefix is None and self.decoder is not None
         return [(0, 1), (1, n)] if cut and n > 1 else [(0, n)]
@@ -386,9 +379,8 @@ class VideoStream:
         return chunk
 
     def _decode(self, latents: torch.Tensor):
-        """A function giving the chunk's frames: its decode, run when the chunk is handed out (in order, as the
-        decoder's causal cache needs), or (overlap) a wait for the pinned host copy of a decode queued now on the side
-        stream."""
+        """A function giving the chunk's frames: its decode, run when handed out (in order, for the decoder's causal
+        cache), or a wait for the host copy of a decode queued now on the side stream."""
         if self.decoder is None:
             return None
         if self._side is None:
