@@ -22,6 +22,7 @@ from model.weights import (
     WAN_DIT_INDEX,
     WAN_DIT_WEIGHTS,
     download_hint_for_checkpoint,
+    shard_names,
     wan_download_hint,
     wan_repo_id,
 )
@@ -162,8 +163,7 @@ def _read_folder(folder: str) -> dict:
     index = preferred if preferred in indexes else (indexes[0] if len(indexes) == 1 else None)
     if index is not None:
         try:
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            shards = shard_names(index)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"unreadable shard index {index}: {type(err).__name__}: {err}") from err
         missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]

@@ -60,42 +60,30 @@ def wan_download_hint(folder: str | Path) -> str:
     return f"get them with: hf download {repo_id} --local-dir {local_dir}"
 
 
-def _missing_dit(folder: Path, repo_id: str | None) -> list[str]:
-    """Missing DiT files: config, and the single safetensors file or the index and every shard it lists."""
-    missing = [] if (folder / WAN_DIT_CONFIG).is_file() else [WAN_DIT_CONFIG]
+def shard_names(index: str | Path) -> list[str]:
+    """The shard files a safetensors index lists, sorted, each once."""
+    return sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+
+
+def _dit_complete(folder: Path) -> bool:
+    """config.json, and the single safetensors file or a readable index and every shard it lists."""
     index = folder / WAN_DIT_INDEX
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            return missing + [f"{WAN_DIT_INDEX} (unreadable: {type(err).__name__})"]
-        return missing + [shard for shard in shards if not (folder / shard).is_file()]
-    if (folder / WAN_DIT_WEIGHTS).is_file():
-        return missing
-    # Nothing there: name what this repository ships (14B is sharded), or both forms when it is unknown.
-    name = (repo_id or folder.name).rsplit("/", 1)[-1]
-    if "14B" in name:
-        return missing + [f"{WAN_DIT_INDEX} and its shards"]
-    if "1.3B" in name:
-        return missing + [WAN_DIT_WEIGHTS]
-    return missing + [f"{WAN_DIT_WEIGHTS} (or {WAN_DIT_INDEX} and its shards)"]
+    if not (folder / WAN_DIT_CONFIG).is_file() or not (index.is_file() or (folder / WAN_DIT_WEIGHTS).is_file()):
+        return False
+    try:
+        return not index.is_file() or all((folder / shard).is_file() for shard in shard_names(index))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
-def missing_wan_files(folder: str | Path, need: tuple[str, ...] = WAN_PARTS, repo_id: str | None = None) -> list[str]:
-    """Relative names of the files ``need`` requires that are absent from ``folder`` (empty list = complete)."""
+def missing_wan_parts(folder: str | Path, need: tuple[str, ...] = WAN_PARTS) -> list[str]:
+    """The parts of ``need`` with files absent from ``folder`` (what a download fetches; each loader names its own
+    missing file)."""
     folder = Path(folder)
-    missing = []
-    if "dit" in need:
-        missing += _missing_dit(folder, repo_id)
-    if "text_encoder" in need and not (folder / WAN_T5_FILENAME).is_file():
-        missing.append(WAN_T5_FILENAME)
-    if "tokenizer" in need:
-        tokenizer_dir = folder / WAN_TOKENIZER_SUBDIR
-        if not any((tokenizer_dir / name).is_file() for name in WAN_TOKENIZER_FILES):
-            missing.append(f"{WAN_TOKENIZER_SUBDIR}/ ({' or '.join(WAN_TOKENIZER_FILES)})")
-    if "vae" in need and not (folder / WAN_VAE_FILENAME).is_file():
-        missing.append(WAN_VAE_FILENAME)
-    return missing
+    present = {"dit": _dit_complete(folder), "text_encoder": (folder / WAN_T5_FILENAME).is_file(),
+               "tokenizer": any((folder / WAN_TOKENIZER_SUBDIR / name).is_file() for name in WAN_TOKENIZER_FILES),
+               "vae": (folder / WAN_VAE_FILENAME).is_file()}
+    return [part for part in need if not present[part]]
 
 
 def download_hint_for_checkpoint(path: str | Path) -> str | None:
@@ -197,8 +185,7 @@ def _wan_files(part: str, repo_id: str, local_dir: str | None) -> list[tuple[str
     except WeightsMissingError:   # not a single file: the sharded layout
         files.append(get(WAN_DIT_INDEX))
     index = files[-1][1]
-    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else []
-    return files + [get(shard) for shard in shards]
+    return files + [get(shard) for shard in (shard_names(index) if index else [])]
 
 
 def resolve_wan_folder(models_dir: str | Path, name: str, need: tuple[str, ...] = WAN_PARTS) -> str:
@@ -212,7 +199,7 @@ def resolve_wan_folder(models_dir: str | Path, name: str, need: tuple[str, ...] 
         repo_id, local_dir = wan_repo_id(folder), folder
     else:
         return folder
-    todo = [part for part in need if local_dir is None or missing_wan_files(folder, (part,), repo_id)]
+    todo = list(need) if local_dir is None else missing_wan_parts(folder, need)
     if not todo or (local_dir is not None and hub_offline()):
         return folder
     files = [file for part in todo for file in _wan_files(part, repo_id, local_dir)]

@@ -9,12 +9,14 @@ from model.weights import (
     WAN_DIT_CONFIG,
     WAN_DIT_INDEX,
     WAN_DIT_WEIGHTS,
+    WAN_PARTS,
     WAN_T5_FILENAME,
     WAN_TOKENIZER_SUBDIR,
     WAN_VAE_FILENAME,
     check_file,
     download_hint_for_checkpoint,
-    missing_wan_files,
+    missing_wan_parts,
+    shard_names,
     wan_download_hint,
     wan_repo_id,
 )
@@ -37,79 +39,60 @@ def _write_index(folder, shards):
     (folder / WAN_DIT_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-TOKENIZER_MISSING = f"{WAN_TOKENIZER_SUBDIR}/ (spiece.model or tokenizer.json)"
-
-
-def test_empty_or_absent_folder_names_every_file_and_the_command(tmp_path):
-    """The loaders name their own missing file; missing_wan_files is what resolve_wan_folder downloads."""
+def test_empty_or_absent_folder_misses_every_part_and_names_the_command(tmp_path):
+    """missing_wan_parts is what resolve_wan_folder downloads; the loaders name their own missing file."""
     folder = tmp_path / "wan_models" / "Wan2.1-T2V-1.3B"
-    everything = [WAN_DIT_CONFIG, WAN_DIT_WEIGHTS, WAN_T5_FILENAME, TOKENIZER_MISSING, WAN_VAE_FILENAME]
-    assert missing_wan_files(folder) == everything
+    assert missing_wan_parts(folder) == list(WAN_PARTS)
     folder.mkdir(parents=True)
-    assert missing_wan_files(folder) == everything
+    assert missing_wan_parts(folder) == list(WAN_PARTS)
     assert wan_download_hint(folder) == f"get them with: hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir {folder}"
 
 
-def test_partial_folder_names_only_missing(tmp_path):
+def test_partial_folder_misses_only_its_parts(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-1.3B"
     _touch(folder, WAN_DIT_CONFIG, WAN_VAE_FILENAME, f"{WAN_TOKENIZER_SUBDIR}/tokenizer.json")
-    assert missing_wan_files(folder) == [WAN_DIT_WEIGHTS, WAN_T5_FILENAME]
+    assert missing_wan_parts(folder) == ["dit", "text_encoder"]
+    _touch(folder, WAN_DIT_WEIGHTS)
+    assert missing_wan_parts(folder) == ["text_encoder"]
 
 
-def test_sharded_14b_names_missing_shard(tmp_path):
+def test_sharded_14b_with_a_missing_shard(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-14B"
     shards = [f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     _complete_common(folder)
     _write_index(folder, shards)
     _touch(folder, shards[0], shards[2])
-    assert missing_wan_files(folder) == [shards[1]]
+    assert missing_wan_parts(folder) == ["dit"]
+    _touch(folder, shards[1])
+    assert missing_wan_parts(folder) == []
     assert f"hf download Wan-AI/Wan2.1-T2V-14B --local-dir {folder}" in wan_download_hint(folder)
+    assert shard_names(folder / WAN_DIT_INDEX) == shards
 
 
-def test_empty_14b_folder_asks_for_the_index(tmp_path):
-    folder = tmp_path / "Wan2.1-T2V-14B"
-    folder.mkdir()
-    assert missing_wan_files(folder, need=("dit",)) == [WAN_DIT_CONFIG, f"{WAN_DIT_INDEX} and its shards"]
-
-
-def test_unreadable_index_is_reported(tmp_path):
+def test_unreadable_index_or_no_config_misses_the_dit(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-14B"
     _complete_common(folder)
     (folder / WAN_DIT_INDEX).write_text("{not json")
-    assert missing_wan_files(folder) == [f"{WAN_DIT_INDEX} (unreadable: JSONDecodeError)"]
-
-
-def test_complete_fake_folders_pass(tmp_path):
-    small = tmp_path / "Wan2.1-T2V-1.3B"
-    _complete_common(small)
-    _touch(small, WAN_DIT_WEIGHTS)
-    assert missing_wan_files(small) == []
-
-    large = tmp_path / "Wan2.1-T2V-14B"
-    shards = ["a.safetensors", "b.safetensors"]
-    _complete_common(large, tokenizer_file="tokenizer.json")
-    _write_index(large, shards)
-    _touch(large, *shards)
-    assert missing_wan_files(large) == []
+    assert missing_wan_parts(folder) == ["dit"]
+    (folder / WAN_DIT_INDEX).unlink()
+    (folder / WAN_DIT_CONFIG).unlink()
+    _touch(folder, WAN_DIT_WEIGHTS)
+    assert missing_wan_parts(folder) == ["dit"]
 
 
 def test_need_restricts_the_check(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-14B"
     _touch(folder, WAN_T5_FILENAME, f"{WAN_TOKENIZER_SUBDIR}/spiece.model")
-    assert missing_wan_files(folder, need=("text_encoder", "tokenizer")) == []
-    assert missing_wan_files(folder, need=("vae",)) == [WAN_VAE_FILENAME]
+    assert missing_wan_parts(folder, need=("text_encoder", "tokenizer")) == []
+    assert missing_wan_parts(folder, need=("vae",)) == ["vae"]
 
 
-def test_repo_id_from_name_override_and_generic(tmp_path):
+def test_repo_id_from_name_and_generic_hint(tmp_path):
     assert wan_repo_id("wan_models/Wan2.1-T2V-1.3B") == "Wan-AI/Wan2.1-T2V-1.3B"
     assert wan_repo_id("wan_models/Wan2.1-T2V-14B/") == "Wan-AI/Wan2.1-T2V-14B"
     assert wan_repo_id("my_weights") is None
-    folder = tmp_path / "my_weights"
-    folder.mkdir()
-    generic = wan_download_hint(folder)
+    generic = wan_download_hint(tmp_path / "my_weights")
     assert "Wan-AI/my_weights" not in generic and "download the matching Wan2.1 repository" in generic
-    assert missing_wan_files(folder, ("dit",), repo_id="Wan-AI/Wan2.1-T2V-14B")[-1] == f"{WAN_DIT_INDEX} and its shards"
-    assert missing_wan_files(folder, ("dit",))[-1] == f"{WAN_DIT_WEIGHTS} (or {WAN_DIT_INDEX} and its shards)"
 
 
 @pytest.mark.parametrize("filename", [f"{variant}/{stage}.pt" for variant in ("framewise", "chunkwise")
