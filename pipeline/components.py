@@ -94,8 +94,7 @@ def gpu_memory_budget(device: torch.device) -> int:
     """Bytes this process may hold on CUDA ``device`` (its memory fraction; at most free + what it holds)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
-    fraction = torch.cuda.get_per_process_memory_fraction(index) \
-        if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0   # torch >= 2.9
+    fraction = torch.cuda.get_per_process_memory_fraction(index)   # torch >= 2.9 (2.11 and 2.13 here)
     return min(int(total * fraction), free + torch.cuda.memory_reserved(device))
 
 
