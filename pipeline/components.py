@@ -98,15 +98,19 @@ def gpu_memory_budget(device: torch.device) -> int:
     return min(int(total * fraction), free + torch.cuda.memory_reserved(device))
 
 
-def video_working_bytes(generator: WanModel, latent_shape: tuple[int, int, int], num_frames: int) -> int:
-    """GPU memory a video of ``num_frames`` latent frames needs besides the weights: its KV cache, and a working set
-    taken as large as the weights already on the device (480p, H200: 3.1 GiB beside 3.2 GiB; docs/performance.md)."""
-    cfg = generator.config
+# Activations, CUDA-graph pools and decode buffers of a streamed video, per byte of network weights on the device.
+# Measured (benchmarks/results/inference_h100_graphs_text_encoder.json: chunk-wise and frame-wise 4-step, 480p, 81
+# frames, H100, 2026-12-05): peak 24.9 GiB = 10.6 GiB UMT5 + 2.9 GiB generator and VAE + 5.6 GiB KV cache + 5.8 GiB.
+WORKING_SET_PER_WEIGHT_BYTE = 2.0
+
+
+def video_working_bytes(config: WanConfig, latent_shape: tuple[int, int, int], num_frames: int, itemsize: int,
+                        weight_bytes: int) -> int:
+    """GPU memory a video of ``num_frames`` latent frames needs besides the weights already on the device
+    (``weight_bytes``): its KV cache and a working set of WORKING_SET_PER_WEIGHT_BYTE per weight byte."""
     _, h, w = latent_shape
-    itemsize = next(generator.parameters()).element_size()
-    cache = 2 * cfg.num_layers * num_frames * cfg.tokens_per_frame(h, w) * cfg.dim * itemsize
-    device = next(generator.parameters()).device
-    return cache + (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+    cache = 2 * config.num_layers * num_frames * config.tokens_per_frame(h, w) * config.dim * itemsize
+    return cache + int(WORKING_SET_PER_WEIGHT_BYTE * weight_bytes)
 
 
 def place_text_encoder(encoder: TextEncoder, device: torch.device, working_bytes: int) -> bool:
@@ -131,7 +135,10 @@ def placed_text_encoder(cfg: Config, generator: WanModel, device: torch.device, 
         return build_text_encoder(cfg, device=text_encoder_device or device, dtype=dtype, output_device=device)
     encoder = build_text_encoder(cfg, device="cpu", dtype=dtype, output_device=device)
     shape = cfg.image_or_video_shape
-    place_text_encoder(encoder, device, video_working_bytes(generator, tuple(shape[2:]), shape[1]))
+    itemsize = next(generator.parameters()).element_size()
+    working = video_working_bytes(generator.config, tuple(shape[2:]), shape[1], itemsize,
+                                  torch.cuda.memory_allocated(device))
+    place_text_encoder(encoder, device, working)
     return encoder
 
 

@@ -261,3 +261,22 @@ def test_streamed_text_encoder_gives_the_resident_embeddings(wan_folder, hf_mode
     block.register_forward_hook(lambda mod, args, out: swaps.append(hasattr(mod, "_host_tensors")))
     encoder.clear_cache()
     assert torch.equal(streamed.encode(PROMPTS), encoder.encode(PROMPTS)) and swaps == [True]
+
+
+def test_a_full_size_video_under_a_24_gib_cap_streams_the_text_encoder():
+    """The measured case (H100, 2026-12-05, benchmarks/results/inference_h100_graphs_text_encoder.json): with UMT5-XXL
+    resident a chunk-wise 480p video peaked at 24.9 GiB, and under a 24 GiB cap it ran out of memory. The rule must
+    stream the encoder there and keep it resident on an 80 GiB card."""
+    from model.config import get_preset
+    from model.text_encoder import umt5_config
+    from pipeline import components as C
+
+    gib = 2**30
+    cfg = umt5_config()   # UMT5-XXL: its encoder's parameter count, in bf16
+    umt5 = 2 * (cfg.vocab_size * cfg.d_model + cfg.num_layers * (4 * cfg.d_model * cfg.d_kv * cfg.num_heads
+                                                                  + 3 * cfg.d_model * cfg.d_ff))
+    weights = int(2.9 * gib)   # the 1.3B generator and the Wan VAE in bf16
+    working = C.video_working_bytes(get_preset("wan2.1-t2v-1.3b"), (16, 60, 104), 21, 2, weights)
+    assert working + umt5 + weights > 24.6 * gib   # the measured peak, 24.9 GiB, within 0.3 GiB
+    assert umt5 + working > 24 * gib - weights      # so under the cap: streamed
+    assert umt5 + working < 80 * gib - weights      # and on an 80 GiB card: resident

@@ -62,7 +62,7 @@ class DiffusionObjective(Objective):
         """The generator (causal or bidirectional by ``cfg.causal``, one builder) and the frozen text encoder."""
         cfg = self.cfg
         device = torch.device(device)
-        generator = build_generator(cfg, cfg.generator_ckpt, device=device, causal=cfg.causal)
+        generator = build_generator(cfg, device=device, causal=cfg.causal)  # resolves generator_ckpt
         generator.requires_grad_(True).train()  # gradient checkpointing is the loop's (applied from outside)
         # Mixed precision: the loop's FSDP policy computes in bf16 but does not cast forward inputs (a cast would round
         # t), so latents and text go in as bf16 here and timesteps as fp32. The frozen encoder simply runs in bf16.
