@@ -1,7 +1,5 @@
 """Resumable per-rank batches: :class:`ResumableBatches` counts the samples it handed out, so a resumed run continues
-at the next unconsumed one whatever the DataLoader workers had prefetched. Samplers: per-rank epochs
-(:class:`~utils.datasets.ResumableSampler`) or one sample order for every world size (:class:`GlobalStreamSampler`).
-"""
+at the next unconsumed one whatever the DataLoader workers had prefetched."""
 
 from __future__ import annotations
 
@@ -153,14 +151,13 @@ def _worker_message(err: Exception) -> str:
 
 
 class DataPosition:
-    """An objective's :class:`ResumableBatches` plus a saved position that may arrive before they are built."""
+    """An objective's :class:`ResumableBatches`, or the saved position loaded before they are built."""
 
     def __init__(self):
         self.batches: ResumableBatches | None = None
         self._pending: dict | None = None
 
     def attach(self, batches: ResumableBatches) -> ResumableBatches:
-        """Use ``batches`` from now on, moved to the pending position if one was loaded first."""
         self.batches = batches
         if self._pending is not None:
             batches.load_state_dict(self._pending)
@@ -173,7 +170,6 @@ class DataPosition:
         return self.batches.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at the sample after the last one consumed when ``state`` was saved (empty: start over)."""
         if not state:
             return
         if self.batches is None:

@@ -1,9 +1,6 @@
-"""Stage 1: autoregressive diffusion on clean latents (training.md §3; docs/stage1.md).
-
-Flow matching of the causal generator -- teacher forcing, diffusion forcing or, with ``causal: false``, the
-bidirectional base model -- with the loss ``mean w(t)·(v_θ − (ε − x0))²`` in float32. Timesteps stay float32 end to end
-(the reference's bf16 cast quantised them), and each sample's draws are keyed by its position in one global sample
-stream, so any world size computes the same steps.
+"""Stage 1: autoregressive diffusion on clean latents (training.md §3; docs/stage1.md), loss
+``mean w(t)·(v_θ − (ε − x0))²`` in float32. Timesteps stay float32 (the reference's bf16 cast quantised them); each
+sample's draws are keyed by its position in one global sample stream, so any world size computes the same steps.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ import torch
 
 from pipeline.components import build_generator, build_scheduler, build_text_encoder
 from trainer.batches import DataPosition, GlobalStreamSampler, ResumableBatches
-from trainer.objective import Networks, Objective, Phase
+from trainer.objective import Networks, Objective
 from utils.config import Config
 from utils.datasets import LatentLMDBDataset
 from utils.errors import ConfigError, DataError
@@ -56,10 +53,9 @@ class DiffusionObjective(Objective):
         self.num_workers = num_workers
         self.device = torch.device("cpu")
         self.compute_dtype = torch.float32   # dtype of the generator's latent and text inputs
-        self._data = DataPosition()
+        self.data_position = DataPosition()
 
     def build_networks(self, device: torch.device) -> Networks:
-        """The generator (causal or bidirectional by ``cfg.causal``, one builder) and the frozen text encoder."""
         cfg = self.cfg
         device = torch.device(device)
         generator = build_generator(cfg, device=device, causal=cfg.causal)  # resolves generator_ckpt
@@ -73,30 +69,20 @@ class DiffusionObjective(Objective):
         self.device = device
         return Networks(trainable={"generator": generator}, frozen={"text_encoder": text_encoder})
 
-    def phases(self) -> list[Phase]:
-        return [Phase.generator(self.cfg)]
-
     def attach(self, networks: Networks) -> None:
         super().attach(networks)
         # Sharded parameters (DTensor) report the device of their local shard.
         self.device = next(networks.trainable["generator"].parameters()).device
 
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
-        """Infinite per-rank batches ``{"prompts", "clean_latent" [B, F, C, H, W], "sample_id" [B]}`` of one global
-        stream (``seed`` is the same on every rank)."""
+        """Per-rank batches ``{"prompts", "clean_latent" [B, F, C, H, W], "sample_id" [B]}`` of one global stream."""
         cfg = self.cfg
         dataset = LatentLMDBDataset(cfg.data_path, max_pair=cfg.max_pair or int(1e8))
         if len(dataset) == 0:
             raise DataError(f"{cfg.data_path} holds no samples")
         dataset.check_latent_shape(cfg.image_or_video_shape[1:])
         sampler = GlobalStreamSampler(len(dataset), seed=seed, num_replicas=world_size, rank=rank)
-        return self._data.attach(ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers))
-
-    def data_state(self) -> dict:
-        return self._data.state_dict()
-
-    def load_data_state(self, state: dict) -> None:
-        self._data.load_state_dict(state)
+        return self.data_position.attach(ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -1,10 +1,7 @@
 """Stage 3: distribution matching distillation with the self-forcing rollout (training.md §6; docs/stage3.md).
 
-Networks: the causal few-step generator (trainable), the frozen guided real score, the trainable critic (fake score,
-initialised from the raw Wan weights) and the frozen text encoder. The generator updates every
-``dfake_gen_update_ratio`` steps, the critic every step. Generator loss: ``½·mean((x − sg[x − G])²)`` in float64 with
-``G = (x̂0_fake − x̂0_real) / mean|x − x̂0_real|`` per sample, so its gradient in ``x`` is ``G / numel``. With
-``rolling_forcing`` the rollouts are Rolling Forcing's (longer than the clip, scored on their last clip).
+Generator loss: ``½·mean((x − sg[x − G])²)`` in float64 with ``G = (x̂0_fake − x̂0_real) / mean|x − x̂0_real|`` per
+sample, so its gradient in ``x`` is ``G / numel``.
 """
 
 from __future__ import annotations
@@ -78,7 +75,6 @@ class DMDObjective(Objective):
                 Phase("critic", cfg.lr_critic, (cfg.beta1_critic, cfg.beta2_critic), cfg.max_grad_norm_critic)]
 
     def phases_at(self, step: int) -> list[str]:
-        """The generator first (every ``dfake_gen_update_ratio`` steps), then the critic (every step)."""
         return ["generator", "critic"] if step % self.cfg.dfake_gen_update_ratio == 0 else ["critic"]
 
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
@@ -110,8 +106,7 @@ class DMDObjective(Objective):
         raise ValueError(f"unknown phase {phase!r}; DMD has 'generator' and 'critic'")
 
     def rollout(self, context: torch.Tensor, grad: bool) -> Rollout:
-        """Self-forcing rollout of ``num_training_frames`` frames; exit steps shared by all ranks. Rolling Forcing:
-        :meth:`rolling_forcing_rollout`."""
+        """Self-forcing rollout of ``num_training_frames`` frames; exit steps shared by all ranks."""
         cfg = self.cfg
         if cfg.rolling_forcing:
             return self.rolling_forcing_rollout(context, grad)

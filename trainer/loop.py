@@ -1,8 +1,6 @@
-"""The one training loop of every stage; an :class:`~trainer.objective.Objective` names the networks, the optimizer
-phases and how a micro-batch becomes a loss, this file does everything else, in torchtitan's order: distributed ->
-seed -> networks -> activation checkpointing -> compile -> FSDP2 -> AdamW per phase -> resume -> steps (accumulation,
-clipping, optimizer step, EMA) -> metrics every ``log_every`` -> checkpoint, release export and sample videos every
-``log_iters`` and at the end. The objective sees the 0-based ``step``; logs and checkpoint names count steps done.
+"""The one training loop of every stage (docs/training_loop.md gives its order); an
+:class:`~trainer.objective.Objective` names the networks, the optimizer phases and how a micro-batch becomes a loss.
+The objective sees the 0-based ``step``; logs and checkpoint names count steps done.
 """
 
 from __future__ import annotations
@@ -109,8 +107,7 @@ class Trainer:
         return step
 
     def train_step(self, step: int) -> None:
-        """One optimizer step of every phase due at ``step`` (0-based) on ``accum`` micro-batches (shared by the
-        phases unless ``Objective.fresh_batch_per_phase``)."""
+        """One optimizer step of every phase due at ``step`` (0-based) on ``accum`` micro-batches."""
         batches = None
         for name in self.objective.phases_at(step):
             if batches is None or self.objective.fresh_batch_per_phase:
@@ -136,7 +133,7 @@ class Trainer:
         torch.manual_seed(seed)  # also seeds every CUDA device
 
     def _build_networks(self) -> Networks:
-        """Build the objective's networks on this rank's device, then checkpointing, compile and FSDP2."""
+        """The objective's networks on this rank's device, then checkpointing, compile and FSDP2."""
         cfg, w = self.cfg, self.world
         nets = self.objective.build_networks(w.device)
         missing = sorted(set(self.phases) - set(nets.trainable))
@@ -190,7 +187,7 @@ class Trainer:
         return resumed.step
 
     def _start_emas_from_start(self) -> None:
-        """The EMAs of ``ema_from_start`` phases exist from the initial weights (a checkpoint restored them already)."""
+        """Create the EMAs of ``ema_from_start`` phases that no checkpoint restored."""
         for phase in self.phases.values():
             if phase.ema and phase.ema_from_start and self.cfg.ema_weight > 0 and phase.name not in self.emas:
                 self.emas[phase.name] = ShardLocalEMA(self.networks.trainable[phase.name], self.cfg.ema_weight)
@@ -240,7 +237,7 @@ class Trainer:
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")}, refresh=False)
 
     def _peak_memory(self) -> dict[str, float]:
-        """``peak_memory_gib``: the largest CUDA memory allocated on any rank since the last log (CUDA only)."""
+        """``peak_memory_gib``: the most CUDA memory allocated on any rank since the last log."""
         device = self.world.device
         if device.type != "cuda":
             return {}

@@ -1,5 +1,4 @@
-"""The interface between the shared training loop (trainer/loop.py) and one stage's objective: its networks, the
-optimizer phases due at a step and how a batch becomes a loss; everything else is the loop's."""
+"""The interface between the shared training loop (trainer/loop.py) and one stage's objective."""
 
 from __future__ import annotations
 
@@ -9,6 +8,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
+
+from trainer.batches import DataPosition
 
 
 @dataclass
@@ -45,14 +46,16 @@ class Objective(ABC):
     # True: every phase due at a step draws its own micro-batches (DMD: the generator and the critic see different
     # prompts, as in the reference); False: the phases of a step share them.
     fresh_batch_per_phase: bool = False
+    # The position of data() when it returns ResumableBatches; the default data_state/load_data_state go through it.
+    data_position: Optional[DataPosition] = None
 
     @abstractmethod
     def build_networks(self, device: torch.device) -> Networks:
         """Build (and load initial weights of) every network, unsharded, on ``device`` or ``meta``."""
 
-    @abstractmethod
     def phases(self) -> list[Phase]:
-        """All optimizer phases of this objective."""
+        """All optimizer phases of this objective (by default the generator's alone)."""
+        return [Phase.generator(self.cfg)]
 
     def phases_at(self, step: int) -> list[str]:
         """Names of the phases that update at ``step``, in order (DMD: generator every k steps, critic always)."""
@@ -65,10 +68,12 @@ class Objective(ABC):
 
     def data_state(self) -> dict:
         """This rank's data position, read back with ``weights_only=True``: tensors, numbers, strings and containers."""
-        return {}
+        return self.data_position.state_dict() if self.data_position is not None else {}
 
     def load_data_state(self, state: dict) -> None:
         """Restore :meth:`data_state` on resume (not called when the world size changed)."""
+        if self.data_position is not None:
+            self.data_position.load_state_dict(state)
 
     @abstractmethod
     def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,10 +1,7 @@
-"""Stage 2a: causal ODE regression (training.md §4.6; docs/stage2.md), and the plumbing Stage 2b shares.
-
-    L_ODE = E_j || x̂0_θ(x_{t_j}, t_j ; c) − y ||²
-
-An ODE LMDB row ``[S + 2, F, C, H, W]`` holds the teacher's states ``x_{t_j}`` at the ``S`` warped steps of
-``denoising_step_list``, the ODE output ``y`` and the ground truth ``c`` (the teacher-forcing context). ``j`` is one
-per sample (the reference) or, with ``per_block_steps``, one per block (Self Forcing's choice).
+"""Stage 2a: causal ODE regression ``E_j || x̂0_θ(x_{t_j}, t_j ; c) − y ||²`` (training.md §4.6; docs/stage2.md),
+and the plumbing Stage 2b shares. An ODE row ``[S + 2, F, C, H, W]`` holds the teacher's states at the ``S`` warped
+steps of ``denoising_step_list``, the ODE output ``y`` and the ground truth ``c`` (the teacher-forcing context); ``j``
+is one per sample (the reference) or, with ``per_block_steps``, one per block (Self Forcing's choice).
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import torch.nn.functional as F
 from pipeline import components
 from pipeline.causal import StepSchedule
 from trainer.batches import DataPosition, ResumableBatches
-from trainer.objective import Networks, Objective, Phase
+from trainer.objective import Networks, Objective
 from utils.config import Config
 from utils.datasets import ODERegressionLMDBDataset, ResumableSampler
 from utils.errors import ConfigError, DataError
@@ -42,7 +39,7 @@ class Stage2Objective(Objective):
         self.num_workers = (2 if torch.cuda.is_available() else 0) if num_workers is None else num_workers
         self.scheduler = components.build_scheduler(cfg)
         self._negative: torch.Tensor | None = None
-        self._data = DataPosition()
+        self.data_position = DataPosition()
 
     def _build_generator(self, device: torch.device) -> torch.nn.Module:
         if self.cfg.generator_ckpt is None:
@@ -56,27 +53,16 @@ class Stage2Objective(Objective):
         return components.build_text_encoder(self.cfg, device=device, dtype=torch.float32,
                                              output_device=device).requires_grad_(False)
 
-    def phases(self) -> list[Phase]:
-        return [Phase.generator(self.cfg)]
-
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
-        """Resumable per-rank batches: one shuffled permutation per epoch split across ranks."""
         dataset = self.dataset_cls(self.cfg.data_path, self.cfg.max_pair or ALL_ROWS)
         self._check_dataset(dataset)
         sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True, num_replicas=world_size, rank=rank)
         if len(sampler) == 0:
             raise DataError(f"{len(dataset)} samples cannot feed {world_size} ranks")
-        return self._data.attach(ResumableBatches(dataset, sampler, self.cfg.batch_size, self.num_workers))
+        return self.data_position.attach(ResumableBatches(dataset, sampler, self.cfg.batch_size, self.num_workers))
 
     def _check_dataset(self, dataset) -> None:
-        """Reject data that cannot feed this objective, before the first step."""
         dataset.check_latent_shape(self.cfg.image_or_video_shape[1:])
-
-    def data_state(self) -> dict:
-        return self._data.state_dict()
-
-    def load_data_state(self, state: dict) -> None:
-        self._data.load_state_dict(state)
 
     def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         """Prompt embeddings ``[B, L, text_dim]``, float32 on ``device``. Calling the module (not ``.encode``) lets a
@@ -91,8 +77,7 @@ class Stage2Objective(Objective):
 
 
 class ODEObjective(Stage2Objective):
-    """Causal ODE regression (``trainer: ode``); ``per_block_steps`` is a constructor option until the config schema
-    has a key for it."""
+    """Causal ODE regression (``trainer: ode``); ``per_block_steps`` has no config key yet."""
 
     dataset_cls = ODERegressionLMDBDataset
 

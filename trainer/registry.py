@@ -1,6 +1,4 @@
-"""Stage objectives by ``cfg.trainer`` name, imported lazily. Adding a stage: an :class:`~trainer.objective.Objective`
-subclass built as ``Cls(cfg)`` in ``trainer/<stage>.py``, a line in :data:`OBJECTIVES`, the name in
-``utils.config.TRAINERS``."""
+"""Stage objectives by ``cfg.trainer`` name, imported lazily (docs/training_loop.md "Adding a stage")."""
 
 from __future__ import annotations
 

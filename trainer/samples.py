@@ -1,7 +1,5 @@
-"""Sample videos written at each checkpoint, so that a run can be watched while it trains: one short video per prompt
-(``sample_prompts``, else :data:`DEFAULT_PROMPTS`) through the streaming pipeline, as ``<logdir>/samples/step_<N>/
-<prompt>.mp4`` (``.latents.pt`` without a VAE) and to W&B when it is on. Every rank runs the sharded generator's
-forwards; rank 0 alone decodes and writes. ``--no_visualize`` turns this off.
+"""Sample videos at each checkpoint: one short video per prompt as ``<logdir>/samples/step_<N>/<prompt>.mp4``
+(``.latents.pt`` without a VAE) and to W&B. Every rank runs the sharded generator; rank 0 alone decodes and writes.
 """
 
 from __future__ import annotations

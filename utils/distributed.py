@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 # Names of the ModuleList that holds a network's repeated blocks: ours/Wan (``blocks``), HF T5 (``block``), others.
 BLOCK_LIST_NAMES = ("blocks", "block", "layers")
-# Entry points besides ``forward`` and ``forward_*`` (the text encoder's ``encode``), see _forward_methods.
-FORWARD_METHODS = ("encode",)
 _TIMEOUT = datetime.timedelta(minutes=30)  # the reference's NCCL timeout; a slow first save must not kill the job
 _created_group = False  # whether init_distributed made the default group (then close_distributed destroys it)
 
@@ -61,10 +59,6 @@ class World:
         return max(1, self.world_size // self.local_world_size)
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
 def init_distributed() -> World:
     """Initialise the default process group once (a one-rank group without ``torchrun``, so collectives, DCP and FSDP2
     run the same code everywhere) and return this process's :class:`World`."""
@@ -74,7 +68,7 @@ def init_distributed() -> World:
         # CPU tensors still need gloo on GPU runs (RNG states, object collectives), hence the two-backend string.
         backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if cuda:
-            torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: env:// rendezvous
             dist.init_process_group(backend, timeout=_TIMEOUT)
         else:  # plain `python`: one rank over an in-memory store, no port, no file
@@ -85,12 +79,9 @@ def init_distributed() -> World:
 
 
 def close_distributed(finished: bool = True) -> None:
-    """Destroy the default group if :func:`init_distributed` created it (a later call may create a new one).
-
-    After a finished run the ranks first meet at a barrier, and the groups' native objects are collected while the
-    interpreter is whole: otherwise a rank that exits while its peer still tears down aborts in gloo now and then
-    ("terminate called without an active exception", about 1 in 10 two-rank CPU runs with an HSDP mesh). After a
-    failure there is no barrier: a crashed peer would never reach it."""
+    """Destroy the default group if :func:`init_distributed` created it. After a finished run the ranks meet at a
+    barrier and the groups are collected first (a rank exiting mid-teardown of its peer aborts gloo now and then);
+    not after a failure, where a crashed peer would never reach it."""
     global _created_group
     if _created_group and dist.is_initialized():
         if finished and dist.get_world_size() > 1:
@@ -104,8 +95,8 @@ def world() -> World:
     """Rank, world size, local rank, ranks per node and device of this process (one process when not initialised)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return World(rank, world_size, local_rank, local_world_size, device)
 
@@ -113,11 +104,6 @@ def world() -> World:
 def multi_rank() -> bool:
     """Whether collectives have other ranks to talk to (skipped otherwise: one rank has nothing to exchange)."""
     return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if multi_rank():
-        dist.barrier()
 
 
 def all_ok(ok: bool) -> bool:
@@ -134,26 +120,22 @@ def build_mesh(strategy: str, w: World | None = None) -> DeviceMesh:
     strategies on several nodes (``LOCAL_WORLD_SIZE`` ranks each) and for ``no_shard`` (shard = 1)."""
     assert strategy in SHARDING_STRATEGIES, strategy   # the config checks the user's value
     w = w or world()
-    device_type = w.device.type
     if strategy == "no_shard":
-        return init_device_mesh(device_type, (w.world_size, 1), mesh_dim_names=("replicate", "shard"))
-    hybrid = strategy.startswith("hybrid") and w.num_nodes > 1 and w.world_size % w.local_world_size == 0
-    if hybrid:
-        return init_device_mesh(device_type, (w.num_nodes, w.local_world_size), mesh_dim_names=("replicate", "shard"))
-    return init_device_mesh(device_type, (w.world_size,), mesh_dim_names=("shard",))
+        return init_device_mesh(w.device.type, (w.world_size, 1), mesh_dim_names=("replicate", "shard"))
+    if strategy.startswith("hybrid") and w.num_nodes > 1 and w.world_size % w.local_world_size == 0:
+        return init_device_mesh(w.device.type, (w.num_nodes, w.local_world_size),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(w.device.type, (w.world_size,), mesh_dim_names=("shard",))
 
 
 def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
     """The outermost ModuleLists named ``blocks``/``block``/``layers`` in ``model``."""
-    lists, taken = [], []
+    found: dict[str, nn.ModuleList] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or name.rsplit(".", 1)[-1] not in BLOCK_LIST_NAMES:
-            continue
-        if any(name.startswith(prefix + ".") for prefix in taken):
-            continue
-        taken.append(name)
-        lists.append(module)
-    return lists
+        outer = not any(name.startswith(prefix + ".") for prefix in found)
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES and outer:
+            found[name] = module
+    return list(found.values())
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -162,10 +144,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Wrap each transformer block so its activations are recomputed in backward: the one gradient-checkpointing
-    switch (``cfg.gradient_checkpointing``, applied by the loop). Before :func:`apply_fsdp`, so FSDP2's hooks sit on
-    the wrapper: a model checkpointing its own sharded blocks re-enters FSDP's forward hook when recomputing, which
-    skips the bf16 input cast and fails checkpoint's metadata check. Names gain ``_checkpoint_wrapped_module.``."""
+    """Wrap each transformer block so its activations are recomputed in backward. Call before :func:`apply_fsdp`, so
+    FSDP2's hooks sit on the wrapper (recomputing inside FSDP's forward hook skips the bf16 input cast and fails
+    checkpoint's metadata check). Names gain ``_checkpoint_wrapped_module.``."""
     for blocks in _block_lists(model):
         for i, block in enumerate(blocks):
             if not isinstance(block, CheckpointWrapper):
@@ -181,15 +162,14 @@ def _policy(mixed_precision: bool) -> MixedPrecisionPolicy:
     """bf16 compute, fp32 masters and gradient reduction (training.md §8.2). Forward inputs are NOT cast (as in the
     reference): a cast would round fp32 timesteps (937.5 -> 936) and the RoPE tables; callers pass latents and text
     in bf16, timesteps in fp32."""
-    if mixed_precision:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    return MixedPrecisionPolicy(cast_forward_inputs=False)
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else {}
+    return MixedPrecisionPolicy(cast_forward_inputs=False, **bf16)
 
 
 def _forward_methods(model: nn.Module) -> list[str]:
     """Methods that callers use instead of ``forward`` (``forward_*``, ``encode``): FSDP2 must run its
     unshard/reshard hooks around them too, or the root's parameters stay sharded inside them."""
-    names = [n for n in dir(type(model)) if n.startswith("forward_") or n in FORWARD_METHODS]
+    names = [n for n in dir(type(model)) if n.startswith("forward_") or n == "encode"]
     return [n for n in names if callable(getattr(type(model), n, None))]
 
 

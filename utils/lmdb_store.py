@@ -1,10 +1,9 @@
 """LMDB datasets in the reference (CausVid / Causal Forcing) on-disk layout, byte-compatible with the released data.
 
-One environment directory holds named *arrays* row by row: key ``<array>_<i>_data`` (ASCII) -> the row's raw
-little-endian C-order bytes (``latents``, float16) or UTF-8 text (``prompts``); key ``<array>_shape`` -> decimal
-integers, row count first (``"N 6 21 16 60 104"`` for ODE trajectories, ``"N 1 21 16 60 104"`` for clean latents,
-``prompts_shape = "N"``). The writer takes the shape keys from the rows (not "the last file"'s) and writes them LAST,
-so an interrupted build leaves a database :class:`LMDBReader` refuses.
+Key ``<array>_<i>_data`` (ASCII) -> row ``i``'s raw little-endian C-order bytes (``latents``, float16) or UTF-8 text
+(``prompts``); key ``<array>_shape`` -> decimal integers, row count first (``"N 6 21 16 60 104"`` for ODE
+trajectories, ``"N 1 21 16 60 104"`` for clean latents, ``prompts_shape = "N"``). The writer writes the shape keys
+LAST, so an interrupted build leaves a database :class:`LMDBReader` refuses.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ def shape_key(array: str) -> bytes:
 
 
 def natural_key(name: str) -> list:
-    """Sort key that orders ``x_2`` before ``x_10`` (numbers compare as numbers)."""
+    """Sort key that orders ``x_2`` before ``x_10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
@@ -54,7 +53,7 @@ _SHARED_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
 def open_env(path: str | os.PathLike) -> lmdb.Environment:
-    """This process's shared read-only environment of ``path`` (readonly, no lock, no readahead, no meminit)."""
+    """This process's shared read-only environment of ``path``."""
     key = os.path.realpath(path)
     entry = _SHARED_ENVS.get(key)
     if entry is not None and entry[0] != os.getpid():
@@ -75,7 +74,7 @@ def open_env(path: str | os.PathLike) -> lmdb.Environment:
 
 @contextlib.contextmanager
 def lmdb_errors(path: str | os.PathLike, writing: bool = False) -> Iterator[None]:
-    """The library's errors (not an LMDB, a corrupt page, a full disk) as one-line :class:`DataError`s."""
+    """py-lmdb's errors (not an LMDB, a corrupt page, a full disk) as one-line :class:`DataError`s."""
     try:
         yield
     except lmdb.Error as err:
@@ -111,9 +110,8 @@ def _to_numpy(x) -> np.ndarray:
 
 
 class LMDBWriter:
-    """Append-only writer of a ``latents`` + ``prompts`` LMDB: ``with LMDBWriter(path) as w: w.append(latents,
-    prompts)``. The shape keys are written on success only. A non-empty database at ``path`` is refused (no mixing
-    of two builds); ``map_size`` starts the map, doubled whenever a transaction does not fit."""
+    """Append-only writer of a ``latents`` + ``prompts`` LMDB (``with LMDBWriter(path) as w: w.append(...)``); shape
+    keys on success only. A non-empty database is refused; ``map_size`` doubles whenever a transaction does not fit."""
 
     def __init__(self, path: str | os.PathLike, map_size: int = DEFAULT_MAP_SIZE):
         self.path = str(path)
@@ -145,8 +143,7 @@ class LMDBWriter:
             self.abort()
 
     def append(self, latents, prompts: Sequence[str]) -> int:
-        """Write rows ``latents[k]`` (``[rows, *row_shape]``, one row shape per database) and ``prompts[k]`` in one
-        transaction; returns the row count."""
+        """Write rows ``latents [rows, *row_shape]`` and ``prompts`` in one transaction; returns the row count."""
         arr = _to_numpy(latents)
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not one string")
@@ -164,10 +161,8 @@ class LMDBWriter:
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(stored).all() and np.isfinite(arr).all():
             raise DataError(f"latent values overflow float16 while writing {self.path}")
         items = []
-        for k in range(arr.shape[0]):
-            i = self.num_rows + k
-            items.append((row_key(LATENTS, i), stored[k].tobytes(order="C")))
-            items.append((row_key(PROMPTS, i), str(prompts[k]).encode("utf-8")))
+        for i, row, text in zip(range(self.num_rows, self.num_rows + arr.shape[0]), stored, prompts):
+            items += [(row_key(LATENTS, i), row.tobytes(order="C")), (row_key(PROMPTS, i), str(text).encode("utf-8"))]
         self._put(items)
         self.num_rows += arr.shape[0]
         return self.num_rows
@@ -193,7 +188,7 @@ class LMDBWriter:
         if self.num_rows == 0:
             self.abort()
             raise DataError(f"no rows were written to {self.path}")
-        latents_shape = " ".join(str(s) for s in (self.num_rows, *self.row_shape))
+        latents_shape = " ".join(map(str, (self.num_rows, *self.row_shape)))
         self._put([(shape_key(LATENTS), latents_shape.encode()), (shape_key(PROMPTS), str(self.num_rows).encode())])
         with lmdb_errors(self.path, writing=True):
             self._env.sync(True)
@@ -209,8 +204,7 @@ class LMDBWriter:
 
 
 class LMDBReader:
-    """Read-only view of one LMDB dataset, safe to pickle into DataLoader workers (each process opens its own
-    environment)."""
+    """Read-only view of one LMDB dataset, safe to pickle into DataLoader workers (each opens its own environment)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
