@@ -1,9 +1,7 @@
 """Typed configuration: the :class:`Config` schema holds every default with its one-line doc; YAMLs load strictly.
 
-Load order (later wins): schema < ``default_config.yaml`` beside the file < ``base:`` chain < the YAML < overrides;
-unknown keys and bad values raise :class:`ConfigError` naming the file and key (README "Configs" has the rules, the
-derived ``height``/``width``/``num_frames`` copies and the published-YAML rule of :mod:`utils.config_compat`).
-``python -m app.config [CONFIG] [key=value ...]`` prints a resolved config, or every default with its doc.
+Load order (later wins): schema < ``default_config.yaml`` beside the file < ``base:`` chain < the YAML < overrides
+(README "Configs" has the rules). ``python -m app.config`` prints a resolved config, or every default with its doc.
 """
 
 import copy
@@ -310,9 +308,8 @@ STRING_KEYS = frozenset(k for k, t in get_type_hints(Config).items() if t in (st
 
 
 def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -> Config:
-    """A stage YAML (found from any working directory if shipped) plus dotlist ``overrides`` (``["lr=1e-5"]``) as a
-    validated :class:`Config`; ``config_name`` is the file's stem unless set. Any problem raises a one-line
-    :class:`ConfigError` naming the file."""
+    """A stage YAML plus dotlist ``overrides`` (``["lr=1e-5"]``) as a validated :class:`Config`; ``config_name`` is
+    the file's stem unless set. Any problem raises a one-line :class:`ConfigError` naming the file."""
     path = Path(in_repository(path))   # a shipped config is found from any working directory
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")

@@ -1,15 +1,6 @@
 """The published YAML format (thu-ml/Causal-Forcing ``configs/*.yaml``, Self Forcing's ``self_forcing_dmd.yaml``):
-what happens to each top-level key our schema does not read (README "Configs" gives the user's view).
-
-* compatibility keys (:data:`COMPAT_KEYS`): checked against the values we can honour, dropped, named in one warning;
-* secrets (:data:`SECRET_KEYS`): dropped unread (never printed, logged or saved), with the variable to export;
-* a value interpolating the environment (``${oc.env:...}``) fails: the resolved config is saved and sent to W&B;
-* placeholders (``{your entity}``, or the key's name in capitals) count as unset.
-
-A file is published when it has no ``base:``, sets a compatibility or secret key and none of :data:`OWN_KEYS`; it
-keeps the published meaning of :data:`PUBLISHED_MEANINGS`, and a real ``wandb_project``/``wandb_entity`` turns W&B
-on. A published ``rolling_forcing*.yaml`` (the ``long_video/`` fork, which had no key for it) loads with
-``rolling_forcing: true`` and, unless a layer sets it, the fork's ``num_training_frames``.
+what happens to each top-level key our schema does not read (README "Configs" gives the rules). A file is published
+when it has no ``base:``, sets a compatibility or secret key and none of :data:`OWN_KEYS`.
 """
 
 from __future__ import annotations
@@ -64,8 +55,8 @@ LONG_VIDEO_TRAINING_FRAMES = 27   # long_video/configs/default_config.yaml: num_
 
 
 def published_rolling_forcing(path: Path, layers: List[Tuple[str, DictConfig, bool]]) -> None:
-    """Give a published ``rolling_forcing*.yaml`` (the last of ``layers``) what the published fork implied
-    (module docstring)."""
+    """A published ``rolling_forcing*.yaml`` (the last of ``layers``; the ``long_video/`` fork had no key for it) gets
+    ``rolling_forcing: true`` and, unless a layer sets it, the fork's ``num_training_frames``."""
     _, node, published = layers[-1]
     if not (published and path.stem.startswith(ROLLING_FORCING_STEM)) or "rolling_forcing" in node:
         return
@@ -78,7 +69,7 @@ def published_rolling_forcing(path: Path, layers: List[Tuple[str, DictConfig, bo
 
 
 def is_published(node: DictConfig) -> bool:
-    """The published rule (module docstring); ``node`` is a whole file, before its ``base:`` is taken out."""
+    """The published rule (module docstring) for a whole file, before its ``base:`` is taken out."""
     keys = set(node.keys())
     return (BASE_KEY not in keys and bool(keys & (set(COMPAT_KEYS) | set(SECRET_KEYS)))
             and not keys & OWN_KEYS)

@@ -1,6 +1,5 @@
-"""Reading the layers of a config: YAML files and their ``base:`` chains, ``key=value`` overrides, and the one-line
-messages for a key the schema lacks or a value of the wrong type. :func:`utils.config.load_config` merges the layers
-into its schema (passed in: this module knows no schema)."""
+"""Reading the layers of a config (YAML files with their ``base:`` chains, ``key=value`` overrides) and the one-line
+messages for an unknown key or a mistyped value; :func:`utils.config.load_config` merges them into its schema."""
 
 import dataclasses
 import difflib

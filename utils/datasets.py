@@ -1,9 +1,7 @@
 """Torch datasets for prompts and latent LMDBs, and a resumable (distributed) sampler.
 
-Prompt files (:class:`TextDataset`): UTF-8 (a BOM is ignored), one prompt per line (``\n``, ``\r\n`` or ``\r``;
-Unicode separators inside a prompt are part of it), trailing whitespace stripped, blank lines skipped (messages give
-file line numbers). Extended prompts (the LLM-expanded version) come either as a second column
-``prompt<TAB>extended`` (a line without a TAB uses its prompt) or as a parallel file with as many prompts; not both.
+Prompt files: UTF-8, one prompt per line, trailing whitespace stripped, blank lines skipped. Extended (LLM-expanded)
+prompts come as a second column ``prompt<TAB>extended`` (a line without a TAB uses its prompt) or as a parallel file.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from utils.lmdb_store import LATENTS, PROMPTS, open_many
 
 
 def read_prompt_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
-    """Non-blank lines of a UTF-8 prompt file with trailing whitespace stripped, as ``(line_number, text)``."""
+    """Non-blank lines of a UTF-8 prompt file (BOM ignored), right-stripped, as ``(line_number, text)``."""
     if not os.path.isfile(path):
         raise DataError(f"prompt file not found: {path}")
     try:
@@ -75,7 +73,7 @@ class TextDataset(Dataset):
 
 
 class _LatentLMDBBase(Dataset):
-    """Shared opening/length logic of the LMDB datasets (one LMDB or a directory of shards)."""
+    """One LMDB or a directory of shards, at most ``max_pair`` rows."""
 
     def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
         self.reader = open_many(data_path)
@@ -116,8 +114,7 @@ class LatentLMDBDataset(_LatentLMDBBase):
 
 
 class ODERegressionLMDBDataset(_LatentLMDBBase):
-    """ODE trajectories. Items: ``{"prompts": str, "ode_latent": float32 [S, F, C, H, W]}`` (S slots, see
-    training spec §4.2: noise, three intermediate states, teacher output, ground truth)."""
+    """Items ``{"prompts": str, "ode_latent": float32 [S, F, C, H, W]}`` (the S slots: training.md §4.2)."""
 
     def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
         super().__init__(data_path, max_pair)
@@ -155,9 +152,7 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         """Samples of this rank per epoch."""
         n, r = self.num_samples_total, self.num_replicas
-        if self.drop_last:
-            return n // r
-        return len(range(self.rank, n, r))
+        return n // r if self.drop_last else len(range(self.rank, n, r))
 
     def __iter__(self) -> Iterator[int]:
         if self.position >= len(self) > 0:  # state saved right after an epoch's last item

@@ -57,6 +57,19 @@ class AtomicPath:
             self.discard()
 
 
+class CloseOrAbort:
+    """Writer mixin: ``with`` calls :meth:`close` when the block succeeds, :meth:`abort` when it raises."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def atomic_path(final: str | os.PathLike) -> AtomicPath:
     """``with atomic_path(final) as tmp:`` write ``tmp``; it becomes ``final`` only if the block succeeds."""
     return AtomicPath(final)

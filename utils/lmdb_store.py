@@ -20,6 +20,7 @@ import lmdb
 import numpy as np
 
 from utils.errors import DataError, ensure_folder, one_line
+from utils.io import CloseOrAbort
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-class LMDBWriter:
+class LMDBWriter(CloseOrAbort):
     """Append-only writer of a ``latents`` + ``prompts`` LMDB (``with LMDBWriter(path) as w: w.append(...)``); shape
     keys on success only. A non-empty database is refused; ``map_size`` doubles whenever a transaction does not fit."""
 
@@ -132,15 +133,6 @@ class LMDBWriter:
                 self._env.close()
                 self._env = None
                 raise
-
-    def __enter__(self) -> "LMDBWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def append(self, latents, prompts: Sequence[str]) -> int:
         """Write rows ``latents [rows, *row_shape]`` and ``prompts`` in one transaction; returns the row count."""

@@ -13,7 +13,7 @@ import unicodedata
 import numpy as np
 
 from utils.errors import OutputError, free_space, one_line
-from utils.io import AtomicPath
+from utils.io import AtomicPath, CloseOrAbort
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +21,9 @@ DEFAULT_FPS = 16
 
 
 def imageio_v2():
-    """``imageio.v2`` (imported lazily: only video tools need ffmpeg), with imageio-ffmpeg told to start ffmpeg without
-    its ``preexec_fn=os.setpgrp``: a preexec_fn runs Python in the forked child, which is unsafe while other threads
-    run (torch's pools, decode threads) and segfaulted or hung CI. Set ``IMAGEIO_FFMPEG_NO_PREVENT_SIGINT=0`` to get
-    it back (ffmpeg then ignores Ctrl-C sent to its terminal's process group)."""
+    """``imageio.v2``, imported lazily, with imageio-ffmpeg starting ffmpeg without ``preexec_fn=os.setpgrp``: that runs
+    Python in the forked child, unsafe while other threads run (it segfaulted or hung CI). Set
+    ``IMAGEIO_FFMPEG_NO_PREVENT_SIGINT=0`` to get it back."""
     os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
     import imageio.v2 as imageio
 
@@ -33,7 +32,7 @@ def imageio_v2():
 
 def pixels_to_uint8(frames):
     """Pixels ``[..., 3, H, W]`` in [-1, 1] (a tensor) -> uint8 ``[..., H, W, 3]`` on their device, equal to
-    :func:`to_uint8_frames` (a GPU stream then sends the host a quarter of the bytes)."""
+    :func:`to_uint8_frames` (a GPU then sends the host a quarter of the bytes)."""
     import torch
 
     unit = (torch.nan_to_num(frames.float()) + 1.0) / 2.0
@@ -78,7 +77,7 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-class Mp4StreamWriter:
+class Mp4StreamWriter(CloseOrAbort):
     """Append frames chunk by chunk (one frame size) to an mp4 that appears atomically at :meth:`close`; an exception
     in the ``with`` block, or :meth:`abort`, leaves no file (``value_range``, ``layout``: :func:`to_uint8_frames`)."""
 
@@ -90,15 +89,6 @@ class Mp4StreamWriter:
         self._writer = None
         self._target: AtomicPath | None = None   # the temporary file ffmpeg writes, once frames arrive
         self._closed = False
-
-    def __enter__(self) -> "Mp4StreamWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def append(self, frames) -> None:
         """Append ``[T, H, W, 3]`` frames (or ``[T, 3, H, W]`` with ``layout="TCHW"``)."""
