@@ -79,8 +79,6 @@ class Stage2Objective(Objective):
 class ODEObjective(Stage2Objective):
     """Causal ODE regression (``trainer: ode``); ``per_block_steps`` has no config key yet."""
 
-    dataset_cls = ODERegressionLMDBDataset
-
     def __init__(self, cfg: Config, per_block_steps: bool = False, num_workers: int | None = None):
         super().__init__(cfg, num_workers)
         if cfg.denoising_step_list is None:

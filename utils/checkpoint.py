@@ -1,8 +1,7 @@
 """Resumable training checkpoints (torch.distributed.checkpoint) and the helpers of the release export.
 
-A checkpoint ``<logdir>/checkpoints/step_<N:06d>/`` (N = optimizer steps completed; layout in docs/training_loop.md)
-is written into ``step_<N>.tmp/`` and renamed by rank 0 once every rank has written, so a crash mid-save leaves the
-previous one the latest. Per-rank files hold only tensors and plain values (``weights_only`` loads); keys are canonical.
+``<logdir>/checkpoints/step_<N:06d>/`` (layout: docs/training_loop.md) is written into ``step_<N>.tmp/`` and renamed
+once every rank has written, so a crash mid-save leaves the previous one the latest.
 """
 
 from __future__ import annotations
@@ -56,12 +55,9 @@ def release_path(logdir: str | os.PathLike, step: int) -> Path:
 
 def list_checkpoints(logdir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``logdir`` as ``(step, path)``, oldest first (``.tmp`` folders are not listed)."""
-    found = []
-    for meta in (Path(logdir) / CHECKPOINTS).glob("step_*/meta.json"):
-        match = _STEP_DIR.match(meta.parent.name)
-        if match and meta.is_file():
-            found.append((int(match.group(1)), meta.parent))
-    return sorted(found)
+    metas = (Path(logdir) / CHECKPOINTS).glob("step_*/meta.json")
+    return sorted((int(m.group(1)), meta.parent) for meta in metas
+                  if (m := _STEP_DIR.match(meta.parent.name)) and meta.is_file())
 
 
 def latest_checkpoint(logdir: str | os.PathLike) -> Optional[Path]:
@@ -104,10 +100,7 @@ def remove_stale_files(logdir: str | os.PathLike) -> int:
     """Delete what killed runs left in ``logdir`` (``step_<N>.tmp`` folders, ``.tmp-*`` files) and return the count;
     call it holding the :class:`LogdirLock`."""
     root = Path(logdir)
-    removed = remove_stale_temps(root)
-    for folder in root.glob("checkpoint_model_*"):
-        if folder.is_dir():
-            removed += remove_stale_temps(folder)
+    removed = sum(remove_stale_temps(folder) for folder in [root, *root.glob("checkpoint_model_*")] if folder.is_dir())
     for stale in (root / CHECKPOINTS).glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
         removed += 1

@@ -1,5 +1,5 @@
-"""One metrics path: :class:`MetricAccumulator` sums detached scalars on the device (no host sync) and reduces them
-across ranks once per log step; :class:`MetricsLogger` writes them to the console, ``metrics.jsonl`` and W&B."""
+"""One metrics path: :class:`MetricAccumulator` sums on the device and reduces across ranks once per log step;
+:class:`MetricsLogger` writes to the console, ``metrics.jsonl`` and W&B."""
 
 from __future__ import annotations
 
@@ -171,9 +171,8 @@ def _drop_rows_after(path: str, step: int) -> None:
 def build_metrics_logger(cfg: Config, is_main: bool, start_step: int = 0) -> MetricsLogger:
     """The run's logger from the config: W&B only when ``wandb_mode`` is not ``disabled`` and ``--disable-wandb`` is
     not given; its key comes from the environment (``WANDB_API_KEY``), never from YAML."""
-    use_wandb = cfg.wandb_mode != "disabled" and not cfg.disable_wandb
     wandb_init = None
-    if use_wandb:
+    if cfg.wandb_mode != "disabled" and not cfg.disable_wandb:
         wandb_init = dict(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode,
                           name=cfg.wandb_name or cfg.config_name, dir=cfg.wandb_save_dir or cfg.logdir or None,
                           config=config_to_dict(cfg))
