@@ -461,7 +461,7 @@ def test_consistency_target_is_the_reference_ema_from_step_zero(world, tmp_path)
         assert list(torch.load(release_path(tmp_path, 2), weights_only=True)) == ["generator"]
         assert list(torch.load(release_path(tmp_path, 3), weights_only=True)) == ["generator", "generator_ema"]
     finally:
-        trainer._close(None)
+        trainer._close(None, finished=True)
 
 
 def test_objectives_run_and_resume_in_the_shared_loop(world, ode_lmdb, tmp_path):
