@@ -37,7 +37,7 @@ from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
 from pipeline.causal import BlockLoop, Guidance, StepSchedule
 from utils.errors import ConfigError, UserError
-from utils.io import atomic_path, remove_stale_temps
+from utils.io import AtomicPath, remove_stale_temps
 
 log = logging.getLogger("get_causal_ode_data")
 
@@ -218,7 +218,7 @@ def generate(args) -> dict[str, int]:
         guidance = Guidance(text_encoder.encode(prompts).float(), negative, args.guidance_scale)
         traj = ode_trajectory(model, scheduler, grid, keep, guidance, clean, noise, compute_dtype).cpu()
         for (_, path), prompt, sample in zip(batch, prompts, traj):
-            with atomic_path(path) as tmp:   # the final name only ever holds a complete file
+            with AtomicPath(path) as tmp:   # the final name only ever holds a complete file
                 torch.save({prompt: sample[None].clone()}, tmp)
             counts["computed"] += 1
     return counts

@@ -20,7 +20,7 @@ from app.cli import config_from_args, pipeline_from_args
 from pipeline.streaming import StreamChunk, StreamingPipeline
 from utils.datasets import TextDataset, read_prompt_lines
 from utils.errors import DataError, UserError, ensure_folder
-from utils.io import atomic_path, remove_stale_temps
+from utils.io import AtomicPath, remove_stale_temps
 from utils.video import Mp4StreamWriter, safe_output_name
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def _generate(pipe: StreamingPipeline, cfg, args, job: Job, num_frames: int,
             bar.update(chunk.frames.shape[1])
             latents.append(chunk.latents.cpu())
     if args.save_latents:
-        with atomic_path(_latents_path(args, job)) as tmp:
+        with AtomicPath(_latents_path(args, job)) as tmp:
             torch.save(torch.cat(latents, 1), tmp)
     seconds = time.perf_counter() - start
     log.info("wrote %s (%d frames, %.1f s, %.1f FPS)", _path(args, job), written, seconds, written / seconds)

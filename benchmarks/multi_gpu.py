@@ -213,10 +213,10 @@ class Bench:
         return self.args.budget - (time.perf_counter() - self.start)
 
     def save(self) -> None:
-        from utils.io import atomic_path
+        from utils.io import AtomicPath
 
         self.results["elapsed_s"] = time.perf_counter() - self.start
-        with atomic_path(self.args.out) as tmp:
+        with AtomicPath(self.args.out) as tmp:
             tmp.write_text(json.dumps(self.results, indent=1, default=str))
 
     def env(self, nproc: int) -> dict:

@@ -27,7 +27,7 @@ from model.weights import (
     wan_repo_id,
 )
 from utils.errors import CheckpointError, ConfigError, one_line, state_dict_mismatch
-from utils.io import atomic_path
+from utils.io import AtomicPath
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,6 @@ def save_release_checkpoint(path, generator_sd: dict, generator_ema_sd: dict | N
     payload = {"generator": _release_entry(generator_sd)}
     if generator_ema_sd is not None:
         payload["generator_ema"] = _release_entry(generator_ema_sd)
-    with atomic_path(path) as tmp:
+    with AtomicPath(path) as tmp:
         torch.save(payload, tmp)
     log.info("saved %s (%s)", path, ", ".join(f"{k}: {len(v)} tensors" for k, v in payload.items()))

@@ -148,9 +148,9 @@ def toy_config(logdir: str, **overrides) -> Config:
 # torchrun worker
 
 
-def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {canonical_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-            for n, p in model.named_parameters()}
+def _full(named) -> dict[str, torch.Tensor]:
+    """Full tensors of ``(name, parameter or EMA shadow)`` pairs on every rank, by canonical name."""
+    return {canonical_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in named}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -171,11 +171,11 @@ def main(out: Path) -> None:
     trainer_a = Trainer(obj_a.cfg, obj_a)
     trainer_a.train()
     model_a = trainer_a.networks.trainable["generator"]
-    ema_a = trainer_a.emas["generator"].full_state_dict(rank0_only=False)
+    ema_a = _full(trainer_a.emas["generator"].shadow.items())
     result["A_losses"] = obj_a.losses
     result["param_is_dtensor"] = all(isinstance(p, DTensor) for p in model_a.parameters())
     result["ema_vs_reference"] = _max_diff(ema_a, obj_a.ema_reference)
-    params_a = _full_params(model_a)
+    params_a = _full(model_a.named_parameters())
 
     # B: the same run, crashed at step 3 (after the step-2 checkpoint).
     obj_b = ToyObjective(toy_config(str(out / "B")), crash_at=3)
@@ -191,8 +191,8 @@ def main(out: Path) -> None:
     trainer_c = Trainer(obj_c.cfg, obj_c, keep_checkpoints=2)
     result["C_final_step"] = trainer_c.train()
     result["C_losses"] = obj_c.losses
-    result["C_params_vs_A"] = _max_diff(_full_params(trainer_c.networks.trainable["generator"]), params_a)
-    result["C_ema_vs_A"] = _max_diff(trainer_c.emas["generator"].full_state_dict(rank0_only=False), ema_a)
+    result["C_params_vs_A"] = _max_diff(_full(trainer_c.networks.trainable["generator"].named_parameters()), params_a)
+    result["C_ema_vs_A"] = _max_diff(_full(trainer_c.emas["generator"].shadow.items()), ema_a)
 
     # The other strategies compute the same first steps: replicate (no_shard) and HSDP, with 2 "nodes" of 1 rank.
     for strategy, ranks_per_node in (("no_shard", None), ("hybrid_full", "1")):

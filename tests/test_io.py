@@ -5,17 +5,17 @@ import os
 import pytest
 import torch
 
-from utils.io import TEMP_PREFIX, atomic_path, is_temp, remove_stale_temps
+from utils.io import TEMP_PREFIX, AtomicPath, is_temp, remove_stale_temps
 
 
 def test_success_replaces_and_leaves_no_temp(tmp_path):
     final = tmp_path / "out" / "x.pt"             # the folder is created
-    with atomic_path(final) as tmp:
+    with AtomicPath(final) as tmp:
         assert tmp.parent == final.parent and tmp.name.startswith(TEMP_PREFIX) and tmp.name.endswith("-x.pt")
         torch.save({"a": torch.arange(3)}, tmp)
         assert not final.exists()                 # nothing under the final name until the block ends
     assert torch.equal(torch.load(final, weights_only=True)["a"], torch.arange(3))
-    with atomic_path(final) as tmp:               # an existing file is replaced
+    with AtomicPath(final) as tmp:               # an existing file is replaced
         tmp.write_text("new")
     assert final.read_text() == "new" and os.listdir(final.parent) == ["x.pt"]
 
@@ -23,18 +23,18 @@ def test_success_replaces_and_leaves_no_temp(tmp_path):
 def test_exception_mid_write_keeps_the_old_file_and_no_temp(tmp_path):
     final = tmp_path / "x.json"
     final.write_text("old")
-    with pytest.raises(RuntimeError, match="disk full"), atomic_path(final) as tmp:
+    with pytest.raises(RuntimeError, match="disk full"), AtomicPath(final) as tmp:
         tmp.write_text("half of the ne")
         raise RuntimeError("disk full")
     assert final.read_text() == "old" and os.listdir(tmp_path) == ["x.json"]
-    with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "y.json"):
+    with pytest.raises(KeyboardInterrupt), AtomicPath(tmp_path / "y.json"):
         raise KeyboardInterrupt                  # nothing written yet: nothing to delete, no new file
     assert os.listdir(tmp_path) == ["x.json"]
 
 
 def test_temps_are_unique_and_stale_ones_are_removed_by_name(tmp_path):
-    a, b = atomic_path(tmp_path / "00001.pt"), atomic_path(tmp_path / "00001.pt")
-    other = atomic_path(tmp_path / "100001.pt")  # its name ends like 00001.pt's: must not be taken for it
+    a, b = AtomicPath(tmp_path / "00001.pt"), AtomicPath(tmp_path / "00001.pt")
+    other = AtomicPath(tmp_path / "100001.pt")  # its name ends like 00001.pt's: must not be taken for it
     assert a.tmp != b.tmp                        # two writers of one name never share a temporary
     for target in (a, b, other):
         target.tmp.write_bytes(b"left by a killed writer")

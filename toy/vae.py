@@ -28,7 +28,7 @@ from diffusers import AutoencoderKLWan
 from model.vae import WanVAE
 from model.vae_decoder import decoder_step
 from toy.world import BACKGROUND
-from utils.io import atomic_path
+from utils.io import AtomicPath
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _save_training_state(path, cfg: ToyVAETraining, step: int, model, optimizer,
     state = dict(config=repr(cfg), step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
                  generator=generator.get_state(), pool_rng=json.dumps(pool.rng.bit_generator.state),
                  losses=torch.tensor(losses, dtype=torch.float64))
-    with atomic_path(path) as tmp:
+    with AtomicPath(path) as tmp:
         torch.save(state, tmp)
 
 

@@ -43,7 +43,6 @@ class DMDObjective(Objective):
         self.device = torch.device("cpu")
         self.compute_dtype = torch.float32
         self.negative_embeds: torch.Tensor | None = None   # [1, L, D], encoded once
-        self._sampler: ResumableSampler | None = None
         self.last_exit_step = -1   # exit step of the latest rollout (a metric; Rolling Forcing: its phase)
         self.vae = None            # Rolling Forcing, rollouts longer than the clip: re-encodes its first frame
 
@@ -79,17 +78,10 @@ class DMDObjective(Objective):
 
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
         dataset = TextDataset(self.cfg.data_path)
-        self._sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True,
-                                         num_replicas=world_size, rank=rank)
-        indices = IndexBatches(self._sampler, self.cfg.batch_size)
+        # No DataLoader workers read ahead here: the sampler's own state is the data position.
+        self.data_position = ResumableSampler(dataset, seed=seed, num_replicas=world_size, rank=rank)
+        indices = IndexBatches(self.data_position, self.cfg.batch_size)
         return ({"prompts": [dataset[i]["prompts"] for i in batch]} for batch in indices)
-
-    def data_state(self) -> dict:
-        return self._sampler.state_dict() if self._sampler is not None else {}
-
-    def load_data_state(self, state: dict) -> None:
-        if self._sampler is not None and state:
-            self._sampler.load_state_dict(state)
 
     def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         context = self.encode(batch)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from trainer.batches import DataPosition
+from utils.datasets import ResumableSampler
 
 
 @dataclass
@@ -46,8 +47,9 @@ class Objective(ABC):
     # True: every phase due at a step draws its own micro-batches (DMD: the generator and the critic see different
     # prompts, as in the reference); False: the phases of a step share them.
     fresh_batch_per_phase: bool = False
-    # The position of data() when it returns ResumableBatches; the default data_state/load_data_state go through it.
-    data_position: Optional[DataPosition] = None
+    # The position of data() (a DataPosition of its ResumableBatches, or a sampler read without DataLoader workers);
+    # the default data_state/load_data_state go through it.
+    data_position: Optional[DataPosition | ResumableSampler] = None
 
     @abstractmethod
     def build_networks(self, device: torch.device) -> Networks:

@@ -56,7 +56,7 @@ class Stage2Objective(Objective):
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
         dataset = self.dataset_cls(self.cfg.data_path, self.cfg.max_pair or ALL_ROWS)
         self._check_dataset(dataset)
-        sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True, num_replicas=world_size, rank=rank)
+        sampler = ResumableSampler(dataset, seed=seed, num_replicas=world_size, rank=rank)
         if len(sampler) == 0:
             raise DataError(f"{len(dataset)} samples cannot feed {world_size} ranks")
         return self.data_position.attach(ResumableBatches(dataset, sampler, self.cfg.batch_size, self.num_workers))

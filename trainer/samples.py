@@ -15,7 +15,7 @@ from pipeline.streaming import StreamingPipeline
 from trainer.objective import Networks
 from utils.config import Config
 from utils.errors import UserError
-from utils.io import atomic_path
+from utils.io import AtomicPath
 from utils.video import safe_output_name, write_mp4
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class SampleWriter:
         for i, prompt in enumerate(prompts):
             name = safe_output_name(prompt, used=used)
             if video.frames is None:
-                with atomic_path(folder / f"{name}.latents.pt") as tmp:
+                with AtomicPath(folder / f"{name}.latents.pt") as tmp:
                     torch.save(video.latents[i].cpu(), tmp)
                 paths.append(folder / f"{name}.latents.pt")
             else:

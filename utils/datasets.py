@@ -128,31 +128,25 @@ class ODERegressionLMDBDataset(_LatentLMDBBase):
 
 class ResumableSampler(Sampler[int]):
     """Deterministic per-epoch permutation, split across ranks, resumable mid-epoch: epoch ``e`` permutes with
-    ``numpy.random.default_rng([seed, e])``, rank ``r`` of ``R`` takes positions ``r, r + R, ...``; ``drop_last``
-    drops the uneven tail so ranks stay in step. With DataLoader workers fetching ahead, save
-    ``state_for(num_consumed)`` rather than ``state_dict()``."""
+    ``numpy.random.default_rng([seed, e])``, drops the uneven tail so that ranks stay in step, and rank ``r`` of ``R``
+    takes positions ``r, r + R, ...``. With DataLoader workers fetching ahead, save ``state_for(num_consumed)`` rather
+    than ``state_dict()``."""
 
-    def __init__(self, data_source, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 num_replicas: int = 1, rank: int = 0):
+    def __init__(self, data_source, seed: int = 0, num_replicas: int = 1, rank: int = 0):
         self.num_samples_total = data_source if isinstance(data_source, int) else len(data_source)
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} not in [0, {num_replicas})")
-        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
-        self.num_replicas, self.rank = num_replicas, rank
+        self.seed, self.num_replicas, self.rank = int(seed), num_replicas, rank
         self.epoch, self.position = 0, 0
         self._start = (0, 0)  # (epoch, position) where the consumed-sample count of state_for() starts
 
     def _epoch_indices(self, epoch: int) -> np.ndarray:
-        n = self.num_samples_total
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        if self.drop_last:
-            order = order[: (n // self.num_replicas) * self.num_replicas]
-        return order[self.rank::self.num_replicas]
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples_total)
+        return order[: len(self) * self.num_replicas][self.rank::self.num_replicas]
 
     def __len__(self) -> int:
         """Samples of this rank per epoch."""
-        n, r = self.num_samples_total, self.num_replicas
-        return n // r if self.drop_last else len(range(self.rank, n, r))
+        return self.num_samples_total // self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
         if self.position >= len(self) > 0:  # state saved right after an epoch's last item

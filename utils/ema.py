@@ -60,14 +60,14 @@ class ShardLocalEMA:
                 self.shadow[name].copy_(value)
 
     @torch.no_grad()
-    def full_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-        """Full fp32 CPU tensors by canonical name (collective; with ``rank0_only`` the other ranks get ``{}``),
-        gathered one parameter at a time."""
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 CPU tensors by canonical name on rank 0, ``{}`` on the others (collective), gathered one
+        parameter at a time."""
         is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         out = {}
         for name, s in self.shadow.items():
             full = s.full_tensor() if isinstance(s, DTensor) else s
-            if is_main or not rank0_only:
+            if is_main:
                 out[name] = full.detach().to("cpu", copy=True)
         return out
 

@@ -26,7 +26,8 @@ def _final_name(temp_name: str) -> str:
 
 class AtomicPath:
     """A temporary path beside ``final`` (folder created) that replaces it on :meth:`commit` or is deleted on
-    :meth:`discard`; as a context manager it commits when the block succeeds and discards when it raises."""
+    :meth:`discard`. ``with AtomicPath(final) as tmp:`` write ``tmp``; it becomes ``final`` only if the block
+    succeeds."""
 
     def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
@@ -68,11 +69,6 @@ class CloseOrAbort:
             self.close()
         else:
             self.abort()
-
-
-def atomic_path(final: str | os.PathLike) -> AtomicPath:
-    """``with atomic_path(final) as tmp:`` write ``tmp``; it becomes ``final`` only if the block succeeds."""
-    return AtomicPath(final)
 
 
 # Temporaries of the writers before this module (mp4 ``.tmp_<32 hex>.mp4``, latents ``.<name>.latents.pt.tmp``, ODE

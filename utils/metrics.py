@@ -16,7 +16,7 @@ import torch.distributed as dist
 from utils.config import Config, config_to_dict
 from utils.distributed import multi_rank
 from utils.errors import ConfigError, UserError, one_line
-from utils.io import atomic_path
+from utils.io import AtomicPath
 
 logger = logging.getLogger(__name__)
 _NONE = 2**62  # "no non-finite step seen" for the MIN all-reduce
@@ -164,7 +164,7 @@ def _drop_rows_after(path: str, step: int) -> None:
             kept.append(line + "\n")
     if len(kept) == sum(1 for line in lines if line):
         return
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with AtomicPath(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
 
 
