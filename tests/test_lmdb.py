@@ -11,7 +11,7 @@ import torch
 
 from utils.create_lmdb_iterative import create_ode_lmdb
 from utils.errors import DataError
-from utils.lmdb_store import LMDBReader, LMDBWriter, ShardedLMDBReader, open_env, open_many
+from utils.lmdb_store import LMDBReader, LMDBWriter, open_env, open_many
 from utils.merge_lmdb import find_shards, merge_lmdbs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,12 +103,12 @@ def test_open_many_natural_order_and_global_index(tmp_path):
     parts = {i: make_db(tmp_path / "shards" / f"s_{i}", rows, seed=i, prompt_prefix=f"s{i}-")
              for i, rows in [(0, 2), (10, 3), (2, 1)]}
     reader = open_many(tmp_path / "shards")
-    assert isinstance(reader, ShardedLMDBReader) and len(reader) == 6
+    assert [Path(p).name for p in reader.paths] == ["s_0", "s_2", "s_10"] and len(reader) == 6
     assert reader.shape("latents") == (6, *ROW)
     expected = [(lat, p) for i in (0, 2, 10) for lat, p in zip(*parts[i])]  # s_2 before s_10
     for k, (lat, prompt) in enumerate(expected):
         assert reader.get("prompts", k) == prompt and np.array_equal(reader.get("latents", k), lat)
-    assert isinstance(open_many(tmp_path / "shards" / "s_0"), LMDBReader)
+    assert open_many(tmp_path / "shards" / "s_0").paths == [str(tmp_path / "shards" / "s_0")]
     make_db(tmp_path / "shards" / "s_3", 1, 0, row_shape=(2, 2))
     with pytest.raises(DataError, match="unlike"):
         open_many(tmp_path / "shards")

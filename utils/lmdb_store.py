@@ -195,40 +195,54 @@ class LMDBWriter(CloseOrAbort):
             self._env = None
 
 
+def _read_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The shape keys of the LMDB dataset at ``path``, refused with one line when missing, malformed or unequal."""
+    if not os.path.isdir(path):
+        raise DataError(f"LMDB not found: {path}")
+    if not is_lmdb_dir(path):
+        raise DataError(f"not an LMDB directory (no data.mdb): {path}")
+    with lmdb_errors(path), open_env(path).begin() as txn:
+        raw = {name: txn.get(shape_key(name)) for name in ARRAYS}
+    missing = [name for name, value in raw.items() if value is None]
+    if len(missing) == len(ARRAYS):
+        raise DataError(f"LMDB has no shape keys (incomplete build, or not a dataset LMDB): {path}")
+    if missing:
+        raise DataError(f"LMDB {path} lacks shape keys for arrays {missing}")
+    try:
+        shapes = {name: tuple(int(s) for s in value.decode().split()) for name, value in raw.items()}
+    except ValueError as err:
+        raise DataError(f"malformed shape key in {path}: {err}") from None
+    counts = {name: shape[0] for name, shape in shapes.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"arrays of {path} have different row counts: {counts}")
+    return shapes
+
+
 class LMDBReader:
-    """Read-only view of one LMDB dataset, safe to pickle into DataLoader workers (each opens its own environment)."""
+    """Read-only view of one LMDB dataset, or of several shards read as one (global index = the shards concatenated
+    in the given order); safe to pickle into DataLoader workers (each opens its own environment)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        if not os.path.isdir(self.path):
-            raise DataError(f"LMDB not found: {self.path}")
-        if not is_lmdb_dir(self.path):
-            raise DataError(f"not an LMDB directory (no data.mdb): {self.path}")
-        self._shapes = self._read_shapes()
-        counts = {name: shape[0] for name, shape in self._shapes.items()}
-        if len(set(counts.values())) != 1:
-            raise DataError(f"arrays of {self.path} have different row counts: {counts}")
-        self._len = next(iter(counts.values()))
-
-    def _read_shapes(self) -> dict[str, tuple[int, ...]]:
-        with lmdb_errors(self.path), self.env.begin() as txn:
-            raw = {name: txn.get(shape_key(name)) for name in ARRAYS}
-        missing = [name for name, value in raw.items() if value is None]
-        if len(missing) == len(ARRAYS):
-            raise DataError(f"LMDB has no shape keys (incomplete build, or not a dataset LMDB): {self.path}")
-        if missing:
-            raise DataError(f"LMDB {self.path} lacks shape keys for arrays {missing}")
-        try:
-            return {name: tuple(int(s) for s in value.decode().split()) for name, value in raw.items()}
-        except ValueError as err:
-            raise DataError(f"malformed shape key in {self.path}: {err}") from None
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
+        single = isinstance(paths, (str, os.PathLike))
+        self.paths = [os.fspath(p) for p in ([paths] if single else paths)]
+        if not self.paths:
+            raise DataError("no LMDB shards given")
+        shapes = [_read_shapes(p) for p in self.paths]
+        for path, shape in zip(self.paths[1:], shapes[1:]):
+            if any(shape[a][1:] != shapes[0][a][1:] for a in ARRAYS):
+                raise DataError(f"shard {path} has arrays {[shape[a] for a in ARRAYS]}, "
+                                f"unlike {self.paths[0]} {[shapes[0][a] for a in ARRAYS]}")
+        self._ends = np.cumsum([shape[LATENTS][0] for shape in shapes]).tolist()
+        self._shapes = {a: (self._ends[-1], *shapes[0][a][1:]) for a in ARRAYS}
+        self.path = self.paths[0] if single else os.path.commonpath(self.paths)
 
     @property
     def env(self) -> lmdb.Environment:
-        return open_env(self.path)
+        """The environment of the first (or only) shard."""
+        return open_env(self.paths[0])
 
     def __len__(self) -> int:
-        return self._len
+        return self._ends[-1]
 
     def shape(self, array: str) -> tuple[int, ...]:
         """Full shape of ``array`` (``LATENTS`` or ``PROMPTS``): ``(rows, *row_shape)``."""
@@ -236,61 +250,30 @@ class LMDBReader:
 
     def get(self, array: str, index: int):
         """Row ``index`` of ``array``: a prompt, or a read-only float16 array of the row shape."""
-        shape = self.shape(array)
-        if not -self._len <= index < self._len:
-            raise IndexError(f"row {index} out of range for {self._len} rows in {self.path}")
-        index %= self._len
-        with lmdb_errors(self.path), self.env.begin() as txn:
-            value = txn.get(row_key(array, index))
-        if value is None:
-            raise DataError(f"row {index} of array {array!r} missing in {self.path} (incomplete build?)")
-        if array == PROMPTS:
-            return value.decode("utf-8")
-        expected = int(np.prod(shape[1:])) * LATENT_DTYPE.itemsize
-        if len(value) != expected:
-            raise DataError(f"row {index} of {array!r} in {self.path} has {len(value)} bytes, expected {expected} "
-                            f"for float16 rows of shape {shape[1:]}")
-        return np.frombuffer(value, dtype=LATENT_DTYPE).reshape(shape[1:])
-
-    def close(self) -> None:
-        close_env(self.path)
-
-
-class ShardedLMDBReader:
-    """Several LMDB shards read as one dataset; global index = concatenation of the shards in the given order."""
-
-    def __init__(self, readers: Sequence[LMDBReader]):
-        if not readers:
-            raise DataError("no LMDB shards given")
-        self.readers = list(readers)
-        first = self.readers[0]
-        for reader in self.readers[1:]:
-            if any(reader.shape(a)[1:] != first.shape(a)[1:] for a in ARRAYS):
-                raise DataError(f"shard {reader.path} has arrays {[reader.shape(a) for a in ARRAYS]}, "
-                                f"unlike {first.path} {[first.shape(a) for a in ARRAYS]}")
-        self._ends = np.cumsum([len(r) for r in self.readers]).tolist()
-        self.path = os.path.commonpath([r.path for r in self.readers])
-
-    def __len__(self) -> int:
-        return self._ends[-1]
-
-    def shape(self, array: str) -> tuple[int, ...]:
-        return (len(self), *self.readers[0].shape(array)[1:])
-
-    def get(self, array: str, index: int):
+        row_shape = self.shape(array)[1:]
         if not -len(self) <= index < len(self):
             raise IndexError(f"row {index} out of range for {len(self)} rows in {self.path}")
         index %= len(self)
         shard = bisect.bisect_right(self._ends, index)
-        start = self._ends[shard - 1] if shard else 0
-        return self.readers[shard].get(array, index - start)
+        path, index = self.paths[shard], index - (self._ends[shard - 1] if shard else 0)
+        with lmdb_errors(path), open_env(path).begin() as txn:
+            value = txn.get(row_key(array, index))
+        if value is None:
+            raise DataError(f"row {index} of array {array!r} missing in {path} (incomplete build?)")
+        if array == PROMPTS:
+            return value.decode("utf-8")
+        expected = int(np.prod(row_shape)) * LATENT_DTYPE.itemsize
+        if len(value) != expected:
+            raise DataError(f"row {index} of {array!r} in {path} has {len(value)} bytes, expected {expected} "
+                            f"for float16 rows of shape {row_shape}")
+        return np.frombuffer(value, dtype=LATENT_DTYPE).reshape(row_shape)
 
     def close(self) -> None:
-        for reader in self.readers:
-            reader.close()
+        for path in self.paths:
+            close_env(path)
 
 
-def open_many(path: str | os.PathLike) -> LMDBReader | ShardedLMDBReader:
+def open_many(path: str | os.PathLike) -> LMDBReader:
     """One LMDB, or a directory of LMDB shards read in natural name order (``x_2`` before ``x_10``)."""
     if not os.path.isdir(path):
         raise DataError(f"LMDB not found: {path}")
@@ -299,4 +282,4 @@ def open_many(path: str | os.PathLike) -> LMDBReader | ShardedLMDBReader:
     shards = sorted((p for p in Path(path).iterdir() if is_lmdb_dir(p)), key=lambda p: natural_key(p.name))
     if not shards:
         raise DataError(f"no LMDB (data.mdb) in {path} or its sub-directories")
-    return ShardedLMDBReader([LMDBReader(p) for p in shards])
+    return LMDBReader(shards)

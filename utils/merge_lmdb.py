@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from utils.errors import DataError, UserError
-from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter, ShardedLMDBReader, is_lmdb_dir
+from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter, is_lmdb_dir
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def merge_lmdbs(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, k
 
     if batch_rows < 1:
         raise UserError(f"batch_rows (--batch_rows) must be >= 1, got {batch_rows}")
-    reader = ShardedLMDBReader([LMDBReader(p) for p in sources])
+    reader = LMDBReader(sources)
     row_shape = reader.shape(LATENTS)[1:]
     if keep_last_slot and len(row_shape) != 5:
         raise DataError(f"rows of shape {row_shape} have no trajectory slots to take the last of; expected "
