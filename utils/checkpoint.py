@@ -152,14 +152,10 @@ class TrainState:
 
 def _dcp_state(state: TrainState) -> dict[str, Any]:
     """The DCP state dict: sharded model / optimizer states (canonical keys) and EMA shadows."""
-    out: dict[str, Any] = {}
-    for name, model in state.models.items():
-        out[f"model/{name}"] = get_model_state_dict(model)
-    for name, optimizer in state.optimizers.items():
-        out[f"optim/{name}"] = get_optimizer_state_dict(state.models[name], optimizer)
-    for name, ema in state.emas.items():
-        out[f"ema/{name}"] = ema.state_dict()
-    return out
+    return {**{f"model/{name}": get_model_state_dict(model) for name, model in state.models.items()},
+            **{f"optim/{name}": get_optimizer_state_dict(state.models[name], optimizer)
+               for name, optimizer in state.optimizers.items()},
+            **{f"ema/{name}": ema.state_dict() for name, ema in state.emas.items()}}
 
 
 def _commit(tmp: Path, final: Path) -> None:

@@ -72,13 +72,21 @@ class TextDataset(Dataset):
         return item
 
 
-class _LatentLMDBBase(Dataset):
-    """One LMDB or a directory of shards, at most ``max_pair`` rows."""
+class LatentLMDBDataset(Dataset):
+    """Items ``{"prompts": str, "clean_latent": float32 [F, C, H, W]}`` of one LMDB or a directory of shards, at most
+    ``max_pair`` rows: rows ``[F, C, H, W]`` as stored, rows ``[S, F, C, H, W]`` (``clean_data`` with S = 1, or ODE
+    trajectories ending in the ground truth) their last slot."""
+
+    item_key, rows_name = "clean_latent", "latent"
+    layouts = {4: "[F, C, H, W]", 5: "[S, F, C, H, W]"}   # accepted row ranks
 
     def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
         self.reader = open_many(data_path)
         self.row_shape = self.reader.shape(LATENTS)[1:]
         self._len = min(len(self.reader), int(max_pair))
+        if len(self.row_shape) not in self.layouts:
+            raise DataError(f"{self.rows_name} rows in {data_path} have shape {self.row_shape}; expected "
+                            f"{' or '.join(self.layouts.values())}")
 
     def __len__(self) -> int:
         return self._len
@@ -91,39 +99,23 @@ class _LatentLMDBBase(Dataset):
             raise DataError(f"{self.reader.path}: latents are [F, C, H, W] = {list(found)} but the config's {key} is "
                             f"{list(expected)}; set it to the data's shape or use matching data")
 
-    def _row(self, idx: int) -> np.ndarray:
+    def __getitem__(self, idx: int) -> dict:
         if not 0 <= idx < self._len:
             raise IndexError(f"index {idx} out of range for {self._len} samples")
-        return self.reader.get(LATENTS, idx)
+        row = self._select(self.reader.get(LATENTS, idx))
+        return {"prompts": self.reader.get(PROMPTS, idx), self.item_key: torch.from_numpy(row.astype(np.float32))}
+
+    def _select(self, row: np.ndarray) -> np.ndarray:
+        return row[-1] if row.ndim == 5 else row
 
 
-class LatentLMDBDataset(_LatentLMDBBase):
-    """Items ``{"prompts": str, "clean_latent": float32 [F, C, H, W]}``: rows ``[F, C, H, W]`` as stored, rows
-    ``[S, F, C, H, W]`` (``clean_data`` with S = 1, or ODE trajectories ending in the ground truth) their last slot."""
-
-    def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
-        super().__init__(data_path, max_pair)
-        if len(self.row_shape) not in (4, 5):
-            raise DataError(f"latent rows in {data_path} have shape {self.row_shape}; expected [F, C, H, W] "
-                            f"or [S, F, C, H, W]")
-
-    def __getitem__(self, idx: int) -> dict:
-        row = self._row(idx)
-        latent = row[-1] if row.ndim == 5 else row
-        return {"prompts": self.reader.get(PROMPTS, idx), "clean_latent": torch.from_numpy(latent.astype(np.float32))}
-
-
-class ODERegressionLMDBDataset(_LatentLMDBBase):
+class ODERegressionLMDBDataset(LatentLMDBDataset):
     """Items ``{"prompts": str, "ode_latent": float32 [S, F, C, H, W]}`` (the S slots: training.md §4.2)."""
 
-    def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
-        super().__init__(data_path, max_pair)
-        if len(self.row_shape) != 5:
-            raise DataError(f"ODE rows in {data_path} have shape {self.row_shape}; expected [S, F, C, H, W]")
+    item_key, rows_name, layouts = "ode_latent", "ODE", {5: "[S, F, C, H, W]"}
 
-    def __getitem__(self, idx: int) -> dict:
-        row = self._row(idx)
-        return {"prompts": self.reader.get(PROMPTS, idx), "ode_latent": torch.from_numpy(row.astype(np.float32))}
+    def _select(self, row: np.ndarray) -> np.ndarray:
+        return row
 
 
 class ResumableSampler(Sampler[int]):
