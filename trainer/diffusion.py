@@ -77,7 +77,7 @@ class DiffusionObjective(Objective):
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
         """Per-rank batches ``{"prompts", "clean_latent" [B, F, C, H, W], "sample_id" [B]}`` of one global stream."""
         cfg = self.cfg
-        dataset = LatentLMDBDataset(cfg.data_path, max_pair=cfg.max_pair or int(1e8))
+        dataset = LatentLMDBDataset(cfg.data_path, max_pair=cfg.max_pair)
         if len(dataset) == 0:
             raise DataError(f"{cfg.data_path} holds no samples")
         dataset.check_latent_shape(cfg.image_or_video_shape[1:])

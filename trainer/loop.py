@@ -173,18 +173,18 @@ class Trainer:
         # EMAs exist from ema_start_step on: recreate them before loading into them
         for name in checkpoint.read_meta(path)["emas"]:
             self.emas[name] = ShardLocalEMA(self.networks.trainable[name], self.cfg.ema_weight)
-        resumed = checkpoint.load_checkpoint(path, self._state())
+        step, data_state = checkpoint.load_checkpoint(path, self._state())
         for name, optimizer in self.optimizers.items():  # the config wins over the saved hyper-parameters
             phase = self.phases[name]
             for group in optimizer.param_groups:
                 group.update(lr=phase.lr, betas=tuple(phase.betas))
-        if resumed.data_state is not None:
-            self.objective.load_data_state(resumed.data_state)
+        if data_state is not None:
+            self.objective.load_data_state(data_state)
         logger.info("resumed from %s at step %d (networks, optimizers, EMA %s, RNG, data position)", path,
-                    resumed.step, sorted(self.emas) or "none")
+                    step, sorted(self.emas) or "none")
         if not self.cfg.no_save:   # a kill or a full disk between the checkpoint and its export left none
-            self._export_release(resumed.step)
-        return resumed.step
+            self._export_release(step)
+        return step
 
     def _start_emas_from_start(self) -> None:
         """Create the EMAs of ``ema_from_start`` phases that no checkpoint restored."""

@@ -22,8 +22,6 @@ from utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-ALL_ROWS = int(1e8)   # the reference's max_pair default
-
 
 class Stage2Objective(Objective):
     """What the two Stage-2 objectives share: one generator phase, LMDB data and prompt conditioning. Their draws
@@ -54,7 +52,7 @@ class Stage2Objective(Objective):
                                              output_device=device).requires_grad_(False)
 
     def data(self, rank: int, world_size: int, seed: int) -> Iterator[Any]:
-        dataset = self.dataset_cls(self.cfg.data_path, self.cfg.max_pair or ALL_ROWS)
+        dataset = self.dataset_cls(self.cfg.data_path, self.cfg.max_pair)
         self._check_dataset(dataset)
         sampler = ResumableSampler(dataset, seed=seed, num_replicas=world_size, rank=rank)
         if len(sampler) == 0:

@@ -220,14 +220,6 @@ def _prune(logdir: str | os.PathLike, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@dataclass
-class Resumed:
-    """The step and this rank's data position (None when the world size changed and the position is per-rank)."""
-
-    step: int
-    data_state: Optional[dict]
-
-
 def _unwrap(err: CheckpointException) -> BaseException:
     """The first failing rank's own exception inside DCP's wrapper."""
     for failure in err.failures.values():
@@ -235,8 +227,9 @@ def _unwrap(err: CheckpointException) -> BaseException:
     return err
 
 
-def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
-    """Load a resume checkpoint into ``state`` in place (collective); its EMAs must exist in ``state.emas`` already."""
+def load_checkpoint(path: str | os.PathLike, state: TrainState) -> tuple[int, Optional[dict]]:
+    """Load a resume checkpoint into ``state`` in place (collective); its EMAs must exist in ``state.emas`` already.
+    Returns the step and this rank's data position (None when the world size changed and the position is per-rank)."""
     path = Path(path)
     meta = read_meta(path)
     for kind, have in (("models", state.models), ("optimizers", state.optimizers), ("emas", state.emas)):
@@ -270,10 +263,10 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> Resumed:
         logger.warning("%s was written by %d ranks, this run has %d: weights, optimizer and EMA are resharded; "
                        "per-rank RNG restarts from the seed; the data position %s", path, meta["world_size"],
                        w.world_size, "continues (world-size independent)" if data else "restarts from the seed")
-        return Resumed(meta["step"], data)
+        return meta["step"], data
     extra = torch.load(path / f"rank_{w.rank:05d}.pt", map_location="cpu", weights_only=True)
     set_rng_state(extra["rng"])
-    return Resumed(meta["step"], extra["data"])
+    return meta["step"], extra["data"]
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

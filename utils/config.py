@@ -208,7 +208,8 @@ class Config:
         _check(self.causal or self.trainer == "diffusion", "causal: false (a bidirectional generator) needs "
                "trainer: diffusion", self.causal)
         for key, low in MINIMUMS.items():
-            _check(getattr(self, key) >= low, f"{key} must be >= {low}", getattr(self, key))
+            value = getattr(self, key)
+            _check(value is None or value >= low, f"{key} must be >= {low}", value)
         k = self.num_frame_per_block
         local = self.model_kwargs.local_attn_size
         _check(local == -1 or local >= k, f"model_kwargs.local_attn_size must be -1 or >= num_frame_per_block ({k})",
@@ -270,9 +271,6 @@ class Config:
         _check(0 <= self.noise_augmentation_max_timestep < T, f"noise_augmentation_max_timestep must lie in [0, {T})",
                self.noise_augmentation_max_timestep)
         _check(0 <= self.min_score_timestep < T, f"min_score_timestep must lie in [0, {T})", self.min_score_timestep)
-        for key in ("guidance_scale", "real_guidance_scale", "fake_guidance_scale"):
-            value = getattr(self, key)
-            _check(value is None or value >= 0, f"{key} must be >= 0", value)
 
     def _check_optim(self) -> None:
         for key in ("lr", "lr_critic", "max_grad_norm_generator", "max_grad_norm_critic"):
@@ -291,10 +289,10 @@ class Config:
 CHOICES = {"trainer": TRAINERS, "attention_backend": ATTENTION_BACKENDS, "sample_solver": SAMPLE_SOLVERS,
            "sharding_strategy": SHARDING_STRATEGIES, "wandb_mode": WANDB_MODES,
            "denoising_loss_type": DENOISING_LOSS_TYPES, "loss_weighting": LOSS_WEIGHTINGS}
-# Integer keys with a lower bound (checked first, so the rules below may divide by them).
+# Keys with a lower bound (null passes; checked first, so the rules below may divide by them).
 MINIMUMS = {"num_frame_per_block": 1, "fps": 1, "num_train_timestep": 1, "discrete_cd_N": 2, "batch_size": 1,
             "ema_start_step": 0, "max_steps": 0, "gc_interval": 0, "log_iters": 1, "log_every": 1,
-            "dfake_gen_update_ratio": 1}
+            "dfake_gen_update_ratio": 1, "guidance_scale": 0, "real_guidance_scale": 0, "fake_guidance_scale": 0}
 # Keys a YAML may give although their value derives from another key (published YAMLs give both):
 # key -> (the source key, the derived value). load_config checks each copy against its source.
 COPIES = {

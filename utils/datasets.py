@@ -80,10 +80,10 @@ class LatentLMDBDataset(Dataset):
     item_key, rows_name = "clean_latent", "latent"
     layouts = {4: "[F, C, H, W]", 5: "[S, F, C, H, W]"}   # accepted row ranks
 
-    def __init__(self, data_path: str | os.PathLike, max_pair: int | float = int(1e8)):
+    def __init__(self, data_path: str | os.PathLike, max_pair: int | float | None = None):
         self.reader = open_many(data_path)
         self.row_shape = self.reader.shape(LATENTS)[1:]
-        self._len = min(len(self.reader), int(max_pair))
+        self._len = len(self.reader) if max_pair is None else min(len(self.reader), int(max_pair))
         if len(self.row_shape) not in self.layouts:
             raise DataError(f"{self.rows_name} rows in {data_path} have shape {self.row_shape}; expected "
                             f"{' or '.join(self.layouts.values())}")

@@ -20,10 +20,6 @@ def is_temp(name: str | os.PathLike) -> bool:
     return os.path.basename(os.fspath(name)).startswith(TEMP_PREFIX)
 
 
-def _final_name(temp_name: str) -> str:
-    return temp_name[len(TEMP_PREFIX) + _TAG_LEN + 1:]
-
-
 class AtomicPath:
     """A temporary path beside ``final`` (folder created) that replaces it on :meth:`commit` or is deleted on
     :meth:`discard`. ``with AtomicPath(final) as tmp:`` write ``tmp``; it becomes ``final`` only if the block
@@ -82,7 +78,7 @@ def remove_stale_temps(folder: str | os.PathLike, finals: Iterable[str] | None =
     wanted = None if finals is None else {os.path.basename(f) for f in finals}
     removed = 0
     for entry in os.scandir(folder):
-        ours = is_temp(entry.name) and (wanted is None or _final_name(entry.name) in wanted)
+        ours = is_temp(entry.name) and (wanted is None or entry.name[len(TEMP_PREFIX) + _TAG_LEN + 1:] in wanted)
         if entry.is_file() and (ours or _LEGACY_TEMP.match(entry.name)):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(entry.path)
