@@ -3,7 +3,7 @@ at the next unconsumed one whatever the DataLoader workers had prefetched."""
 
 from __future__ import annotations
 
-from typing import Iterator, Union
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -18,8 +18,6 @@ class GlobalStreamSampler(Sampler[int]):
     (``numpy.random.default_rng([seed, e])``) end to end, rank ``r`` of ``R`` taking positions ``r, r + R, ...``, so
     step ``s`` of ``total_batch_size = T`` consumes ``[s*T, (s+1)*T)`` however it is split. The state is the global
     position (ranks consume in lockstep), so it resumes on any world size."""
-
-    world_size_independent = True
 
     def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
         if num_samples < 1:
@@ -68,14 +66,11 @@ class GlobalStreamSampler(Sampler[int]):
         self.start = int(state["position"])
 
 
-AnySampler = Union[ResumableSampler, GlobalStreamSampler]
-
-
 class IndexBatches:
     """Batches of sample indices forever; a batch may straddle two epochs (nothing dropped or repeated), so the
     count of consumed samples alone locates the run in the sampler."""
 
-    def __init__(self, sampler: AnySampler, batch_size: int):
+    def __init__(self, sampler: ResumableSampler | GlobalStreamSampler, batch_size: int):
         self.sampler, self.batch_size = sampler, batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -92,7 +87,7 @@ class ResumableBatches:
     """Infinite iterator of collated batches with a resumable position; with a :class:`GlobalStreamSampler` each batch
     carries ``sample_id`` (int64 ``[B]`` stream positions, the key of per-sample draws)."""
 
-    def __init__(self, dataset, sampler: AnySampler, batch_size: int, num_workers: int):
+    def __init__(self, dataset, sampler: ResumableSampler | GlobalStreamSampler, batch_size: int, num_workers: int):
         self.dataset, self.sampler, self.batch_size, self.num_workers = dataset, sampler, batch_size, num_workers
         self.consumed = 0   # samples handed out since the sampler was created or loaded
         self._iterator = None
@@ -127,7 +122,7 @@ class ResumableBatches:
 
     def state_dict(self) -> dict:
         state = {"sampler": self.sampler.state_for(self.consumed)}
-        if getattr(self.sampler, "world_size_independent", False):
+        if isinstance(self.sampler, GlobalStreamSampler):
             state["world_size_independent"] = True   # utils/checkpoint.py restores it on any world size
         return state
 

@@ -157,10 +157,10 @@ class Trainer:
 
     def _build_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
         params = [p for p in self.networks.trainable[phase.name].parameters() if p.requires_grad]
-        weight_decay = self.cfg.weight_decay if phase.weight_decay is None else phase.weight_decay
         # One multi-tensor kernel per step on GPU instead of a loop over parameters.
         impl = {"fused": True} if self.world.device.type == "cuda" else {}
-        return torch.optim.AdamW(params, lr=phase.lr, betas=tuple(phase.betas), weight_decay=weight_decay, **impl)
+        return torch.optim.AdamW(params, lr=phase.lr, betas=tuple(phase.betas), weight_decay=self.cfg.weight_decay,
+                                 **impl)
 
     def _state(self) -> checkpoint.TrainState:
         return checkpoint.TrainState(models=dict(self.networks.trainable), optimizers=self.optimizers, emas=self.emas)

@@ -25,7 +25,6 @@ class Phase:
     # The EMA starts from the initial weights and follows every step; ema_start_step then only decides from when the
     # release export holds it (consistency distillation's target network, training.md §5.1).
     ema_from_start: bool = False
-    weight_decay: Optional[float] = None  # AdamW weight decay; None = config ``weight_decay``
 
     @classmethod
     def generator(cls, cfg) -> "Phase":

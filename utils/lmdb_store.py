@@ -130,8 +130,7 @@ class LMDBWriter(CloseOrAbort):
                     raise DataError(f"LMDB already holds data: {self.path} (remove it or choose another "
                                     f"--lmdb_path)")
             except DataError:
-                self._env.close()
-                self._env = None
+                self.abort()
                 raise
 
     def append(self, latents, prompts: Sequence[str]) -> int:
