@@ -133,14 +133,14 @@ class DMDObjective(Objective):
             if windows:
                 result = rolling_rollout(generator, self.scheduler, self.schedule, context, num_frames,
                                          span=cfg.rolling_span, sink=cfg.rolling_sink, phase=phase, **common)
-                self.last_exit_step = phase
+                exit_step = phase
             else:
                 exit_step, _ = draw_exit_steps(self.schedule, blocks, last_step_only=cfg.last_step_only,
                                                same_step_across_blocks=cfg.same_step_across_blocks)
                 result = self_forcing_rollout(generator, self.scheduler, self.schedule, context, num_frames,
                                               exit_step=exit_step, rolling=(cfg.rolling_span, cfg.rolling_sink),
                                               **common)
-                self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
+        self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
         # a longer rollout's clip starts with a re-encoded frame: its block is left out of the DMD loss
         return result._replace(latents=self._last_clip(result.latents, clip),
                                first_trained_frame=n if num_frames > clip else 0)
