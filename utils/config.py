@@ -182,12 +182,10 @@ class Config:
         self._check_stage()
         self._check_schedule()
         self._check_optim()
-        if self.lr_critic is None:
-            self.lr_critic = self.lr
-        if self.real_guidance_scale is None:
-            self.real_guidance_scale = self.guidance_scale
-        if self.fake_guidance_scale is None:
-            self.fake_guidance_scale = 0.0
+        for key, fallback in (("lr_critic", self.lr), ("real_guidance_scale", self.guidance_scale),
+                              ("fake_guidance_scale", 0.0)):
+            if getattr(self, key) is None:
+                setattr(self, key, fallback)
 
     # The pixel geometry, derived from the latent shape (the VAE encodes frame 0 alone, then 4 frames per latent).
     @property
