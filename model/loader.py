@@ -22,6 +22,7 @@ from model.weights import (
     WAN_DIT_INDEX,
     WAN_DIT_WEIGHTS,
     download_hint_for_checkpoint,
+    resolve_checkpoint,
     shard_names,
     wan_download_hint,
     wan_repo_id,
@@ -75,6 +76,7 @@ _IN_BLOCK = (
     ("ffn.2.", "ffn.net.2."),
 )
 _BLOCK_RE = re.compile(r"^(blocks\.\d+\.)(.*)$")
+_DIFFUSERS_KEY_RE = re.compile(r"^(condition_embedder\.|proj_out\.|scale_shift_table$|blocks\.\d+\.(attn1|attn2)\.)")
 
 
 def _rename(key: str, to_diffusers: bool) -> str:
@@ -109,18 +111,13 @@ def convert_diffusers_to_original(sd: dict) -> dict:
     return _rename_all(sd, lambda k: _rename(k, False), "diffusers -> original key conversion")
 
 
-def is_diffusers_naming(keys) -> bool:
-    """Whether parameter names follow diffusers (``condition_embedder.``, ``blocks.N.attn1.``, ``proj_out.``)."""
-    pattern = re.compile(r"^(condition_embedder\.|proj_out\.|scale_shift_table$|blocks\.\d+\.(attn1|attn2)\.)")
-    return any(pattern.match(k) for k in keys)
-
-
 def normalize_keys(sd: dict) -> dict:
     """Drop wrapper segments (``model.``, ``module.``, FSDP / checkpoint / compile wrappers) wherever they occur and
     convert diffusers names to original ones. Idempotent; values are not copied."""
     stripped = _rename_all(sd, lambda k: ".".join(s for s in k.split(".") if s not in WRAPPER_SEGMENTS),
                            "stripping wrapper prefixes")
-    return convert_diffusers_to_original(stripped) if is_diffusers_naming(stripped) else stripped
+    diffusers_named = any(_DIFFUSERS_KEY_RE.match(k) for k in stripped)
+    return convert_diffusers_to_original(stripped) if diffusers_named else stripped
 
 
 def _download_hint(path: str) -> str:
@@ -131,10 +128,6 @@ def _download_hint(path: str) -> str:
     return f"; {wan_download_hint(path)}" if wan_repo_id(path) else ""
 
 
-def _not_found(path: str, what: str = "checkpoint") -> CheckpointError:
-    return CheckpointError(f"{what} not found: {path}{_download_hint(path)}")
-
-
 def _resolve_model_folder(folder: str) -> str:
     """A diffusers pipeline root (``model_index.json`` + ``transformer/``) -> its ``transformer/`` folder."""
     sub = os.path.join(folder, "transformer")
@@ -142,17 +135,16 @@ def _resolve_model_folder(folder: str) -> str:
     return sub if not has_own and os.path.isdir(sub) else folder
 
 
-def _cause(err: Exception) -> str:
-    """``": <first line>"`` of a library's message; an empty file's EOFError has none."""
-    line = one_line(err)
-    return f": {line}" if line else " (empty or cut-short file?)"
-
-
-def _read_safetensors(path: str) -> dict:
+def _read_file(path: str):
+    """A ``.safetensors`` file's tensors, else a torch file's object (weights only), on the CPU."""
     try:
-        return load_file(path, device="cpu")
-    except Exception as err:  # a truncated or foreign file: say which one, in one line
-        raise CheckpointError(f"cannot read {path}: {type(err).__name__}{_cause(err)}") from err
+        if path.endswith(".safetensors"):
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, foreign, or objects weights_only refuses: say which file, in one line
+        cause = one_line(err)  # an empty file's EOFError has none
+        raise CheckpointError(f"cannot read {path}: {type(err).__name__}"
+                              + (f": {cause}" if cause else " (empty or cut-short file?)")) from err
 
 
 def _read_folder(folder: str) -> dict:
@@ -173,7 +165,7 @@ def _read_folder(folder: str) -> dict:
                                   f"{_download_hint(folder)}")
         sd: dict = {}
         for shard in shards:
-            sd.update(_read_safetensors(os.path.join(folder, shard)))
+            sd.update(_read_file(os.path.join(folder, shard)))
         return sd
     single = os.path.join(folder, WAN_DIT_WEIGHTS)
     files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(folder, "*.safetensors")))
@@ -181,14 +173,7 @@ def _read_folder(folder: str) -> dict:
         found = f"{len(files)} .safetensors files and no index" if files else "no weights"
         raise CheckpointError(f"{folder}: {found}; expected {WAN_DIT_WEIGHTS} or {WAN_DIT_INDEX} with its shards"
                               f"{_download_hint(folder)}")
-    return _read_safetensors(files[0])
-
-
-def _torch_load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or holding objects weights_only refuses
-        raise CheckpointError(f"cannot read {path}: {type(err).__name__}{_cause(err)}") from err
+    return _read_file(files[0])
 
 
 def _is_state_dict(obj) -> bool:
@@ -198,7 +183,7 @@ def _is_state_dict(obj) -> bool:
 def read_weights_file(path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` or torch file, keys as stored (the VAE and preview decoder files)."""
     path = os.fspath(path)
-    sd = _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
+    sd = _read_file(path)
     if not _is_state_dict(sd):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     return sd
@@ -237,13 +222,13 @@ def read_state_dict(path, use_ema: bool = False, key: str | None = None) -> dict
     :data:`ENTRY_ORDER` or the bare state dict; which one is logged."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise _not_found(path)
+        raise CheckpointError(f"checkpoint not found: {path}{_download_hint(path)}")
     if os.path.isdir(path) or path.endswith(".safetensors"):
         if use_ema or key:
             wanted = key or "generator_ema"
             raise CheckpointError(f"{path} is a plain state dict with no {wanted!r} entry; run without --use_ema")
-        return normalize_keys(_read_folder(path) if os.path.isdir(path) else _read_safetensors(path))
-    sd, entry = _select_entry(_torch_load(path), path, use_ema, key)
+        return normalize_keys(_read_folder(path) if os.path.isdir(path) else _read_file(path))
+    sd, entry = _select_entry(_read_file(path), path, use_ema, key)
     if entry == "generator_ema" and not use_ema and key is None:
         log.warning("%s has no 'generator' entry: loading its 'generator_ema' weights (as the published trainers "
                     "do)", path)
@@ -323,7 +308,7 @@ def _resolve_source(source) -> tuple[WanConfig, str | None]:
         return read_model_config(source), source
     # A path, or a download folder's name ("Wan2.1-T2V-1.3B"), means weights: never fall back to random init.
     if os.sep in source or "/" in source or source in PRESET_ALIASES:
-        raise _not_found(source, "Wan model folder")
+        raise CheckpointError(f"Wan model folder not found: {source}{_download_hint(source)}")
     return get_preset(source), None
 
 
@@ -340,8 +325,6 @@ def build_wan_model(source, causal: bool, num_frame_per_block: int = 1, independ
                   independent_first_frame=independent_first_frame, local_attn_size=local_attn_size,
                   sink_size=sink_size)
     if checkpoint_path is not None:   # a released path or a Hub reference is downloaded when missing
-        from model.weights import resolve_checkpoint
-
         checkpoint_path = resolve_checkpoint(os.fspath(checkpoint_path))
     weights = checkpoint_path if checkpoint_path is not None else folder
     if weights is None:

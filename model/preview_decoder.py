@@ -136,7 +136,6 @@ class PreviewStream:
 
     def reset(self) -> None:
         self._memory: dict[int, torch.Tensor] = {}
-        self._frames_out = 0
         self.num_latent_frames = 0
 
     @torch.no_grad()
@@ -156,7 +155,6 @@ class PreviewStream:
                 x = layer(flat, past).unflatten(0, (b, -1))
             else:
                 x = layer(flat).unflatten(0, (b, -1))
-        trim = max(0, self.model.temporal_compression - 1 - self._frames_out)  # the video's first frames
-        self._frames_out += x.shape[1]
+        trim = self.model.temporal_compression - 1 if self.num_latent_frames == 0 else 0  # the video's first frames
         self.num_latent_frames += latents.shape[1]
         return (x[:, trim:].float().clamp(0, 1) * 2 - 1)

@@ -56,18 +56,9 @@ def expected_wan_t5_keys(num_layers: int) -> set[str]:
     return keys
 
 
-def check_wan_t5_keys(state_dict: dict, source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming missing/unexpected keys unless ``state_dict`` is a complete Wan T5 encoder."""
-    expected = expected_wan_t5_keys(_num_wan_layers(state_dict))
-    missing = expected - state_dict.keys()
-    unexpected = state_dict.keys() - expected
-    if missing or unexpected:
-        raise CheckpointError(f"{source} is not a Wan UMT5 encoder state dict: {key_mismatch(missing, unexpected)}")
-
-
 def convert_wan_t5_to_hf(state_dict: dict) -> dict:
-    """Wan T5 encoder keys (as :func:`check_wan_t5_keys` accepts) -> ``UMT5EncoderModel`` keys, tensors shared;
-    ``token_embedding.weight`` becomes both of HF's tied ``shared.weight`` and ``encoder.embed_tokens.weight``."""
+    """Wan T5 encoder keys -> ``UMT5EncoderModel`` keys, tensors shared; ``token_embedding.weight`` becomes both of
+    HF's tied ``shared.weight`` and ``encoder.embed_tokens.weight``."""
     embedding = state_dict["token_embedding.weight"]
     out = {"shared.weight": embedding, "encoder.embed_tokens.weight": embedding,
            "encoder.final_layer_norm.weight": state_dict["norm.weight"]}
@@ -88,9 +79,12 @@ def umt5_config(**overrides):
 
 
 def umt5_config_from_wan_state_dict(state_dict: dict, source: str = "checkpoint"):
-    """The ``UMT5Config`` read from a (strictly checked) Wan T5 state dict's shapes; the maximum relative distance
-    is not stored (Wan: 128)."""
-    check_wan_t5_keys(state_dict, source)
+    """The ``UMT5Config`` read from a Wan T5 state dict's shapes (CheckpointError unless its keys are exactly a Wan
+    T5 encoder's); the maximum relative distance is not stored (Wan: 128)."""
+    expected = expected_wan_t5_keys(_num_wan_layers(state_dict))
+    missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
+    if missing or unexpected:
+        raise CheckpointError(f"{source} is not a Wan UMT5 encoder state dict: {key_mismatch(missing, unexpected)}")
     vocab_size, d_model = state_dict["token_embedding.weight"].shape
     num_buckets, num_heads = state_dict["blocks.0.pos_embedding.embedding.weight"].shape
     inner_dim = state_dict["blocks.0.attn.q.weight"].shape[0]
@@ -260,9 +254,6 @@ class TextEncoder(nn.Module):
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         return self.encode(prompts)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     @contextlib.contextmanager
     def streamed(self, device: torch.device | str) -> Iterator["TextEncoder"]:

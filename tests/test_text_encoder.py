@@ -77,7 +77,7 @@ def hf_model(wan_folder):
 
 @pytest.fixture(scope="module")
 def encoder(wan_folder, hf_model):
-    return TextEncoder.from_pretrained(wan_folder, dtype=torch.float32, text_len=TEXT_LEN)
+    return TextEncoder.from_pretrained(wan_folder, dtype=torch.float32, text_len=TEXT_LEN, cache_size=0)
 
 
 def _reference(hf_model, encoder, prompts):
@@ -137,7 +137,6 @@ def test_wan_folder_matches_hf_and_zeroes_padding(encoder, hf_model):
 def test_different_prompts_differ_and_batch_is_consistent(encoder):
     both = encoder.encode(PROMPTS)
     assert not torch.allclose(both[0], both[1])
-    encoder.clear_cache()
     single = encoder.encode([PROMPTS[1]])
     assert torch.allclose(single[0], both[1], atol=1e-6)
 
@@ -156,9 +155,7 @@ def test_cache_skips_repeated_prompts(wan_folder, hf_model):
 
 def test_device_helpers_keep_results(encoder):
     """CPU-only smoke test of streamed; the real device moves are tested on GPU below."""
-    encoder.clear_cache()
     expected = encoder.encode(PROMPTS)
-    encoder.clear_cache()
     with encoder.streamed("cpu"):
         assert encoder.device == torch.device("cpu")
         streamed = encoder.encode(PROMPTS)
@@ -219,14 +216,12 @@ def test_missing_weights_or_tokenizer(tmp_path, hf_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_encoder_gpu_output_and_streaming(wan_folder, hf_model, encoder):
-    encoder.clear_cache()
     expected = encoder.encode(PROMPTS)
     cpu_to_gpu = TextEncoder.from_pretrained(wan_folder, dtype=torch.float32, text_len=TEXT_LEN,
-                                             output_device="cuda")
+                                             output_device="cuda", cache_size=0)
     out = cpu_to_gpu.encode(PROMPTS)
     assert out.device.type == "cuda" and torch.equal(out.cpu(), expected)
     assert cpu_to_gpu.device.type == "cpu"
-    cpu_to_gpu.clear_cache()
     with cpu_to_gpu.streamed("cuda"):
         streamed = cpu_to_gpu.encode(PROMPTS)
     assert next(cpu_to_gpu.encoder.parameters()).device.type == "cpu"  # weights never left the host
@@ -259,7 +254,6 @@ def test_streamed_text_encoder_gives_the_resident_embeddings(wan_folder, hf_mode
     swaps = []
     block = streamed.encoder.encoder.block[0]   # swapped in while it runs (a hook before the swap-out's)
     block.register_forward_hook(lambda mod, args, out: swaps.append(hasattr(mod, "_host_tensors")))
-    encoder.clear_cache()
     assert torch.equal(streamed.encode(PROMPTS), encoder.encode(PROMPTS)) and swaps == [True]
 
 
