@@ -13,7 +13,6 @@ for large inference calls (:func:`flash_policy`; why: docs/architecture.md, "Att
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import threading
 
@@ -108,9 +107,7 @@ def _sdpa_context(device_type: str):
         return contextlib.nullcontext()
     order = _state["sdpa_order"] or [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                      SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
-        return sdpa_kernel(order, set_priority=True)
-    return sdpa_kernel(order)
+    return sdpa_kernel(order, set_priority=True)
 
 
 def _flex(q, k, v, block_mask):

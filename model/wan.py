@@ -141,6 +141,8 @@ class CrossAttention(Projections):
 
 
 class WanBlock(nn.Module):
+    REGIONS = ("_self_attn_in", "_cross_attn_in", "_ffn")   # the elementwise work between attention calls
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         d = cfg.dim
@@ -196,12 +198,8 @@ class WanBlock(nn.Module):
     def compile_regions(self, **options) -> None:
         """``torch.compile`` the three elementwise regions (inference); attention and cache writes stay eager (their
         Python-int positions would specialise graphs)."""
-        for name in ("_self_attn_in", "_cross_attn_in", "_ffn"):
+        for name in self.REGIONS:
             setattr(self, name, torch.compile(getattr(type(self), name).__get__(self), **options))
-
-    def uncompile_regions(self) -> None:
-        for name in ("_self_attn_in", "_cross_attn_in", "_ffn"):
-            self.__dict__.pop(name, None)
 
 
 class Head(nn.Module):
@@ -277,7 +275,8 @@ class WanModel(nn.Module):
 
     def uncompile_blocks(self) -> None:
         for block in self.blocks:
-            block.uncompile_regions()
+            for name in block.REGIONS:
+                block.__dict__.pop(name, None)
 
     def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``[B, F, C, H, W]`` -> tokens ``[B, F'·H'·W', D]`` and the grid ``(F', H', W')``."""
@@ -295,8 +294,7 @@ class WanModel(nn.Module):
 
     def _time(self, t: torch.Tensor, num_frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame time embedding ``e [B, F, D]`` and modulation ``e0 [B, F, 6, D]``."""
-        if t.dim() == 1:
-            t = t[:, None].expand(-1, num_frames)
+        t = t.reshape(t.shape[0], -1).expand(-1, num_frames)   # [B] or [B, F] -> [B, F]
         b = t.shape[0]
         e = self.time_embedding(sinusoidal_embedding(t.flatten(), self.config.freq_dim).to(dtype))
         e0 = self.time_projection(e).unflatten(1, (6, -1))
@@ -349,8 +347,7 @@ class WanModel(nn.Module):
         noisy, grid = self._patchify(x)
         clean, _ = self._patchify(clean_x)
         num_frames = grid[0]
-        if t.dim() == 1:
-            t = t[:, None].expand(-1, num_frames)
+        t = t.reshape(t.shape[0], -1).expand(-1, num_frames)
         clean_t = torch.zeros_like(t) if clean_t is None else clean_t
         e, e0 = self._time(torch.cat([clean_t, t], dim=1), 2 * num_frames, noisy.dtype)
         ctx = self.embed_text(context)
