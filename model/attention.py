@@ -29,13 +29,10 @@ _flash_fn = None
 _flash_module = None
 _compiled_flex = None
 
+# Smallest calls "auto" gives to flash-attn: three-frame blocks (4,680 queries) against two blocks or more
 FLASH_MIN_QUERIES = 4096
 FLASH_MIN_KEYS = 8192
-"""Smallest calls "auto" gives to flash-attn: three-frame blocks (4,680 queries) against two blocks or more; not
-one-frame blocks, the text, or a video's first block (its time is the time to the first frame: on the H100 it ran
-0.15-0.2 s slower with FlashAttention-4 in 2 of 5 runs)."""
 _AUTO_MODULES = ("flash_attn_interface", "flash_attn.cute")  # Hopper-class kernels that beat cuDNN attention
-
 
 _FLASH_MODULES = (  # first importable wins
     ("flash_attn_interface", "flash_attn_func"),  # FlashAttention-3 (Hopper)
@@ -133,9 +130,8 @@ _scope = _Scope()
 
 @contextlib.contextmanager
 def kernel_scope(device_type: str):
-    """Set the SDPA kernel order once around many :func:`attention` calls (a whole forward pass) instead of around
-    each: entering PyTorch's ``sdpa_kernel`` costs ~25 us of host time, ~90 times per pass, which one-frame blocks
-    (launch-bound) feel."""
+    """Set the SDPA kernel order once around a whole forward pass instead of around each :func:`attention` call
+    (why: docs/architecture.md, "SDPA kernel order set once per pass")."""
     if device_type != "cuda" or _scope.depth:
         yield
         return

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from utils.errors import ConfigError
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max   # 448
 MIN_CAPABILITY = (8, 9)            # fp8 tensor cores: Ada (sm_89), Hopper (sm_90) and newer
@@ -44,10 +46,10 @@ class Fp8Linear(nn.Module):
 
 
 def check_fp8_device(device: torch.device) -> None:
-    """Raise ValueError unless ``device`` has fp8 tensor cores."""
+    """Raise ConfigError (``--fp8``) unless ``device`` has fp8 tensor cores."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
-        raise ValueError(f"fp8 needs a CUDA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
-                         f"(Ada, Hopper, Blackwell); {device} has none")
+        raise ConfigError(f"--fp8: fp8 needs a CUDA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                          f"or newer (Ada, Hopper, Blackwell); {device} has none")
 
 
 def convert_to_fp8(model: nn.Module) -> None:

@@ -59,14 +59,8 @@ class KVCache:
         # the sink frames' keys as written (rotary positions 0..sink-1); rotated into place when used
         self.sink_k = torch.zeros((num_layers, batch_size, sink_frames * tokens_per_frame, num_heads, head_dim),
                                   dtype=dtype, device=device)
-        # per layer [B, text_len, N, d] once filled; each block fills its own entry inside its forward, so a block
-        # sharded on its own (FSDP2) only ever touches its own weights
-        self.cross_k: list[torch.Tensor | None] = [None] * num_layers
-        self.cross_v: list[torch.Tensor | None] = [None] * num_layers
         self._cross_memory: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.frames_written = 0   # one past the highest frame written so far
-        self.origin = 0           # the frame at rotary position 0
-        self.placed = [0] * num_layers   # rotation (frames) of the sink keys now in each layer's sink slots
+        self.reset()
 
     @classmethod
     def for_model(cls, model, batch_size: int, height: int, width: int, capacity_frames: int,
@@ -79,15 +73,17 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every frame and the prompt (buffers are reused; stale values are never read)."""
-        self.frames_written = 0
-        self.origin = 0
-        self.placed = [0] * self.num_layers
+        self.frames_written = 0   # one past the highest frame written so far
+        self.origin = 0           # the frame at rotary position 0
+        self.placed = [0] * self.num_layers   # rotation (frames) of the sink keys now in each layer's sink slots
         self.reset_cross()
 
     def reset_cross(self) -> None:
-        """Forget the prompt's cross-attention K/V (a new prompt refills them on the next call)."""
-        self.cross_k = [None] * self.num_layers
-        self.cross_v = [None] * self.num_layers
+        """Forget the prompt's cross-attention K/V (a new prompt refills them on the next call). Per layer
+        ``[B, text_len, N, d]`` once filled; each block fills its own entry inside its forward, so a block sharded on
+        its own (FSDP2) only ever touches its own weights."""
+        self.cross_k: list[torch.Tensor | None] = [None] * self.num_layers
+        self.cross_v: list[torch.Tensor | None] = [None] * self.num_layers
 
     def store_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep a prompt's cross-attention K/V of ``layer``, in the memory of the previous prompt's when the shapes

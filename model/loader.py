@@ -291,14 +291,6 @@ def load_strict(model: torch.nn.Module, sd: dict, source: str, what: str = "the 
     model.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
 
-def load_into(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> torch.nn.Module:
-    """:func:`load_strict` of ``sd`` with its keys normalised."""
-    sd = normalize_keys(sd)
-    load_strict(model, sd, what)
-    log.info("loaded %d tensors from %s", len(sd), what)
-    return model
-
-
 def _resolve_source(source) -> tuple[WanConfig, str | None]:
     """``(config, folder)``; folder is None for a preset name or a WanConfig (random initialisation)."""
     if isinstance(source, WanConfig):
@@ -338,7 +330,8 @@ def build_wan_model(source, causal: bool, num_frame_per_block: int = 1, independ
         model = WanModel(config, **kwargs)
     model.rope = RotaryTables(config.head_dim, config.rope_max_positions)   # plain tensors: built on meta too
     what = f"{weights} ({'generator_ema' if use_ema else 'weights'})" if checkpoint_path is not None else weights
-    load_into(model, sd, what=what)
+    load_strict(model, sd, what)   # keys normalised by read_state_dict
+    log.info("loaded %d tensors from %s", len(sd), what)
     del sd
     return model.to(device=device, dtype=dtype or torch.float32)
 

@@ -4,8 +4,6 @@ The head size ``d`` is ``d/2`` pairs of ADJACENT elements ``(x[2j], x[2j+1])``, 
 (c = d/2) between the frame, row and column axes, each with the table ``pos * 10000^(-2j/n_a)`` (``n_a`` = twice its
 pair count). The reference rotates in float64 complex arithmetic; here float64 angles become float32 cos/sin tables
 and the rotation is real float32 arithmetic (~1e-7 relative difference; cheap, compiles cleanly).
-:meth:`RotaryTables.frame_rotation` moves rotated keys along the frame axis (RoPE is relative), which is how the KV
-cache re-bases its positions and places its sink frames.
 """
 
 from __future__ import annotations
@@ -64,9 +62,9 @@ class RotaryTables:
         return out
 
     def frame_rotation(self, delta: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[1, head_dim/2]`` moving rotated keys by ``delta`` frames (any integer): ``apply_rope(k_p,
-        *frame_rotation(d))`` is ``k`` rotated at ``p + d``, as rotations compose by adding angles. Computed in
-        float64, not looked up, so negative offsets work too."""
+        """cos/sin ``[1, head_dim/2]`` moving rotated keys by ``delta`` frames (any integer; how the KV cache re-bases
+        and places its sink): ``apply_rope(k_p, *frame_rotation(d))`` is ``k`` rotated at ``p + d``, as rotations
+        compose by adding angles. Computed in float64, not looked up, so negative offsets work too."""
         key = (delta, str(device))
         hit = self._shifts.get(key)
         if hit is None:

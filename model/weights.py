@@ -1,9 +1,6 @@
-"""Where downloaded weights are expected, the command that fetches what is missing, and downloads on demand.
-
-Only file presence is checked (readers report corrupt files). A missing released checkpoint or Wan folder part is
-fetched through ``huggingface_hub`` where ``hf download`` would put it, a Hub reference
-(``zhuhz22/Causal-Forcing/chunkwise/causal_forcing.pt``, ``Wan-AI/Wan2.1-T2V-1.3B``) into the Hugging Face cache;
-``HF_HUB_OFFLINE=1`` (``--offline``) downloads nothing, and what is missing gets its ``hf download`` command.
+"""Where downloaded weights are expected, the command that fetches what is missing, and downloads on demand
+(through ``huggingface_hub``; ``HF_HUB_OFFLINE=1`` / ``--offline``: none). Only file presence is checked (readers
+report corrupt files).
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import torch
 
 from model import attention
 from model.config import PRESET_ALIASES, PRESETS, WanConfig, get_preset
-from model.fp8 import check_fp8_device, convert_to_fp8
 from model.loader import build_wan_model, read_model_config
 from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
@@ -140,15 +139,6 @@ def placed_text_encoder(cfg: Config, generator: WanModel, device: torch.device, 
                                   torch.cuda.memory_allocated(device))
     place_text_encoder(encoder, device, working)
     return encoder
-
-
-def generator_to_fp8(generator: WanModel, device: torch.device) -> None:
-    """``--fp8``: the generator's block products in fp8 (:mod:`model.fp8`); one line where the GPU has no fp8."""
-    try:
-        check_fp8_device(device)
-    except ValueError as e:
-        raise ConfigError(f"--fp8: {e}") from None
-    convert_to_fp8(generator)
 
 
 def build_vae(cfg: Config, device="cpu", dtype=torch.float32) -> WanVAE:

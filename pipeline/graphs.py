@@ -1,10 +1,6 @@
-"""CUDA graphs for the per-block forward of streaming inference (the CUDA fast path; docs/architecture.md).
-
-A one-frame block's forward launches ~2,000 kernels and frame-wise generation waits on the host (one H200: 4.3 s of
-DiT wall time held 2.3 s of GPU work); a graph replays them with one launch. A graph is keyed by the call's start
-frame, blocks and input shape, which fix its Python integers; it reads the one KV cache :class:`CUDAGraphs` keeps
-per geometry. Calls no graph can serve run eagerly (:meth:`CUDAGraphs._key`); a key's first call runs eagerly (to
-create compiled kernels, cuDNN plans and RoPE tables, which capture must not) and is captured right after.
+"""CUDA graphs for the per-block forward of streaming inference (docs/architecture.md, "CUDA graphs per block
+position"): a one-frame block's forward launches ~2,000 kernels and frame-wise generation waits on the host (one H200:
+4.3 s of DiT wall time held 2.3 s of GPU work); a graph replays them with one launch.
 """
 
 from __future__ import annotations
@@ -31,9 +27,8 @@ class _Graph:
 
 
 class CUDAGraphs:
-    """Graph-replayed ``forward_cached`` of one generator, with the one KV cache its graphs read.
-
-    Stands in for the generator in :class:`~pipeline.causal.BlockLoop` (``layout`` and ``forward_cached``)."""
+    """Graph-replayed ``forward_cached`` of one generator, with the one KV cache its graphs read; stands in for the
+    generator in :class:`~pipeline.causal.BlockLoop` (``layout`` and ``forward_cached``)."""
 
     def __init__(self, model: WanModel):
         self.model = model
@@ -75,7 +70,8 @@ class CUDAGraphs:
             lease()
 
     def _key(self, x, t, cache, start_frame, mode, blocks, view) -> tuple | None:
-        """The graph key of a call, or None when no graph may serve it (module docstring)."""
+        """The graph key of a call (its Python ints: start frame, blocks, input shape), or None when no graph may serve
+        it: calls past the cache's capacity, other views and modes, a prompt's first call."""
         if (self.disabled or cache is not self.cache or CacheMode(mode) is not CacheMode.INFERENCE
                 or not view.full or not cache.cross_ready or cache.origin != 0 or any(cache.placed)
                 or start_frame + x.shape[1] > cache.capacity or t.dim() != 2):

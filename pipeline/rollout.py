@@ -2,8 +2,6 @@
 
 Each block stops at a drawn *exit step* whose forward alone keeps gradients; a no-grad context pass then caches it,
 so gradients never cross steps or blocks. Exit steps are drawn on rank 0 and shared: FSDP ranks run the same forwards.
-:func:`rolling_rollout` is Rolling Forcing's: windows ``phase, phase + S, ...`` keep gradients, covering every block
-once (the rolling analogue of a random exit step).
 """
 
 from __future__ import annotations
@@ -139,7 +137,8 @@ def rolling_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule
                     noise_fn: NoiseFn | None = None, noise: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None) -> Rollout:
     """Rolling Forcing's rollout: windows ``k`` with ``k % steps == phase`` keep gradients when they end after
-    ``grad_from_frame``. Otherwise as :func:`self_forcing_rollout`."""
+    ``grad_from_frame``, covering every block once (the rolling analogue of a random exit step). Otherwise as
+    :func:`self_forcing_rollout`."""
     loop, noise = _rollout_loop(generator, scheduler, schedule, context, num_frames, latent_shape, context_noise,
                                 noise_fn, noise, dtype, (span, sink))
     steps, grad = len(schedule.timesteps), torch.is_grad_enabled()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.fp8 import check_fp8_device, convert_to_fp8
 from model.kv_cache import KVCache
 from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
@@ -74,19 +75,13 @@ class StreamingPipeline:
     overlap_decode: bool = False                # CUDA: decode block b on a side stream while block b+1 is denoised
     preview_decoder: TinyVideoDecoder | None = None  # decodes the stream instead of the VAE (fast, lower quality)
     graphs: CUDAGraphs | None = None            # CUDA: the denoising forwards replayed from CUDA graphs
-    _side_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
+    # the CUDA stream overlapped decodes run on, one per pipeline (docs/architecture.md, "Decode beside the DiT")
+    side_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
 
     @property
     def frame_decoder(self):
         """The preview decoder when one is given, else the VAE (None: no decoding)."""
         return self.preview_decoder if self.preview_decoder is not None else self.vae
-
-    def side_stream(self) -> torch.cuda.Stream:
-        """The CUDA stream overlapped decodes run on, one per pipeline (why: docs/architecture.md, "Decode beside
-        the DiT")."""
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(self.device)
-        return self._side_stream
 
     def enable_fast_path(self, compile: bool = True, overlap_decode: bool = True, graphs: bool | None = None):
         """The CUDA fast path (docs/architecture.md): cuDNN autotuning, fused q/k/v, compiled DiT and VAE regions, CUDA
@@ -129,8 +124,9 @@ class StreamingPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         generator = C.build_generator(cfg, checkpoint_path, use_ema, device=device, dtype=dtype).eval()
-        if fp8:
-            C.generator_to_fp8(generator, device)
+        if fp8:   # the generator's block products in fp8
+            check_fp8_device(device)
+            convert_to_fp8(generator)
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
         preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype) \
             if decode and preview_decoder else None
@@ -233,19 +229,18 @@ class VideoStream:
         self.pipe = pipe
         self.uint8 = uint8
         self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(self.prompts)
         _, h, w = pipe.latent_shape
         self.prefix = initial_latent.to(pipe.device, pipe.dtype) if initial_latent is not None else None
-        start = 0 if self.prefix is None else self.prefix.shape[1]
+        self.start_frame = 0 if self.prefix is None else self.prefix.shape[1]
         self.num_frames = num_frames                  # None: endless
-        total = None if num_frames is None else start + num_frames
+        total = None if num_frames is None else self.start_frame + num_frames
         layout = pipe.generator.layout
         if total is not None:
             layout.block_sizes(total)                 # frame count must tile into blocks: fail before any work
         self.rng = torch.Generator(pipe.device).manual_seed(seed)
         window, sink = pipe.window(total)
         guided = pipe.guidance_scale != 1.0
-        rows = batch * (2 if guided else 1)
+        rows = len(self.prompts) * (2 if guided else 1)
         # the fast path's kept cache (its graphs read it), unless another stream holds it
         leased = pipe.graphs.lease(self, rows, h, w, window, sink, pipe.dtype) if pipe.graphs is not None else None
         self.leased = leased is not None
@@ -268,11 +263,12 @@ class VideoStream:
         source = pipe.frame_decoder
         # one latent frame per decoder call: the lowest peak memory, and every steady call has the same shapes
         self.decoder = source.stream(frames_per_call=1) if decode and source is not None else None
-        self.start_frame = start
         self.held: list[tuple[int, torch.Tensor]] = [] if self.prefix is None else [(0, self.prefix)]
         self._pending: tuple[list[str], bool, torch.Tensor | None] | None = None
         overlap = pipe.overlap_decode and self.decoder is not None and pipe.device.type == "cuda"
-        self._side = pipe.side_stream() if overlap else None
+        if overlap and pipe.side_stream is None:
+            pipe.side_stream = torch.cuda.Stream(pipe.device)
+        self._side = pipe.side_stream if overlap else None
         self._due: tuple[torch.Tensor, int] | None = None   # context pass of the last block, run with the next
         self._iter = None
 
@@ -347,7 +343,9 @@ class VideoStream:
         self._t_last = time.perf_counter()
         for i, frame, x0, switched in self._blocks():
             self._hold(frame, x0)
-            parts = self._parts(i, x0)
+            n = x0.shape[1]   # a video's first frame goes out alone
+            alone = i == 0 and n > 1 and self.prefix is None and self.decoder is not None
+            parts = [(0, 1), (1, n)] if alone else [(0, n)]
             for j, (a, b) in enumerate(parts):
                 latents = x0[:, a:b]
                 pixels = torch.cat([self.prefix, latents], 1) if (i == 0 and self.prefix is not None) else latents
@@ -363,12 +361,6 @@ class VideoStream:
         if held is not None:
             yield self._hand_out(held)
         self.close()
-
-    def _parts(self, index: int, x0: torch.Tensor) -> list[tuple[int, int]]:
-        """Latent-frame ranges of the block handed out one after the other: a video's first frame goes alone."""
-        n = x0.shape[1]
-        cut = index == 0 and self.prefix is None and self.decoder is not None
-        return [(0, 1), (1, n)] if cut and n > 1 else [(0, n)]
 
     def _hand_out(self, chunk: StreamChunk) -> StreamChunk:
         """Get the chunk's frames (run its deferred decode, or wait for its host copy) and stamp the wall time."""

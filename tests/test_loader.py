@@ -16,7 +16,7 @@ from model.loader import (  # noqa: E402
     build_wan_model,
     convert_diffusers_to_original,
     convert_original_to_diffusers,
-    load_into,
+    load_strict,
     normalize_keys,
     read_model_config,
     read_state_dict,
@@ -237,7 +237,7 @@ def test_mismatch_gives_one_error_listing_everything(sd):
     bad["blocks.0.extra.weight"] = torch.zeros(3)
     bad["head.head.weight"] = torch.zeros(5, CFG.dim)
     with pytest.raises(CheckpointError) as info:
-        load_into(WanModel(CFG), bad, what="bad.pt")
+        load_strict(WanModel(CFG), bad, "bad.pt")
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("bad.pt does not fit the model")
     assert "missing keys (1): blocks.1.ffn.2.bias;" in msg
@@ -245,7 +245,7 @@ def test_mismatch_gives_one_error_listing_everything(sd):
     assert f"head.head.weight: checkpoint (5, {CFG.dim}) vs model (64, {CFG.dim})" in msg
     # long lists are truncated with a count
     with pytest.raises(CheckpointError, match=rf"missing keys \({len(sd) - 1}\): ([^,;]+, ){{8}}\.\.\.$"):
-        load_into(WanModel(CFG), {"patch_embedding.weight": sd["patch_embedding.weight"]})
+        load_strict(WanModel(CFG), {"patch_embedding.weight": sd["patch_embedding.weight"]}, "checkpoint")
 
 
 def test_missing_file_names_download_command(tmp_path):
