@@ -5,9 +5,8 @@
 * a dense boolean ``[Lq, Lk]`` mask (True = attend): SDPA, the CPU path for training masks.
 * a flex-attention ``BlockMask``: compiled ``flex_attention`` over the length padded to a multiple of 128.
 
-The backend of unmasked calls is chosen once per process (:func:`set_backend`, config ``attention_backend``):
-"flash_attn" (the first installed of FlashAttention-3, -4, -2), "sdpa", or "auto" (default): FlashAttention-3 or -4
-for large inference calls (:func:`flash_policy`; why: docs/architecture.md, "Attention kernel per call"), else SDPA.
+Unmasked calls: :func:`set_backend` once per process, :func:`flash_policy` per call (docs/architecture.md, "Attention
+kernel per call").
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.masks import padded_length
+from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def _load_flash():
 
 
 def set_backend(name: str) -> None:
-    """Select the unmasked-attention backend: "auto", "sdpa" or "flash_attn"."""
+    """Select the unmasked-attention backend (config ``attention_backend``): "auto", "sdpa" or "flash_attn"."""
     if name not in _BACKENDS:
-        raise ValueError(f"attention backend must be one of {_BACKENDS}, got {name!r}")
+        raise ConfigError(f"attention_backend: must be one of {_BACKENDS}, got {name!r}")
     if name == "flash_attn" and _load_flash() is None:
-        raise ValueError("attention backend 'flash_attn' selected but no flash-attn package is installed "
-                         "(pip install -e .[fa4] on Hopper or Blackwell, .[flash] for FlashAttention-2)")
+        raise ConfigError("attention_backend: 'flash_attn' selected but no flash-attn package is installed "
+                          "(pip install -e .[fa4] on Hopper or Blackwell, .[flash] for FlashAttention-2)")
     _state["backend"] = name
 
 

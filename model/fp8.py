@@ -1,11 +1,9 @@
-"""fp8 matrix products for inference (``--fp8``): the DiT blocks' linear layers on fp8 tensor cores.
+"""fp8 matrix products for inference (``--fp8``; docs/architecture.md, accuracy and speed: docs/performance.md).
 
 Row-wise scaling: every activation and weight row is divided by its own float32 scale ``amax / 448`` and rounded to
-float8 e4m3; ``torch._scaled_mm`` accumulates in float32, applies the scales and the bias and writes bf16. Weights
-are quantised once, activations inside the compiled elementwise regions. Converted: every product whose rows are the
-video tokens; the cross-attention K/V, the embeddings and the head stay bf16 (a few rows or a small share of the
-time). The converted state dict holds fp8 weights and scales, not the checkpoint's keys. Accuracy and speed:
-docs/performance.md.
+float8 e4m3; ``torch._scaled_mm`` accumulates in float32, applies the scales and the bias and writes bf16. The
+cross-attention K/V, the embeddings and the head stay bf16 (a few rows or a small share of the time). The converted
+state dict holds fp8 weights and scales, not the checkpoint's keys.
 """
 
 from __future__ import annotations

@@ -9,10 +9,8 @@
     15-17 memory blocks (w2) | 18 2x nearest | 19 time grow x2 | 20 conv w2->w3 (no bias)
     21 ReLU | 22 conv 3x3 w3->3
 
-A memory block computes ``relu(convs(cat(x_t, x_{t-1})) + x_t)`` (zeros before the first frame): causal in time,
-one frame of state per block. A time-grow layer is a 1x1 convolution to ``stride`` times the channels, read as
-``stride`` frames. A video's first three frames are dropped, so ``f`` normalised latent frames give ``1 + 4(f - 1)``
-frames in [-1, 1], as with the Wan VAE.
+A video's first three frames are dropped, so ``f`` normalised latent frames give ``1 + 4(f - 1)`` frames in [-1, 1],
+as with the Wan VAE.
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ class SoftClamp(nn.Module):
 
 
 class MemoryBlock(nn.Module):
-    """Residual block over the current frame and the previous frame's input (channel-concatenated)."""
+    """``relu(convs(cat(x_t, x_{t-1})) + x_t)``, zeros before the first frame: one frame of state per block."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -56,7 +54,8 @@ class MemoryBlock(nn.Module):
 
 
 class TimeGrow(nn.Module):
-    """``[N, C, H, W]`` -> ``[N * stride, C, H, W]``: each frame becomes ``stride`` consecutive frames."""
+    """A 1x1 convolution to ``stride`` times the channels read as ``stride`` consecutive frames: ``[N, C, H, W]`` ->
+    ``[N * stride, C, H, W]``."""
 
     def __init__(self, channels: int, stride: int):
         super().__init__()

@@ -38,10 +38,8 @@ WAN_T5_BLOCK_KEYS = {
 _WAN_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 # UMT5-XXL as built by Wan's ``umt5_xxl(encoder_only=True)``; 5,680,910,336 parameters.
-UMT5_XXL = dict(
-    vocab_size=256384, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128,
-)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128)
 
 
 def _num_wan_layers(state_dict: dict) -> int:
@@ -90,11 +88,9 @@ def umt5_config_from_wan_state_dict(state_dict: dict, source: str = "checkpoint"
     inner_dim = state_dict["blocks.0.attn.q.weight"].shape[0]
     if inner_dim % num_heads:
         raise CheckpointError(f"attention width {inner_dim} is not a multiple of the {num_heads} heads")
-    return umt5_config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=inner_dim // num_heads, num_heads=num_heads,
-        d_ff=state_dict["blocks.0.ffn.fc1.weight"].shape[0], num_layers=_num_wan_layers(state_dict),
-        relative_attention_num_buckets=num_buckets,
-    )
+    return umt5_config(vocab_size=vocab_size, d_model=d_model, d_kv=inner_dim // num_heads, num_heads=num_heads,
+                       d_ff=state_dict["blocks.0.ffn.fc1.weight"].shape[0], num_layers=_num_wan_layers(state_dict),
+                       relative_attention_num_buckets=num_buckets)
 
 
 def clean_prompt(text: str) -> str:
@@ -176,10 +172,8 @@ def _find_tokenizer(weights: Path, explicit: str | Path | None) -> Path:
     for candidate in candidates:
         if _has_tokenizer(candidate):
             return candidate
-    raise WeightsMissingError(
-        f"no tokenizer found next to {weights} (looked in {', '.join(str(c) for c in candidates)}); "
-        "pass tokenizer_path"
-    )
+    raise WeightsMissingError(f"no tokenizer found next to {weights} (looked in "
+                              f"{', '.join(str(c) for c in candidates)}); pass tokenizer_path")
 
 
 class TextEncoder(nn.Module):
@@ -293,9 +287,8 @@ class TextEncoder(nn.Module):
         elif (path / "config.json").is_file():
             weights, encoder, kind = path, _load_hf_encoder(path, dtype), "transformers"
         else:
-            raise WeightsMissingError(
-                f"no text encoder in {path}: expected {WAN_T5_FILENAME} (Wan folder) or config.json + safetensors"
-            )
+            raise WeightsMissingError(f"no text encoder in {path}: expected {WAN_T5_FILENAME} (Wan folder) or "
+                                      "config.json + safetensors")
         tokenizer_dir = _find_tokenizer(path, tokenizer_path)
         tokenizer = load_tokenizer(tokenizer_dir)
         cfg = encoder.config

@@ -211,9 +211,8 @@ class WanVAE(nn.Module):
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised posterior means: ``[B, 3, 1 + 4k, H, W]`` in [-1, 1] -> float32 ``[B, 1 + k, 16, H/8, W/8]``."""
         if pixels.ndim != 5 or (pixels.shape[2] - 1) % self.temporal_compression:
-            raise ValueError(
-                f"encode expects [B, 3, T, H, W] with T = 1 + {self.temporal_compression}k, got {tuple(pixels.shape)}"
-            )
+            raise ValueError(f"encode expects [B, 3, T, H, W] with T = 1 + {self.temporal_compression}k, "
+                             f"got {tuple(pixels.shape)}")
         mu = self.model.encode(self._format(pixels)).latent_dist.mean  # [B, C, F, h, w]
         return self.normalize(mu.permute(0, 2, 1, 3, 4))
 

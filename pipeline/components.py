@@ -39,14 +39,6 @@ def model_source(cfg: Config, name: str, weights: bool = True) -> str:
     raise WeightsMissingError(f"model folder {folder} not found; {wan_download_hint(folder)}")
 
 
-def use_attention_backend(cfg: Config) -> None:
-    """Apply ``cfg.attention_backend`` (process-wide, as :func:`model.attention.set_backend` is)."""
-    try:
-        attention.set_backend(cfg.attention_backend)
-    except ValueError as error:
-        raise ConfigError(f"attention_backend: {error}") from None
-
-
 def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False,
                     device=None, dtype=None, local_attn_size: int | None = None,
                     sink_size: int | None = None, causal: bool = True) -> WanModel:
@@ -58,33 +50,27 @@ def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bo
             hint = download_hint_for_checkpoint(checkpoint_path)
             raise CheckpointError(f"generator_ckpt {checkpoint_path} (from the config) not found; "
                                   + (f"get it with: {hint}" if hint else "fix generator_ckpt"))
-    use_attention_backend(cfg)
+    attention.set_backend(cfg.attention_backend)   # process-wide
     mk = cfg.model_kwargs
     source = model_source(cfg, cfg.generator_name, weights=checkpoint_path is None)
-    return build_wan_model(
-        source, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
-        independent_first_frame=cfg.independent_first_frame,
-        local_attn_size=mk.local_attn_size if local_attn_size is None else local_attn_size,
-        sink_size=mk.sink_size if sink_size is None else sink_size, dtype=dtype, device=device,
-        checkpoint_path=checkpoint_path, use_ema=use_ema)
+    return build_wan_model(source, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
+                           independent_first_frame=cfg.independent_first_frame,
+                           local_attn_size=mk.local_attn_size if local_attn_size is None else local_attn_size,
+                           sink_size=mk.sink_size if sink_size is None else sink_size, dtype=dtype, device=device,
+                           checkpoint_path=checkpoint_path, use_ema=use_ema)
 
 
 def build_bidirectional(cfg: Config, name: str, device=None, dtype=None) -> WanModel:
     """A bidirectional Wan model (real score / critic / base model) from folder ``name``."""
-    use_attention_backend(cfg)
+    attention.set_backend(cfg.attention_backend)
     return build_wan_model(model_source(cfg, name), causal=False, dtype=dtype, device=device)
-
-
-def model_config(cfg: Config, name: str) -> WanConfig:
-    """Architecture of model ``name`` (its folder's config.json, or the preset) without building it."""
-    source = model_source(cfg, name, weights=False)
-    return read_model_config(source) if os.path.isdir(source) else get_preset(source)
 
 
 def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_device=None) -> TextEncoder:
     """The UMT5 encoder of ``text_encoder_name``; its token length is the generator's ``text_len``."""
     folder = resolve_wan_folder(cfg.wan_models_dir, cfg.text_encoder_name, ("text_encoder", "tokenizer"))
-    text_len = model_config(cfg, cfg.generator_name).text_len
+    source = model_source(cfg, cfg.generator_name, weights=False)   # the generator's architecture, not built
+    text_len = (read_model_config(source) if os.path.isdir(source) else get_preset(source)).text_len
     return TextEncoder.from_pretrained(folder, dtype=dtype, device=device, output_device=output_device,
                                        text_len=text_len)
 

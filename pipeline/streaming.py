@@ -315,16 +315,13 @@ class VideoStream:
         if self.pipe.rolling_span:
             n = self.pipe.generator.num_frame_per_block
             blocks = None if self.num_frames is None else self.num_frames // n
-            index, switched = 0, False
-            results = self.loop.rolling(self._block_noise, self.start_frame, blocks)
-            while True:
-                switched = self._apply_switch() or switched
-                result = next(results, None)
-                if result is None:
-                    return
+            index, switched = 0, self._apply_switch()
+            for result in self.loop.rolling(self._block_noise, self.start_frame, blocks):   # a window per next()
                 if result.final is not None:
                     yield index, *result.final, switched
                     index, switched = index + 1, False
+                switched = self._apply_switch() or switched
+            return
         frame = self.start_frame
         for i, n in enumerate(self.loop._blocks_from(self.start_frame, self.num_frames)):
             switched = self._apply_switch()
