@@ -195,19 +195,15 @@ ENTRY_ORDER = ("generator", "model", "generator_ema")
 
 
 def _select_entry(obj, path: str, use_ema: bool, key: str | None) -> tuple[dict, str]:
-    """``(state dict, entry name)`` of a loaded ``.pt``: ``key``; else ``generator_ema`` with ``use_ema`` (never a
-    silent fallback to non-EMA weights); else the first of :data:`ENTRY_ORDER`, or the bare state dict itself."""
+    """``(state dict, entry name)`` of a loaded ``.pt`` as :func:`read_state_dict` picks it (no non-EMA fallback)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     if key is None and not use_ema and _is_state_dict(obj):
         return obj, "state dict"
-    if key is not None or use_ema:
-        wanted = key or "generator_ema"
-        found = wanted if wanted in obj else None
-    else:
-        wanted = "generator"
-        found = next((name for name in ENTRY_ORDER if name in obj), None)
-    if found is None:
+    explicit = key is not None or use_ema
+    wanted = (key or "generator_ema") if explicit else "generator"
+    found = wanted if explicit else next((name for name in ENTRY_ORDER if name in obj), None)
+    if found not in obj:
         entries = ", ".join(repr(k) for k in obj) if not _is_state_dict(obj) else "none: it is a bare state dict"
         advice = "; run without --use_ema to load the non-EMA weights" if key is None and use_ema else ""
         raise CheckpointError(f"{path} has no {wanted!r} entry (entries: {entries}){advice}")

@@ -25,10 +25,7 @@ logger = logging.getLogger(__name__)
 # ``fc2(fc1(x) * gelu_tanh(gate(x)))`` in Wan and ``wo(gelu_new(wi_0(x)) * wi_1(x))`` in HF, hence gate <-> wi_0.
 WAN_T5_BLOCK_KEYS = {
     "norm1.weight": "layer.0.layer_norm.weight",
-    "attn.q.weight": "layer.0.SelfAttention.q.weight",
-    "attn.k.weight": "layer.0.SelfAttention.k.weight",
-    "attn.v.weight": "layer.0.SelfAttention.v.weight",
-    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    **{f"attn.{p}.weight": f"layer.0.SelfAttention.{p}.weight" for p in "qkvo"},
     "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
     "norm2.weight": "layer.1.layer_norm.weight",
     "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",

@@ -51,13 +51,8 @@ WAN21_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_bl
 TINY_VAE_CONFIG = dict(WAN21_VAE_CONFIG, base_dim=8)   # 0.92M parameters: tests and the toy world
 
 # Original module names -> diffusers module names (spec §7.2). Residual blocks are nn.Sequential in the original.
-_RESIDUAL_PARTS = {
-    "residual.0": "norm1",
-    "residual.2": "conv1",
-    "residual.3": "norm2",
-    "residual.6": "conv2",
-    "shortcut": "conv_shortcut",
-}
+_RESIDUAL_PARTS = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
+                   "shortcut": "conv_shortcut"}
 _MIDDLE = {"0": "mid_block.resnets.0", "1": "mid_block.attentions.0", "2": "mid_block.resnets.1"}
 _HEAD = {"0": "norm_out", "2": "conv_out"}
 _TOP_LEVEL = {"conv1": "quant_conv", "conv2": "post_quant_conv"}

@@ -253,10 +253,9 @@ class WanModel(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
-        for seq in (self.text_embedding, self.time_embedding):
-            for m in seq:
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
+        for m in (*self.text_embedding, *self.time_embedding):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
     def compile_blocks(self, **options) -> None:
@@ -281,8 +280,7 @@ class WanModel(nn.Module):
     def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``[B, F, C, H, W]`` -> tokens ``[B, F'·H'·W', D]`` and the grid ``(F', H', W')``."""
         h = self.patch_embedding(x.transpose(1, 2))             # [B, D, F', H', W']
-        grid = tuple(h.shape[2:])
-        return h.flatten(2).transpose(1, 2), grid
+        return h.flatten(2).transpose(1, 2), tuple(h.shape[2:])
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[B, F', S, pt·ph·pw·C]`` -> ``[B, F'·pt, C, H'·ph, W'·pw]``."""
