@@ -1,6 +1,5 @@
-"""Preallocated key/value cache for streaming generation and the attention of one cached call against it:
-self-attention K/V of every layer (keys stored rotated) and the prompt's cross-attention K/V. The ring of slots, the
-sink, re-basing past the RoPE table and views: docs/architecture.md, "The KV cache" and "Rolling windows".
+"""Preallocated key/value cache for streaming generation (keys stored rotated) and the attention of one cached call
+against it: docs/architecture.md, "The KV cache" and "Rolling windows".
 """
 
 from __future__ import annotations

@@ -287,11 +287,9 @@ class TextEncoder(nn.Module):
             raise WeightsMissingError(f"no text encoder in {path}: expected {WAN_T5_FILENAME} (Wan folder) or "
                                       "config.json + safetensors")
         tokenizer_dir = _find_tokenizer(path, tokenizer_path)
-        tokenizer = load_tokenizer(tokenizer_dir)
-        cfg = encoder.config
         logger.info("Loaded UMT5 encoder (%s format, %d layers, d_model %d, %s) from %s; tokenizer from %s",
-                    kind, cfg.num_layers, cfg.d_model, dtype, weights, tokenizer_dir)
-        return cls(encoder.to(device), tokenizer, text_len=text_len, output_device=output_device,
+                    kind, encoder.config.num_layers, encoder.config.d_model, dtype, weights, tokenizer_dir)
+        return cls(encoder.to(device), load_tokenizer(tokenizer_dir), text_len=text_len, output_device=output_device,
                    cache_size=cache_size)
 
 

@@ -1,7 +1,6 @@
-"""Wan2.1 causal 3-D VAE over diffusers' ``AutoencoderKLWan`` (model_and_inference.md §6.3): latent normalisation
-``z = (mu - mean) / std``, the ``[B, F, C, h, w]`` latent layout (diffusers: ``[B, C, F, h, w]``), strict loading of
-``Wan2.1_VAE.pth`` or a diffusers folder, and :class:`StreamingDecoder`. ``F`` latent frames decode to
-``1 + 4 (F - 1)`` pixel frames, 8x spatially (factors from the config).
+"""Wan2.1 causal 3-D VAE over diffusers' ``AutoencoderKLWan`` (model_and_inference.md §6.3) in the ``[B, F, C, h, w]``
+latent layout (diffusers: ``[B, C, F, h, w]``): ``F`` latent frames decode to ``1 + 4 (F - 1)`` pixel frames, 8x
+spatially (factors from the config).
 """
 
 from __future__ import annotations
@@ -136,12 +135,11 @@ class WanVAE(nn.Module):
             if not weights.is_file():
                 raise WeightsMissingError(f"VAE weights {weights} not found")
             full_config = {**_autoencoder_class().load_config(str(path)), **config}
-            state_dict = read_weights_file(weights)
         elif path.is_file():
-            full_config = {**WAN21_VAE_CONFIG, **config}
-            state_dict = read_weights_file(path)
+            weights, full_config = path, {**WAN21_VAE_CONFIG, **config}
         else:
             raise WeightsMissingError(f"VAE weights not found at {path}; download with: {DOWNLOAD_HINT}")
+        state_dict = read_weights_file(weights)
         with torch.device("meta"):  # weights come from the file; skip the random initialisation
             model = _autoencoder_class().from_config(full_config)
         if "post_quant_conv.weight" not in state_dict:  # original Wan names

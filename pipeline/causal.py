@@ -1,7 +1,6 @@
-"""The per-block loop of causal generation, written once: streaming inference, the Stage-3 rollout and many-step
-sampling all run :class:`BlockLoop` and differ only in data (step rule, guidance, context latents, exit policy,
-cache views); Rolling Forcing is :meth:`BlockLoop.rolling`. See docs/architecture.md, "One block loop". Timesteps are
-Python floats and positions Python ints, so the loop never waits on the GPU.
+"""The per-block loop of causal generation, written once (docs/architecture.md, "One block loop"): streaming, the
+Stage-3 rollout and many-step sampling run :class:`BlockLoop` with different data. Timesteps are Python floats and
+positions Python ints, so the loop never waits on the GPU.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from model.scheduler import FlowMatchScheduler
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanModel
-from pipeline.api import OUTPUT_TYPES, as_output_type, latent_frames_for
+from pipeline import components as C
+from pipeline.api import OUTPUT_TYPES, as_output_type, latent_frames_for, pretrained_config
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, randn_like_from
 from pipeline.graphs import CUDAGraphs
 from utils.config import Config
@@ -107,8 +108,6 @@ class StreamingPipeline:
         """Build from a YAML path, a shipped config's name or a released checkpoint
         (:func:`pipeline.api.pretrained_config`). ``checkpoint``: the generator weights (default: the released file,
         else ``generator_ckpt``); ``overrides``: ``["key=value", ...]``; ``kwargs`` go to :meth:`from_config`."""
-        from pipeline.api import pretrained_config
-
         cfg, checkpoint, use_ema = pretrained_config(name, checkpoint, use_ema, overrides)
         return cls.from_config(cfg, checkpoint, use_ema, **kwargs)
 
@@ -119,8 +118,6 @@ class StreamingPipeline:
         """Build everything ``cfg`` names (GPU: bf16; CPU: float32). ``fast``: :meth:`enable_fast_path` on CUDA.
         ``preview_decoder``: a TAEHV file that decodes instead of the Wan VAE. ``fp8``: block products in fp8.
         ``text_encoder_device``: default :func:`pipeline.components.placed_text_encoder`."""
-        from pipeline import components as C
-
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         generator = C.build_generator(cfg, checkpoint_path, use_ema, device=device, dtype=dtype).eval()
@@ -142,9 +139,7 @@ class StreamingPipeline:
                       device: torch.device, dtype: torch.dtype,
                       preview: TinyVideoDecoder | None = None) -> "StreamingPipeline":
         """A pipeline over networks built already (the training loop's sample videos pass its own)."""
-        from pipeline.components import build_scheduler
-
-        scheduler = build_scheduler(cfg)
+        scheduler = C.build_scheduler(cfg)
         multistep = cfg.denoising_step_list is None
         if multistep:
             schedule = StepSchedule.multistep(scheduler, MULTISTEP_STEPS, cfg.timestep_shift, cfg.sample_solver)
