@@ -51,19 +51,17 @@ class WanConfig:
         return (height // self.patch_size[1]) * (width // self.patch_size[2])
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
+        return {**dataclasses.asdict(self), "patch_size": list(self.patch_size)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "WanConfig":
         """Build from a dict of constructor arguments; keys starting with ``_`` (diffusers metadata) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(d) - names - {"window_size"})
+        # window_size: always (-1, -1) in Wan2.1; windowing is a streaming choice here
+        d = {k: v for k, v in d.items() if not k.startswith("_") and k != "window_size"}
+        unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown Wan config keys: {', '.join(unknown)}")
-        d.pop("window_size", None)  # always (-1, -1) in Wan2.1; windowing is a streaming choice here
         return cls(**d)
 
     def to_json(self, path: str) -> None:

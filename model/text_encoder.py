@@ -153,10 +153,9 @@ def _load_hf_encoder(folder: Path, dtype: torch.dtype):
     # The tied embedding may be stored once; the decoder half of a full UMT5 checkpoint is legitimately unused.
     missing = [k for k in info.get("missing_keys", ()) if k not in ("encoder.embed_tokens.weight", "shared.weight")]
     unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(("decoder.", "lm_head."))]
-    mismatched = list(info.get("mismatched_keys", ()))
+    mismatched = [str(m) for m in info.get("mismatched_keys", ())]
     if missing or unexpected or mismatched:
-        report = key_mismatch(missing, unexpected, [str(m) for m in mismatched])
-        raise CheckpointError(f"{folder} does not fit UMT5EncoderModel: {report}")
+        raise CheckpointError(f"{folder} does not fit UMT5: {key_mismatch(missing, unexpected, mismatched)}")
     return model
 
 

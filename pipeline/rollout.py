@@ -99,9 +99,8 @@ def _rollout_loop(generator: WanModel, scheduler: FlowMatchScheduler, schedule: 
                           f"(local_attn_size), which gradient checkpointing cannot recompute: set "
                           f"gradient_checkpointing: false, or local_attn_size: -1 or >= {num_frames}")
     views = CacheViews() if rolling is None else CacheViews.rolling(rolling[0])
-    loop = BlockLoop(generator, scheduler, schedule, Guidance(context), cache, context_noise=float(context_noise),
-                     noise_fn=noise_fn, views=views)
-    return loop, noise
+    return BlockLoop(generator, scheduler, schedule, Guidance(context), cache, context_noise=float(context_noise),
+                     noise_fn=noise_fn, views=views), noise
 
 
 def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule: StepSchedule,
@@ -127,8 +126,8 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
     # Bookkeeping refers to the non-first blocks (block 0 only when it is the whole video).
     ref = 1 if len(blocks) > 1 else 0
     steps = schedule.for_block(ref)
-    t_from, t_to = denoised_timestep_range(scheduler, steps, policy.exit_for(ref, len(steps)))
-    return Rollout(torch.cat(blocks, dim=1), t_from, t_to)
+    exit_ref = policy.exit_for(ref, len(steps))
+    return Rollout(torch.cat(blocks, dim=1), *denoised_timestep_range(scheduler, steps, exit_ref))
 
 
 def rolling_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule: StepSchedule,
