@@ -91,8 +91,7 @@ def _rename(key: str, to_diffusers: bool) -> str:
 
 
 def _rename_all(sd: dict, rename, what: str) -> dict:
-    out: dict = {}
-    source: dict[str, str] = {}
+    out, source = {}, {}   # new key -> value, new key -> old key
     for key, value in sd.items():
         new = rename(key)
         if new in out:
@@ -163,10 +162,7 @@ def _read_folder(folder: str) -> dict:
             raise CheckpointError(f"{folder}: {len(missing)} of {len(shards)} shards listed in "
                                   f"{os.path.basename(index)} are missing ({', '.join(missing[:_LIST_LIMIT])})"
                                   f"{_download_hint(folder)}")
-        sd: dict = {}
-        for shard in shards:
-            sd.update(_read_file(os.path.join(folder, shard)))
-        return sd
+        return {k: v for shard in shards for k, v in _read_file(os.path.join(folder, shard)).items()}
     single = os.path.join(folder, WAN_DIT_WEIGHTS)
     files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if len(files) != 1:

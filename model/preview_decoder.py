@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.loader import load_strict, read_weights_file
 from model.weights import check_file
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,6 @@ class TinyVideoDecoder(nn.Module):
     def from_file(cls, path: str | Path, device="cpu", dtype=torch.float32, **config) -> TinyVideoDecoder:
         """Load the decoder half of a TAEHV file (``encoder.*`` keys are ignored). ``config`` defaults to
         :data:`TAEHV_WAN21`."""
-        from model.loader import load_strict, read_weights_file
-
-        path = Path(path)
         check_file(path, "preview decoder", PREVIEW_HINT)
         state = {k: v for k, v in read_weights_file(path).items() if not k.startswith("encoder.")}
         model = cls(**{**TAEHV_WAN21, **config})

@@ -83,7 +83,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     dtype = x.dtype
     xf = x.float().unflatten(-1, (-1, 2))                    # [B, L, N, d/2, 2]
     x0, x1 = xf[..., 0], xf[..., 1]
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
     return out.flatten(-2).to(dtype)

@@ -94,8 +94,7 @@ def clean_prompt(text: str) -> str:
     """Wan's ``clean='whitespace'``: repair mojibake (ftfy), unescape HTML twice, collapse whitespace, strip."""
     import ftfy  # Wan's cleaning depends on it; imported here so the rest of the module works without it
 
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return re.sub(r"\s+", " ", text).strip()
 
 

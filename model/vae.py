@@ -181,10 +181,8 @@ class WanVAE(nn.Module):
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 mean/std ``[1, 1, C, 1, 1]`` on ``device``, copied once per device."""
         if device not in self._stats_by_device:
-            self._stats_by_device[device] = tuple(
-                torch.tensor(values, dtype=torch.float32).view(1, 1, -1, 1, 1).to(device)
-                for values in (self.latents_mean, self.latents_std)
-            )
+            self._stats_by_device[device] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1).to(device)
+                                                  for v in (self.latents_mean, self.latents_std))
         return self._stats_by_device[device]
 
     def _format(self, x: torch.Tensor) -> torch.Tensor:

@@ -158,12 +158,8 @@ def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> str:
     hub = split_hub_file(path)
     released = None if hub is not None and hub[0] == CAUSAL_FORCING_REPO else _released(path)
     if released is not None:
-        if hub_offline():
-            return path
-        return _download(CAUSAL_FORCING_REPO, released[0], released[1], f"{what} {path}")
-    if hub is None:
-        return path
-    return _download(hub[0], hub[1], None, f"{what} {path}") or path
+        return path if hub_offline() else _download(CAUSAL_FORCING_REPO, released[0], released[1], f"{what} {path}")
+    return path if hub is None else _download(hub[0], hub[1], None, f"{what} {path}") or path
 
 
 def _wan_files(part: str, repo_id: str, local_dir: str | None) -> list[tuple[str, str | None]]:

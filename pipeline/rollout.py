@@ -142,9 +142,7 @@ def rolling_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule
                                 noise_fn, noise, dtype, (span, sink))
     steps, grad = len(schedule.timesteps), torch.is_grad_enabled()
     blocks = len(generator.layout.block_sizes(num_frames))
-    parts: list[torch.Tensor] = []
-    for result in loop.rolling(lambda start, n: noise[:, start:start + n], num_blocks=blocks,
-                               grad=lambda w, end: grad and w.index % steps == phase and end > grad_from_frame):
-        if result.window.index % steps == phase:
-            parts.append(result.x0)
+    results = loop.rolling(lambda start, n: noise[:, start:start + n], num_blocks=blocks,
+                           grad=lambda w, end: grad and w.index % steps == phase and end > grad_from_frame)
+    parts = [result.x0 for result in results if result.window.index % steps == phase]
     return Rollout(torch.cat(parts, dim=1), None, None)

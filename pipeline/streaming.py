@@ -277,8 +277,7 @@ class VideoStream:
     def _apply_switch(self) -> bool:
         if self._pending is None:
             return False
-        prompts, recache, context = self._pending
-        self._pending = None
+        (prompts, recache, context), self._pending = self._pending, None
         if self._due is not None:  # the last block's context pass belongs to the prompt it was made under
             self.loop.commit(*self._due)
             self._due = None
@@ -295,15 +294,13 @@ class VideoStream:
     def _hold(self, frame: int, x0: torch.Tensor) -> None:
         """Keep a block's latents while the cache holds its frames (for ``recache``): the sink and the window."""
         self.held.append((frame, x0))
-        end = frame + x0.shape[1]
-        first = max(self.cache.sink, end - self.cache.ring)
+        first = max(self.cache.sink, frame + x0.shape[1] - self.cache.ring)   # the window's oldest frame
         self.held = [(f, x) for f, x in self.held if f < self.cache.sink or f + x.shape[1] > first]
 
     def _block_noise(self, start_frame: int, n: int) -> torch.Tensor:
         """A block's initial noise, drawn when the block starts (an endless video cannot draw it up front)."""
-        c, h, w = self.pipe.latent_shape
-        return torch.randn((len(self.prompts), n, c, h, w), generator=self.rng, device=self.pipe.device,
-                           dtype=self.pipe.dtype)
+        return torch.randn((len(self.prompts), n, *self.pipe.latent_shape), generator=self.rng,
+                           device=self.pipe.device, dtype=self.pipe.dtype)
 
     def _blocks(self):
         """``(block index, start frame, x0, switched)`` of each block as it becomes final."""
