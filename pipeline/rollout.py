@@ -108,19 +108,27 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
                          exit_step: int | Sequence[int] | None = None, first_block_exit_step: int | None = None,
                          grad_from_frame: int = 0, context_noise: float = 0.0, noise_fn: NoiseFn | None = None,
                          noise: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                         rolling: tuple[int, int] | None = None) -> Rollout:
+                         rolling: tuple[int, int] | None = None, phase: int | None = None) -> Rollout:
     """Generate ``num_frames`` latent frames (``latent_shape`` = (C, H, W)) block by block, each stopping at its exit
     step (:func:`draw_exit_steps`; None: the last). Gradients (when enabled) reach the generator only through the exit
     forwards of blocks starting at or after ``grad_from_frame``. ``noise [B, F, C, H, W]``: else drawn by
     ``noise_fn``; ``dtype``: of noise and cache (default the parameters'); ``rolling``: Rolling Forcing's
-    ``(span, sink)`` views and cache."""
+    ``(span, sink)`` views and cache. With ``rolling`` and a ``phase``, Rolling Forcing's windows instead of exit
+    steps: windows ``k`` with ``k % steps == phase`` keep gradients when they end after ``grad_from_frame``, covering
+    every block once (the rolling analogue of a random exit step)."""
     loop, noise = _rollout_loop(generator, scheduler, schedule, context, num_frames, latent_shape, context_noise,
                                 noise_fn, noise, dtype, rolling)
     # Exit forwards keep gradients only when the caller asked for them: under no_grad (the critic's samples) every
     # forward runs in inference mode.
+    grad = torch.is_grad_enabled()
+    if phase is not None:
+        steps, blocks = len(schedule.timesteps), len(generator.layout.block_sizes(num_frames))
+        results = loop.rolling(lambda start, n: noise[:, start:start + n], num_blocks=blocks,
+                               grad=lambda w, end: grad and w.index % steps == phase and end > grad_from_frame)
+        parts = [result.x0 for result in results if result.window.index % steps == phase]
+        return Rollout(torch.cat(parts, dim=1), None, None)
     exits = exit_step if exit_step is None or isinstance(exit_step, int) else tuple(int(e) for e in exit_step)
-    policy = ExitPolicy(exits, first_block_exit_step, grad_on_exit=torch.is_grad_enabled(),
-                        grad_from_frame=grad_from_frame)
+    policy = ExitPolicy(exits, first_block_exit_step, grad_on_exit=grad, grad_from_frame=grad_from_frame)
     # The last block's context pass would be read by nobody: skip it.
     blocks = [x0 for _, x0 in loop.run(noise, policy=policy, commit_last=False)]
     # Bookkeeping refers to the non-first blocks (block 0 only when it is the whole video).
@@ -128,21 +136,3 @@ def self_forcing_rollout(generator: WanModel, scheduler: FlowMatchScheduler, sch
     steps = schedule.for_block(ref)
     exit_ref = policy.exit_for(ref, len(steps))
     return Rollout(torch.cat(blocks, dim=1), *denoised_timestep_range(scheduler, steps, exit_ref))
-
-
-def rolling_rollout(generator: WanModel, scheduler: FlowMatchScheduler, schedule: StepSchedule,
-                    context: torch.Tensor, num_frames: int, *, latent_shape: Sequence[int], span: int, sink: int,
-                    phase: int, grad_from_frame: int = 0, context_noise: float = 0.0,
-                    noise_fn: NoiseFn | None = None, noise: torch.Tensor | None = None,
-                    dtype: torch.dtype | None = None) -> Rollout:
-    """Rolling Forcing's rollout: windows ``k`` with ``k % steps == phase`` keep gradients when they end after
-    ``grad_from_frame``, covering every block once (the rolling analogue of a random exit step). Otherwise as
-    :func:`self_forcing_rollout`."""
-    loop, noise = _rollout_loop(generator, scheduler, schedule, context, num_frames, latent_shape, context_noise,
-                                noise_fn, noise, dtype, (span, sink))
-    steps, grad = len(schedule.timesteps), torch.is_grad_enabled()
-    blocks = len(generator.layout.block_sizes(num_frames))
-    results = loop.rolling(lambda start, n: noise[:, start:start + n], num_blocks=blocks,
-                           grad=lambda w, end: grad and w.index % steps == phase and end > grad_from_frame)
-    parts = [result.x0 for result in results if result.window.index % steps == phase]
-    return Rollout(torch.cat(parts, dim=1), None, None)

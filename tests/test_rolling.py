@@ -132,7 +132,7 @@ def test_windows_are_the_published_ones():
 def test_rolling_rollout_takes_each_block_from_its_phase_window():
     """Each block's latents are its prediction in the window k = phase (mod S) that holds it, and only windows that
     end after grad_from_frame carry gradients."""
-    from pipeline.rollout import rolling_rollout
+    from pipeline.rollout import self_forcing_rollout
 
     n, steps, blocks, span = 1, [1000, 750, 500, 250], 9, 6
     model, sch = make(n).train(), FlowMatchScheduler(shift=5.0)
@@ -148,8 +148,8 @@ def test_rolling_rollout_takes_each_block_from_its_phase_window():
             want = torch.cat([r.x0 for r in loop.rolling(lambda f, m: noise[:, f:f + m], num_blocks=blocks)
                               if r.window.index % 4 == phase], 1)
         replay = iter(drawn)
-        out = rolling_rollout(model, sch, sched, ctx, blocks, latent_shape=(16, 2, 2), span=span, sink=n,
-                              phase=phase, grad_from_frame=4, noise=noise, noise_fn=lambda like: next(replay))
+        out = self_forcing_rollout(model, sch, sched, ctx, blocks, latent_shape=(16, 2, 2), rolling=(span, n),
+                                   phase=phase, grad_from_frame=4, noise=noise, noise_fn=lambda like: next(replay))
         assert out.denoised_timestep_from is None and rel(out.latents.detach(), want) < TOL
         weight = model.blocks[0].self_attn.k.weight
         for f in range(blocks):

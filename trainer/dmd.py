@@ -17,7 +17,7 @@ from model.guidance import cond_uncond_context, guide
 from model.scheduler import FlowMatchScheduler
 from pipeline import components
 from pipeline.causal import StepSchedule
-from pipeline.rollout import Rollout, broadcast_ints, draw_exit_steps, rolling_rollout, self_forcing_rollout
+from pipeline.rollout import Rollout, broadcast_ints, draw_exit_steps, self_forcing_rollout
 from trainer.batches import IndexBatches
 from trainer.objective import Networks, Objective, Phase
 from utils.config import Config
@@ -127,19 +127,14 @@ class DMDObjective(Objective):
                                     int(torch.randint(2, ())), int(torch.randint(steps, ()))])
         blocks, windows, phase = draws
         num_frames = blocks * n
-        common = dict(latent_shape=self.latent_shape, grad_from_frame=num_frames - clip,
-                      context_noise=cfg.context_noise, dtype=self.compute_dtype)
+        exit_step = phase if windows else draw_exit_steps(
+            self.schedule, blocks, same_step_across_blocks=cfg.same_step_across_blocks,
+            last_step_only=cfg.last_step_only)[0]
         with torch.set_grad_enabled(grad):
-            if windows:
-                result = rolling_rollout(generator, self.scheduler, self.schedule, context, num_frames,
-                                         span=cfg.rolling_span, sink=cfg.rolling_sink, phase=phase, **common)
-                exit_step = phase
-            else:
-                exit_step, _ = draw_exit_steps(self.schedule, blocks, last_step_only=cfg.last_step_only,
-                                               same_step_across_blocks=cfg.same_step_across_blocks)
-                result = self_forcing_rollout(generator, self.scheduler, self.schedule, context, num_frames,
-                                              exit_step=exit_step, rolling=(cfg.rolling_span, cfg.rolling_sink),
-                                              **common)
+            result = self_forcing_rollout(
+                generator, self.scheduler, self.schedule, context, num_frames, latent_shape=self.latent_shape,
+                exit_step=exit_step, phase=phase if windows else None, grad_from_frame=num_frames - clip,
+                context_noise=cfg.context_noise, dtype=self.compute_dtype, rolling=(cfg.rolling_span, cfg.rolling_sink))
         self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
         # a longer rollout's clip starts with a re-encoded frame: its block is left out of the DMD loss
         return result._replace(latents=self._last_clip(result.latents, clip),
