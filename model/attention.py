@@ -6,8 +6,7 @@
 * a flex-attention ``BlockMask``: compiled ``flex_attention`` over the length padded to a multiple of 128.
 
 Unmasked calls: :func:`set_backend` once per process, :func:`flash_policy` per call (docs/architecture.md, "Attention
-kernel per call").
-"""
+kernel per call")."""
 
 from __future__ import annotations
 
@@ -155,6 +154,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> t
         out = out[0] if isinstance(out, tuple) else out
         return out.to(dtype)
     with _sdpa_context(q.device.type):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)

@@ -1,6 +1,5 @@
 """Wan2.1 DiT hyper-parameters as data, under the original constructor names (an original ``config.json`` reads
-directly). Presets are values: 1.3B, 14B and the tiny test sizes build the same network.
-"""
+directly). Presets are values: 1.3B, 14B and the tiny test sizes build the same network."""
 
 from __future__ import annotations
 
@@ -59,8 +58,7 @@ class WanConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         # window_size: always (-1, -1) in Wan2.1; windowing is a streaming choice here
         d = {k: v for k, v in d.items() if not k.startswith("_") and k != "window_size"}
-        unknown = sorted(set(d) - names)
-        if unknown:
+        if unknown := sorted(set(d) - names):
             raise ConfigError(f"unknown Wan config keys: {', '.join(unknown)}")
         return cls(**d)
 

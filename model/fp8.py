@@ -3,8 +3,7 @@
 Row-wise scaling: every activation and weight row is divided by its own float32 scale ``amax / 448`` and rounded to
 float8 e4m3; ``torch._scaled_mm`` accumulates in float32, applies the scales and the bias and writes bf16. The
 cross-attention K/V, the embeddings and the head stay bf16 (a few rows or a small share of the time). The converted
-state dict holds fp8 weights and scales, not the checkpoint's keys.
-"""
+state dict holds fp8 weights and scales, not the checkpoint's keys."""
 
 from __future__ import annotations
 

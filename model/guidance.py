@@ -1,6 +1,5 @@
 """Classifier-free guidance, written once: both halves as one ``2B`` batch (:func:`cond_uncond_context`), combined by
-:func:`guide`; the DMD configs' ``cond + g·(cond − uncond)`` is ``s = g + 1`` (that caller converts).
-"""
+:func:`guide`; the DMD configs' ``cond + g·(cond − uncond)`` is ``s = g + 1`` (that caller converts)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """Preallocated key/value cache for streaming generation (keys stored rotated) and the attention of one cached call
-against it: docs/architecture.md, "The KV cache" and "Rolling windows".
-"""
+against it: docs/architecture.md, "The KV cache" and "Rolling windows"."""
 
 from __future__ import annotations
 

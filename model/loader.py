@@ -1,8 +1,7 @@
 """One checkpoint loader for every weights format (model_and_inference.md §2.2, §7.1, §12; training.md §2.5, §8.3):
 a Wan2.1 folder (one safetensors file or an index + shards), a diffusers folder or pipeline root, a ``.safetensors``,
 or a ``.pt``/``.pth`` (released or trainer entries, a bare state dict), ending in original Wan2.1 key names and a
-strict load; a misfit raises ONE :class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
-"""
+strict load; a misfit raises ONE :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
 
 from __future__ import annotations
 
@@ -121,8 +120,7 @@ def normalize_keys(sd: dict) -> dict:
 
 def _download_hint(path: str) -> str:
     """``"; <the hf download command>"`` for a released checkpoint or Wan2.1 folder path, else ``""``."""
-    hint = download_hint_for_checkpoint(path)
-    if hint:
+    if hint := download_hint_for_checkpoint(path):
         return f"; get it with: {hint}"
     return f"; {wan_download_hint(path)}" if wan_repo_id(path) else ""
 
@@ -157,8 +155,7 @@ def _read_folder(folder: str) -> dict:
             shards = shard_names(index)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"unreadable shard index {index}: {type(err).__name__}: {err}") from err
-        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
-        if missing:
+        if missing := [s for s in shards if not os.path.isfile(os.path.join(folder, s))]:
             raise CheckpointError(f"{folder}: {len(missing)} of {len(shards)} shards listed in "
                                   f"{os.path.basename(index)} are missing ({', '.join(missing[:_LIST_LIMIT])})"
                                   f"{_download_hint(folder)}")
@@ -243,8 +240,7 @@ def _config_from_diffusers(d: dict, path: str) -> WanConfig:
              "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim",
              "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len", "inject_sample_info",
              "num_frame_per_block", "window_size"}
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
-    if unknown:
+    if unknown := sorted(k for k in d if not k.startswith("_") and k not in known):
         log.warning("%s: ignoring diffusers config keys %s", path, ", ".join(unknown))
     try:
         heads = int(d["num_attention_heads"])
@@ -277,8 +273,7 @@ def read_model_config(folder) -> WanConfig:
 def load_strict(model: torch.nn.Module, sd: dict, source: str, what: str = "the model") -> None:
     """Load ``sd`` with strict names and shapes (one :class:`CheckpointError` naming every misfit). A model on
     ``meta`` takes the tensors themselves (no second copy); otherwise values are copied and cast."""
-    problems = state_dict_mismatch(model.state_dict(), sd)
-    if problems:
+    if problems := state_dict_mismatch(model.state_dict(), sd):
         raise CheckpointError(f"{source} does not fit {what}: {problems}")
     model.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
@@ -298,16 +293,14 @@ def _resolve_source(source) -> tuple[WanConfig, str | None]:
 
 def build_wan_model(source, causal: bool, num_frame_per_block: int = 1, independent_first_frame: bool = False,
                     local_attn_size: int = -1, sink_size: int = 0, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, checkpoint_path=None,
-                    use_ema: bool = False) -> WanModel:
+                    device: torch.device | str | None = None, checkpoint_path=None, use_ema: bool = False) -> WanModel:
     """A :class:`WanModel` from a Wan folder (weights loaded) or a preset name / WanConfig (random init), or with
     ``checkpoint_path``'s weights (``generator_ema`` with ``use_ema``) instead of the folder's (only its
     ``config.json`` is read). With weights it is built on ``meta`` and takes the loaded tensors: none initialised or
     held twice. ``dtype`` defaults to float32."""
     config, folder = _resolve_source(source)
     kwargs = dict(causal=causal, num_frame_per_block=num_frame_per_block,
-                  independent_first_frame=independent_first_frame, local_attn_size=local_attn_size,
-                  sink_size=sink_size)
+                  independent_first_frame=independent_first_frame, local_attn_size=local_attn_size, sink_size=sink_size)
     if checkpoint_path is not None:   # a released path or a Hub reference is downloaded when missing
         checkpoint_path = resolve_checkpoint(os.fspath(checkpoint_path))
     weights = checkpoint_path if checkpoint_path is not None else folder

@@ -1,6 +1,5 @@
 """Attention mask rules (model_and_inference.md §4) as boolean ``[F_q, F_k]`` frame masks, realised as a dense token
-mask (SDPA: CPU training, where flex-attention has no backward) or a flex-attention ``BlockMask`` (GPU).
-"""
+mask (SDPA: CPU training, where flex-attention has no backward) or a flex-attention ``BlockMask`` (GPU)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,7 @@
     21 ReLU | 22 conv 3x3 w3->3
 
 A video's first three frames are dropped, so ``f`` normalised latent frames give ``1 + 4(f - 1)`` frames in [-1, 1],
-as with the Wan VAE.
-"""
+as with the Wan VAE."""
 
 from __future__ import annotations
 

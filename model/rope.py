@@ -3,8 +3,7 @@
 The head size ``d`` is ``d/2`` pairs of ADJACENT elements ``(x[2j], x[2j+1])``, split ``[c - 2*(c//3), c//3, c//3]``
 (c = d/2) between the frame, row and column axes, each with the table ``pos * 10000^(-2j/n_a)`` (``n_a`` = twice its
 pair count). The reference rotates in float64 complex arithmetic; here float64 angles become float32 cos/sin tables
-and the rotation is real float32 arithmetic (~1e-7 relative difference; cheap, compiles cleanly).
-"""
+and the rotation is real float32 arithmetic (~1e-7 relative difference; cheap, compiles cleanly)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Flow-matching noise schedule (model_and_inference.md §8, training.md §2.3): ``t`` on the 0..1000 scale,
 ``x_t = (1 - sigma) x0 + sigma noise`` with ``sigma = t / 1000`` after the shift, the network predicts the flow
 ``v = noise - x0``. Lookups use the NEAREST entry of the descending training grid, as the reference does (``t = 0``
-is the smallest entry, sigma ~= 0.00498 for shift 5), as tensor ops: no GPU sync. Latents ``[B, F, C, H, W]``.
-"""
+is the smallest entry, sigma ~= 0.00498 for shift 5), as tensor ops: no GPU sync. Latents ``[B, F, C, H, W]``."""
 
 from __future__ import annotations
 
@@ -16,10 +15,6 @@ class FlowMatchScheduler:
     sigma <- s sigma / (1 + (s - 1) sigma)."""
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 5.0) -> None:
-        if num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
         self.num_train_timesteps = num_train_timesteps
         self.shift = float(shift)
         sigmas64 = self._shifted_grid(num_train_timesteps, self.shift)
@@ -122,8 +117,6 @@ class FlowMatchScheduler:
     def inference_timesteps(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
         """Timesteps of a ``num_steps`` Euler grid built like the training grid (``shift`` default: this scheduler's);
         float32, descending, no trailing 0 (pass ``t_next=0`` to :meth:`step` for the last step)."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         sigmas = self._shifted_grid(num_steps, self.shift if shift is None else float(shift))
         return (sigmas * self.num_train_timesteps).float()
 

@@ -1,7 +1,6 @@
 """UMT5-XXL text encoder of Wan2.1 over ``transformers.UMT5EncoderModel``: Wan <-> HF key conversion, Wan's prompt
 cleaning, a fixed ``text_len`` with padded rows zeroed, loading from a Wan or transformers/diffusers folder
-(model_and_inference.md §6.2, §7.3).
-"""
+(model_and_inference.md §6.2, §7.3)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,7 @@ predictor but the first, final sigma 0. With ``x_σ = (1 - σ) x0 + σ ε`` and 
   ``ρ_c = 1/2`` at order 1). The corrected sample feeds the next predictor (the network saw the uncorrected one).
 
 The last step (to σ = 0) is exactly ``m``. Coefficients are Python float64, tensors float32 or wider whatever the
-network's dtype (Wan's copy works in the latents' dtype).
-"""
+network's dtype (Wan's copy works in the latents' dtype)."""
 
 from __future__ import annotations
 
@@ -31,10 +30,6 @@ def unipc_grid(num_steps: int, shift: float, num_train_timesteps: int = 1000) ->
     """Wan's grid ``(timesteps the network sees, the solver's sigmas)``, descending, no final 0: raw sigmas
     ``linspace(σ_max, 0, N + 1)[:-1]`` (``σ_max = 1 - 1/T`` in float32, as Wan's table), shifted; the network sees
     ``floor(T σ)`` (Wan's int64 cast), the solver the exact sigmas. 50 steps, shift 5: 999, 995, ..., 172, 92."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
     top = float(torch.tensor(1 - 1 / num_train_timesteps, dtype=torch.float32))
     raw = [top * (1 - i / num_steps) for i in range(num_steps)]
     sigmas = [shift * s / (1 + (shift - 1) * s) for s in raw]

@@ -1,7 +1,6 @@
 """Wan2.1 causal 3-D VAE over diffusers' ``AutoencoderKLWan`` (model_and_inference.md §6.3) in the ``[B, F, C, h, w]``
 latent layout (diffusers: ``[B, C, F, h, w]``): ``F`` latent frames decode to ``1 + 4 (F - 1)`` pixel frames, 8x
-spatially (factors from the config).
-"""
+spatially (factors from the config)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 causal cache as plain tensors: each causal convolution sees ``cat(cache, x)`` in time, the cache holding the last
 ``kernel_t - 1`` frames of its input (zeros at a video's start, diffusers' padding). diffusers' own cache list carries
 None / "Rep" markers, a new graph per marker state under torch.compile. The regions (:class:`DecoderRegions`) are
-compiled one by one, not as one graph (why: docs/architecture.md, "Compiled VAE decoder regions").
-"""
+compiled one by one, not as one graph (why: docs/architecture.md, "Compiled VAE decoder regions")."""
 
 from __future__ import annotations
 
@@ -61,10 +60,8 @@ def _zero_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
 
 def _residual(block: nn.Module, x: torch.Tensor, cache1: torch.Tensor | None, cache2: torch.Tensor | None):
     """diffusers' ``WanResidualBlock``; returns ``(output, new cache of conv1, of conv2)``."""
-    if isinstance(block.conv_shortcut, nn.Identity):
-        shortcut = x
-    else:  # 1x1x1: no temporal context
-        shortcut = F.conv3d(x, block.conv_shortcut.weight, block.conv_shortcut.bias)
+    shortcut = x if isinstance(block.conv_shortcut, nn.Identity) \
+        else F.conv3d(x, block.conv_shortcut.weight, block.conv_shortcut.bias)   # 1x1x1: no temporal context
     h, new1 = _causal_conv(block.conv1, block.nonlinearity(block.norm1(x)), cache1)
     h, new2 = _causal_conv(block.conv2, block.dropout(block.nonlinearity(block.norm2(h))), cache2)
     return h + shortcut, new1, new2
@@ -118,8 +115,7 @@ def decoder_step(decoder: nn.Module, x: torch.Tensor, cache: list[torch.Tensor] 
 
     ``x``: ``[B, C, f, h, w]`` after ``post_quant_conv``, one frame when ``cache`` is None (a video's first call);
     ``cache``: the previous call's list, consumed (entries released as used); ``layout``: the activations' memory
-    format. Returns ``(pixels [B, 3, T, H, W] unclamped, new cache)``, T = 1 for the first call, 4f after it.
-    """
+    format. Returns ``(pixels [B, 3, T, H, W] unclamped, new cache)``, T = 1 for the first call, 4f after it."""
     first = cache is None
     if first and x.shape[2] != 1:
         raise ValueError(f"the first decoder call of a video takes one latent frame, got {x.shape[2]}")

@@ -1,7 +1,6 @@
 """The Wan2.1 diffusion transformer, bidirectional (teacher, critic) and block-causal (generator), in one class with
 the original parameter names. Latents are ``[B, F, C, H, W]``, timesteps ``[B, F]`` (``[B]`` is broadcast over
-frames). The caller names one of three attention paths (docs/architecture.md, "The model: three attention paths").
-"""
+frames). The caller names one of three attention paths (docs/architecture.md, "The model: three attention paths")."""
 
 from __future__ import annotations
 
@@ -122,8 +121,7 @@ class CrossAttention(Projections):
     def kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, text_len, N, d]`` of the embedded context (cacheable per prompt)."""
         b, n = ctx.shape[:2]
-        return (self.norm_k(self.k(ctx)).view(b, n, self.num_heads, -1),
-                self.v(ctx).view(b, n, self.num_heads, -1))
+        return (self.norm_k(self.k(ctx)).view(b, n, self.num_heads, -1), self.v(ctx).view(b, n, self.num_heads, -1))
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[:2]
@@ -316,10 +314,8 @@ class WanModel(nn.Module):
         """Cached mask for (kind, frames, tokens, device): dense on CPU, flex BlockMask on CUDA."""
         key = (kind, num_frames, tokens_per_frame, str(device), self.layout, self.local_attn_size, self.sink_size)
         if key not in self._masks:
-            if kind == "teacher_forcing":
-                frame_mask = teacher_forcing_frame_mask(num_frames, self.layout)
-            else:
-                frame_mask = block_causal_frame_mask(num_frames, self.layout, self.local_attn_size, self.sink_size)
+            frame_mask = teacher_forcing_frame_mask(num_frames, self.layout) if kind == "teacher_forcing" \
+                else block_causal_frame_mask(num_frames, self.layout, self.local_attn_size, self.sink_size)
             realise = flex_block_mask if device.type == "cuda" else dense_token_mask
             self._masks[key] = realise(frame_mask, tokens_per_frame, device)
         return self._masks[key]

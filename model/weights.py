@@ -1,7 +1,6 @@
 """Where downloaded weights are expected, the command that fetches what is missing, and downloads on demand
 (through ``huggingface_hub``; ``HF_HUB_OFFLINE=1`` / ``--offline``: none). Only file presence is checked (readers
-report corrupt files).
-"""
+report corrupt files)."""
 
 from __future__ import annotations
 

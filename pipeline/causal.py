@@ -1,7 +1,6 @@
 """The per-block loop of causal generation, written once (docs/architecture.md, "One block loop"): streaming, the
 Stage-3 rollout and many-step sampling run :class:`BlockLoop` with different data. Timesteps are Python floats and
-positions Python ints, so the loop never waits on the GPU.
-"""
+positions Python ints, so the loop never waits on the GPU."""
 
 from __future__ import annotations
 
@@ -260,10 +259,9 @@ class BlockLoop:
             policy: ExitPolicy | None = None, context_latents: torch.Tensor | None = None,
             commit_last: bool = True, record: Callable[[int, int, torch.Tensor], None] | None = None,
             ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Generate the blocks of ``noise [B, F, C, H, W]`` (the first numbered ``block_index``); yields
-        ``(start_frame, x0)`` per block. ``context_latents`` (shaped as noise) replace the predictions in the context
-        passes; ``commit_last`` also runs the last one; ``record(block_start, step_index, x)`` sees every pre-step
-        state."""
+        """Generate the blocks of ``noise [B, F, C, H, W]`` (the first numbered ``block_index``); yields ``(start_frame,
+        x0)`` per block. ``context_latents`` (shaped as noise) replace the predictions in the context passes;
+        ``commit_last`` also runs the last one; ``record(block_start, step_index, x)`` sees every pre-step state."""
         offset, frame, pending = 0, start_frame, None
         for i, n in enumerate(self._blocks_from(start_frame, noise.shape[1])):
             rec = (lambda j, x, f=frame: record(f, j, x)) if record is not None else None

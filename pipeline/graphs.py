@@ -1,7 +1,6 @@
 """CUDA graphs for the per-block forward of streaming inference (docs/architecture.md, "CUDA graphs per block
 position"): a one-frame block's forward launches ~2,000 kernels and frame-wise generation waits on the host (one H200:
-4.3 s of DiT wall time held 2.3 s of GPU work); a graph replays them with one launch.
-"""
+4.3 s of DiT wall time held 2.3 s of GPU work); a graph replays them with one launch."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """The user-facing streaming API (README.md, "From Python"): prompts in, decoded frames out, block by block, through
 :class:`~pipeline.causal.BlockLoop` at constant memory (past the training length a sliding window with sink frames,
 noise drawn per block). ``num_frames`` counts video frames (``4k + 1``, as in diffusers); ``num_latent_frames``
-counts latent frames, the unit of the published ``--num_output_frames``.
-"""
+counts latent frames, the unit of the published ``--num_output_frames``."""
 
 from __future__ import annotations
 

@@ -8,8 +8,7 @@ On the ``discrete_cd_N``-step Euler grid ``T_0 = 1000 > ... > T_{N-1}`` (shift `
 
 every network in teacher-forcing mode on ``x0``. θ⁻, the target, is the loop's EMA of the student (``ema_weight``,
 following every step from the start, checkpointed), copied in by :meth:`ConsistencyObjective.ema_updated`.
-``σ = t / num_train_timestep`` exactly: the grid is not on the training grid, and all four uses need the same σ.
-"""
+``σ = t / num_train_timestep`` exactly: the grid is not on the training grid, and all four uses need the same σ."""
 
 from __future__ import annotations
 
@@ -43,8 +42,7 @@ class ConsistencyObjective(Stage2Objective):
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
         target = copy.deepcopy(student).requires_grad_(False).eval()
         return Networks(trainable={"generator": student},
-                        frozen={"teacher": teacher, "target": target,
-                                "text_encoder": self._build_text_encoder(device)})
+                        frozen={"teacher": teacher, "target": target, "text_encoder": self._build_text_encoder(device)})
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Exact σ of timesteps ``[B, F]``, shaped to broadcast over ``[B, F, C, H, W]``."""

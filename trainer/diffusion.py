@@ -1,7 +1,6 @@
 """Stage 1: autoregressive diffusion on clean latents (training.md §3; docs/stage1.md), loss
 ``mean w(t)·(v_θ − (ε − x0))²`` in float32. Timesteps stay float32 (the reference's bf16 cast quantised them); each
-sample's draws are keyed by its position in one global sample stream, so any world size computes the same steps.
-"""
+sample's draws are keyed by its position in one global sample stream, so any world size computes the same steps."""
 
 from __future__ import annotations
 
@@ -175,8 +174,6 @@ class DiffusionObjective(Objective):
 
 
 def _check_config(cfg: Config) -> None:
-    if cfg.trainer != "diffusion":
-        raise ConfigError(f"DiffusionObjective needs trainer: diffusion, got {cfg.trainer!r}")
     if not cfg.data_path:
         raise ConfigError("trainer: diffusion needs data_path (a latent LMDB; make one with "
                           "python -m app.encode_videos)")

@@ -1,8 +1,7 @@
 """Stage 3: distribution matching distillation with the self-forcing rollout (training.md §6; docs/stage3.md).
 
 Generator loss: ``½·mean((x − sg[x − G])²)`` in float64 with ``G = (x̂0_fake − x̂0_real) / mean|x − x̂0_real|`` per
-sample, so its gradient in ``x`` is ``G / numel``.
-"""
+sample, so its gradient in ``x`` is ``G / numel``."""
 
 from __future__ import annotations
 
@@ -102,16 +101,23 @@ class DMDObjective(Objective):
         cfg = self.cfg
         if cfg.rolling_forcing:
             return self.rolling_forcing_rollout(context, grad)
-        generator = self.networks.trainable["generator"]
         num_frames = cfg.num_training_frames
-        exit_step, first_exit = draw_exit_steps(
-            self.schedule, len(generator.layout.block_sizes(num_frames)),
-            same_step_across_blocks=cfg.same_step_across_blocks, last_step_only=cfg.last_step_only)
+        exit_step, first_exit = self._draw_exit_steps(
+            len(self.networks.trainable["generator"].layout.block_sizes(num_frames)))
+        return self._rollout(context, grad, num_frames, exit_step, first_block_exit_step=first_exit)
+
+    def _draw_exit_steps(self, num_blocks: int) -> tuple[int | list[int], int | None]:
+        return draw_exit_steps(self.schedule, num_blocks, same_step_across_blocks=self.cfg.same_step_across_blocks,
+                               last_step_only=self.cfg.last_step_only)
+
+    def _rollout(self, context: torch.Tensor, grad: bool, num_frames: int, exit_step: int | list[int],
+                 **options) -> Rollout:
+        """:func:`self_forcing_rollout` of the generator (``options``: its keywords) under ``grad``."""
         with torch.set_grad_enabled(grad):
             result = self_forcing_rollout(
-                generator, self.scheduler, self.schedule, context, num_frames, latent_shape=self.latent_shape,
-                exit_step=exit_step, first_block_exit_step=first_exit, context_noise=cfg.context_noise,
-                dtype=self.compute_dtype)
+                self.networks.trainable["generator"], self.scheduler, self.schedule, context, num_frames,
+                latent_shape=self.latent_shape, exit_step=exit_step, context_noise=self.cfg.context_noise,
+                dtype=self.compute_dtype, **options)
         self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
         return result
 
@@ -120,22 +126,15 @@ class DMDObjective(Objective):
         """Rolling Forcing's training rollout, cut to its last clip. ``draws`` = (blocks, 1 for rolling windows or 0
         for the self-forcing rollout, phase), drawn on rank 0 and shared when not given."""
         cfg = self.cfg
-        generator = self.networks.trainable["generator"]
         n, clip, steps = cfg.num_frame_per_block, cfg.image_or_video_shape[1], len(self.schedule.timesteps)
         if draws is None:
             draws = broadcast_ints([int(torch.randint(clip // n, cfg.num_training_frames // n + 1, ())),
                                     int(torch.randint(2, ())), int(torch.randint(steps, ()))])
         blocks, windows, phase = draws
         num_frames = blocks * n
-        exit_step = phase if windows else draw_exit_steps(
-            self.schedule, blocks, same_step_across_blocks=cfg.same_step_across_blocks,
-            last_step_only=cfg.last_step_only)[0]
-        with torch.set_grad_enabled(grad):
-            result = self_forcing_rollout(
-                generator, self.scheduler, self.schedule, context, num_frames, latent_shape=self.latent_shape,
-                exit_step=exit_step, phase=phase if windows else None, grad_from_frame=num_frames - clip,
-                context_noise=cfg.context_noise, dtype=self.compute_dtype, rolling=(cfg.rolling_span, cfg.rolling_sink))
-        self.last_exit_step = exit_step if isinstance(exit_step, int) else exit_step[-1]
+        result = self._rollout(context, grad, num_frames, phase if windows else self._draw_exit_steps(blocks)[0],
+                               phase=phase if windows else None, grad_from_frame=num_frames - clip,
+                               rolling=(cfg.rolling_span, cfg.rolling_sink))
         # a longer rollout's clip starts with a re-encoded frame: its block is left out of the DMD loss
         return result._replace(latents=self._last_clip(result.latents, clip),
                                first_trained_frame=n if num_frames > clip else 0)

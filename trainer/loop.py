@@ -1,7 +1,6 @@
 """The one training loop of every stage (docs/training_loop.md gives its order); an
 :class:`~trainer.objective.Objective` names the networks, the optimizer phases and how a micro-batch becomes a loss.
-The objective sees the 0-based ``step``; logs and checkpoint names count steps done.
-"""
+The objective sees the 0-based ``step``; logs and checkpoint names count steps done."""
 
 from __future__ import annotations
 
@@ -136,8 +135,7 @@ class Trainer:
         """The objective's networks on this rank's device, then checkpointing, compile and FSDP2."""
         cfg, w = self.cfg, self.world
         nets = self.objective.build_networks(w.device)
-        missing = sorted(set(self.phases) - set(nets.trainable))
-        if missing:
+        if missing := sorted(set(self.phases) - set(nets.trainable)):
             raise ValueError(f"objective has phases {missing} without a trainable network of that name")
         mesh = distributed.build_mesh(cfg.sharding_strategy, w)
         for model in nets.trainable.values():

@@ -1,8 +1,7 @@
 """Stage 2a: causal ODE regression ``E_j || x̂0_θ(x_{t_j}, t_j ; c) − y ||²`` (training.md §4.6; docs/stage2.md),
 and the plumbing Stage 2b shares. An ODE row ``[S + 2, F, C, H, W]`` holds the teacher's states at the ``S`` warped
 steps of ``denoising_step_list``, the ODE output ``y`` and the ground truth ``c`` (the teacher-forcing context); ``j``
-is one per sample (the reference) or, with ``per_block_steps``, one per block (Self Forcing's choice).
-"""
+is one per sample (the reference) or, with ``per_block_steps``, one per block (Self Forcing's choice)."""
 
 from __future__ import annotations
 

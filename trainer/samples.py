@@ -1,6 +1,5 @@
 """Sample videos at each checkpoint: one short video per prompt as ``<logdir>/samples/step_<N>/<prompt>.mp4``
-(``.latents.pt`` without a VAE) and to W&B. Every rank runs the sharded generator; rank 0 alone decodes and writes.
-"""
+(``.latents.pt`` without a VAE) and to W&B. Every rank runs the sharded generator; rank 0 alone decodes and writes."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Resumable training checkpoints (torch.distributed.checkpoint) and the helpers of the release export.
 
 ``<logdir>/checkpoints/step_<N:06d>/`` (layout: docs/training_loop.md) is written into ``step_<N>.tmp/`` and renamed
-once every rank has written, so a crash mid-save leaves the previous one the latest.
-"""
+once every rank has written, so a crash mid-save leaves the previous one the latest."""
 
 from __future__ import annotations
 

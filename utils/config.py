@@ -1,8 +1,7 @@
 """Typed configuration: the :class:`Config` schema holds every default with its one-line doc; YAMLs load strictly.
 
 Load order (later wins): schema < ``default_config.yaml`` beside the file < ``base:`` chain < the YAML < overrides
-(README "Configs" has the rules). ``python -m app.config`` prints a resolved config, or every default with its doc.
-"""
+(README "Configs" has the rules). ``python -m app.config`` prints a resolved config, or every default with its doc."""
 
 import copy
 import dataclasses

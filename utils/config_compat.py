@@ -1,7 +1,6 @@
 """The published YAML format (thu-ml/Causal-Forcing ``configs/*.yaml``, Self Forcing's ``self_forcing_dmd.yaml``):
 what happens to each top-level key our schema does not read (README "Configs" gives the rules). A file is published
-when it has no ``base:``, sets a compatibility or secret key and none of :data:`OWN_KEYS`.
-"""
+when it has no ``base:``, sets a compatibility or secret key and none of :data:`OWN_KEYS`."""
 
 from __future__ import annotations
 

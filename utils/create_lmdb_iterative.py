@@ -4,8 +4,7 @@
         --lmdb_path dataset/ODE6KCausal_framewise
 
 Files (``{prompt: trajectory [1, S, F, C, H, W] or [S, F, C, H, W]}`` from the ODE-pair generator) are read in
-natural name order; a prompt already written is skipped (exact-string deduplication, as in the reference).
-"""
+natural name order; a prompt already written is skipped (exact-string deduplication, as in the reference)."""
 
 from __future__ import annotations
 
@@ -82,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", required=True,
                         help="folder of per-sample .pt files {prompt: tensor [1, S, F, C, H, W]} from the ODE-pair "
                              "generator")
-    parser.add_argument("--lmdb_path", required=True,
-                        help="output LMDB directory; must not already hold data")
+    parser.add_argument("--lmdb_path", required=True, help="output LMDB directory; must not already hold data")
     parser.add_argument("--map_size", type=int, default=DEFAULT_MAP_SIZE,
                         help="initial LMDB map size in bytes; it doubles automatically when full "
                              "(default: %(default)s)")

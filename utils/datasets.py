@@ -1,8 +1,7 @@
 """Torch datasets for prompts and latent LMDBs, and a resumable (distributed) sampler.
 
 Prompt files: UTF-8, one prompt per line, trailing whitespace stripped, blank lines skipped. Extended (LLM-expanded)
-prompts come as a second column ``prompt<TAB>extended`` (a line without a TAB uses its prompt) or as a parallel file.
-"""
+prompts come as a second column ``prompt<TAB>extended`` (a line without a TAB uses its prompt) or as a parallel file."""
 
 from __future__ import annotations
 

@@ -120,8 +120,7 @@ def build_mesh(strategy: str, w: World | None = None) -> DeviceMesh:
     if strategy == "no_shard":
         return init_device_mesh(w.device.type, (w.world_size, 1), mesh_dim_names=("replicate", "shard"))
     if strategy.startswith("hybrid") and w.num_nodes > 1 and w.world_size % w.local_world_size == 0:
-        return init_device_mesh(w.device.type, (w.num_nodes, w.local_world_size),
-                                mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(w.device.type, (w.num_nodes, w.local_world_size), mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(w.device.type, (w.world_size,), mesh_dim_names=("shard",))
 
 

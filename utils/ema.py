@@ -76,8 +76,7 @@ class ShardLocalEMA:
         """Write the shadow into ``module``'s parameters (same architecture, sharded the same way), e.g. the target
         network of consistency distillation."""
         named = {canonical_name(n): p for n, p in module.named_parameters()}
-        missing = set(self.shadow) - set(named)
-        if missing:
+        if missing := set(self.shadow) - set(named):
             raise KeyError(f"copy_to: the module does not fit the EMA: {key_mismatch(missing)}")
         dst = [_local(named[n].detach()) for n in self.shadow]
         torch._foreach_copy_(dst, [_local(s) for s in self.shadow.values()])

@@ -3,8 +3,7 @@
 Key ``<array>_<i>_data`` (ASCII) -> row ``i``'s raw little-endian C-order bytes (``latents``, float16) or UTF-8 text
 (``prompts``); key ``<array>_shape`` -> decimal integers, row count first (``"N 6 21 16 60 104"`` for ODE
 trajectories, ``"N 1 21 16 60 104"`` for clean latents, ``prompts_shape = "N"``). The writer writes the shape keys
-LAST, so an interrupted build leaves a database :class:`LMDBReader` refuses.
-"""
+LAST, so an interrupted build leaves a database :class:`LMDBReader` refuses."""
 
 from __future__ import annotations
 

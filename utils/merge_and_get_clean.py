@@ -3,8 +3,7 @@
     python utils/merge_and_get_clean.py               # dataset/ODE6KCausal_chunkwise_<i> -> dataset/clean_data
 
 Each ODE row ``[S, F, C, H, W]`` keeps its last slot (the ground truth) as ``[1, F, C, H, W]``. Nothing is deleted
-unless ``--delete_sources`` (the reference deleted every shard, forcing a second download for stage 2).
-"""
+unless ``--delete_sources`` (the reference deleted every shard, forcing a second download for stage 2)."""
 
 from __future__ import annotations
 

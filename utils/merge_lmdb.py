@@ -4,8 +4,7 @@
     python utils/merge_lmdb.py --data_dir dataset --names ODE6KCausal_chunkwise --delete_sources
 
 Rows are copied in shard order (shard index numerically, then row index); all shards must have the same row shapes.
-``--delete_sources`` deletes the shards once the merged database is complete and its row count checked.
-"""
+``--delete_sources`` deletes the shards once the merged database is complete and its row count checked."""
 
 from __future__ import annotations
 

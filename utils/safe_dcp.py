@@ -2,8 +2,7 @@
 
 DCP unpickles ``.metadata`` with plain :mod:`pickle` and loads non-tensor entries with ``weights_only=False``: a
 planted folder could run any command on resume. Here the metadata unpickler admits only what DCP writes there, and
-non-tensor entries load with ``weights_only=True``; anything else is refused with one line.
-"""
+non-tensor entries load with ``weights_only=True``; anything else is refused with one line."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """MP4 writing/reading (imageio + its bundled ffmpeg, libx264, yuv420p) and safe output file names. Every writer is
-atomic (:mod:`utils.io`): no partial ``.mp4`` ever sits under a final name.
-"""
+atomic (:mod:`utils.io`): no partial ``.mp4`` ever sits under a final name."""
 
 from __future__ import annotations
 
