@@ -52,8 +52,7 @@ class KVCache:
         self.sink = sink_frames
         self.rope = rope or RotaryTables(head_dim)
         shape = (num_layers, batch_size, capacity_frames * tokens_per_frame, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
         # the sink frames' keys as written (rotary positions 0..sink-1); rotated into place when used
         self.sink_k = torch.zeros((num_layers, batch_size, sink_frames * tokens_per_frame, num_heads, head_dim),
                                   dtype=dtype, device=device)

@@ -237,9 +237,8 @@ def _config_from_diffusers(d: dict, path: str) -> WanConfig:
     if qk_norm not in ("rms_norm_across_heads", None):
         raise ConfigError(f"{path}: qk_norm={qk_norm!r} is not supported (only 'rms_norm_across_heads' or null)")
     known = {"patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-             "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim",
-             "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len", "inject_sample_info",
-             "num_frame_per_block", "window_size"}
+             "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim", "added_kv_proj_dim",
+             "rope_max_seq_len", "pos_embed_seq_len", "inject_sample_info", "num_frame_per_block", "window_size"}
     if unknown := sorted(k for k in d if not k.startswith("_") and k not in known):
         log.warning("%s: ignoring diffusers config keys %s", path, ", ".join(unknown))
     try:

@@ -250,10 +250,9 @@ class TextEncoder(nn.Module):
         device = torch.device(device)
         stack = self.encoder.encoder
         units = [stack.embed_tokens, *stack.block, stack.final_layer_norm]
-        handles = []
-        for unit in units:
-            handles.append(unit.register_forward_pre_hook(lambda mod, args, d=device: _swap_in(mod, d)))
-            handles.append(unit.register_forward_hook(lambda mod, args, out: _swap_out(mod)))
+        handles = [hook for unit in units for hook in (
+            unit.register_forward_pre_hook(lambda mod, args, d=device: _swap_in(mod, d)),
+            unit.register_forward_hook(lambda mod, args, out: _swap_out(mod)))]
         self._stream_device = device
         try:
             yield self
@@ -264,9 +263,8 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer_path: str | Path | None = None,
-                        dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                        text_len: int = 512, output_device: torch.device | str | None = None,
-                        cache_size: int = 8) -> "TextEncoder":
+                        dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", text_len: int = 512,
+                        output_device: torch.device | str | None = None, cache_size: int = 8) -> "TextEncoder":
         """Load, keys checked strictly, from a Wan folder (``models_t5_umt5-xxl-enc-bf16.pth``, tokenizer in
         ``google/umt5-xxl``) or that file, or a transformers folder (``config.json`` + safetensors: a diffusers
         pipeline's ``text_encoder/`` with its sibling ``tokenizer/``, or the pipeline root)."""

@@ -79,8 +79,7 @@ class Projections(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_q, self.norm_k = (RMSNorm(dim, eps) if qk_norm else nn.Identity() for _ in range(2))
 
 
 class SelfAttention(Projections):

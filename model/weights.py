@@ -90,8 +90,7 @@ def download_hint_for_checkpoint(path: str | Path) -> str | None:
     released = _released(path)
     if released is None:
         return None
-    filename, local_dir = released
-    return f"hf download {CAUSAL_FORCING_REPO} {filename} --local-dir {shlex.quote(local_dir)}"
+    return f"hf download {CAUSAL_FORCING_REPO} {released[0]} --local-dir {shlex.quote(released[1])}"
 
 
 def _released(path: str | Path) -> tuple[str, str] | None:

@@ -255,10 +255,9 @@ class BlockLoop:
             yield n
             end, index = end + n, index + 1
 
-    def run(self, noise: torch.Tensor, start_frame: int = 0, block_index: int = 0,
-            policy: ExitPolicy | None = None, context_latents: torch.Tensor | None = None,
-            commit_last: bool = True, record: Callable[[int, int, torch.Tensor], None] | None = None,
-            ) -> Iterator[tuple[int, torch.Tensor]]:
+    def run(self, noise: torch.Tensor, start_frame: int = 0, block_index: int = 0, policy: ExitPolicy | None = None,
+            context_latents: torch.Tensor | None = None, commit_last: bool = True,
+            record: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Generate the blocks of ``noise [B, F, C, H, W]`` (the first numbered ``block_index``); yields ``(start_frame,
         x0)`` per block. ``context_latents`` (shaped as noise) replace the predictions in the context passes;
         ``commit_last`` also runs the last one; ``record(block_start, step_index, x)`` sees every pre-step state."""

@@ -39,9 +39,8 @@ def model_source(cfg: Config, name: str, weights: bool = True) -> str:
     raise WeightsMissingError(f"model folder {folder} not found; {wan_download_hint(folder)}")
 
 
-def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False,
-                    device=None, dtype=None, local_attn_size: int | None = None,
-                    sink_size: int | None = None, causal: bool = True) -> WanModel:
+def build_generator(cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None, dtype=None,
+                    local_attn_size: int | None = None, sink_size: int | None = None, causal: bool = True) -> WanModel:
     """The generator of ``cfg`` (block-causal; ``causal=False``: Stage 1's bidirectional base model) with
     ``checkpoint_path`` (or, when that is None, ``cfg.generator_ckpt``) loaded on top of the model folder's weights."""
     if checkpoint_path is None and cfg.generator_ckpt:

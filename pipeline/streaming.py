@@ -140,11 +140,9 @@ class StreamingPipeline:
         """A pipeline over networks built already (the training loop's sample videos pass its own)."""
         scheduler = C.build_scheduler(cfg)
         multistep = cfg.denoising_step_list is None
-        if multistep:
-            schedule = StepSchedule.multistep(scheduler, MULTISTEP_STEPS, cfg.timestep_shift, cfg.sample_solver)
-        else:
-            schedule = StepSchedule.from_config(scheduler, cfg.denoising_step_list,
-                                                cfg.denoising_step_list_first_chunk, cfg.warp_denoising_step)
+        schedule = StepSchedule.multistep(scheduler, MULTISTEP_STEPS, cfg.timestep_shift, cfg.sample_solver) \
+            if multistep else StepSchedule.from_config(scheduler, cfg.denoising_step_list,
+                                                       cfg.denoising_step_list_first_chunk, cfg.warp_denoising_step)
         shape = cfg.image_or_video_shape
         rolling = cfg.rolling_forcing
         return cls(generator, text_encoder, vae, scheduler, schedule, latent_shape=tuple(shape[2:]),
@@ -204,9 +202,8 @@ class StreamingPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         decode = output_type != "latent"
-        chunks = list(self.open(prompt, num_frames, num_latent_frames=num_latent_frames, seed=seed,
-                                generator=generator, initial_latent=initial_latent, decode=decode,
-                                uint8=output_type in ("np", "pil")))
+        chunks = list(self.open(prompt, num_frames, num_latent_frames=num_latent_frames, seed=seed, generator=generator,
+                                initial_latent=initial_latent, decode=decode, uint8=output_type in ("np", "pil")))
         latents = torch.cat([c.latents for c in chunks], 1)
         if initial_latent is not None:
             latents = torch.cat([initial_latent.to(latents), latents], 1)

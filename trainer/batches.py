@@ -20,10 +20,6 @@ class GlobalStreamSampler(Sampler[int]):
     position (ranks consume in lockstep), so it resumes on any world size."""
 
     def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        if num_samples < 1:
-            raise DataError("the dataset is empty")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
         self.num_samples_total, self.seed = int(num_samples), int(seed)
         self.num_replicas, self.rank = num_replicas, rank
         self.start = 0                                  # global position where this rank's count starts
@@ -160,9 +156,7 @@ class DataPosition:
         return batches
 
     def state_dict(self) -> dict:
-        if self.batches is None:
-            return dict(self._pending or {})
-        return self.batches.state_dict()
+        return dict(self._pending or {}) if self.batches is None else self.batches.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if not state:

@@ -64,7 +64,6 @@ class DiffusionObjective(Objective):
         mixed = cfg.mixed_precision and device.type == "cuda"
         self.compute_dtype = torch.bfloat16 if mixed else torch.float32
         text_encoder = build_text_encoder(cfg, device=device, dtype=self.compute_dtype, output_device=device)
-        text_encoder.requires_grad_(False)
         self.device = device
         return Networks(trainable={"generator": generator}, frozen={"text_encoder": text_encoder})
 

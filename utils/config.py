@@ -225,7 +225,6 @@ class Config:
             rest = frames - 1 if self.independent_first_frame else frames
             _check(frames >= 1 and rest % k == 0, f"{key} must split into blocks of num_frame_per_block={k}"
                    + (" after the independent first frame" if self.independent_first_frame else ""), frames)
-        _check(self.max_pair is None or self.max_pair >= 1, "max_pair must be >= 1 or null", self.max_pair)
 
     def _check_rolling(self) -> None:
         steps, k = self.denoising_step_list, self.num_frame_per_block
@@ -288,7 +287,7 @@ CHOICES = {"trainer": TRAINERS, "attention_backend": ATTENTION_BACKENDS, "sample
            "denoising_loss_type": DENOISING_LOSS_TYPES, "loss_weighting": LOSS_WEIGHTINGS}
 # Keys with a lower bound (null passes; checked first, so the rules below may divide by them).
 MINIMUMS = {"num_frame_per_block": 1, "fps": 1, "num_train_timestep": 1, "discrete_cd_N": 2, "batch_size": 1,
-            "ema_start_step": 0, "max_steps": 0, "gc_interval": 0, "log_iters": 1, "log_every": 1,
+            "ema_start_step": 0, "max_steps": 0, "gc_interval": 0, "log_iters": 1, "log_every": 1, "max_pair": 1,
             "dfake_gen_update_ratio": 1, "guidance_scale": 0, "real_guidance_scale": 0, "fake_guidance_scale": 0}
 # Keys a YAML may give although their value derives from another key (published YAMLs give both):
 # key -> (the source key, the derived value). load_config checks each copy against its source.

@@ -125,8 +125,6 @@ class ResumableSampler(Sampler[int]):
 
     def __init__(self, data_source, seed: int = 0, num_replicas: int = 1, rank: int = 0):
         self.num_samples_total = data_source if isinstance(data_source, int) else len(data_source)
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
         self.seed, self.num_replicas, self.rank = int(seed), num_replicas, rank
         self.epoch, self.position = 0, 0
         self._start = (0, 0)  # (epoch, position) where the consumed-sample count of state_for() starts
