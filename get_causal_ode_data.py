@@ -168,6 +168,8 @@ def check_args(args) -> None:
         raise UserError(f"--num_steps must be >= 1, got {args.num_steps}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.shift <= 0:
+        raise UserError(f"--shift must be > 0, got {args.shift}")
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max_samples must be >= 1 (leave it out for all samples), got {args.max_samples}")
     if not 0 <= args.seed < MAX_SEED:

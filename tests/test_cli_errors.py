@@ -33,6 +33,7 @@ def one_line(capsys) -> str:
     (["--num_steps", "0"], "--num_steps must be >= 1, got 0"),
     (["--max_samples", "-1"], "--max_samples must be >= 1"),
     (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--shift", "0"], "--shift must be > 0, got 0.0"),
     (["--seed", str(2**31)], "--seed must be in [0, 2^31), got 2147483648"),
     (["--seed", "-1"], "--seed must be in [0, 2^31)"),
     (["--output_folder", "FILE"], "is a file, not a folder"),

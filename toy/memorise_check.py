@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--weighting", choices=("uniform", "gaussian"), default="uniform", help="loss weight over t")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.shift <= 0:
+        p.error(f"--shift must be > 0, got {args.shift}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     torch.manual_seed(args.seed)
