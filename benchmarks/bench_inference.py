@@ -98,8 +98,8 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
     pipe.enable_fast_path(compile=variant.get("compile", True), graphs=variant.get("graphs"))
     if "text_encoder" in models:   # placed as StreamingPipeline.from_config places it
         if "text_encoder_on_gpu" not in models and device.type == "cuda":
-            working = C.video_working_bytes(gen.config, latent_shape, 21, next(gen.parameters()).element_size(),
-                                            torch.cuda.memory_allocated(device))
+            working = C.video_working_bytes(gen.config, latent_shape, pipe.default_num_frames,
+                                            next(gen.parameters()).element_size(), torch.cuda.memory_allocated(device))
             models["text_encoder_on_gpu"] = C.place_text_encoder(models["text_encoder"], device, working)
         pipe.text_encoder = models["text_encoder"]   # on the CPU: streamed per new prompt (stream_device)
     if not variant.get("compile_vae", True):
