@@ -91,6 +91,22 @@ def test_no_visualize_writes_none(world, tmp_path):
     assert release_path(tmp_path, 2).is_file() and not (tmp_path / "samples").exists()
 
 
+def test_without_ffmpeg_the_samples_are_latents_and_training_finishes(world, tmp_path, monkeypatch, caplog):
+    """A machine whose imageio has no ffmpeg (imageio-ffmpeg not installed) keeps training: one warning, and the
+    samples are the generated latents, those inference makes of the export."""
+    monkeypatch.setattr("trainer.samples.mp4_writer_missing", lambda: "no ffmpeg for imageio (test)")
+    with caplog.at_level("WARNING", logger="trainer.samples"):
+        cfg = train(world, tmp_path)
+    assert [r.getMessage() for r in caplog.records if r.name == "trainer.samples"] == [
+        "sample videos are written as latents: no ffmpeg for imageio (test)"]
+    folder = tmp_path / "samples" / "step_000002"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{p}.latents.pt" for p in PROMPTS)
+    pipe = StreamingPipeline.from_config(cfg, str(release_path(tmp_path, 2)), device="cpu")
+    expected = pipe.generate(PROMPTS, num_latent_frames=6, seed=cfg.seed, output_type="latent").latents
+    for i, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(torch.load(folder / f"{prompt}.latents.pt", weights_only=True), expected[i])
+
+
 def test_loss_curves_png(tmp_path):
     rows = [{"step": s, "generator_loss": 1 / s, "critic_loss": 0.5 + s / 100, "step_time": 0.1} for s in (10, 20, 30)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "gen')

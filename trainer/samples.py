@@ -1,5 +1,6 @@
 """Sample videos at each checkpoint: one short video per prompt as ``<logdir>/samples/step_<N>/<prompt>.mp4``
-(``.latents.pt`` without a VAE) and to W&B. Every rank runs the sharded generator; rank 0 alone decodes and writes."""
+(``.latents.pt`` without a VAE or without ffmpeg) and to W&B. Every rank runs the sharded generator; rank 0 alone
+decodes and writes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from trainer.objective import Networks
 from utils.config import Config
 from utils.errors import UserError
 from utils.io import AtomicPath
-from utils.video import safe_output_name, write_mp4
+from utils.video import mp4_writer_missing, safe_output_name, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class SampleWriter:
         """The config's VAE, built once; None (latents are written) when its folder has none."""
         if not self._vae_tried:
             self._vae_tried = True
+            if missing := mp4_writer_missing():
+                log.warning("sample videos are written as latents: %s", missing)
+                return None
             try:
                 self._vae = build_vae(self.cfg, device=device, dtype=dtype)
             except (UserError, OSError) as err:

@@ -29,6 +29,17 @@ def imageio_v2():
     return imageio
 
 
+def mp4_writer_missing() -> str | None:
+    """Why no mp4 can be written here (one line with the fix), or None when imageio finds its ffmpeg."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        return f"no ffmpeg for imageio ({one_line(err)}): pip install imageio-ffmpeg"
+    return None
+
+
 def pixels_to_uint8(frames):
     """Pixels ``[..., 3, H, W]`` in [-1, 1] (a tensor) -> uint8 ``[..., H, W, 3]`` on their device, equal to
     :func:`to_uint8_frames` (a GPU then sends the host a quarter of the bytes)."""
