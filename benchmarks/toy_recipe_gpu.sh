@@ -7,7 +7,7 @@
 # toy.folders.TOY_DIT, the step counts of configs/toy) within TOY_LIMIT seconds (default 470), then packs whatever
 # exists into $OUT, also when a stage ran late: recipe.log; results.tgz (the run's toy_results.md, per-row scores,
 # stage logs and metrics, the DiT config); the shipped files (base.safetensors, framewise.pt, chunkwise.pt, bf16);
-# the Stage-1 models (ar_framewise.pt, ar_chunkwise.pt, bf16) for toy.diagnose's exposure part on a CPU. Each file
+# the base and Stage-1 models (base.pt, ar_framewise.pt, ar_chunkwise.pt, bf16) for toy.diagnose's exposure part on a CPU. Each file
 # stays under a device call's 16 MiB. On a device machine (no ffmpeg there; missing wheels:
 # ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -38,7 +38,7 @@ import torch
 from model.loader import read_state_dict, save_release_checkpoint
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
-for stage in ("ar_framewise", "ar_chunkwise"):
+for stage in ("base", "ar_framewise", "ar_chunkwise"):
     path = work / "checkpoints" / f"{stage}.pt"
     if path.is_file():
         save_release_checkpoint(out / f"{stage}.pt", {k: t.to(torch.bfloat16) for k, t in read_state_dict(path).items()})
