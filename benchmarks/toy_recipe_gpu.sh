@@ -4,10 +4,12 @@
 #   OUT=/path/to/results bash benchmarks/toy_recipe_gpu.sh [extra toy.recipe flags]
 #
 # Trains every stage from scratch (python -m toy.recipe --device cuda --jobs 16 --ship --ship_base: the DiT of
-# toy.folders.TOY_DIT, the step counts of configs/toy) within TOY_LIMIT seconds (default 470), then packs whatever
-# exists into $OUT, also when a stage ran late: recipe.log; results.tgz (the run's toy_results.md, per-row scores,
-# stage logs and metrics, the DiT config); the shipped files (base.safetensors, framewise.pt, chunkwise.pt, bf16);
-# the base and Stage-1 models (base.pt, ar_framewise.pt, ar_chunkwise.pt, bf16) for toy.diagnose's exposure part on a CPU. Each file
+# toy.folders.TOY_DIT, the step counts of configs/toy) within TOY_LIMIT seconds (default 470), draws a frame strip of
+# every table row whose model exists (toy.pictures --workdir, sampled on the GPU: there is no ffmpeg there for videos),
+# then packs whatever exists into $OUT, also when a stage ran late: recipe.log; results.tgz (the run's toy_results.md,
+# per-row scores, frame strips, stage logs and metrics, the DiT config); the shipped files (base.safetensors,
+# framewise.pt, chunkwise.pt, bf16); the Stage-1 models (ar_framewise.pt, ar_chunkwise.pt, bf16) for toy.diagnose's
+# exposure part on a CPU. Each file
 # stays under a device call's 16 MiB. On a device machine (no ffmpeg there; missing wheels:
 # ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
