@@ -25,8 +25,10 @@ timeout "${TOY_LIMIT:-470}" python3 -m toy.recipe --device cuda --workdir "$work
     > "$OUT/recipe.log" 2>&1
 echo "toy.recipe exit status $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/recipe.log"
 cp assets/toy/Toy-T2V/config.json "$work/dit_config.json" 2>/dev/null
+timeout "${TOY_PICTURES_LIMIT:-40}" python3 -m toy.pictures --workdir "$work" --device cuda --out "$work/strips" \
+    >> "$OUT/recipe.log" 2>&1
 (cd "$work" && tar czf "$OUT/results.tgz" --ignore-failed-read toy_results.md eval eval_prompts.txt dit_config.json \
-    logs/*.log logs/*/metrics.jsonl 2>/dev/null)
+    strips logs/*.log logs/*/metrics.jsonl 2>/dev/null)
 cp assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors "$OUT/base.safetensors" 2>/dev/null
 for v in framewise chunkwise; do
     cp "assets/toy/checkpoints/$v/causal_forcing.pt" "$OUT/$v.pt" 2>/dev/null
@@ -40,7 +42,7 @@ import torch
 from model.loader import read_state_dict, save_release_checkpoint
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
-for stage in ("base", "ar_framewise", "ar_chunkwise"):
+for stage in ("ar_framewise", "ar_chunkwise"):
     path = work / "checkpoints" / f"{stage}.pt"
     if path.is_file():
         save_release_checkpoint(out / f"{stage}.pt", {k: t.to(torch.bfloat16) for k, t in read_state_dict(path).items()})
