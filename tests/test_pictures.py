@@ -67,3 +67,26 @@ def test_recipe_strips_draw_the_rows_whose_videos_exist(tmp_path, present):
             write_mp4(folder / f"{safe_output_name(prompt)}.mp4", videos(p=1, t=5)[0], fps=8)
     assert pictures.recipe_strips(tmp_path / "work", PROMPTS[2:], tmp_path) == int(present)
     assert (tmp_path / "toy_dmd_chunkwise_4.png").is_file() == present
+
+
+def test_recipe_strips_sample_a_row_that_has_a_model_but_no_videos(tmp_path, monkeypatch):
+    """With a device, a row whose model exists but whose videos do not (no ffmpeg on the machine that ran the recipe)
+    is sampled for its strip: that row's model, the strip's prompts in one batch, seed 0."""
+    from toy import diagnose
+    from toy.recipe import table_rows
+
+    row = next(r for r in table_rows() if r.name == "dmd_framewise_4")
+    model = (row, str(tmp_path / "dmd.pt"), tmp_path / "base")
+    monkeypatch.setattr(diagnose, "available_rows", lambda workdir: [model])
+    calls = []
+
+    def sample_row(*args):
+        calls.append(args)
+        return list(videos(p=len(args[3])))
+
+    monkeypatch.setattr(diagnose, "sample_row", sample_row)
+    assert pictures.recipe_strips(tmp_path / "work", PROMPTS, tmp_path) == 0 and not calls   # no device: no model
+    assert pictures.recipe_strips(tmp_path / "work", PROMPTS, tmp_path, "cpu") == 1
+    assert [a[:5] for a in calls] == [(*model, PROMPTS, 0)] and str(calls[0][6]) == "cpu"
+    image = np.asarray(pictures.Image.open(tmp_path / "toy_dmd_framewise_4.png").convert("RGB"))
+    assert image.shape[0] == len(PROMPTS) * (8 + pictures.GAP)

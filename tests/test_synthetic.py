@@ -33,6 +33,8 @@ def test_dataset_is_deterministic_and_prefix_stable():
     a, b = make_dataset(6, seed=3), make_dataset(6, seed=3)
     assert all(ca == cb and np.array_equal(va, vb) for (ca, va), (cb, vb) in zip(a, b))
     assert all(ca == cb and np.array_equal(va, vb) for (ca, va), (cb, vb) in zip(make_dataset(3, seed=3), a))
+    tail = make_dataset(2, seed=3, first=4)   # a part rendered on its own equals the same samples of the whole
+    assert all(ca == cb and np.array_equal(va, vb) for (ca, va), (cb, vb) in zip(tail, a[4:]))
     c = make_dataset(6, seed=4)
     assert any(not np.array_equal(va, vc) for (_, va), (_, vc) in zip(a, c))
     caption, video = a[0]

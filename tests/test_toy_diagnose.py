@@ -3,6 +3,7 @@ its exposure part (a rollout forced on its own latents must reproduce itself).""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,29 @@ def test_ceiling_and_vae_parts(tmp_path, repo_root, monkeypatch):
     # Latent frame 0 encodes one pixel frame, the others four: the least spread (measured 0.62 vs 0.78-0.95 on 24).
     spread = result["vae"]["latent_std_per_frame"]
     assert len(spread) == 9 and spread[0] < min(spread[1:]), spread
+    # ... and is coded apart: per channel its mean sits off the later frames' (measured up to 1.3 of their std on 24).
+    assert len(result["vae"]["frame0_channel_offset"]) == 16 and max(result["vae"]["frame0_channel_offset"]) > 0.5
+
+
+def test_frame0_channel_offset_is_frame_0s_mean_in_units_of_the_later_frames_std():
+    """A VAE whose latent frame 0 sits 2 later-frame standard deviations off in channel 0 and nowhere else."""
+    z = torch.randn(4, 9, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5
+    z[:, 0] = 0.0
+    z[:, 0, 0] = 1.0                                                  # later frames: mean 0, std 0.5 -> offset 2
+
+    class FakeVAE:
+        device = torch.device("cpu")
+
+        def encode(self, videos):
+            return z[:len(videos)]
+
+        def decode(self, latents):
+            return torch.zeros(len(latents), 33, 3, 8, 8)
+
+    clips = [np.zeros((33, 8, 8, 3), np.uint8)] * 4
+    _, stats = diagnose.vae_roundtrip(FakeVAE(), clips, batch=4)
+    offset = stats["frame0_channel_offset"]
+    assert offset[0] == pytest.approx(2.0, abs=0.05) and max(offset[1:]) < 0.05, offset
 
 
 @pytest.mark.parametrize("config", ["causal_forcing_dmd_chunkwise", "causal_forcing_dmd_framewise"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.loader import build_wan_model, read_state_dict
-from toy.folders import write_tiny_wan_folder
+from toy.folders import TINY_DIT, write_tiny_wan_folder
 from toy.world import all_combinations, format_caption
 from utils.config import load_config
 from utils.video import read_mp4
@@ -39,8 +39,9 @@ def quick_run(tmp_path_factory, repo_root):
     folder = write_tiny_wan_folder(root / "Tiny", sentences=[format_caption(c) for c in all_combinations()],
                                    **kwargs)
     work = root / "work"
+    tiny_dit = [f"{key}={json.dumps(value)}" for key, value in TINY_DIT.to_dict().items()]   # the folder's sizes
     cmd = [sys.executable, "-m", "toy.recipe", "--workdir", str(work), "--quick", "--device", "cpu",
-           "--model_folder", str(folder)]
+           "--model_folder", str(folder), "--dit", *tiny_dit]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, f"recipe failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return work, proc.stdout
@@ -117,19 +118,25 @@ def test_final_inference_writes_videos_of_the_right_length(quick_run, recipe):
         assert len(videos) == len(prompts) * recipe.QUICK["num_samples"], row
         for path in videos:
             assert read_mp4(path).shape == (33, 64, 64, 3)
-        result = json.loads((work / "eval" / f"{row}.json").read_text())
-        assert result["aggregate"]["count"] == len(videos)
+        result = json.loads((work / "eval" / f"{row}.json").read_text())[f"model:{row}"]
+        assert result["aggregate"]["count"] == len(videos) == len(result["videos"])
+        assert all(v["prompt"] in prompts for v in result["videos"])
     table = (work / "toy_results.md").read_text()
     assert "Causal Forcing DMD chunkwise" in table and "s/step" in table
     assert "written to" in stdout
+
+
+# What Recipe.score_row returns for a row, as far as the results table reads it.
+FAKE_SCORES = {"aggregate": {**dict.fromkeys(["faithfulness", "faithfulness_seen", "faithfulness_heldout", "color",
+                                              "shape", "direction", "speed", "jitter_px", "presence_late"], 0.5),
+                             "frame0_missing": 0, "count": 2},
+               "videos": [{"prompt": "a red circle moving left slowly", "faithfulness": 0.5}]}
 
 
 def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_path, monkeypatch):
     """``--until`` trains the stages up to the named one (in recipe order), skips the data when no remaining stage
     reads it, samples only rows whose checkpoints exist and writes the partial table into the workdir."""
     calls = []
-    aggregate = dict.fromkeys(["faithfulness", "faithfulness_seen", "faithfulness_heldout", "color", "shape",
-                               "direction", "speed", "centroid_step"], 0.5)
 
     def train(self, name):
         calls.append(name)
@@ -142,9 +149,8 @@ def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_
     monkeypatch.setattr(recipe.Recipe, "export_base", lambda self: calls.append("export_base"))
     monkeypatch.setattr(recipe.Recipe, "ode_data", lambda self, v: calls.append(f"ode_data_{v}"))
     monkeypatch.setattr(recipe.Recipe, "train", train)
-    monkeypatch.setattr(recipe.Recipe, "generate", lambda self, row, prompts: calls.append(f"sample {row.name}"))
-    monkeypatch.setattr(recipe.Recipe, "evaluate",
-                        lambda self, row, folder, prompts: {"aggregate": aggregate, "videos": []})
+    monkeypatch.setattr(recipe.Recipe, "score_row", lambda self, row, prompts: calls.append(f"sample {row.name}")
+                        or FAKE_SCORES)
     work = tmp_path / "work"
     argv = ["--workdir", str(work), "--device", "cpu", "--until", "ode_framewise"]
     assert recipe.main(argv) == 0
@@ -156,6 +162,14 @@ def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_
     recipe.main(argv + ["--rows", "base_50"])
     assert calls == ["models", "base", "export_base", "ar_framewise", "ar_chunkwise", "ode_framewise",
                      "sample base_50"]
+
+
+def test_the_base_starts_from_toy_dit_with_the_edits(recipe, tmp_path):
+    from toy.folders import TOY_DIT
+
+    args = recipe.build_parser().parse_args(["--workdir", str(tmp_path), "--dit", "num_layers=2"])
+    config = recipe.Recipe(args).dit_config()
+    assert config == {"_class_name": "WanModel", **TOY_DIT.to_dict(), "num_layers": 2}
 
 
 def test_dit_edits_are_checked(recipe):
@@ -190,11 +204,8 @@ def test_jobs_run_stages_side_by_side_after_what_they_read(recipe, tmp_path, mon
     monkeypatch.setattr(recipe.Recipe, "export_base", lambda self: None)
     monkeypatch.setattr(recipe.Recipe, "ode_data", lambda self, v: None)
     monkeypatch.setattr(recipe.Recipe, "train", train)
-    monkeypatch.setattr(recipe.Recipe, "generate", lambda self, row, prompts: sampled.append(row.name))
-    aggregate = dict.fromkeys(["faithfulness", "faithfulness_seen", "faithfulness_heldout", "color", "shape",
-                               "direction", "speed", "centroid_step"], 0.5)
-    monkeypatch.setattr(recipe.Recipe, "evaluate",
-                        lambda self, row, folder, prompts: {"aggregate": aggregate, "videos": []})
+    monkeypatch.setattr(recipe.Recipe, "score_row", lambda self, row, prompts: sampled.append(row.name)
+                        or FAKE_SCORES)
     assert recipe.main(["--workdir", str(tmp_path / "w"), "--device", "cpu", "--jobs", "3",
                         "--results", str(tmp_path / "r.md")]) == 0
     assert sorted(spans) == sorted(recipe.STAGES)

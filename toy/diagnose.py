@@ -101,9 +101,12 @@ def chunks(items: list, size: int) -> list[list]:
 
 
 @torch.no_grad()
-def vae_roundtrip(vae, clips: list[np.ndarray], batch: int = 4) -> tuple[list[np.ndarray], list[float]]:
+def vae_roundtrip(vae, clips: list[np.ndarray], batch: int = 4) -> tuple[list[np.ndarray], dict]:
     """Clips through ``WanVAE.encode`` and ``decode`` (the pipelines' normalised latents and streaming decoder), and
-    the standard deviation of each latent frame over all clips (how visible a frame is under the same noise)."""
+    statistics of their latents: ``latent_std_per_frame``, each latent frame's standard deviation over all clips (how
+    visible a frame is under the same noise), and ``frame0_channel_offset``, per channel the distance of latent frame
+    0's mean from the later frames' mean in units of their standard deviation (how differently the first frame, one
+    pixel frame encoded alone, is coded)."""
     from toy.vae import videos_to_tensor
     from utils.video import pixels_to_uint8
 
@@ -111,16 +114,17 @@ def vae_roundtrip(vae, clips: list[np.ndarray], batch: int = 4) -> tuple[list[np
     for part in chunks(clips, batch):
         latents.append(vae.encode(videos_to_tensor(part).to(vae.device)))
         out += list(pixels_to_uint8(vae.decode(latents[-1])).cpu().numpy())
-    z = torch.cat(latents)                                                              # [B, F, C, h, w]
-    return out, [round(float(z[:, f].std()), 3) for f in range(z.shape[1])]
+    z = torch.cat(latents).float()                                                     # [B, F, C, h, w]
+    later = z[:, 1:].transpose(1, 2).flatten(2)                                        # [B, C, (F-1) h w]
+    offset = (z[:, 0].mean((0, 2, 3)) - later.mean((0, 2))).abs() / later.std((0, 2))
+    return out, {"latent_std_per_frame": [round(float(z[:, f].std()), 3) for f in range(z.shape[1])],
+                 "frame0_channel_offset": [round(float(v), 2) for v in offset]}
 
 
 def vae_part(vae, clips: list[tuple[str, np.ndarray]], seed: int) -> dict:
-    """Scores of the round-tripped clips, with ``latent_std_per_frame``."""
-    decoded, spread = vae_roundtrip(vae, [v for _, v in clips])
-    result = score([c for c, _ in clips], decoded, seed=seed)
-    result["latent_std_per_frame"] = spread
-    return result
+    """Scores of the round-tripped clips, with their latents' statistics (:func:`vae_roundtrip`)."""
+    decoded, stats = vae_roundtrip(vae, [v for _, v in clips])
+    return {**score([c for c, _ in clips], decoded, seed=seed), **stats}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -453,7 +457,9 @@ def format_summary(result: dict) -> str:
             line(name, value["aggregate"])
             if "latent_std_per_frame" in value:
                 spread = " ".join(f"{v:.2f}" for v in value["latent_std_per_frame"])
-                lines.append(f"{name}: latent std per frame {spread}")
+                offset = value["frame0_channel_offset"]
+                lines.append(f"{name}: latent std per frame {spread}; frame-0 channel offset mean "
+                             f"{sum(offset) / len(offset):.2f}, max {max(offset):.2f} (later frames' std)")
     return "\n".join(lines)
 
 

@@ -26,9 +26,11 @@ TINY_T5 = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
                 temperal_downsample=[False, True, True])
 
-# The toy world (64x64 pixels, 33 frames): the DiT sees latents [9, 16, 8, 8] -> 9 x 16 tokens of width 128.
-TOY_DIT = WanConfig(dim=128, ffn_dim=512, freq_dim=64, text_dim=64, num_heads=4, num_layers=4, text_len=16,
-                    in_dim=16, out_dim=16, patch_size=(1, 2, 2))
+# The toy world (64x64 pixels, 33 frames): the DiT sees latents [9, 16, 8, 8] -> 9 x 64 tokens (one per latent pixel)
+# of width 256, 4.8M parameters (9.6 MB in bf16). 2x2 patches (16 tokens a frame, each 16x16 pixels, larger than a
+# shape's details) drew blobs: shape at chance (docs/toy_results.md).
+TOY_DIT = WanConfig(dim=256, ffn_dim=1024, freq_dim=64, text_dim=64, num_heads=4, num_layers=4, text_len=16,
+                    in_dim=16, out_dim=16, patch_size=(1, 1, 1))
 # Random, frozen UMT5: it only has to map different toy words to different vectors. d_model = TOY_DIT.text_dim.
 TOY_T5 = dict(d_model=TOY_DIT.text_dim, d_kv=16, num_heads=4, d_ff=128, num_layers=2)
 # Wan2.1's VAE layout (z_dim 16, 8x spatial from the 3 down-sampling stages, 4x temporal from the two temporal

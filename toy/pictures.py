@@ -9,7 +9,8 @@ scores (``--num_samples 4``: sample 0, with its seed ``app.jobs.video_seed``). W
 here from the shipped models: the two Causal Forcing DMD generators (``toy_chunkwise.png``, ``toy_framewise.png``,
 the shipped-models table and the recipe table's DMD rows) and the bidirectional base (``toy_base_50.png``, its
 ``base_50`` row); the preview shows the 8 videos of README's command (one a prompt). With ``--workdir`` every recipe
-row whose videos are under ``<workdir>/samples/<row>/`` gets ``toy_<row>.png`` from those very files.
+row whose videos are under ``<workdir>/samples/<row>/`` gets ``toy_<row>.png`` from those very files; with
+``--device`` too, a row that has a model there but no videos (a run without ffmpeg) is sampled for its strip.
 """
 
 from __future__ import annotations
@@ -100,16 +101,23 @@ def save_strip(frames: np.ndarray, prompts: list[str], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def recipe_strips(workdir: Path, prompts: list[str], out: Path) -> int:
-    """``toy_<row>.png`` for every results-table row with videos under ``<workdir>/samples/<row>/``; returns how
-    many."""
+def recipe_strips(workdir: Path, prompts: list[str], out: Path, device: str | None = None) -> int:
+    """``toy_<row>.png`` for every results-table row with videos under ``<workdir>/samples/<row>/``, or else, with
+    ``device``, with a model in the workdir: its videos of the prompts sampled here (one batch, seed 0; no ffmpeg
+    needed). Returns how many strips were drawn."""
+    import torch
+
+    from toy.diagnose import available_rows, sample_row
     from toy.recipe import table_rows
 
+    models = {row.name: (row, ckpt, base) for row, ckpt, base in available_rows(workdir)} if device else {}
     count = 0
     for row in table_rows():
         frames = folder_videos(workdir / "samples" / row.name, prompts)
+        if frames is None and row.name in models:
+            frames = np.stack(sample_row(*models[row.name], prompts, 0, len(prompts), torch.device(device)))
         if frames is None:
-            print(f"no videos of {row.name} in {workdir / 'samples' / row.name}")
+            print(f"no videos of {row.name} in {workdir / 'samples' / row.name}" + (" and no model" if device else ""))
             continue
         save_strip(frames, prompts, out / f"toy_{row.name}.png")
         count += 1
@@ -122,12 +130,15 @@ def main(argv=None) -> int:
     p.add_argument("--data_path", default=str(REPO_ROOT / "prompts" / "toy.txt"), help="prompts, one per line")
     p.add_argument("--workdir", help="a toy.recipe --workdir: strips of every table row from its sample videos "
                                      "(instead of the shipped models)")
+    p.add_argument("--device", default=None,
+                   help="with --workdir: sample the rows that have a model but no videos there on this device "
+                        "(cpu, cuda)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = [line.strip() for line in Path(args.data_path).read_text().splitlines() if line.strip()]
     if args.workdir:
-        return 0 if recipe_strips(Path(args.workdir), prompts, out) else 1
+        return 0 if recipe_strips(Path(args.workdir), prompts, out, args.device) else 1
     for name in MODELS:
         save_strip(shipped_videos(name, prompts, STRIP_SAMPLES)[0], prompts, out / f"toy_{name}.png")
     save_strip(base_videos(prompts, STRIP_SAMPLES), prompts, out / "toy_base_50.png")

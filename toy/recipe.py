@@ -1,31 +1,28 @@
-"""The toy-world recipe (issue 9): every Causal Forcing stage on synthetic clips, end to end, with the project's tools.
+"""The toy-world recipe (issues 9, 27): every Causal Forcing stage on synthetic clips, end to end, with the
+project's tools.
 
-    python -m toy.recipe --device cuda --jobs 8 --ship --ship_base   # the full recipe: ~16 min on one GPU
-    python -m toy.recipe --steps_scale 0.25            # on a CPU (see "Run time" below)
-    python -m toy.recipe --workdir /tmp/toy --quick    # a few steps per stage (CI, tests)
+    python -m toy.recipe --device cuda --jobs 16 --ship --ship_base   # the full recipe: one GPU, ~11 minutes
+    python -m toy.recipe --workdir /tmp/toy --quick                    # a few steps per stage (CI, tests; CPU)
 
 Stages, each a subprocess of an entry point users run themselves (``train.py``, ``get_causal_ode_data.py``,
-``utils/create_lmdb_iterative.py``, ``python -m app.encode_videos``, ``inference.py``, ``toy/eval_videos.py``) with a
-``configs/toy/*.yaml`` file and ``--override`` for the paths, chained through the checkpoint files they write:
+``utils/create_lmdb_iterative.py``, ``python -m toy.diagnose``) with a ``configs/toy/*.yaml`` file and
+``--override`` for the paths, chained through the checkpoint files they write:
 
-1. data: synthetic train / held-out clips (``toy.world.make_split``) as mp4 + ``captions.txt``, encoded to
-   latent LMDBs with the toy VAE;
+1. data: synthetic training clips (``toy.world.make_split``), rendered in memory and encoded into a latent LMDB with
+   the toy VAE (``app.encode_videos``);
 2. base: the bidirectional toy base model from random weights (it stands in for Wan2.1 and is Stage 3's real score
    and critic initialisation); its weights become ``<workdir>/models/base/Toy-T2V``;
 3. Stage 1 (teacher-forcing AR diffusion) frame-wise and chunk-wise, from the base;
 4. Stage 2: causal ODE pairs of the Stage-1 model + ODE regression, and separately causal consistency distillation;
-5. Stage 3: DMD from the ODE models (4-step frame-/chunk-wise, 2- and 1-step frame-wise), the paper's ablation,
-   DMD started from the Stage-1 model without Stage 2, and Rolling Forcing (long video) frame-wise;
-6. videos for every row of the results table, scored by the toy evaluator, written to ``docs/toy_results.md``.
+5. Stage 3: DMD from the ODE models (4-step frame-/chunk-wise, 2- and 1-step frame-wise), the paper's ablations
+   (DMD from the causal CD model; DMD from the Stage-1 model without Stage 2), and Rolling Forcing frame-wise;
+6. videos for every row of the results table (48 prompts x 2 by default), each row as soon as its model exists,
+   scored by the toy detector: ``<workdir>/toy_results.md`` (docs/toy_results.md quotes the shipped run's).
 
-Run time: the config defaults (``max_steps`` of configs/toy) are sized for one GPU. On one H200 with ``--jobs 8``
-the whole recipe took about 16 min (2026-11-26): clips 32 s, encoding 18 + 64 s, base 316 s (4000 steps of 64
-clips), then Stage 1, ODE pairs, ODE, CD, the five DMD runs and the sampling of all 14 table rows side by side in
-6.4 min. On a CPU the base dominates: 0.88 s a step of 64 clips on this 2-core CPU, so about an hour for its 4000
-steps; the later stages are small (DMD frame-wise, 200 steps of batch 4: 143 s), and sampling plus scoring 12 of the 14
-rows with 4 videos per prompt took 9.2 min. ``--steps_scale`` scales every stage (the base's prompt-following was
-only measured at the full 4000 steps); each run's table lists its own per-step times and extrapolates them to the
-config's steps.
+Run time: the config defaults (``max_steps`` of configs/toy) were planned for one GPU call of under 10 minutes with
+``--jobs 16`` (stages that do not read each other run side by side: the toy networks are far too small to fill a
+GPU); measured on one H100 the run needs about 640 s (docs/toy_results.md has the stage times). On a CPU the base
+alone takes hours; ``--steps_scale`` scales every stage.
 
 Every stage is skipped when its output file already exists, so an interrupted run continues where it stopped (and
 ``train.py`` itself resumes inside a stage). Logs of each subprocess: ``<workdir>/logs/<stage>.log``.
@@ -35,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -42,9 +40,10 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,10 +66,10 @@ STAGES = {
     "dmd_framewise_2step": ("causal_forcing_dmd_framewise_2step.yaml", "ode_framewise"),
     "dmd_framewise_1step": ("causal_forcing_dmd_framewise_1step.yaml", "ode_framewise"),
     "dmd_framewise_from_ar": ("causal_forcing_dmd_framewise.yaml", "ar_framewise"),   # ablation: no Stage 2
+    "dmd_framewise_from_cd": ("causal_forcing_dmd_framewise.yaml", "cd_framewise"),   # Stage 2b instead of 2a
     "dmd_rolling_framewise": ("rolling_forcing_dmd_framewise.yaml", "ode_framewise"),  # long video
 }
 QUICK_ROWS = ("base_50", "dmd_framewise_4", "dmd_chunkwise_4", "dmd_rolling_framewise_4")
-IO_THREADS = min(16, os.cpu_count() or 1)   # mp4 writers / decoders (ffmpeg subprocesses) at once
 QUICK = dict(steps=2, n_train=8, n_heldout=4, ode_samples=4, batch_size=2, num_prompts=2, num_samples=1)
 
 
@@ -101,6 +100,8 @@ def table_rows() -> list[Row]:
                  "causal_forcing_dmd_framewise_2step.yaml"),
              Row("dmd_framewise_1", "Causal Forcing DMD framewise", "1 (block 0: 4)", "dmd_framewise_1step",
                  "causal_forcing_dmd_framewise_1step.yaml"),
+             Row("dmd_framewise_from_cd_4", "Causal Forcing DMD framewise, from causal CD", "4",
+                 "dmd_framewise_from_cd", "causal_forcing_dmd_framewise.yaml"),
              Row("dmd_framewise_from_ar_4", "DMD from Stage 1, no Stage 2 (ablation)", "4", "dmd_framewise_from_ar",
                  "causal_forcing_dmd_framewise.yaml"),
              Row("dmd_rolling_framewise_4", "Rolling Forcing DMD framewise", "4, rolling windows",
@@ -191,7 +192,6 @@ class Recipe:
             self.env["CUDA_VISIBLE_DEVICES"] = ""   # train.py and the ODE script pick CUDA when they see it
         self.steps = self._step_counts()
         self.progress: Progress | None = None
-        self.video_seconds: dict[str, float] = {}   # row -> seconds per video (generation + decoding + writing)
 
     # --- layout ---------------------------------------------------------------------------------------------------
     def models(self, which: str) -> Path:
@@ -213,11 +213,11 @@ class Recipe:
         """Steps per trained stage: the config's max_steps x --steps_scale, then --steps NAME=N, --quick last."""
         from utils.config import load_config
 
-        counts, self.save_every, self.config_steps = {}, {}, {}
+        counts, self.save_every = {}, {}
         for name, (config, _) in STAGES.items():
             cfg = load_config(CONFIGS / config)
             counts[name] = max(1, round(cfg.max_steps * self.args.steps_scale))
-            self.save_every[name], self.config_steps[name] = cfg.log_iters, cfg.max_steps
+            self.save_every[name] = cfg.log_iters
         for item in self.args.steps:
             name, _, value = item.partition("=")
             if name not in STAGES or not value.isdigit():
@@ -292,32 +292,37 @@ class Recipe:
 
     # --- data and model folders -----------------------------------------------------------------------------------
     def make_model_folders(self) -> None:
-        """``models/init/Toy-T2V``: the shipped toy encoder, tokenizer and VAE with a randomly initialised DiT."""
+        """``models/init/Toy-T2V``: the toy encoder, tokenizer and VAE of ``--model_folder`` with a randomly
+        initialised DiT of ``toy.folders.TOY_DIT`` (edited by ``--dit``): the architecture is the recipe's, not the
+        folder's, so a run does not inherit the shipped model's size."""
         from model.weights import WAN_DIT_WEIGHTS
 
         init = self.models("init") / MODEL
+        wanted = self.dit_config()
         if (init / WAN_DIT_WEIGHTS).is_file():
-            on_disk = json.loads((init / "config.json").read_text())
-            wanted = _dit_config(on_disk, self.args.dit)
-            if wanted != on_disk:
-                raise SystemExit(f"{init} holds another DiT config than --dit asks for; use a new --workdir")
+            if json.loads((init / "config.json").read_text()) != wanted:
+                raise SystemExit(f"{init} holds another DiT config than toy.folders.TOY_DIT with --dit; use a new "
+                                 f"--workdir")
             self.progress.skip("models", f"{init} exists")
             return
         started = self.progress.begin("models", "toy UMT5 + tokenizer + VAE, random DiT")
         source = Path(self.args.model_folder)
-        note = f"encoder, tokenizer, VAE from {source}"
+        note = f"encoder, tokenizer, VAE from {source}; DiT {' '.join(self.args.dit) or 'TOY_DIT'}"
         if not (source / "config.json").is_file():
             source, note = self._stand_in_folder(), "STAND-IN: no assets/toy/Toy-T2V yet, random tiny encoder and VAE"
         tmp = init.with_name(init.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         _copy_folder_without_dit(source, tmp)
-        if self.args.dit:
-            config = _dit_config(json.loads((tmp / "config.json").read_text()), self.args.dit)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            note += f"; DiT config edited: {' '.join(self.args.dit)}"
+        (tmp / "config.json").write_text(json.dumps(wanted, indent=2) + "\n")
         _write_random_dit(tmp, self.args.seed)
         tmp.rename(init)
         self.progress.end("models", started, note)
+
+    def dit_config(self) -> dict:
+        """``config.json`` of the DiT every stage trains: ``TOY_DIT`` with the ``--dit`` edits."""
+        from toy.folders import TOY_DIT
+
+        return _dit_config({"_class_name": "WanModel", **TOY_DIT.to_dict()}, self.args.dit)
 
     def _stand_in_folder(self) -> Path:
         """A random folder of the toy sizes (untrained VAE) for runs before assets/toy/Toy-T2V exists."""
@@ -334,53 +339,52 @@ class Recipe:
         return folder
 
     def make_data(self) -> None:
-        """Synthetic clips as mp4 + captions.txt, then ``python -m app.encode_videos`` -> latent LMDBs."""
+        """Synthetic clips rendered in memory (in parallel parts) and encoded by the toy VAE into the clean-data LMDB
+        (``app.encode_videos.encode_videos_to_lmdb``, behind ``python -m app.encode_videos``): no mp4
+        round trip, which saves a minute on a GPU and needs no ffmpeg (the GPU machines have none)."""
+        if (self.clean_data / "data.mdb").is_file():
+            self.progress.skip("data", f"{self.clean_data} exists", count=2)
+            return
+        started = self.progress.begin("clips", f"{self.size('n_train')} synthetic training clips")
+        clips = self._render_clips()
+        self.progress.end("clips", started, self._write_prompts(clips))
+        started = self.progress.begin("encode", "encode the clips with the toy VAE")
+        self._encode(clips)
+        self.progress.end("encode", started)
+
+    def _render_clips(self) -> list:
+        from toy.world import split_combinations
         from utils.config import load_config
 
         cfg = load_config(CONFIGS / "base.yaml")
-        if (self.clean_data / "data.mdb").is_file():
-            self.progress.skip("data", f"{self.clean_data} exists", count=2 if self.quick else 3)
-        else:
-            started = self.progress.begin("clips", f"{self.size('n_train')} train + {self.size('n_heldout')} "
-                                                   f"held-out synthetic clips -> mp4")
-            counts = self._write_clips(cfg)
-            self.progress.end("clips", started, counts)
-            splits = [("train", self.clean_data)]
-            if not self.quick:  # held-out latents are for inspection only: no stage reads them
-                splits.insert(0, ("heldout", self.work / "dataset" / "heldout_data"))
-            for split, lmdb in splits:
-                tmp = lmdb.with_name(lmdb.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                self.run(f"encode_{split}", [
-                    sys.executable, "-m", "app.encode_videos", "--input_dir", str(self.work / "videos" / split),
-                    "--lmdb_path", str(tmp), "--height", str(cfg.height), "--width", str(cfg.width),
-                    "--num_frames", str(cfg.num_frames), "--fps", str(cfg.fps),
-                    "--batch_size", "32" if self.device == "cuda" else "8",
-                    "--num_workers", str(IO_THREADS),
-                    "--vae_path", str(self.models("init") / MODEL / "vae"), "--device", self.device],
-                    f"encode the {split} clips with the toy VAE")
-                shutil.rmtree(lmdb, ignore_errors=True)
-                tmp.rename(lmdb)
+        n, train = self.size("n_train"), split_combinations(seed=self.args.seed)[0]
+        size = dict(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, combinations=train)
+        parts = [(min(RENDER_PART, n - first), first) for first in range(0, n, RENDER_PART)]
+        # make_split's training clips, part by part (sample i depends only on (seed, i))
+        spawn = multiprocessing.get_context("spawn")   # this process has torch's threads: no fork
+        with ProcessPoolExecutor(min(len(parts), os.cpu_count() or 1), mp_context=spawn) as pool:
+            done = pool.map(_render_part, [(count, self.args.seed, first, size) for count, first in parts])
+            return [clip for part in done for clip in part]
 
-    def _write_clips(self, cfg) -> str:
-        from toy.world import make_split
-        from utils.video import write_mp4
-
-        train, heldout = make_split(self.size("n_train"), self.size("n_heldout"), self.args.seed,
-                                    num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
-        for split, clips in (("train", train), ("heldout", heldout)):
-            folder = self.work / "videos" / split
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            names = [f"clip_{i:05d}.mp4" for i in range(len(clips))]
-            # each mp4 is an ffmpeg subprocess fed through a pipe: threads overlap them (GIL released on writes)
-            with ThreadPoolExecutor(IO_THREADS) as pool:
-                list(pool.map(lambda job: write_mp4(folder / job[0], job[1][1], fps=cfg.fps), zip(names, clips)))
-            (folder / "captions.txt").write_text("".join(f"{n}\t{c}\n" for n, (c, _) in zip(names, clips)))
-        captions = list(dict.fromkeys(caption for caption, _ in train))   # Stage 3 trains on the seen captions
+    def _write_prompts(self, clips: list) -> str:
+        captions = list(dict.fromkeys(caption for caption, _ in clips))   # Stage 3 trains on the seen captions
         self.train_prompts.parent.mkdir(parents=True, exist_ok=True)
         self.train_prompts.write_text("\n".join(captions) + "\n")
         return f"{len(captions)} distinct training captions"
+
+    def _encode(self, clips: list) -> None:
+        import torch
+
+        from app.encode_videos import encode_videos_to_lmdb
+        from model.vae import WanVAE
+
+        vae = WanVAE.from_pretrained(self.models("init") / MODEL / "vae").to(self.device)
+        tmp = self.clean_data.with_name(self.clean_data.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with torch.no_grad():
+            encode_videos_to_lmdb(clips, vae, tmp, batch_size=64 if self.device == "cuda" else 8)
+        shutil.rmtree(self.clean_data, ignore_errors=True)
+        tmp.rename(self.clean_data)
 
     def export_base(self) -> None:
         """The trained base model as a Wan folder ``models/base/Toy-T2V`` (real score, critic, Stage-1 init)."""
@@ -413,6 +417,7 @@ class Recipe:
             "--generator_ckpt", str(self.ckpt(f"ar_{variant}")), "--rawdata_path", str(self.clean_data),
             "--output_folder", str(latents), "--max_samples", str(samples), "--num_steps", str(steps),
             "--guidance_scale", str(self.args.ode_guidance), "--seed", str(self.args.seed),
+            "--batch_size", str(ODE_BATCH if self.device == "cuda" else 4),
             "--override", *self.args.override, f"wan_models_dir={self.models('base')}"],
             f"{samples} teacher-forced ODE trajectories ({steps} Euler steps, CFG {self.args.ode_guidance})")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -421,76 +426,21 @@ class Recipe:
         tmp.rename(lmdb)
 
     # --- sampling and evaluation ----------------------------------------------------------------------------------
-    def generate(self, row: Row, prompts: Path) -> Path:
-        """Videos of one table row under ``samples/<row>/`` (inference.py; the bidirectional base in-process)."""
-        out = self.work / "samples" / row.name
-        num = self.size("num_samples")
-        if row.stage == "base":
-            started = self.progress.begin(f"sample_{row.name}", f"{row.label}, {row.steps} steps")
-            self._sample_base(out, prompts, num, row.name)
-            self.progress.end(f"sample_{row.name}", started)
-            return out
-        cmd = [sys.executable, "inference.py", "--config_path", str(CONFIGS / row.config), "--data_path", str(prompts),
-               "--output_folder", str(out), "--checkpoint_path", str(self.ckpt(row.stage)), "--device", self.device,
-               "--num_samples", str(num), "--seed", str(self.args.seed),
-               "--override", *self.args.override, f"wan_models_dir={self.models('base')}", *row.overrides]
-        self.run(f"sample_{row.name}", cmd + (["--use_ema"] if row.use_ema else []), f"{row.label}, {row.steps} steps")
-        found = re.search(r"([0-9]+) videos written, [0-9]+ skipped; ([0-9.]+) s per video",
-                          (self.work / "logs" / f"sample_{row.name}.log").read_text())
-        if found and int(found.group(1)):   # inference.py's own summary: model time only, no start-up
-            self._record_seconds(row.name, float(found.group(2)))
-        return out
-
-    def _record_seconds(self, row: str, seconds: float) -> None:
-        """Seconds per video of a row, kept beside its videos so that a rerun which skips them still reports it."""
-        self.video_seconds[row] = seconds
-        (self.work / "samples" / row / "seconds_per_video.json").write_text(
-            json.dumps({"seconds_per_video": seconds, "device": self.device}) + "\n")
-
-    def seconds_per_video(self, row: str) -> float | None:
-        if row not in self.video_seconds:
-            path = self.work / "samples" / row / "seconds_per_video.json"
-            if path.is_file():
-                self.video_seconds[row] = json.loads(path.read_text())["seconds_per_video"]
-        return self.video_seconds.get(row)
-
-    def _sample_base(self, out: Path, prompts: Path, num_samples: int, row: str) -> None:
-        """The base's videos (:class:`BaseSampler`) with the file names and per-video seeds of inference.py."""
-        from app.jobs import video_seed
-        from utils.config import load_config
-        from utils.datasets import TextDataset
-        from utils.video import safe_output_name, write_mp4
-
-        cfg = load_config(CONFIGS / "base.yaml", [*self.args.override, f"wan_models_dir={self.models('base')}"])
-        sample = BaseSampler(cfg, self.device)
-        dataset = TextDataset(str(prompts))
-        out.mkdir(parents=True, exist_ok=True)
-        used: set[str] = set()
-        seconds, count = 0.0, 0
-        for i in range(len(dataset)):
-            prompt = dataset[i]["prompts"]
-            stem = safe_output_name(prompt, used=used)
-            for k in range(num_samples):
-                path = out / f"{stem if num_samples == 1 else f'{stem}-{k}'}.mp4"
-                if path.is_file():
-                    continue
-                started = time.perf_counter()
-                frames = sample(prompt, video_seed(self.args.seed, i, k, num_samples))
-                write_mp4(path, frames, fps=cfg.fps, value_range=(-1, 1), layout="TCHW")
-                seconds, count = seconds + time.perf_counter() - started, count + 1
-        if count:
-            self._record_seconds(row, seconds / count)
-
-    def evaluate(self, row: Row, folder: Path, prompts: Path) -> dict:
-        """``toy/eval_videos.py`` on one sample folder (JSON under ``eval/``) + seen / held-out faithfulness."""
+    def score_row(self, row: Row, prompts: Path) -> dict:
+        """Videos of one table row, made and scored in one ``python -m toy.diagnose --parts models`` process (the
+        streaming pipeline as inference.py runs it, or the base's 50-step sampler; the toy detector on the frames in
+        memory). mp4s of them go to ``samples/<row>/`` where ffmpeg is at hand. Returns the evaluation (per-video
+        rows, aggregate with seen / held-out faithfulness, distance to real clips)."""
         out = self.work / "eval" / f"{row.name}.json"
-        self.run(f"eval_{row.name}", [
-            sys.executable, "-m", "toy.eval_videos", "--video_folder", str(folder), "--data_path", str(prompts),
-            "--num_samples", str(self.size("num_samples")), "--out", str(out), "--quiet",
-            "--num_real", str(self.size("n_heldout")), "--real_seed", str(self.args.seed)], f"score {folder.name}")
-        result = json.loads(out.read_text())
-        result["aggregate"].update(split_faithfulness(result, self.args.seed))
-        return result
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.run(f"row_{row.name}", [
+                sys.executable, "-m", "toy.diagnose", "--workdir", str(self.work), "--parts", "models", "--rows",
+                row.name, "--prompts", str(prompts), "--num_samples", str(self.size("num_samples")),
+                "--num_real", str(self.size("n_heldout")), "--seed", str(self.args.seed), "--per_video",
+                "--device", self.device, "--video_folder", str(self.work / "samples"), "--out", str(out),
+                *(["--override", *self.args.override] if self.args.override else [])], f"{row.label}, {row.steps}")
+        return json.loads(out.read_text())[f"model:{row.name}"]
 
     def ship(self) -> None:
         """Frame-wise and chunk-wise DMD generators -> ``assets/toy/checkpoints/<v>/causal_forcing.pt`` (bf16)."""
@@ -510,6 +460,7 @@ class Recipe:
             target = REPO / "assets" / "toy" / MODEL / WAN_DIT_WEIGHTS
             sd = read_state_dict(str(self.ckpt("base")))
             save_file({k: t.to(torch.bfloat16).contiguous() for k, t in sd.items()}, str(target))
+            shutil.copyfile(self.models("init") / MODEL / "config.json", target.parent / "config.json")
             say(f"        shipped the base model into {target.relative_to(REPO)}")
 
 
@@ -552,6 +503,18 @@ class BaseSampler:
             x0 = sample_bidirectional(self.model, self.scheduler, noise, self.encoder.encode(list(prompts)),
                                       self.schedule, self.negative, self.cfg.guidance_scale)
             return self.vae.decode(x0)
+
+
+RENDER_PART = 256   # clips rendered by one worker process
+ODE_BATCH = 64      # ODE trajectories integrated together on a GPU
+
+
+def _render_part(job: tuple) -> list:
+    """``make_dataset(count, seed, first=first, **size)`` in a worker process of :meth:`Recipe._render_clips`."""
+    from toy.world import make_dataset
+
+    count, seed, first, size = job
+    return make_dataset(count, seed, first=first, **size)
 
 
 def _default_device() -> str:
@@ -603,18 +566,6 @@ def _write_random_dit(folder: Path, seed: int) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WAN_DIT_WEIGHTS))
 
 
-def split_faithfulness(result: dict, seed: int) -> dict:
-    """Mean faithfulness over prompts whose attribute combination was seen in training / held out."""
-    from toy.world import format_caption, split_combinations
-
-    heldout = {format_caption(c) for c in split_combinations(seed=seed)[1]}
-    out = {}
-    for key, wanted in (("seen", False), ("heldout", True)):
-        scores = [r["faithfulness"] for r in result["videos"] if (r["prompt"] in heldout) == wanted]
-        out[f"faithfulness_{key}"] = sum(scores) / len(scores) if scores else None
-    return out
-
-
 def step_times(logdir: Path) -> float | None:
     """Mean seconds per training step from ``metrics.jsonl`` (the first logged interval, with start-up, left out
     when there are later ones)."""
@@ -640,40 +591,74 @@ def _fmt(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _ci(agg: dict, key: str) -> str:
+    """``0.83 [0.78, 0.88]``: the mean and its 95% bootstrap interval over prompts."""
+    low_high = agg.get("interval95", {}).get(key)
+    return _fmt(agg[key]) + ("" if not low_high else f" [{low_high[0]:.2f}, {low_high[1]:.2f}]")
+
+
+# The paper's ordering checks (Causal Forcing, its ablations): (better row, worse row, what it shows).
+ORDERING = [
+    ("dmd_framewise_4", "dmd_framewise_from_ar_4", "DMD from the causal ODE model beats DMD from Stage 1"),
+    ("dmd_framewise_from_cd_4", "dmd_framewise_from_ar_4", "DMD from the causal CD model beats DMD from Stage 1"),
+    ("dmd_framewise_4", "ar_framewise_4", "frame-wise: distilled 4-step beats undistilled Stage 1 at 4 steps"),
+    ("dmd_chunkwise_4", "ar_chunkwise_4", "chunk-wise: distilled 4-step beats undistilled Stage 1 at 4 steps"),
+]
+
+
+def ordering_checks(results: dict[str, dict]) -> list[str]:
+    """Markdown lines: each check of :data:`ORDERING` whose rows were scored, with the paired difference of
+    faithfulness (prompt by prompt) and its 95% bootstrap interval; it holds when the interval lies above 0."""
+    from toy.eval import paired_difference
+
+    lines = []
+    for better, worse, claim in ORDERING:
+        if better in results and worse in results:
+            d = paired_difference(results[better]["videos"], results[worse]["videos"])
+            verdict = "holds" if d["low"] > 0 else "not shown" if d["high"] > 0 else "reversed"
+            lines.append(f"| {claim} | `{better}` − `{worse}` | {d['difference']:+.2f} [{d['low']:+.2f}, "
+                         f"{d['high']:+.2f}] | {verdict} |")
+    return lines
+
+
 def results_markdown(recipe: Recipe, command: str, results: list[tuple[Row, dict]], seconds: float) -> str:
-    """docs/toy_results.md: the table, the command, stage timings and per-step times."""
+    """The run's results: the table with intervals, the ordering checks, stage timings and per-step times."""
     n = recipe.size("num_samples")
-    lines = ["# Toy-world results (issue 9)", "",
-             "Produced by `toy/recipe.py` (every stage through train.py / get_causal_ode_data.py / "
-             "inference.py with configs/toy/*.yaml); scores from `toy/eval_videos.py` (chance: colour 0.125, "
-             "shape 0.33, direction 0.25, speed 0.5). Faithfulness = mean of colour/shape/direction/speed correct;"
-             " *seen* / *held-out* = prompts whose attribute combination was / was not in the training split. "
-             "Fréchet and NN ratio compare per-clip features with held-out real clips (lower is better; NN ratio 1"
-             " = as close as real clips are to each other).", "", "```", command, "```", "",
-             f"Device: {recipe.device}; {len(results[0][1]['videos']) // max(n, 1) if results else 0} prompts x {n} "
-             f"samples per row; total wall time {seconds / 60:.1f} min.", "",
-             "| model | steps | faithful | seen | held-out | colour | shape | direction | speed | centroid step "
-             "| Fréchet | NN ratio | s/video |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    prompts = len({v["prompt"] for v in results[0][1]["videos"]}) if results else 0
+    lines = ["# Toy-world recipe results", "",
+             "Produced by `toy/recipe.py` (every stage through train.py / get_causal_ode_data.py with "
+             "configs/toy/*.yaml; each row's videos made and scored by `python -m toy.diagnose --parts models`). "
+             "Chance: colour 0.125, shape 0.33, direction 0.25, speed 0.5, faithfulness 0.30. Faithfulness = mean "
+             "of colour/shape/direction/speed correct, with its 95% bootstrap interval over prompts; *seen* / "
+             "*held-out* = prompts whose attribute combination was / was not in the training split; *frame 0* = "
+             "videos whose first frame misses the object; *wobble* = RMS distance (px) of the object's centroid from "
+             "a straight track (real clips: 0.06); *late* = share of the last third of the frames that show the "
+             "object in its colour. Fréchet and NN ratio compare per-clip features with held-out real clips (lower "
+             "is better; NN ratio 1 = as close as real clips are to each other).", "", "```", command, "```", "",
+             f"Device: {recipe.device}; {prompts} prompts x {n} samples per row; total wall time "
+             f"{seconds / 60:.1f} min.", "",
+             "| model | steps | faithful | seen | held-out | colour | shape | direction | speed | frame 0 | wobble "
+             "| late | Fréchet | NN ratio | s/video |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, res in results:
         a, d = res["aggregate"], res.get("distance", {})
-        lines.append(f"| {row.label} | {row.steps} | {_fmt(a['faithfulness'])} | {_fmt(a['faithfulness_seen'])} | "
-                     f"{_fmt(a['faithfulness_heldout'])} | {_fmt(a['color'])} | {_fmt(a['shape'])} | "
-                     f"{_fmt(a['direction'])} | {_fmt(a['speed'])} | {_fmt(a['centroid_step'])} | "
-                     f"{_fmt(d.get('frechet'), 3)} | {_fmt(d.get('nearest_neighbour_ratio'))} | "
-                     f"{_fmt(recipe.seconds_per_video(row.name))} |")
+        lines.append(f"| {row.label} | {row.steps} | {_ci(a, 'faithfulness')} | {_fmt(a['faithfulness_seen'])} | "
+                     f"{_fmt(a['faithfulness_heldout'])} | {_ci(a, 'color')} | {_ci(a, 'shape')} | "
+                     f"{_ci(a, 'direction')} | {_ci(a, 'speed')} | {a['frame0_missing']}/{a['count']} | "
+                     f"{_fmt(a['jitter_px'])} | {_fmt(a['presence_late'])} | {_fmt(d.get('frechet'), 3)} | "
+                     f"{_fmt(d.get('nearest_neighbour_ratio'))} | {_fmt(res.get('seconds_per_video'))} |")
+    checks = ordering_checks({row.name: res for row, res in results})
+    if checks:
+        lines += ["", "Ordering checks (faithfulness, paired by prompt):", "",
+                  "| claim | rows | difference [95% interval] | verdict |", "|---|---|---|---|", *checks]
     lines += ["", "Training stages (steps as run; seconds per step from each run's metrics.jsonl, first logged "
-                  "interval excluded when there are more; the last column extrapolates to the config's max_steps at "
-                  "this run's batch size):", "",
-              "| stage | config | steps | s/step | stage wall s | est. min at config steps |",
-              "|---|---|---|---|---|---|"]
+                  "interval excluded when there are more):", "",
+              "| stage | config | steps | s/step | stage wall s |", "|---|---|---|---|---|"]
     for name, (config, _) in STAGES.items():
-        per_step = step_times(recipe.work / "logs" / name)
-        estimate = None if per_step is None else per_step * recipe.config_steps[name] / 60
-        lines.append(f"| {name} | configs/toy/{config} | {recipe.steps[name]} | {_fmt(per_step, 3)} | "
-                     f"{_fmt(recipe.progress.timings.get(name), 1)} | {_fmt(estimate, 1)} |")
-    other = {k: v for k, v in recipe.progress.timings.items()
-             if k not in STAGES and not k.startswith(("sample_", "eval_"))}
+        lines.append(f"| {name} | configs/toy/{config} | {recipe.steps[name]} | "
+                     f"{_fmt(step_times(recipe.work / 'logs' / name), 3)} | "
+                     f"{_fmt(recipe.progress.timings.get(name), 1)} |")
+    other = {k: v for k, v in recipe.progress.timings.items() if k not in STAGES and not k.startswith("row_")}
     lines += ["", "Other steps (wall seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in other.items()), ""]
     return "\n".join(lines)
 
@@ -701,14 +686,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides for every stage, sampling included (e.g. timestep_shift=2); paths and step "
                         "counts are the recipe's own")
     p.add_argument("--dit", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="edit the toy DiT's config.json before the random initialisation of the base, e.g. dim=256 "
-                        "num_layers=6 'patch_size=[1,1,1]' (every stage inherits it; needs a fresh --workdir)")
+                   help="edit the DiT config (toy.folders.TOY_DIT) before the random initialisation of the base, e.g. "
+                        "num_layers=6 'patch_size=[1,2,2]' (every stage inherits it; needs a fresh --workdir)")
     p.add_argument("--until", default=None, choices=list(STAGES),
                    help="stop training after this stage; only table rows whose models exist are sampled")
-    p.add_argument("--n_train", type=int, default=2048, help="synthetic training clips" + d)
+    p.add_argument("--n_train", type=int, default=3072, help="synthetic training clips" + d)
     p.add_argument("--n_heldout", type=int, default=64, help="held-out clips (also the evaluator's real set)" + d)
-    p.add_argument("--ode_samples", type=int, default=48, help="ODE trajectories per variant (fewer rows after "
-                                                                 "create_lmdb_iterative's caption de-duplication)" + d)
+    p.add_argument("--ode_samples", type=int, default=384,
+                   help="ODE trajectories per variant; create_lmdb_iterative keeps one per distinct caption, so at "
+                        "most the ~150 training captions become rows" + d)
     p.add_argument("--ode_steps", type=int, default=24,
                    help="Euler steps of the ODE teacher, a multiple of 4 so the student's warped steps lie on the grid "
                         "(the reference: 48)" + d)
@@ -719,16 +705,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=None, metavar="ROW", choices=[r.name for r in table_rows()],
                    help="table rows to sample and score (default: all; with --quick: " + " ".join(QUICK_ROWS) + ")")
     p.add_argument("--model_folder", default=str(REPO / "assets" / "toy" / MODEL),
-                   help="Wan folder whose text encoder, tokenizer and VAE the run uses (its DiT weights are not "
-                        "used: the base starts from random weights of its config.json)" + d)
-    p.add_argument("--prompts", default=str(REPO / "prompts" / "toy.txt"), help="evaluation prompts" + d)
+                   help="Wan folder whose text encoder, tokenizer and VAE the run uses (not its DiT: the base starts "
+                        "from random weights of toy.folders.TOY_DIT, see --dit)" + d)
+    p.add_argument("--prompts", default=str(REPO / "prompts" / "toy_eval.txt"),
+                   help="evaluation prompts (the default: 48, every attribute value equally often, 16 of them held-out "
+                        "combinations, none used for tuning)" + d)
     p.add_argument("--seed", type=int, default=0, help="data split, initialisation and sampling seed" + d)
-    p.add_argument("--results", default=None, help="results markdown (default: docs/toy_results.md for a full "
-                                                   "run, <workdir>/toy_results.md with --quick, --until or --rows)")
+    p.add_argument("--results", default=None, help="results markdown (default: <workdir>/toy_results.md; "
+                                                   "docs/toy_results.md quotes a full run's)")
     p.add_argument("--ship", action="store_true", help="copy the DMD frame-/chunk-wise generators (bf16 release "
                                                        "format) to assets/toy/checkpoints/<v>/causal_forcing.pt")
     p.add_argument("--ship_base", action="store_true", help="with --ship: also write the trained base DiT (bf16) "
-                                                            "into assets/toy/Toy-T2V")
+                                                            "and its config.json into assets/toy/Toy-T2V")
     return p
 
 
@@ -749,30 +737,33 @@ def stage_needs(name: str) -> set[str]:
     return set() if name == "base" else {"base"} | ({init} if init else set())
 
 
-def run_stages(recipe: Recipe, todo: list[str], jobs: int = 1) -> None:
-    """Train ``todo`` (listed in STAGES order): every stage starts as soon as the stages it reads are done, up to
-    ``jobs`` at once (``jobs = 1``: one after the other, in order). A stage that fails stops the run once the running
-    ones end."""
-    def one(name: str) -> None:
+def run_tasks(tasks: dict[str, tuple[set[str], Callable[[], None]]], jobs: int = 1) -> None:
+    """Run every task ``name -> (the names it waits for, function)`` once, each as soon as the tasks it waits for
+    are done, up to ``jobs`` at once; among the ready ones the first in ``tasks`` order goes first (``jobs = 1``: one
+    after the other, in order). A task that fails stops the run once the running ones end."""
+    pending, done, running = list(tasks), set(), {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for name in [n for n in pending if tasks[n][0] <= done][:jobs - len(running)]:
+                pending.remove(name)
+                running[pool.submit(tasks[name][1])] = name
+            if not running:
+                raise RuntimeError(f"tasks {pending} wait on tasks that are not scheduled")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                future.result()   # re-raises the task's SystemExit
+                done.add(name)
+
+
+def stage_task(recipe: Recipe, name: str) -> Callable[[], None]:
+    def one() -> None:
         if name.startswith("ode_") and not recipe.ckpt(name).is_file():   # the trajectories only feed training
             recipe.ode_data(name[len("ode_"):])
         recipe.train(name)
         if name == "base":
             recipe.export_base()
-
-    scheduled, pending, done, running = set(todo), list(todo), set(), {}
-    with ThreadPoolExecutor(jobs) as pool:
-        while pending or running:
-            for name in [n for n in pending if stage_needs(n) & scheduled <= done][:jobs - len(running)]:
-                pending.remove(name)
-                running[pool.submit(one, name)] = name
-            if not running:
-                raise RuntimeError(f"stages {pending} wait on stages that are not scheduled")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                name = running.pop(future)
-                future.result()   # re-raises the stage's SystemExit
-                done.add(name)
+    return one
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -782,32 +773,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs and --nproc must be >= 1, got {args.jobs} and {args.nproc}")
     recipe = Recipe(args)
     recipe.work.mkdir(parents=True, exist_ok=True)
+    order = list(STAGES)   # recipe order: every stage after the one it starts from
+    todo = order[:order.index(args.until) + 1] if args.until else order
     wanted = args.rows or (QUICK_ROWS if args.quick else None)
-    rows = [r for r in table_rows() if wanted is None or r.name in wanted]
-    recipe.progress = progress = Progress(total=1 + (2 if args.quick else 3) + len(STAGES) + 4 + 2 * len(rows),
-                                          parallel=args.jobs > 1)
+    rows = [r for r in table_rows() if (wanted is None or r.name in wanted)
+            and (r.stage in todo or recipe.ckpt(r.stage).is_file())]   # only rows whose models exist or are made
+    recipe.progress = progress = Progress(total=1 + 2 + len(STAGES) + 4 + len(rows), parallel=args.jobs > 1)
     say(f"toy recipe -> {recipe.work} on {recipe.device}; steps: " +
         ", ".join(f"{k} {v}" for k, v in recipe.steps.items()))
     recipe.make_model_folders()
-    order = list(STAGES)   # recipe order: every stage after the one it starts from
-    todo = order[:order.index(args.until) + 1] if args.until else order
     if any(not recipe.ckpt(name).is_file() for name in todo if not name.startswith("dmd_")):
         recipe.make_data()   # every stage before Stage 3 reads the clean latents (DMD reads prompts only)
     else:
-        progress.skip("data", "no stage left that reads it", count=2 if args.quick else 3)
-    run_stages(recipe, todo, args.jobs)
-    rows = [r for r in rows if r.stage == "base" or recipe.ckpt(r.stage).is_file()]
-    if args.ship and not args.until:  # before the (long) sampling, so an interrupted run still ships its generators
-        recipe.ship()
-    prompts = eval_prompts(recipe)
-    with ThreadPoolExecutor(args.jobs) as pool:   # rows are independent: sampled side by side with --jobs
-        results = list(pool.map(lambda row: (row, recipe.evaluate(row, recipe.generate(row, prompts), prompts)),
-                                rows))
+        progress.skip("data", "no stage left that reads it", count=2)
+    prompts, scores = eval_prompts(recipe), {}
+    # Stages first (the critical path), then each row as soon as its model exists, overlapping later stages.
+    tasks = {name: (stage_needs(name) & set(todo), stage_task(recipe, name)) for name in todo}
+    if args.ship and not args.until:   # as soon as the shipped models exist: an interrupted run still ships them
+        tasks["ship"] = ({"base", "dmd_framewise", "dmd_chunkwise"} & set(todo), recipe.ship)
+    for row in rows:
+        tasks[f"row {row.name}"] = ({row.stage} & set(todo),
+                                    lambda row=row: scores.__setitem__(row.name, recipe.score_row(row, prompts)))
+    run_tasks(tasks, args.jobs)
     command = "python -m toy.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = results_markdown(recipe, command, results, time.perf_counter() - progress.start)
-    partial = args.quick or args.until or args.rows
-    out = Path(args.results) if args.results else (recipe.work / "toy_results.md" if partial
-                                                   else REPO / "docs" / "toy_results.md")
+    text = results_markdown(recipe, command, [(row, scores[row.name]) for row in rows],
+                            time.perf_counter() - progress.start)
+    out = Path(args.results) if args.results else recipe.work / "toy_results.md"
     out.write_text(text)
     say("\n" + text.split("```", 2)[2].strip() + f"\n\nwritten to {out}")
     return 0

@@ -150,14 +150,16 @@ def make_video(caption_attrs: dict, num_frames: int, height: int, width: int, rn
 
 
 def make_dataset(n: int, seed: int, num_frames: int = 33, height: int = 64, width: int = 64,
-                 combinations: Sequence[dict] | None = None) -> list[tuple[str, np.ndarray]]:
-    """``n`` pairs ``(caption, uint8 video [T, H, W, 3])``, deterministic given ``seed``.
+                 combinations: Sequence[dict] | None = None, first: int = 0) -> list[tuple[str, np.ndarray]]:
+    """``n`` pairs ``(caption, uint8 video [T, H, W, 3])``, deterministic given ``seed``: samples ``first`` to
+    ``first + n - 1``.
 
-    Sample ``i`` depends only on ``(seed, i)``, so ``make_dataset(10, s)[:5] == make_dataset(5, s)``.
+    Sample ``i`` depends only on ``(seed, i)``, so ``make_dataset(10, s)[:5] == make_dataset(5, s)`` and
+    ``make_dataset(10, s)[5:] == make_dataset(5, s, first=5)`` (a large set can be rendered in parallel parts).
     ``combinations`` restricts the captions to those attribute combinations (see :func:`make_split`).
     """
     samples = []
-    for i in range(n):
+    for i in range(first, first + n):
         rng = np.random.default_rng([seed, i])
         attrs = sample_attributes(rng, combinations)
         samples.append((format_caption(attrs), make_video(attrs, num_frames, height, width, rng)))

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The toy recipe on one GPU in one call (issue 27), and what a device call brings back.
+#
+#   OUT=/path/to/results bash benchmarks/toy_recipe_gpu.sh [extra toy.recipe flags]
+#
+# Trains every stage from scratch (python -m toy.recipe --device cuda --jobs 16 --ship --ship_base: the DiT of
+# toy.folders.TOY_DIT, the step counts of configs/toy) within TOY_LIMIT seconds (default 470), draws a frame strip of
+# every table row whose model exists (toy.pictures --workdir, sampled on the GPU: there is no ffmpeg there for videos),
+# then packs whatever exists into $OUT, also when a stage ran late: recipe.log; results.tgz (the run's toy_results.md,
+# per-row scores, frame strips, stage logs and metrics, the DiT config); the shipped files (base.safetensors,
+# framewise.pt, chunkwise.pt, bf16); the Stage-1 models (ar_framewise.pt, ar_chunkwise.pt, bf16) for toy.diagnose's
+# exposure part on a CPU. Each file
+# stays under a device call's 16 MiB. On a device machine (no ffmpeg there; missing wheels:
+# ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#   TOY_LIMIT=490 bash benchmarks/toy_recipe_gpu.sh
+set -u
+: "${OUT:?set OUT to the folder that receives the results}"
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=${TOY_WORK:-/tmp/toy_recipe}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=disabled HF_HUB_OFFLINE=1
+cd "$repo"
+start=$(date +%s)
+timeout "${TOY_LIMIT:-470}" python3 -m toy.recipe --device cuda --workdir "$work" --jobs 16 --ship --ship_base "$@" \
+    > "$OUT/recipe.log" 2>&1
+echo "toy.recipe exit status $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/recipe.log"
+cp assets/toy/Toy-T2V/config.json "$work/dit_config.json" 2>/dev/null
+timeout "${TOY_PICTURES_LIMIT:-40}" python3 -m toy.pictures --workdir "$work" --device cuda --out "$work/strips" \
+    >> "$OUT/recipe.log" 2>&1
+(cd "$work" && tar czf "$OUT/results.tgz" --ignore-failed-read toy_results.md eval eval_prompts.txt dit_config.json \
+    strips logs/*.log logs/*/metrics.jsonl 2>/dev/null)
+cp assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors "$OUT/base.safetensors" 2>/dev/null
+for v in framewise chunkwise; do
+    cp "assets/toy/checkpoints/$v/causal_forcing.pt" "$OUT/$v.pt" 2>/dev/null
+done
+python3 - "$work" "$OUT" <<'EOF'
+import sys
+from pathlib import Path
+
+import torch
+
+from model.loader import read_state_dict, save_release_checkpoint
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+for stage in ("ar_framewise", "ar_chunkwise"):
+    path = work / "checkpoints" / f"{stage}.pt"
+    if path.is_file():
+        save_release_checkpoint(out / f"{stage}.pt", {k: t.to(torch.bfloat16) for k, t in read_state_dict(path).items()})
+EOF
+ls -la "$OUT"
