@@ -24,7 +24,7 @@ start=$(date +%s)
 timeout "${TOY_LIMIT:-470}" python3 -m toy.recipe --device cuda --workdir "$work" --jobs 16 --ship --ship_base "$@" \
     > "$OUT/recipe.log" 2>&1
 echo "toy.recipe exit status $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/recipe.log"
-cp assets/toy/Toy-T2V/config.json "$work/dit_config.json" 2>/dev/null
+cp "$work/models/init/Toy-T2V/config.json" "$work/dit_config.json" 2>/dev/null   # the DiT this run trained
 timeout "${TOY_PICTURES_LIMIT:-40}" python3 -m toy.pictures --workdir "$work" --device cuda --out "$work/strips" \
     >> "$OUT/recipe.log" 2>&1
 (cd "$work" && tar czf "$OUT/results.tgz" --ignore-failed-read toy_results.md eval eval_prompts.txt dit_config.json \
