@@ -9,11 +9,12 @@
 # then packs whatever exists into $OUT, also when a stage ran late: recipe.log; results.tgz (the run's toy_results.md,
 # per-row scores, frame strips, stage logs and metrics, the DiT config); the shipped files (base.safetensors,
 # framewise.pt, chunkwise.pt, bf16); the Stage-1 models (ar_framewise.pt, ar_chunkwise.pt, bf16) for toy.diagnose's
-# exposure part on a CPU. Each file
-# stays under a device call's 16 MiB. On a device machine (no ffmpeg there; missing wheels:
-# ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
+# exposure part on a CPU. Each file stays under a device call's 16 MiB. On a device machine (no ffmpeg there; missing
+# wheels: ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   TOY_LIMIT=490 bash benchmarks/toy_recipe_gpu.sh
+#   TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh
+# The whole run takes ~640 s on one H100 (docs/toy_results.md): more than one 10-minute call. The same command again
+# on the same machine (while it is still warm: $TOY_WORK survives) continues it, skipping every finished stage.
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
 repo=$(cd "$(dirname "$0")/.." && pwd)
