@@ -14,11 +14,11 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh
 # The whole run takes ~640 s on one H100 (docs/toy_results.md): more than one 10-minute call. The same command again
-# on the same machine (while it is still warm: $TOY_WORK survives) continues it, skipping every finished stage.
+# on the same machine while it is warm (it keeps the ignored $TOY_WORK folder) continues it, skipping finished stages.
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
 repo=$(cd "$(dirname "$0")/.." && pwd)
-work=${TOY_WORK:-/tmp/toy_recipe}
+work=${TOY_WORK:-$repo/output/toy_recipe_gpu}   # ignored by git: a device machine keeps it between calls
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=disabled HF_HUB_OFFLINE=1
 cd "$repo"
 start=$(date +%s)
