@@ -385,14 +385,12 @@ def step_dmd(b: Bench, name: str, timeout: float, real: str | None = None, steps
 
 
 def mp4_writer() -> str | None:
-    """Why utils/video.py cannot write mp4 here (it needs imageio's FFMPEG plugin: imageio-ffmpeg), or None."""
-    try:
-        import imageio_ffmpeg
+    """Why utils/video.py cannot write mp4 here, with what a device call must carry for it, or None."""
+    from utils.video import mp4_writer_missing
 
-        return None if os.path.isfile(imageio_ffmpeg.get_ffmpeg_exe()) else "imageio-ffmpeg found no ffmpeg binary"
-    except Exception as err:  # ImportError, or RuntimeError from get_ffmpeg_exe
-        return (f"no mp4 writer: utils/video.py writes through imageio + imageio-ffmpeg ({type(err).__name__}: "
-                f"{err}); carry build/mp4-wheels (imageio_ffmpeg wheel with its ffmpeg binary)")
+    if missing := mp4_writer_missing():
+        return f"{missing}; carry build/mp4-wheels (imageio_ffmpeg wheel with its ffmpeg binary)"
+    return None
 
 
 def step_inference(b: Bench, timeout: float) -> dict:

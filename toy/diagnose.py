@@ -190,14 +190,10 @@ def sample_row(row: Row, checkpoint: str | None, models_dir: Path, prompts: list
 def write_videos(folder: Path, prompts: list[str], num_samples: int, clips: list[np.ndarray], fps: int) -> None:
     """The clips as mp4s named as inference.py names them (``<prompt>-<k>.mp4``), when ffmpeg is at hand (the GPU
     machines have none: there the scores alone come back)."""
-    from utils.video import safe_output_name, write_mp4
+    from utils.video import mp4_writer_missing, safe_output_name, write_mp4
 
-    try:
-        import imageio_ffmpeg
-
-        imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError) as err:
-        log.warning("no videos written to %s: no ffmpeg (%s)", folder, err)
+    if missing := mp4_writer_missing():
+        log.warning("no videos written to %s: %s", folder, missing)
         return
     folder.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()

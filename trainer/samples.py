@@ -57,7 +57,8 @@ class SampleWriter:
         return self._write(prompts, video, step, metrics) if self.is_main else []
 
     def _decoder(self, device: torch.device, dtype: torch.dtype):
-        """The config's VAE, built once; None (latents are written) when its folder has none."""
+        """The config's VAE, built once; None (latents are written) when its folder has none or no mp4 can be
+        written here."""
         if not self._vae_tried:
             self._vae_tried = True
             if missing := mp4_writer_missing():
