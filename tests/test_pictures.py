@@ -90,3 +90,17 @@ def test_recipe_strips_sample_a_row_that_has_a_model_but_no_videos(tmp_path, mon
     assert [a[:5] for a in calls] == [(*model, PROMPTS, 0)] and str(calls[0][6]) == "cpu"
     image = np.asarray(pictures.Image.open(tmp_path / "toy_dmd_framewise_4.png").convert("RGB"))
     assert image.shape[0] == len(PROMPTS) * (8 + pictures.GAP)
+
+
+def test_ground_truth_strip_shows_what_each_prompt_asks_for():
+    """The ground-truth videos are the toy world's renderings of the prompts: the evaluator (an independent reading of
+    the pixels) finds every attribute of every prompt in them, with the object in frame 0."""
+    from toy.eval import evaluate_clips
+
+    prompts = ["a red circle moving down quickly", "a blue square moving up slowly",
+               "a green triangle moving left slowly"]
+    frames = pictures.ground_truth_videos(prompts)
+    assert frames.shape == (3, 33, 64, 64, 3) and frames.dtype == np.uint8
+    result = evaluate_clips(prompts, list(frames))
+    assert result["aggregate"]["faithfulness"] == 1.0 and all(v["frame0_present"] for v in result["videos"])
+    assert not np.array_equal(frames, pictures.ground_truth_videos(prompts, seed=1))   # the seed draws the clips

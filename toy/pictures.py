@@ -4,13 +4,14 @@ and an animated preview (GIF).
     python -m toy.pictures                              # a few minutes on a CPU: the models in assets/toy
     python -m toy.pictures --workdir build/toyfull      # + every row of a toy.recipe run, from its videos
 
-A strip shows, for each prompt of prompts/toy.txt, every 4th of the 33 frames of the first of the videos the table
-scores (``--num_samples 4``: sample 0, with its seed ``app.jobs.video_seed``). Without ``--workdir`` they are made
-here from the shipped models: the two Causal Forcing DMD generators (``toy_chunkwise.png``, ``toy_framewise.png``,
-the shipped-models table and the recipe table's DMD rows) and the bidirectional base (``toy_base_50.png``, its
-``base_50`` row); the preview shows the 8 videos of README's command (one a prompt). With ``--workdir`` every recipe
-row whose videos are under ``<workdir>/samples/<row>/`` gets ``toy_<row>.png`` from those very files; with
-``--device`` too, a row that has a model there but no videos (a run without ffmpeg) is sampled for its strip.
+``toy_ground_truth.png`` shows each prompt as the toy world renders it (what the models are asked to draw). A model's
+strip shows, for each prompt of prompts/toy.txt, every 4th of the 33 frames of the first of the videos the table scores
+(``--num_samples 4``: sample 0, with its seed ``app.jobs.video_seed``). Without ``--workdir`` they are made here from
+the shipped models: the two Causal Forcing DMD generators (``toy_chunkwise.png``, ``toy_framewise.png``, the
+shipped-models table and the recipe table's DMD rows) and the bidirectional base (``toy_base_50.png``, its ``base_50``
+row); the preview shows the 8 videos of README's command (one a prompt). With ``--workdir`` every recipe row whose
+videos are under ``<workdir>/samples/<row>/`` gets ``toy_<row>.png`` from those very files; with ``--device`` too, a row
+that has a model there but no videos (a run without ffmpeg) is sampled for its strip.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def base_videos(prompts: list[str], num_samples: int) -> np.ndarray:
     sample = BaseSampler(load_config(CONFIGS / "base.yaml"), "cpu")
     return np.stack([to_uint8_frames(sample(prompt, video_seed(0, i, 0, num_samples)), (-1, 1), "TCHW")
                      for i, prompt in enumerate(prompts)])
+
+
+def ground_truth_videos(prompts: list[str], seed: int = 0) -> np.ndarray:
+    """uint8 ``[P, T, H, W, 3]``: each prompt rendered by the toy world (``toy.world.make_video``, the clip geometry of
+    configs/toy), what the models are asked to draw; prompt ``i`` from ``default_rng([seed, i])``."""
+    from toy.recipe import CONFIGS
+    from toy.world import make_video, parse_caption
+    from utils.config import load_config
+
+    cfg = load_config(CONFIGS / "base.yaml")
+    return np.stack([make_video(parse_caption(prompt), cfg.num_frames, cfg.height, cfg.width,
+                                np.random.default_rng([seed, i])) for i, prompt in enumerate(prompts)])
 
 
 def folder_videos(folder: Path, prompts: list[str]) -> np.ndarray | None:
@@ -137,6 +150,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = [line.strip() for line in Path(args.data_path).read_text().splitlines() if line.strip()]
+    save_strip(ground_truth_videos(prompts), prompts, out / "toy_ground_truth.png")
     if args.workdir:
         return 0 if recipe_strips(Path(args.workdir), prompts, out, args.device) else 1
     for name in MODELS:
