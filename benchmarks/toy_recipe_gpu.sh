@@ -4,10 +4,10 @@
 #   OUT=/path/to/results bash benchmarks/toy_recipe_gpu.sh [extra toy.recipe flags]
 #
 # Trains every stage from scratch (python -m toy.recipe --device cuda --jobs 16 --ship --ship_base: the DiT of
-# toy.folders.TOY_DIT, the step counts of configs/toy) within TOY_LIMIT seconds (default 470), draws a frame strip of
+# toy.folders.TOY_DIT, the step counts of configs/toy) within TOY_LIMIT seconds (default 530), draws a frame strip of
 # every table row whose model exists (toy.pictures --workdir, sampled on the GPU: there is no ffmpeg there for videos),
 # then packs whatever exists into $OUT, also when a stage ran late: recipe.log; results.tgz (the run's toy_results.md,
-# per-row scores, frame strips, stage logs and metrics, the DiT config); the shipped files (base.safetensors,
+# per-row scores, frame strips, stage logs and metrics, the DiT config); the files this run shipped (base.safetensors,
 # framewise.pt, chunkwise.pt, bf16); the Stage-1 models (ar_framewise.pt, ar_chunkwise.pt, bf16) for toy.diagnose's
 # exposure part on a CPU. Each file stays under a device call's 16 MiB. On a device machine (no ffmpeg there; missing
 # wheels: ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
@@ -22,7 +22,7 @@ work=${TOY_WORK:-$repo/output/toy_recipe_gpu}   # ignored by git: a device machi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=disabled HF_HUB_OFFLINE=1
 cd "$repo"
 start=$(date +%s)
-timeout "${TOY_LIMIT:-470}" python3 -m toy.recipe --device cuda --workdir "$work" --jobs 16 --ship --ship_base "$@" \
+timeout "${TOY_LIMIT:-530}" python3 -m toy.recipe --device cuda --workdir "$work" --jobs 16 --ship --ship_base "$@" \
     > "$OUT/recipe.log" 2>&1
 echo "toy.recipe exit status $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/recipe.log"
 cp "$work/models/init/Toy-T2V/config.json" "$work/dit_config.json" 2>/dev/null   # the DiT this run trained
@@ -30,22 +30,15 @@ timeout "${TOY_PICTURES_LIMIT:-40}" python3 -m toy.pictures --workdir "$work" --
     >> "$OUT/recipe.log" 2>&1
 (cd "$work" && tar czf "$OUT/results.tgz" --ignore-failed-read toy_results.md eval eval_prompts.txt dit_config.json \
     strips logs/*.log logs/*/metrics.jsonl 2>/dev/null)
-cp assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors "$OUT/base.safetensors" 2>/dev/null
+shipped() {   # a file this run shipped (newer than its DiT folder), not one the repository already held
+    [ "$1" -nt "$work/models/init/Toy-T2V/config.json" ] && cp "$1" "$2"
+}
+shipped assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors "$OUT/base.safetensors"
 for v in framewise chunkwise; do
-    cp "assets/toy/checkpoints/$v/causal_forcing.pt" "$OUT/$v.pt" 2>/dev/null
+    shipped "assets/toy/checkpoints/$v/causal_forcing.pt" "$OUT/$v.pt"
 done
-python3 - "$work" "$OUT" <<'EOF'
-import sys
-from pathlib import Path
-
-import torch
-
-from model.loader import read_state_dict, save_release_checkpoint
-
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-for stage in ("ar_framewise", "ar_chunkwise"):
-    path = work / "checkpoints" / f"{stage}.pt"
-    if path.is_file():
-        save_release_checkpoint(out / f"{stage}.pt", {k: t.to(torch.bfloat16) for k, t in read_state_dict(path).items()})
-EOF
+export_bf16='import sys, pathlib, toy.recipe as r; r.export_bf16(*map(pathlib.Path, sys.argv[1:]))'
+for stage in ar_framewise ar_chunkwise; do   # Stage-1 models, bf16, for toy.diagnose's exposure part on a CPU
+    [ -f "$work/checkpoints/$stage.pt" ] && python3 -c "$export_bf16" "$work/checkpoints/$stage.pt" "$OUT/$stage.pt"
+done
 ls -la "$OUT"

@@ -81,6 +81,18 @@ def test_every_stage_checkpoint_exists_and_loads(quick_run, recipe):
     assert model(x, torch.full((1, x.shape[1]), 500.0), torch.randn(1, 4, model.config.text_dim)).shape == x.shape
 
 
+def test_bf16_export_is_a_release_checkpoint_of_the_stage(quick_run, recipe, tmp_path):
+    """What --ship and a device call bring back: the stage's weights in bf16, loadable as a release checkpoint."""
+    work, _ = quick_run
+    source = work / "checkpoints" / "dmd_chunkwise.pt"
+    recipe.export_bf16(source, tmp_path / "causal_forcing.pt")
+    expected, got = read_state_dict(str(source)), read_state_dict(str(tmp_path / "causal_forcing.pt"))
+    assert got.keys() == expected.keys()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], expected[k].to(torch.bfloat16)) for k in got)
+    build_wan_model(work / "models" / "base" / recipe.MODEL, causal=True, num_frame_per_block=3,
+                    checkpoint_path=tmp_path / "causal_forcing.pt")
+
+
 def test_stages_chain_through_their_inputs(quick_run):
     """Each stage started from the file it was given: it stays closer to its input than to the input's input."""
     work, _ = quick_run

@@ -446,13 +446,12 @@ class Recipe:
         """Frame-wise and chunk-wise DMD generators -> ``assets/toy/checkpoints/<v>/causal_forcing.pt`` (bf16)."""
         import torch
 
-        from model.loader import read_state_dict, save_release_checkpoint
+        from model.loader import read_state_dict
         from model.weights import WAN_DIT_WEIGHTS
 
         for v in VARIANTS:
-            sd = read_state_dict(str(self.ckpt(f"dmd_{v}")))
             target = REPO / "assets" / "toy" / "checkpoints" / v / "causal_forcing.pt"
-            save_release_checkpoint(target, {k: t.to(torch.bfloat16) for k, t in sd.items()})
+            export_bf16(self.ckpt(f"dmd_{v}"), target)
             say(f"        shipped {target.relative_to(REPO)} ({target.stat().st_size / 2**20:.1f} MiB)")
         if self.args.ship_base:
             from safetensors.torch import save_file
@@ -515,6 +514,16 @@ def _render_part(job: tuple) -> list:
 
     count, seed, first, size = job
     return make_dataset(count, seed, first=first, **size)
+
+
+def export_bf16(checkpoint: Path, target: Path) -> None:
+    """A stage's generator weights as a bf16 release checkpoint (what ``--ship`` and a device call bring back)."""
+    import torch
+
+    from model.loader import read_state_dict, save_release_checkpoint
+
+    sd = read_state_dict(str(checkpoint))
+    save_release_checkpoint(target, {k: t.to(torch.bfloat16) for k, t in sd.items()})
 
 
 def _default_device() -> str:
