@@ -199,9 +199,9 @@ def reference_grid(num_steps=1000, shift=5.0):
     return t, sigmas, w * num_steps / w.sum()
 
 
-@pytest.mark.parametrize("weighting", ["gaussian", "uniform"])
-def test_teacher_forcing_loss_equals_independent_recomputation(world, weighting):
-    objective, generator = build(world, loss_weighting=weighting)
+@pytest.mark.parametrize("weighting,first", [("gaussian", 1.0), ("uniform", 1.0), ("uniform", 2.5)])
+def test_teacher_forcing_loss_equals_independent_recomputation(world, weighting, first):
+    objective, generator = build(world, loss_weighting=weighting, first_frame_loss_weight=first)
     x0, prompts = heldout(world, 4)
     context = objective.encode_prompts(prompts)
     torch.manual_seed(7)
@@ -219,7 +219,10 @@ def test_teacher_forcing_loss_equals_independent_recomputation(world, weighting)
     with torch.no_grad():
         flow = generator.forward_teacher_forcing(x_t.float(), draw.t, context, clean_x=x0).double()
     per_frame = (flow - (draw.noise.double() - x0.double())).pow(2).mean(dim=(2, 3, 4))
-    expected = ((weights[index] if weighting == "gaussian" else 1.0) * per_frame).mean()
+    frames = torch.ones(per_frame.shape[1], dtype=torch.float64)
+    frames[0] = first                                   # frame 0's weight, then all rescaled to mean 1
+    frames = frames / frames.mean()
+    expected = ((weights[index] if weighting == "gaussian" else 1.0) * per_frame * frames).mean()
     # float32 model on float32 inputs vs a float64 recomputation around the same forward: 1e-5 relative
     assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item(), (loss.item(), expected.item())
 
@@ -238,6 +241,8 @@ def test_block_timesteps_phases_and_config_checks(world):
         DiffusionObjective(make_config(world, causal=False, teacher_forcing=True))
     with pytest.raises(ConfigError, match="loss_weighting"):
         DiffusionObjective(make_config(world, loss_weighting="sigmoid"))
+    with pytest.raises(ConfigError, match="first_frame_loss_weight"):
+        DiffusionObjective(make_config(world, first_frame_loss_weight=0))
     with pytest.raises(ConfigError, match="needs teacher_forcing"):
         DiffusionObjective(make_config(world, teacher_forcing=False, noise_augmentation_max_timestep=100))
 

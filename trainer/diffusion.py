@@ -147,8 +147,14 @@ class DiffusionObjective(Objective):
             flow = generator(x_t, draw.t, context)  # block-causal mask (diffusion forcing) or bidirectional
         mse = (flow.float() - target.float()).pow(2).mean(dim=(2, 3, 4))    # [B, F], float32
         weight = self.scheduler.training_weight(draw.t) if self.cfg.loss_weighting == "gaussian" else 1.0
-        loss = (mse * weight).mean()
+        loss = (mse * weight * self.frame_weights(mse.shape[1], mse.device)).mean()
         return loss, mse
+
+    def frame_weights(self, num_frames: int, device: torch.device) -> torch.Tensor:
+        """Per-latent-frame loss weights ``[F]``, mean 1: ``first_frame_loss_weight`` for frame 0, equal elsewhere."""
+        w = torch.ones(num_frames, device=device)
+        w[0] = self.cfg.first_frame_loss_weight
+        return w * (num_frames / w.sum())
 
     def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if phase != "generator":

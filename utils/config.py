@@ -128,6 +128,9 @@ class Config:
     noise_augmentation_max_timestep: int = _f(0, "noise the clean context up to this timestep; 0 disables")
     loss_weighting: str = _f("gaussian", "stage-1 loss weight over t: 'gaussian' (the reference's bell around "
                              "t = 500, mean 1) or 'uniform' (from-scratch models must learn the high-noise layout)")
+    first_frame_loss_weight: float = _f(1.0, "weight of latent frame 0 in the diffusion loss relative to the others "
+                                        "(frame weights rescaled to mean 1); frame 0 codes one pixel frame alone and "
+                                        "has less spread than the rest; 1 = the reference")
     caption_dropout: float = _f(0.0, "probability that a training caption is replaced by the empty string \"\", "
                                 "so classifier-free guidance has an unconditional model; 0 disables")
 
@@ -272,6 +275,8 @@ class Config:
         for key in ("lr", "lr_critic", "max_grad_norm_generator", "max_grad_norm_critic"):
             value = getattr(self, key)   # .inf or .nan would train nothing useful without any error
             _check(value is None or 0 < value < float("inf"), f"{key} must be a finite number > 0", value)
+        _check(0 < self.first_frame_loss_weight < float("inf"), "first_frame_loss_weight must be a finite number > 0",
+               self.first_frame_loss_weight)
         _check(0 <= self.caption_dropout <= 1, "caption_dropout must lie in [0, 1]", self.caption_dropout)
         for key in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
             _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
