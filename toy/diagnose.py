@@ -118,13 +118,45 @@ def vae_roundtrip(vae, clips: list[np.ndarray], batch: int = 4) -> tuple[list[np
     later = z[:, 1:].transpose(1, 2).flatten(2)                                        # [B, C, (F-1) h w]
     offset = (z[:, 0].mean((0, 2, 3)) - later.mean((0, 2))).abs() / later.std((0, 2))
     return out, {"latent_std_per_frame": [round(float(z[:, f].std()), 3) for f in range(z.shape[1])],
-                 "frame0_channel_offset": [round(float(v), 2) for v in offset]}
+                 "frame0_channel_offset": [round(float(v), 2) for v in offset]}, z
+
+
+LATENT_NOISE = (0.25, 0.5, 1.0)
+
+
+@torch.no_grad()
+def latent_noise_presence(vae, clips: list[tuple[str, np.ndarray]], z: torch.Tensor, seed: int,
+                          batch: int = 4) -> dict:
+    """``{sigma: [presence per latent frame]}``: every latent of ``z`` plus Gaussian noise of std ``sigma`` times the
+    later frames' std (the same absolute error on every frame, as a generator's error is), decoded; for each latent
+    frame, the fraction of the pixel frames it codes (frame 0: pixel frame 0; frame f: pixel frames 4f-3..4f) in which
+    the detector still finds the object. How fragile each frame's decode is."""
+    from toy.eval import detect_object
+    from toy.world import parse_caption
+    from utils.video import pixels_to_uint8
+
+    scale = float(z[:, 1:].std())
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for sigma in LATENT_NOISE:
+        noisy = z + sigma * scale * torch.randn(z.shape, generator=gen).to(z.device)
+        present = []                                                                   # [clips, pixel frames]
+        for k in range(0, len(clips), batch):
+            videos = pixels_to_uint8(vae.decode(noisy[k:k + batch].to(z.dtype))).cpu().numpy()
+            present += [detect_object(v, parse_caption(c)["color"]).present for (c, _), v in
+                        zip(clips[k:k + batch], videos)]
+        present = np.asarray(present, dtype=float)
+        groups = [[0]] + [list(range(4 * f - 3, 4 * f + 1)) for f in range(1, z.shape[1])]
+        out[str(sigma)] = [round(float(present[:, g].mean()), 3) for g in groups]
+    return out
 
 
 def vae_part(vae, clips: list[tuple[str, np.ndarray]], seed: int) -> dict:
-    """Scores of the round-tripped clips, with their latents' statistics (:func:`vae_roundtrip`)."""
-    decoded, stats = vae_roundtrip(vae, [v for _, v in clips])
-    return {**score([c for c, _ in clips], decoded, seed=seed), **stats}
+    """Scores of the round-tripped clips, with their latents' statistics (:func:`vae_roundtrip`) and how each latent
+    frame's decode survives noise (:func:`latent_noise_presence`)."""
+    decoded, stats, z = vae_roundtrip(vae, [v for _, v in clips])
+    return {**score([c for c, _ in clips], decoded, seed=seed), **stats,
+            "latent_noise_presence": latent_noise_presence(vae, clips, z, seed)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -456,6 +488,9 @@ def format_summary(result: dict) -> str:
                 offset = value["frame0_channel_offset"]
                 lines.append(f"{name}: latent std per frame {spread}; frame-0 channel offset mean "
                              f"{sum(offset) / len(offset):.2f}, max {max(offset):.2f} (later frames' std)")
+                for sigma, presence in value.get("latent_noise_presence", {}).items():
+                    cells = " ".join(f"{p:.2f}" for p in presence)
+                    lines.append(f"{name}: latents + noise {sigma} x std: object present per latent frame {cells}")
     return "\n".join(lines)
 
 
