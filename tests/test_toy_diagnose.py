@@ -119,3 +119,22 @@ def test_bad_flags_are_one_line_errors(argv, names, tmp_path, repo_root, monkeyp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and names in err and "\n" not in err
     assert not (tmp_path / "d.json").exists()
+
+
+def test_compare_pairs_two_result_files_by_prompt(tmp_path):
+    """--compare: A minus B per prompt mean, averaged over prompts; frame0_present counted as a rate."""
+    def video(prompt, faithful, present):
+        return {"prompt": prompt, "faithfulness": faithful, "frame0_present": present}
+    a = {"model:x": {"videos": [video("p", 1.0, True), video("p", 0.5, True), video("q", 0.0, False)]}}
+    b = {"command": "c", "model:x": {"videos": [video("q", 0.5, False), video("p", 0.25, False)]}}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = tmp_path / "cmp.json"
+    assert diagnose.main(["--compare", str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:model:x",
+                          "--compare_keys", "faithfulness", "frame0_present", "--out", str(out)]) == 0
+    diff = json.loads(out.read_text())["differences"]
+    # p: 0.75 - 0.25, q: 0.0 - 0.5 -> mean 0.0; frame 0: p 1 - 0, q 0 - 0 -> 0.5
+    assert diff["faithfulness"]["difference"] == pytest.approx(0.0) and diff["faithfulness"]["prompts"] == 2
+    assert diff["frame0_present"]["difference"] == pytest.approx(0.5)
+    assert diagnose.main(["--compare", str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:model:y",
+                          "--out", str(out)]) == 2

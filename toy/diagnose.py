@@ -309,6 +309,37 @@ def frame_errors(row: Row, checkpoint: str | None, models_dir: Path, clips: list
     return out
 
 
+def scored_videos(spec: str) -> list[dict]:
+    """The per-video scores in ``FILE[:ENTRY]``: a result JSON of this module or of ``toy.recipe``'s eval folder
+    (``ENTRY`` names the part, e.g. ``model:base_50``; without it the file must hold one entry with videos)."""
+    path, _, entry = spec.partition(":")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read a result JSON ({err})") from err
+    found = {k: v["videos"] for k, v in data.items() if isinstance(v, dict) and v.get("videos")}
+    if entry:
+        if entry not in found:
+            raise UserError(f"{path}: no entry {entry!r} with per-video scores; it has {sorted(found) or 'none'}")
+        return found[entry]
+    if len(found) != 1:
+        raise UserError(f"{path}: {len(found)} entries with per-video scores ({sorted(found)}); name one as "
+                        f"{path}:ENTRY (a run written without --per_video keeps none)")
+    return next(iter(found.values()))
+
+
+def compare(spec_a: str, spec_b: str, keys: list[str], seed: int) -> dict:
+    """A minus B for each score in ``keys``, paired by prompt, with a 95% bootstrap interval over prompts
+    (:func:`toy.eval.paired_difference`); ``frame0_present`` and the 0/1 scores become rates."""
+    from toy.eval import paired_difference
+
+    a, b = scored_videos(spec_a), scored_videos(spec_b)
+    rows = lambda videos: [{**v, **{k: None if v.get(k) is None else float(v[k]) for k in keys}}  # noqa: E731
+                           for v in videos]
+    return {"a": spec_a, "b": spec_b, "videos": [len(a), len(b)],
+            "differences": {k: paired_difference(rows(a), rows(b), k, seed=seed) for k in keys}}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # command line
 
@@ -348,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compare", nargs=2, default=None, metavar="FILE[:ENTRY]",
+                   help="instead of the parts: A minus B per score, paired by prompt, from two result JSONs with "
+                        "per-video scores (this module's with --per_video, or a recipe's eval/<row>.json)")
+    p.add_argument("--compare_keys", nargs="+", default=["faithfulness", *SCORES, "frame0_present"], metavar="KEY",
+                   help="per-video scores --compare reports")
     p.add_argument("--out", default="output/toy_diagnose.json", help="JSON with every part's numbers")
     return p
 
@@ -494,6 +530,14 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(result: dict) -> str:
+    lines = [f"A = {result['a']} ({result['videos'][0]} videos), B = {result['b']} ({result['videos'][1]} videos)"]
+    for key, d in result["differences"].items():
+        lines.append(f"{key}: A - B = {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] over "
+                     f"{d['prompts']} prompts" if d else f"{key}: no prompt in common")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -501,13 +545,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        result = run(args)
+        result = compare(*args.compare, args.compare_keys, args.seed) if args.compare else run(args)
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    sys.stdout.write(format_summary(result) + f"\nwritten to {args.out}\n")
+    summary = format_comparison(result) if args.compare else format_summary(result)
+    sys.stdout.write(summary + f"\nwritten to {args.out}\n")
     return 0
 
 
