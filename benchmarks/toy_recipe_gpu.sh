@@ -13,8 +13,9 @@
 # wheels: ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh
-# The whole run takes ~640 s on one H100 (docs/toy_results.md): more than one 10-minute call. The same command again
-# on the same machine while it is warm (it keeps the ignored $TOY_WORK folder) continues it, skipping finished stages.
+# The whole run takes ~572 s on one H200, ~640 s on one H100 (docs/toy_results.md): with the set-up, more than one
+# 10-minute call. The same command again on the same machine while it is warm (it keeps the ignored $TOY_WORK
+# folder) continues it, skipping finished stages.
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
 repo=$(cd "$(dirname "$0")/.." && pwd)

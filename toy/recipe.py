@@ -1,7 +1,7 @@
 """The toy-world recipe (issues 9, 27): every Causal Forcing stage on synthetic clips, end to end, with the
 project's tools.
 
-    python -m toy.recipe --device cuda --jobs 16 --ship --ship_base   # the full recipe: one GPU, ~11 minutes
+    python -m toy.recipe --device cuda --jobs 16 --ship --ship_base   # the full recipe: one GPU, ~10 minutes
     python -m toy.recipe --workdir /tmp/toy --quick                    # a few steps per stage (CI, tests; CPU)
 
 Stages, each a subprocess of an entry point users run themselves (``train.py``, ``get_causal_ode_data.py``,
@@ -21,8 +21,8 @@ Stages, each a subprocess of an entry point users run themselves (``train.py``, 
 
 Run time: the config defaults (``max_steps`` of configs/toy) were planned for one GPU call of under 10 minutes with
 ``--jobs 16`` (stages that do not read each other run side by side: the toy networks are far too small to fill a
-GPU); measured on one H100 the run needs about 640 s (docs/toy_results.md has the stage times). On a CPU the base
-alone takes hours; ``--steps_scale`` scales every stage.
+GPU); measured, the run needs about 572 s on one H200 and 640 s on one H100 (docs/toy_results.md has the stage
+times). On a CPU the base alone takes hours; ``--steps_scale`` scales every stage.
 
 Every stage is skipped when its output file already exists, so an interrupted run continues where it stopped (and
 ``train.py`` itself resumes inside a stage). Logs of each subprocess: ``<workdir>/logs/<stage>.log``.
