@@ -138,3 +138,5 @@ def test_compare_pairs_two_result_files_by_prompt(tmp_path):
     assert diff["frame0_present"]["difference"] == pytest.approx(0.5)
     assert diagnose.main(["--compare", str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:model:y",
                           "--out", str(out)]) == 2
+    assert diagnose.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--compare_keys", "shape",
+                          "--out", str(out)]) == 2

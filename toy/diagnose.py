@@ -142,7 +142,7 @@ def latent_noise_presence(vae, clips: list[tuple[str, np.ndarray]], z: torch.Ten
         noisy = z + sigma * scale * torch.randn(z.shape, generator=gen).to(z.device)
         present = []                                                                   # [clips, pixel frames]
         for k in range(0, len(clips), batch):
-            videos = pixels_to_uint8(vae.decode(noisy[k:k + batch].to(z.dtype))).cpu().numpy()
+            videos = pixels_to_uint8(vae.decode(noisy[k:k + batch])).cpu().numpy()
             present += [detect_object(v, parse_caption(c)["color"]).present for (c, _), v in
                         zip(clips[k:k + batch], videos)]
         present = np.asarray(present, dtype=float)
@@ -334,10 +334,11 @@ def compare(spec_a: str, spec_b: str, keys: list[str], seed: int) -> dict:
     from toy.eval import paired_difference
 
     a, b = scored_videos(spec_a), scored_videos(spec_b)
-    rows = lambda videos: [{**v, **{k: None if v.get(k) is None else float(v[k]) for k in keys}}  # noqa: E731
-                           for v in videos]
+    for spec, videos in ((spec_a, a), (spec_b, b)):
+        if missing := [k for k in keys if k not in videos[0]]:
+            raise UserError(f"{spec}: no per-video score {missing}; it has {sorted(videos[0])}")
     return {"a": spec_a, "b": spec_b, "videos": [len(a), len(b)],
-            "differences": {k: paired_difference(rows(a), rows(b), k, seed=seed) for k in keys}}
+            "differences": {k: paired_difference(a, b, k, seed=seed) for k in keys}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
