@@ -184,6 +184,24 @@ def test_the_base_starts_from_toy_dit_with_the_edits(recipe, tmp_path):
     assert config == {"_class_name": "WanModel", **TOY_DIT.to_dict(), "num_layers": 2}
 
 
+def test_stage_overrides_reach_only_their_stage(recipe, tmp_path, monkeypatch):
+    args = recipe.build_parser().parse_args(["--workdir", str(tmp_path), "--override", "seed=3", "--stage_override",
+                                             "dmd_chunkwise:guidance_scale=1.5", "dmd_chunkwise:lr=1e-5"])
+    run = recipe.Recipe(args)
+    commands = {}
+    monkeypatch.setattr(recipe.Recipe, "run", lambda self, name, cmd, what: commands.setdefault(name, cmd))
+    for name in ("dmd_chunkwise", "dmd_framewise"):
+        with pytest.raises(SystemExit):          # the stub runs nothing, so the stage's export is missing
+            run.train(name)
+    overrides = {name: cmd[cmd.index("--override") + 1:] for name, cmd in commands.items()}
+    assert overrides["dmd_chunkwise"][:3] == ["seed=3", "guidance_scale=1.5", "lr=1e-5"]
+    assert overrides["dmd_framewise"][0] == "seed=3" and not any("guidance" in o for o in overrides["dmd_framewise"])
+    for bad in ("dmd:lr=1", "dmd_chunkwise:lr"):
+        args = recipe.build_parser().parse_args(["--workdir", str(tmp_path), "--stage_override", bad])
+        with pytest.raises(SystemExit, match="STAGE:KEY=VALUE"):
+            recipe.Recipe(args)
+
+
 def test_dit_edits_are_checked(recipe):
     config = {"dim": 128, "num_layers": 4, "patch_size": [1, 2, 2]}
     assert recipe._dit_config(config, ["dim=256", "patch_size=[1,1,1]"]) == \

@@ -191,6 +191,7 @@ class Recipe:
         if self.device == "cpu":
             self.env["CUDA_VISIBLE_DEVICES"] = ""   # train.py and the ODE script pick CUDA when they see it
         self.steps = self._step_counts()
+        self.stage_overrides = self._stage_overrides()
         self.progress: Progress | None = None
 
     # --- layout ---------------------------------------------------------------------------------------------------
@@ -226,6 +227,17 @@ class Recipe:
         if self.quick:
             counts = {name: QUICK["steps"] for name in counts}
         return counts
+
+    def _stage_overrides(self) -> dict[str, list[str]]:
+        """``--stage_override STAGE:KEY=VALUE``, grouped by stage (given after ``--override`` to that stage alone)."""
+        out: dict[str, list[str]] = {}
+        for item in self.args.stage_override:
+            name, _, override = item.partition(":")
+            if name not in STAGES or "=" not in override:
+                raise SystemExit(f"--stage_override {item!r}: expected STAGE:KEY=VALUE with STAGE one of "
+                                 f"{', '.join(STAGES)}")
+            out.setdefault(name, []).append(override)
+        return out
 
     def size(self, key: str):
         return QUICK[key] if self.quick else getattr(self.args, key)
@@ -263,7 +275,8 @@ class Recipe:
         steps = self.steps[name]
         logdir = self.work / "logs" / name
         # checkpoints at the config's interval (a killed run resumes there) and always at the last step
-        overrides = [*self.args.override, f"max_steps={steps}", f"log_iters={min(steps, self.save_every[name])}",
+        overrides = [*self.args.override, *self.stage_overrides.get(name, []), f"max_steps={steps}",
+                     f"log_iters={min(steps, self.save_every[name])}",
                      f"log_every={max(1, min(50, steps // 4))}",
                      f"wan_models_dir={self.models('init' if name == 'base' else 'base')}"]
         if init is not None:
@@ -694,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides for every stage, sampling included (e.g. timestep_shift=2); paths and step "
                         "counts are the recipe's own")
+    p.add_argument("--stage_override", nargs="+", default=[], metavar="STAGE:KEY=VALUE",
+                   help="config overrides for one trained stage, after --override, e.g. dmd_chunkwise:guidance_scale=2 "
+                        "(its table rows sample with the stage's config, not with these)")
     p.add_argument("--dit", nargs="+", default=[], metavar="KEY=VALUE",
                    help="edit the DiT config (toy.folders.TOY_DIT) before the random initialisation of the base, e.g. "
                         "num_layers=6 'patch_size=[1,2,2]' (every stage inherits it; needs a fresh --workdir)")
