@@ -2,6 +2,8 @@
 sample folder is read as inference.py named its files (no model runs here: the shipped models' own tests cover
 their videos)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,13 @@ def test_recipe_strips_sample_a_row_that_has_a_model_but_no_videos(tmp_path, mon
     assert [a[:5] for a in calls] == [(*model, PROMPTS, 0)] and str(calls[0][6]) == "cpu"
     image = np.asarray(pictures.Image.open(tmp_path / "toy_dmd_framewise_4.png").convert("RGB"))
     assert image.shape[0] == len(PROMPTS) * (8 + pictures.GAP)
+    # drawn after its model: kept by the next call; a newer model gets a new strip
+    (tmp_path / "dmd.pt").touch()
+    os.utime(tmp_path / "dmd.pt", (1, 1))
+    assert pictures.recipe_strips(tmp_path / "work", PROMPTS, tmp_path, "cpu") == 1 and len(calls) == 1
+    os.utime(tmp_path / "dmd.pt", None)
+    os.utime(tmp_path / "toy_dmd_framewise_4.png", (1, 1))
+    assert pictures.recipe_strips(tmp_path / "work", PROMPTS, tmp_path, "cpu") == 1 and len(calls) == 2
 
 
 def test_ground_truth_strip_shows_what_each_prompt_asks_for():

@@ -117,7 +117,8 @@ def save_strip(frames: np.ndarray, prompts: list[str], path: Path) -> None:
 def recipe_strips(workdir: Path, prompts: list[str], out: Path, device: str | None = None) -> int:
     """``toy_<row>.png`` for every results-table row with videos under ``<workdir>/samples/<row>/``, or else, with
     ``device``, with a model in the workdir: its videos of the prompts sampled here (one batch, seed 0; no ffmpeg
-    needed). Returns how many strips were drawn."""
+    needed). A strip newer than its videos or model is kept, so a second call after a time limit draws the rest.
+    Returns how many rows have a strip."""
     import torch
 
     from toy.diagnose import available_rows, sample_row
@@ -126,13 +127,22 @@ def recipe_strips(workdir: Path, prompts: list[str], out: Path, device: str | No
     models = {row.name: (row, ckpt, base) for row, ckpt, base in available_rows(workdir)} if device else {}
     count = 0
     for row in table_rows():
-        frames = folder_videos(workdir / "samples" / row.name, prompts)
+        target, folder = out / f"toy_{row.name}.png", workdir / "samples" / row.name
+        source = folder if folder.is_dir() else None
+        if source is None and row.name in models:
+            _, checkpoint, base = models[row.name]
+            source = Path(checkpoint or base)
+        if source is not None and target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
+            print(f"{target} is newer than {source}: kept")
+            count += 1
+            continue
+        frames = folder_videos(folder, prompts)
         if frames is None and row.name in models:
             frames = np.stack(sample_row(*models[row.name], prompts, 0, len(prompts), torch.device(device)))
         if frames is None:
             print(f"no videos of {row.name} in {workdir / 'samples' / row.name}" + (" and no model" if device else ""))
             continue
-        save_strip(frames, prompts, out / f"toy_{row.name}.png")
+        save_strip(frames, prompts, target)
         count += 1
     return count
 
