@@ -645,12 +645,15 @@ def ordering_checks(results: dict[str, dict]) -> list[str]:
 
 def results_markdown(recipe: Recipe, command: str, results: list[tuple[Row, dict]], seconds: float) -> str:
     """The run's results: the table with intervals, the ordering checks, stage timings and per-step times."""
+    from toy.eval import CHANCE
+
     n = recipe.size("num_samples")
     prompts = len({v["prompt"] for v in results[0][1]["videos"]}) if results else 0
+    chance = ", ".join(f"{'colour' if k == 'color' else k} {v:.3g}" for k, v in CHANCE.items())
     lines = ["# Toy-world recipe results", "",
              "Produced by `toy/recipe.py` (every stage through train.py / get_causal_ode_data.py with "
              "configs/toy/*.yaml; each row's videos made and scored by `python -m toy.diagnose --parts models`). "
-             "Chance: colour 0.125, shape 0.33, direction 0.25, speed 0.5, faithfulness 0.30. Faithfulness = mean "
+             f"Chance: {chance}. Faithfulness = mean "
              "of colour/shape/direction/speed correct, with its 95% bootstrap interval over prompts; *seen* / "
              "*held-out* = prompts whose attribute combination was / was not in the training split; *frame 0* = "
              "videos whose first frame misses the object; *wobble* = RMS distance (px) of the object's centroid from "
