@@ -176,6 +176,64 @@ def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_
                      "sample base_50"]
 
 
+def test_only_trains_the_named_stages_from_checkpoints_already_there(recipe, tmp_path, monkeypatch):
+    """``--only`` runs the named stages alone and scores their rows; the stages they start from must have
+    checkpoints (one line naming them otherwise); a base checkpoint from elsewhere becomes the base's Wan folder."""
+    calls = []
+
+    def train(self, name):
+        calls.append(name)
+        self.ckpt(name).write_bytes(b"")
+
+    monkeypatch.setattr(recipe.Recipe, "make_model_folders", lambda self: calls.append("models"))
+    monkeypatch.setattr(recipe.Recipe, "make_data", lambda self: calls.append("data"))
+    monkeypatch.setattr(recipe.Recipe, "export_base", lambda self: calls.append("export_base"))
+    monkeypatch.setattr(recipe.Recipe, "ode_data", lambda self, v: calls.append(f"ode_data_{v}"))
+    monkeypatch.setattr(recipe.Recipe, "train", train)
+    monkeypatch.setattr(recipe.Recipe, "score_row", lambda self, row, prompts: calls.append(f"sample {row.name}")
+                        or FAKE_SCORES)
+    work = tmp_path / "work"
+    argv = ["--workdir", str(work), "--device", "cpu", "--only", "dmd_chunkwise", "--stage_override",
+            "dmd_chunkwise:guidance_scale=1.5"]
+    with pytest.raises(SystemExit):   # neither the base nor the chunk-wise ODE init is there
+        recipe.main(argv)
+    assert calls == []
+    (work / "checkpoints").mkdir(parents=True)
+    for name in ("base", "ode_chunkwise"):
+        (work / "checkpoints" / f"{name}.pt").write_bytes(b"")
+    assert recipe.main(argv) == 0
+    assert calls == ["models", "export_base", "dmd_chunkwise", "sample dmd_chunkwise_4"]   # no data: DMD reads prompts
+    calls.clear()
+    (work / "checkpoints" / "dmd_chunkwise.pt").unlink()
+    assert recipe.main(["--workdir", str(work), "--device", "cpu", "--only", "ar_framewise", "ode_framewise"]) == 0
+    assert calls == ["models", "export_base", "data", "ar_framewise", "ode_data_framewise", "ode_framewise",
+                     "sample ar_framewise_50", "sample ar_framewise_4", "sample ode_framewise_4"]
+
+
+def test_only_names_the_missing_checkpoints(recipe, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        recipe.main(["--workdir", str(tmp_path), "--device", "cpu", "--only", "ode_framewise"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ar_framewise, base" in err and str(tmp_path / "checkpoints") in err
+
+
+def test_base_weights_become_the_base_checkpoint(recipe, tmp_path):
+    """``--base_weights``: a trained base (here a bf16 safetensors file, as shipped) is written as a float32
+    ``checkpoints/base.pt`` that the loader reads back to the same values; the base stage then counts as done."""
+    from safetensors.torch import save_file
+
+    weights = {"blocks.0.self_attn.q.weight": torch.randn(4, 4).bfloat16(), "head.head.bias": torch.randn(4).bfloat16()}
+    save_file(weights, str(tmp_path / "base.safetensors"))
+    args = recipe.build_parser().parse_args(["--workdir", str(tmp_path / "w"), "--device", "cpu",
+                                             "--base_weights", str(tmp_path / "base.safetensors")])
+    run = recipe.Recipe(args)
+    run.seed_base(tmp_path / "base.safetensors")
+    loaded = read_state_dict(run.ckpt("base"))
+    assert loaded.keys() == weights.keys()
+    for key, value in weights.items():
+        assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], value.float())
+
+
 def test_the_base_starts_from_toy_dit_with_the_edits(recipe, tmp_path):
     from toy.folders import TOY_DIT
 

@@ -292,8 +292,10 @@ class Recipe:
         release = release_path(logdir, steps)
         if not release.is_file():
             raise SystemExit(f"stage {name}: train.py wrote no {release}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(release, out)
+        from utils.io import AtomicPath
+
+        with AtomicPath(out) as tmp:   # whole or absent: a stage of another run may be waiting for it (--only)
+            shutil.copyfile(release, tmp)
         return out
 
     def _data_for(self, name: str) -> Path:
@@ -398,6 +400,19 @@ class Recipe:
             encode_videos_to_lmdb(clips, vae, tmp, batch_size=64 if self.device == "cuda" else 8)
         shutil.rmtree(self.clean_data, ignore_errors=True)
         tmp.rename(self.clean_data)
+
+    def seed_base(self, source: Path) -> None:
+        """``checkpoints/base.pt`` (float32) from a trained base's weights (``--base_weights``): the base stage is
+        then skipped as done."""
+        import torch
+
+        from model.loader import read_state_dict
+        from utils.io import AtomicPath
+
+        sd = read_state_dict(str(source))
+        with AtomicPath(self.ckpt("base")) as tmp:
+            torch.save({k: v.float() for k, v in sd.items()}, tmp)
+        say(f"base: {len(sd)} tensors from {source} -> {self.ckpt('base')}")
 
     def export_base(self) -> None:
         """The trained base model as a Wan folder ``models/base/Toy-T2V`` (real score, critic, Stage-1 init)."""
@@ -718,6 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "num_layers=6 'patch_size=[1,2,2]' (every stage inherits it; needs a fresh --workdir)")
     p.add_argument("--until", default=None, choices=list(STAGES),
                    help="stop training after this stage; only table rows whose models exist are sampled")
+    p.add_argument("--only", nargs="+", default=None, metavar="STAGE", choices=list(STAGES),
+                   help="train only these stages and score only their rows (A/B runs of one stage); the stages they "
+                        "start from need checkpoints/<stage>.pt in --workdir, e.g. links to another run's")
+    p.add_argument("--base_weights", default=None, metavar="PATH",
+                   help="a trained base (safetensors, Wan folder or checkpoint; e.g. the shipped "
+                        "assets/toy/Toy-T2V) becomes checkpoints/base.pt instead of training one: Stages 1-3 alone")
     p.add_argument("--n_train", type=int, default=3072, help="synthetic training clips" + d)
     p.add_argument("--n_heldout", type=int, default=64, help="held-out clips (also the evaluator's real set)" + d)
     p.add_argument("--ode_samples", type=int, default=384,
@@ -801,15 +822,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs and --nproc must be >= 1, got {args.jobs} and {args.nproc}")
     recipe = Recipe(args)
     recipe.work.mkdir(parents=True, exist_ok=True)
+    if args.base_weights and not recipe.ckpt("base").is_file():
+        recipe.seed_base(Path(args.base_weights))
     order = list(STAGES)   # recipe order: every stage after the one it starts from
     todo = order[:order.index(args.until) + 1] if args.until else order
     wanted = args.rows or (QUICK_ROWS if args.quick else None)
+    if args.only:
+        if args.until or args.ship:
+            parser.error("--only trains single stages: not with --until, and nothing of it is shipped (--ship)")
+        todo = [name for name in order if name in args.only]
+        missing = sorted({need for name in todo for need in stage_needs(name)} - set(todo)
+                         - {name for name in STAGES if recipe.ckpt(name).is_file()})
+        if missing:
+            parser.error(f"--only {' '.join(todo)} starts from {', '.join(missing)}: no "
+                         f"{recipe.ckpt(missing[0]).parent}/<stage>.pt for them; train them first or link another "
+                         f"run's checkpoints there")
+        wanted = args.rows or [r.name for r in table_rows() if r.stage in todo]
     rows = [r for r in table_rows() if (wanted is None or r.name in wanted)
             and (r.stage in todo or recipe.ckpt(r.stage).is_file())]   # only rows whose models exist or are made
     recipe.progress = progress = Progress(total=1 + 2 + len(STAGES) + 4 + len(rows), parallel=args.jobs > 1)
     say(f"toy recipe -> {recipe.work} on {recipe.device}; steps: " +
         ", ".join(f"{k} {v}" for k, v in recipe.steps.items()))
     recipe.make_model_folders()
+    if "base" not in todo and recipe.ckpt("base").is_file():
+        recipe.export_base()   # a base checkpoint from elsewhere (--only): the later stages read its Wan folder
     if any(not recipe.ckpt(name).is_file() for name in todo if not name.startswith("dmd_")):
         recipe.make_data()   # every stage before Stage 3 reads the clean latents (DMD reads prompts only)
     else:

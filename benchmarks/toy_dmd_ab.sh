@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Why does the toy's DMD stage lower its initialisation (issue 27)? Side-by-side variants on one GPU in one call.
+#
+#   OUT=/path/to/results TOY_LIMIT=540 bash benchmarks/toy_dmd_ab.sh
+#
+# Every line starts from the shipped base (--base_weights assets/toy/Toy-T2V/...: no base training) and runs
+# python -m toy.recipe --only, each in its own workdir under $TOY_AB_WORK (default output/toy_ab):
+#   ref  Stage 1 -> causal ODE -> DMD, frame-wise and chunk-wise, with the configs/toy settings;
+#   big  the same with 4x the batch in every stage (Stage 1 and ODE 64, DMD 16): gradient noise, one lever for all;
+#   and, from ref's ODE inits as soon as they exist, one DMD stage with one change each:
+#   cw_g1 / fw_g1   real-score guidance 1.0 instead of 3.0 (does the guided score bleach colours?)
+#   cw_r10          10 critic steps per generator step (480 critic, the same 48 generator steps): does the critic lag?
+#   cw_b16 / fw_b16 DMD batch 16 instead of 4 (a noisy DMD gradient?)
+# Same seed everywhere, so the variants differ from ref by their change alone; rows are scored on the 48 evaluation
+# prompts x 2 seeds (toy.diagnose) and compared by prompt with python -m toy.diagnose --compare. Packs every row's
+# scores and the stages' logs into $OUT/toy_ab.tgz and prints a table. Checkpoints stay in $TOY_AB_WORK.
+# A smoke run on a CPU: TOY_DEVICE=cpu TOY_FLAGS=--quick (2 steps per stage).
+set -u
+: "${OUT:?set OUT to the folder that receives the results}"
+repo=$(cd "$(dirname "$0")/.." && pwd)
+root=${TOY_AB_WORK:-$repo/output/toy_ab}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=disabled HF_HUB_OFFLINE=1
+cd "$repo"
+deadline=$(( $(date +%s) + ${TOY_LIMIT:-540} ))
+left() { echo $(( deadline - $(date +%s) )); }
+recipe() {   # WORKDIR, then toy.recipe flags; stopped at the deadline
+    local work=$1 t; shift
+    mkdir -p "$work"
+    t=$(left); [ "$t" -gt 0 ] || { echo "$(basename "$work"): no time left" | tee -a "$OUT/ab.log"; return; }
+    timeout "$t" python3 -m toy.recipe --device "${TOY_DEVICE:-cuda}" --workdir "$work" --jobs 8 ${TOY_FLAGS:-} "$@" \
+        > "$work/recipe.log" 2>&1
+    echo "$(basename "$work"): exit $? at $(( ${TOY_LIMIT:-540} - $(left) )) s" | tee -a "$OUT/ab.log"
+}
+variant() {   # NAME INIT_STAGE DMD_STAGE OVERRIDES...: one DMD stage from ref's init, in its own workdir
+    local name=$1 init=$2 stage=$3; shift 3
+    local work=$root/$name
+    until [ -f "$root/ref/checkpoints/$init.pt" ] || [ "$(left)" -le 0 ]; do sleep 2; done
+    mkdir -p "$work/checkpoints"
+    ln -sfn "$root/ref/models" "$work/models"; ln -sfn "$root/ref/dataset" "$work/dataset"
+    ln -sf "$root/ref/checkpoints/base.pt" "$root/ref/checkpoints/$init.pt" "$work/checkpoints/"
+    recipe "$work" --only "$stage" "$@"
+}
+stages="ar_framewise ar_chunkwise ode_framewise ode_chunkwise dmd_framewise dmd_chunkwise"
+rows="ar_framewise_50 ode_framewise_4 ode_chunkwise_4 dmd_framewise_4 dmd_chunkwise_4"
+: > "$OUT/ab.log"
+base=(--base_weights assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors)
+recipe "$root/ref" "${base[@]}" --only $stages --rows $rows &
+big=(); for s in ar_framewise ar_chunkwise ode_framewise ode_chunkwise; do big+=("$s:batch_size=64"); done
+recipe "$root/big" "${base[@]}" --only $stages --rows $rows \
+    --stage_override "${big[@]}" dmd_framewise:batch_size=16 dmd_chunkwise:batch_size=16 &
+variant cw_g1 ode_chunkwise dmd_chunkwise --stage_override dmd_chunkwise:guidance_scale=1.0 &
+variant cw_r10 ode_chunkwise dmd_chunkwise --steps dmd_chunkwise=480 \
+    --stage_override dmd_chunkwise:dfake_gen_update_ratio=10 &
+variant cw_b16 ode_chunkwise dmd_chunkwise --stage_override dmd_chunkwise:batch_size=16 &
+variant fw_g1 ode_framewise dmd_framewise --stage_override dmd_framewise:guidance_scale=1.0 &
+variant fw_b16 ode_framewise dmd_framewise --stage_override dmd_framewise:batch_size=16 &
+wait
+cd "$root" && tar czf "$OUT/toy_ab.tgz" --ignore-failed-read */eval */recipe.log */logs/*.log \
+    */logs/*/metrics.jsonl 2>/dev/null
+python3 - "$root" <<'EOF' | tee -a "$OUT/ab.log"
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*/eval/*.json")):
+    for key, row in json.loads(path.read_text()).items():
+        if key.startswith("model:"):
+            a = row["aggregate"]
+            print(f"{path.parent.parent.name:7s} {key[6:]:18s} F {a['faithfulness']:.2f} colour {a['color']:.2f} "
+                  f"shape {a['shape']:.2f} dir {a['direction']:.2f} speed {a['speed']:.2f} "
+                  f"frame0 missing {a['frame0_missing']}/{a['count']} jitter {a['jitter_px']:.2f}")
+EOF
