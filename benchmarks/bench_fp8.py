@@ -11,7 +11,7 @@ embeddings; GPU only.
 3. Kernels: fp8 row-wise products against bf16 ones at the block's shapes, and 8-bit attention (SageAttention,
    when its package is installed) against SDPA's cuDNN kernel, with its error against float32 attention.
 
-    python benchmarks/bench_fp8.py --out fp8.json
+    python benchmarks/bench_fp8.py --out fp8.json [--parts layers kernels sage_attention video]
 """
 
 from __future__ import annotations
@@ -167,6 +167,9 @@ def sage_attention(device) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_fp8.json")
+    parts = ("layers", "kernels", "sage_attention", "video")
+    p.add_argument("--parts", nargs="+", default=list(parts), choices=parts,
+                   help="sections to run, in this order (default: all; the video part alone takes minutes)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
@@ -176,12 +179,14 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     cfg = get_preset(PRESET)
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
-    gen32, gen16 = build(device)
+    gen32, gen16 = build(device) if {"layers", "video"} & set(args.parts) else (None, None)
     result = {}
     steps = (("layers", lambda: layer_errors(gen32, gen16, ctx.bfloat16())),
-             ("video", lambda: video_errors(gen32, gen16, ctx)),
-             ("kernels", lambda: kernel_speeds(device)), ("sage_attention", lambda: sage_attention(device)))
+             ("kernels", lambda: kernel_speeds(device)), ("sage_attention", lambda: sage_attention(device)),
+             ("video", lambda: video_errors(gen32, gen16, ctx)))   # the long one last
     for name, step in steps:   # saved section by section
+        if name not in args.parts:
+            continue
         result[name] = step()
         print(name, result[name], flush=True)
         save_results(args.out, [result], device)
