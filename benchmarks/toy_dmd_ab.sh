@@ -13,7 +13,8 @@
 #   cw_b16 / fw_b16 DMD batch 16 instead of 4 (a noisy DMD gradient?)
 # Same seed everywhere, so the variants differ from ref by their change alone; rows are scored on the 48 evaluation
 # prompts x 2 seeds (toy.diagnose) and compared by prompt with python -m toy.diagnose --compare. Packs every row's
-# scores and the stages' logs into $OUT/toy_ab.tgz and prints a table. Checkpoints stay in $TOY_AB_WORK.
+# scores, frame strips (toy.pictures, TOY_PICTURES_LIMIT s after the deadline) and the stages' logs into
+# $OUT/toy_ab.tgz and prints a table. Checkpoints stay in $TOY_AB_WORK.
 # A smoke run on a CPU: TOY_DEVICE=cpu TOY_FLAGS=--quick (2 steps per stage).
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
@@ -55,7 +56,12 @@ variant cw_b16 ode_chunkwise dmd_chunkwise --stage_override dmd_chunkwise:batch_
 variant fw_g1 ode_framewise dmd_framewise --stage_override dmd_framewise:guidance_scale=1.0 &
 variant fw_b16 ode_framewise dmd_framewise --stage_override dmd_framewise:batch_size=16 &
 wait
-cd "$root" && tar czf "$OUT/toy_ab.tgz" --ignore-failed-read */eval */recipe.log */logs/*.log \
+for work in "$root"/*/; do   # a frame strip of every row each workdir has a model of (8 prompts, seed 0)
+    timeout "${TOY_PICTURES_LIMIT:-60}" python3 -m toy.pictures --workdir "$work" --device "${TOY_DEVICE:-cuda}" \
+        --out "$work/strips" > "$work/pictures.log" 2>&1 &
+done
+wait
+cd "$root" && tar czf "$OUT/toy_ab.tgz" --ignore-failed-read */eval */strips */recipe.log */logs/*.log \
     */logs/*/metrics.jsonl 2>/dev/null
 python3 - "$root" <<'EOF' | tee -a "$OUT/ab.log"
 import json, pathlib, sys
