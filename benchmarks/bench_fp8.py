@@ -8,10 +8,11 @@ embeddings; GPU only.
 2. Whole video: an 81-frame chunk-wise 4-step video generated in float32, bf16 and bf16 + fp8 (same seed and noise),
    eager; the latents' relative error, and the PSNR of their decodes (float32 Wan VAE, random weights) against
    each other.
-3. Kernels: fp8 row-wise products against bf16 ones at the block's shapes, and 8-bit attention (SageAttention,
-   when its package is installed) against SDPA's cuDNN kernel, with its error against float32 attention.
+3. Kernels: fp8 row-wise products against bf16 ones at the block's shapes, and 8-bit attention (SageAttention;
+   cuDNN's fp8 flash attention through the cuDNN frontend; each when its package is installed) against SDPA's cuDNN
+   kernel, with its error against float32 attention.
 
-    python benchmarks/bench_fp8.py --out fp8.json [--parts layers kernels sage_attention video]
+    python benchmarks/bench_fp8.py --out fp8.json [--parts layers kernels sage_attention cudnn_fp8_attention video]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
 
 PRESET, LATENT, FRAMES = "wan2.1-t2v-1.3b", (16, 60, 104), 21
+STREAM_SHAPES = ((1560, 32760), (4680, 32760), (4680, 9360))   # (queries, keys): a frame / a chunk vs a full cache
 LAYERS = {"qkv": ("self_attn.q", "self_attn.k", "self_attn.v"), "self_o": ("self_attn.o",),
           "cross_q": ("cross_attn.q",), "cross_o": ("cross_attn.o",), "ffn_up": ("ffn.0",), "ffn_down": ("ffn.2",)}
 
@@ -150,7 +152,7 @@ def sage_attention(device) -> dict:
     except ImportError as e:
         return dict(available=False, error=str(e))
     out = {}
-    for lq, lk in ((1560, 32760), (4680, 32760), (4680, 9360)):
+    for lq, lk in STREAM_SHAPES:
         q, k, v = (torch.randn(1, n, 12, 128, device=device, dtype=torch.bfloat16) for n in (lq, lk, lk))
         try:
             sage = sageattn(q, k, v, tensor_layout="NHD")
@@ -164,10 +166,82 @@ def sage_attention(device) -> dict:
     return dict(available=True, shapes=out)
 
 
+def _per_tensor_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as e4m3 with one float32 scale for the whole tensor (``x ≈ x8 · scale``), scale shaped [1, 1, 1, 1]."""
+    scale = (x.abs().amax().float() / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale.reshape(1, 1, 1, 1)
+
+
+def cudnn_fp8_attention(device) -> dict:
+    """cuDNN's fp8 flash attention (per-tensor scaled e4m3 Q, K, V and output, through the cuDNN frontend) against
+    SDPA's bf16 cuDNN kernel at the streaming shapes: the kernel alone, with Q quantised per call (K and V as a cache
+    would hold them, quantised once when written) and with all three quantised per call; errors against float32."""
+    try:   # optional, not a dependency: pip install nvidia-cudnn-frontend
+        cudnn = importlib.import_module("cudnn")
+        handle = cudnn.create_handle()
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    except Exception as e:
+        return dict(available=False, error=f"{type(e).__name__}: {e}"[:500])
+    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    out = dict(available=True, cudnn_backend=int(cudnn.backend_version()))
+    for lq, lk in STREAM_SHAPES:
+        q, k, v = (torch.randn(1, n, 12, 128, device=device, dtype=torch.bfloat16) for n in (lq, lk, lk))
+        b, _, h, d = q.shape
+        try:
+            graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+
+            def layout(name: str, n: int):   # our [B, L, N, d] memory as cuDNN's (b, h, s, d) dims
+                return graph.tensor(name=name, dim=(b, h, n, d), stride=(n * h * d, d, h * d, 1), data_type=e4m3)
+
+            tq, tk, tv = layout("q", lq), layout("k", lk), layout("v", lk)
+            scalars = {name: graph.tensor(name=name, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=f32)
+                       for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")}
+            to, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, **scalars, generate_stats=False,
+                                                   attn_scale=1.0 / math.sqrt(d), name="sdpa_fp8")
+            to.set_output(True).set_dim((b, h, lq, d)).set_stride((lq * h * d, d, h * d, 1)).set_data_type(e4m3)
+            amax_s.set_output(False).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
+            amax_o.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
+            graph.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
+            (q8, dq), (k8, dk), (v8, dv) = (_per_tensor_e4m3(t) for t in (q, k, v))
+            one = torch.ones(1, 1, 1, 1, device=device)
+            o8, amax_o_buf = torch.empty_like(q8), torch.empty(1, 1, 1, 1, device=device)
+            # probabilities lie in [0, 1]: S is stored times 448; |O| <= max |V|, so O is stored as O / dv
+            pack = {tq: q8, tk: k8, tv: v8, scalars["descale_q"]: dq, scalars["descale_k"]: dk,
+                    scalars["descale_v"]: dv, scalars["descale_s"]: one / fp8_max, scalars["scale_s"]: one * fp8_max,
+                    scalars["scale_o"]: 1.0 / dv, to: o8, amax_o: amax_o_buf}
+
+            def run():
+                graph.execute(pack, workspace, handle=handle)
+
+            def run_quantising_q():
+                pack[tq], pack[scalars["descale_q"]] = _per_tensor_e4m3(q)
+                run()
+
+            def run_quantising_all():
+                for t, src, name in ((tq, q, "descale_q"), (tk, k, "descale_k"), (tv, v, "descale_v")):
+                    pack[t], pack[scalars[name]] = _per_tensor_e4m3(src)
+                run()
+
+            run()
+            torch.cuda.synchronize()
+            fp8 = o8.float() * dv
+            exact = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+            sdpa = attention(q, k, v)
+            out[f"{lq}x{lk}"] = dict(sdpa_ms=cuda_ms(lambda: attention(q, k, v)), fp8_ms=cuda_ms(run),
+                                     fp8_quantising_q_ms=cuda_ms(run_quantising_q),
+                                     fp8_quantising_qkv_ms=cuda_ms(run_quantising_all),
+                                     sdpa_rel=rel(sdpa, exact), fp8_rel=rel(fp8, exact))
+        except Exception as e:   # a graph the installed cuDNN does not support is a result too
+            out[f"{lq}x{lk}"] = dict(error=f"{type(e).__name__}: {e}"[:500])
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_fp8.json")
-    parts = ("layers", "kernels", "sage_attention", "video")
+    parts = ("layers", "kernels", "sage_attention", "cudnn_fp8_attention", "video")
     p.add_argument("--parts", nargs="+", default=list(parts), choices=parts,
                    help="sections to run, in this order (default: all; the video part alone takes minutes)")
     args = p.parse_args(argv)
@@ -183,6 +257,7 @@ def main(argv=None) -> int:
     result = {}
     steps = (("layers", lambda: layer_errors(gen32, gen16, ctx.bfloat16())),
              ("kernels", lambda: kernel_speeds(device)), ("sage_attention", lambda: sage_attention(device)),
+             ("cudnn_fp8_attention", lambda: cudnn_fp8_attention(device)),
              ("video", lambda: video_errors(gen32, gen16, ctx)))   # the long one last
     for name, step in steps:   # saved section by section
         if name not in args.parts:
