@@ -39,7 +39,20 @@ from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
 
 PRESET, LATENT, FRAMES = "wan2.1-t2v-1.3b", (16, 60, 104), 21
-STREAM_SHAPES = ((1560, 32760), (4680, 32760), (4680, 9360))   # (queries, keys): a frame / a chunk vs a full cache
+# attention calls of streaming, in latent frames (queries, keys): one frame and one chunk against a full cache, a
+# chunk against two chunks' cache
+STREAM_FRAMES = ((1, FRAMES), (3, FRAMES), (3, 6))
+
+
+def stream_attention_inputs(device):
+    """bf16 ``(q, k, v)`` ``[1, L, heads, head_dim]`` of the preset at each :data:`STREAM_FRAMES` pair, with its
+    name ``"<queries>x<keys>"`` (tokens)."""
+    cfg = get_preset(PRESET)
+    per_frame = cfg.tokens_per_frame(*LATENT[1:])
+    for fq, fk in STREAM_FRAMES:
+        lq, lk = fq * per_frame, fk * per_frame
+        yield f"{lq}x{lk}", tuple(torch.randn(1, n, cfg.num_heads, cfg.head_dim, device=device, dtype=torch.bfloat16)
+                                  for n in (lq, lk, lk))
 LAYERS = {"qkv": ("self_attn.q", "self_attn.k", "self_attn.v"), "self_o": ("self_attn.o",),
           "cross_q": ("cross_attn.q",), "cross_o": ("cross_attn.o",), "ffn_up": ("ffn.0",), "ffn_down": ("ffn.2",)}
 
@@ -152,8 +165,7 @@ def sage_attention(device) -> dict:
     except ImportError as e:
         return dict(available=False, error=str(e))
     out = {}
-    for lq, lk in STREAM_SHAPES:
-        q, k, v = (torch.randn(1, n, 12, 128, device=device, dtype=torch.bfloat16) for n in (lq, lk, lk))
+    for name, (q, k, v) in stream_attention_inputs(device):
         try:
             sage = sageattn(q, k, v, tensor_layout="NHD")
             sage_ms = cuda_ms(lambda: sageattn(q, k, v, tensor_layout="NHD"))
@@ -161,7 +173,7 @@ def sage_attention(device) -> dict:
             return dict(available=True, error=f"{type(e).__name__}: {e}"[:500])
         exact = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         sdpa = attention(q, k, v)
-        out[f"{lq}x{lk}"] = dict(sdpa_ms=cuda_ms(lambda: attention(q, k, v)), sage_ms=sage_ms,
+        out[name] = dict(sdpa_ms=cuda_ms(lambda: attention(q, k, v)), sage_ms=sage_ms,
                                  sdpa_rel=rel(sdpa, exact), sage_rel=rel(sage, exact))
     return dict(available=True, shapes=out)
 
@@ -185,9 +197,8 @@ def cudnn_fp8_attention(device) -> dict:
     e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     fp8_max = torch.finfo(torch.float8_e4m3fn).max
     out = dict(available=True, cudnn_backend=int(cudnn.backend_version()))
-    for lq, lk in STREAM_SHAPES:
-        q, k, v = (torch.randn(1, n, 12, 128, device=device, dtype=torch.bfloat16) for n in (lq, lk, lk))
-        b, _, h, d = q.shape
+    for shape, (q, k, v) in stream_attention_inputs(device):
+        (b, lq, h, d), lk = q.shape, k.shape[1]
         try:
             graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
 
@@ -229,12 +240,12 @@ def cudnn_fp8_attention(device) -> dict:
             fp8 = o8.float() * dv
             exact = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
             sdpa = attention(q, k, v)
-            out[f"{lq}x{lk}"] = dict(sdpa_ms=cuda_ms(lambda: attention(q, k, v)), fp8_ms=cuda_ms(run),
+            out[shape] = dict(sdpa_ms=cuda_ms(lambda: attention(q, k, v)), fp8_ms=cuda_ms(run),
                                      fp8_quantising_q_ms=cuda_ms(run_quantising_q),
                                      fp8_quantising_qkv_ms=cuda_ms(run_quantising_all),
                                      sdpa_rel=rel(sdpa, exact), fp8_rel=rel(fp8, exact))
         except Exception as e:   # a graph the installed cuDNN does not support is a result too
-            out[f"{lq}x{lk}"] = dict(error=f"{type(e).__name__}: {e}"[:500])
+            out[shape] = dict(error=f"{type(e).__name__}: {e}"[:500])
     return out
 
 

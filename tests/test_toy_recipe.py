@@ -145,9 +145,10 @@ FAKE_SCORES = {"aggregate": {**dict.fromkeys(["faithfulness", "faithfulness_seen
                "videos": [{"prompt": "a red circle moving left slowly", "faithfulness": 0.5}]}
 
 
-def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_path, monkeypatch):
-    """``--until`` trains the stages up to the named one (in recipe order), skips the data when no remaining stage
-    reads it, samples only rows whose checkpoints exist and writes the partial table into the workdir."""
+@pytest.fixture
+def stubbed(recipe, monkeypatch):
+    """The recipe with every stage, data step and row replaced by a record of its call (a stage writes an empty
+    checkpoint); returns the list of calls."""
     calls = []
 
     def train(self, name):
@@ -163,6 +164,13 @@ def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_
     monkeypatch.setattr(recipe.Recipe, "train", train)
     monkeypatch.setattr(recipe.Recipe, "score_row", lambda self, row, prompts: calls.append(f"sample {row.name}")
                         or FAKE_SCORES)
+    return calls
+
+
+def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_path, stubbed):
+    """``--until`` trains the stages up to the named one (in recipe order), skips the data when no remaining stage
+    reads it, samples only rows whose checkpoints exist and writes the partial table into the workdir."""
+    calls = stubbed
     work = tmp_path / "work"
     argv = ["--workdir", str(work), "--device", "cpu", "--until", "ode_framewise"]
     assert recipe.main(argv) == 0
@@ -176,22 +184,10 @@ def test_until_stops_after_a_stage_and_samples_only_existing_models(recipe, tmp_
                      "sample base_50"]
 
 
-def test_only_trains_the_named_stages_from_checkpoints_already_there(recipe, tmp_path, monkeypatch):
+def test_only_trains_the_named_stages_from_checkpoints_already_there(recipe, tmp_path, stubbed):
     """``--only`` runs the named stages alone and scores their rows; the stages they start from must have
     checkpoints (one line naming them otherwise); a base checkpoint from elsewhere becomes the base's Wan folder."""
-    calls = []
-
-    def train(self, name):
-        calls.append(name)
-        self.ckpt(name).write_bytes(b"")
-
-    monkeypatch.setattr(recipe.Recipe, "make_model_folders", lambda self: calls.append("models"))
-    monkeypatch.setattr(recipe.Recipe, "make_data", lambda self: calls.append("data"))
-    monkeypatch.setattr(recipe.Recipe, "export_base", lambda self: calls.append("export_base"))
-    monkeypatch.setattr(recipe.Recipe, "ode_data", lambda self, v: calls.append(f"ode_data_{v}"))
-    monkeypatch.setattr(recipe.Recipe, "train", train)
-    monkeypatch.setattr(recipe.Recipe, "score_row", lambda self, row, prompts: calls.append(f"sample {row.name}")
-                        or FAKE_SCORES)
+    calls = stubbed
     work = tmp_path / "work"
     argv = ["--workdir", str(work), "--device", "cpu", "--only", "dmd_chunkwise", "--stage_override",
             "dmd_chunkwise:guidance_scale=1.5"]
