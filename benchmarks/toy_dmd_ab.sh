@@ -12,7 +12,8 @@
 #   cw_r10          10 critic steps per generator step (480 critic, the same 48 generator steps): does the critic lag?
 #   cw_b16 / fw_b16 DMD batch 16 instead of 4 (a noisy DMD gradient?)
 # Same seed everywhere, so the variants differ from ref by their change alone; rows are scored on the 48 evaluation
-# prompts x 2 seeds (toy.diagnose) and compared by prompt with python -m toy.diagnose --compare. Packs every row's
+# prompts x 2 seeds (toy.diagnose; compare two of them by prompt with python -m toy.diagnose --compare A.json B.json,
+# the files under <workdir>/eval/). Packs every row's
 # scores, frame strips (toy.pictures, TOY_PICTURES_LIMIT s after the deadline) and the stages' logs into
 # $OUT/toy_ab.tgz and prints a table. Checkpoints stay in $TOY_AB_WORK.
 # A smoke run on a CPU: TOY_DEVICE=cpu TOY_FLAGS=--quick (2 steps per stage).
