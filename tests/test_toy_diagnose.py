@@ -31,6 +31,8 @@ def test_ceiling_and_vae_parts(tmp_path, repo_root, monkeypatch):
     presence = result["vae"]["latent_noise_presence"]
     assert set(presence) == {str(s) for s in diagnose.LATENT_NOISE} and all(len(p) == 9 for p in presence.values())
     assert min(presence["0.25"]) >= 0.75, presence
+    # Frame 0 decoded from its own code keeps the object (as the round trip's scores say) ...
+    assert result["vae"]["frame0_code_swap"]["frame0_present"]["as_coded"] == 1.0
 
 
 def test_frame0_channel_offset_is_frame_0s_mean_in_units_of_the_later_frames_std():
@@ -52,6 +54,30 @@ def test_frame0_channel_offset_is_frame_0s_mean_in_units_of_the_later_frames_std
     _, stats, _ = diagnose.vae_roundtrip(FakeVAE(), clips, batch=4)
     offset = stats["frame0_channel_offset"]
     assert offset[0] == pytest.approx(2.0, abs=0.05) and max(offset[1:]) < 0.05, offset
+
+
+def test_frame0_code_swap_decodes_latent_frame_1_in_the_first_slot():
+    """A decoder that draws frame 0's red square only from a first latent frame holding frame 0's code (1.0): as coded
+    every clip shows it, with latent frame 1's code (0.0) in that slot none does."""
+    from toy.world import COLORS
+
+    z = torch.zeros(3, 9, 2, 4, 4)
+    z[:, 0] = 1.0
+
+    class FakeVAE:
+        def decode(self, latents):
+            video = -torch.ones(len(latents), 33, 3, 32, 32)                      # black, pixels in [-1, 1]
+            red = torch.tensor(COLORS["red"], dtype=torch.float32) / 127.5 - 1
+            for b, first in enumerate(latents[:, 0].mean((1, 2, 3))):
+                if first > 0.5:
+                    video[b, :, :, 8:24, 8:24] = red[:, None, None]
+            return video
+
+    clips = [("a red square moving left slowly", None)] * 3
+    swap = diagnose.frame0_code_swap(FakeVAE(), clips, z, batch=2)
+    assert swap["frame0_present"] == {"as_coded": 1.0, "frame1_code": 0.0}
+    assert swap["frame0_rgb_shift_median"] is None                              # nothing found to compare with
+    assert torch.equal(z[:, 0], torch.ones(3, 2, 4, 4))                         # the caller's latents are left alone
 
 
 @pytest.mark.parametrize("config", ["causal_forcing_dmd_chunkwise", "causal_forcing_dmd_framewise"])

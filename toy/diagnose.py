@@ -151,12 +151,42 @@ def latent_noise_presence(vae, clips: list[tuple[str, np.ndarray]], z: torch.Ten
     return out
 
 
+@torch.no_grad()
+def frame0_code_swap(vae, clips: list[tuple[str, np.ndarray]], z: torch.Tensor, batch: int = 4) -> dict:
+    """What latent frame 0's own code is worth: pixel frame 0 decoded from each clip's latents as they are and with
+    latent frame 0 replaced by latent frame 1 (the code of pixel frames 1-4, where the object has barely moved): the
+    fraction of clips whose frame 0 shows the object in its colour, and the median RGB distance of what is found
+    there from the same clip's round-trip frame 0. A generator that writes a later frame's code into the first slot
+    gets the swapped numbers."""
+    from toy.eval import detect_object
+    from toy.world import parse_caption
+    from utils.video import pixels_to_uint8
+
+    swapped = z.clone()
+    swapped[:, 0] = z[:, 1]
+    found: dict[str, list] = {"as_coded": [], "frame1_code": []}
+    rgb: dict[str, list] = {"as_coded": [], "frame1_code": []}
+    for key, latents in (("as_coded", z), ("frame1_code", swapped)):
+        for k in range(0, len(clips), batch):
+            videos = pixels_to_uint8(vae.decode(latents[k:k + batch])).cpu().numpy()
+            for (caption, _), video in zip(clips[k:k + batch], videos):
+                track = detect_object(video[:2], parse_caption(caption)["color"])   # the detector needs 2 frames
+                found[key].append(bool(track.present[0]))
+                rgb[key].append(track.rgb[0])
+    distance = [float(np.linalg.norm(a - b)) for a, b in zip(rgb["frame1_code"], rgb["as_coded"])
+                if not (np.isnan(a).any() or np.isnan(b).any())]
+    return {"frame0_present": {k: round(float(np.mean(v)), 3) for k, v in found.items()},
+            "frame0_rgb_shift_median": round(float(np.median(distance)), 1) if distance else None}
+
+
 def vae_part(vae, clips: list[tuple[str, np.ndarray]], seed: int) -> dict:
-    """Scores of the round-tripped clips, with their latents' statistics (:func:`vae_roundtrip`) and how each latent
-    frame's decode survives noise (:func:`latent_noise_presence`)."""
+    """Scores of the round-tripped clips, with their latents' statistics (:func:`vae_roundtrip`), how each latent
+    frame's decode survives noise (:func:`latent_noise_presence`) and what frame 0's own code is worth
+    (:func:`frame0_code_swap`)."""
     decoded, stats, z = vae_roundtrip(vae, [v for _, v in clips])
     return {**score([c for c, _ in clips], decoded, seed=seed), **stats,
-            "latent_noise_presence": latent_noise_presence(vae, clips, z, seed)}
+            "latent_noise_presence": latent_noise_presence(vae, clips, z, seed),
+            "frame0_code_swap": frame0_code_swap(vae, clips, z)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -528,6 +558,11 @@ def format_summary(result: dict) -> str:
                 for sigma, presence in value.get("latent_noise_presence", {}).items():
                     cells = " ".join(f"{p:.2f}" for p in presence)
                     lines.append(f"{name}: latents + noise {sigma} x std: object present per latent frame {cells}")
+                if "frame0_code_swap" in value:
+                    swap = value["frame0_code_swap"]
+                    lines.append(f"{name}: frame 0 present as coded {swap['frame0_present']['as_coded']:.2f}, with "
+                                 f"latent frame 1's code {swap['frame0_present']['frame1_code']:.2f}; colour moved "
+                                 f"{swap['frame0_rgb_shift_median']} RGB (median)")
     return "\n".join(lines)
 
 
