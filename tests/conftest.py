@@ -38,6 +38,16 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests on tiny tensors: thread start-up costs more than it saves on a shared machine.
+    Modules ask for it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (the folder holding configs/, model/, ...)."""

@@ -2,36 +2,16 @@
 
 import torch
 
-from model.config import WanConfig
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
-from model.wan import WanModel
 from pipeline.causal import BlockLoop, ExitPolicy, Guidance, StepSchedule
+from tests.tiny import TINY, recorded_noise, rel, tiny_model
 
-CFG = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=24, num_heads=2, num_layers=2, text_len=8)
+CFG = TINY
 
 
 def make(n):
-    torch.manual_seed(0)
-    m = WanModel(CFG, causal=True, num_frame_per_block=n)
-    with torch.no_grad():
-        m.head.head.weight.normal_(std=0.1)
-    return m.eval()
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def recorded_noise(seed):
-    """A noise function that remembers what it drew, so a recomputation can replay it."""
-    g = torch.Generator().manual_seed(seed)
-    drawn = []
-
-    def fn(like):
-        drawn.append(torch.randn(like.shape, generator=g))
-        return drawn[-1]
-    return fn, drawn
+    return tiny_model(num_frame_per_block=n)
 
 
 def test_few_step_streaming_equals_teacher_forced_recomputation():

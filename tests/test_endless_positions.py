@@ -9,36 +9,22 @@ relative (the reference attends in float64; the cache rotates keys twice after a
 import pytest
 import torch
 
-from model.config import WanConfig
 from model.kv_cache import KVCache
 from model.rope import RotaryTables
-from model.wan import WanModel
 from tests import explicit_attention as ref
+from tests.tiny import TINY, rel, tiny_model
 
 TOL = 1e-5
-CFG = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=24, num_heads=2, num_layers=2, text_len=8)
+CFG = TINY
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make(n, table=1024):
-    torch.manual_seed(0)
-    m = WanModel(CFG, causal=True, num_frame_per_block=n)
-    with torch.no_grad():
-        m.head.head.weight.normal_(std=0.1)
+    m = tiny_model(num_frame_per_block=n)
     m.rope = RotaryTables(CFG.head_dim, table)
-    return m.eval()
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return m
 
 
 def data(frames, n, h, w, seed=1):

@@ -3,15 +3,11 @@
 import pytest
 import torch
 
-from model.config import WanConfig
 from model.guidance import cond_uncond_context, guide
 from model.wan import WanModel
+from tests.tiny import TINY, rel
 
-CFG = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=24, num_heads=2, num_layers=2, text_len=8)
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+CFG = TINY
 
 
 @pytest.fixture

@@ -14,45 +14,21 @@ window, also the first ones, where block 0 is cached again and again. Attention 
 import pytest
 import torch
 
-from model.config import WanConfig
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
-from model.wan import WanModel
 from pipeline.causal import BlockLoop, CacheViews, Guidance, StepSchedule, rolling_windows
 from tests import explicit_attention as ref
+from tests.tiny import TINY, recorded_noise, rel, tiny_model
 
 TOL = 1e-5
-CFG = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=24, num_heads=2, num_layers=2, text_len=8)
+CFG = TINY
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make(n):
-    torch.manual_seed(0)
-    m = WanModel(CFG, causal=True, num_frame_per_block=n)
-    with torch.no_grad():
-        m.head.head.weight.normal_(std=0.1)
-    return m.eval()
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def recorded_noise(seed):
-    g = torch.Generator().manual_seed(seed)
-    drawn = []
-
-    def fn(like):
-        drawn.append(torch.randn(like.shape, generator=g))
-        return drawn[-1]
-    return fn, drawn
+    return tiny_model(num_frame_per_block=n)
 
 
 def published(model, sch, steps, noise, ctx, span, drawn):

@@ -22,6 +22,7 @@ from model.loader import read_state_dict, save_release_checkpoint
 from model.wan import WanModel
 from pipeline import components
 from pipeline.causal import BlockLoop, Guidance, StepSchedule, randn_like_from
+from tests.tiny import rel
 from toy.folders import DEFAULT_SENTENCES, TINY_DIT, write_tiny_wan_folder
 from trainer.consistency import ConsistencyObjective
 from trainer.objective import Phase
@@ -41,16 +42,7 @@ GUIDANCE = 6.0
 log = logging.getLogger(__name__)
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def train_stage1(cfg, steps=120, lr=2e-3):

@@ -14,6 +14,7 @@ from model.scheduler import FlowMatchScheduler
 from model.wan import WanModel
 from pipeline.causal import StepSchedule
 from pipeline.rollout import denoised_timestep_range, draw_exit_steps, self_forcing_rollout
+from tests.tiny import recorded_noise, rel
 from toy.bidirectional import sample_bidirectional
 from toy.folders import write_tiny_wan_folder
 from trainer.dmd import DMDObjective
@@ -35,17 +36,7 @@ C, H, W = 4, 4, 4
 PROMPTS = [f"a red circle moving left {i}" for i in range(12)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves on this shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(causal=False, seed=0, k=1, head_std=0.05):
@@ -66,17 +57,6 @@ def dmd_config(tmp_path: Path, frames: int, overrides=(), config="causal_forcing
         f"wan_models_dir={tmp_path / 'wan'}", f"generator_name={gen}", f"real_name={real}", f"fake_name={fake}",
         f"text_encoder_name={real}", "generator_ckpt=null", f"data_path={prompts}",
         f"image_or_video_shape=[1,{frames},{C},{H},{W}]", f"num_training_frames={frames}", *overrides])
-
-
-def recorded_noise(seed):
-    """A noise function that remembers its draws, so a recomputation can replay them in order."""
-    g = torch.Generator().manual_seed(seed)
-    drawn = []
-
-    def fn(like):
-        drawn.append(torch.randn(like.shape, generator=g, dtype=like.dtype))
-        return drawn[-1]
-    return fn, drawn
 
 
 # ----------------------------------------------------------------------------------------------------------------

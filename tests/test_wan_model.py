@@ -5,24 +5,21 @@ import math
 import pytest
 import torch
 
-from model.config import WanConfig, get_preset
+from model.config import get_preset
 from model.kv_cache import KVCache
 from model.masks import BlockLayout, block_causal_frame_mask, teacher_forcing_frame_mask
 from model.rope import RotaryTables, apply_rope, axis_pairs
 from model.wan import WanModel
+from tests.tiny import TINY, rel, tiny_model
 from utils.distributed import apply_activation_checkpointing
 
 TOL = 1e-5
-CFG = WanConfig(dim=32, ffn_dim=64, freq_dim=16, text_dim=24, num_heads=2, num_layers=2, text_len=8)
+CFG = TINY
 
 
 def make(causal=True, n=1, local=-1, sink=0, seed=0, first=False):
-    torch.manual_seed(seed)
-    m = WanModel(CFG, causal=causal, num_frame_per_block=n, local_attn_size=local, sink_size=sink,
-                 independent_first_frame=first)
-    with torch.no_grad():  # Wan zero-inits the head; randomise it so outputs depend on everything
-        m.head.head.weight.normal_(std=0.1)
-    return m.eval()
+    return tiny_model(causal=causal, num_frame_per_block=n, local_attn_size=local, sink_size=sink, seed=seed,
+                      independent_first_frame=first)
 
 
 def inputs(num_frames=6, b=1, h=4, w=6, seed=1):
@@ -32,10 +29,6 @@ def inputs(num_frames=6, b=1, h=4, w=6, seed=1):
     t = torch.rand(b, num_frames, generator=g) * 1000
     ctx = torch.randn(b, 5, CFG.text_dim, generator=g)
     return x, clean, t, ctx
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def stream(model, x, t, ctx, capacity, sink=0):
