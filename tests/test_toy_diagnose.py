@@ -60,6 +60,7 @@ def test_frame0_code_swap_decodes_latent_frame_1_in_the_first_slot():
     """A decoder that draws frame 0's red square only from a first latent frame holding frame 0's code (1.0): as coded
     every clip shows it, with latent frame 1's code (0.0) in that slot none does."""
     from toy.world import COLORS
+    from utils.video import pixels_to_uint8
 
     z = torch.zeros(3, 9, 2, 4, 4)
     z[:, 0] = 1.0
@@ -74,7 +75,8 @@ def test_frame0_code_swap_decodes_latent_frame_1_in_the_first_slot():
             return video
 
     clips = [("a red square moving left slowly", None)] * 3
-    swap = diagnose.frame0_code_swap(FakeVAE(), clips, z, batch=2)
+    decoded = list(pixels_to_uint8(FakeVAE().decode(z)).numpy())                # the round trip's decodes
+    swap = diagnose.frame0_code_swap(FakeVAE(), clips, z, decoded, batch=2)
     assert swap["frame0_present"] == {"as_coded": 1.0, "frame1_code": 0.0}
     assert swap["frame0_rgb_shift_median"] is None                              # nothing found to compare with
     assert torch.equal(z[:, 0], torch.ones(3, 2, 4, 4))                         # the caller's latents are left alone

@@ -131,51 +131,51 @@ def latent_noise_presence(vae, clips: list[tuple[str, np.ndarray]], z: torch.Ten
     later frames' std (the same absolute error on every frame, as a generator's error is), decoded; for each latent
     frame, the fraction of the pixel frames it codes (frame 0: pixel frame 0; frame f: pixel frames 4f-3..4f) in which
     the detector still finds the object. How fragile each frame's decode is."""
-    from toy.eval import detect_object
-    from toy.world import parse_caption
-    from utils.video import pixels_to_uint8
-
     scale = float(z[:, 1:].std())
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for sigma in LATENT_NOISE:
         noisy = z + sigma * scale * torch.randn(z.shape, generator=gen).to(z.device)
-        present = []                                                                   # [clips, pixel frames]
-        for k in range(0, len(clips), batch):
-            videos = pixels_to_uint8(vae.decode(noisy[k:k + batch])).cpu().numpy()
-            present += [detect_object(v, parse_caption(c)["color"]).present for (c, _), v in
-                        zip(clips[k:k + batch], videos)]
-        present = np.asarray(present, dtype=float)
+        present = np.asarray([track.present for track in decoded_tracks(vae, clips, noisy, batch)], dtype=float)
         groups = [[0]] + [list(range(4 * f - 3, 4 * f + 1)) for f in range(1, z.shape[1])]
         out[str(sigma)] = [round(float(present[:, g].mean()), 3) for g in groups]
     return out
 
 
 @torch.no_grad()
-def frame0_code_swap(vae, clips: list[tuple[str, np.ndarray]], z: torch.Tensor, batch: int = 4) -> dict:
-    """What latent frame 0's own code is worth: pixel frame 0 decoded from each clip's latents as they are and with
-    latent frame 0 replaced by latent frame 1 (the code of pixel frames 1-4, where the object has barely moved): the
-    fraction of clips whose frame 0 shows the object in its colour, and the median RGB distance of what is found
-    there from the same clip's round-trip frame 0. A generator that writes a later frame's code into the first slot
-    gets the swapped numbers."""
+def decoded_tracks(vae, clips: list[tuple[str, np.ndarray]], latents: torch.Tensor, batch: int = 4) -> list:
+    """The toy detector's track of each clip's captioned object in the decode of its ``latents``."""
     from toy.eval import detect_object
     from toy.world import parse_caption
     from utils.video import pixels_to_uint8
 
+    tracks = []
+    for k in range(0, len(clips), batch):
+        videos = pixels_to_uint8(vae.decode(latents[k:k + batch])).cpu().numpy()
+        tracks += [detect_object(v, parse_caption(c)["color"]) for (c, _), v in zip(clips[k:k + batch], videos)]
+    return tracks
+
+
+@torch.no_grad()
+def frame0_code_swap(vae, clips: list[tuple[str, np.ndarray]], z: torch.Tensor, decoded: list[np.ndarray],
+                     batch: int = 4) -> dict:
+    """What latent frame 0's own code is worth: pixel frame 0 decoded from each clip's latents as they are and with
+    latent frame 0 replaced by latent frame 1 (the code of pixel frames 1-4, where the object has barely moved): the
+    fraction of clips whose frame 0 shows the object in its colour, and the median RGB distance of what is found
+    there from the same clip's round-trip frame 0. A generator that writes a later frame's code into the first slot
+    gets the swapped numbers. ``decoded``: the round trip's decodes of ``z`` (uint8 clips)."""
+    from toy.eval import detect_object
+    from toy.world import parse_caption
+
     swapped = z.clone()
     swapped[:, 0] = z[:, 1]
-    found: dict[str, list] = {"as_coded": [], "frame1_code": []}
-    rgb: dict[str, list] = {"as_coded": [], "frame1_code": []}
-    for key, latents in (("as_coded", z), ("frame1_code", swapped)):
-        for k in range(0, len(clips), batch):
-            videos = pixels_to_uint8(vae.decode(latents[k:k + batch])).cpu().numpy()
-            for (caption, _), video in zip(clips[k:k + batch], videos):
-                track = detect_object(video[:2], parse_caption(caption)["color"])   # the detector needs 2 frames
-                found[key].append(bool(track.present[0]))
-                rgb[key].append(track.rgb[0])
+    tracks = {"as_coded": [detect_object(v, parse_caption(c)["color"]) for (c, _), v in zip(clips, decoded)],
+              "frame1_code": decoded_tracks(vae, clips, swapped, batch)}
+    rgb = {key: [track.rgb[0] for track in found] for key, found in tracks.items()}
     distance = [float(np.linalg.norm(a - b)) for a, b in zip(rgb["frame1_code"], rgb["as_coded"])
                 if not (np.isnan(a).any() or np.isnan(b).any())]
-    return {"frame0_present": {k: round(float(np.mean(v)), 3) for k, v in found.items()},
+    return {"frame0_present": {key: round(float(np.mean([t.present[0] for t in found])), 3)
+                               for key, found in tracks.items()},
             "frame0_rgb_shift_median": round(float(np.median(distance)), 1) if distance else None}
 
 
@@ -186,7 +186,7 @@ def vae_part(vae, clips: list[tuple[str, np.ndarray]], seed: int) -> dict:
     decoded, stats, z = vae_roundtrip(vae, [v for _, v in clips])
     return {**score([c for c, _ in clips], decoded, seed=seed), **stats,
             "latent_noise_presence": latent_noise_presence(vae, clips, z, seed),
-            "frame0_code_swap": frame0_code_swap(vae, clips, z)}
+            "frame0_code_swap": frame0_code_swap(vae, clips, z, decoded)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
