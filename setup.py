@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "diffusers>=0.35,<0.43",
     "transformers>=5.0",        # UMT5 encoder and tokenizer
     "sentencepiece>=0.2",       # the UMT5 tokenizer's spiece.model
+    "protobuf>=3.20",           # transformers reads spiece.model through it (without it, 5.2x misreads it as tiktoken)
     "huggingface_hub>=0.34",    # downloads of Wan folders and released checkpoints (model/weights.py)
     "safetensors>=0.4.3",
     "omegaconf>=2.3",

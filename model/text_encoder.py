@@ -108,7 +108,11 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not _has_tokenizer(path):
         raise WeightsMissingError(f"no tokenizer in {path} (expected one of {', '.join(WAN_TOKENIZER_FILES)})")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (ImportError, ValueError) as e:   # e.g. no protobuf: transformers then takes spiece.model for tiktoken
+        raise WeightsMissingError(f"cannot read the tokenizer in {path} ({one_line(e)}); reinstall the project's "
+                                  "dependencies: pip install -e . (protobuf, sentencepiece)") from e
     tokenizer.padding_side = "right"  # padded rows are zeroed by the attention mask, wherever they are
     return tokenizer
 

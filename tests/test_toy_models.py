@@ -24,6 +24,7 @@ from toy.eval import score_video
 from toy.folders import TOY_DIT, TOY_T5, TOY_VAE, toy_words, write_tiny_wan_folder, write_tokenizer
 from toy.vae import ClipPool, ToyVAETraining, decode_unclamped, psnr, train_toy_vae, vae_loss, videos_to_tensor
 from utils.config import Config
+from utils.errors import WeightsMissingError
 
 SHIPPED = "assets/toy/Toy-T2V"
 SHIPPED_FAITHFULNESS = 0.85  # toy-detector score of reconstructed clips (colour/shape/direction/speed)
@@ -56,6 +57,23 @@ def test_each_toy_word_is_one_token(tmp_path):
     # Words outside the grammar still tokenize (character pieces), never as the unknown token only.
     other = tokenizer("a big dog")["input_ids"]
     assert tokenizer.unk_token_id not in other and len(other) > 3
+
+
+def test_unreadable_tokenizer_is_one_line_naming_the_folder(tmp_path, monkeypatch):
+    """transformers 5.2x without protobuf takes spiece.model for a tiktoken file and fails deep inside; the loader
+    turns any such failure into one line that names the folder and the fix."""
+    import transformers
+
+    folder = write_tokenizer(tmp_path / "tok", _captions()[:4], words=toy_words())
+
+    def fail(*args, **kwargs):
+        raise ValueError("`tiktoken` is required to read a `tiktoken` file.\nInstall it with `pip install tiktoken`.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(WeightsMissingError) as info:
+        load_tokenizer(folder)
+    message = str(info.value)
+    assert "\n" not in message and str(folder) in message and "protobuf" in message and "tiktoken" in message
 
 
 def test_training_decoder_is_diffusers_decode_without_the_clamp():
