@@ -208,12 +208,19 @@ def cudnn_fp8_attention(device) -> dict:
             tq, tk, tv = layout("q", lq), layout("k", lk), layout("v", lk)
             scalars = {name: graph.tensor(name=name, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=f32)
                        for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")}
-            to, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, **scalars, generate_stats=False,
-                                                   attn_scale=1.0 / math.sqrt(d), name="sdpa_fp8")
+            common = dict(q=tq, k=tk, v=tv, **scalars, attn_scale=1.0 / math.sqrt(d), name="sdpa_fp8")
+            try:   # frontends before 1.13 call the flag is_inference, later ones generate_stats
+                to, _, amax_s, amax_o = graph.sdpa_fp8(**common, generate_stats=False)
+            except TypeError:
+                to, _, amax_s, amax_o = graph.sdpa_fp8(**common, is_inference=True)
             to.set_output(True).set_dim((b, h, lq, d)).set_stride((lq * h * d, d, h * d, 1)).set_data_type(e4m3)
             amax_s.set_output(False).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
             amax_o.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
-            graph.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            graph.validate()
+            graph.build_operation_graph()
+            graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            graph.check_support()
+            graph.build_plans()
             workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
             (q8, dq), (k8, dk), (v8, dv) = (_per_tensor_e4m3(t) for t in (q, k, v))
             one = torch.ones(1, 1, 1, 1, device=device)
