@@ -16,7 +16,8 @@
 # Set stage1_framewise: is the frame-wise line's limit its Stage 1 (0.64 at 50 steps against chunk-wise 0.88)?
 # Frame-wise Stage 1 -> causal ODE -> DMD, each line with one change to Stage 1 alone:
 #   ref       configs/toy as they are (400 steps at lr 1e-4);   s800  800 steps;   lr3  lr 3e-4;
-#   lr3_s800 both;   f0w3  latent frame 0 weighted 3x in the Stage-1 loss (first_frame_loss_weight: frame 0).
+#   lr3_s800 both;   f0w3  latent frame 0 weighted 3x in the Stage-1 loss (first_frame_loss_weight: frame 0);
+#   s800_f0w3 800 steps with frame 0 weighted 3x.
 # Same seed everywhere, so the variants differ from ref by their change alone; rows are scored on the 48 evaluation
 # prompts x 2 seeds (toy.diagnose; compare two of them by prompt with python -m toy.diagnose --compare A.json B.json,
 # the files under <workdir>/eval/). Packs every row's scores, frame strips (toy.pictures, TOY_PICTURES_LIMIT s after
@@ -77,6 +78,7 @@ else
     line lr3 --stage_override ar_framewise:lr=3e-4
     line lr3_s800 --steps ar_framewise=800 --stage_override ar_framewise:lr=3e-4
     line f0w3 --stage_override ar_framewise:first_frame_loss_weight=3
+    line s800_f0w3 --steps ar_framewise=800 --stage_override ar_framewise:first_frame_loss_weight=3
 fi
 wait
 for work in "$root"/*/; do   # a frame strip of every row each workdir has a model of (8 prompts, seed 0)
