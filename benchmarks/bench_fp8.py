@@ -209,7 +209,7 @@ def cudnn_fp8_attention(device) -> dict:
             scalars = {name: graph.tensor(name=name, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=f32)
                        for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")}
             common = dict(q=tq, k=tk, v=tv, **scalars, attn_scale=1.0 / math.sqrt(d), name="sdpa_fp8")
-            try:   # frontends before 1.13 call the flag is_inference, later ones generate_stats
+            try:   # newer frontends name the flag generate_stats, older ones is_inference
                 to, _, amax_s, amax_o = graph.sdpa_fp8(**common, generate_stats=False)
             except TypeError:
                 to, _, amax_s, amax_o = graph.sdpa_fp8(**common, is_inference=True)

@@ -60,7 +60,7 @@ def test_each_toy_word_is_one_token(tmp_path):
 
 
 def test_unreadable_tokenizer_is_one_line_naming_the_folder(tmp_path, monkeypatch):
-    """transformers 5.2x without protobuf takes spiece.model for a tiktoken file and fails deep inside; the loader
+    """transformers 5.25 without protobuf takes spiece.model for a tiktoken file and fails deep inside; the loader
     turns any such failure into one line that names the folder and the fix."""
     import transformers
 
