@@ -16,8 +16,8 @@
 # The whole run takes ~572 s on one H200, ~640 s on one H100 (docs/toy_results.md): with the set-up, more than one
 # 10-minute call. The same command again on the same machine while it is warm (it keeps the ignored $TOY_WORK
 # folder) continues it, skipping finished stages.
-# Stages 1-3 alone, from the shipped base as the real recipe starts from the released Wan2.1 (about 200 s less; not
-# timed as a whole yet):  TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh --base_weights \
+# Stages 1-3 alone, from the shipped base as the real recipe starts from the released Wan2.1 (381 s of recipe, 430 s
+# of call on one H100; docs/toy_results.md):  TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh --base_weights \
 #     assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
