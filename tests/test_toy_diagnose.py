@@ -168,3 +168,24 @@ def test_compare_pairs_two_result_files_by_prompt(tmp_path):
                           "--out", str(out)]) == 2
     assert diagnose.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--compare_keys", "shape",
                           "--out", str(out)]) == 2
+
+
+def test_by_attribute_averages_each_score_over_the_prompts_asking_for_each_value(tmp_path):
+    """--by_attribute: a score's mean over the videos whose prompt names each colour / shape / direction / speed."""
+    def video(prompt, present):
+        return {"prompt": prompt, "frame0_present": present}
+    videos = [video("a red circle moving up slowly", True), video("a red square moving up quickly", False),
+              video("an orange circle moving left quickly", False), video("an orange circle moving left quickly", True)]
+    (tmp_path / "a.json").write_text(json.dumps({"model:x": {"videos": videos}}))
+    out = tmp_path / "by.json"
+    assert diagnose.main(["--by_attribute", str(tmp_path / "a.json"), "--compare_keys", "frame0_present",
+                          "--out", str(out)]) == 0
+    means = json.loads(out.read_text())["by_attribute"][str(tmp_path / "a.json")]["frame0_present"]
+    assert means["color"] == {"orange": 0.5, "red": 0.5}
+    assert means["shape"] == {"circle": pytest.approx(2 / 3, abs=1e-3), "square": 0.0}
+    assert means["direction"] == {"left": 0.5, "up": 0.5}
+    assert means["speed"] == {"fast": pytest.approx(1 / 3, abs=1e-3), "slow": 1.0}
+    assert diagnose.main(["--by_attribute", str(tmp_path / "a.json"), "--compare_keys", "shape",
+                          "--out", str(out)]) == 2          # no such per-video score: one line, exit 2
+    assert diagnose.main(["--by_attribute", str(tmp_path / "a.json"), "--compare", str(tmp_path / "a.json"),
+                          str(tmp_path / "a.json"), "--out", str(out)]) == 2

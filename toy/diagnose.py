@@ -5,6 +5,8 @@ r"""Where does the toy world lose what a prompt asks for? The measurements of is
     python -m toy.diagnose --parts ceiling vae --num_clips 48                # only the data side
     python -m toy.diagnose --parts models --prompts prompts/toy_eval.txt --num_samples 2 --num_real 64 \
         --out output/toy_eval48.json                                         # the 48-prompt evaluation protocol
+    python -m toy.diagnose --compare A.json B.json                           # A minus B, paired by prompt
+    python -m toy.diagnose --by_attribute A.json --compare_keys frame0_present   # per prompted colour, shape, ...
 
 Parts (``--parts``, all by default), each scored by the toy detector (:mod:`toy.eval`):
 
@@ -371,6 +373,37 @@ def compare(spec_a: str, spec_b: str, keys: list[str], seed: int) -> dict:
             "differences": {k: paired_difference(a, b, k, seed=seed) for k in keys}}
 
 
+def by_attribute(specs: list[str], keys: list[str]) -> dict:
+    """For each result file and each per-video score in ``keys``: its mean over the videos whose prompt asks for each
+    colour, shape, direction and speed (``frame0_present`` as a rate). Which prompts a failure follows."""
+    from toy.world import parse_caption
+
+    out = {}
+    for spec in specs:
+        videos = scored_videos(spec)
+        if missing := [k for k in keys if k not in videos[0]]:
+            raise UserError(f"{spec}: no per-video score {missing}; it has {sorted(videos[0])}")
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for video in videos:
+            for attribute, value in parse_caption(video["prompt"]).items():
+                groups.setdefault((attribute, value), []).append(video)
+        out[spec] = {key: {attribute: {value: round(float(np.mean([float(v[key]) for v in found])), 3)
+                                       for (a, value), found in sorted(groups.items()) if a == attribute}
+                           for attribute in SCORES}
+                     for key in keys}
+    return {"by_attribute": out, "videos": {spec: len(scored_videos(spec)) for spec in specs}}
+
+
+def format_by_attribute(result: dict) -> str:
+    lines = []
+    for spec, scores in result["by_attribute"].items():
+        lines.append(f"{spec} ({result['videos'][spec]} videos)")
+        for key, attributes in scores.items():
+            lines.append(f"  {key}: " + " | ".join(" ".join(f"{value} {mean:.2f}" for value, mean in values.items())
+                                                   for values in attributes.values()))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # command line
 
@@ -413,8 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, default=None, metavar="FILE[:ENTRY]",
                    help="instead of the parts: A minus B per score, paired by prompt, from two result JSONs with "
                         "per-video scores (this module's with --per_video, or a recipe's eval/<row>.json)")
+    p.add_argument("--by_attribute", nargs="+", default=None, metavar="FILE[:ENTRY]",
+                   help="instead of the parts: each --compare_keys score of these result JSONs averaged over the "
+                        "videos of each prompted colour, shape, direction and speed")
     p.add_argument("--compare_keys", nargs="+", default=["faithfulness", *SCORES, "frame0_present"], metavar="KEY",
-                   help="per-video scores --compare reports")
+                   help="per-video scores --compare and --by_attribute report")
     p.add_argument("--out", default="output/toy_diagnose.json", help="JSON with every part's numbers")
     return p
 
@@ -581,13 +617,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        result = compare(*args.compare, args.compare_keys, args.seed) if args.compare else run(args)
+        if args.compare and args.by_attribute:
+            raise UserError("--compare and --by_attribute: one at a time")
+        if args.compare:
+            result, summary = compare(*args.compare, args.compare_keys, args.seed), format_comparison
+        elif args.by_attribute:
+            result, summary = by_attribute(args.by_attribute, args.compare_keys), format_by_attribute
+        else:
+            result, summary = run(args), format_summary
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    summary = format_comparison(result) if args.compare else format_summary(result)
+    summary = summary(result)
     sys.stdout.write(summary + f"\nwritten to {args.out}\n")
     return 0
 
