@@ -378,11 +378,12 @@ def by_attribute(specs: list[str], keys: list[str]) -> dict:
     colour, shape, direction and speed (``frame0_present`` as a rate). Which prompts a failure follows."""
     from toy.world import parse_caption
 
-    out = {}
+    out, counts = {}, {}
     for spec in specs:
         videos = scored_videos(spec)
         if missing := [k for k in keys if k not in videos[0]]:
             raise UserError(f"{spec}: no per-video score {missing}; it has {sorted(videos[0])}")
+        counts[spec] = len(videos)
         groups: dict[tuple[str, str], list[dict]] = {}
         for video in videos:
             for attribute, value in parse_caption(video["prompt"]).items():
@@ -391,7 +392,7 @@ def by_attribute(specs: list[str], keys: list[str]) -> dict:
                                        for (a, value), found in sorted(groups.items()) if a == attribute}
                            for attribute in SCORES}
                      for key in keys}
-    return {"by_attribute": out, "videos": {spec: len(scored_videos(spec)) for spec in specs}}
+    return {"by_attribute": out, "videos": counts}
 
 
 def format_by_attribute(result: dict) -> str:
