@@ -42,6 +42,7 @@ PRESET, LATENT, FRAMES = "wan2.1-t2v-1.3b", (16, 60, 104), 21
 # attention calls of streaming, in latent frames (queries, keys): one frame and one chunk against a full cache, a
 # chunk against two chunks' cache
 STREAM_FRAMES = ((1, FRAMES), (3, FRAMES), (3, 6))
+GEMM_FRAMES = (1, 2, 3, 6)   # latent frames of tokens through a block's linear layers (a frame, a chunk, two chunks)
 
 
 def stream_attention_inputs(device):
@@ -141,7 +142,8 @@ def video_errors(gen32: WanModel, gen16: WanModel, ctx: torch.Tensor) -> dict:
 def kernel_speeds(device) -> dict:
     cfg = get_preset(PRESET)
     out = {}
-    for tokens in (1560, 3120, 4680, 9360):
+    per_frame = cfg.tokens_per_frame(*LATENT[1:])
+    for tokens in (n * per_frame for n in GEMM_FRAMES):
         for name, (k, n) in dict(qkv=(cfg.dim, 3 * cfg.dim), o=(cfg.dim, cfg.dim), ffn_up=(cfg.dim, cfg.ffn_dim),
                                  ffn_down=(cfg.ffn_dim, cfg.dim)).items():
             lin = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
