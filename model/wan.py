@@ -285,7 +285,9 @@ class WanModel(nn.Module):
         f, hh, ww = grid
         out = out.reshape(out.shape[0], f, hh, ww, pt, ph, pw, self.config.out_dim)
         out = out.permute(0, 1, 4, 7, 2, 5, 3, 6)                # [B, F', pt, C, H', ph, W', pw]
-        return out.reshape(out.shape[0], f * pt, self.config.out_dim, hh * ph, ww * pw)
+        # With 1x1 spatial patches the reshape is a view of the head's output; a copy, so that the model never returns
+        # a view (FSDP2 hooks an output for backward, and an in-place op on a view would drop that hook).
+        return out.reshape(out.shape[0], f * pt, self.config.out_dim, hh * ph, ww * pw).contiguous()
 
     def _time(self, t: torch.Tensor, num_frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame time embedding ``e [B, F, D]`` and modulation ``e0 [B, F, 6, D]``."""

@@ -1,5 +1,6 @@
 """The DiT's attention paths against each other and against independent recomputations (tiny model, float32)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -314,3 +315,18 @@ def test_kernel_scope_sets_the_sdpa_order_once():
             assert A._scope.depth == 1
     assert A._scope.depth == 0 and flags() == before
     assert not isinstance(A._sdpa_context("cuda"), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (1, 1, 1)])
+def test_outputs_are_never_views(patch):
+    """FSDP2 registers its backward hook on a module's outputs; an in-place op on an output that is a view of an
+    internal tensor would drop it. With 1x1 patches (the toy DiT) the unpatchify reshape alone would be such a view."""
+    model = tiny_model(dataclasses.replace(TINY, patch_size=patch), causal=True, num_frame_per_block=1)
+    x, clean, t, ctx = inputs(num_frames=2)
+    cache = KVCache.for_model(model, 1, 4, 6, capacity_frames=2)
+    with torch.no_grad():
+        outs = {"forward": model(x, t, ctx), "teacher_forcing": model.forward_teacher_forcing(x, t, ctx, clean),
+                "cached": model.forward_cached(x[:, :1], t[:, :1], ctx, cache, 0)}
+    for name, out in outs.items():
+        assert out._base is None, f"{name} with patch {patch} returned a view"
+        assert out.shape[-2:] == x.shape[-2:]
