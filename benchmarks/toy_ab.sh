@@ -15,7 +15,7 @@
 #   cw_b16 / fw_b16 DMD batch 16 instead of 4 (a noisy DMD gradient?)
 # Set stage1_framewise: is the frame-wise line's limit its Stage 1 (0.64 at 50 steps against chunk-wise 0.88)?
 # Frame-wise Stage 1 -> causal ODE -> DMD, each line with one change to Stage 1 alone:
-#   ref       configs/toy as they are (400 steps at lr 1e-4);   s800  800 steps;   lr3  lr 3e-4;
+#   ref       400 steps at lr 1e-4, equal frame weights (configs/toy before this set);   s800  800 steps;   lr3  lr 3e-4;
 #   lr3_s800 both;   f0w3  latent frame 0 weighted 3x in the Stage-1 loss (first_frame_loss_weight: frame 0);
 #   s800_f0w3 800 steps with frame 0 weighted 3x.
 # Same seed everywhere, so the variants differ from ref by their change alone; rows are scored on the 48 evaluation
@@ -72,13 +72,19 @@ if [ "$set_name" = dmd ]; then
 else
     stages="ar_framewise ode_framewise dmd_framewise"
     rows="ar_framewise_50 ode_framewise_4 dmd_framewise_4"
-    line() { local name=$1; shift; recipe "$root/$name" "${base[@]}" --only $stages --rows $rows "$@" & }
-    line ref
-    line s800 --steps ar_framewise=800
-    line lr3 --stage_override ar_framewise:lr=3e-4
-    line lr3_s800 --steps ar_framewise=800 --stage_override ar_framewise:lr=3e-4
-    line f0w3 --stage_override ar_framewise:first_frame_loss_weight=3
-    line s800_f0w3 --steps ar_framewise=800 --stage_override ar_framewise:first_frame_loss_weight=3
+    # every line pins the Stage 1 this set studied (400 steps, equal frame weights), then changes it; configs/toy now
+    # trains the frame-wise Stage 1 as s800_f0w3 does
+    line() {   # NAME STEPS FRAME0_WEIGHT [more ar_framewise:KEY=VALUE overrides]
+        local name=$1 steps=$2 weight=$3; shift 3
+        recipe "$root/$name" "${base[@]}" --only $stages --rows $rows --steps ar_framewise="$steps" \
+            --stage_override ar_framewise:first_frame_loss_weight="$weight" "$@" &
+    }
+    line ref 400 1
+    line s800 800 1
+    line lr3 400 1 ar_framewise:lr=3e-4
+    line lr3_s800 800 1 ar_framewise:lr=3e-4
+    line f0w3 400 3
+    line s800_f0w3 800 3
 fi
 wait
 for work in "$root"/*/; do   # a frame strip of every row each workdir has a model of (8 prompts, seed 0)
