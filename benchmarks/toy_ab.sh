@@ -15,7 +15,8 @@
 #   cw_b16 / fw_b16 DMD batch 16 instead of 4 (a noisy DMD gradient?)
 # Set stage1_framewise: is the frame-wise line's limit its Stage 1 (0.64 at 50 steps against chunk-wise 0.88)?
 # Frame-wise Stage 1 -> causal ODE -> DMD, each line with one change to Stage 1 alone:
-#   ref       400 steps at lr 1e-4, equal frame weights (configs/toy before this set);   s800  800 steps;   lr3  lr 3e-4;
+#   ref       400 steps at lr 1e-4, equal frame weights (configs/toy before this set);
+#   s800      800 steps;   lr3  lr 3e-4;
 #   lr3_s800 both;   f0w3  latent frame 0 weighted 3x in the Stage-1 loss (first_frame_loss_weight: frame 0);
 #   s800_f0w3 800 steps with frame 0 weighted 3x.
 # Same seed everywhere, so the variants differ from ref by their change alone; rows are scored on the 48 evaluation
