@@ -1,10 +1,11 @@
 """Where the GPU time of one streaming video goes: kernels grouped by kind, for the whole run and per stream.
 
-Runs one mode of ``bench_inference.py`` (same models, random weights, same variants) three ways after a warm-up —
-end to end (DiT + streaming decode), DiT only, decode only (the streaming decoder over the same number of latent
-frames) — each under ``torch.profiler``, and reports per run: wall time, GPU-busy time (union of kernel intervals),
-and kernel time by kind (GEMM, attention, convolution, compiled elementwise, copies, other) and by stream, plus the
-most expensive kernels. Prints a table and writes JSON (and Chrome traces with ``--traces``).
+Runs one mode of ``bench_inference.py`` (same models, random weights, same variants) up to four ways after a
+warm-up — end to end (DiT + streaming decode), DiT only, decode only (the streaming decoder over the same number of
+latent frames), and up to the first decoded frame on the host — each under ``torch.profiler``, and reports per run:
+wall time, GPU-busy time (union of kernel intervals), kernel time by kind (GEMM, attention, convolution, compiled
+elementwise, copies, other) and by stream, when each stream worked (from the start of the call), and the most
+expensive kernels. Prints a table and writes JSON (and Chrome traces with ``--traces``).
 
     python benchmarks/profile_inference.py --mode chunk4 --variant fast --out profile.json
     python benchmarks/profile_inference.py --tiny --out /tmp/profile.json   # CPU smoke test (no kernels to count)
@@ -23,7 +24,7 @@ from pathlib import Path
 import bench_inference as bench
 import torch
 from common import conv_padding, save_results, streaming_setup
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from model.vae import WanVAE
 
@@ -34,6 +35,10 @@ KINDS = (  # first match wins; names as cuDNN / cuBLAS / inductor / ATen give th
     ("compiled", ("triton",)),
     ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
 )
+
+
+RUNS = ["end_to_end", "dit_only", "decode_only", "first_frame"]
+TIMED = "profile_inference.timed"   # the mark the timeline counts from
 
 
 def kind_of(name: str) -> str:
@@ -64,10 +69,25 @@ def summarize(trace: dict, wall_s: float, top: int) -> dict:
         by_name[e["name"]][0] += ms
         by_name[e["name"]][1] += 1
     heaviest = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    # when each stream worked, from the start of the timed call (its record_function mark)
+    marks = [e["ts"] for e in events if e.get("name") == TIMED and "ts" in e]
+    origin = min(marks) if marks else min((e["ts"] for e in kernels), default=0.0)
+    spans = defaultdict(list)
+    for e in kernels:
+        spans[str(e.get("args", {}).get("stream", "?"))].append(((e["ts"] - origin) / 1e3,
+                                                                  (e["ts"] + e["dur"] - origin) / 1e3, e["name"]))
+    timeline = {}
+    for stream, iv in spans.items():
+        iv.sort()
+        gaps = sorted(((b[0] - a[1], a[1], a[2][:80]) for a, b in zip(iv, iv[1:]) if b[0] > a[1]), reverse=True)
+        timeline[stream] = dict(first_ms=iv[0][0], last_ms=max(b for _, b, _ in iv),
+                                busy_ms=busy_time([(a, b) for a, b, _ in iv]),
+                                idle_gaps=[dict(ms=g, at_ms=at, after=name) for g, at, name in gaps[:5]])
     return dict(wall_ms=wall_s * 1e3, kernels=len(kernels), kernel_ms=sum(by_kind.values()),
                 launch_ms=sum(e["dur"] for e in launches) / 1e3,
                 busy_ms=busy_time([(e["ts"] / 1e3, (e["ts"] + e["dur"]) / 1e3) for e in kernels]),
                 by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])), by_stream=dict(by_stream),
+                timeline=timeline,
                 top=[dict(name=name[:160], ms=ms, calls=calls, kind=kind_of(name)) for name, (ms, calls) in heaviest])
 
 
@@ -77,7 +97,8 @@ def profiled(fn, trace_path: Path | None, top: int) -> dict:
     with profile(activities=activities) as prof:
         bench.sync()
         start = time.perf_counter()
-        fn()
+        with record_function(TIMED):
+            fn()
         bench.sync()
         wall = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,6 +106,13 @@ def profiled(fn, trace_path: Path | None, top: int) -> dict:
         prof.export_chrome_trace(str(path))
         trace = json.loads(Path(path).read_text())
     return summarize(trace, wall, top)
+
+
+def first_chunk(pipe, ctx: torch.Tensor, frames: int) -> None:
+    """Up to the video's first decoded frame on the host (what the caller waits for first), then stop the stream."""
+    stream = pipe.open("benchmark", num_latent_frames=frames, seed=0, decode=True, context=ctx, uint8=True)
+    next(stream).frames.to("cpu")
+    stream.close()
 
 
 def decode_all(vae: WanVAE, latents: torch.Tensor, frames_per_block: int) -> None:
@@ -105,12 +133,15 @@ def profile_runs(args, setup, mode: dict, variant: dict) -> list[dict]:
         "end_to_end": lambda: bench.run_once(pipe, ctx, frames, decode=True),
         "dit_only": lambda: bench.run_once(pipe, ctx, frames, decode=False),
         "decode_only": lambda: decode_all(vae, latents, mode["n"]),
+        "first_frame": lambda: first_chunk(pipe, ctx, frames),
     }
     traces = Path(args.traces) if args.traces else None
     if traces:
         traces.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, fn in runs.items():
+        if name not in args.runs:
+            continue
         fn()  # warm-up: compile, cuDNN plans, allocator
         row = dict(run=name, mode=args.mode, variant=args.variant,
                    **profiled(fn, traces / f"{name}.json" if traces else None, args.top))
@@ -119,6 +150,10 @@ def profile_runs(args, setup, mode: dict, variant: dict) -> list[dict]:
         print(f"{name:12s} wall {row['wall_ms']:7.1f} ms | GPU busy {row['busy_ms']:7.1f} ms | kernels "
               f"{row['kernel_ms']:7.1f} ms ({row['kernels']}) | launches {row['launch_ms']:6.1f} ms | {kinds}",
               flush=True)
+        for stream, t in row["timeline"].items():
+            print(f"    stream {stream}: kernels from {t['first_ms']:.1f} to {t['last_ms']:.1f} ms, busy "
+                  f"{t['busy_ms']:.1f} ms; longest idle: " + ", ".join(f"{g['ms']:.2f} ms at {g['at_ms']:.1f} after "
+                                                                    f"{g['after'][:40]}" for g in t["idle_gaps"][:3]))
         for k in row["top"]:
             print(f"    {k['ms']:8.1f} ms {k['calls']:5d}x {k['kind']:11s} {k['name'][:110]}")
     return rows
@@ -128,6 +163,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="chunk4", choices=bench.MODES)
     p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
+    p.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS, help="which ways to run the mode")
     p.add_argument("--top", type=int, default=15, help="heaviest kernels listed per run")
     p.add_argument("--out", default="profile_inference.json", help="JSON output path")
     p.add_argument("--traces", default=None, help="folder for the Chrome traces (not kept without it)")

@@ -159,8 +159,8 @@ class WanVAE(nn.Module):
         return self
 
     def compile_decoder(self, enabled: bool = True, **options) -> WanVAE:
-        """``torch.compile`` the streaming decoder's regions (``enabled=False``: eager), static shapes: every call after
-        a video's first (one frame, eager) has ``frames_per_call`` frames, so each region compiles once per shape."""
+        """``torch.compile`` the streaming decoder's regions (``enabled=False``: eager), static shapes: a video's first
+        call (one frame, no cache) and every later call (``frames_per_call`` frames) compile once per shape."""
         # a few graphs per region and resolution; switching resolution or options in one process adds more
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.regions = EAGER_REGIONS.compiled(**options) if enabled else EAGER_REGIONS
@@ -246,7 +246,7 @@ class StreamingDecoder:
         decoder = self.vae.model.decoder
         layout = torch.channels_last_3d if self.vae.channels_last else torch.contiguous_format
         if self._cache is None:
-            out, self._cache = decoder_step(decoder, x[:, :, :1], None, layout=layout)
+            out, self._cache = decoder_step(decoder, x[:, :, :1], None, self.vae.regions, layout)
             outputs.append(out)
             start = 1
         for i in range(start, x.shape[2], self.frames_per_call):

@@ -304,6 +304,14 @@ class WanModel(nn.Module):
             raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={self.config.text_len}")
         return self.text_embedding(F.pad(context, (0, 0, 0, pad)))
 
+    @torch.no_grad()
+    def fill_cross(self, context: torch.Tensor, cache: KVCache) -> None:
+        """The prompt's cross-attention K/V of every layer into ``cache`` ahead of the first call (the same products
+        that call would make), so that a CUDA graph can serve a video's first call too."""
+        ctx = self.embed_text(context)
+        for i, block in enumerate(self.blocks):
+            cache.store_cross(i, *block.cross_attn.kv(ctx))
+
     def _run_blocks(self, x, e0, ctx, plan: AttnPlan) -> torch.Tensor:
         # Activation checkpointing is applied from outside (utils.distributed.apply_activation_checkpointing).
         with kernel_scope(x.device.type):  # the SDPA kernel order, set once per pass

@@ -38,6 +38,7 @@ class CUDAGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream()
         self.disabled = False          # set when a capture fails: everything runs eagerly from then on
+        self.fill_cross_ahead = True   # False: a prompt's first call runs eagerly and fills them (benchmark A/B)
 
     @property
     def layout(self):
@@ -70,9 +71,9 @@ class CUDAGraphs:
 
     def _key(self, x, t, cache, start_frame, mode, blocks, view) -> tuple | None:
         """The graph key of a call (its Python ints: start frame, blocks, input shape), or None when no graph may serve
-        it: calls past the cache's capacity, other views and modes, a prompt's first call."""
+        it: calls past the cache's capacity, other views and modes."""
         if (self.disabled or cache is not self.cache or CacheMode(mode) is not CacheMode.INFERENCE
-                or not view.full or not cache.cross_ready or cache.origin != 0 or any(cache.placed)
+                or not view.full or cache.origin != 0 or any(cache.placed)
                 or start_frame + x.shape[1] > cache.capacity or t.dim() != 2):
             return None
         return start_frame, tuple(blocks), tuple(x.shape), x.dtype
@@ -82,6 +83,11 @@ class CUDAGraphs:
                        blocks: tuple[int, ...] = (), view: CacheView = FULL) -> torch.Tensor:
         """:meth:`WanModel.forward_cached`, replayed from a graph where one may serve the call."""
         key = self._key(x, t, cache, start_frame, mode, blocks, view)
+        if key is not None and not cache.cross_ready:   # a prompt's first call: its cross K/V first, then the graph
+            if self.fill_cross_ahead:
+                self.model.fill_cross(context, cache)
+            else:
+                key = None
         entry = None if key is None else self._graphs.get(key)
         if entry is None:
             out = self.model.forward_cached(x, t, context, cache, start_frame, mode=mode, blocks=blocks, view=view)

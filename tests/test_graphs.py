@@ -52,8 +52,8 @@ def test_replayed_video_equals_eager(n, steps, first):
     reference = latents(eager, 9)
     assert torch.equal(latents(graphed, 9), reference)      # first video: eager calls, graphs captured
     count = graphed.graphs.num_graphs
-    # one graph per key (start frame, blocks, shape): block 0's later steps (its first fills the cross-attention
-    # cache: eager), and per later block its first step (fused with the context pass before it) and its later steps
+    # one graph per key (start frame, blocks, shape): block 0's steps (the prompt's cross-attention K/V filled before
+    # its first), and per later block its first step (fused with the context pass before it) and its later steps
     assert count == 1 + 2 * (9 // n - 1)
     for seed in (3, 4):   # later videos replay (a new seed: new noise, same graphs)
         assert torch.equal(latents(graphed, 9, seed=seed), latents(eager, 9, seed=seed))

@@ -125,6 +125,22 @@ def test_rollout_mode_with_grad_equals_inference_mode(n, local, sink, frames):
     assert rel(rollout.detach(), inference) < TOL
 
 
+def test_cross_attention_filled_ahead_equals_filled_in_the_first_call():
+    """``fill_cross`` (what a CUDA graph needs before a video's first call) stores what the first call would: the
+    same products on the same inputs, so the outputs are equal bit for bit."""
+    model = make(n=2)
+    x, _, t, ctx = inputs(4)
+    caches = [KVCache.for_model(model, 1, 4, 6, capacity_frames=4) for _ in range(2)]
+    with torch.no_grad():
+        model.fill_cross(ctx, caches[1])
+        assert caches[1].cross_ready and not caches[0].cross_ready
+        outs = [[model.forward_cached(x[:, s:s + 2], t[:, s:s + 2], ctx, c, s) for s in (0, 2)] for c in caches]
+    for layer in range(CFG.num_layers):
+        assert torch.equal(caches[0].cross_k[layer], caches[1].cross_k[layer])
+        assert torch.equal(caches[0].cross_v[layer], caches[1].cross_v[layer])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_inference_mode_under_autograd_raises():
     """Inference mode does not silently train: under autograd its gradients would skip the block's own K/V."""
     model = make(n=1)
