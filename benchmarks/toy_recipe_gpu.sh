@@ -17,7 +17,8 @@
 # 10-minute call. The same command again on the same machine while it is warm (it keeps the ignored $TOY_WORK
 # folder) continues it, skipping finished stages.
 # Stages 1-3 alone, from the shipped base as the real recipe starts from the released Wan2.1 (381 s of recipe, 430 s
-# of call on one H100; docs/toy_results.md):  TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh --base_weights \
+# of call on one H100 with 400 frame-wise Stage-1 and 150 frame-wise DMD steps, configs/toy now 800 and 300;
+# docs/toy_results.md):  TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh --base_weights \
 #     assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
