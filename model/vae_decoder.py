@@ -25,7 +25,7 @@ def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
     weight, bias, out_channels = conv.weight, conv.bias, conv.out_channels
     if cache is None and keep and x.shape[2] == 1:
         # a video's first call (one frame): the frames before it are zeros, so only the last time tap counts
-        new_cache = torch.cat([_zero_frames(x, keep), x], dim=2)[:, :, -keep:].clone()
+        new_cache = torch.cat([_zero_frames(x, keep - 1), x], dim=2)   # the last keep frames of zeros + x
         weight = weight[:, :, keep:].contiguous(memory_format=_layout(x))   # a third of the products (kernel_t 3)
     else:
         x = torch.cat([_zero_frames(x, keep) if cache is None else cache, x], dim=2)
