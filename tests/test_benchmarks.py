@@ -33,10 +33,12 @@ def test_bench_vae_decodes_the_whole_video(tmp_path):
     assert all(row["frames"] == 25 for row in result["rows"])  # --tiny decodes 7 latent frames: 1 + 4 * 6
 
 
-def test_profile_inference_runs_the_three_runs(tmp_path):
+def test_profile_inference_runs_every_way_or_those_asked_for(tmp_path):
     result = run("profile_inference.py", tmp_path / "profile.json", "--top", "3", runs=False)
-    assert [row["run"] for row in result["rows"]] == ["end_to_end", "dit_only", "decode_only"]
+    assert [row["run"] for row in result["rows"]] == ["end_to_end", "dit_only", "decode_only", "first_frame"]
     assert all(row["wall_ms"] > 0 for row in result["rows"])  # no CUDA kernels on the CPU: only the walls count
+    result = run("profile_inference.py", tmp_path / "first.json", "--runs", "first_frame", runs=False)
+    assert [row["run"] for row in result["rows"]] == ["first_frame"]
 
 
 def test_profile_busy_time_is_the_union_of_kernel_intervals():
@@ -49,6 +51,14 @@ assert p.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma") == "
 assert p.kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16") == "convolution"
 assert p.kind_of("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "gemm"
 assert p.kind_of("triton_poi_fused_gelu_view_3") == "compiled"
+# a timeline from the timed call's mark (ts 100 us): stream 7 works 0.1-0.3 and 0.8-1.0 ms, stream 9 0.3-0.5 ms
+kernel = lambda ts, dur, stream, name: dict(cat="kernel", ts=ts, dur=dur, name=name, args=dict(stream=stream))
+trace = dict(traceEvents=[dict(name=p.TIMED, ts=100.0, dur=1000.0), kernel(200, 200, 7, "a"), kernel(900, 200, 7, "b"),
+                          kernel(400, 200, 9, "c")])
+t = p.summarize(trace, 1e-3, top=2)["timeline"]
+assert t["7"]["first_ms"] == 0.1 and t["7"]["last_ms"] == 1.0 and abs(t["7"]["busy_ms"] - 0.4) < 1e-9
+assert [(round(g["ms"], 6), g["after"]) for g in t["7"]["idle_gaps"]] == [(0.5, "a")]
+assert t["9"]["first_ms"] == 0.3 and t["9"]["idle_gaps"] == []
 """
     proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT / "benchmarks", capture_output=True, text=True,
                           timeout=300)
