@@ -1,7 +1,9 @@
 """The Wan VAE decoder's causal 3x3x3 convolutions at one steady streaming call's shapes (one latent frame in: 1 frame
 at 60x104, 2 at 120x208, 4 at 240x416 and 480x832): cuDNN ``conv3d`` channels-last (as the decoder runs them), on
 contiguous (NCDHW) tensors, and with the output channels zero-padded to a multiple of 128 (what
-``model.vae_decoder.PAD_OUT_CHANNELS`` does for the 96-channel stage on CUDA).
+``model.vae_decoder.PAD_OUT_CHANNELS`` does for the 96-channel stage on CUDA). Then the decoder's last convolution
+(``conv_out``: 96 channels in, 3 out, four 480x832 frames a call) as it is and computed with ``--out_pad`` output
+channels (zero weights, the extra ones dropped), since a 3-wide output is a poor fit for any GEMM tile.
 
 bf16, cudnn.benchmark on; CUDA events, mean of ``--iters`` calls after 3 warm-up calls. Prints a table and writes
 JSON.
@@ -25,6 +27,8 @@ SHAPES = [(96, 4, 480, 832, 6), (192, 4, 240, 416, 6), (384, 2, 120, 208, 5), (3
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    p.add_argument("--out_pad", type=int, nargs="*", default=[8, 16, 32, 64, 128],
+                   help="output-channel counts the 3-channel conv_out is also timed with")
     p.add_argument("--out", default="bench_vae_conv.json", help="JSON output path")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -49,6 +53,22 @@ def main(argv=None) -> int:
         print(f"C{c} x {t} frames {h}x{w}: conv3d {row['conv3d_ms']:.2f} ms ({row['conv3d_tflops']:.0f} TFLOP/s) | "
               f"NCDHW {row['conv3d_ncdhw_ms']:.2f} ms | with {c + pad} output channels "
               f"{row['conv3d_cout_padded_ms'] or float('nan'):.2f} ms | {count} per call", flush=True)
+    # conv_out: 96 -> 3 channels at full resolution, once per steady call
+    x = torch.randn(1, 96, 4 + 2, 480, 832, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+    w3 = torch.randn(3, 96, 3, 3, 3, device=device, dtype=dtype)
+    row = dict(conv="conv_out", channels_in=96, channels_out=3, frames=4, height=480, width=832, per_call=1)
+    for out in [3, *args.out_pad]:
+        wp = F.pad(w3, (0, 0, 0, 0, 0, 0, 0, 0, 0, out - 3)).contiguous(memory_format=torch.channels_last_3d)
+        row[f"out{out}_ms"] = cuda_ms(lambda: F.conv3d(x, wp, padding=(0, 1, 1))[:, :3], args.iters)
+        if out > 3:
+            ref = F.conv3d(x.float(), w3.float(), padding=(0, 1, 1))
+            got = F.conv3d(x, wp, padding=(0, 1, 1))[:, :3].float()
+            row[f"out{out}_rel_diff"] = ((got - ref).norm() / ref.norm()).item()
+    row["rel_diff_unpadded"] = ((F.conv3d(x, w3.contiguous(memory_format=torch.channels_last_3d), padding=(0, 1, 1))
+                                 .float() - ref).norm() / ref.norm()).item() if args.out_pad else None
+    rows.append(row)
+    print("conv_out 96->3 x 4 frames 480x832: " + " | ".join(
+        f"{k[3:-3]} out {v:.3f} ms" for k, v in row.items() if k.startswith("out") and k.endswith("_ms")), flush=True)
     save_results(args.out, rows, device)
     return 0
 

@@ -14,8 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 # Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are dropped:
-# on the H100, cuDNN takes 2.12 ms for the last stage's full-resolution 96-channel 3x3x3 convolution (one steady
-# call, four 480x832 frames) and 1.41 ms with 128; 192 -> 256 gains nothing (benchmarks/bench_vae_conv.py).
+# on the H100, cuDNN takes 2.10 ms for the last stage's full-resolution 96-channel 3x3x3 convolution (one steady
+# call, four 480x832 frames) and 1.41 ms with 128; 192 -> 256 gains nothing, nor 3 -> 8..128 for conv_out
+# (1.20 vs 1.11-1.59 ms; benchmarks/bench_vae_conv.py).
 PAD_OUT_CHANNELS: dict[str, dict[int, int]] = {"cuda": {96: 128}}
 
 
@@ -23,20 +24,25 @@ def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
     """A ``WanCausalConv3d`` with time from ``cache`` (None: zeros); returns ``(output, new cache)``."""
     keep = conv._padding[4]  # the causal padding: kernel_t - 1 frames
     weight, bias, out_channels = conv.weight, conv.bias, conv.out_channels
-    if cache is None and keep and x.shape[2] == 1:
-        # a video's first call (one frame): the frames before it are zeros, so only the last time tap counts
-        new_cache = torch.cat([_zero_frames(x, keep - 1), x], dim=2)   # the last keep frames of zeros + x
-        weight = weight[:, :, keep:].contiguous(memory_format=_layout(x))   # a third of the products (kernel_t 3)
-    else:
-        x = torch.cat([_zero_frames(x, keep) if cache is None else cache, x], dim=2)
-        new_cache = x[:, :, x.shape[2] - keep :].clone()
     pad_w, _, pad_h = conv._padding[:3]
     extra = PAD_OUT_CHANNELS.get(x.device.type, {}).get(out_channels, out_channels) - out_channels
     if extra:  # padded per call: a few hundred kB, and never stale when weights are loaded later
-        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra)).contiguous(memory_format=_layout(x))
+        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra))
         bias = F.pad(bias, (0, extra)) if bias is not None else None
-    # height/width padding inside the convolution: no padded copy (H100: 0.81 vs 0.87 s compiled per 81 frames)
-    out = F.conv3d(x, weight, bias, conv.stride, (0, pad_h, pad_w))
+    if cache is None and keep and x.shape[2] == 1:
+        # a video's first call (one frame): the frames before it are zeros, so only the last time tap counts, a
+        # 2-D convolution of the frame (a third of the products for kernel_t 3; as conv3d over a one-frame
+        # channels-last tensor, cuDNN converted layouts first)
+        new_cache = torch.cat([_zero_frames(x, keep - 1), x], dim=2)   # the last keep frames of zeros + x
+        layout = torch.channels_last if _layout(x) is torch.channels_last_3d else torch.contiguous_format
+        frame = x[:, :, 0].contiguous(memory_format=layout)
+        out = F.conv2d(frame, weight[:, :, keep].contiguous(memory_format=layout), bias, conv.stride[1:],
+                       (pad_h, pad_w)).unsqueeze(2)
+    else:
+        x = torch.cat([_zero_frames(x, keep) if cache is None else cache, x], dim=2)
+        new_cache = x[:, :, x.shape[2] - keep :].clone()
+        # height/width padding inside the convolution: no padded copy (H100: 0.81 vs 0.87 s compiled per 81 frames)
+        out = F.conv3d(x, weight.contiguous(memory_format=_layout(x)), bias, conv.stride, (0, pad_h, pad_w))
     return out[:, :out_channels] if extra else out, new_cache
 
 
