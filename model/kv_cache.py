@@ -36,6 +36,10 @@ class CacheView:
 
 
 FULL = CacheView()
+# Attend to everything cached, store nothing: a video's first block's denoising steps, which see no earlier frame and
+# whose K/V the block's context pass writes anyway (one K and one V copy per layer and step saved on the path to the
+# first frame).
+SCRATCH = CacheView(write=False)
 
 
 class KVCache:
@@ -250,6 +254,8 @@ class CachedCall:
         # Gathered: the attended cache entries are copied next to the call's own K/V, through which alone
         # gradients flow (later in-place cache writes cannot corrupt what backward needs).
         keys, values = self._gather(layer)
+        if not keys:   # nothing earlier is attended: the call's own K/V, not a copy of them
+            return attention(q, k, v)
         return attention(q, torch.cat(keys + [k], dim=1), torch.cat(values + [v], dim=1))
 
     def _attend_prefix(self, q: torch.Tensor, layer: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 
 from model.guidance import cond_uncond_context, guide
-from model.kv_cache import FULL, CacheView, KVCache
+from model.kv_cache import FULL, SCRATCH, CacheView, KVCache
 from model.scheduler import FlowMatchScheduler
 from model.unipc import UniPCSolver, unipc_grid
 from model.wan import CacheMode, WanModel
@@ -187,10 +187,11 @@ class BlockLoop:
             x = self.scheduler.add_noise(x, self.noise_fn(x), self._t(x, t))
         return x
 
-    def _first_flow(self, x: torch.Tensor, t: float, start_frame: int, pending, grad: bool) -> torch.Tensor:
+    def _first_flow(self, x: torch.Tensor, t: float, start_frame: int, pending, grad: bool,
+                    view: CacheView | None = None) -> torch.Tensor:
         """Flow of a block's first step, after the previous block's due context pass, or fused into one forward."""
         if pending is None:
-            return self.flow(x, t, start_frame, grad=grad)
+            return self.flow(x, t, start_frame, grad=grad, view=view)
         latents, prev_start = pending
         m = latents.shape[1]
         if self.fuse_context and self.views.full and not grad and self.cache.can_fuse(prev_start, m + x.shape[1]):
@@ -211,6 +212,8 @@ class BlockLoop:
         grad = policy.grad_on_exit and start_frame >= policy.grad_from_frame
         ode = self.schedule.rule != "renoise"
         solver = self.schedule.solver(steps, self.scheduler.num_train_timesteps)
+        # a video's first block sees no earlier frame: its steps need not store K/V the context pass rewrites
+        scratch = SCRATCH if start_frame == 0 and self.views.denoise == FULL else None
         x = noise
         for j in range(last + 1):
             if record is not None:
@@ -219,8 +222,9 @@ class BlockLoop:
             t_next = steps[j + 1] if j + 1 < len(steps) else 0.0
             keep = grad and j == last   # this forward keeps gradients: the model's rollout mode
             with torch.set_grad_enabled(keep):
-                flow = self._first_flow(x, t, start_frame, pending, keep) if j == 0 \
-                    else self.flow(x, t, start_frame, grad=keep)
+                view = None if keep else scratch   # a rollout step keeping gradients runs as before
+                flow = self._first_flow(x, t, start_frame, pending, keep, view) if j == 0 \
+                    else self.flow(x, t, start_frame, grad=keep, view=view)
                 if ode and (j < last or j + 1 == len(steps)):   # an ODE run ends at t = 0 with the clean sample
                     x = solver.step(flow, x) if solver is not None \
                         else self.scheduler.step(flow, self._t(x, t), x, self._t(x, t_next))

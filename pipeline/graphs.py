@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.kv_cache import FULL, CacheMode, CacheView, KVCache
+from model.kv_cache import FULL, SCRATCH, CacheMode, CacheView, KVCache
 from model.wan import WanModel
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,12 @@ class CUDAGraphs:
 
     def _key(self, x, t, cache, start_frame, mode, blocks, view) -> tuple | None:
         """The graph key of a call (its Python ints: start frame, blocks, input shape), or None when no graph may serve
-        it: calls past the cache's capacity, other views and modes."""
+        it: calls past the cache's capacity, other views (than FULL, SCRATCH) and modes."""
         if (self.disabled or cache is not self.cache or CacheMode(mode) is not CacheMode.INFERENCE
-                or not view.full or cache.origin != 0 or any(cache.placed)
+                or view not in (FULL, SCRATCH) or cache.origin != 0 or any(cache.placed)
                 or start_frame + x.shape[1] > cache.capacity or t.dim() != 2):
             return None
-        return start_frame, tuple(blocks), tuple(x.shape), x.dtype
+        return start_frame, tuple(blocks), tuple(x.shape), x.dtype, view
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: KVCache,
                        start_frame: int, *, mode: CacheMode | str = CacheMode.INFERENCE,
@@ -92,16 +92,17 @@ class CUDAGraphs:
         if entry is None:
             out = self.model.forward_cached(x, t, context, cache, start_frame, mode=mode, blocks=blocks, view=view)
             if key is not None:
-                self._capture(key, x, t, cache, start_frame, blocks)
+                self._capture(key, x, t, cache, start_frame, blocks, view)
             return out
         entry.x.copy_(x)
         entry.t.copy_(t)
         entry.graph.replay()
-        cache.advance(start_frame, x.shape[1])
+        if view.write:
+            cache.advance(start_frame, x.shape[1])
         return entry.out.clone()   # the next replay overwrites ``out``; solvers may keep their inputs
 
     def _capture(self, key: tuple, x: torch.Tensor, t: torch.Tensor, cache: KVCache, start_frame: int,
-                 blocks: tuple[int, ...]) -> None:
+                 blocks: tuple[int, ...], view: CacheView) -> None:
         """Record the call's kernels (nothing runs): its eager run just before made every lazy resource."""
         model, n = self.model, x.shape[1]
         patch = model.config.patch_size
@@ -114,7 +115,7 @@ class CUDAGraphs:
             with torch.cuda.stream(self._stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    out = model.forward_cached(static_x, static_t, None, cache, start_frame, blocks=blocks)
+                    out = model.forward_cached(static_x, static_t, None, cache, start_frame, blocks=blocks, view=view)
                 finally:
                     graph.capture_end()
         except RuntimeError as error:   # a kernel that cannot be captured: stay correct, lose the speed

@@ -101,3 +101,34 @@ def test_fused_context_pass_equals_separate_passes():
             with torch.no_grad():
                 outs.append(torch.cat([x0 for _, x0 in loop.run(noise)], 1))
         assert rel(outs[1], outs[0]) < 1e-5, (n, capacity)
+
+
+def test_first_block_steps_store_nothing(monkeypatch):
+    """A video's first block attends to no earlier frame: its denoising steps leave the cache as it was (the context
+    pass writes the block), and the video equals one whose first steps store their K/V as the later blocks' do."""
+    import pipeline.causal as causal
+    from model.kv_cache import FULL
+
+    n, frames = 3, 6
+    model, sch = make(n), FlowMatchScheduler(shift=5.0)
+    sched = StepSchedule.from_config(sch, [1000, 750, 500, 250])
+    g = torch.Generator().manual_seed(6)
+    noise = torch.randn(1, frames, 16, 4, 6, generator=g)
+    ctx = torch.randn(1, 5, CFG.text_dim, generator=g)
+
+    def loop(fuse):
+        cache = KVCache.for_model(model, 1, 4, 6, capacity_frames=frames)
+        return BlockLoop(model, sch, sched, Guidance(ctx), cache, noise_fn=recorded_noise(7)[0], fuse_context=fuse)
+
+    with torch.no_grad():
+        first = loop(False)
+        first.denoise(noise[:, :n], 0, 0)
+        assert first.cache.frames_written == 0 and not first.cache.k.any() and not first.cache.v.any()
+        outs = [torch.cat([x0 for _, x0 in loop(fuse).run(noise)], 1) for fuse in (False, True)]
+        monkeypatch.setattr(causal, "SCRATCH", FULL)   # the first block's steps store their K/V
+        stored = loop(False)
+        stored.denoise(noise[:, :n], 0, 0)
+        assert stored.cache.frames_written == n and stored.cache.k.any()
+        ref = torch.cat([x0 for _, x0 in loop(False).run(noise)], 1)
+    for out in outs:
+        assert torch.equal(out, ref)
