@@ -280,9 +280,10 @@ def score_objective(tmp_path, overrides=()):
     return obj, real, fake
 
 
-@pytest.mark.parametrize("fake_scale", [0.0, 1.5])
-def test_dmd_gradient_matches_hand_computation(tmp_path, fake_scale):
-    obj, real, fake = score_objective(tmp_path, ["real_guidance_scale=3.0", f"fake_guidance_scale={fake_scale}"])
+@pytest.mark.parametrize("fake_scale, frame0_weight", [(0.0, 1.0), (1.5, 1.0), (1.5, 3.0)])
+def test_dmd_gradient_matches_hand_computation(tmp_path, fake_scale, frame0_weight):
+    obj, real, fake = score_objective(tmp_path, ["real_guidance_scale=3.0", f"fake_guidance_scale={fake_scale}",
+                                                 f"first_frame_loss_weight={frame0_weight}"])
     g = torch.Generator().manual_seed(0)
     b, frames = 2, 4
     x = torch.randn(b, frames, C, H, W, generator=g).requires_grad_(True)
@@ -308,10 +309,13 @@ def test_dmd_gradient_matches_hand_computation(tmp_path, fake_scale):
             x0_fake = x0_fake + fake_scale * (x0_fake - x0(fake, negb))
         normaliser = (xd - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         G = (x0_fake - x0_real) / normaliser
-    expected = G / x.numel()
+        # latent frame 0 weighted frame0_weight against 1 for the others, rescaled to mean 1
+        w = torch.tensor([frame0_weight] + [1.0] * (frames - 1), dtype=torch.float64)
+        w = (w * frames / w.sum()).view(1, frames, 1, 1, 1)
+    expected = w * G / x.numel()
     err = rel(x.grad.double(), expected)
-    assert err < 1e-4, f"dLoss/dx vs G/numel: relative error {err:.2e} (tolerance 1e-4, float32 networks)"
-    assert abs(loss.item() - 0.5 * (G ** 2).mean().item()) < 1e-4 * loss.item()
+    assert err < 1e-4, f"dLoss/dx vs w G/numel: relative error {err:.2e} (tolerance 1e-4, float32 networks)"
+    assert abs(loss.item() - 0.5 * (w * G ** 2).mean().item()) < 1e-4 * loss.item()
     assert abs(metrics["dmdtrain_gradient_norm"].item() - G.abs().mean().item()) < 1e-4 * G.abs().mean().item()
 
 

@@ -150,12 +150,6 @@ class DiffusionObjective(Objective):
         loss = (mse * weight * self.frame_weights(mse.shape[1], mse.device)).mean()
         return loss, mse
 
-    def frame_weights(self, num_frames: int, device: torch.device) -> torch.Tensor:
-        """Per-latent-frame loss weights ``[F]``, mean 1: ``first_frame_loss_weight`` for frame 0, equal elsewhere."""
-        w = torch.ones(num_frames, device=device)
-        w[0] = self.cfg.first_frame_loss_weight
-        return w * (num_frames / w.sum())
-
     def loss(self, phase: str, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if phase != "generator":
             raise ValueError(f"the diffusion objective has one phase, 'generator'; got {phase!r}")

@@ -168,7 +168,12 @@ class DMDObjective(Objective):
             normaliser = (x_clean - x0_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
             grad = torch.nan_to_num((x0_fake - x0_real) / normaliser)
         x64 = x[:, first_frame:].double()
-        loss = 0.5 * F.mse_loss(x64, (x64 - grad[:, first_frame:].double()).detach())
+        target = (x64 - grad[:, first_frame:].double()).detach()
+        if cfg.first_frame_loss_weight == 1 or first_frame:   # the reference's loss
+            loss = 0.5 * F.mse_loss(x64, target)
+        else:   # latent frame 0 weighted (frame weights of mean 1)
+            w = self.frame_weights(x64.shape[1], x.device).double().view(1, -1, *[1] * (x.ndim - 2))
+            loss = 0.5 * ((x64 - target).square() * w).mean()
         return loss, {"dmdtrain_gradient_norm": grad.abs().mean(), **self._step_metrics(t)}
 
     def critic_loss(self, x_gen: torch.Tensor, context: torch.Tensor, rollout: Rollout | None = None,

@@ -54,6 +54,12 @@ class Objective(ABC):
     def build_networks(self, device: torch.device) -> Networks:
         """Build (and load initial weights of) every network, unsharded, on ``device`` or ``meta``."""
 
+    def frame_weights(self, num_frames: int, device: torch.device) -> torch.Tensor:
+        """Per-latent-frame loss weights ``[F]``, mean 1: ``first_frame_loss_weight`` for frame 0, equal elsewhere."""
+        w = torch.ones(num_frames, device=device)
+        w[0] = self.cfg.first_frame_loss_weight
+        return w * (num_frames / w.sum())
+
     def phases(self) -> list[Phase]:
         """All optimizer phases of this objective (by default the generator's alone)."""
         return [Phase.generator(self.cfg)]

@@ -128,7 +128,8 @@ class Config:
     noise_augmentation_max_timestep: int = _f(0, "noise the clean context up to this timestep; 0 disables")
     loss_weighting: str = _f("gaussian", "stage-1 loss weight over t: 'gaussian' (the reference's bell around "
                              "t = 500, mean 1) or 'uniform' (from-scratch models must learn the high-noise layout)")
-    first_frame_loss_weight: float = _f(1.0, "weight of latent frame 0 in the diffusion loss relative to the others "
+    first_frame_loss_weight: float = _f(1.0, "weight of latent frame 0 in the loss relative to the others (the "
+                                        "diffusion loss; in DMD the generator's distribution-matching loss) "
                                         "(frame weights rescaled to mean 1); frame 0 codes one pixel frame alone and "
                                         "has less spread than the rest; 1 = the reference")
     caption_dropout: float = _f(0.0, "probability that a training caption is replaced by the empty string \"\", "
