@@ -169,7 +169,7 @@ class DMDObjective(Objective):
             grad = torch.nan_to_num((x0_fake - x0_real) / normaliser)
         x64 = x[:, first_frame:].double()
         target = (x64 - grad[:, first_frame:].double()).detach()
-        if cfg.first_frame_loss_weight == 1 or first_frame:   # the reference's loss
+        if cfg.first_frame_loss_weight == 1 or first_frame:   # unweighted, or video frame 0 not in the loss
             loss = 0.5 * F.mse_loss(x64, target)
         else:   # latent frame 0 weighted (frame weights of mean 1)
             w = self.frame_weights(x64.shape[1], x.device).double().view(1, -1, *[1] * (x.ndim - 2))
