@@ -138,18 +138,25 @@ class Trainer:
         if missing := sorted(set(self.phases) - set(nets.trainable)):
             raise ValueError(f"objective has phases {missing} without a trainable network of that name")
         mesh = distributed.build_mesh(cfg.sharding_strategy, w)
+        shard = distributed.fsdp_needed(mesh, cfg.mixed_precision)
+        if not shard:
+            logger.info("FSDP2 not applied: one rank, fp32 (mixed_precision: false): nothing to shard or cast")
         for model in nets.trainable.values():
             if cfg.gradient_checkpointing:  # wrapped from outside, not the model's own flag: see the function's doc
                 distributed.apply_activation_checkpointing(model)
             if cfg.compile:
                 for block in distributed.transformer_blocks(model):
                     block.compile()  # in place: parameter names stay canonical (no ``_orig_mod.``)
-            distributed.apply_fsdp(model, cfg.sharding_strategy, cfg.mixed_precision, mesh)
+            if shard:
+                distributed.apply_fsdp(model, cfg.sharding_strategy, cfg.mixed_precision, mesh)
             model.train()
         offload = {"text_encoder": cfg.text_encoder_cpu_offload, "real_score": cfg.real_score_cpu_offload}
         for name, model in nets.frozen.items():
-            distributed.shard_frozen(model, cfg.sharding_strategy, cfg.mixed_precision, mesh,
-                         cpu_offload=offload.get(name, False) and w.device.type == "cuda")
+            off = offload.get(name, False) and w.device.type == "cuda"
+            if distributed.fsdp_needed(mesh, cfg.mixed_precision, off):
+                distributed.shard_frozen(model, cfg.sharding_strategy, cfg.mixed_precision, mesh, cpu_offload=off)
+            else:
+                model.requires_grad_(False).eval()
         self.objective.attach(nets)
         return nets
 

@@ -124,6 +124,12 @@ def build_mesh(strategy: str, w: World | None = None) -> DeviceMesh:
     return init_device_mesh(w.device.type, (w.world_size,), mesh_dim_names=("shard",))
 
 
+def fsdp_needed(mesh: DeviceMesh, mixed_precision: bool, cpu_offload: bool = False) -> bool:
+    """Whether FSDP2 has work to do: shard over more than one rank, cast to bf16, or offload to the CPU. On one rank in
+    fp32 it would only add hooks, copies and a collective to every block call."""
+    return mesh.size() > 1 or mixed_precision or cpu_offload
+
+
 def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
     """The outermost ModuleLists named ``blocks``/``block``/``layers`` in ``model``."""
     found: dict[str, nn.ModuleList] = {}
