@@ -31,7 +31,8 @@ def shapes(cfg, latent_hw: tuple[int, int], frames: int = 21, chunk: int = 3) ->
     and the whole ``frames``-frame cache, a two-block fused call, and the text."""
     s = (latent_hw[0] // cfg.patch_size[1]) * (latent_hw[1] // cfg.patch_size[2])  # tokens per latent frame
     c = chunk * s
-    return [(s, s), (s, frames * s), (c, cfg.text_len), (c, c), (c, 4 * c), (c, frames * s), (2 * c, frames * s)]
+    return [(s, s), (s, 3 * s), (s, 6 * s), (s, 12 * s), (s, frames * s), (c, cfg.text_len), (c, c), (c, 4 * c),
+            (c, frames * s), (2 * c, frames * s)]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

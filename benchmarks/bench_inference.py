@@ -40,6 +40,8 @@ from pipeline import components as C
 from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
 
+DEFAULT_FLASH_MIN_QUERIES = attn.FLASH_MIN_QUERIES
+
 MODES = {  # frames per block, nominal steps, first-block steps, latent frames, window, sink
     "chunk4": dict(n=3, steps=[1000, 750, 500, 250], first=None, frames=21),
     "frame4": dict(n=1, steps=[1000, 750, 500, 250], first=None, frames=21),
@@ -50,6 +52,7 @@ MODES = {  # frames per block, nominal steps, first-block steps, latent frames, 
 VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.from_config on CUDA
     "fast": dict(),                                # FlashAttention-4 for large calls when installed, else SDPA
     "fast_sdpa": dict(backend="sdpa"),             # attention_backend: sdpa (what runs without flash-attn-4)
+    "fast_fa4_chunks_only": dict(flash_min_queries=4096),  # A/B: FlashAttention-4 for three-frame blocks only
     "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
     "fast_eager_vae": dict(compile_vae=False),     # A/B: the VAE decoder regions eager, the DiT compiled
@@ -64,6 +67,7 @@ def prepare(variant: dict) -> None:
     """Process-wide settings of a variant, before its pipelines are built (the attention backend, as the config key
     ``attention_backend`` sets it)."""
     attn.set_backend(variant.get("backend", "auto"))
+    attn.FLASH_MIN_QUERIES = variant.get("flash_min_queries", DEFAULT_FLASH_MIN_QUERIES)
 
 
 def sync() -> None:
