@@ -13,14 +13,13 @@
 # wheels: ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh
-# The whole run took 572 s on one H200 with the configs of 2026-12-05 (docs/toy_results.md); the base adds ~200 s to
-# the 640 s of Stages 1-3 below: more than one 10-minute call. The same command again on the same machine while it is
-# warm (it keeps the ignored $TOY_WORK folder) continues it, skipping finished stages and resuming a stopped one
-# from its last checkpoint.
-# Stages 1-3 alone, from the shipped base as the real recipe starts from the released Wan2.1 (640 s of recipe on one
-# H100 with configs/toy as committed, 2026-12-06: two calls, the second resuming what the first one's limit stopped;
-# docs/toy_results.md):  TOY_LIMIT=505 bash benchmarks/toy_recipe_gpu.sh --base_weights \
-#     assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors
+# Stages 1-3 from the shipped base, as the real recipe starts from the released Wan2.1, fit one call: 453 s of recipe,
+# 496 s of call on one H100 with configs/toy as committed (2026-12-06, docs/toy_results.md):
+#   TOY_LIMIT=540 TOY_PICTURES_LIMIT=30 bash benchmarks/toy_recipe_gpu.sh --base_weights \
+#       assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors
+# Training the base as well adds about 200 s: more than one 10-minute call. The same command again on the same machine
+# while it is warm (it keeps the ignored $TOY_WORK folder) continues it, skipping finished stages and resuming a
+# stopped one from its last checkpoint.
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
 repo=$(cd "$(dirname "$0")/.." && pwd)
