@@ -136,7 +136,8 @@ class ToyObjective(Objective):
 
 
 def toy_config(logdir: str, **overrides) -> Config:
-    """A CPU config for the toy: fp32, sharded, EMA from step 1, logs every step, checkpoints every 2 steps."""
+    """A CPU config for the toy: fp32 (sharded over several ranks; one rank runs it without FSDP2), EMA from step 1,
+    logs every step, checkpoints every 2 steps."""
     values = dict(trainer="diffusion", logdir=logdir, seed=3, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.01,
                   mixed_precision=False, gradient_checkpointing=True, sharding_strategy="full", batch_size=2,
                   max_steps=6, log_iters=2, log_every=1, ema_weight=0.9, ema_start_step=1, max_grad_norm_generator=1.0)

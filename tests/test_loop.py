@@ -1,4 +1,4 @@
-"""The shared training loop on one process (a one-rank gloo group; FSDP2 still shards, over one rank).
+"""The shared training loop on one process (a one-rank gloo group; FSDP2 wraps the networks there only for bf16).
 
 Multi-rank behaviour (shard-local EMA, resume equality, 2 -> 1 ranks) is in tests/test_distributed_resume.py.
 """
@@ -192,6 +192,22 @@ def test_bf16_mixed_precision_with_activation_checkpointing(tmp_path):
     model = trainer.networks.trainable["generator"]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert activation_checkpointed(model)   # the loop's wrappers: the one switch (models have no flag of their own)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_one_rank_uses_fsdp_only_to_cast(tmp_path, mixed):
+    """On one rank FSDP2 wraps the networks for bf16 compute only: in fp32 it would add hooks and copies to every block
+    call and nothing else (``distributed.fsdp_needed``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    obj = TinyWanObjective(toy_config(str(tmp_path), no_save=True, max_steps=1, mixed_precision=mixed,
+                                      gradient_checkpointing=False))
+    trainer = Trainer(obj.cfg, obj)
+    trainer.setup()
+    trainer.train_step(0)
+    model = trainer.networks.trainable["generator"]
+    assert isinstance(model, FSDPModule) == mixed
+    assert all(isinstance(p, DTensor) == mixed for p in model.parameters())
 
 
 def test_ema_copy_to_a_frozen_twin(tmp_path):
