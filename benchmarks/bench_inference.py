@@ -54,6 +54,7 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_sdpa": dict(backend="sdpa"),             # attention_backend: sdpa (what runs without flash-attn-4)
     "fast_fa4_chunks_only": dict(flash_min_queries=4096),  # A/B: FlashAttention-4 for three-frame blocks only
     "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
+    "no_compile_fa4_chunks_only": dict(compile=False, flash_min_queries=4096),  # A/B of the FA4 rule, eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
     "fast_eager_vae": dict(compile_vae=False),     # A/B: the VAE decoder regions eager, the DiT compiled
     "fast_no_conv_pad": dict(conv_pad=False),      # A/B: the 96-channel convolutions without padded outputs
