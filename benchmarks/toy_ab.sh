@@ -19,6 +19,14 @@
 #   s800      800 steps;   lr3  lr 3e-4;
 #   lr3_s800 both;   f0w3  latent frame 0 weighted 3x in the Stage-1 loss (first_frame_loss_weight: frame 0);
 #   s800_f0w3 800 steps with frame 0 weighted 3x.
+# Set dmd_framewise_seeds: how much of one frame-wise DMD stage's spread over training seeds (0.65-0.79) does an EMA
+# of the generator remove? From the causal ODE model of the run in $TOY_INIT (a recipe workdir, or a folder with its
+# checkpoints/ode_framewise.pt and dataset/train_prompts.txt; e.g. the shipped generator's run), the stage as
+# configs/toy has it with training seed 0-3 ($TOY_SEEDS) and the generator's EMA kept from critic step
+# $TOY_EMA_START (default 100, generator step 20 of 60) with decay 0.9 or 0.95 ($TOY_EMA_DECAYS); each line scores the
+# raw generator (dmd_framewise_4) and its EMA (dmd_framewise_4_ema) on the evaluation prompts and, with the same
+# protocol, on prompts/toy_val.txt (<workdir>/eval_val.json); the best line on the validation prompts brings its
+# bf16 weights back ($OUT/framewise_best_ema.pt, $OUT/framewise_best_raw.pt).
 # Same seed everywhere, so the variants differ from ref by their change alone; rows are scored on the 48 evaluation
 # prompts x 2 seeds (toy.diagnose; compare two of them by prompt with python -m toy.diagnose --compare A.json B.json,
 # the files under <workdir>/eval/). Packs every row's scores, frame strips (toy.pictures, TOY_PICTURES_LIMIT s after
@@ -28,7 +36,8 @@ set -u
 : "${OUT:?set OUT to the folder that receives the results}"
 repo=$(cd "$(dirname "$0")/.." && pwd)
 set_name=${1:-dmd}
-case $set_name in dmd|stage1_framewise) ;; *) echo "unknown set $set_name: dmd or stage1_framewise" >&2; exit 2;; esac
+case $set_name in dmd|stage1_framewise|dmd_framewise_seeds) ;;
+    *) echo "unknown set $set_name: dmd, stage1_framewise or dmd_framewise_seeds" >&2; exit 2;; esac
 root=${TOY_AB_WORK:-$repo/output/toy_ab_$set_name}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=disabled HF_HUB_OFFLINE=1
 cd "$repo"
@@ -70,6 +79,26 @@ if [ "$set_name" = dmd ]; then
         --stage_override "${cw[@]}" dmd_chunkwise:batch_size=16 &
     variant fw_g1 ode_framewise dmd_framewise --stage_override dmd_framewise:guidance_scale=1.0 &
     variant fw_b16 ode_framewise dmd_framewise --stage_override dmd_framewise:batch_size=16 &
+elif [ "$set_name" = dmd_framewise_seeds ]; then
+    : "${TOY_INIT:?set TOY_INIT to a run with checkpoints/ode_framewise.pt and dataset/train_prompts.txt}"
+    seed_line() {   # SEED DECAY: one DMD stage, then its rows on the validation prompts
+        local work=$root/s$1_e$2 t
+        mkdir -p "$work/checkpoints" "$work/dataset"
+        cp "$TOY_INIT/checkpoints/ode_framewise.pt" "$work/checkpoints/"
+        cp "$TOY_INIT/dataset/train_prompts.txt" "$work/dataset/"
+        recipe "$work" "${base[@]}" --only dmd_framewise --rows dmd_framewise_4 dmd_framewise_4_ema \
+            --stage_override dmd_framewise:seed="$1" dmd_framewise:ema_weight="$2" \
+            dmd_framewise:ema_start_step="${TOY_EMA_START:-100}"
+        t=$(left); [ "$t" -gt 0 ] && [ -f "$work/checkpoints/dmd_framewise.pt" ] || return
+        timeout "$t" python3 -m toy.diagnose --workdir "$work" --parts models --rows dmd_framewise_4 \
+            dmd_framewise_4_ema --prompts prompts/toy_val.txt --num_samples "${TOY_VAL_SAMPLES:-2}" \
+            --num_real "${TOY_VAL_REAL:-64}" --seed 0 --per_video --device "${TOY_DEVICE:-cuda}" \
+            --out "$work/eval_val.json" > "$work/val.log" 2>&1
+        echo "$(basename "$work"): validation exit $?" | tee -a "$OUT/ab.log"
+    }
+    for seed in ${TOY_SEEDS:-0 1 2 3}; do
+        for decay in ${TOY_EMA_DECAYS:-0.9 0.95}; do seed_line "$seed" "$decay" & done
+    done
 else
     stages="ar_framewise ode_framewise dmd_framewise"
     rows="ar_framewise_50 ode_framewise_4 dmd_framewise_4"
@@ -93,8 +122,25 @@ for work in "$root"/*/; do   # a frame strip of every row each workdir has a mod
         --out "$work/strips" > "$work/pictures.log" 2>&1 &
 done
 wait
-cd "$root" && tar czf "$OUT/toy_ab.tgz" --ignore-failed-read */eval */strips */recipe.log */logs/*.log \
-    */logs/*/metrics.jsonl 2>/dev/null
+if [ "$set_name" = dmd_framewise_seeds ]; then   # the best line on the validation prompts, raw and EMA, in bf16
+    python3 - "$root" "$OUT" <<'EOF' | tee -a "$OUT/ab.log"
+import json, pathlib, sys
+import torch
+from model.loader import read_state_dict, save_release_checkpoint
+root, out = map(pathlib.Path, sys.argv[1:])
+for row, use_ema in (("dmd_framewise_4", False), ("dmd_framewise_4_ema", True)):
+    scored = [(json.loads(p.read_text())[f"model:{row}"]["aggregate"]["faithfulness"], p.parent.name)
+              for p in root.glob("*/eval_val.json") if f"model:{row}" in json.loads(p.read_text())]
+    if scored:
+        score, name = max(scored)
+        sd = read_state_dict(str(root / name / "checkpoints" / "dmd_framewise.pt"), use_ema=use_ema)
+        target = out / f"framewise_best_{'ema' if use_ema else 'raw'}.pt"
+        save_release_checkpoint(target, {k: t.to(torch.bfloat16) for k, t in sd.items()})
+        print(f"best {row} on the validation prompts: {name} ({score:.3f}) -> {target.name}")
+EOF
+fi
+cd "$root" && tar czf "$OUT/toy_ab.tgz" --ignore-failed-read */eval */eval_val.json */strips */recipe.log */val.log \
+    */logs/*.log */logs/*/metrics.jsonl 2>/dev/null
 python3 - "$root" <<'EOF' | tee -a "$OUT/ab.log"
 import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*/eval/*.json")):

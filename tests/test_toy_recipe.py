@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from model.loader import build_wan_model, read_state_dict
+from model.loader import build_wan_model, read_state_dict, save_release_checkpoint
 from toy.folders import TINY_DIT, write_tiny_wan_folder
 from toy.world import all_combinations, format_caption
 from utils.config import load_config
@@ -206,6 +206,44 @@ def test_only_trains_the_named_stages_from_checkpoints_already_there(recipe, tmp
                      "sample ar_framewise_50", "sample ar_framewise_4", "sample ode_framewise_4"]
 
 
+def test_ema_rows_are_scored_where_the_stage_keeps_an_ema(recipe, tmp_path, stubbed):
+    """``dmd_framewise_4_ema`` (the stage's EMA weights) is a row only where the stage's export will hold
+    ``generator_ema``: ``ema_weight > 0`` and the last step past ``ema_start_step``."""
+    calls = stubbed
+    work = tmp_path / "work"
+    (work / "checkpoints").mkdir(parents=True)
+    for name in ("base", "ode_framewise"):
+        (work / "checkpoints" / f"{name}.pt").write_bytes(b"")
+    argv = ["--workdir", str(work), "--device", "cpu", "--only", "dmd_framewise", "--steps", "dmd_framewise=300",
+            "--stage_override", "dmd_framewise:ema_weight=0.9"]
+    assert recipe.main(argv + ["dmd_framewise:ema_start_step=100"]) == 0
+    assert calls[-2:] == ["sample dmd_framewise_4", "sample dmd_framewise_4_ema"]
+    calls.clear()
+    (work / "checkpoints" / "dmd_framewise.pt").unlink()
+    assert recipe.main(argv + ["dmd_framewise:ema_start_step=300"]) == 0   # the export at step 300 holds no EMA yet
+    assert calls[-1] == "sample dmd_framewise_4"
+
+
+def test_ema_checkpoints_export_and_sample_their_ema(recipe, tmp_path):
+    """A stage checkpoint with ``generator_ema`` gets an ``_ema`` row in toy.diagnose, and its bf16 export (what is
+    shipped) holds the EMA weights; one without keeps its generator and has no ``_ema`` row."""
+    from toy.diagnose import available_rows
+
+    raw, ema = {"head.head.bias": torch.zeros(4)}, {"head.head.bias": torch.linspace(0.5, 2.0, 4)}
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    save_release_checkpoint(folder / "dmd_framewise.pt", raw, ema)
+    save_release_checkpoint(folder / "dmd_chunkwise.pt", raw)
+    rows = {row.name for row, _, _ in available_rows(tmp_path)}
+    assert {"dmd_framewise_4", "dmd_framewise_4_ema", "dmd_chunkwise_4"} <= rows
+    assert "dmd_chunkwise_4_ema" not in rows
+    for stage, expected in (("dmd_framewise", ema), ("dmd_chunkwise", raw)):
+        recipe.export_bf16(folder / f"{stage}.pt", tmp_path / f"{stage}_bf16.pt")
+        got = read_state_dict(str(tmp_path / f"{stage}_bf16.pt"))
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k].to(torch.bfloat16)) for k in got), stage
+
+
 def test_only_names_the_missing_checkpoints(recipe, tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipe.main(["--workdir", str(tmp_path), "--device", "cpu", "--only", "ode_framewise"])
@@ -298,6 +336,8 @@ def test_jobs_run_stages_side_by_side_after_what_they_read(recipe, tmp_path, mon
             assert spans[need][1] <= spans[name][0], f"{name} started before {need} ended"
     a, b = spans["ar_framewise"], spans["ar_chunkwise"]
     assert a[0] < b[1] and b[0] < a[1], "independent stages did not overlap"
-    assert sorted(sampled) == sorted(r.name for r in recipe.table_rows())
+    # every row but the DMD stages' EMA ones (no toy DMD config keeps an EMA)
+    assert sorted(sampled) == sorted(r.name for r in recipe.table_rows()
+                                     if not (r.use_ema and r.stage.startswith("dmd_")))
     with pytest.raises(SystemExit):
         recipe.main(["--workdir", str(tmp_path / "w"), "--jobs", "0"])

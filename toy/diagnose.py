@@ -227,6 +227,12 @@ def causal_clips(cfg, checkpoint: str | None, use_ema: bool, prompts: list[str],
     return out
 
 
+def has_ema(checkpoint: Path) -> bool:
+    """Whether a release checkpoint holds ``generator_ema`` (read memory-mapped: the weights stay on disk)."""
+    obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return isinstance(obj, dict) and "generator_ema" in obj
+
+
 def available_rows(workdir: Path | None) -> list[tuple[Row, str | None, Path]]:
     """``(row, checkpoint or None for the config's own, wan_models_dir)`` of every model there is to sample."""
     rows = {r.name: r for r in table_rows()}
@@ -238,7 +244,7 @@ def available_rows(workdir: Path | None) -> list[tuple[Row, str | None, Path]]:
         ckpt = workdir / "checkpoints" / f"{row.stage}.pt"
         if row.stage == "base" and (base / MODEL).is_dir():
             out.append((row, None, base))
-        elif row.stage != "base" and ckpt.is_file():
+        elif row.stage != "base" and ckpt.is_file() and (not row.use_ema or has_ema(ckpt)):
             out.append((row, str(ckpt), base))
     return out
 

@@ -96,7 +96,10 @@ def table_rows() -> list[Row]:
                  Row(f"ar_{v}_4", f"Stage 1 AR {v} (undistilled)", "4", f"ar_{v}", f"ar_diffusion_tf_{v}.yaml", few),
                  Row(f"ode_{v}_4", f"causal ODE init {v}", "4", f"ode_{v}", f"causal_ode_{v}.yaml"),
                  Row(f"cd_{v}_4", f"causal CD init {v} (EMA)", "4", f"cd_{v}", f"causal_cd_{v}.yaml", use_ema=True),
-                 Row(f"dmd_{v}_4", f"Causal Forcing DMD {v}", "4", f"dmd_{v}", f"causal_forcing_dmd_{v}.yaml")]
+                 Row(f"dmd_{v}_4", f"Causal Forcing DMD {v}", "4", f"dmd_{v}", f"causal_forcing_dmd_{v}.yaml"),
+                 # the same stage's EMA weights: sampled where the stage keeps an EMA (Recipe.keeps_ema)
+                 Row(f"dmd_{v}_4_ema", f"Causal Forcing DMD {v} (EMA)", "4", f"dmd_{v}", f"causal_forcing_dmd_{v}.yaml",
+                     use_ema=True)]
     rows += [Row("dmd_framewise_2", "Causal Forcing DMD framewise", "2 (block 0: 4)", "dmd_framewise_2step",
                  "causal_forcing_dmd_framewise_2step.yaml"),
              Row("dmd_framewise_1", "Causal Forcing DMD framewise", "1 (block 0: 4)", "dmd_framewise_1step",
@@ -298,6 +301,18 @@ class Recipe:
         with AtomicPath(out) as tmp:   # whole or absent: a stage of another run may be waiting for it (--only)
             shutil.copyfile(release, tmp)
         return out
+
+    def keeps_ema(self, name: str) -> bool:
+        """Does stage ``name``'s checkpoint hold (or, not trained yet, will it hold) ``generator_ema``? Its export
+        does when ``ema_weight > 0`` and the last step is past ``ema_start_step``."""
+        if self.ckpt(name).is_file():
+            from toy.diagnose import has_ema
+
+            return has_ema(self.ckpt(name))
+        from utils.config import load_config
+
+        cfg = load_config(CONFIGS / STAGES[name][0], [*self.args.override, *self.stage_overrides.get(name, [])])
+        return cfg.ema_weight > 0 and self.steps[name] > cfg.ema_start_step
 
     def _data_for(self, name: str) -> Path:
         if name.startswith("ode_"):
@@ -546,12 +561,15 @@ def _render_part(job: tuple) -> list:
 
 
 def export_bf16(checkpoint: Path, target: Path) -> None:
-    """A stage's generator weights as a bf16 release checkpoint (what ``--ship`` and a device call bring back)."""
+    """A stage's generator as a bf16 release checkpoint (what ``--ship`` and a device call bring back): its EMA
+    weights where it kept an EMA (what its ``_ema`` row samples, as the published frame-wise generator is used with
+    ``--use_ema``), written as the file's ``generator``, so the shipped config needs no ``--use_ema``."""
     import torch
 
     from model.loader import read_state_dict, save_release_checkpoint
+    from toy.diagnose import has_ema
 
-    sd = read_state_dict(str(checkpoint))
+    sd = read_state_dict(str(checkpoint), use_ema=has_ema(checkpoint))
     save_release_checkpoint(target, {k: t.to(torch.bfloat16) for k, t in sd.items()})
 
 
@@ -840,7 +858,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"run's checkpoints there")
         wanted = args.rows or [r.name for r in table_rows() if r.stage in todo]
     rows = [r for r in table_rows() if (wanted is None or r.name in wanted)
-            and (r.stage in todo or recipe.ckpt(r.stage).is_file())]   # only rows whose models exist or are made
+            and (r.stage in todo or recipe.ckpt(r.stage).is_file())   # only rows whose models exist or are made
+            and (not r.use_ema or recipe.keeps_ema(r.stage))]
     recipe.progress = progress = Progress(total=1 + 2 + len(STAGES) + 4 + len(rows), parallel=args.jobs > 1)
     say(f"toy recipe -> {recipe.work} on {recipe.device}; steps: " +
         ", ".join(f"{k} {v}" for k, v in recipe.steps.items()))
