@@ -23,7 +23,8 @@
 # of the generator remove? From the causal ODE model of the run in $TOY_INIT (a recipe workdir, or a folder with its
 # checkpoints/ode_framewise.pt and dataset/train_prompts.txt; e.g. the shipped generator's run), the stage as
 # configs/toy has it with training seed 0-3 ($TOY_SEEDS) and the generator's EMA kept from critic step
-# $TOY_EMA_START (default 100, generator step 20 of 60) with decay 0.9 or 0.95 ($TOY_EMA_DECAYS); each line scores the
+# $TOY_EMA_START (default 100, generator step 20 of 60) with decay 0.9 or 0.95 ($TOY_EMA_DECAYS), for the config's
+# critic steps or $TOY_DMD_STEPS; each line scores the
 # raw generator (dmd_framewise_4) and its EMA (dmd_framewise_4_ema) on the evaluation prompts and, with the same
 # protocol, on prompts/toy_val.txt (<workdir>/eval_val.json); the best line on the validation prompts brings its
 # bf16 weights back ($OUT/framewise_best_ema.pt, $OUT/framewise_best_raw.pt).
@@ -82,11 +83,12 @@ if [ "$set_name" = dmd ]; then
 elif [ "$set_name" = dmd_framewise_seeds ]; then
     : "${TOY_INIT:?set TOY_INIT to a run with checkpoints/ode_framewise.pt and dataset/train_prompts.txt}"
     seed_line() {   # SEED DECAY: one DMD stage, then its rows on the validation prompts
-        local work=$root/s$1_e$2 t
+        local work=$root/s$1_e$2${TOY_DMD_STEPS:+_n$TOY_DMD_STEPS} t
         mkdir -p "$work/checkpoints" "$work/dataset"
         cp "$TOY_INIT/checkpoints/ode_framewise.pt" "$work/checkpoints/"
         cp "$TOY_INIT/dataset/train_prompts.txt" "$work/dataset/"
         recipe "$work" "${base[@]}" --only dmd_framewise --rows dmd_framewise_4 dmd_framewise_4_ema \
+            ${TOY_DMD_STEPS:+--steps dmd_framewise=$TOY_DMD_STEPS} \
             --stage_override dmd_framewise:seed="$1" dmd_framewise:ema_weight="$2" \
             dmd_framewise:ema_start_step="${TOY_EMA_START:-100}"
         t=$(left); [ "$t" -gt 0 ] && [ -f "$work/checkpoints/dmd_framewise.pt" ] || return
