@@ -91,9 +91,18 @@ def test_track_diagnostics_find_an_empty_first_frame_a_wobble_and_a_drift(clips)
     # Measured on this clip: wobble 0.05 px (rasterisation), colour error 0 (exact palette colours).
     assert clean["frame0_present"] and clean["jitter_px"] < 0.3 and clean["frame0_area_ratio"] == pytest.approx(1, 0.1)
     assert clean["presence_early"] == clean["presence_late"] == 1.0 and clean["color_error_late"] == 0.0
+    assert clean["frame0_color"] == te.parse_caption(caption)["color"]
     emptied = video.copy()
     emptied[0] = te.BACKGROUND
-    assert not te.score_video(emptied, caption)["frame0_present"]
+    result = te.score_video(emptied, caption)
+    assert not result["frame0_present"] and result["frame0_color"] is None
+    # frame 0's object in another palette colour (what generators often draw there): missed, and named
+    recoloured = video.copy()
+    own = te.parse_caption(caption)["color"]
+    other = next(c for c in te.COLORS if c not in (own, "white"))
+    recoloured[0][np.all(video[0] == te.COLORS[own], axis=-1)] = te.COLORS[other]
+    result = te.score_video(recoloured, caption)
+    assert not result["frame0_present"] and result["frame0_color"] == other
     # Every other frame shifted 2 px sideways (an integer roll of the whole frame): the centroids sit +-1 px around the
     # straight track (its fitted line takes the mean shift), so the RMS distance from it is 1 px.
     wobbly = video.copy()

@@ -86,12 +86,15 @@ def score(prompts: list[str], clips: list[np.ndarray], num_real: int = 0, seed: 
           per_video: bool = False) -> dict:
     """:func:`toy.eval.evaluate_clips` (real clips for the distance: ``make_split`` of ``seed``), its aggregate
     completed by the shape confusion (``"circle->square"``: count), the number of videos whose frame 0 misses the
-    object and the seen / held-out split (:func:`split_scores`); per-video rows only with ``per_video``."""
+    object (and of them, how many show an object of another colour there) and the seen / held-out split (:func:`split_scores`); per-video rows only with ``per_video``."""
     result = evaluate_clips(prompts, clips, num_real=num_real, real_seed=seed)
     agg = result["aggregate"]
     agg["shape_confusion"] = dict(Counter(f"{r['target']['shape']}->{r['detected']['shape']}"
                                           for r in result["videos"]))
     agg["frame0_missing"] = int(sum(not r["frame0_present"] for r in result["videos"]))
+    # of those, the videos whose frame 0 shows an object of another colour (the rest show none)
+    agg["frame0_other_color"] = int(sum(not r["frame0_present"] and r["frame0_color"] is not None
+                                        for r in result["videos"]))
     agg.update(split_scores(result["videos"], seed))
     if not per_video:
         del result["videos"]

@@ -318,6 +318,19 @@ def track_diagnostics(track: ObjectTrack, color: str) -> dict:
     return out
 
 
+def frame_color(frame: np.ndarray, settings: DetectorSettings | None = None) -> str | None:
+    """The palette colour of the largest object in one frame ``[H, W, 3]`` (each colour's largest blob by the
+    detector's rules), or None where no colour has a blob of the minimum area. Tells a frame 0 that misses the
+    prompt's object apart: an object of another colour there, or none."""
+    settings = settings or DetectorSettings()
+    frames = _downsample(np.asarray(frame)[None], settings.max_side)
+    min_area = settings.min_area_fraction * frames.shape[1] * frames.shape[2]
+    areas = {c: int(largest_blobs(color_mask(frames, c, settings.max_color_distance), min_area).sum())
+             for c in COLORS}
+    best = max(areas, key=areas.get)
+    return best if areas[best] > 0 else None
+
+
 def score_video(video: np.ndarray, prompt: str, settings: DetectorSettings | None = None) -> dict:
     """Scores of one clip (uint8 ``[T, H, W, 3]``) against its caption.
 
@@ -343,8 +356,10 @@ def score_video(video: np.ndarray, prompt: str, settings: DetectorSettings | Non
     scores["faithfulness"] = float(np.mean([scores[k] for k in SCORES]))
     motion = motion_scores(video, track)
     features = video_features(video, track, detected, motion)
+    diagnostics = track_diagnostics(track, target["color"])
+    diagnostics["frame0_color"] = target["color"] if diagnostics["frame0_present"] else frame_color(video[0], settings)
     return {"prompt": prompt, "target": target, "detected": detected, **scores, **motion,
-            **track_diagnostics(track, target["color"]), "features": features.tolist(),
+            **diagnostics, "features": features.tolist(),
             "seconds": time.perf_counter() - start}
 
 
