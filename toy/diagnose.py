@@ -86,7 +86,8 @@ def score(prompts: list[str], clips: list[np.ndarray], num_real: int = 0, seed: 
           per_video: bool = False) -> dict:
     """:func:`toy.eval.evaluate_clips` (real clips for the distance: ``make_split`` of ``seed``), its aggregate
     completed by the shape confusion (``"circle->square"``: count), the number of videos whose frame 0 misses the
-    object (and of them, how many show an object of another colour there) and the seen / held-out split (:func:`split_scores`); per-video rows only with ``per_video``."""
+    object (and of them, how many show an object of another colour there) and the seen / held-out split
+    (:func:`split_scores`); per-video rows only with ``per_video``."""
     result = evaluate_clips(prompts, clips, num_real=num_real, real_seed=seed)
     agg = result["aggregate"]
     agg["shape_confusion"] = dict(Counter(f"{r['target']['shape']}->{r['detected']['shape']}"
