@@ -127,17 +127,15 @@ wait
 if [ "$set_name" = dmd_framewise_seeds ]; then   # the best line on the validation prompts, raw and EMA, in bf16
     python3 - "$root" "$OUT" <<'EOF' | tee -a "$OUT/ab.log"
 import json, pathlib, sys
-import torch
-from model.loader import read_state_dict, save_release_checkpoint
+from toy.recipe import export_bf16
 root, out = map(pathlib.Path, sys.argv[1:])
 for row, use_ema in (("dmd_framewise_4", False), ("dmd_framewise_4_ema", True)):
     scored = [(json.loads(p.read_text())[f"model:{row}"]["aggregate"]["faithfulness"], p.parent.name)
               for p in root.glob("*/eval_val.json") if f"model:{row}" in json.loads(p.read_text())]
     if scored:
         score, name = max(scored)
-        sd = read_state_dict(str(root / name / "checkpoints" / "dmd_framewise.pt"), use_ema=use_ema)
         target = out / f"framewise_best_{'ema' if use_ema else 'raw'}.pt"
-        save_release_checkpoint(target, {k: t.to(torch.bfloat16) for k, t in sd.items()})
+        export_bf16(root / name / "checkpoints" / "dmd_framewise.pt", target, use_ema=use_ema)
         print(f"best {row} on the validation prompts: {name} ({score:.3f}) -> {target.name}")
 EOF
 fi

@@ -560,16 +560,17 @@ def _render_part(job: tuple) -> list:
     return make_dataset(count, seed, first=first, **size)
 
 
-def export_bf16(checkpoint: Path, target: Path) -> None:
-    """A stage's generator as a bf16 release checkpoint (what ``--ship`` and a device call bring back): its EMA
-    weights where it kept an EMA (what its ``_ema`` row samples, as the published frame-wise generator is used with
-    ``--use_ema``), written as the file's ``generator``, so the shipped config needs no ``--use_ema``."""
+def export_bf16(checkpoint: Path, target: Path, use_ema: bool | None = None) -> None:
+    """A stage's generator as a bf16 release checkpoint (what ``--ship`` and a device call bring back): by default
+    (``use_ema=None``) its EMA weights where it kept an EMA (what its ``_ema`` row samples, as the published
+    frame-wise generator is used with ``--use_ema``), written as the file's ``generator``, so the shipped config needs
+    no ``--use_ema``; ``use_ema=False`` / ``True`` picks the raw / EMA weights."""
     import torch
 
     from model.loader import read_state_dict, save_release_checkpoint
     from toy.diagnose import has_ema
 
-    sd = read_state_dict(str(checkpoint), use_ema=has_ema(checkpoint))
+    sd = read_state_dict(str(checkpoint), use_ema=has_ema(checkpoint) if use_ema is None else use_ema)
     save_release_checkpoint(target, {k: t.to(torch.bfloat16) for k, t in sd.items()})
 
 
