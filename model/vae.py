@@ -96,16 +96,8 @@ def convert_original_vae_state_dict(state_dict: dict[str, torch.Tensor], num_res
     return {convert_original_vae_key(key, num_res_blocks) or key: value for key, value in state_dict.items()}
 
 
-FIRST_FRAME_STATS = ("first_frame_latents_mean", "first_frame_latents_std")
-
-
 class WanVAE(nn.Module):
-    """Frozen Wan VAE; latent statistics from ``model.config``, else Wan2.1's.
-
-    The causal encoder codes a clip's first frame alone into latent frame 0, whose statistics can differ from the
-    later frames' (the toy VAE's frame 0 has half their spread). A config may give that frame its own per-channel
-    statistics (``first_frame_latents_mean`` / ``first_frame_latents_std``); Wan2.1's has none, and without them every
-    frame is normalised alike."""
+    """Frozen Wan VAE; latent statistics from ``model.config``, else Wan2.1's."""
 
     def __init__(self, model: AutoencoderKLWan) -> None:
         super().__init__()
@@ -116,12 +108,6 @@ class WanVAE(nn.Module):
         self.latent_channels = config.z_dim
         if len(self.latents_mean) != self.latent_channels or len(self.latents_std) != self.latent_channels:
             raise ConfigError(f"latents_mean/latents_std need {self.latent_channels} values (z_dim)")
-        first = [config.get(key) for key in FIRST_FRAME_STATS]
-        if any(v is not None for v in first) and not all(v is not None and len(v) == self.latent_channels
-                                                         for v in first):
-            raise ConfigError(f"{' and '.join(FIRST_FRAME_STATS)} go together, {self.latent_channels} values each "
-                              "(z_dim)")
-        self.first_frame_stats = first if first[0] is not None else None
         self.temporal_compression = 2 ** sum(config.temperal_downsample)
         self.spatial_compression = 2 ** (len(config.dim_mult) - 1)
         self.channels_last = False
@@ -153,10 +139,8 @@ class WanVAE(nn.Module):
         else:
             raise WeightsMissingError(f"VAE weights not found at {path}; download with: {DOWNLOAD_HINT}")
         state_dict = read_weights_file(weights)
-        first_frame = {key: full_config.pop(key) for key in FIRST_FRAME_STATS if key in full_config}
         with torch.device("meta"):  # weights come from the file; skip the random initialisation
             model = _autoencoder_class().from_config(full_config)
-        model.register_to_config(**first_frame)  # not an AutoencoderKLWan argument: kept in its config all the same
         if "post_quant_conv.weight" not in state_dict:  # original Wan names
             state_dict = convert_original_vae_state_dict(state_dict, model.config.num_res_blocks)
         load_strict(model, state_dict, str(path), "the Wan VAE")
@@ -193,33 +177,25 @@ class WanVAE(nn.Module):
     def num_pixel_frames(self, num_latent_frames: int) -> int:
         return 1 + self.temporal_compression * (num_latent_frames - 1)
 
-    def _stats(self, x: torch.Tensor, starts_video: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 mean/std for ``x`` ``[B, F, C, h, w]``: ``[1, 1, C, 1, 1]``, or ``[1, F, C, 1, 1]`` where latent
-        frame 0 (``starts_video``) has statistics of its own; copied once per device."""
-        if x.device not in self._stats_by_device:
-            values = [self.latents_mean, self.latents_std, *(self.first_frame_stats or ())]
-            self._stats_by_device[x.device] = [torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1).to(x.device)
-                                               for v in values]
-        mean, std, *first = self._stats_by_device[x.device]
-        if not (first and starts_video):
-            return mean, std
-        later = x.shape[1] - 1
-        return tuple(torch.cat([f, s.expand(1, later, -1, 1, 1)], dim=1) for f, s in zip(first, (mean, std)))
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 mean/std ``[1, 1, C, 1, 1]`` on ``device``, copied once per device."""
+        if device not in self._stats_by_device:
+            self._stats_by_device[device] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1).to(device)
+                                                  for v in (self.latents_mean, self.latents_std))
+        return self._stats_by_device[device]
 
     def _format(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
-    def normalize(self, mu: torch.Tensor, starts_video: bool = True) -> torch.Tensor:
-        """``(mu - mean) / std`` in float32; ``mu`` is ``[B, F, C, h, w]``, whose frame 0 is a video's latent frame 0
-        if ``starts_video`` (what :meth:`encode` returns always is)."""
-        mean, std = self._stats(mu, starts_video)
+    def normalize(self, mu: torch.Tensor) -> torch.Tensor:
+        """``(mu - mean) / std`` in float32; ``mu`` is ``[B, F, C, h, w]``."""
+        mean, std = self._stats(mu.device)
         return (mu.float() - mean) / std
 
-    def denormalize(self, latents: torch.Tensor, starts_video: bool = True) -> torch.Tensor:
-        """``z * std + mean`` in float32; ``latents`` is ``[B, F, C, h, w]`` (``starts_video``: as
-        :meth:`normalize`)."""
-        mean, std = self._stats(latents, starts_video)
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """``z * std + mean`` in float32; ``latents`` is ``[B, F, C, h, w]``."""
+        mean, std = self._stats(latents.device)
         return latents.float() * std + mean
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -264,8 +240,7 @@ class StreamingDecoder:
         if self._batch_size not in (None, latents.shape[0]):
             raise ValueError(f"batch size changed from {self._batch_size} to {latents.shape[0]} within a video")
         self._batch_size = latents.shape[0]
-        starts_video = self._cache is None
-        z = self.vae._format(self.vae.denormalize(latents, starts_video).permute(0, 2, 1, 3, 4))  # [B, C, f, h, w]
+        z = self.vae._format(self.vae.denormalize(latents).permute(0, 2, 1, 3, 4))  # [B, C, f, h, w]
         x = self.vae.model.post_quant_conv(z)  # 1x1x1 conv: no temporal context needed
         outputs, start = [], 0
         decoder = self.vae.model.decoder

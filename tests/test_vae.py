@@ -4,7 +4,6 @@ Tolerances: streaming vs one-shot decode 1e-5 (several latent frames per decoder
 loaded checkpoints vs the source model exact (same weights, same ops).
 """
 
-import logging
 import os
 import re
 
@@ -21,7 +20,7 @@ from model.vae import (
     convert_original_vae_state_dict,
 )
 from model.weights import WAN_VAE_FILENAME
-from utils.errors import CheckpointError, ConfigError, WeightsMissingError
+from utils.errors import CheckpointError, WeightsMissingError
 
 # Spec §6.3, written out again so the test does not read the constants it checks.
 SPEC_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -111,47 +110,6 @@ def test_config_statistics_are_used():
     torch.testing.assert_close(custom.normalize(mu), (mu - 1) / 2)
     torch.testing.assert_close(custom.denormalize(custom.normalize(mu)), mu)
     assert WanVAE.from_config(**TINY_VAE_CONFIG).latents_std == SPEC_STD
-
-
-def test_first_frame_statistics(vae, latents, tmp_path, caplog):
-    """Latent frame 0 (coded alone by the causal encoder) may have statistics of its own: encode, whole decode and
-    every streaming split use them for that frame only, against diffusers' decode of the hand-denormalised latents."""
-    first_mean, first_std = [0.5] * 16, [0.25 + 0.05 * c for c in range(16)]
-    config = dict(TINY_VAE_CONFIG, latents_mean=[1.0] * 16, latents_std=[2.0] * 16)
-    model = AutoencoderKLWan(**config)
-    model.load_state_dict(vae.model.state_dict())
-    model.register_to_config(first_frame_latents_mean=first_mean, first_frame_latents_std=first_std)
-    custom = WanVAE(model)
-    mean = torch.tensor([first_mean] + [[1.0] * 16] * 5).view(1, 6, 16, 1, 1)
-    std = torch.tensor([first_std] + [[2.0] * 16] * 5).view(1, 6, 16, 1, 1)
-    z = latents[:, :6]
-    raw = z * std + mean
-    torch.testing.assert_close(custom.denormalize(z), raw)
-    torch.testing.assert_close(custom.normalize(raw), z)
-    torch.testing.assert_close(custom.denormalize(z[:, 1:], starts_video=False), raw[:, 1:])
-    with torch.no_grad():
-        expected = model.decode(raw.permute(0, 2, 1, 3, 4)).sample.clamp(-1, 1).permute(0, 2, 1, 3, 4)
-    torch.testing.assert_close(custom.decode(z), expected, rtol=0, atol=1e-5)
-    stream = custom.stream(frames_per_call=2)
-    pieces = [stream.decode_chunk(z[:, :1]), stream.decode_chunk(z[:, 1:4]), stream.decode_chunk(z[:, 4:])]
-    torch.testing.assert_close(torch.cat(pieces, 1), expected, rtol=0, atol=1e-5)
-    pixels = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    mu = model.encode(pixels).latent_dist.mean.permute(0, 2, 1, 3, 4)
-    torch.testing.assert_close(custom.encode(pixels), (mu - mean[:, :2]) / std[:, :2], rtol=1e-6, atol=1e-6)
-    # a diffusers folder keeps them, and loads without diffusers' "unexpected config attributes" warning
-    model.save_pretrained(tmp_path / "vae")
-    diffusers_logger = logging.getLogger("diffusers")   # does not propagate to the root logger caplog watches
-    diffusers_logger.addHandler(caplog.handler)
-    try:
-        loaded = WanVAE.from_pretrained(tmp_path / "vae")
-    finally:
-        diffusers_logger.removeHandler(caplog.handler)
-    assert "not expected" not in caplog.text
-    assert loaded.first_frame_stats == [first_mean, first_std]
-    torch.testing.assert_close(loaded.decode(z), expected, rtol=0, atol=1e-5)
-    model.register_to_config(first_frame_latents_std=None)
-    with pytest.raises(ConfigError, match="first_frame_latents_mean and first_frame_latents_std go together"):
-        WanVAE(model)
 
 
 def test_decode_matches_diffusers(vae, latents, reference_videos):

@@ -75,12 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_clips", type=int, default=1024, help="synthetic training clips (33 frames, 64x64)")
     p.add_argument("--stats_clips", type=int, default=48,
                    help="training clips encoded to measure the latent mean/std per channel")
-    p.add_argument("--first_frame_stats", action="store_true",
-                   help="give latent frame 0 (the first pixel frame, coded alone) a mean/std per channel of its own "
-                        "(first_frame_latents_mean/std in vae/config.json); the later frames share the main pair")
-    p.add_argument("--refit_stats", default=None, metavar="FOLDER",
-                   help="only re-measure the latent normalisation of the VAE in FOLDER (a Toy-T2V folder; its weights "
-                        "unchanged) on the same training clips, and rewrite FOLDER/vae/config.json and build_info.json")
     p.add_argument("--heldout_clips", type=int, default=16,
                    help="held-out clips (unseen caption combinations) for the reconstruction PSNR")
     p.add_argument("--threads", type=int, default=0,
@@ -114,10 +108,9 @@ def train_vae(args: argparse.Namespace, train_videos: list, heldout_videos: list
                            progress=not args.no_progress, state_path=state_path, save_every=args.vae_save_every)
     state_path.unlink(missing_ok=True)   # finished: the folder written next replaces it
     train_seconds = time.monotonic() - start
-    stats = fit_latent_stats(model, train_videos[:args.stats_clips], device=args.device,
-                             first_frame_apart=args.first_frame_stats)
-    log.info("latent normalisation from %d training clips: %s", len(train_videos[:args.stats_clips]),
-             {k: [round(v, 3) for v in values] for k, values in stats.items()})
+    mean, std = fit_latent_stats(model, train_videos[:args.stats_clips], device=args.device)
+    log.info("latent normalisation from %d training clips: mean %s std %s", len(train_videos[:args.stats_clips]),
+             [round(v, 3) for v in mean], [round(v, 3) for v in std])
     psnr32, latent_shape = reconstruction_psnr(WanVAE(model), heldout_videos)
     shipped = WanVAE(AutoencoderKLWan.from_config(model.config))  # what the fp16 file will load as
     shipped.model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
@@ -132,7 +125,8 @@ def train_vae(args: argparse.Namespace, train_videos: list, heldout_videos: list
                 initialised_from=_init_info(args.vae_init), train_seconds=round(train_seconds, 1), steps=cfg.steps,
                 final_loss=round(final_loss, 5),
                 heldout_psnr_db_fp32=round(psnr32, 2), heldout_psnr_db_fp16=round(psnr16, 2),
-                heldout_clips=len(heldout_videos), latent_shape=list(latent_shape), **stats, training=vars(cfg))
+                heldout_clips=len(heldout_videos), latent_shape=list(latent_shape), latents_mean=mean,
+                latents_std=std, training=vars(cfg))
     return model.cpu(), info
 
 
@@ -168,39 +162,11 @@ def folder_sizes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def refit_stats(args: argparse.Namespace) -> int:
-    """``--refit_stats FOLDER``: the latent normalisation of FOLDER's VAE measured again (``--first_frame_stats``:
-    latent frame 0 apart); the clips are those a build with the same ``--seed`` / ``--train_clips`` measured."""
-    from utils.io import AtomicPath
-
-    folder = Path(args.refit_stats)
-    vae = WanVAE.from_pretrained(folder / "vae").to(args.device)
-    train, _ = make_split(args.train_clips, args.heldout_clips, seed=args.seed, num_frames=33, height=64, width=64)
-    stats = fit_latent_stats(vae.model, [v for _, v in train][:args.stats_clips], device=args.device,
-                             first_frame_apart=args.first_frame_stats)
-    config = json.loads((folder / "vae" / "config.json").read_text())
-    for key in ("first_frame_latents_mean", "first_frame_latents_std"):
-        config.pop(key, None)
-    config.update(stats)
-    info_path = folder / "build_info.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    info.setdefault("vae", {}).update(stats, stats_refit=dict(first_frame_apart=args.first_frame_stats,
-                                                              clips=args.stats_clips, seed=args.seed))
-    for path, data in ((folder / "vae" / "config.json", config), (info_path, info)):
-        with AtomicPath(path) as tmp:
-            Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
-    log.info("latent normalisation of %s from %d training clips: %s", folder / "vae", args.stats_clips,
-             {k: [round(v, 3) for v in values] for k, values in stats.items()})
-    return 0
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.refit_stats:
-        return refit_stats(args)
     torch.backends.cudnn.benchmark = True   # fixed window shapes: let cuDNN pick its fastest 3D convolutions
     target = Path(args.out) / FOLDER_NAME
     start = time.monotonic()

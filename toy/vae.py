@@ -7,9 +7,8 @@ The network is diffusers' ``AutoencoderKLWan`` (model/vae.py wraps it); this fil
   convolution, so a VAE trained on 9-frame 32x32 windows encodes 33-frame 64x64 clips into 9 latent frames.
 * :func:`vae_loss`: L1 + L2 reconstruction of a reparameterised posterior sample plus a small KL term.
 * :func:`train_toy_vae`: AdamW with warm-up and cosine decay, seeded, with a tqdm progress bar.
-* :func:`fit_latent_stats`: the per-channel ``latents_mean`` / ``latents_std`` (optionally a pair of latent frame 0's
-  own) that WanVAE normalises with (``z = (mu - mean) / std``), measured on encoded training clips and stored in the
-  VAE config.
+* :func:`fit_latent_stats`: the per-channel ``latents_mean`` / ``latents_std`` that WanVAE normalises with
+  (``z = (mu - mean) / std``), measured on encoded training clips and stored in the VAE config.
 * :func:`reconstruction_psnr`: encode + decode through :class:`model.vae.WanVAE`, PSNR in dB on [0, 1] pixels.
 """
 
@@ -248,37 +247,26 @@ def _load_training_state(path, cfg: ToyVAETraining, model, optimizer, generator,
 
 @torch.no_grad()
 def fit_latent_stats(model: AutoencoderKLWan, videos: list[np.ndarray], batch_size: int = 8,
-                     device: str | torch.device = "cpu", first_frame_apart: bool = False) -> dict[str, list[float]]:
-    """Per-channel mean / std of the posterior means of ``videos``, registered in ``model``'s config and returned as
-    config entries: ``latents_mean`` / ``latents_std`` and, with ``first_frame_apart``, ``first_frame_latents_mean``
-    / ``first_frame_latents_std`` of latent frame 0 alone (the main pair then covers the later frames).
+                     device: str | torch.device = "cpu") -> tuple[list[float], list[float]]:
+    """Per-channel mean / std of the posterior means of ``videos``; stored as ``latents_mean`` / ``latents_std``.
 
     WanVAE normalises with ``(mu - mean) / std``, so afterwards the encoded clips have zero mean and unit std per
-    channel (over clips, frames and positions; with ``first_frame_apart``, latent frame 0 and the later frames each).
+    channel (over clips, frames and positions). Returns ``(mean, std)`` as lists of ``z_dim`` floats.
     """
     model.to(device).eval()
-    sums: dict[str, list[torch.Tensor]] = {}
-
-    def add(name: str, mu: torch.Tensor) -> None:   # mu [B, C, F, h, w]
-        dims = (0, 2, 3, 4)  # everything but the channel
-        parts = [mu.sum(dims), mu.square().sum(dims), torch.tensor(mu.numel() // mu.shape[1])]
-        sums[name] = parts if name not in sums else [a + b for a, b in zip(sums[name], parts)]
-
+    total = total_sq = None
+    count = 0
     for i in range(0, len(videos), batch_size):
-        mu = model.encode(videos_to_tensor(videos[i:i + batch_size]).to(device)).latent_dist.mean.double().cpu()
-        if first_frame_apart:
-            add("first_frame_latents", mu[:, :, :1])
-            add("latents", mu[:, :, 1:])
-        else:
-            add("latents", mu)
-    entries = {}
-    for name, (total, total_sq, count) in sums.items():
-        mean = total / count
-        std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
-        entries[f"{name}_mean"] = [round(v, 6) for v in mean.tolist()]
-        entries[f"{name}_std"] = [round(v, 6) for v in std.tolist()]
-    model.register_to_config(**entries)
-    return entries
+        mu = model.encode(videos_to_tensor(videos[i:i + batch_size]).to(device)).latent_dist.mean.double()
+        dims = (0, 2, 3, 4)  # everything but the channel
+        s, sq = mu.sum(dims), mu.square().sum(dims)
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        count += mu.numel() // mu.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    mean_list, std_list = [round(v, 6) for v in mean.tolist()], [round(v, 6) for v in std.tolist()]
+    model.register_to_config(latents_mean=mean_list, latents_std=std_list)
+    return mean_list, std_list
 
 
 def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
