@@ -6,6 +6,10 @@ with PyTorch's flash kernel first, and the installed flash-attn package (FlashAt
 TFLOP/s (4·heads·128·Lq·Lk FLOPs) and the relative error ``||out - ref|| / ||ref||`` against a float32 SDPA
 recomputation of the same bf16 inputs.
 
+With ``--kv_splits``, SDPA's cuDNN kernel also runs on 2..``attn.MAX_KV_SPLITS`` equal parts of the keys, merged by
+their log-sum-exp (what the entry point does for few queries; ``sdpa_auto`` is the entry point's own choice,
+``attn.kv_splits``).
+
 Part 2, end to end (``--pipeline``): the full-size chunk-wise generator (random weights) streams the same 21 latent
 frames under each backend; reports each video's relative difference from the cuDNN one. The PyTorch-flash video
 gives the noise floor of merely changing the bf16 kernel.
@@ -50,14 +54,20 @@ def backends() -> dict:
                                     SDPBackend.MATH])
         return use
 
-    found = {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+    def sdpa_auto():   # what attention_backend: sdpa runs: cuDNN first, keys split where attn.kv_splits says
+        attn.set_backend("sdpa")
+        attn.set_sdpa_priority(None)
+
+    found = {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_auto": sdpa_auto,
+             "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION)}
     if attn._load_flash() is not None:
         found[attn._flash_module] = lambda: attn.set_backend("flash_attn")
     return found
 
 
-def kernels(rows: list, cfg, latent_hw: tuple[int, int]) -> None:
+def kernels(rows: list, cfg, latent_hw: tuple[int, int], kv_splits: bool = False) -> None:
     heads, d = cfg.num_heads, cfg.head_dim
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for lq, lk in shapes(cfg, latent_hw):
         q = torch.randn(1, lq, heads, d, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(1, lk, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -71,6 +81,17 @@ def kernels(rows: list, cfg, latent_hw: tuple[int, int]) -> None:
             rows.append(row)
             print(f"Lq {lq:5d} Lk {lk:5d} {name:22s} {ms:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
                   f"rel err {row['rel_err']:.2e}", flush=True)
+        chosen = attn.kv_splits(lq, lk, heads, 1, sms)
+        for parts in range(2, attn.MAX_KV_SPLITS + 1) if kv_splits else ():
+            if lk % parts:
+                continue
+            ms = cuda_ms(lambda: attn._split_kv_attention(q, k, v, parts))
+            row = dict(part="kernel", backend=f"sdpa_cudnn_{parts}_parts", lq=lq, lk=lk, ms=ms,
+                       tflops=flops / ms / 1e9, rel_err=relative(attn._split_kv_attention(q, k, v, parts), ref),
+                       chosen_parts=chosen)
+            rows.append(row)
+            print(f"Lq {lq:5d} Lk {lk:5d} {row['backend']:22s} {ms:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
+                  f"rel err {row['rel_err']:.2e}{'  <- kv_splits' if parts == chosen else ''}", flush=True)
 
 
 def pipeline(rows: list, setup) -> None:
@@ -96,6 +117,8 @@ def pipeline(rows: list, setup) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", action="store_true", help="also compare whole streamed videos (full-size model)")
+    p.add_argument("--kv_splits", action="store_true",
+                   help="also time cuDNN's kernel on 2..MAX_KV_SPLITS equal parts of the keys, merged")
     p.add_argument("--out", default="bench_attention.json", help="JSON output path")
     args = p.parse_args(argv)
     setup = streaming_setup(tiny=False)
@@ -103,7 +126,7 @@ def main(argv=None) -> int:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     rows: list = []
-    kernels(rows, get_preset(setup[2]), setup[3][1:])
+    kernels(rows, get_preset(setup[2]), setup[3][1:], kv_splits=args.kv_splits)
     if args.pipeline:
         pipeline(rows, setup)
     attn.set_backend("auto")

@@ -53,6 +53,7 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast": dict(),                                # FlashAttention-4 for large calls when installed, else SDPA
     "fast_sdpa": dict(backend="sdpa"),             # attention_backend: sdpa (what runs without flash-attn-4)
     "fast_fa4_chunks_only": dict(flash_min_queries=4096),  # A/B: FlashAttention-4 for three-frame blocks only
+    "fast_no_kv_split": dict(kv_split=False),      # A/B: cuDNN attention never on split keys
     "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
     "no_compile_fa4_chunks_only": dict(compile=False, flash_min_queries=4096),  # A/B of the FA4 rule, eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
@@ -69,6 +70,7 @@ def prepare(variant: dict) -> None:
     ``attention_backend`` sets it)."""
     attn.set_backend(variant.get("backend", "auto"))
     attn.FLASH_MIN_QUERIES = variant.get("flash_min_queries", DEFAULT_FLASH_MIN_QUERIES)
+    attn.set_kv_split(variant.get("kv_split", True))
 
 
 def sync() -> None:

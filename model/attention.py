@@ -1,7 +1,9 @@
 """The one attention entry point: ``attention(q, k, v, mask)`` on ``[B, L, N, d]`` tensors, dispatched on the mask.
 
 * ``None``: a flash-attn package or PyTorch SDPA; on CUDA SDPA tries cuDNN attention first (on the H100 1.6-1.8x
-  PyTorch's flash kernel at our shapes, libraries.md §9).
+  PyTorch's flash kernel at our shapes, libraries.md §9). An inference call with few queries against many keys (a
+  one-frame block against the cache) runs cuDNN's kernel on equal parts of the keys at once and merges the parts by
+  their log-sum-exp (:func:`kv_splits`): the queries alone give the kernel too few tiles to fill every SM.
 * a dense boolean ``[Lq, Lk]`` mask (True = attend): SDPA, the CPU path for training masks.
 * a flex-attention ``BlockMask``: compiled ``flex_attention`` over the length padded to a multiple of 128.
 
@@ -23,10 +25,11 @@ from utils.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _BACKENDS = ("auto", "sdpa", "flash_attn")
-_state = {"backend": "auto", "sdpa_order": None}
+_state = {"backend": "auto", "sdpa_order": None, "kv_split": True}
 _flash_fn = None
 _flash_module = None
 _compiled_flex = None
+_merge_fn = None
 
 # Smallest calls "auto" gives to flash-attn: one-frame (1,560 queries at 480p) and three-frame blocks against a cache
 # of 8,192 keys or more (docs/architecture.md, "Attention kernel per call")
@@ -39,6 +42,68 @@ _FLASH_MODULES = (  # first importable wins
     ("flash_attn.cute", "flash_attn_func"),       # FlashAttention-4 (CuTe DSL: Hopper, Blackwell)
     ("flash_attn", "flash_attn_func"),            # FlashAttention-2
 )
+
+
+# Split-KV (docs/architecture.md, "Keys split for few queries"): cuDNN's Hopper flash kernel runs one CTA per 64
+# queries and head (its name: ..._64x128x128_...); a one-frame block (1,560 queries x 12 heads at 480p) makes 300,
+# 2.3 waves on 132 SMs. Split the keys into parts of at least MIN_KEYS_PER_SPLIT when that fills the waves better.
+CUDNN_QUERY_TILE = 64
+MIN_KEYS_PER_SPLIT = 2048
+MAX_KV_SPLITS = 4
+
+
+def kv_splits(lq: int, lk: int, heads: int, batch: int, sms: int) -> int:
+    """Parts to split ``lk`` keys into (1 = no split): the count of at most :data:`MAX_KV_SPLITS` that divides
+    ``lk`` into parts of >= :data:`MIN_KEYS_PER_SPLIT` keys and fills the last wave of query tiles x parts on
+    ``sms`` multiprocessors best; a split must gain more than 2% of a wave's occupancy."""
+    tiles = -(-lq // CUDNN_QUERY_TILE) * heads * batch
+
+    def occupancy(parts: int) -> float:
+        ctas = tiles * parts
+        return ctas / (-(-ctas // sms) * sms)
+
+    best = 1
+    for parts in range(2, MAX_KV_SPLITS + 1):
+        if lk % parts == 0 and lk // parts >= MIN_KEYS_PER_SPLIT and occupancy(parts) > occupancy(best) + 0.02:
+            best = parts
+    return best
+
+
+def set_kv_split(enabled: bool) -> None:
+    """Allow (default) or forbid split-KV attention for inference calls (A/B benchmarks)."""
+    _state["kv_split"] = bool(enabled)
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Attention over all keys from attention over parts of them: ``out`` ``[P, N, Lq, d]`` and the log-sum-exp of
+    each part's scaled scores ``lse`` ``[P, N, Lq(, 1)]`` -> ``[1, N, Lq, d]`` in ``out``'s dtype."""
+    acc = torch.promote_types(out.dtype, torch.float32)
+    weights = torch.softmax(lse.reshape(out.shape[:3]).to(acc), dim=0).unsqueeze(-1)
+    return (out.to(acc) * weights).sum(0, keepdim=True).to(out.dtype)
+
+
+def _split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: int) -> torch.Tensor:
+    """One cuDNN call over ``parts`` equal slices of the keys of a batch-1 call, merged: ``[1, L, N, d]`` tensors."""
+    global _merge_fn
+    if _merge_fn is None:
+        _merge_fn = torch.compile(merge_splits, dynamic=False)   # one fused kernel instead of five
+    _, lq, heads, dim = q.shape
+    lk = k.shape[1]
+    qs = q.expand(parts, lq, heads, dim).contiguous().transpose(1, 2)
+    ks, vs = (t.reshape(parts, lk // parts, heads, dim).transpose(1, 2) for t in (k, v))
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True)[:2]
+    return _merge_fn(out, lse).transpose(1, 2)
+
+
+def _split_parts(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Parts for an unmasked SDPA call (1: the plain call): inference on CUDA, batch 1, cuDNN first, half dtypes."""
+    if not (_state["kv_split"] and q.is_cuda and q.shape[0] == 1 and _state["sdpa_order"] is None
+            and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and q.shape[-1] <= 128):
+        return 1
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return kv_splits(q.shape[1], k.shape[1], q.shape[2], 1, sms)
 
 
 def _load_flash():
@@ -154,6 +219,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> t
         out = _flash_fn(q.to(half), k.to(half), v.to(half))
         out = out[0] if isinstance(out, tuple) else out
         return out.to(dtype)
+    if mask is None and (parts := _split_parts(q, k)) > 1:
+        return _split_kv_attention(q, k, v, parts)
     with _sdpa_context(q.device.type):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)

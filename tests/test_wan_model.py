@@ -300,6 +300,80 @@ def test_flash_policy():
     assert not flash_policy("auto", None, *big, needs_grad=False)
 
 
+def test_split_keys_merge_to_full_attention():
+    """Attention over parts of the keys merged by their log-sum-exp equals attention over all of them (float64,
+    explicit softmax per part against SDPA over the whole)."""
+    from model.attention import merge_splits
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 40, 16, generator=g, dtype=torch.float64)        # [1, N, Lq, d]
+    k, v = (torch.randn(1, 4, 96, 16, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for parts in (2, 3, 4):
+        outs, lses = [], []
+        for kp, vp in zip(k.chunk(parts, dim=2), v.chunk(parts, dim=2)):
+            scores = q @ kp.transpose(-1, -2) / 16 ** 0.5
+            outs.append(torch.softmax(scores, dim=-1) @ vp)
+            lses.append(torch.logsumexp(scores, dim=-1))
+        merged = merge_splits(torch.cat(outs), torch.cat(lses))
+        torch.testing.assert_close(merged, full, rtol=0, atol=1e-12)
+
+
+def test_kv_splits_rule():
+    """Split only where it fills the SMs' last wave better, in equal parts of >= MIN_KEYS_PER_SPLIT keys."""
+    from model.attention import MAX_KV_SPLITS, MIN_KEYS_PER_SPLIT, kv_splits
+
+    cfg = get_preset("wan2.1-t2v-1.3b")
+    s = (60 // cfg.patch_size[1]) * (104 // cfg.patch_size[2])   # 1,560 tokens a latent frame at 480x832
+    heads = cfg.num_heads
+    assert kv_splits(s, 21 * s, heads, 1, 132) == 3      # one-frame block, full cache: 300 tiles -> 900 on 132 SMs
+    assert kv_splits(s, s, heads, 1, 132) == 1           # a video's first block: too few keys to split
+    assert kv_splits(s, cfg.text_len, heads, 1, 132) == 1  # cross-attention
+    assert kv_splits(s, 21 * s, heads, 11, 132) == 1     # enough tiles without splitting
+    for lq in (s, 2 * s, 3 * s):
+        for lk in range(s, 22 * s, s):
+            parts = kv_splits(lq, lk, heads, 1, 132)
+            assert 1 <= parts <= MAX_KV_SPLITS and lk % parts == 0
+            assert parts == 1 or lk // parts >= MIN_KEYS_PER_SPLIT
+
+
+def test_cpu_attention_never_splits(monkeypatch):
+    from model import attention as A
+
+    monkeypatch.setattr(A, "_split_kv_attention", lambda *a: pytest.fail("split on the CPU"))
+    q = torch.randn(1, 1560, 2, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 9360, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+    A.attention(q, k, v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_kv_attention_on_gpu(monkeypatch):
+    """The entry point's split-KV cuDNN calls (one-frame block shapes at 480p) against float32 attention: within the
+    unsplit bf16 call's own error (x1.5 + 1e-3)."""
+    from model import attention as A
+
+    calls = []
+    split = A._split_kv_attention
+    monkeypatch.setattr(A, "_split_kv_attention", lambda *a: calls.append(a[-1]) or split(*a))
+    A.set_backend("sdpa")
+    try:
+        for lk in (4680, 9360, 32760):
+            q = torch.randn(1, 1560, 12, 128, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(1, lk, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            ref = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+            ref = ref.transpose(1, 2)
+            A.set_kv_split(False)
+            plain = (A.attention(q, k, v).float() - ref).norm() / ref.norm()
+            A.set_kv_split(True)
+            before = len(calls)
+            out = A.attention(q, k, v)
+            assert len(calls) == before + 1 and out.shape == q.shape and out.dtype == q.dtype
+            assert (out.float() - ref).norm() / ref.norm() <= 1.5 * plain + 1e-3, lk
+    finally:
+        A.set_kv_split(True)
+        A.set_backend("auto")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ffn_gelu_epilogue_on_gpu():
     """The inference FFN (GELU in the GEMM epilogue) against product-then-GELU and a float64 recomputation."""
