@@ -44,29 +44,28 @@ _FLASH_MODULES = (  # first importable wins
 )
 
 
-# Split-KV (docs/architecture.md, "Keys split for few queries"): cuDNN's Hopper flash kernel runs one CTA per 64
-# queries and head (its name: ..._64x128x128_...); a one-frame block (1,560 queries x 12 heads at 480p) makes 300,
-# 2.3 waves on 132 SMs. Split the keys into parts of at least MIN_KEYS_PER_SPLIT when that fills the waves better.
-CUDNN_QUERY_TILE = 64
-MIN_KEYS_PER_SPLIT = 2048
+# Split-KV (docs/architecture.md, "Keys split for few queries"): cuDNN's Hopper flash kernel times like one CTA per
+# 128 queries and head; a one-frame block (1,560 queries x 12 heads at 480p) makes 156, 1.2 waves on an H100's 132 SMs.
+# Split the keys when that fills the waves better, in parts of at least MIN_KEYS_PER_SPLIT keys (one H100: 2,340-key
+# parts lost, 3,120-key parts won; benchmarks/results/attention_kv_split_h100.json).
+CUDNN_QUERY_TILE = 128
+MIN_KEYS_PER_SPLIT = 3072
 MAX_KV_SPLITS = 4
 
 
 def kv_splits(lq: int, lk: int, heads: int, batch: int, sms: int) -> int:
-    """Parts to split ``lk`` keys into (1 = no split): the count of at most :data:`MAX_KV_SPLITS` that divides
-    ``lk`` into parts of >= :data:`MIN_KEYS_PER_SPLIT` keys and fills the last wave of query tiles x parts on
-    ``sms`` multiprocessors best; a split must gain more than 2% of a wave's occupancy."""
+    """Parts to split ``lk`` keys into (1 = no split). Modelled time: waves of CTAs (query tiles x heads x batch x
+    parts, ``sms`` at a time) times the keys each CTA reads (``lk / parts``). The fastest count of at most
+    :data:`MAX_KV_SPLITS` that divides ``lk`` into parts of >= :data:`MIN_KEYS_PER_SPLIT` keys, if it cuts the
+    modelled time by more than 10% (measured on one H100, a 4% modelled gain lost: a split costs its merge)."""
     tiles = -(-lq // CUDNN_QUERY_TILE) * heads * batch
 
-    def occupancy(parts: int) -> float:
-        ctas = tiles * parts
-        return ctas / (-(-ctas // sms) * sms)
+    def modelled(parts: int) -> float:
+        return -(-tiles * parts // sms) / parts
 
-    best = 1
-    for parts in range(2, MAX_KV_SPLITS + 1):
-        if lk % parts == 0 and lk // parts >= MIN_KEYS_PER_SPLIT and occupancy(parts) > occupancy(best) + 0.02:
-            best = parts
-    return best
+    candidates = [p for p in range(2, MAX_KV_SPLITS + 1) if lk % p == 0 and lk // p >= MIN_KEYS_PER_SPLIT]
+    best = min(candidates, key=modelled, default=1)   # min keeps the smallest count on ties
+    return best if modelled(best) < 0.9 * modelled(1) else 1
 
 
 def set_kv_split(enabled: bool) -> None:
