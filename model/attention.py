@@ -95,14 +95,26 @@ def _split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts
 
 
 def _split_parts(q: torch.Tensor, k: torch.Tensor) -> int:
-    """Parts for an unmasked SDPA call (1: the plain call): inference on CUDA, batch 1, cuDNN first, half dtypes."""
+    """Parts for an unmasked SDPA call (1: the plain call): inference on a Hopper GPU, batch 1, cuDNN first, half
+    dtypes."""
     if not (_state["kv_split"] and q.is_cuda and q.shape[0] == 1 and _state["sdpa_order"] is None
             and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and q.shape[-1] <= 128):
         return 1
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return kv_splits(q.shape[1], k.shape[1], q.shape[2], 1, sms)
+    sms = _hopper_sms(q.device)
+    return kv_splits(q.shape[1], k.shape[1], q.shape[2], 1, sms) if sms else 1
+
+
+_sms_by_device: dict[torch.device, int] = {}
+
+
+def _hopper_sms(device: torch.device) -> int:
+    """Multiprocessors of a Hopper GPU (compute capability 9.x, where the split rule was measured), else 0."""
+    if device not in _sms_by_device:
+        props = torch.cuda.get_device_properties(device)
+        _sms_by_device[device] = props.multi_processor_count if props.major == 9 else 0
+    return _sms_by_device[device]
 
 
 def _load_flash():

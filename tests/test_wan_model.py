@@ -367,6 +367,8 @@ def test_split_kv_attention_on_gpu(monkeypatch):
     unsplit bf16 call's own error (x1.5 + 1e-3)."""
     from model import attention as A
 
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("keys are split on Hopper GPUs only (where the rule was measured)")
     calls = []
     split = A._split_kv_attention
     monkeypatch.setattr(A, "_split_kv_attention", lambda *a: calls.append(a[-1]) or split(*a))
