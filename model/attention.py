@@ -29,7 +29,6 @@ _state = {"backend": "auto", "sdpa_order": None, "kv_split": True}
 _flash_fn = None
 _flash_module = None
 _compiled_flex = None
-_merge_fn = None
 
 # Smallest calls "auto" gives to flash-attn: one-frame (1,560 queries at 480p) and three-frame blocks against a cache
 # of 8,192 keys or more (docs/architecture.md, "Attention kernel per call")
@@ -81,11 +80,18 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return (out.to(acc) * weights).sum(0, keepdim=True).to(out.dtype)
 
 
+_merge_fn = merge_splits
+
+
+def compile_merge(**options) -> None:
+    """``torch.compile`` :func:`merge_splits` for split-KV calls (one fused kernel instead of five), process-wide;
+    ``WanModel.compile_blocks`` calls it, so ``--no_compile`` keeps it eager."""
+    global _merge_fn
+    _merge_fn = torch.compile(merge_splits, **options)
+
+
 def _split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: int) -> torch.Tensor:
     """One cuDNN call over ``parts`` equal slices of the keys of a batch-1 call, merged: ``[1, L, N, d]`` tensors."""
-    global _merge_fn
-    if _merge_fn is None:
-        _merge_fn = torch.compile(merge_splits, dynamic=False)   # one fused kernel instead of five
     _, lq, heads, dim = q.shape
     lk = k.shape[1]
     qs = q.expand(parts, lq, heads, dim).contiguous().transpose(1, 2)

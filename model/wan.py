@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.attention import attention, kernel_scope
+from model.attention import attention, compile_merge, kernel_scope
 from model.config import WanConfig
 from model.kv_cache import FULL, CachedCall, CacheMode, CacheView, KVCache
 from model.masks import (
@@ -262,6 +262,7 @@ class WanModel(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.blocks:
             block.compile_regions(**options)
+        compile_merge(**options)   # split-KV attention's merge (model/attention.py)
 
     def fuse_qkv(self) -> None:
         """One q/k/v product per layer (:meth:`SelfAttention.fuse_qkv`); call after ``.to()``, which replaces
