@@ -356,8 +356,10 @@ def test_cpu_attention_never_splits(monkeypatch):
     from model import attention as A
 
     monkeypatch.setattr(A, "_split_kv_attention", lambda *a: pytest.fail("split on the CPU"))
-    q = torch.randn(1, 1560, 2, 64, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 9360, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+    cfg = get_preset("wan2.1-t2v-1.3b")
+    s = (60 // cfg.patch_size[1]) * (104 // cfg.patch_size[2])   # a one-frame block at 480x832 against 6 frames
+    q = torch.randn(1, s, 2, cfg.head_dim, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 6 * s, 2, cfg.head_dim, dtype=torch.bfloat16) for _ in range(2))
     A.attention(q, k, v)
 
 
@@ -372,11 +374,14 @@ def test_split_kv_attention_on_gpu(monkeypatch):
     calls = []
     split = A._split_kv_attention
     monkeypatch.setattr(A, "_split_kv_attention", lambda *a: calls.append(a[-1]) or split(*a))
+    cfg = get_preset("wan2.1-t2v-1.3b")
+    s = (60 // cfg.patch_size[1]) * (104 // cfg.patch_size[2])   # tokens of a latent frame at 480x832
+    heads, dim = cfg.num_heads, cfg.head_dim
     A.set_backend("sdpa")
     try:
-        for lk in (9360, 18720, 32760):   # 3, 4 and 4 parts on an H100 (kv_splits)
-            q = torch.randn(1, 1560, 12, 128, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(1, lk, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for lk in (6 * s, 12 * s, 21 * s):   # 3, 4 and 4 parts on an H100 (kv_splits)
+            q = torch.randn(1, s, heads, dim, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(1, lk, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             ref = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
             ref = ref.transpose(1, 2)
             A.set_kv_split(False)
