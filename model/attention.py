@@ -52,12 +52,12 @@ MIN_KEYS_PER_SPLIT = 3072
 MAX_KV_SPLITS = 4
 
 
-def kv_splits(lq: int, lk: int, heads: int, batch: int, sms: int) -> int:
-    """Parts to split ``lk`` keys into (1 = no split). Modelled time: waves of CTAs (query tiles x heads x batch x
-    parts, ``sms`` at a time) times the keys each CTA reads (``lk / parts``). The fastest count of at most
-    :data:`MAX_KV_SPLITS` that divides ``lk`` into parts of >= :data:`MIN_KEYS_PER_SPLIT` keys, if it cuts the
+def kv_splits(lq: int, lk: int, heads: int, sms: int) -> int:
+    """Parts to split the ``lk`` keys of a batch-1 call into (1 = no split). Modelled time: waves of CTAs (query
+    tiles x heads x parts, ``sms`` at a time) times the keys each CTA reads (``lk / parts``). The fastest count of at
+    most :data:`MAX_KV_SPLITS` that divides ``lk`` into parts of >= :data:`MIN_KEYS_PER_SPLIT` keys, if it cuts the
     modelled time by more than 10% (measured on one H100, a 4% modelled gain lost: a split costs its merge)."""
-    tiles = -(-lq // CUDNN_QUERY_TILE) * heads * batch
+    tiles = -(-lq // CUDNN_QUERY_TILE) * heads
 
     def modelled(parts: int) -> float:
         return -(-tiles * parts // sms) / parts
@@ -83,11 +83,12 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 _merge_fn = merge_splits
 
 
-def compile_merge(**options) -> None:
-    """``torch.compile`` :func:`merge_splits` for split-KV calls (one fused kernel instead of five), process-wide;
-    ``WanModel.compile_blocks`` calls it, so ``--no_compile`` keeps it eager."""
+def compile_merge(enabled: bool = True, **options) -> None:
+    """``torch.compile`` :func:`merge_splits` for split-KV calls (one fused kernel instead of five; ``enabled=False``:
+    eager), process-wide; ``WanModel.compile_blocks`` / ``uncompile_blocks`` call it, so ``--no_compile`` keeps it
+    eager."""
     global _merge_fn
-    _merge_fn = torch.compile(merge_splits, **options)
+    _merge_fn = torch.compile(merge_splits, **options) if enabled else merge_splits
 
 
 def _split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: int) -> torch.Tensor:
@@ -109,7 +110,7 @@ def _split_parts(q: torch.Tensor, k: torch.Tensor) -> int:
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return 1
     sms = _hopper_sms(q.device)
-    return kv_splits(q.shape[1], k.shape[1], q.shape[2], 1, sms) if sms else 1
+    return kv_splits(q.shape[1], k.shape[1], q.shape[2], sms) if sms else 1
 
 
 _sms_by_device: dict[torch.device, int] = {}

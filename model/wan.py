@@ -274,6 +274,7 @@ class WanModel(nn.Module):
         for block in self.blocks:
             for name in block.REGIONS:
                 block.__dict__.pop(name, None)
+        compile_merge(False)
 
     def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``[B, F, C, H, W]`` -> tokens ``[B, F'·H'·W', D]`` and the grid ``(F', H', W')``."""

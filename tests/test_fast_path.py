@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from model import attention
 from model.config import WanConfig
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchScheduler
@@ -47,9 +48,11 @@ def test_compiled_regions_equal_eager_and_are_shared_by_layers():
     try:
         compiled = stream_blocks(model, x, ctx, torch.device("cpu"), torch.float32, 1)
         graphs = counters["stats"]["unique_graphs"]
+        merge_compiled = attention._merge_fn is not attention.merge_splits   # split-KV's merge follows the blocks
     finally:
         model.uncompile_blocks()
         torch._dynamo.reset()
+    assert merge_compiled and attention._merge_fn is attention.merge_splits
     assert torch.equal(compiled, eager)
     # three regions x one shape: the 4 layers (and the 3 start positions) reuse the same graphs
     assert graphs == 3, f"expected 3 graphs shared by all layers, got {graphs}"

@@ -330,10 +330,9 @@ def test_kv_splits_rule():
     cfg = get_preset("wan2.1-t2v-1.3b")
     s = (60 // cfg.patch_size[1]) * (104 // cfg.patch_size[2])   # 1,560 tokens a latent frame at 480x832
     heads = cfg.num_heads
-    assert kv_splits(s, 21 * s, heads, 1, 132) == 4      # one-frame block, full cache: 2 waves of 156 CTAs -> 5 of 624
-    assert kv_splits(s, s, heads, 1, 132) == 1           # a video's first block: too few keys to split
-    assert kv_splits(s, cfg.text_len, heads, 1, 132) == 1  # cross-attention
-    assert kv_splits(s, 21 * s, heads, 11, 132) == 1     # enough tiles without splitting
+    assert kv_splits(s, 21 * s, heads, 132) == 4      # one-frame block, full cache: 2 waves of 156 CTAs -> 5 of 624
+    assert kv_splits(s, s, heads, 132) == 1           # a video's first block: too few keys to split
+    assert kv_splits(s, cfg.text_len, heads, 132) == 1  # cross-attention
     # on one H100 (132 SMs) the rule picks the fastest of 1-4 parts at every measured streaming shape
     rows = json.loads((REPO / "benchmarks/results/attention_kv_split_h100.json").read_text())["rows"]
     timed = {}
@@ -344,10 +343,10 @@ def test_kv_splits_rule():
             timed.setdefault((row["lq"], row["lk"]), {})[parts] = row["ms"]
     assert len(timed) == 10
     for (lq, lk), ms in timed.items():
-        assert kv_splits(lq, lk, heads, 1, 132) == min(ms, key=ms.get), (lq, lk, ms)
+        assert kv_splits(lq, lk, heads, 132) == min(ms, key=ms.get), (lq, lk, ms)
     for lq in (s, 2 * s, 3 * s):
         for lk in range(s, 22 * s, s):
-            parts = kv_splits(lq, lk, heads, 1, 132)
+            parts = kv_splits(lq, lk, heads, 132)
             assert 1 <= parts <= MAX_KV_SPLITS and lk % parts == 0
             assert parts == 1 or lk // parts >= MIN_KEYS_PER_SPLIT
 
