@@ -8,7 +8,8 @@ recomputation of the same bf16 inputs.
 
 With ``--kv_splits``, SDPA's cuDNN kernel also runs on 2..``attn.MAX_KV_SPLITS`` equal parts of the keys, merged by
 their log-sum-exp (what the entry point does for few queries; ``sdpa_auto`` is the entry point's own choice,
-``attn.kv_splits``).
+``attn.kv_splits``), and FlashAttention-4, if installed, with ``num_splits`` 2..``attn.MAX_KV_SPLITS`` (its own
+split-KV kernel; version 4.0.0b40 refuses it on Hopper, which the rows record).
 
 Part 2, end to end (``--pipeline``): the full-size chunk-wise generator (random weights) streams the same 21 latent
 frames under each backend; reports each video's relative difference from the cuDNN one. The PyTorch-flash video
@@ -92,6 +93,22 @@ def kernels(rows: list, cfg, latent_hw: tuple[int, int], kv_splits: bool = False
             rows.append(row)
             print(f"Lq {lq:5d} Lk {lk:5d} {row['backend']:22s} {ms:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
                   f"rel err {row['rel_err']:.2e}{'  <- kv_splits' if parts == chosen else ''}", flush=True)
+        if kv_splits and attn._flash_module == "flash_attn.cute":   # FlashAttention-4's own split-KV kernel
+            for parts in range(2, attn.MAX_KV_SPLITS + 1):
+                def fa4(parts=parts):
+                    out = attn._flash_fn(q, k, v, num_splits=parts)
+                    return out[0] if isinstance(out, tuple) else out
+                try:
+                    ms, err = cuda_ms(fa4), relative(fa4(), ref)
+                except Exception as error:  # noqa: BLE001 - a split count the kernel refuses is a result
+                    print(f"Lq {lq:5d} Lk {lk:5d} fa4 {parts} splits: {type(error).__name__}: {error}", flush=True)
+                    rows.append(dict(part="kernel", backend=f"fa4_{parts}_splits", lq=lq, lk=lk, error=str(error)))
+                    continue
+                row = dict(part="kernel", backend=f"fa4_{parts}_splits", lq=lq, lk=lk, ms=ms,
+                           tflops=flops / ms / 1e9, rel_err=err)
+                rows.append(row)
+                print(f"Lq {lq:5d} Lk {lk:5d} {row['backend']:22s} {ms:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
+                      f"rel err {err:.2e}", flush=True)
 
 
 def pipeline(rows: list, setup) -> None:

@@ -52,10 +52,10 @@ MODES = {  # frames per block, nominal steps, first-block steps, latent frames, 
 VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.from_config on CUDA
     "fast": dict(),                                # FlashAttention-4 for large calls when installed, else SDPA
     "fast_sdpa": dict(backend="sdpa"),             # attention_backend: sdpa (what runs without flash-attn-4)
-    "fast_fa4_chunks_only": dict(flash_min_queries=4096),  # A/B: FlashAttention-4 for three-frame blocks only
+    "fast_fa4_one_frame": dict(flash_min_queries=1024),  # A/B: FlashAttention-4 also for one-frame blocks
     "fast_no_kv_split": dict(kv_split=False),      # A/B: cuDNN attention never on split keys
     "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
-    "no_compile_fa4_chunks_only": dict(compile=False, flash_min_queries=4096),  # A/B of the FA4 rule, eager
+    "no_compile_fa4_one_frame": dict(compile=False, flash_min_queries=1024),  # the same A/B, eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
     "fast_eager_vae": dict(compile_vae=False),     # A/B: the VAE decoder regions eager, the DiT compiled
     "fast_no_conv_pad": dict(conv_pad=False),      # A/B: the 96-channel convolutions without padded outputs

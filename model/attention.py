@@ -30,9 +30,9 @@ _flash_fn = None
 _flash_module = None
 _compiled_flex = None
 
-# Smallest calls "auto" gives to flash-attn: one-frame (1,560 queries at 480p) and three-frame blocks against a cache
-# of 8,192 keys or more (docs/architecture.md, "Attention kernel per call")
-FLASH_MIN_QUERIES = 1024
+# Smallest calls "auto" gives to flash-attn: three-frame blocks (4,680 queries at 480p) against a cache of 8,192 keys
+# or more; one-frame blocks go to cuDNN on split keys (docs/architecture.md, "Attention kernel per call")
+FLASH_MIN_QUERIES = 4096
 FLASH_MIN_KEYS = 8192
 _AUTO_MODULES = ("flash_attn_interface", "flash_attn.cute")  # Hopper-class kernels that beat cuDNN attention
 

@@ -292,8 +292,8 @@ def test_flash_policy():
         assert flash_policy("auto", module, *big, needs_grad=False)
         assert flash_policy("auto", module, chunk, 2 * chunk, needs_grad=False)  # the second block
         assert not flash_policy("auto", module, chunk, chunk, needs_grad=False)  # a video's first block
-        assert flash_policy("auto", module, *small, needs_grad=False)  # a one-frame block against the cache
-        assert not flash_policy("auto", module, s, 5 * s, needs_grad=False)  # ... against a short one
+        assert not flash_policy("auto", module, *small, needs_grad=False)  # one-frame blocks: cuDNN on split keys
+        assert not flash_policy("auto", module, s, 5 * s, needs_grad=False)
         assert not flash_policy("auto", module, s, s, needs_grad=False)
         assert not flash_policy("auto", module, chunk, cfg.text_len, needs_grad=False)  # cross-attention
         assert not flash_policy("auto", module, *big, needs_grad=True)
