@@ -258,9 +258,9 @@ def test_streamed_text_encoder_gives_the_resident_embeddings(wan_folder, hf_mode
 
 
 def test_a_full_size_video_under_a_24_gib_cap_streams_the_text_encoder():
-    """The measured case (H100, 2026-12-05, benchmarks/results/inference_h100_graphs_text_encoder.json): with UMT5-XXL
-    resident a chunk-wise 480p video peaked at 24.9 GiB, and under a 24 GiB cap it ran out of memory. The rule must
-    stream the encoder there and keep it resident on an 80 GiB card."""
+    """The measured case: with UMT5-XXL resident a chunk-wise 480p video peaks at 24.9-25.1 GiB (H100, 2026-12-06,
+    benchmarks/results/inference_h100_kv_split_ab_text_encoder.json), and under a 24 GiB cap it ran out of memory
+    (2026-12-05). The rule must stream the encoder there and keep it resident on an 80 GiB card."""
     from model.config import get_preset
     from model.text_encoder import umt5_config
     from pipeline import components as C
