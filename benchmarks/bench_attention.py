@@ -9,7 +9,9 @@ recomputation of the same bf16 inputs.
 With ``--kv_splits``, SDPA's cuDNN kernel also runs on 2..``attn.MAX_KV_SPLITS`` equal parts of the keys, merged by
 their log-sum-exp (what the entry point does for few queries; ``sdpa_auto`` is the entry point's own choice,
 ``attn.kv_splits``), and FlashAttention-4, if installed, with ``num_splits`` 2..``attn.MAX_KV_SPLITS`` (its own
-split-KV kernel; version 4.0.0b40 refuses it on Hopper, which the rows record).
+split-KV kernel; version 4.0.0b40 refuses it on Hopper, which the rows record). Times are of back-to-back eager calls
+(the host's launches included: a split call's eager merge is five of them); with ``--graphs``, of replays of a CUDA
+graph holding one call, the merge compiled: the GPU's time, as the pipeline's graphs run it.
 
 Part 2, end to end (``--pipeline``): the full-size chunk-wise generator (random weights) streams the same 21 latent
 frames under each backend; reports each video's relative difference from the cuDNN one. The PyTorch-flash video
@@ -25,7 +27,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import cuda_ms, save_results, streaming_setup
+from common import cuda_graph_ms, cuda_ms, save_results, streaming_setup
 
 from model import attention as attn
 from model.config import get_preset
@@ -66,8 +68,10 @@ def backends() -> dict:
     return found
 
 
-def kernels(rows: list, cfg, latent_hw: tuple[int, int], kv_splits: bool = False) -> None:
+def kernels(rows: list, cfg, latent_hw: tuple[int, int], kv_splits: bool = False, graphs: bool = False) -> None:
     heads, d = cfg.num_heads, cfg.head_dim
+    timer = cuda_graph_ms if graphs else cuda_ms
+    attn.compile_merge(graphs)   # the pipeline's graphs replay the compiled merge; eager timing keeps it eager
     sms = attn._hopper_sms(torch.device("cuda"))   # 0 off Hopper: the entry point does not split there
     for lq, lk in shapes(cfg, latent_hw):
         q = torch.randn(1, lq, heads, d, device="cuda", dtype=torch.bfloat16)
@@ -76,8 +80,8 @@ def kernels(rows: list, cfg, latent_hw: tuple[int, int], kv_splits: bool = False
         flops = 4 * heads * d * lq * lk
         for name, use in backends().items():
             use()
-            ms = cuda_ms(lambda: attn.attention(q, k, v))
-            row = dict(part="kernel", backend=name, lq=lq, lk=lk, ms=ms, tflops=flops / ms / 1e9,
+            ms = timer(lambda: attn.attention(q, k, v))
+            row = dict(part="kernel", backend=name, lq=lq, lk=lk, ms=ms, tflops=flops / ms / 1e9, graphs=graphs,
                        rel_err=relative(attn.attention(q, k, v), ref))
             rows.append(row)
             print(f"Lq {lq:5d} Lk {lk:5d} {name:22s} {ms:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
@@ -86,8 +90,8 @@ def kernels(rows: list, cfg, latent_hw: tuple[int, int], kv_splits: bool = False
         for parts in range(2, attn.MAX_KV_SPLITS + 1) if kv_splits else ():
             if lk % parts:
                 continue
-            ms = cuda_ms(lambda: attn._split_kv_attention(q, k, v, parts))
-            row = dict(part="kernel", backend=f"sdpa_cudnn_{parts}_parts", lq=lq, lk=lk, ms=ms,
+            ms = timer(lambda: attn._split_kv_attention(q, k, v, parts))
+            row = dict(part="kernel", backend=f"sdpa_cudnn_{parts}_parts", lq=lq, lk=lk, ms=ms, graphs=graphs,
                        tflops=flops / ms / 1e9, rel_err=relative(attn._split_kv_attention(q, k, v, parts), ref),
                        chosen_parts=chosen)
             rows.append(row)
@@ -99,12 +103,12 @@ def kernels(rows: list, cfg, latent_hw: tuple[int, int], kv_splits: bool = False
                     out = attn._flash_fn(q, k, v, num_splits=parts)
                     return out[0] if isinstance(out, tuple) else out
                 try:
-                    ms, err = cuda_ms(fa4), relative(fa4(), ref)
+                    ms, err = timer(fa4), relative(fa4(), ref)
                 except Exception as error:  # noqa: BLE001 - a split count the kernel refuses is a result
                     print(f"Lq {lq:5d} Lk {lk:5d} fa4 {parts} splits: {type(error).__name__}: {error}", flush=True)
                     rows.append(dict(part="kernel", backend=f"fa4_{parts}_splits", lq=lq, lk=lk, error=str(error)))
                     continue
-                row = dict(part="kernel", backend=f"fa4_{parts}_splits", lq=lq, lk=lk, ms=ms,
+                row = dict(part="kernel", backend=f"fa4_{parts}_splits", lq=lq, lk=lk, ms=ms, graphs=graphs,
                            tflops=flops / ms / 1e9, rel_err=err)
                 rows.append(row)
                 print(f"Lq {lq:5d} Lk {lk:5d} {row['backend']:22s} {ms:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
@@ -136,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline", action="store_true", help="also compare whole streamed videos (full-size model)")
     p.add_argument("--kv_splits", action="store_true",
                    help="also time cuDNN's kernel on 2..MAX_KV_SPLITS equal parts of the keys, merged")
+    p.add_argument("--graphs", action="store_true",
+                   help="time each call as replays of a CUDA graph holding it, the split merge compiled (the GPU's "
+                        "time, as the pipeline runs them); default: back-to-back eager calls, merge eager")
     p.add_argument("--out", default="bench_attention.json", help="JSON output path")
     args = p.parse_args(argv)
     setup = streaming_setup(tiny=False)
@@ -143,11 +150,12 @@ def main(argv=None) -> int:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     rows: list = []
-    kernels(rows, get_preset(setup[2]), setup[3][1:], kv_splits=args.kv_splits)
+    kernels(rows, get_preset(setup[2]), setup[3][1:], kv_splits=args.kv_splits, graphs=args.graphs)
     if args.pipeline:
         pipeline(rows, setup)
     attn.set_backend("auto")
     attn.set_sdpa_priority(None)
+    attn.compile_merge(False)
     save_results(args.out, rows, torch.device("cuda"), flash_attn=attn._flash_module)
     return 0
 

@@ -46,6 +46,29 @@ def cuda_ms(fn, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
+def cuda_graph_ms(fn, iters: int = 20) -> float:
+    """Mean time of ``iters`` replays of a CUDA graph holding one call of ``fn``, in ms (CUDA events): the GPU's time
+    without the host's launch cost, as the pipeline's graphs run the call. Warmed up on a side stream first."""
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def streaming_setup(tiny: bool):
     """What the streaming benchmarks run on: ``(device, dtype, preset, latent_shape, vae, context)``.
 
