@@ -54,6 +54,7 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_sdpa": dict(backend="sdpa"),             # attention_backend: sdpa (what runs without flash-attn-4)
     "fast_fa4_one_frame": dict(flash_min_queries=1024),  # A/B: FlashAttention-4 also for one-frame blocks
     "fast_no_kv_split": dict(kv_split=False),      # A/B: cuDNN attention never on split keys
+    "fast_split_q_copy": dict(split_q_view=False),  # A/B: each key part gets its own copy of the queries
     "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
     "no_compile_fa4_one_frame": dict(compile=False, flash_min_queries=1024),  # the same A/B, eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
@@ -71,6 +72,7 @@ def prepare(variant: dict) -> None:
     attn.set_backend(variant.get("backend", "auto"))
     attn.FLASH_MIN_QUERIES = variant.get("flash_min_queries", DEFAULT_FLASH_MIN_QUERIES)
     attn.set_kv_split(variant.get("kv_split", True))
+    attn.SPLIT_Q_VIEW = variant.get("split_q_view", True)
 
 
 def sync() -> None:

@@ -50,6 +50,7 @@ _FLASH_MODULES = (  # first importable wins
 CUDNN_QUERY_TILE = 128
 MIN_KEYS_PER_SPLIT = 3072
 MAX_KV_SPLITS = 4
+SPLIT_Q_VIEW = True   # the parts share one copy of the queries (False: each part gets its own, an A/B variant)
 
 
 def kv_splits(lq: int, lk: int, heads: int, sms: int) -> int:
@@ -95,7 +96,8 @@ def _split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts
     """One cuDNN call over ``parts`` equal slices of the keys of a batch-1 call, merged: ``[1, L, N, d]`` tensors."""
     _, lq, heads, dim = q.shape
     lk = k.shape[1]
-    qs = q.expand(parts, lq, heads, dim).contiguous().transpose(1, 2)
+    qs = q.expand(parts, lq, heads, dim)   # a view: every part reads the same queries (batch stride 0)
+    qs = (qs if SPLIT_Q_VIEW else qs.contiguous()).transpose(1, 2)
     ks, vs = (t.reshape(parts, lk // parts, heads, dim).transpose(1, 2) for t in (k, v))
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True)[:2]
     return _merge_fn(out, lse).transpose(1, 2)

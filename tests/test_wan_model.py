@@ -333,17 +333,18 @@ def test_kv_splits_rule():
     assert kv_splits(s, 21 * s, heads, 132) == 4      # one-frame block, full cache: 2 waves of 156 CTAs -> 5 of 624
     assert kv_splits(s, s, heads, 132) == 1           # a video's first block: too few keys to split
     assert kv_splits(s, cfg.text_len, heads, 132) == 1  # cross-attention
-    # on one H100 (132 SMs) the rule picks the fastest of 1-4 parts at every measured streaming shape
-    rows = json.loads((REPO / "benchmarks/results/attention_kv_split_h100.json").read_text())["rows"]
-    timed = {}
-    for row in rows:
-        name = row["backend"]
-        parts = 1 if name == "sdpa_cudnn" else int(name.split("_")[2]) if name.endswith("_parts") else 0
-        if parts:
-            timed.setdefault((row["lq"], row["lk"]), {})[parts] = row["ms"]
-    assert len(timed) == 10
-    for (lq, lk), ms in timed.items():
-        assert kv_splits(lq, lk, heads, 132) == min(ms, key=ms.get), (lq, lk, ms)
+    # on one H100 (132 SMs) the rule picks the fastest of 1-4 parts at every measured streaming shape (eager calls);
+    # timed as CUDA-graph replays on another H100 (the pipeline's way), its pick is within 3% of the fastest
+    for name, slack in (("attention_kv_split_h100.json", 1.0), ("attention_kv_split_graphs_h100.json", 1.03)):
+        timed = {}
+        for row in json.loads((REPO / "benchmarks/results" / name).read_text())["rows"]:
+            backend = row["backend"]
+            parts = 1 if backend == "sdpa_cudnn" else int(backend.split("_")[2]) if backend.endswith("_parts") else 0
+            if parts:
+                timed.setdefault((row["lq"], row["lk"]), {})[parts] = row["ms"]
+        assert len(timed) == 10
+        for (lq, lk), ms in timed.items():
+            assert ms[kv_splits(lq, lk, heads, 132)] <= slack * min(ms.values()), (name, lq, lk, ms)
     for lq in (s, 2 * s, 3 * s):
         for lk in range(s, 22 * s, s):
             parts = kv_splits(lq, lk, heads, 132)
