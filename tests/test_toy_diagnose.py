@@ -189,3 +189,20 @@ def test_by_attribute_averages_each_score_over_the_prompts_asking_for_each_value
                           "--out", str(out)]) == 2          # no such per-video score: one line, exit 2
     assert diagnose.main(["--by_attribute", str(tmp_path / "a.json"), "--compare", str(tmp_path / "a.json"),
                           str(tmp_path / "a.json"), "--out", str(out)]) == 2
+
+
+def test_frames_part_decodes_the_x0_prediction(tmp_path, repo_root, monkeypatch):
+    """The frames part on the shipped base: per timestep a relative x0 error per latent frame, and how often the
+    decoded prediction shows the object in frame 0 and later; t = 0 is the VAE's round trip of the clean latents."""
+    monkeypatch.chdir(repo_root)
+    out = tmp_path / "diag.json"
+    argv = ["--parts", "frames", "--rows", "base_50", "--num_clips", "4", "--exposure_clips", "4",
+            "--frame_timesteps", "200", "--device", "cpu", "--out", str(out)]
+    assert diagnose.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["frames:base_50"]) == {"200"} and len(result["frames:base_50"]["200"]) == 9
+    present = result["frame0_x0:base_50"]
+    assert set(present) == {"0", "200"}
+    assert present["0"]["frame0"] == 1.0                      # the round trip keeps frame 0 (1.00 on 48 clips)
+    # little noise: the base's prediction keeps the object (measured on 48 clips: 0.98 frame 0, 0.99 later frames)
+    assert present["200"]["frame0"] >= 0.75 and present["200"]["later"] >= 0.9, present

@@ -24,9 +24,10 @@ Parts (``--parts``, all by default), each scored by the toy detector (:mod:`toy.
   blocks, as in Stage-1 training). Drift that appears only when rolled out is exposure bias;
 * ``frames``: each model's x0 prediction from the encoded clips noised to ``--frame_timesteps``, in the form its
   training sees them (the base: the whole clip; causal models: teacher forcing on the clean clip), as a relative
-  error per latent frame (``|x0_pred - x0|^2 / |x0|^2``). A first frame that is predicted as well as the others here
-  but comes out empty in the samples would be a training/inference mismatch of the first block; one that is
-  predicted worse here is a weakness of the model itself.
+  error per latent frame (``|x0_pred - x0|^2 / |x0|^2``), and how often the decoded prediction shows the captioned
+  object in pixel frame 0 against the later frames. A first frame that is predicted as well as the others here but
+  comes out empty in the samples would be a training/inference mismatch of the first block; one that is predicted
+  worse here is a weakness of the model itself.
 
 The ground-truth clips are those of :func:`toy.world.make_split` with seed ``--seed + 17``, never the recipe's own
 training clips; their captions mix attribute combinations seen and held out in training. *Seen* / *held-out* in the
@@ -322,8 +323,10 @@ def rolled_and_forced(cfg, checkpoint: str | None, use_ema: bool, clips: list[tu
 
 @torch.no_grad()
 def frame_errors(row: Row, checkpoint: str | None, models_dir: Path, clips: list[tuple[str, np.ndarray]],
-                 timesteps: list[float], seed: int, device: torch.device) -> dict:
-    """``{t: [relative x0 error of latent frame f]}`` of one model over the clips (one batch), see the module doc."""
+                 timesteps: list[float], seed: int, device: torch.device) -> tuple[dict, dict]:
+    """``{t: [relative x0 error of latent frame f]}`` of one model over the clips (one batch), see the module doc, and
+    ``{t: {"frame0": p0, "later": p}}``: the share of clips whose decoded x0 prediction shows the captioned object in
+    pixel frame 0, and in the later frames on average (``t = "0"``: the clean latents, the VAE's round trip)."""
     from model.vae import WanVAE
     from pipeline import components
     from toy.vae import videos_to_tensor
@@ -340,15 +343,23 @@ def frame_errors(row: Row, checkpoint: str | None, models_dir: Path, clips: list
     x0 = vae.encode(videos_to_tensor([c for _, c in clips]).to(device))                 # [B, F, C, h, w]
     context = encoder.encode([caption for caption, _ in clips])
     gen = torch.Generator(device).manual_seed(seed)
-    out = {}
+
+    def presence(latents: torch.Tensor) -> dict:
+        tracks = decoded_tracks(vae, clips, latents)
+        return {"frame0": round(float(np.mean([t.present[0] for t in tracks])), 3),
+                "later": round(float(np.mean([t.present[1:].mean() for t in tracks])), 3)}
+
+    out, present = {}, {"0": presence(x0)}
     for t in timesteps:
         tt = torch.full(x0.shape[:2], float(t), device=device)
         x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen, device=device), tt)
         flow = model(x_t, tt, context) if row.stage == "base" else \
             model.forward_teacher_forcing(x_t, tt, context, clean_x=x0)
-        error = (scheduler.flow_to_x0(flow, x_t, tt) - x0).square().sum((0, 2, 3, 4)) / x0.square().sum((0, 2, 3, 4))
+        x0_pred = scheduler.flow_to_x0(flow, x_t, tt)
+        error = (x0_pred - x0).square().sum((0, 2, 3, 4)) / x0.square().sum((0, 2, 3, 4))
         out[str(int(t))] = [round(float(e), 4) for e in error]
-    return out
+        present[str(int(t))] = presence(x0_pred)
+    return out, present
 
 
 def scored_videos(spec: str) -> list[dict]:
@@ -564,8 +575,8 @@ def run(args) -> dict:
     if "frames" in args.parts:
         for row, ckpt, where in rows:
             if row.stage == "base" or row.name in args.exposure_rows:
-                result[f"frames:{row.name}"] = frame_errors(row, ckpt, where, few, args.frame_timesteps, args.seed,
-                                                            device)
+                result[f"frames:{row.name}"], result[f"frame0_x0:{row.name}"] = frame_errors(
+                    row, ckpt, where, few, args.frame_timesteps, args.seed, device)
                 log.info("frames %s: %s", row.name, result[f"frames:{row.name}"])
     return result
 
@@ -592,6 +603,9 @@ def format_summary(result: dict) -> str:
             for t, errors in value.items():
                 cells = " ".join(f"{e:.2f}" for e in errors)
                 lines.append(f"{name} t={t}: relative x0 error per latent frame {cells}")
+        elif name.startswith("frame0_x0:"):
+            cells = ", ".join(f"t={t}: {p['frame0']:.2f} / {p['later']:.2f}" for t, p in value.items())
+            lines.append(f"{name}: object found in the decoded x0 prediction, frame 0 / later frames: {cells}")
         elif name.startswith("exposure:"):
             for kind in ("rolled_out", "teacher_forced"):
                 line(f"{name[len('exposure:'):]} {kind}", value[kind]["aggregate"])
