@@ -30,6 +30,7 @@ import torch
 from common import conv_padding, save_results, streaming_setup
 
 from model import attention as attn
+from model import kv_cache
 from model.fp8 import convert_to_fp8
 from model.loader import build_wan_model
 from model.masks import BlockLayout
@@ -55,6 +56,7 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_fa4_one_frame": dict(flash_min_queries=1024),  # A/B: FlashAttention-4 also for one-frame blocks
     "fast_no_kv_split": dict(kv_split=False),      # A/B: cuDNN attention never on split keys
     "fast_split_q_copy": dict(split_q_view=False),  # A/B: each key part gets its own copy of the queries
+    "fast_cache_copy": dict(direct_write=False),   # A/B: K/V copied into the cache, not stored by the projections
     "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
     "no_compile_fa4_one_frame": dict(compile=False, flash_min_queries=1024),  # the same A/B, eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
@@ -73,6 +75,7 @@ def prepare(variant: dict) -> None:
     attn.FLASH_MIN_QUERIES = variant.get("flash_min_queries", DEFAULT_FLASH_MIN_QUERIES)
     attn.set_kv_split(variant.get("kv_split", True))
     attn.SPLIT_Q_VIEW = variant.get("split_q_view", True)
+    kv_cache.DIRECT_WRITE = variant.get("direct_write", True)
 
 
 def sync() -> None:

@@ -41,6 +41,10 @@ FULL = CacheView()
 # first frame).
 SCRATCH = CacheView(write=False)
 
+# A prefix call's K/V are stored by the projections that make them (WanBlock._self_attn_in, a compiled region on CUDA)
+# instead of copied in by ``attend``: one GPU copy kernel less per K and V, layer and call (False: the A/B variant).
+DIRECT_WRITE = True
+
 
 class KVCache:
     """Self- and cross-attention cache of one model for one batch of prompts."""
@@ -244,10 +248,25 @@ class CachedCall:
     def sink_shift(self) -> int:
         return self.first - self.sinks - self.cache.origin
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        """Self-attention of the call's queries ``[B, L, N, d]`` at ``layer``; writes its K/V if the view says so."""
+    def write_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cache views ``[B, n·S, N, d]`` that this call's K/V at ``layer`` go to, for the projections to write
+        them there (:data:`DIRECT_WRITE`): prefix calls whose frames take one contiguous range of slots and keep no
+        sink copy; None otherwise (:meth:`attend` writes them)."""
+        if not (DIRECT_WRITE and self.prefix and self.start_frame >= self.cache.sink):
+            return None
+        ranges = self.cache.token_ranges(range(self.start_frame, self.start_frame + self.num_frames))
+        if len(ranges) != 1:
+            return None
+        a, b = ranges[0]
+        return self.cache.k[layer, :, a:b], self.cache.v[layer, :, a:b]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int) -> torch.Tensor:
+        """Self-attention of the call's queries ``[B, L, N, d]`` at ``layer``; writes its K/V if the view says so.
+        ``k``, ``v`` None: already written to :meth:`write_slots`."""
         cache = self.cache
-        if self.view.write:
+        if k is None:
+            assert self.prefix, "only prefix calls read their own K/V from the cache"
+        elif self.view.write:
             cache.write(layer, self.start_frame, k, v)
         if self.prefix:
             return self._attend_prefix(q, layer)

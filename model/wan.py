@@ -158,7 +158,8 @@ class WanBlock(nn.Module):
         mod = (self.modulation.unsqueeze(0) + e0).chunk(6, dim=2)   # six [B, F, 1, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
         # 1. self-attention, modulated and gated per frame: full sequence (optionally masked) or against the cache
-        q, k, v = self._self_attn_in(x, shift1, scale1, plan.cos, plan.sin)
+        slots = None if plan.call is None else plan.call.write_slots(layer)
+        q, k, v = self._self_attn_in(x, shift1, scale1, plan.cos, plan.sin, slots)
         y = attention(q, k, v, plan.mask) if plan.call is None else plan.call.attend(q, k, v, layer)
         # 2. cross-attention to the text (no modulation, no gate)
         x, cq = self._cross_attn_in(x, y, gate1)
@@ -170,9 +171,15 @@ class WanBlock(nn.Module):
     def _per_frame(t: torch.Tensor, num_frames: int) -> torch.Tensor:  # [B, L, D] -> [B, F, S, D]
         return t.unflatten(1, (num_frames, -1))
 
-    def _self_attn_in(self, x, shift1, scale1, cos, sin):
+    def _self_attn_in(self, x, shift1, scale1, cos, sin, slots=None):
+        """q, k, v; with ``slots`` (``CachedCall.write_slots``) k and v are stored there and not returned."""
         h = (self._per_frame(self.norm1(x), shift1.shape[1]) * (1 + scale1) + shift1).flatten(1, 2)
-        return self.self_attn.qkv(h, cos, sin)
+        q, k, v = self.self_attn.qkv(h, cos, sin)
+        if slots is None:
+            return q, k, v
+        slots[0].copy_(k)   # compiled: stored by the kernels that make k and v, no copy kernel of their own
+        slots[1].copy_(v)
+        return q, None, None
 
     def _cross_attn_in(self, x, y, gate1):
         x = x + (self._per_frame(self.self_attn.o(y.flatten(2)), gate1.shape[1]) * gate1).flatten(1, 2)

@@ -59,6 +59,47 @@ def test_compiled_regions_equal_eager_and_are_shared_by_layers():
     assert "_ffn" not in vars(model.blocks[0])  # uncompile restores the plain methods
 
 
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_projections_write_the_cache_as_attend_would(monkeypatch, frames_per_block):
+    """K/V stored by the projections (``CachedCall.write_slots``) must leave the outputs and the cache exactly as
+    ``attend``'s copies do, and fall back to them where a call's slots are not one range or a sink frame is written:
+    a 5-frame window with 1 sink frame over 6 frames (ring wrap-around included)."""
+    from model import kv_cache
+
+    torch.manual_seed(0)
+    model = WanModel(CFG, causal=True, num_frame_per_block=frames_per_block).eval()
+    with torch.no_grad():
+        model.head.head.weight.normal_(std=0.02)
+    x, ctx = torch.randn(1, 6, 16, 4, 6), torch.randn(1, 8, 32)
+    direct = []
+    write_slots = kv_cache.CachedCall.write_slots
+
+    def counted(call, layer):
+        slots = write_slots(call, layer)
+        if layer == 0:
+            direct.append((call.start_frame, slots is not None))
+        return slots
+
+    monkeypatch.setattr(kv_cache.CachedCall, "write_slots", counted)
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(kv_cache, "DIRECT_WRITE", enabled)
+        direct.clear()
+        cache = KVCache.for_model(model, 1, 4, 6, 5, 1)
+        outs = []
+        with torch.no_grad():
+            for f in range(0, 6, frames_per_block):
+                t = torch.full((1,), 700.0)
+                outs.append(model.forward_cached(x[:, f:f + frames_per_block], t, ctx, cache, f))
+        results.append((torch.cat(outs, 1), cache.k.clone(), cache.v.clone(), cache.sink_k.clone(), list(direct)))
+    (out0, k0, v0, s0, _), (out1, k1, v1, s1, used) = results
+    assert torch.equal(out0, out1) and torch.equal(k0, k1) and torch.equal(v0, v1) and torch.equal(s0, s1)
+    # frame 0 writes the sink copy; 2-frame blocks at frames 4-5 sit in slots 4, 1 (two ranges): attend writes those
+    expected = [(0, False), (1, True), (2, True), (3, True), (4, True), (5, True)] if frames_per_block == 1 \
+        else [(0, False), (2, True), (4, False)]
+    assert used == expected
+
+
 def test_fast_path_is_a_no_op_on_cpu():
     model = WanModel(CFG, causal=True).eval()
     sch = FlowMatchScheduler(shift=5.0)
