@@ -134,6 +134,24 @@ def test_wan_folder_matches_hf_and_zeroes_padding(encoder, hf_model):
     assert (out[0].abs().sum(-1) > 0).sum() == mask[0].sum()  # rows up to and including EOS are non-zero
 
 
+def test_short_prompts_encode_only_their_columns(encoder, hf_model):
+    """A batch of short prompts runs the encoder over the longest one's tokens only; every row still equals the
+    encoder's output over all ``text_len`` columns (the reference), padding rows 0, shape ``[B, text_len, D]``."""
+    seen = []
+    hook = encoder.encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape),
+                                                     with_kwargs=True)
+    try:
+        out = encoder.encode(PROMPTS)
+    finally:
+        hook.remove()
+    ref, mask = _reference(hf_model, encoder, PROMPTS)
+    assert seen == [(2, int(mask.sum(1).max()))] and seen[0][1] < TEXT_LEN
+    assert out.shape == (2, TEXT_LEN, 32)
+    real = mask.bool()
+    assert (out - ref)[real].abs().max() < 1e-6
+    assert torch.all(out[~real] == 0)
+
+
 def test_different_prompts_differ_and_batch_is_consistent(encoder):
     both = encoder.encode(PROMPTS)
     assert not torch.allclose(both[0], both[1])
