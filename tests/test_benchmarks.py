@@ -69,3 +69,13 @@ def test_bench_endless_records_flat_rows(tmp_path):
     rows = result["rows"]
     assert [r["latent_frames"] for r in rows] == [6, 12, 18, 24] and result["info"]["window"] == [21, 3]
     assert len({r["cache_mib"] for r in rows}) == 1 and all(r["fps"] > 0 and r["host_rss_mib"] > 0 for r in rows)
+
+
+def test_bench_text_encoder_times_both_ways(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nA red fox trots through fresh snow in a quiet pine forest at dawn\n")
+    result = run("bench_text_encoder.py", tmp_path / "text.json", "--device", "cpu", "--prompts", str(prompts))
+    rows = result["rows"]
+    assert [row["prompt"][:12] for row in rows] == ["a red circle", "A red fox tr"]
+    assert 0 < rows[0]["tokens"] < rows[1]["tokens"] == rows[1]["text_len"] == 16   # --tiny: text_len 16, truncated
+    assert all(row["used_columns_s"] > 0 and row["all_columns_s"] > 0 for row in rows)
