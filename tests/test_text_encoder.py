@@ -138,17 +138,19 @@ def test_short_prompts_encode_only_their_columns(encoder, hf_model):
     """A batch of short prompts runs the encoder over the longest one's tokens only; every row still equals the
     encoder's output over all ``text_len`` columns (the reference), padding rows 0, shape ``[B, text_len, D]``."""
     seen = []
-    hook = encoder.encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape),
-                                                     with_kwargs=True)
+    hook = encoder.encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape)),
+        with_kwargs=True)
     try:
         out = encoder.encode(PROMPTS)
     finally:
         hook.remove()
     ref, mask = _reference(hf_model, encoder, PROMPTS)
-    assert seen == [(2, int(mask.sum(1).max()))] and seen[0][1] < TEXT_LEN
+    assert seen == [(2, int(mask.sum(1).max()))] and seen[0][1] < TEXT_LEN, (seen, mask.sum(1))
     assert out.shape == (2, TEXT_LEN, 32)
     real = mask.bool()
-    assert (out - ref)[real].abs().max() < 1e-6
+    # fewer rows may take another CPU GEMM blocking: float32 rounding apart, no more (values up to ~4)
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
     assert torch.all(out[~real] == 0)
 
 
