@@ -17,7 +17,7 @@
 # 496 s of call on one H100 with configs/toy as committed (2026-12-06, docs/toy_results.md):
 #   TOY_LIMIT=540 TOY_PICTURES_LIMIT=30 bash benchmarks/toy_recipe_gpu.sh --base_weights \
 #       assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors
-# Training the base as well adds about 200 s: more than one 10-minute call. The same command again on the same machine
+# Training the base as well adds about 350 s: more than one 10-minute call. The same command again on the same machine
 # while it is warm (it keeps the ignored $TOY_WORK folder) continues it, skipping finished stages and resuming a
 # stopped one from its last checkpoint.
 set -u

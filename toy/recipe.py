@@ -1,7 +1,7 @@
 """The toy-world recipe (issues 9, 27): every Causal Forcing stage on synthetic clips, end to end, with the
 project's tools.
 
-    python -m toy.recipe --device cuda --jobs 16 --ship --ship_base   # the full recipe: one GPU, ~10 minutes
+    python -m toy.recipe --device cuda --jobs 16 --ship --ship_base   # the full recipe: one GPU, ~14 minutes
     python -m toy.recipe --workdir /tmp/toy --quick                    # a few steps per stage (CI, tests; CPU)
 
 Stages, each a subprocess of an entry point users run themselves (``train.py``, ``get_causal_ode_data.py``,
@@ -19,10 +19,10 @@ Stages, each a subprocess of an entry point users run themselves (``train.py``, 
 6. videos for every row of the results table (48 prompts x 2 by default), each row as soon as its model exists,
    scored by the toy detector: ``<workdir>/toy_results.md`` (docs/toy_results.md quotes the shipped run's).
 
-Run time: the config defaults (``max_steps`` of configs/toy) were planned for one GPU call of under 10 minutes with
-``--jobs 16`` (stages that do not read each other run side by side: the toy networks are far too small to fill a
-GPU); measured, Stages 1-3 from the shipped base (``--base_weights``) take 453 s on one H100, the base adds about
-200 s (docs/toy_results.md has the stage times). On a CPU the base alone takes hours; ``--steps_scale`` scales every
+Run time: the later stages' defaults (``max_steps`` of configs/toy) were planned for one GPU call of under 10 minutes
+with ``--jobs 16`` (stages that do not read each other run side by side: the toy networks are far too small to fill a
+GPU); measured, Stages 1-3 from the shipped base (``--base_weights``) take 453 s on one H100, the base's 2600 steps
+add about 350 s (docs/toy_results.md has the stage times). On a CPU the base alone takes hours; ``--steps_scale`` scales every
 stage.
 
 Every stage is skipped when its output file already exists, so an interrupted run continues where it stopped (and
