@@ -41,8 +41,8 @@ FULL = CacheView()
 # first frame).
 SCRATCH = CacheView(write=False)
 
-# A prefix call's K/V are stored by the projections that make them (WanBlock._self_attn_in, a compiled region on CUDA)
-# instead of copied in by ``attend``: one GPU copy kernel less per K and V, layer and call (False: the A/B variant).
+# A prefix call's K/V are stored by the region that makes them (WanBlock._self_attn_in, compiled on CUDA) instead of
+# copied in by ``attend``: a frame-wise video's copy kernels 100 -> 16 ms on an H100 (False: the A/B variant).
 DIRECT_WRITE = True
 
 

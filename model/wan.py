@@ -177,7 +177,7 @@ class WanBlock(nn.Module):
         q, k, v = self.self_attn.qkv(h, cos, sin)
         if slots is None:
             return q, k, v
-        slots[0].copy_(k)   # compiled: stored by the kernels that make k and v, no copy kernel of their own
+        slots[0].copy_(k)   # compiled: inductor's own store kernels, cheaper than the eager copies (performance.md)
         slots[1].copy_(v)
         return q, None, None
 
