@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 import torch
 
@@ -252,13 +253,18 @@ class CachedCall:
         """The cache views ``[B, n·S, N, d]`` that this call's K/V at ``layer`` go to, for the projections to write
         them there (:data:`DIRECT_WRITE`): prefix calls whose frames take one contiguous range of slots and keep no
         sink copy; None otherwise (:meth:`attend` writes them)."""
+        if self._slot_range is None:
+            return None
+        a, b = self._slot_range
+        return self.cache.k[layer, :, a:b], self.cache.v[layer, :, a:b]
+
+    @cached_property
+    def _slot_range(self) -> tuple[int, int] | None:
+        """The token range of :meth:`write_slots` (the same for every layer of the call), or None."""
         if not (DIRECT_WRITE and self.prefix and self.start_frame >= self.cache.sink):
             return None
         ranges = self.cache.token_ranges(range(self.start_frame, self.start_frame + self.num_frames))
-        if len(ranges) != 1:
-            return None
-        a, b = ranges[0]
-        return self.cache.k[layer, :, a:b], self.cache.v[layer, :, a:b]
+        return ranges[0] if len(ranges) == 1 else None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int) -> torch.Tensor:
         """Self-attention of the call's queries ``[B, L, N, d]`` at ``layer``; writes its K/V if the view says so.
