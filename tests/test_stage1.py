@@ -452,7 +452,7 @@ def test_teacher_forcing_from_the_toy_base_learns_the_captioned_direction(repo_r
     Wan2.1, as the real Stage 1 starts from Wan), 40 steps of batch 8 on 64 clips encoded by the toy VAE, then 32
     videos (8 prompts of prompts/toy.txt x 4, 50 steps, CFG 3) scored by the toy detector.
 
-    Measured on the 2-core CPU (2026-12-06, the 2600-step base; ~5 min): the captioned direction in 24 of 32 videos
+    Measured on the 2-core CPU (2026-12-06, the 2600-step base; 258 s): the captioned direction in 24 of 32 videos
     (faithfulness 0.81); after 20 steps 16 of 32 (0.65; the 1300-step base shipped before it: 22 of 32). The same 32
     videos from the base weights used causally without the training (inference.py with the config and no
     checkpoint): 15 of 32 (faithfulness 0.53). Chance is 1/4; the bar, binomial p < 1e-3, means >= 17 of 32, between
