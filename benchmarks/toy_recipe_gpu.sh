@@ -13,8 +13,8 @@
 # wheels: ../shared/tools/device-wheels), from a copy of the repository with the wheels in .whl/:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   TOY_LIMIT=530 bash benchmarks/toy_recipe_gpu.sh
-# Stages 1-3 from the shipped base, as the real recipe starts from the released Wan2.1, fit one call: 453 s of recipe,
-# 496 s of call on one H100 with configs/toy as committed (2026-12-06, docs/toy_results.md):
+# Stages 1-3 from the shipped base, as the real recipe starts from the released Wan2.1, fit one call: 285 and 453 s of
+# recipe, 319 and 496 s of call, on two H100s with configs/toy as committed (2026-12-06, docs/toy_results.md):
 #   TOY_LIMIT=540 TOY_PICTURES_LIMIT=30 bash benchmarks/toy_recipe_gpu.sh --base_weights \
 #       assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors
 # Training the base as well adds about 350 s: more than one 10-minute call. The same command again on the same machine
