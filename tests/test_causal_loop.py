@@ -132,6 +132,6 @@ def test_first_block_steps_store_nothing(monkeypatch):
         ref = torch.cat([x0 for _, x0 in loop(False).run(noise)], 1)
     unfused, fused = outs
     assert torch.equal(unfused, ref)
-    # the fused context pass runs its GEMMs over more rows, which some CPUs' BLAS rounds differently (AMD EPYC, torch
-    # 2.13: 1.2e-7 relative on the later block): the tolerance of test_fused_context_pass_equals_separate_passes
+    # the fused context pass computes over more rows: bit-equal on an Intel Xeon, 1.2e-7 relative on the later block
+    # on an AMD EPYC (torch 2.13); the tolerance of test_fused_context_pass_equals_separate_passes
     assert rel(fused, ref) < 1e-5
