@@ -21,9 +21,9 @@ Stages, each a subprocess of an entry point users run themselves (``train.py``, 
 
 Run time: the later stages' defaults (``max_steps`` of configs/toy) were planned for one GPU call of under 10 minutes
 with ``--jobs 16`` (stages that do not read each other run side by side: the toy networks are far too small to fill a
-GPU); measured, Stages 1-3 from the shipped base (``--base_weights``) take 453 s on one H100, the base's 2600 steps
-add about 350 s (docs/toy_results.md has the stage times). On a CPU the base alone takes hours; ``--steps_scale``
-scales every stage.
+GPU); measured, Stages 1-3 from the shipped base (``--base_weights``) take 285-453 s on an H100 (two machines), the
+base's 2600 steps add about 350 s (docs/toy_results.md has the stage times). On a CPU the base alone takes hours;
+``--steps_scale`` scales every stage.
 
 Every stage is skipped when its output file already exists, so an interrupted run continues where it stopped (and
 ``train.py`` itself resumes inside a stage). Logs of each subprocess: ``<workdir>/logs/<stage>.log``.
