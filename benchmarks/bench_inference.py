@@ -64,6 +64,7 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_no_conv_pad": dict(conv_pad=False),      # A/B: the 96-channel convolutions without padded outputs
     "fast_no_graphs": dict(graphs=False),          # A/B: compiled regions, no CUDA graphs
     "fast_lazy_cross": dict(lazy_cross=True),      # A/B: a video's first DiT call fills the cross K/V itself, eagerly
+    "fast_autotune": dict(autotune=True),          # A/B: the DiT regions compiled with inductor's max-autotune
     "fast_fp8": dict(fp8=True),                    # --fp8: the DiT blocks' products in fp8 (list fp8 variants last)
 }
 
@@ -109,6 +110,9 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
                              default_num_frames=21, device=device, dtype=dtype, preview_decoder=preview)
     # as inference.py; a no-op on the CPU
     pipe.enable_fast_path(compile=variant.get("compile", True), graphs=variant.get("graphs"))
+    if variant.get("autotune"):   # GEMMs inside the regions benchmarked against Triton templates, epilogues fused
+        gen.uncompile_blocks()
+        gen.compile_blocks(mode="max-autotune-no-cudagraphs")
     if pipe.graphs is not None:
         pipe.graphs.fill_cross_ahead = not variant.get("lazy_cross", False)
     if "text_encoder" in models:   # placed as StreamingPipeline.from_config places it
