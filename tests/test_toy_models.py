@@ -106,6 +106,53 @@ def test_vae_training_steps_reduce_the_loss_on_a_fixed_batch():
     assert after < before, f"loss on the fixed batch went from {before:.4f} to {after:.4f}"
 
 
+def test_first_frame_code_term_is_the_distance_to_the_still_frames_code():
+    """``first_frame_code_weight`` adds w x mean((mu_0 - mu_1(still))^2): mu_0 the posterior mean of latent frame 0,
+    mu_1(still) that of latent frame 1 of five copies of the first frame, computed here through diffusers' own
+    encode. The rest of the loss is unchanged (same reparameterisation draw), and the term trains the encoder only."""
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(**dict(TOY_VAE, base_dim=8))
+    videos = [v for _, v in S.make_dataset(2, seed=4, num_frames=5, height=16, width=16)]
+    pixels = videos_to_tensor(videos)  # [2, 3, 5, 16, 16]
+    with torch.no_grad():
+        mu0 = model.encode(pixels).latent_dist.mean[:, :, 0]
+        still = model.encode(pixels[:, :, :1].repeat(1, 1, 5, 1, 1)).latent_dist.mean[:, :, 1]
+    expected = (mu0 - still).square().mean().item()
+    assert expected > 0
+    plain, parts = vae_loss(model, pixels, 1e-4, generator=torch.Generator().manual_seed(0))
+    assert "code_gap" not in parts
+    weighted, parts = vae_loss(model, pixels, 1e-4, generator=torch.Generator().manual_seed(0),
+                               first_frame_code_weight=0.5)
+    assert weighted.item() - plain.item() == pytest.approx(0.5 * expected, rel=1e-4)
+    assert parts["code_gap"] == pytest.approx((expected / still.square().mean().item()) ** 0.5, rel=1e-4)
+    # the term's gradient reaches the encoder and not the decoder (float32 rounding apart)
+    params = [model.encoder.conv_in.weight, model.decoder.conv_in.weight]
+    g_plain, g_weighted = torch.autograd.grad(plain, params), torch.autograd.grad(weighted, params)
+    assert not torch.allclose(g_weighted[0], g_plain[0], rtol=1e-3, atol=0)
+    torch.testing.assert_close(g_weighted[1], g_plain[1], rtol=1e-4, atol=1e-7)
+
+
+def test_first_frame_weight_weighs_pixel_frame_0_of_the_reconstruction():
+    """``first_frame_weight`` w: the reconstruction terms are the mean over pixels with frame 0 counted w times,
+    recomputed here from the same posterior draw through diffusers' encode and the training decoder."""
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(**dict(TOY_VAE, base_dim=8))
+    pixels = videos_to_tensor([v for _, v in S.make_dataset(2, seed=4, num_frames=5, height=16, width=16)])
+    with torch.no_grad():
+        posterior = model.encode(pixels).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(0))
+        z = posterior.mean + torch.exp(0.5 * posterior.logvar.clamp(max=-6.0)) * noise
+        error = decode_unclamped(model, z) - pixels
+        per_frame = (error.abs() + error.square()).mean(dim=(0, 1, 3, 4))   # [T]
+        kl = 0.5 * (posterior.mean.square() + posterior.logvar.clamp(max=-6.0).exp() - 1.0
+                    - posterior.logvar.clamp(max=-6.0)).mean()
+        frame_weights = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0])
+        expected = (per_frame * frame_weights).sum() / frame_weights.sum() + 1e-4 * kl
+        loss, _ = vae_loss(model, pixels, 1e-4, generator=torch.Generator().manual_seed(0), max_logvar=-6.0,
+                           first_frame_weight=3.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_vae_training_resumes_from_its_state_file_to_the_same_weights(tmp_path, monkeypatch):
     import toy.vae as toy_vae
 

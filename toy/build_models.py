@@ -66,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fraction of the steps (at the end) trained on full frames instead of crops")
     p.add_argument("--vae_lr", type=float, default=defaults.lr, help="peak AdamW learning rate of the VAE")
     p.add_argument("--vae_kl_weight", type=float, default=defaults.kl_weight, help="weight of the KL term")
+    p.add_argument("--vae_first_frame_code", type=float, default=defaults.first_frame_code_weight,
+                   help="weight of the loss that gives latent frame 0 the code a later latent gives the same frame "
+                        "held still (toy.vae.vae_loss); 0 = Wan's objective")
+    p.add_argument("--vae_first_frame_weight", type=float, default=defaults.first_frame_weight,
+                   help="weight of each training window's pixel frame 0 in the reconstruction loss")
     p.add_argument("--vae_init", default=None,
                    help="continue training from this diffusers VAE folder (e.g. a previous <out>/Toy-T2V/vae) "
                         "instead of a fresh initialisation")
@@ -91,7 +96,9 @@ def train_vae(args: argparse.Namespace, train_videos: list, heldout_videos: list
 
     cfg = ToyVAETraining(steps=args.vae_steps, batch_size=args.vae_batch_size, num_frames=args.vae_frames,
                          crop=args.vae_crop, full_size_fraction=args.vae_full_fraction, lr=args.vae_lr,
-                         kl_weight=args.vae_kl_weight, seed=args.seed)
+                         kl_weight=args.vae_kl_weight, first_frame_code_weight=args.vae_first_frame_code,
+                         first_frame_weight=args.vae_first_frame_weight,
+                         seed=args.seed)
     torch.manual_seed(args.seed)
     model = AutoencoderKLWan(**TOY_VAE)
     if args.vae_init:

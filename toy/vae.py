@@ -55,6 +55,9 @@ class ToyVAETraining:
     background: tuple[int, int, int] = BACKGROUND  # uint8 colour that counts as background
     l2_weight: float = 1.0         # weight of the MSE term beside the L1 term (MSE is what PSNR measures)
     grad_clip: float = 1.0
+    first_frame_code_weight: float = 0.0  # pulls latent frame 0 towards the code a later latent gives the same
+    #                                       frame held still (vae_loss); 0 = Wan's own objective
+    first_frame_weight: float = 1.0  # weight of each window's pixel frame 0 in the reconstruction loss (vae_loss)
     seed: int = 0
 
     def __post_init__(self):
@@ -129,8 +132,11 @@ def decode_unclamped(model: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
 def vae_loss(model: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: float, l2_weight: float = 1.0,
              generator: torch.Generator | None = None, foreground_weight: float = 0.0,
              background: tuple[int, int, int] = BACKGROUND,
-             max_logvar: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction of a posterior sample plus KL; returns ``(loss, {"l1", "l2", "kl"})`` (unweighted parts).
+             max_logvar: float | None = None,
+             first_frame_code_weight: float = 0.0,
+             first_frame_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction of a posterior sample plus KL; returns ``(loss, {"l1", "l2", "kl"[, "code_gap"]})``
+    (unweighted parts).
 
     Args:
         pixels: ``[B, 3, T, H, W]`` in [-1, 1], ``T = 1 + 4k``.
@@ -142,6 +148,14 @@ def vae_loss(model: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: float, l2
             A first 900-step run without it ended collapsed (posterior std 0.77 vs mean spread 0.19, decoder
             output independent of z, 16.6 dB); the cap alone did not change that run's loss curve, so the
             collapse has another main cause (open, see the issue-9 report).
+        first_frame_code_weight: adds this weight times the mean squared distance between the posterior mean of
+            latent frame 0 (the window's first frame, which Wan's causal encoder codes alone) and that of latent
+            frame 1 of a clip holding the same frame still for five frames (no gradient through the target). Wan
+            codes the first frame apart; this makes its code the one a later latent would give it, so that a
+            diffusion model draws frame 0 like the others (docs/toy_results.md, "Frame 0"). ``code_gap``: the
+            distance relative to the target's norm.
+        first_frame_weight: weight of the window's pixel frame 0 in the reconstruction terms (the others 1): the
+            decoder's first-frame path decodes one frame in 1 + 4k.
     All terms are means over elements, so ``kl_weight`` does not depend on the clip size.
     """
     posterior = model.encode(pixels).latent_dist  # mean / logvar [B, 16, F, H/8, W/8]
@@ -154,15 +168,27 @@ def vae_loss(model: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: float, l2
     l1_map, l2_map = (recon - pixels).abs(), (recon - pixels).square()
     l1, l2 = l1_map.mean(), l2_map.mean()
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
-    if foreground_weight > 0:
-        bg = torch.tensor(background, dtype=pixels.dtype, device=pixels.device).div(127.5).sub(1.0)
-        is_fg = (pixels - bg.view(1, 3, 1, 1, 1)).abs().amax(1, keepdim=True) > 0.02  # [B, 1, T, H, W]
-        weight = 1.0 + foreground_weight * is_fg.to(pixels.dtype)
+    if foreground_weight > 0 or first_frame_weight != 1.0:
+        weight = torch.ones(1, 1, pixels.shape[2], 1, 1, dtype=pixels.dtype, device=pixels.device)
+        weight[:, :, 0] = first_frame_weight
+        if foreground_weight > 0:
+            bg = torch.tensor(background, dtype=pixels.dtype, device=pixels.device).div(127.5).sub(1.0)
+            is_fg = (pixels - bg.view(1, 3, 1, 1, 1)).abs().amax(1, keepdim=True) > 0.02  # [B, 1, T, H, W]
+            weight = weight * (1.0 + foreground_weight * is_fg.to(pixels.dtype))
+        weight = weight.expand_as(l1_map)
         recon_loss = ((l1_map + l2_weight * l2_map) * weight).mean() / weight.mean()
     else:
         recon_loss = l1 + l2_weight * l2
     loss = recon_loss + kl_weight * kl
-    return loss, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+    parts = {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+    if first_frame_code_weight > 0:
+        with torch.no_grad():
+            still = pixels[:, :, :1].expand(-1, -1, 5, -1, -1)
+            target = model.encode(still).latent_dist.mean[:, :, 1]
+        gap = (mu[:, :, 0] - target).square().mean()
+        loss = loss + first_frame_code_weight * gap
+        parts["code_gap"] = (gap / target.square().mean()).sqrt().item()
+    return loss, parts
 
 
 def _lr_factor(step: int, cfg: ToyVAETraining) -> float:
@@ -194,6 +220,7 @@ def train_toy_vae(model: AutoencoderKLWan, pool: ClipPool, cfg: ToyVAETraining, 
     full_side = pool.videos.shape[2]
     full_batch = max(1, round(cfg.batch_size * (cfg.crop / full_side) ** 2)) if cfg.crop else cfg.batch_size
     losses: list[float] = []
+    gaps: list[float] = []   # code_gap per step (nan without first_frame_code_weight); logged, not saved
     first = 0
     if state_path is not None and Path(state_path).is_file():
         first, losses = _load_training_state(state_path, cfg, model, optimizer, generator, pool)
@@ -208,17 +235,22 @@ def train_toy_vae(model: AutoencoderKLWan, pool: ClipPool, cfg: ToyVAETraining, 
         pixels = pool.sample(full_batch if full else cfg.batch_size, cfg.num_frames, 0 if full else cfg.crop)
         fg_weight = cfg.foreground_weight * max(0.0, 1.0 - step / max(1.0, cfg.foreground_anneal * cfg.steps))
         loss, parts = vae_loss(model, pixels.to(device), cfg.kl_weight, cfg.l2_weight, generator, fg_weight,
-                               cfg.background, cfg.max_logvar)
+                               cfg.background, cfg.max_logvar, cfg.first_frame_code_weight,
+                               cfg.first_frame_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.2f}")
+        gaps.append(parts.get("code_gap", float("nan")))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.2f}",
+                        **({"code_gap": f"{parts['code_gap']:.3f}"} if "code_gap" in parts else {}))
         if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
             recent = losses[-100:]
-            logger.info("toy VAE step %d/%d: loss %.4f (mean of last %d), %.0f s", step + 1, cfg.steps,
-                        sum(recent) / len(recent), len(recent), time.monotonic() - start)
+            logger.info("toy VAE step %d/%d: loss %.4f (mean of last %d)%s, %.0f s", step + 1, cfg.steps,
+                        sum(recent) / len(recent), len(recent),
+                        f", first-frame code gap {np.mean(gaps[-100:]):.3f}" if cfg.first_frame_code_weight else "",
+                        time.monotonic() - start)
         if state_path is not None and ((step + 1) % save_every == 0 and step + 1 < cfg.steps):
             _save_training_state(state_path, cfg, step + 1, model, optimizer, generator, pool, losses)
     model.eval().requires_grad_(False)
