@@ -5,7 +5,8 @@ The network is diffusers' ``AutoencoderKLWan`` (model/vae.py wraps it); this fil
 * :class:`ClipPool`: random windows of synthetic clips (``toy.world.make_split``) as ``[B, 3, T, H, W]`` in
   [-1, 1]. Training uses short windows (``1 + 4k`` frames) and spatial crops: every layer is a causal or local
   convolution, so a VAE trained on 9-frame 32x32 windows encodes 33-frame 64x64 clips into 9 latent frames.
-* :func:`vae_loss`: L1 + L2 reconstruction of a reparameterised posterior sample plus a small KL term.
+* :func:`vae_loss`: L1 + L2 reconstruction of a reparameterised posterior sample plus a small KL term (optional:
+  a first-frame code term and a first-frame pixel weight, docs/toy_results.md "Frame 0").
 * :func:`train_toy_vae`: AdamW with warm-up and cosine decay, seeded, with a tqdm progress bar.
 * :func:`fit_latent_stats`: the per-channel ``latents_mean`` / ``latents_std`` that WanVAE normalises with
   (``z = (mu - mean) / std``), measured on encoded training clips and stored in the VAE config.
