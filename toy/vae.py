@@ -151,7 +151,8 @@ def vae_loss(model: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: float, l2
             collapse has another main cause (open, see the issue-9 report).
         first_frame_code_weight: adds this weight times the mean squared distance between the posterior mean of
             latent frame 0 (the window's first frame, which Wan's causal encoder codes alone) and that of latent
-            frame 1 of a clip holding the same frame still for five frames (no gradient through the target). Wan
+            frame 1 of a clip holding the same frame still (1 + the temporal compression frames; no gradient through the
+            target). Wan
             codes the first frame apart; this makes its code the one a later latent would give it, so that a
             diffusion model draws frame 0 like the others (docs/toy_results.md, "Frame 0"). ``code_gap``: the
             distance relative to the target's norm.
@@ -184,7 +185,8 @@ def vae_loss(model: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: float, l2
     parts = {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
     if first_frame_code_weight > 0:
         with torch.no_grad():
-            still = pixels[:, :, :1].expand(-1, -1, 5, -1, -1)
+            # one latent frame after the first: 1 + scale_factor_temporal pixel frames of the first frame
+            still = pixels[:, :, :1].expand(-1, -1, 1 + model.config.scale_factor_temporal, -1, -1)
             target = model.encode(still).latent_dist.mean[:, :, 1]
         gap = (mu[:, :, 0] - target).square().mean()
         loss = loss + first_frame_code_weight * gap
