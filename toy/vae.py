@@ -151,11 +151,10 @@ def vae_loss(model: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: float, l2
             collapse has another main cause (open, see the issue-9 report).
         first_frame_code_weight: adds this weight times the mean squared distance between the posterior mean of
             latent frame 0 (the window's first frame, which Wan's causal encoder codes alone) and that of latent
-            frame 1 of a clip holding the same frame still (1 + the temporal compression frames; no gradient through the
-            target). Wan
-            codes the first frame apart; this makes its code the one a later latent would give it, so that a
-            diffusion model draws frame 0 like the others (docs/toy_results.md, "Frame 0"). ``code_gap``: the
-            distance relative to the target's norm.
+            frame 1 of a clip holding the same frame still (1 + the temporal compression frames; no gradient
+            through the target). Wan codes the first frame apart; this makes its code the one a later latent would
+            give it, so that a diffusion model draws frame 0 like the others (docs/toy_results.md, "Frame 0").
+            ``code_gap``: the distance relative to the target's norm.
         first_frame_weight: weight of the window's pixel frame 0 in the reconstruction terms (the others 1): the
             decoder's first-frame path decodes one frame in 1 + 4k.
     All terms are means over elements, so ``kl_weight`` does not depend on the clip size.
