@@ -227,6 +227,43 @@ def test_teacher_forcing_loss_equals_independent_recomputation(world, weighting,
     assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item(), (loss.item(), expected.item())
 
 
+def test_image_term_adds_frame_zero_denoised_alone(world):
+    """image_loss_weight: the loss is the clip's plus w x latent frame 0's, denoised as a one-frame sample with draws
+    of its own stream, recomputed here by hand (flow-matching target, uniform weights) from the same generator."""
+    w = 0.7
+    objective, generator = build(world, causal=False, teacher_forcing=False, loss_weighting="uniform",
+                                 image_loss_weight=w)
+    x0, prompts = heldout(world, 4)
+    ids = torch.arange(10, 14)
+    batch = {"clean_latent": x0, "prompts": prompts, "sample_id": ids}
+    loss, metrics = objective.loss("generator", batch, step=0)
+    context = objective.encode_prompts(prompts)     # caption_dropout 0: the captions as given
+
+    def by_hand(x, stream):
+        draw = objective.draw(x, ids, stream)
+        sigma = (draw.t.double() / 1000).view(*draw.t.shape, 1, 1, 1)   # the grid's sigma = t / 1000
+        x_t = (1 - sigma) * x.double() + sigma * draw.noise.double()
+        with torch.no_grad():
+            flow = generator(x_t.float(), draw.t, context).double()
+        return (flow - (draw.noise.double() - x.double())).pow(2).mean(), draw
+
+    video, video_draw = by_hand(x0, 0)
+    image, image_draw = by_hand(x0[:, :1], 2)
+    assert image_draw.noise.shape == (4, 1, *LATENT[1:]) and not torch.equal(image_draw.noise, video_draw.noise[:, :1])
+    expected = video + w * image
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item(), (loss.item(), expected.item())
+    assert abs(metrics["image_loss"].item() - image.item()) <= 1e-5 * image.item()
+    # off by default: the reference's loss is the clip's alone
+    plain, _ = build(world, causal=False, teacher_forcing=False, loss_weighting="uniform")
+    plain.networks.trainable["generator"].load_state_dict(generator.state_dict())
+    alone, _ = plain.loss("generator", batch, step=0)
+    assert abs(alone.item() - video.item()) <= 1e-5 * video.item()
+    with pytest.raises(ConfigError, match="image_loss_weight"):
+        DiffusionObjective(make_config(world, image_loss_weight=1.0))          # causal
+    with pytest.raises(ConfigError, match="image_loss_weight"):
+        DiffusionObjective(make_config(world, causal=False, teacher_forcing=False, image_loss_weight=-1.0))
+
+
 def test_block_timesteps_phases_and_config_checks(world):
     objective = DiffusionObjective(make_config(world, num_frame_per_block=2, independent_first_frame=True,
                                                lr=1e-4, beta1=0.5, max_grad_norm_generator=2.0))

@@ -18,8 +18,9 @@ from utils.datasets import LatentLMDBDataset
 from utils.errors import ConfigError, DataError
 
 NUM_TIMESTEP_BUCKETS = 4  # per-bucket MSE metrics: quarters of [0, num_train_timestep]
-# Independent random streams of one sample: tensor draws on the training device, caption dropout on the CPU.
-DRAW_STREAM, CAPTION_STREAM = 0, 1
+# Independent random streams of one sample: tensor draws on the training device, caption dropout on the CPU, the
+# draws of its one-frame image sample (image_loss_weight).
+DRAW_STREAM, CAPTION_STREAM, IMAGE_STREAM = 0, 1, 2
 
 
 def sample_generators(seed: int, sample_ids: torch.Tensor, stream: int, device: torch.device) -> list[torch.Generator]:
@@ -101,12 +102,14 @@ class DiffusionObjective(Objective):
         drop = (uniform < p).tolist()   # rand lies in [0, 1): p = 1 drops every caption
         return ["" if d else text for text, d in zip(prompts, drop)]
 
-    def draw(self, x0: torch.Tensor, sample_ids: torch.Tensor | None = None) -> DiffusionDraw:
+    def draw(self, x0: torch.Tensor, sample_ids: torch.Tensor | None = None,
+             stream: int = DRAW_STREAM) -> DiffusionDraw:
         """Noise and timesteps for ``x0 [B, F, C, H, W]`` (training.md §3.3), each sample from its own generator
-        seeded by ``(seed, sample_ids[i])`` (independent of batch, rank and world size), else the global RNG."""
+        seeded by ``(seed, sample_ids[i], stream)`` (independent of batch, rank and world size), else the global
+        RNG."""
         if sample_ids is None:
             return self._draw(x0, None)
-        gens = sample_generators(self.cfg.seed, sample_ids, DRAW_STREAM, x0.device)
+        gens = sample_generators(self.cfg.seed, sample_ids, stream, x0.device)
         draws = [self._draw(x0[i:i + 1], g) for i, g in enumerate(gens)]
         stack = lambda name: (None if getattr(draws[0], name) is None  # noqa: E731
                               else torch.cat([getattr(d, name) for d in draws]))
@@ -156,9 +159,18 @@ class DiffusionObjective(Objective):
         x0 = batch["clean_latent"].to(self.device, torch.float32, non_blocking=True)
         sample_ids = batch.get("sample_id")   # present in the loop's batches: per-sample, world-size-free draws
         context = self.encode_prompts(self.drop_captions(batch["prompts"], sample_ids))
+        generator = self.networks.trainable["generator"]
         draw = self.draw(x0, sample_ids)
-        loss, mse = self.denoising_loss(self.networks.trainable["generator"], x0, context, draw)
-        return loss, {"loss": loss.detach(), **self._bucket_metrics(mse.detach(), draw.t)}
+        loss, mse = self.denoising_loss(generator, x0, context, draw)
+        metrics = {"loss": loss.detach(), **self._bucket_metrics(mse.detach(), draw.t)}
+        if self.cfg.image_loss_weight > 0:
+            # Latent frame 0 is what the causal VAE makes of pixel frame 0 alone: an image's latent, denoised alone.
+            image = x0[:, :1]
+            image_loss, _ = self.denoising_loss(generator, image, context, self.draw(image, sample_ids, IMAGE_STREAM))
+            metrics["video_loss"], metrics["image_loss"] = loss.detach(), image_loss.detach()
+            loss = loss + self.cfg.image_loss_weight * image_loss
+            metrics["loss"] = loss.detach()
+        return loss, metrics
 
     def _bucket_metrics(self, mse: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted MSE per timestep quarter, ``mse_t<lo>-<hi>``; NaN when no frame of the batch fell in it."""
@@ -179,6 +191,10 @@ def _check_config(cfg: Config) -> None:
     if cfg.teacher_forcing and not cfg.causal:
         raise ConfigError("teacher_forcing: true needs a causal generator; the bidirectional base model "
                           "(causal: false) trains with teacher_forcing: false")
+    if cfg.image_loss_weight > 0 and cfg.causal:
+        raise ConfigError("image_loss_weight trains latent frame 0 alone as an image, which the bidirectional base "
+                          "(causal: false) can take; a causal generator's first block already sees only itself: "
+                          "set image_loss_weight: 0")
     if cfg.noise_augmentation_max_timestep > 0 and not cfg.teacher_forcing:
         raise ConfigError("noise_augmentation_max_timestep noises the teacher-forcing context; "
                           "it needs teacher_forcing: true")

@@ -132,6 +132,11 @@ class Config:
                                         "diffusion loss; in DMD the generator's distribution-matching loss) "
                                         "(frame weights rescaled to mean 1); frame 0 codes one pixel frame alone and "
                                         "has less spread than the rest; 1 = the reference")
+    image_loss_weight: float = _f(0.0, "joint image training (Wan2.1 trains on images beside videos): latent frame 0 "
+                                  "of each clip, which the causal VAE codes from pixel frame 0 alone, is also "
+                                  "denoised as a one-frame sample with its own noise and timestep, and that loss, "
+                                  "times this weight, is added to the clip's; bidirectional diffusion only "
+                                  "(trainer: diffusion, causal: false); 0 = off, the reference")
     caption_dropout: float = _f(0.0, "probability that a training caption is replaced by the empty string \"\", "
                                 "so classifier-free guidance has an unconditional model; 0 disables")
 
@@ -278,6 +283,8 @@ class Config:
             _check(value is None or 0 < value < float("inf"), f"{key} must be a finite number > 0", value)
         _check(0 < self.first_frame_loss_weight < float("inf"), "first_frame_loss_weight must be a finite number > 0",
                self.first_frame_loss_weight)
+        _check(0 <= self.image_loss_weight < float("inf"), "image_loss_weight must be a finite number >= 0",
+               self.image_loss_weight)
         _check(0 <= self.caption_dropout <= 1, "caption_dropout must lie in [0, 1]", self.caption_dropout)
         for key in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
             _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
