@@ -507,6 +507,7 @@ def test_teacher_forcing_from_the_toy_base_learns_the_captioned_direction(repo_r
     env = dict(os.environ, WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
     config = "configs/toy/ar_diffusion_tf_chunkwise.yaml"
     run = subprocess.run([sys.executable, "train.py", "--config_path", config, "--logdir", str(tmp_path / "log"),
+                          "--no_visualize",  # the checkpoint's two sample videos: 15 s that nothing here reads
                           "--override", f"data_path={tmp_path / 'lmdb'}", "max_steps=40", "log_iters=40",
                           "batch_size=8"],   # as measured (the config's batch is sized for a GPU)
                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=1200)
