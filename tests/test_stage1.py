@@ -261,6 +261,8 @@ def test_image_term_adds_frame_zero_denoised_alone(world):
     with pytest.raises(ConfigError, match="image_loss_weight"):
         DiffusionObjective(make_config(world, image_loss_weight=1.0))          # causal
     with pytest.raises(ConfigError, match="image_loss_weight"):
+        make_config(world, trainer="ode", image_loss_weight=1.0)               # another stage would ignore it
+    with pytest.raises(ConfigError, match="image_loss_weight"):
         DiffusionObjective(make_config(world, causal=False, teacher_forcing=False, image_loss_weight=-1.0))
 
 

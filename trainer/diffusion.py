@@ -191,10 +191,6 @@ def _check_config(cfg: Config) -> None:
     if cfg.teacher_forcing and not cfg.causal:
         raise ConfigError("teacher_forcing: true needs a causal generator; the bidirectional base model "
                           "(causal: false) trains with teacher_forcing: false")
-    if cfg.image_loss_weight > 0 and cfg.causal:
-        raise ConfigError("image_loss_weight trains latent frame 0 alone as an image, which the bidirectional base "
-                          "(causal: false) can take; a causal generator's first block already sees only itself: "
-                          "set image_loss_weight: 0")
     if cfg.noise_augmentation_max_timestep > 0 and not cfg.teacher_forcing:
         raise ConfigError("noise_augmentation_max_timestep noises the teacher-forcing context; "
                           "it needs teacher_forcing: true")

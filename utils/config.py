@@ -213,6 +213,9 @@ class Config:
             _check(getattr(self, key) in choices, f"{key} must be one of {', '.join(choices)}", getattr(self, key))
         _check(self.causal or self.trainer == "diffusion", "causal: false (a bidirectional generator) needs "
                "trainer: diffusion", self.causal)
+        _check(self.image_loss_weight == 0 or (self.trainer == "diffusion" and not self.causal),
+               "image_loss_weight is read by the bidirectional base's diffusion loss only (trainer: diffusion, "
+               "causal: false); set it to 0", self.image_loss_weight)
         for key, low in MINIMUMS.items():
             value = getattr(self, key)
             _check(value is None or value >= low, f"{key} must be >= {low}", value)
