@@ -32,6 +32,9 @@ def add_model_flags(p: argparse.ArgumentParser, config_required: bool = True, co
     p.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU "
                    "(saves ~11 GB of GPU memory; by default it runs on the GPU, and where it does not fit beside a "
                    "video its weights stay on the CPU and stream to the GPU layer by layer for each new prompt)")
+    p.add_argument("--text_encoder_int8", action="store_true", help="store the text encoder's weights in int8 "
+                   "(5.8 GB instead of 11.4: on a 24 GB GPU it then stays resident beside a video; its embeddings "
+                   "differ slightly from bf16's: docs/performance.md); the config key text_encoder_int8")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. seed=3")
     p.add_argument("--no_compile", action="store_true", help="GPU: no torch.compile and no CUDA graphs (the fast "
@@ -56,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides.append(f"model_kwargs.local_attn_size={args.local_attn_size}")
     if args.sink_size is not None:
         overrides.append(f"model_kwargs.sink_size={args.sink_size}")
+    if args.text_encoder_int8:
+        overrides.append("text_encoder_int8=true")
     return load_config(args.config_path, overrides)
 
 

@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--text_encoder", action="store_true",
                    help="also hold a full-size UMT5-XXL (zero weights), placed as from_config places it (on the GPU "
                         "when it fits beside a video, else streamed per new prompt); prompts go through it")
+    p.add_argument("--text_encoder_int8", action="store_true",
+                   help="with --text_encoder: its weights stored in int8 (text_encoder_int8), placed by the same rule")
     args = p.parse_args(argv)
     if args.cap_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
@@ -257,6 +259,8 @@ def main(argv=None) -> int:
     models, rows = {}, []
     if args.text_encoder:
         models["text_encoder"] = zero_text_encoder(args.tiny)
+        if args.text_encoder_int8:
+            models["text_encoder"].to_int8()
     for variant_name in args.variants:
         variant = VARIANTS[variant_name]
         prepare(variant)
@@ -283,6 +287,8 @@ def main(argv=None) -> int:
                        first_frame_runs=e2e["first_frame_runs"], host_runs=e2e["host_runs"],
                        reserved_gib=max(e2e["reserved_gib"], dit["reserved_gib"]), encode_s=encode_s,
                        text_encoder_on_gpu=models.get("text_encoder_on_gpu"),
+                       text_encoder_gib=sum(p.nbytes for p in models["text_encoder"].parameters()) / 2**30
+                       if "text_encoder" in models else None,
                        cuda_graphs=pipe.graphs.num_graphs if pipe.graphs else 0)
             rows.append(row)
             print(f"{mode_name:7s} {variant_name:15s} e2e {row['fps']:6.1f} FPS | DiT {row['dit_fps']:6.1f} FPS | "
@@ -297,7 +303,8 @@ def main(argv=None) -> int:
                   f" | cudaMalloc {[h.get('num_device_alloc') for h in host]} cudaFree "
                   f"{[h.get('num_device_free') for h in host]} retries {[h.get('num_alloc_retries') for h in host]}",
                   flush=True)
-            save_results(args.out, rows, device, flash_attn=attn._flash_module, cap_gib=args.cap_gib)  # row by row
+            save_results(args.out, rows, device, flash_attn=attn._flash_module, cap_gib=args.cap_gib,  # row by row
+                         text_encoder_int8=args.text_encoder_int8)
     return 0
 
 

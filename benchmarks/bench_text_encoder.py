@@ -4,9 +4,16 @@
 
 The tokenizer is the toy folder's (a small unigram vocabulary: an English prompt takes more tokens than with UMT5's own
 250k-piece one, so the token counts here are upper bounds of the real ones); each row records its count.
+``--int8`` also times the encoder with int8 weights (``text_encoder_int8``).
+
+``--accuracy`` instead measures what int8 weights change (GPU; UMT5-XXL with transformers' random initialisation,
+seed 0, as no real weights are at hand): the embeddings of the prompts from the float32 encoder, then from its bf16
+copy (what the released bf16 file gives), then from that copy stored in int8; the relative error of each against
+float32 over the real tokens, and each linear layer's output error on the inputs it sees.
 
     python benchmarks/bench_text_encoder.py --device cuda --runs 5 --out $OUT/text_encoder.json
     python benchmarks/bench_text_encoder.py --device cpu --runs 1 --out $OUT/text_encoder_cpu.json
+    python benchmarks/bench_text_encoder.py --device cuda --accuracy --num_prompts 8 --out $OUT/int8.json
 """
 
 from __future__ import annotations
@@ -38,6 +45,70 @@ def timed(fn, device: torch.device, runs: int) -> list[float]:
     return times
 
 
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def accuracy(args, device: torch.device, prompts: list[str]) -> list[dict]:
+    """Embedding and per-layer errors of the bf16 and int8 encoders against float32 (module docstring)."""
+    from transformers import UMT5EncoderModel
+
+    from model.int8 import Int8Linear
+    from model.text_encoder import TextEncoder, umt5_config
+    from toy.folders import TINY_T5
+
+    encoder = zero_text_encoder(args.tiny)   # for its tokenizer and text_len
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = UMT5EncoderModel(umt5_config(**(TINY_T5 if args.tiny else {}))).float()   # HF's random init
+    encoder = TextEncoder(model, encoder.tokenizer, text_len=encoder.text_len, cache_size=0)
+    mask = encoder.tokenize(prompts)[1].bool()
+    real = mask[:, :int(mask.sum(1).max())].to(device)
+    seen: dict[str, list[torch.Tensor]] = {}   # each linear layer's inputs and float32 outputs
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, []).append(inputs[0][real].detach().float().cpu())
+        return hook
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    sample = set(list(linears)[:7] + list(linears)[-7:])   # the first and the last block's layers
+    handles = [linears[n].register_forward_hook(record(n)) for n in sample]
+    with torch.no_grad():
+        out = {"float32": encoder.encode(prompts)}
+        for h in handles:
+            h.remove()
+        weights32 = {n: linears[n].weight.detach().clone() for n in sample}
+        model.to(torch.bfloat16)
+        out["bfloat16"] = encoder.encode(prompts)
+        bf16_weights = {n: linears[n].weight for n in sample}
+        encoder.to_int8()
+        out["int8"] = encoder.encode(prompts)
+        modules = dict(model.named_modules())
+        layers = []
+        for n in sorted(sample):
+            x = seen[n][0].to(device)
+            ref = x.double() @ weights32[n].double().T
+            x16 = x.to(torch.bfloat16)
+            q = modules[n]
+            assert isinstance(q, Int8Linear)
+            layers.append(dict(layer=n, bf16=relative(torch.nn.functional.linear(x16, bf16_weights[n]), ref),
+                               int8=relative(q(x16), ref)))
+    full = mask.to(device)
+    row = dict(prompts=len(prompts), tokens=int(mask.sum()),
+               embedding_error_bf16=relative(out["bfloat16"][full], out["float32"][full]),
+               embedding_error_int8=relative(out["int8"][full], out["float32"][full]),
+               int8_vs_bf16=relative(out["int8"][full], out["bfloat16"][full]),
+               encoder_gib_int8=sum(p.nbytes for p in model.parameters()) / 2**30,
+               padding_zero=bool((out["int8"][~full] == 0).all()), layers=layers)
+    print(f"embeddings against float32 over {row['tokens']} tokens: bf16 {row['embedding_error_bf16']:.2e}, "
+          f"int8 {row['embedding_error_int8']:.2e} (int8 against bf16 {row['int8_vs_bf16']:.2e}); int8 encoder "
+          f"{row['encoder_gib_int8']:.2f} GiB")
+    for layer in layers:
+        print(f"  {layer['layer']:45s} bf16 {layer['bf16']:.2e} int8 {layer['int8']:.2e}")
+    return [row]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where UMT5 runs")
@@ -46,13 +117,24 @@ def main(argv=None) -> int:
                    help="text file, one prompt a line")
     p.add_argument("--num_prompts", type=int, default=3, help="the first N prompts of --prompts")
     p.add_argument("--tiny", action="store_true", help="smoke test: a tiny UMT5 and text_len 16")
+    p.add_argument("--int8", action="store_true", help="also time the encoder with int8 weights")
+    p.add_argument("--accuracy", action="store_true", help="measure int8's and bf16's errors against float32 "
+                                                            "(random weights; module docstring) instead of speed")
     p.add_argument("--out", default="bench_text_encoder.json", help="JSON output path")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if args.accuracy:
+        save_results(args.out, accuracy(args, device, prompts[:args.num_prompts]), device)
+        return 0
     encoder = zero_text_encoder(args.tiny)
     encoder.cache_size = 0
     encoder.encoder.to(device)
-    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    int8 = None
+    if args.int8:
+        int8 = zero_text_encoder(args.tiny).to_int8()
+        int8.cache_size = 0
+        int8.encoder.to(device)
     rows = []
     with torch.no_grad():
         for prompt in prompts[:args.num_prompts]:
@@ -67,9 +149,13 @@ def main(argv=None) -> int:
             row = dict(prompt=prompt, tokens=int(mask.sum()), text_len=encoder.text_len,
                        used_columns_s=statistics.median(used), all_columns_s=statistics.median(full),
                        used_columns_runs=used, all_columns_runs=full)
+            if int8 is not None:
+                row["int8_runs"] = timed(lambda: int8.encode([prompt]), device, args.runs)
+                row["int8_s"] = statistics.median(row["int8_runs"])
             rows.append(row)
             print(f"{row['tokens']:4d} tokens: {row['used_columns_s'] * 1e3:9.1f} ms over its columns, "
-                  f"{row['all_columns_s'] * 1e3:9.1f} ms over all {row['text_len']}")
+                  f"{row['all_columns_s'] * 1e3:9.1f} ms over all {row['text_len']}"
+                  + (f", {row['int8_s'] * 1e3:9.1f} ms with int8 weights" if int8 is not None else ""))
     save_results(args.out, rows, device, dtype=str(encoder.dtype), runs=args.runs)
     return 0
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.int8 import quantize_int8_
 from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_FILES, WAN_TOKENIZER_SUBDIR
 from utils.errors import CheckpointError, WeightsMissingError, key_mismatch, one_line
 
@@ -199,7 +200,8 @@ class TextEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.encoder.parameters()).dtype
+        """The compute dtype (int8-stored weights compute in their scales' dtype)."""
+        return next(p.dtype for p in self.encoder.parameters() if p.is_floating_point())
 
     def train(self, mode: bool = True) -> "TextEncoder":
         """The encoder is frozen: it stays in eval mode whatever the caller asks."""
@@ -252,6 +254,13 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: list[str]) -> torch.Tensor:
         return self.encode(prompts)
 
+    def to_int8(self) -> "TextEncoder":
+        """Store the linear layers and the (tied) token embedding as grouped int8 (:mod:`model.int8`), in place;
+        cached embeddings are dropped (they came from the other weights)."""
+        quantize_int8_(self.encoder, embeddings=("shared", "encoder.embed_tokens"))
+        self._cache.clear()
+        return self
+
     @contextlib.contextmanager
     def streamed(self, device: torch.device | str) -> Iterator["TextEncoder"]:
         """Keep weights where they are (CPU) and copy each layer to ``device`` only while it runs: peak device memory
@@ -273,10 +282,12 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer_path: str | Path | None = None,
                         dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", text_len: int = 512,
-                        output_device: torch.device | str | None = None, cache_size: int = 8) -> "TextEncoder":
+                        output_device: torch.device | str | None = None, cache_size: int = 8,
+                        int8: bool = False) -> "TextEncoder":
         """Load, keys checked strictly, from a Wan folder (``models_t5_umt5-xxl-enc-bf16.pth``, tokenizer in
         ``google/umt5-xxl``) or that file, or a transformers folder (``config.json`` + safetensors: a diffusers
-        pipeline's ``text_encoder/`` with its sibling ``tokenizer/``, or the pipeline root)."""
+        pipeline's ``text_encoder/`` with its sibling ``tokenizer/``, or the pipeline root). ``int8``: the linear
+        layers and the token embedding stored as grouped int8 (:mod:`model.int8`), half the memory."""
         path = Path(path)
         if path.is_dir() and not (path / WAN_T5_FILENAME).is_file() and not (path / "config.json").is_file() \
                 and (path / "text_encoder" / "config.json").is_file():
@@ -291,10 +302,14 @@ class TextEncoder(nn.Module):
             raise WeightsMissingError(f"no text encoder in {path}: expected {WAN_T5_FILENAME} (Wan folder) or "
                                       "config.json + safetensors")
         tokenizer_dir = _find_tokenizer(path, tokenizer_path)
-        logger.info("Loaded UMT5 encoder (%s format, %d layers, d_model %d, %s) from %s; tokenizer from %s",
-                    kind, encoder.config.num_layers, encoder.config.d_model, dtype, weights, tokenizer_dir)
-        return cls(encoder.to(device), load_tokenizer(tokenizer_dir), text_len=text_len, output_device=output_device,
-                   cache_size=cache_size)
+        text_encoder = cls(encoder.to(device), load_tokenizer(tokenizer_dir), text_len=text_len,
+                           output_device=output_device, cache_size=cache_size)
+        if int8:
+            text_encoder.to_int8()
+        logger.info("Loaded UMT5 encoder (%s format, %d layers, d_model %d, %s%s) from %s; tokenizer from %s",
+                    kind, encoder.config.num_layers, encoder.config.d_model, dtype,
+                    ", weights stored in int8" if int8 else "", weights, tokenizer_dir)
+        return text_encoder
 
 
 def _swap_in(module: nn.Module, device: torch.device) -> None:
