@@ -167,6 +167,7 @@ def zero_text_encoder(tiny: bool):
     with torch.device("meta"):
         encoder = UMT5EncoderModel(config).to(torch.bfloat16)   # no memory yet
     encoder = encoder.to_empty(device="cpu")
+    encoder.tie_weights()   # to_empty gives each module its own tensor: one embedding table again, as loaded
     for t in [*encoder.parameters(), *encoder.buffers()]:
         t.data.zero_()
     folder = Path(__file__).resolve().parent.parent / "assets/toy/Toy-T2V/google/umt5-xxl"

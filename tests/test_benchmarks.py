@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,16 @@ def test_bench_inference_counts_every_frame(tmp_path):
                  "--variants", "fast", "fast_preview", "fast_fp8", "--text_encoder")
     assert result["info"]["device"] == "cpu" and len(result["rows"]) == 6
     assert all(row["encode_s"] > 0 for row in result["rows"])   # prompts went through the (zero-weight) encoder
+    # its memory is a loaded encoder's: one token embedding shared by its two modules, as tied in a checkpoint
+    from transformers import UMT5EncoderModel
+
+    from model.text_encoder import umt5_config
+    from toy.folders import TINY_T5
+    with torch.device("meta"):
+        loaded = UMT5EncoderModel(umt5_config(**TINY_T5))
+    assert loaded.shared.weight is loaded.encoder.embed_tokens.weight
+    gib = sum(p.numel() * 2 for p in loaded.parameters()) / 2**30   # bf16
+    assert all(abs(row["text_encoder_gib"] - gib) < 1e-9 for row in result["rows"])
     for row in result["rows"]:
         assert row["pixel_frames"] == 81 and row["fps"] > 0 and row["dit_fps"] > 0
         assert 0 < row["first_frame_s"] <= row["first_block_s"] <= row["seconds"]
@@ -79,3 +91,13 @@ def test_bench_text_encoder_times_both_ways(tmp_path):
     assert [row["prompt"][:12] for row in rows] == ["a red circle", "A red fox tr"]
     assert 0 < rows[0]["tokens"] < rows[1]["tokens"] == rows[1]["text_len"] == 16   # --tiny: text_len 16, truncated
     assert all(row["used_columns_s"] > 0 and row["all_columns_s"] > 0 for row in rows)
+
+
+def test_bench_text_encoder_int8_timing_and_accuracy(tmp_path):
+    result = run("bench_text_encoder.py", tmp_path / "int8.json", "--device", "cpu", "--int8")
+    assert all(row["int8_s"] > 0 and len(row["int8_runs"]) == 1 for row in result["rows"])
+    row = run("bench_text_encoder.py", tmp_path / "error.json", "--device", "cpu", "--accuracy", "--num_prompts", "2",
+              runs=False)["rows"][0]
+    # bf16 and int8 embeddings of a random tiny UMT5 against float32: both small, int8 the larger (groups of a row)
+    assert 0 < row["embedding_error_bf16"] < row["embedding_error_int8"] < 0.1 and row["padding_zero"]
+    assert len(row["layers"]) == 14 and all(0 < layer["bf16"] < layer["int8"] < 0.05 for layer in row["layers"])

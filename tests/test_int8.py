@@ -101,5 +101,7 @@ def test_the_flag_sets_the_config_key_and_training_refuses_it(tmp_path):
     assert config_from_args(args).text_encoder_int8
     obj = ToyObjective(toy_config(str(tmp_path), max_steps=1))
     obj.cfg.text_encoder_int8 = True
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     with pytest.raises(ConfigError, match="^text_encoder_int8 is an inference setting"):
         Trainer(obj.cfg, obj).train()
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32   # refused before the loop sets anything process-wide

@@ -85,6 +85,9 @@ class Trainer:
 
     def setup(self) -> int:
         """Everything before the first step; returns the step to start from (0, or the resumed checkpoint's)."""
+        if self.cfg.text_encoder_int8:   # FSDP would shard and cast int8 tensors as if they were weights
+            raise ConfigError("text_encoder_int8 is an inference setting (inference.py, demo.py); remove it from "
+                              "the training config")
         self._owns_process_group = not dist.is_initialized()
         self.world = w = distributed.init_distributed()
         self._lock_logdir()
@@ -134,9 +137,6 @@ class Trainer:
     def _build_networks(self) -> Networks:
         """The objective's networks on this rank's device, then checkpointing, compile and FSDP2."""
         cfg, w = self.cfg, self.world
-        if cfg.text_encoder_int8:   # FSDP would shard and cast int8 tensors as if they were weights
-            raise ConfigError("text_encoder_int8 is an inference setting (inference.py, demo.py); remove it from "
-                              "the training config")
         nets = self.objective.build_networks(w.device)
         if missing := sorted(set(self.phases) - set(nets.trainable)):
             raise ValueError(f"objective has phases {missing} without a trainable network of that name")
