@@ -13,6 +13,7 @@ from torch import nn
 
 GROUP = 128
 INT8_MAX = 127
+CHUNK_ELEMENTS = 2**24   # quantised at a time (64 MB in float32): UMT5's 1B-entry embedding needs no 4 GB copies
 
 
 def group_size(width: int) -> int:
@@ -24,10 +25,16 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``weight ≈ q * scale`` with the group's largest magnitude on ±127. The rounding is done in float32 on the scale
     as stored, so that dequantising reproduces it."""
     rows, width = weight.shape
-    w = weight.detach().float().reshape(rows, -1, group_size(width))
-    scale = (w.abs().amax(-1) / INT8_MAX).clamp_min(torch.finfo(weight.dtype).tiny).to(weight.dtype)
-    q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q.reshape(rows, width), scale
+    group = group_size(width)
+    q = torch.empty(rows, width, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, width // group, dtype=weight.dtype, device=weight.device)
+    step = max(1, CHUNK_ELEMENTS // width)   # rows at a time: float32 copies of a chunk, not of the whole table
+    for start in range(0, rows, step):
+        w = weight[start:start + step].detach().float().view(-1, width // group, group)
+        s = (w.abs().amax(-1) / INT8_MAX).clamp_min(torch.finfo(weight.dtype).tiny).to(weight.dtype)
+        q[start:start + step] = torch.round(w / s.float().unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).flatten(1)
+        scale[start:start + step] = s
+    return q, scale
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,15 +86,18 @@ def quantize_int8_(module: nn.Module, embeddings: tuple[str, ...] = ()) -> nn.Mo
     """Replace, in place, every ``nn.Linear`` of ``module`` by :class:`Int8Linear` and the ``nn.Embedding`` modules
     named in ``embeddings`` (paths from ``module``) by :class:`Int8Embedding`; embeddings sharing one table (tied)
     share one int8 copy. Returns ``module``."""
-    done: dict[int, nn.Module] = {}
     wanted = set(embeddings)
-    for path, child in list(module.named_modules(remove_duplicate=False)):
+    groups: dict[int, list[str]] = {}   # paths of one layer (or of embeddings sharing one table), found while all live
+    for path, child in module.named_modules(remove_duplicate=False):
         if isinstance(child, nn.Linear) or (isinstance(child, nn.Embedding) and path in wanted):
-            key = id(child) if isinstance(child, nn.Linear) else id(child.weight)   # tied tables: one copy
-            if key not in done:
-                done[key] = Int8Linear(child) if isinstance(child, nn.Linear) else Int8Embedding(child)
+            groups.setdefault(id(child) if isinstance(child, nn.Linear) else id(child.weight), []).append(path)
+    for paths in groups.values():   # by name, no float layer held past its conversion: peak memory one layer
+        child = module.get_submodule(paths[0])
+        new = Int8Linear(child) if isinstance(child, nn.Linear) else Int8Embedding(child)
+        del child
+        for path in paths:
             parent, _, name = path.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, name, done[key])
+            setattr(module.get_submodule(parent) if parent else module, name, new)
     missing = wanted - {p for p, m in module.named_modules(remove_duplicate=False) if isinstance(m, Int8Embedding)}
     if missing:
         raise ValueError(f"no embedding named {', '.join(sorted(missing))}")

@@ -4,6 +4,9 @@ References are independent: quantisation recomputed in float64 with numpy from i
 features, scale = group max / 127, round half to even), and the encoder's float32 output. Tolerances are stated where
 they are used."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +42,18 @@ def test_groups_match_a_float64_reference_and_bound_the_error(width, group):
     assert (q.view(8, -1, group).abs().amax(-1)[scale > 1e-30] == 127).all()   # each group spans the range
 
 
+def test_quantising_in_row_chunks_changes_nothing(monkeypatch):
+    """Large tables are quantised a few rows at a time (host memory); the chunks, the last one short, give the result
+    of one pass."""
+    import model.int8 as int8
+
+    w = torch.randn(37, 256)
+    whole = quantize_groups(w)
+    monkeypatch.setattr(int8, "CHUNK_ELEMENTS", 1000)   # 3 rows a chunk
+    chunked = quantize_groups(w)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
 def test_int8_linear_and_embedding_compute_with_the_dequantised_weights():
     torch.manual_seed(1)
     linear, table = nn.Linear(256, 40), nn.Embedding(50, 256)
@@ -61,8 +76,13 @@ def test_tied_embeddings_share_one_int8_table_and_unknown_names_are_refused():
     model.b = nn.Embedding(10, 128)
     model.b.weight = model.a.weight   # tied, as UMT5's shared and embed_tokens
     model.proj = nn.Linear(128, 4)
+    model.again = model.proj          # one layer under two names
+    float_layer = weakref.ref(model.proj)
     quantize_int8_(model, embeddings=("a", "b"))
-    assert isinstance(model.a, Int8Embedding) and model.a is model.b and isinstance(model.proj, Int8Linear)
+    assert isinstance(model.a, Int8Embedding) and model.a is model.b
+    assert isinstance(model.proj, Int8Linear) and model.again is model.proj
+    gc.collect()
+    assert float_layer() is None   # nothing keeps the float layers once converted (host memory while loading)
     with pytest.raises(ValueError, match="no embedding named c"):
         quantize_int8_(nn.Module(), embeddings=("c",))
 
