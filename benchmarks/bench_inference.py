@@ -160,7 +160,7 @@ def zero_text_encoder(tiny: bool):
     the toy folder's tokenizer; a tiny encoder for --tiny."""
     from transformers import UMT5EncoderModel
 
-    from model.text_encoder import TextEncoder, load_tokenizer, umt5_config
+    from model.text_encoder import umt5_config
     from toy.folders import TINY_T5
 
     config = umt5_config(**(TINY_T5 if tiny else {}))
@@ -170,8 +170,15 @@ def zero_text_encoder(tiny: bool):
     encoder.tie_weights()   # to_empty gives each module its own tensor: one embedding table again, as loaded
     for t in [*encoder.parameters(), *encoder.buffers()]:
         t.data.zero_()
+    return benchmark_text_encoder(encoder, tiny)
+
+
+def benchmark_text_encoder(model, tiny: bool):
+    """A ``TextEncoder`` over the UMT5 ``model``: the toy folder's tokenizer, Wan's 512 tokens (16 for --tiny)."""
+    from model.text_encoder import TextEncoder, load_tokenizer
+
     folder = Path(__file__).resolve().parent.parent / "assets/toy/Toy-T2V/google/umt5-xxl"
-    return TextEncoder(encoder, load_tokenizer(folder), text_len=16 if tiny else 512)
+    return TextEncoder(model, load_tokenizer(folder), text_len=16 if tiny else 512)
 
 
 def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bool) -> dict:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_inference import zero_text_encoder
+from bench_inference import benchmark_text_encoder, zero_text_encoder
 from common import save_results
 
 
@@ -54,14 +54,15 @@ def accuracy(args, device: torch.device, prompts: list[str]) -> list[dict]:
     from transformers import UMT5EncoderModel
 
     from model.int8 import Int8Linear
-    from model.text_encoder import TextEncoder, umt5_config
+    from model.text_encoder import umt5_config
     from toy.folders import TINY_T5
 
-    encoder = zero_text_encoder(args.tiny)   # for its tokenizer and text_len
     torch.manual_seed(0)
+    config = umt5_config(**(TINY_T5 if args.tiny else {}))
     with torch.device(device):
-        model = UMT5EncoderModel(umt5_config(**(TINY_T5 if args.tiny else {}))).float()   # HF's random init
-    encoder = TextEncoder(model, encoder.tokenizer, text_len=encoder.text_len, cache_size=0)
+        model = UMT5EncoderModel(config).float()   # transformers' random initialisation
+    encoder = benchmark_text_encoder(model, args.tiny)
+    encoder.cache_size = 0
     mask = encoder.tokenize(prompts)[1].bool()
     real = mask[:, :int(mask.sum(1).max())].to(device)
     seen: dict[str, list[torch.Tensor]] = {}   # each linear layer's inputs and float32 outputs
@@ -72,7 +73,8 @@ def accuracy(args, device: torch.device, prompts: list[str]) -> list[dict]:
         return hook
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    sample = set(list(linears)[:7] + list(linears)[-7:])   # the first and the last block's layers
+    blocks = ("encoder.block.0.", f"encoder.block.{config.num_layers - 1}.")
+    sample = {n for n in linears if n.startswith(blocks)}   # the first and the last block's layers
     handles = [linears[n].register_forward_hook(record(n)) for n in sample]
     with torch.no_grad():
         out = {"float32": encoder.encode(prompts)}
