@@ -38,6 +38,15 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_tf32():
+    """A test that runs the training loop on a GPU turns TF32 on process-wide (``Trainer.setup``, as training
+    should); float32 tests after it must not inherit it."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for tests on tiny tensors: thread start-up costs more than it saves on a shared machine.
