@@ -65,11 +65,11 @@ def accuracy(args, device: torch.device, prompts: list[str]) -> list[dict]:
     encoder.cache_size = 0
     mask = encoder.tokenize(prompts)[1].bool()
     real = mask[:, :int(mask.sum(1).max())].to(device)
-    seen: dict[str, list[torch.Tensor]] = {}   # each linear layer's inputs and float32 outputs
+    seen: dict[str, torch.Tensor] = {}   # each sampled linear layer's input rows of the real tokens, float32 pass
 
     def record(name):
         def hook(module, inputs, output):
-            seen.setdefault(name, []).append(inputs[0][real].detach().float().cpu())
+            seen[name] = inputs[0][real].detach().float().cpu()
         return hook
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -89,7 +89,7 @@ def accuracy(args, device: torch.device, prompts: list[str]) -> list[dict]:
         modules = dict(model.named_modules())
         layers = []
         for n in sorted(sample):
-            x = seen[n][0].to(device)
+            x = seen[n].to(device)
             ref = x.double() @ weights32[n].double().T
             x16 = x.to(torch.bfloat16)
             q = modules[n]
