@@ -38,7 +38,6 @@ EXTRAS = {
     "wandb": ["wandb>=0.19"],   # Weights & Biases logging (wandb_mode: online/offline)
     "plot": ["matplotlib>=3.7"],  # python -m app.plot_losses LOGDIR
     "fa4": ["flash-attn-4"],    # FlashAttention-4 (Hopper, Blackwell): wheels only, no build
-    "fp8_vae": ["nvidia-cudnn-frontend"],   # --fp8_vae: cuDNN's fp8 convolutions (Ada, Hopper, Blackwell)
     "flash": ["flash-attn"],    # FlashAttention-2: CUDA build, pip install -e .[flash] --no-build-isolation
 }
 # Tests: pytest, starlette's in-process TestClient (httpx), the demo's browser test (selenium + Debian's chromium),

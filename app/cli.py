@@ -43,9 +43,6 @@ def add_model_flags(p: argparse.ArgumentParser, config_required: bool = True, co
     p.add_argument("--fp8", action="store_true", help="GPU with fp8 tensor cores (Ada, Hopper, Blackwell): the DiT "
                    "blocks' matrix products in fp8 with row-wise scales (faster, slightly different videos: "
                    "docs/performance.md)")
-    p.add_argument("--fp8_vae", action="store_true", help="GPU with fp8 tensor cores and cuDNN's Python frontend "
-                   "(pip install nvidia-cudnn-frontend): the Wan VAE decoder's residual convolutions in fp8 (faster "
-                   "decoding, slightly different pixels: docs/performance.md)")
     p.add_argument("--preview_decoder", default=None, metavar="FILE",
                    help="decode with a tiny TAEHV preview decoder (e.g. taew2_1.pth from "
                         "github.com/madebyollin/taehv) instead of the Wan VAE: much cheaper, lower quality")
@@ -74,4 +71,4 @@ def pipeline_from_args(args: argparse.Namespace, cfg: Config, device=None) -> St
     return StreamingPipeline.from_config(
         cfg, args.checkpoint_path, args.use_ema, device=device,
         text_encoder_device="cpu" if args.text_encoder_cpu else None, compile=not args.no_compile,
-        preview_decoder=args.preview_decoder, fp8=args.fp8, fp8_vae=args.fp8_vae)
+        preview_decoder=args.preview_decoder, fp8=args.fp8)

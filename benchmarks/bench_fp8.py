@@ -11,11 +11,8 @@ embeddings; GPU only.
 3. Kernels: fp8 row-wise products against bf16 ones at the block's shapes, and 8-bit attention (SageAttention;
    cuDNN's fp8 flash attention through the cuDNN frontend; each when its package is installed) against SDPA's cuDNN
    kernel, with its error against float32 attention.
-4. The VAE decoder's fp8 convolutions (``--fp8_vae``, model/fp8_conv.py): 21 latent frames of N(0, 1) decoded by
-   the full-size Wan VAE (random weights) in float32, bf16 and bf16 with fp8 convolutions, eager and streaming as
-   the pipeline decodes; the pixels' relative error and PSNR against float32 and against bf16.
 
-    python benchmarks/bench_fp8.py --out fp8.json [--parts layers kernels sage_attention cudnn_fp8_attention video vae]
+    python benchmarks/bench_fp8.py --out fp8.json [--parts layers kernels sage_attention cudnn_fp8_attention video]
 """
 
 from __future__ import annotations
@@ -142,28 +139,6 @@ def video_errors(gen32: WanModel, gen16: WanModel, ctx: torch.Tensor) -> dict:
                 pixel_frames=pix["fp32"].shape[1], same_noise_in_bf16_and_fp32=noise_equal)
 
 
-def vae_errors(device) -> dict:
-    """Part 4 (module docstring)."""
-    torch.manual_seed(0)
-    vae = WanVAE.from_config(**WAN21_VAE_CONFIG).to(device).eval()
-    latents = torch.randn(1, FRAMES, *LATENT, device=device)
-    pix = {}
-    with torch.no_grad():
-        pix["fp32"] = vae.decode(latents).cpu()
-        vae.model.to(torch.bfloat16)
-        vae.to_channels_last()
-        pix["bf16"] = vae.decode(latents).cpu()
-        vae.decoder_to_fp8()
-        pix["fp8"] = vae.decode(latents).cpu()
-    pairs = (("bf16", "fp32"), ("fp8", "fp32"), ("fp8", "bf16"))
-    first = {f"{a}_vs_{b}": psnr(pix[a][:, :1], pix[b][:, :1]) for a, b in pairs}
-    return dict(pixel_rel={f"{a}_vs_{b}": rel(pix[a], pix[b]) for a, b in pairs},
-                psnr_db={f"{a}_vs_{b}": psnr(pix[a], pix[b]) for a, b in pairs},
-                psnr_db_frame0=first, psnr_db_later_frames={f"{a}_vs_{b}": psnr(pix[a][:, 1:], pix[b][:, 1:])
-                                                            for a, b in pairs},
-                pixel_frames=pix["fp32"].shape[1], fp32_pixel_std=pix["fp32"].std().item())
-
-
 def kernel_speeds(device) -> dict:
     cfg = get_preset(PRESET)
     out = {}
@@ -286,7 +261,7 @@ def cudnn_fp8_attention(device) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_fp8.json")
-    parts = ("layers", "kernels", "sage_attention", "cudnn_fp8_attention", "video", "vae")
+    parts = ("layers", "kernels", "sage_attention", "cudnn_fp8_attention", "video")
     p.add_argument("--parts", nargs="+", default=list(parts), choices=parts,
                    help="sections to run, in this order (default: all; the video part alone takes minutes)")
     args = p.parse_args(argv)
@@ -303,7 +278,7 @@ def main(argv=None) -> int:
     steps = (("layers", lambda: layer_errors(gen32, gen16, ctx.bfloat16())),
              ("kernels", lambda: kernel_speeds(device)), ("sage_attention", lambda: sage_attention(device)),
              ("cudnn_fp8_attention", lambda: cudnn_fp8_attention(device)),
-             ("video", lambda: video_errors(gen32, gen16, ctx)), ("vae", lambda: vae_errors(device)))
+             ("video", lambda: video_errors(gen32, gen16, ctx)))   # the long one last
     for name, step in steps:   # saved section by section
         if name not in args.parts:
             continue

@@ -66,7 +66,6 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_lazy_cross": dict(lazy_cross=True),      # A/B: a video's first DiT call fills the cross K/V itself, eagerly
     "fast_autotune": dict(autotune=True),          # A/B: the DiT regions compiled with inductor's max-autotune
     "fast_fp8": dict(fp8=True),                    # --fp8: the DiT blocks' products in fp8 (list fp8 variants last)
-    "fast_fp8_vae": dict(fp8_vae=True),            # --fp8_vae: the VAE decoder's residual convolutions in fp8 (last)
 }
 
 
@@ -95,11 +94,6 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
             raise SystemExit("the generator is converted to fp8 in place: list the fp8 variants last")
         convert_to_fp8(gen)
         models["fp8"] = True
-    if variant.get("fp8_vae", False) != models.get("fp8_vae", False):
-        if not variant.get("fp8_vae"):
-            raise SystemExit("the VAE decoder is converted to fp8 in place: list the fp8 variants last")
-        vae.decoder_to_fp8()   # before enable_fast_path compiles the decoder's regions
-        models["fp8_vae"] = True
     gen.layout = BlockLayout(mode["n"], False)  # frames per block is run-time configuration, not weights
     gen.uncompile_blocks()  # the previous variant's compilation
     sch = FlowMatchScheduler(shift=5.0)

@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from model.fp8_conv import quantize_conv_weight
 from model.loader import load_strict, read_weights_file
-from model.vae_decoder import EAGER_REGIONS, PAD_OUT_CHANNELS, decoder_step
+from model.vae_decoder import EAGER_REGIONS, decoder_step
 from model.weights import WAN_VAE_FILENAME
 from utils.errors import ConfigError, WeightsMissingError
 
@@ -157,26 +156,6 @@ class WanVAE(nn.Module):
             elif isinstance(module, nn.Conv2d):
                 module.to(memory_format=torch.channels_last)
         self.channels_last = True
-        return self
-
-    def decoder_to_fp8(self) -> WanVAE:
-        """Give the decoder's residual blocks' 3x3x3 convolutions e4m3 weights with one scale per output channel
-        (model/fp8_conv.py), kept beside the float ones (a video's first call uses those), on the VAE's device;
-        output channels padded as ``PAD_OUT_CHANNELS`` says for that device. The streaming decoder then runs them
-        in fp8; the encoder is untouched. Idempotent."""
-        table = PAD_OUT_CHANNELS.get(self.device.type, {})
-        for block in self.model.decoder.modules():
-            if not (hasattr(block, "conv1") and hasattr(block, "conv2") and hasattr(block, "norm2")):
-                continue   # residual blocks only: their convolutions' inputs come from a norm and a SiLU
-            for conv in (block.conv1, block.conv2):
-                if hasattr(conv, "fp8_weight"):
-                    continue
-                w8, scale = quantize_conv_weight(conv.weight, table.get(conv.out_channels, conv.out_channels))
-                bias = torch.zeros(scale.numel(), device=scale.device)
-                bias[: conv.out_channels] = conv.bias.float()
-                conv.register_buffer("fp8_weight", w8, persistent=False)
-                conv.register_buffer("fp8_scale", scale, persistent=False)
-                conv.register_buffer("fp8_bias", bias.view_as(scale), persistent=False)
         return self
 
     def compile_decoder(self, enabled: bool = True, **options) -> WanVAE:

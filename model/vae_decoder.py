@@ -13,8 +13,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.fp8_conv import fp8_conv, to_e4m3
-
 # Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are dropped:
 # on the H100, cuDNN takes 2.10 ms for the last stage's full-resolution 96-channel 3x3x3 convolution (one steady
 # call, four 480x832 frames) and 1.41 ms with 128; 192 -> 256 gains nothing, nor 3 -> 8..128 for conv_out
@@ -23,13 +21,10 @@ PAD_OUT_CHANNELS: dict[str, dict[int, int]] = {"cuda": {96: 128}}
 
 
 def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
-    """A ``WanCausalConv3d`` with time from ``cache`` (None: zeros); returns ``(output, new cache)``. A convolution
-    given e4m3 weights (``fp8_weight``, :meth:`model.vae.WanVAE.decoder_to_fp8`) reads and caches its input in e4m3
-    (model/fp8_conv.py), except on a video's first call."""
+    """A ``WanCausalConv3d`` with time from ``cache`` (None: zeros); returns ``(output, new cache)``."""
     keep = conv._padding[4]  # the causal padding: kernel_t - 1 frames
     weight, bias, out_channels = conv.weight, conv.bias, conv.out_channels
     pad_w, _, pad_h = conv._padding[:3]
-    fp8_weight = getattr(conv, "fp8_weight", None)
     extra = PAD_OUT_CHANNELS.get(x.device.type, {}).get(out_channels, out_channels) - out_channels
     if extra:  # padded per call: a few hundred kB, and never stale when weights are loaded later
         weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra))
@@ -39,18 +34,13 @@ def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
         # 2-D convolution of the frame (a third of the products for kernel_t 3; as conv3d over a one-frame
         # channels-last tensor, cuDNN converted layouts first)
         new_cache = torch.cat([_zero_frames(x, keep - 1), x], dim=2)   # the last keep frames of zeros + x
-        new_cache = to_e4m3(new_cache) if fp8_weight is not None else new_cache
         layout = torch.channels_last if _layout(x) is torch.channels_last_3d else torch.contiguous_format
         frame = x[:, :, 0].contiguous(memory_format=layout)
         out = F.conv2d(frame, weight[:, :, keep].contiguous(memory_format=layout), bias, conv.stride[1:],
                        (pad_h, pad_w)).unsqueeze(2)
     else:
-        x = to_e4m3(x) if fp8_weight is not None else x
         x = torch.cat([_zero_frames(x, keep) if cache is None else cache, x], dim=2)
         new_cache = x[:, :, x.shape[2] - keep :].clone()
-        if fp8_weight is not None:   # its output channels are padded (or not) in the converted weights
-            out = fp8_conv(x, fp8_weight, conv.fp8_scale, conv.fp8_bias, [0, pad_h, pad_w])
-            return out[:, :out_channels] if out.shape[1] > out_channels else out, new_cache
         # height/width padding inside the convolution: no padded copy (H100: 0.81 vs 0.87 s compiled per 81 frames)
         out = F.conv3d(x, weight.contiguous(memory_format=_layout(x)), bias, conv.stride, (0, pad_h, pad_w))
     return out[:, :out_channels] if extra else out, new_cache

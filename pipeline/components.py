@@ -84,9 +84,9 @@ def gpu_memory_budget(device: torch.device) -> int:
 
 
 # Activations, CUDA-graph pools and decode buffers of a streamed video, per byte of network weights on the device.
-# Measured (benchmarks/results/inference_h200_text_encoder.json: chunk-wise 4-step, 480p, 81 frames, H200,
-# 2026-12-06, whose UMT5 held its embedding twice: 12.5 GiB): peak 24.9 GiB allocated, 28.3 reserved; minus UMT5,
-# 2.9 GiB of generator and VAE and the 5.6 GiB KV cache that leaves 3.9 GiB allocated and 7.3 reserved. 2.0 per byte
+# Measured (benchmarks/results/inference_h100_text_encoder_tied.json: chunk-wise 4-step, 480p, 81 frames, H100,
+# 2026-12-07, a loaded-size UMT5 of 10.6 GiB): peak 23.0 GiB allocated, 26.0 reserved; minus UMT5, 2.9 GiB of
+# generator and VAE and the 5.6 GiB KV cache that leaves 3.9 GiB allocated and 7.0 reserved. 2.0 per byte
 # (5.8 GiB) lies between: a loaded bf16 UMT5 (10.6 GiB) is then streamed on a 24 GiB card rather than run within
 # 1 GiB of its limit, and an int8 one (5.4 GiB) stays (measured: inference_h200_cap24_text_encoder_int8.json).
 WORKING_SET_PER_WEIGHT_BYTE = 2.0

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from model.fp8 import check_fp8_device, convert_to_fp8
-from model.fp8_conv import check_fp8_conv_device
 from model.kv_cache import KVCache
 from model.preview_decoder import TinyVideoDecoder
 from model.scheduler import FlowMatchScheduler
@@ -114,11 +113,9 @@ class StreamingPipeline:
     @classmethod
     def from_config(cls, cfg: Config, checkpoint_path: str | None = None, use_ema: bool = False, device=None,
                     dtype=None, text_encoder_device=None, decode: bool = True, fast: bool = True,
-                    compile: bool = True, preview_decoder: str | None = None, fp8: bool = False,
-                    fp8_vae: bool = False) -> "StreamingPipeline":
+                    compile: bool = True, preview_decoder: str | None = None, fp8: bool = False) -> "StreamingPipeline":
         """Build everything ``cfg`` names (GPU: bf16; CPU: float32). ``fast``: :meth:`enable_fast_path` on CUDA.
-        ``preview_decoder``: a TAEHV file that decodes instead of the Wan VAE. ``fp8``: block products in fp8;
-        ``fp8_vae``: the VAE decoder's residual convolutions in fp8 (:meth:`~model.vae.WanVAE.decoder_to_fp8`).
+        ``preview_decoder``: a TAEHV file that decodes instead of the Wan VAE. ``fp8``: block products in fp8.
         ``text_encoder_device``: default :func:`pipeline.components.placed_text_encoder`."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -126,16 +123,12 @@ class StreamingPipeline:
         if fp8:   # the generator's block products in fp8
             check_fp8_device(device)
             convert_to_fp8(generator)
-        if fp8_vae:
-            check_fp8_conv_device(device)
         vae = C.build_vae(cfg, device=device, dtype=dtype) if decode else None
         preview = TinyVideoDecoder.from_file(preview_decoder, device=device, dtype=dtype) \
             if decode and preview_decoder else None
         for decoder in (vae, preview):
             if decoder is not None and device.type == "cuda":
                 decoder.to_channels_last()  # faster cuDNN 3-D convolutions (libraries.md §9)
-        if fp8_vae and vae is not None:
-            vae.decoder_to_fp8()
         text_encoder = C.placed_text_encoder(cfg, generator, device, dtype, text_encoder_device)
         pipe = cls.from_networks(cfg, generator, text_encoder, vae, device, dtype, preview)
         return pipe.enable_fast_path(compile) if fast else pipe
