@@ -65,6 +65,7 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_no_graphs": dict(graphs=False),          # A/B: compiled regions, no CUDA graphs
     "fast_lazy_cross": dict(lazy_cross=True),      # A/B: a video's first DiT call fills the cross K/V itself, eagerly
     "fast_autotune": dict(autotune=True),          # A/B: the DiT regions compiled with inductor's max-autotune
+    "fast_cudnn_all": dict(cudnn_benchmark_limit=0),  # A/B: cudnn.benchmark times every algorithm (own process)
     "fast_fp8": dict(fp8=True),                    # --fp8: the DiT blocks' products in fp8 (list fp8 variants last)
 }
 
@@ -77,6 +78,8 @@ def prepare(variant: dict) -> None:
     attn.set_kv_split(variant.get("kv_split", True))
     attn.SPLIT_Q_VIEW = variant.get("split_q_view", True)
     kv_cache.DIRECT_WRITE = variant.get("direct_write", True)
+    # cuDNN keeps the algorithm it picked per shape for the process: A/B this one in separate processes
+    torch.backends.cudnn.benchmark_limit = variant.get("cudnn_benchmark_limit", 10)
 
 
 def sync() -> None:

@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
     p.add_argument("--out_pad", type=int, nargs="*", default=[8, 16, 32, 64, 128],
                    help="output-channel counts the 3-channel conv_out is also timed with")
+    p.add_argument("--benchmark_limit", type=int, default=None, help="torch.backends.cudnn.benchmark_limit: how many "
+                   "of cuDNN's algorithms cudnn.benchmark times per shape (PyTorch's default 10; 0: all)")
     p.add_argument("--fp8", action="store_true", help="also cuDNN's fp8 convolutions (module docstring); needs "
                    "nvidia-cudnn-frontend")
     p.add_argument("--out", default="bench_vae_conv.json", help="JSON output path")
@@ -168,6 +170,8 @@ def main(argv=None) -> int:
         return 2
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.backends.cudnn.benchmark = True
+    if args.benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.benchmark_limit
     rows = []
     for c, t, h, w, count in SHAPES:
         x = torch.randn(1, c, t + 2, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
         f"{k[3:-3]} out {v:.3f} ms" for k, v in row.items() if k.startswith("out") and k.endswith("_ms")), flush=True)
     if args.fp8:
         rows += fp8_rows(args, device)
-    save_results(args.out, rows, device)
+    save_results(args.out, rows, device, benchmark_limit=torch.backends.cudnn.benchmark_limit)
     return 0
 
 
