@@ -14,6 +14,16 @@ float32 over the real tokens, and each linear layer's output error on the inputs
     python benchmarks/bench_text_encoder.py --device cuda --runs 5 --out $OUT/text_encoder.json
     python benchmarks/bench_text_encoder.py --device cpu --runs 1 --out $OUT/text_encoder_cpu.json
     python benchmarks/bench_text_encoder.py --device cuda --accuracy --num_prompts 8 --out $OUT/int8.json
+
+``--host_memory WEIGHTS`` instead loads a real-format UMT5 (a Wan folder or ``.pth``, or a transformers folder) with
+``TextEncoder.from_pretrained`` on the CPU, as ``--text_encoder_cpu`` does, and records the process's resident memory
+(anonymous and file-backed: the Wan ``.pth`` is memory-mapped) after loading and after encoding one prompt; with
+``--int8``, loaded as ``--text_encoder_int8`` loads it.
+``--write_zero_wan FOLDER`` writes a full-size zero-weight Wan ``.pth`` (10.6 GiB) and a link to the toy tokenizer
+there, to load in a second process (whose peak memory then counts the loading alone):
+
+    python benchmarks/bench_text_encoder.py --write_zero_wan /tmp/umt5
+    python benchmarks/bench_text_encoder.py --host_memory /tmp/umt5 --out $OUT/host.json
 """
 
 from __future__ import annotations
@@ -111,6 +121,47 @@ def accuracy(args, device: torch.device, prompts: list[str]) -> list[dict]:
     return [row]
 
 
+def resident_gib() -> dict:
+    """This process's resident memory now (``/proc/self/status``: total, anonymous, file-backed) and its peak, GiB."""
+    fields = {"VmRSS": "rss", "RssAnon": "anonymous", "RssFile": "file_backed", "VmHWM": "peak"}
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            out[fields[key] + "_gib"] = int(value.split()[0]) / 2**20   # kB
+    return out
+
+
+def write_zero_wan(folder: Path) -> None:
+    """``--write_zero_wan`` (module docstring)."""
+    from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_SUBDIR
+    from toy.folders import convert_hf_t5_to_wan
+
+    tokenizer = folder / WAN_TOKENIZER_SUBDIR
+    tokenizer.parent.mkdir(parents=True, exist_ok=True)
+    if not tokenizer.exists():   # the toy tokenizer, as for the timings
+        tokenizer.symlink_to(Path(__file__).resolve().parent.parent / "assets/toy/Toy-T2V/google/umt5-xxl")
+    torch.save(convert_hf_t5_to_wan(zero_text_encoder(False).encoder.state_dict()), folder / WAN_T5_FILENAME)
+    print(f"wrote {folder / WAN_T5_FILENAME}")
+
+
+def host_memory(args, prompts: list[str]) -> list[dict]:
+    """``--host_memory`` (module docstring)."""
+    from model.text_encoder import TextEncoder
+
+    rows = [dict(stage="start", **resident_gib())]
+    t = time.perf_counter()
+    encoder = TextEncoder.from_pretrained(args.host_memory, device="cpu", cache_size=0, int8=args.int8)
+    rows.append(dict(stage="loaded", seconds=time.perf_counter() - t, **resident_gib()))
+    with torch.no_grad():
+        t = time.perf_counter()
+        encoder.encode(prompts[:1])
+    rows.append(dict(stage="encoded one prompt", seconds=time.perf_counter() - t, **resident_gib()))
+    for row in rows:
+        print(row)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where UMT5 runs")
@@ -122,10 +173,20 @@ def main(argv=None) -> int:
     p.add_argument("--int8", action="store_true", help="also time the encoder with int8 weights")
     p.add_argument("--accuracy", action="store_true", help="measure int8's and bf16's errors against float32 "
                                                             "(random weights; module docstring) instead of speed")
+    p.add_argument("--host_memory", default=None, metavar="WEIGHTS", help="record the host memory of loading this "
+                   "UMT5 on the CPU and encoding a prompt instead (module docstring)")
+    p.add_argument("--write_zero_wan", default=None, metavar="FOLDER", help="write a full-size zero-weight Wan .pth "
+                   "(10.6 GiB) and a link to the toy tokenizer into FOLDER, for --host_memory, and exit")
     p.add_argument("--out", default="bench_text_encoder.json", help="JSON output path")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if args.write_zero_wan:
+        write_zero_wan(Path(args.write_zero_wan))
+        return 0
+    if args.host_memory:
+        save_results(args.out, host_memory(args, prompts), torch.device("cpu"), int8=args.int8)
+        return 0
     if args.accuracy:
         save_results(args.out, accuracy(args, device, prompts[:args.num_prompts]), device)
         return 0

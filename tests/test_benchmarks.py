@@ -101,3 +101,12 @@ def test_bench_text_encoder_int8_timing_and_accuracy(tmp_path):
     # bf16 and int8 embeddings of a random tiny UMT5 against float32: both small, int8 the larger (groups of a row)
     assert 0 < row["embedding_error_bf16"] < row["embedding_error_int8"] < 0.1 and row["padding_zero"]
     assert len(row["layers"]) == 14 and all(0 < layer["bf16"] < layer["int8"] < 0.05 for layer in row["layers"])
+
+
+def test_bench_text_encoder_host_memory_of_a_loaded_file(tmp_path):
+    """The toy folder's Wan-format UMT5 file, loaded as --text_encoder_cpu loads it (memory-mapped)."""
+    rows = run("bench_text_encoder.py", tmp_path / "host.json", "--host_memory", str(ROOT / "assets/toy/Toy-T2V"),
+               runs=False)["rows"]
+    assert [row["stage"] for row in rows] == ["start", "loaded", "encoded one prompt"]
+    assert all(0 < row["anonymous_gib"] <= row["rss_gib"] <= row["peak_gib"] for row in rows)
+    assert rows[2]["seconds"] > 0 and rows[1]["peak_gib"] <= rows[2]["peak_gib"]
