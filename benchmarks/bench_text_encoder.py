@@ -170,7 +170,8 @@ def main(argv=None) -> int:
                    help="text file, one prompt a line")
     p.add_argument("--num_prompts", type=int, default=3, help="the first N prompts of --prompts")
     p.add_argument("--tiny", action="store_true", help="smoke test: a tiny UMT5 and text_len 16")
-    p.add_argument("--int8", action="store_true", help="also time the encoder with int8 weights")
+    p.add_argument("--int8", action="store_true", help="also time the encoder with int8 weights (with "
+                   "--host_memory: load it with int8 weights)")
     p.add_argument("--accuracy", action="store_true", help="measure int8's and bf16's errors against float32 "
                                                             "(random weights; module docstring) instead of speed")
     p.add_argument("--host_memory", default=None, metavar="WEIGHTS", help="record the host memory of loading this "
