@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from common import cuda_ms, save_results
+from common import cuda_ms, rel, save_results
 
 from model.attention import attention
 from model.config import get_preset
@@ -56,10 +56,6 @@ def stream_attention_inputs(device):
                                   for n in (lq, lk, lk))
 LAYERS = {"qkv": ("self_attn.q", "self_attn.k", "self_attn.v"), "self_o": ("self_attn.o",),
           "cross_q": ("cross_attn.q",), "cross_o": ("cross_attn.o",), "ffn_up": ("ffn.0",), "ffn_down": ("ffn.2",)}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import cuda_ms, save_results
+from common import cuda_ms, rel, save_results
 
 # channels, output frames, height, width, convolutions of this shape per steady call of the full-size decoder
 SHAPES = [(96, 4, 480, 832, 6), (192, 4, 240, 416, 6), (384, 2, 120, 208, 5), (384, 1, 60, 104, 10)]
@@ -28,16 +28,12 @@ UPSAMPLE_SHAPES = [(192, 96, 4, 480, 832), (384, 192, 4, 240, 416), (384, 192, 2
 E4M3 = torch.float8_e4m3fn
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 class CudnnConv:
     """``conv(x, w) * scale + bias`` (float32 accumulation and epilogue, bf16 out) as one cuDNN frontend graph for
     fixed shapes; ``x`` and ``w`` bf16 or e4m3, channels-last. ``scale`` and ``bias`` ``[1, K, 1, ...]`` float32."""
 
     def __init__(self, cudnn, handle, x, w, padding):
-        self.cudnn, self.handle = cudnn, handle
+        self.handle = handle
         types = {torch.bfloat16: cudnn.data_type.BFLOAT16, E4M3: cudnn.data_type.FP8_E4M3}
         f32, spatial = cudnn.data_type.FLOAT, x.dim() - 2
         k = w.shape[0]

@@ -32,6 +32,11 @@ def conv_padding(enabled: bool):
     return contextlib.nullcontext() if enabled else mock.patch.dict(vae_decoder.PAD_OUT_CHANNELS, clear=True)
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ``|a - b| / |b|`` (Frobenius), in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def cuda_ms(fn, iters: int = 20) -> float:
     """Mean time of ``iters`` back-to-back calls of ``fn`` after 3 warm-up calls, in ms (CUDA events)."""
     for _ in range(3):
