@@ -57,6 +57,7 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_no_kv_split": dict(kv_split=False),      # A/B: cuDNN attention never on split keys
     "fast_split_q_copy": dict(split_q_view=False),  # A/B: each key part gets its own copy of the queries
     "fast_cache_copy": dict(direct_write=False),   # A/B: K/V copied into the cache, not stored by the projections
+    "fast_eager_join": dict(join_in_region=False),  # A/B: a multi-block call's outputs joined by an eager torch.cat
     "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
     "no_compile_fa4_one_frame": dict(compile=False, flash_min_queries=1024),  # the same A/B, eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
@@ -78,6 +79,7 @@ def prepare(variant: dict) -> None:
     attn.set_kv_split(variant.get("kv_split", True))
     attn.SPLIT_Q_VIEW = variant.get("split_q_view", True)
     kv_cache.DIRECT_WRITE = variant.get("direct_write", True)
+    kv_cache.JOIN_IN_REGION = variant.get("join_in_region", True)
     # cuDNN keeps the algorithm it picked per shape for the process: A/B this one in separate processes
     torch.backends.cudnn.benchmark_limit = variant.get("cudnn_benchmark_limit", 10)
 

@@ -78,10 +78,10 @@ class RotaryTables:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of ``x [B, L, N, d]`` by ``cos``/``sin`` ``[L, d/2]``, in float32, returned in ``x``'s
-    dtype."""
+    dtype: ``(x0, x1) -> (x0·c - x1·s, x1·c + x0·s)``, written as ``x·c + swap(x)·(-s, s)`` so that every output
+    element reads its own pair with no branch (a compiled kernel then loads each input once per element)."""
     dtype = x.dtype
     xf = x.float().unflatten(-1, (-1, 2))                    # [B, L, N, d/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(dtype)
+    c = cos[None, :, None, :, None]
+    s = torch.stack((-sin, sin), dim=-1)[None, :, None]      # [1, L, 1, d/2, 2]
+    return (xf * c + xf.flip(-1) * s).flatten(-2).to(dtype)

@@ -182,6 +182,8 @@ class WanBlock(nn.Module):
         return q, None, None
 
     def _cross_attn_in(self, x, y, gate1):
+        if isinstance(y, tuple):   # per-block outputs of a multi-block cached call (CachedCall.attend)
+            y = torch.cat(y, dim=1)
         x = x + (self._per_frame(self.self_attn.o(y.flatten(2)), gate1.shape[1]) * gate1).flatten(1, 2)
         return x, self.cross_attn.query(self.norm3(x))
 
@@ -286,7 +288,9 @@ class WanModel(nn.Module):
     def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``[B, F, C, H, W]`` -> tokens ``[B, F'·H'·W', D]`` and the grid ``(F', H', W')``."""
         h = self.patch_embedding(x.transpose(1, 2))             # [B, D, F', H', W']
-        return h.flatten(2).transpose(1, 2), tuple(h.shape[2:])
+        # Row-major tokens: the residual stream keeps the layout it starts with through every compiled region, and
+        # a feature-major one splits each LayerNorm into three kernels (docs/performance.md).
+        return h.flatten(2).transpose(1, 2).contiguous(), tuple(h.shape[2:])
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[B, F', S, pt·ph·pw·C]`` -> ``[B, F'·pt, C, H'·ph, W'·pw]``."""

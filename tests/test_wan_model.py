@@ -444,3 +444,12 @@ def test_outputs_are_never_views(patch):
     for name, out in outs.items():
         assert out._base is None, f"{name} with patch {patch} returned a view"
         assert out.shape[-2:] == x.shape[-2:]
+
+
+def test_tokens_enter_the_blocks_row_major():
+    """The compiled regions keep the layout of the residual stream they are given; a feature-major one (the patch
+    embedding's own) turns each LayerNorm into three kernels on the GPU. The tokens must start row-major."""
+    model = tiny_model(causal=True, num_frame_per_block=1)
+    x, _, _, _ = inputs(num_frames=2)
+    tokens, grid = model._patchify(x)
+    assert tokens.is_contiguous() and tokens.shape[1] == math.prod(grid)
