@@ -46,7 +46,8 @@ SCRATCH = CacheView(write=False)
 # copied in by ``attend``: a frame-wise video's copy kernels 100 -> 16 ms on an H100 (False: the A/B variant).
 DIRECT_WRITE = True
 # A multi-block prefix call returns one attention output per block and the caller's compiled region joins them,
-# in the copy that makes its input row-major anyway, instead of an eager ``torch.cat`` (False: the A/B variant).
+# where inductor can fuse the join with the region's own work, instead of an eager ``torch.cat`` of the transposed
+# outputs (11.6 ms of a frame-wise 2-step video's DiT on an H200; docs/performance.md) (False: the A/B variant).
 JOIN_IN_REGION = True
 
 

@@ -78,8 +78,9 @@ class RotaryTables:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of ``x [B, L, N, d]`` by ``cos``/``sin`` ``[L, d/2]``, in float32, returned in ``x``'s
-    dtype: ``(x0, x1) -> (x0·c - x1·s, x1·c + x0·s)``, written as ``x·c + swap(x)·(-s, s)`` so that every output
-    element reads its own pair with no branch (a compiled kernel then loads each input once per element)."""
+    dtype: ``(x0, x1) -> (x0·c - x1·s, x1·c + x0·s)``, written as ``x·c + swap(x)·(-s, s)``: the partner element is
+    an index swap, not a branch per pair element (which inductor compiled into one masked load per element and
+    branch: docs/performance.md)."""
     dtype = x.dtype
     xf = x.float().unflatten(-1, (-1, 2))                    # [B, L, N, d/2, 2]
     c = cos[None, :, None, :, None]
