@@ -488,16 +488,16 @@ def test_samples_follow_the_caption(caption_world, one_thread):
 def test_teacher_forcing_from_the_toy_base_learns_the_captioned_direction(repo_root, tmp_path):
     """Stage 1 as the recipe runs it, through ``train.py`` and ``inference.py`` with configs/toy: teacher forcing,
     chunk-wise, starting from a bidirectional base that knows the toy world (the shipped toy base stands in for
-    Wan2.1, as the real Stage 1 starts from Wan), 40 steps of batch 8 on 64 clips encoded by the toy VAE, then 24
-    videos (8 prompts of prompts/toy.txt x 3, 50 steps, CFG 3) scored by the toy detector.
+    Wan2.1, as the real Stage 1 starts from Wan), 40 steps of batch 8 on 64 clips encoded by the toy VAE, then 16
+    videos (8 prompts of prompts/toy.txt x 2, 50 steps, CFG 3) scored by the toy detector.
 
-    Measured on 2 CPU cores (2026-12-06, the 2600-step base): on an AMD EPYC the captioned direction in 24 of 24
-    videos (faithfulness 0.95); the same 24 videos from the base weights used causally without the training
-    (inference.py with the config and no checkpoint): 10 of 24 (0.43). On an Intel Xeon with 32 videos (x 4): 24 of
-    32 (0.81), untrained 15 of 32 (0.53); after 20 steps 16 of 32. Chance is 1/4; the bar, binomial p < 1e-3, means
-    >= 14 of 24, between the untrained and the trained model. The caption_world runs above learn the colour but not
-    the direction from scratch in a CI budget; from a base that has the motion, teacher forcing learns to produce it
-    block by block."""
+    Measured on 2 CPU cores (AMD EPYC, 2026-12-07, the 2600-step base): the captioned direction in 14 of 16 videos;
+    the same 16 videos from the base weights used causally without the training (inference.py with the config and
+    no checkpoint): 7 of 16. With 3 videos a prompt the trained model scored 24 of 24 (2026-12-06 and -07) against
+    10 of 24 untrained; 2 a prompt take 110 s of sampling instead of 155. Chance is 1/4; the bar, binomial
+    p < 1e-3, means >= 11 of 16, between the untrained and the trained model. The caption_world runs above learn the
+    colour but not the direction from scratch in a CI budget; from a base that has the motion, teacher forcing learns
+    to produce it block by block."""
     import json
     import os
     import subprocess
@@ -517,17 +517,17 @@ def test_teacher_forcing_from_the_toy_base_learns_the_captioned_direction(repo_r
     checkpoint = tmp_path / "log" / "checkpoint_model_000040" / "model.pt"
     out = tmp_path / "videos"
     run = subprocess.run([sys.executable, "inference.py", "--config_path", config, "--checkpoint_path", str(checkpoint),
-                          "--data_path", "prompts/toy.txt", "--output_folder", str(out), "--num_samples", "3"],
+                          "--data_path", "prompts/toy.txt", "--output_folder", str(out), "--num_samples", "2"],
                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     run = subprocess.run([sys.executable, "-m", "toy.eval_videos", "--video_folder", str(out), "--data_path",
-                          "prompts/toy.txt", "--num_samples", "3", "--out", str(tmp_path / "eval.json"), "--quiet",
+                          "prompts/toy.txt", "--num_samples", "2", "--out", str(tmp_path / "eval.json"), "--quiet",
                           "--num_real", "8"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     videos = json.loads((tmp_path / "eval.json").read_text())["videos"]
     hits = sum(int(v["direction"]) for v in videos)
     p = binomial_tail(hits, len(videos), 0.25)
-    assert len(videos) == 24 and p < 1e-3, (f"captioned direction in {hits}/{len(videos)} videos (chance 1/4, "
+    assert len(videos) == 16 and p < 1e-3, (f"captioned direction in {hits}/{len(videos)} videos (chance 1/4, "
                                             f"binomial p={p:.2g})")
 
 
