@@ -30,7 +30,7 @@ import torch
 from common import conv_padding, save_results, streaming_setup
 
 from model import attention as attn
-from model import kv_cache
+from model import kv_cache, vae_decoder
 from model.fp8 import convert_to_fp8
 from model.loader import build_wan_model
 from model.masks import BlockLayout
@@ -57,16 +57,17 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_no_kv_split": dict(kv_split=False),      # A/B: cuDNN attention never on split keys
     "fast_split_q_copy": dict(split_q_view=False),  # A/B: each key part gets its own copy of the queries
     "fast_cache_copy": dict(direct_write=False),   # A/B: K/V copied into the cache, not stored by the projections
-    "fast_eager_join": dict(join_in_region=False),  # A/B: a multi-block call's outputs joined by an eager torch.cat
     "no_compile": dict(compile=False),             # --no_compile: DiT and VAE decoder eager
     "no_compile_fa4_one_frame": dict(compile=False, flash_min_queries=1024),  # the same A/B, eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
     "fast_eager_vae": dict(compile_vae=False),     # A/B: the VAE decoder regions eager, the DiT compiled
     "fast_no_conv_pad": dict(conv_pad=False),      # A/B: the 96-channel convolutions without padded outputs
+    "fast_sdpa_vae_attention": dict(gemm_mid_attention=False),  # A/B: the VAE's mid-block attention through SDPA
     "fast_no_graphs": dict(graphs=False),          # A/B: compiled regions, no CUDA graphs
     "fast_lazy_cross": dict(lazy_cross=True),      # A/B: a video's first DiT call fills the cross K/V itself, eagerly
     "fast_autotune": dict(autotune=True),          # A/B: the DiT regions compiled with inductor's max-autotune
     "fast_cudnn_all": dict(cudnn_benchmark_limit=0),  # A/B: cudnn.benchmark times every algorithm (own process)
+    "fast_cudnn_all_no_pad": dict(cudnn_benchmark_limit=0, conv_pad=False),  # A/B: the two together (own process)
     "fast_fp8": dict(fp8=True),                    # --fp8: the DiT blocks' products in fp8 (list fp8 variants last)
 }
 
@@ -79,7 +80,7 @@ def prepare(variant: dict) -> None:
     attn.set_kv_split(variant.get("kv_split", True))
     attn.SPLIT_Q_VIEW = variant.get("split_q_view", True)
     kv_cache.DIRECT_WRITE = variant.get("direct_write", True)
-    kv_cache.JOIN_IN_REGION = variant.get("join_in_region", True)
+    vae_decoder.GEMM_MID_ATTENTION = {"cuda"} if variant.get("gemm_mid_attention", True) else set()
     # cuDNN keeps the algorithm it picked per shape for the process: A/B this one in separate processes
     torch.backends.cudnn.benchmark_limit = variant.get("cudnn_benchmark_limit", 10)
 

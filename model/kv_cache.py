@@ -45,10 +45,6 @@ SCRATCH = CacheView(write=False)
 # A prefix call's K/V are stored by the region that makes them (WanBlock._self_attn_in, compiled on CUDA) instead of
 # copied in by ``attend``: a frame-wise video's copy kernels 100 -> 16 ms on an H100 (False: the A/B variant).
 DIRECT_WRITE = True
-# A multi-block prefix call returns one attention output per block and the caller's compiled region joins them,
-# where inductor can fuse the join with the region's own work, instead of an eager ``torch.cat`` of the transposed
-# outputs (11.6 ms of a frame-wise 2-step video's DiT on an H200; docs/performance.md) (False: the A/B variant).
-JOIN_IN_REGION = True
 
 
 class KVCache:
@@ -270,11 +266,9 @@ class CachedCall:
         ranges = self.cache.token_ranges(range(self.start_frame, self.start_frame + self.num_frames))
         return ranges[0] if len(ranges) == 1 else None
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-               layer: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int) -> torch.Tensor:
         """Self-attention of the call's queries ``[B, L, N, d]`` at ``layer``; writes its K/V if the view says so.
-        ``k``, ``v`` None: already written to :meth:`write_slots`. A multi-block call returns its blocks' outputs in
-        token order, for the caller to concatenate along dim 1 (:data:`JOIN_IN_REGION`)."""
+        ``k``, ``v`` None: already written to :meth:`write_slots`."""
         cache = self.cache
         if k is None:
             assert self.prefix, "only prefix calls read their own K/V from the cache"
@@ -289,7 +283,7 @@ class CachedCall:
             return attention(q, k, v)
         return attention(q, torch.cat(keys + [k], dim=1), torch.cat(values + [v], dim=1))
 
-    def _attend_prefix(self, q: torch.Tensor, layer: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def _attend_prefix(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         """Each block's queries see the cache up to the end of their own block (block-causal)."""
         cache, s = self.cache, self.cache.tokens_per_frame
         if self.sinks:
@@ -300,9 +294,7 @@ class CachedCall:
             visible = min(end, cache.capacity) * s   # the slots holding valid frames: a prefix of the buffer
             outs.append(attention(q[:, q0:q0 + n * s], cache.k[layer, :, :visible], cache.v[layer, :, :visible]))
             q0 += n * s
-        if len(outs) == 1:
-            return outs[0]
-        return tuple(outs) if JOIN_IN_REGION else torch.cat(outs, dim=1)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _gather(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """K/V of the attended cache entries: placed sink, sink frames at their own positions, ring frames."""

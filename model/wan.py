@@ -182,8 +182,6 @@ class WanBlock(nn.Module):
         return q, None, None
 
     def _cross_attn_in(self, x, y, gate1):
-        if isinstance(y, tuple):   # per-block outputs of a multi-block cached call (CachedCall.attend)
-            y = torch.cat(y, dim=1)
         x = x + (self._per_frame(self.self_attn.o(y.flatten(2)), gate1.shape[1]) * gate1).flatten(1, 2)
         return x, self.cross_attn.query(self.norm3(x))
 
