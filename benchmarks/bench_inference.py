@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import conv_padding, save_results, streaming_setup
+from common import save_results, streaming_setup
 
 from model import attention as attn
-from model import kv_cache, vae_decoder
+from model import kv_cache
 from model.fp8 import convert_to_fp8
 from model.loader import build_wan_model
 from model.masks import BlockLayout
@@ -61,13 +61,10 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "no_compile_fa4_one_frame": dict(compile=False, flash_min_queries=1024),  # the same A/B, eager
     "fast_preview": dict(preview=True),            # --preview_decoder (released size, random weights)
     "fast_eager_vae": dict(compile_vae=False),     # A/B: the VAE decoder regions eager, the DiT compiled
-    "fast_no_conv_pad": dict(conv_pad=False),      # A/B: the 96-channel convolutions without padded outputs
-    "fast_sdpa_vae_attention": dict(gemm_mid_attention=False),  # A/B: the VAE's mid-block attention through SDPA
     "fast_no_graphs": dict(graphs=False),          # A/B: compiled regions, no CUDA graphs
     "fast_lazy_cross": dict(lazy_cross=True),      # A/B: a video's first DiT call fills the cross K/V itself, eagerly
     "fast_autotune": dict(autotune=True),          # A/B: the DiT regions compiled with inductor's max-autotune
-    "fast_cudnn_all": dict(cudnn_benchmark_limit=0),  # A/B: cudnn.benchmark times every algorithm (own process)
-    "fast_cudnn_all_no_pad": dict(cudnn_benchmark_limit=0, conv_pad=False),  # A/B: the two together (own process)
+    "fast_cudnn_limit_10": dict(cudnn_benchmark_limit=10),  # A/B: cuDNN times PyTorch's default 10 (own process)
     "fast_fp8": dict(fp8=True),                    # --fp8: the DiT blocks' products in fp8 (list fp8 variants last)
 }
 
@@ -80,9 +77,6 @@ def prepare(variant: dict) -> None:
     attn.set_kv_split(variant.get("kv_split", True))
     attn.SPLIT_Q_VIEW = variant.get("split_q_view", True)
     kv_cache.DIRECT_WRITE = variant.get("direct_write", True)
-    vae_decoder.GEMM_MID_ATTENTION = {"cuda"} if variant.get("gemm_mid_attention", True) else set()
-    # cuDNN keeps the algorithm it picked per shape for the process: A/B this one in separate processes
-    torch.backends.cudnn.benchmark_limit = variant.get("cudnn_benchmark_limit", 10)
 
 
 def sync() -> None:
@@ -116,6 +110,10 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
                              default_num_frames=21, device=device, dtype=dtype, preview_decoder=preview)
     # as inference.py; a no-op on the CPU
     pipe.enable_fast_path(compile=variant.get("compile", True), graphs=variant.get("graphs"))
+    if "cudnn_benchmark_limit" in variant:
+        # the fast path sets 0 (every algorithm timed); cuDNN keeps the algorithm it picked per shape for the
+        # process, so A/B this one in separate processes
+        torch.backends.cudnn.benchmark_limit = variant["cudnn_benchmark_limit"]
     if variant.get("autotune"):   # GEMMs inside the regions benchmarked against Triton templates, epilogues fused
         gen.uncompile_blocks()
         gen.compile_blocks(mode="max-autotune-no-cudagraphs")
@@ -280,11 +278,10 @@ def main(argv=None) -> int:
         prepare(variant)
         for mode_name in args.modes:
             mode = MODES[mode_name]
-            with conv_padding(variant.get("conv_pad", True)):
-                pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)
-                runs = args.long_runs if mode_name == "long" else args.runs
-                e2e = measure(pipe, ctx, mode["frames"], runs, decode=True)
-                dit = measure(pipe, ctx, mode["frames"], min(runs, args.dit_runs or runs), decode=False)
+            pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)
+            runs = args.long_runs if mode_name == "long" else args.runs
+            e2e = measure(pipe, ctx, mode["frames"], runs, decode=True)
+            dit = measure(pipe, ctx, mode["frames"], min(runs, args.dit_runs or runs), decode=False)
             encode_s = None
             if "text_encoder" in models:   # a prompt not seen yet: the encoder's full cost (streamed or resident)
                 sync()

@@ -1,12 +1,13 @@
 """The Wan VAE decoder's causal 3x3x3 convolutions at one steady streaming call's shapes (one latent frame in: 1 frame
 at 60x104, 2 at 120x208, 4 at 240x416 and 480x832): cuDNN ``conv3d`` channels-last (as the decoder runs them), on
-contiguous (NCDHW) tensors, and with the output channels zero-padded to a multiple of 128 (what
-``model.vae_decoder.PAD_OUT_CHANNELS`` does for the 96-channel stage on CUDA). Then the decoder's last convolution
-(``conv_out``: 96 channels in, 3 out, four 480x832 frames a call) as it is and computed with ``--out_pad`` output
-channels (zero weights, the extra ones dropped), since a 3-wide output is a poor fit for any GEMM tile.
+contiguous (NCDHW) tensors, and with the output channels zero-padded to a multiple of 128 (a wider tile for cuDNN;
+with ``--benchmark_limit 0``, as the pipeline's fast path sets it, cuDNN finds as fast a kernel for 96). Then the
+decoder's last convolution (``conv_out``: 96 channels in, 3 out, four 480x832 frames a call) as it is and computed
+with ``--out_pad`` output channels (zero weights, the extra ones dropped), since a 3-wide output is a poor fit for
+any GEMM tile.
 
-bf16, cudnn.benchmark on; CUDA events, mean of ``--iters`` calls after 3 warm-up calls. Prints a table and writes
-JSON.
+bf16, cudnn.benchmark on (``--benchmark_limit``: PyTorch's default unless given); CUDA events, mean of ``--iters``
+calls after 3 warm-up calls. Prints a table and writes JSON.
 
     python benchmarks/bench_vae_conv.py --out bench_vae_conv.json [--fp8]
 """

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -21,15 +19,6 @@ def save_results(path: str, rows: list[dict], device: torch.device, **extra) -> 
     Path(path).write_text(json.dumps(dict(info=info, rows=rows), indent=2))
     print(json.dumps(info))
     return info
-
-
-def conv_padding(enabled: bool):
-    """A context in which the VAE decoder pads its convolutions' output channels as the library does
-    (``model.vae_decoder.PAD_OUT_CHANNELS``, ``enabled``) or not at all (A/B runs). The table is read when a decoder
-    region is traced, so compile the decoder inside the context."""
-    from model import vae_decoder
-
-    return contextlib.nullcontext() if enabled else mock.patch.dict(vae_decoder.PAD_OUT_CHANNELS, clear=True)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

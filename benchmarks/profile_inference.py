@@ -23,7 +23,7 @@ from pathlib import Path
 
 import bench_inference as bench
 import torch
-from common import conv_padding, save_results, streaming_setup
+from common import save_results, streaming_setup
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from model.vae import WanVAE
@@ -175,8 +175,7 @@ def main(argv=None) -> int:
         return 2
     mode, variant = bench.MODES[args.mode], bench.VARIANTS[args.variant]
     bench.prepare(variant)
-    with conv_padding(variant.get("conv_pad", True)):
-        rows = profile_runs(args, setup, mode, variant)
+    rows = profile_runs(args, setup, mode, variant)
     save_results(args.out, rows, setup[0])
     return 0
 

@@ -13,27 +13,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Per device type, output-channel counts computed as a larger count (zero weights) whose extra channels are dropped:
-# on the H100, cuDNN takes 2.10 ms for the last stage's full-resolution 96-channel 3x3x3 convolution (one steady
-# call, four 480x832 frames) and 1.41 ms with 128; 192 -> 256 gains nothing, nor 3 -> 8..128 for conv_out
-# (1.20 vs 1.11-1.59 ms; benchmarks/bench_vae_conv.py).
-PAD_OUT_CHANNELS: dict[str, dict[int, int]] = {"cuda": {96: 128}}
-# Device types on which the mid block's one-head attention (C = 384 channels over a frame's h·w positions) runs as
-# two batched GEMMs with float32 scores (:func:`_mid_attention`); elsewhere diffusers' module and its SDPA call. For a
-# head that wide SDPA has only its memory-efficient kernel on Hopper: 1.0 ms a 60x104 frame on an H100, 21 ms of a
-# video's decode (benchmarks/results/profile_frame2_h100.json).
-GEMM_MID_ATTENTION: set[str] = {"cuda"}
-
 
 def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
     """A ``WanCausalConv3d`` with time from ``cache`` (None: zeros); returns ``(output, new cache)``."""
     keep = conv._padding[4]  # the causal padding: kernel_t - 1 frames
-    weight, bias, out_channels = conv.weight, conv.bias, conv.out_channels
+    weight, bias = conv.weight, conv.bias
     pad_w, _, pad_h = conv._padding[:3]
-    extra = PAD_OUT_CHANNELS.get(x.device.type, {}).get(out_channels, out_channels) - out_channels
-    if extra:  # padded per call: a few hundred kB, and never stale when weights are loaded later
-        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra))
-        bias = F.pad(bias, (0, extra)) if bias is not None else None
     if cache is None and keep and x.shape[2] == 1:
         # a video's first call (one frame): the frames before it are zeros, so only the last time tap counts, a
         # 2-D convolution of the frame (a third of the products for kernel_t 3; as conv3d over a one-frame
@@ -48,7 +33,7 @@ def _causal_conv(conv: nn.Conv3d, x: torch.Tensor, cache: torch.Tensor | None):
         new_cache = x[:, :, x.shape[2] - keep :].clone()
         # height/width padding inside the convolution: no padded copy (H100: 0.81 vs 0.87 s compiled per 81 frames)
         out = F.conv3d(x, weight.contiguous(memory_format=_layout(x)), bias, conv.stride, (0, pad_h, pad_w))
-    return out[:, :out_channels] if extra else out, new_cache
+    return out, new_cache
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -73,22 +58,6 @@ def _zero_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
     """Zeros of ``frames`` time steps, shaped and laid out like ``x``."""
     b, c, _, h, w = x.shape
     return torch.zeros((b, c, frames, h, w), dtype=x.dtype, device=x.device).contiguous(memory_format=_layout(x))
-
-
-def _mid_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``WanAttentionBlock`` on ``x [B, C, T, h, w]``: each frame's positions attend to each other, one
-    head of C channels. As GEMMs the scores are ``[h·w, h·w]`` per frame in float32 (bf16 products accumulated and
-    kept in float32, as SDPA's fused kernels keep them), softmaxed there; the probabilities meet V in ``x``'s dtype."""
-    if x.device.type not in GEMM_MID_ATTENTION:
-        return attn(x)
-    b, c, t, h, w = x.shape
-    frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-    q, k, v = attn.to_qkv(attn.norm(frames)).flatten(2).chunk(3, dim=1)       # each [B·T, C, h·w]
-    wide = {} if q.dtype == torch.float32 else {"out_dtype": torch.float32}   # bmm.dtype: CUDA only
-    scores = torch.bmm(q.transpose(1, 2), k, **wide).mul_(c**-0.5)            # [B·T, h·w, h·w]
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    out = attn.proj(torch.bmm(v, probs.transpose(1, 2)).view(b * t, c, h, w))
-    return x + out.view(b, t, c, h, w).transpose(1, 2)
 
 
 def _residual(block: nn.Module, x: torch.Tensor, cache1: torch.Tensor | None, cache2: torch.Tensor | None):
@@ -173,7 +142,7 @@ def decoder_step(decoder: nn.Module, x: torch.Tensor, cache: list[torch.Tensor] 
     mid = decoder.mid_block
     x = residual(mid.resnets[0], x)
     for attention, block in zip(mid.attentions, mid.resnets[1:]):
-        x = residual(block, _mid_attention(attention, x))
+        x = residual(block, attention(x))
     for up in decoder.up_blocks:
         for block in up.resnets:
             x = residual(block, x)

@@ -88,8 +88,11 @@ class StreamingPipeline:
         graphs (``graphs`` defaults to ``compile``), overlapped decode. ``compile=False``: eager. No-op on the CPU."""
         if self.device.type != "cuda":
             return self
-        # process-wide, as torch has it; the VAE's 3-D convolutions see a handful of shapes
+        # process-wide, as torch has it; the VAE's 3-D convolutions see a handful of shapes. Every cuDNN algorithm
+        # timed, not PyTorch's first 10: the full-resolution 96-channel convolution 1.39 instead of 2.10 ms on an H100,
+        # end to end +0.9% (docs/performance.md); the search runs once per shape, in the first video.
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark_limit = 0
         self.generator.fuse_qkv()
         if compile:
             self.generator.compile_blocks()

@@ -105,8 +105,10 @@ def test_fast_path_is_a_no_op_on_cpu():
     sch = FlowMatchScheduler(shift=5.0)
     pipe = StreamingPipeline(model, None, None, sch, StepSchedule.from_config(sch, [1000, 500]),
                              latent_shape=(16, 4, 6))
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit
     pipe.enable_fast_path()
     assert not pipe.overlap_decode and "_ffn" not in vars(model.blocks[0]) and pipe.graphs is None
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit) == cudnn   # process-wide: untouched
     stream = pipe.open("x", num_latent_frames=3, context=torch.randn(1, 8, 32), decode=False)
     assert stream.loop.model is model and not stream.leased   # the CPU runs the generator itself, no CUDA graphs
 
