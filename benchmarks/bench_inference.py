@@ -64,7 +64,6 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_no_graphs": dict(graphs=False),          # A/B: compiled regions, no CUDA graphs
     "fast_lazy_cross": dict(lazy_cross=True),      # A/B: a video's first DiT call fills the cross K/V itself, eagerly
     "fast_autotune": dict(autotune=True),          # A/B: the DiT regions compiled with inductor's max-autotune
-    "fast_cudnn_limit_10": dict(cudnn_benchmark_limit=10),  # A/B: cuDNN times PyTorch's default 10 (own process)
     "fast_fp8": dict(fp8=True),                    # --fp8: the DiT blocks' products in fp8 (list fp8 variants last)
 }
 
@@ -110,10 +109,6 @@ def build(mode: dict, variant: dict, vae: WanVAE, models: dict, device, preset: 
                              default_num_frames=21, device=device, dtype=dtype, preview_decoder=preview)
     # as inference.py; a no-op on the CPU
     pipe.enable_fast_path(compile=variant.get("compile", True), graphs=variant.get("graphs"))
-    if "cudnn_benchmark_limit" in variant:
-        # the fast path sets 0 (every algorithm timed); cuDNN keeps the algorithm it picked per shape for the
-        # process, so A/B this one in separate processes
-        torch.backends.cudnn.benchmark_limit = variant["cudnn_benchmark_limit"]
     if variant.get("autotune"):   # GEMMs inside the regions benchmarked against Triton templates, epilogues fused
         gen.uncompile_blocks()
         gen.compile_blocks(mode="max-autotune-no-cudagraphs")

@@ -90,7 +90,7 @@ class StreamingPipeline:
             return self
         # process-wide, as torch has it; the VAE's 3-D convolutions see a handful of shapes. Every cuDNN algorithm
         # timed, not PyTorch's first 10: the full-resolution 96-channel convolution 1.39 instead of 2.10 ms on an H100,
-        # end to end +0.9% (docs/performance.md); the search runs once per shape, in the first video.
+        # end to end +0.4-1.0% (docs/performance.md); the search runs once per shape, in the first video.
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.benchmark_limit = 0
         self.generator.fuse_qkv()
