@@ -245,6 +245,25 @@ def test_ema_checkpoints_export_and_sample_their_ema(recipe, tmp_path):
         assert all(torch.equal(got[k], expected[k].to(torch.bfloat16)) for k in got), stage
 
 
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_the_base_folder_holds_the_base_ema_where_there_is_one(recipe, tmp_path, with_ema):
+    """The base's Wan folder (its table row, every later stage's init, real score and critic) and ``--ship_base``
+    take the base checkpoint's ``generator_ema`` where the base stage kept one, else its ``generator``."""
+    from safetensors.torch import load_file
+
+    from model.weights import WAN_DIT_WEIGHTS
+
+    args = recipe.build_parser().parse_args(["--workdir", str(tmp_path / "w"), "--device", "cpu"])
+    run = recipe.Recipe(args)
+    write_tiny_wan_folder(run.models("init") / recipe.MODEL)
+    raw, ema = {"head.head.bias": torch.zeros(4)}, {"head.head.bias": torch.linspace(0.5, 2.0, 4)}
+    run.ckpt("base").parent.mkdir(parents=True)
+    save_release_checkpoint(run.ckpt("base"), raw, ema if with_ema else None)
+    run.export_base()
+    got = load_file(str(run.models("base") / recipe.MODEL / WAN_DIT_WEIGHTS))
+    assert torch.equal(got["head.head.bias"], (ema if with_ema else raw)["head.head.bias"])
+
+
 def test_only_names_the_missing_checkpoints(recipe, tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipe.main(["--workdir", str(tmp_path), "--device", "cpu", "--only", "ode_framewise"])

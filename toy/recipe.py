@@ -11,7 +11,8 @@ Stages, each a subprocess of an entry point users run themselves (``train.py``, 
 1. data: synthetic training clips (``toy.world.make_split``), rendered in memory and encoded into a latent LMDB with
    the toy VAE (``app.encode_videos``);
 2. base: the bidirectional toy base model from random weights (it stands in for Wan2.1 and is Stage 3's real score
-   and critic initialisation); its weights become ``<workdir>/models/base/Toy-T2V``;
+   and critic initialisation); its weights (its EMA where the stage keeps one) become
+   ``<workdir>/models/base/Toy-T2V``;
 3. Stage 1 (teacher-forcing AR diffusion) frame-wise and chunk-wise, from the base;
 4. Stage 2: causal ODE pairs of the Stage-1 model + ODE regression, and separately causal consistency distillation;
 5. Stage 3: DMD from the ODE models (4-step frame-/chunk-wise, 2- and 1-step frame-wise), the paper's ablations
@@ -434,7 +435,6 @@ class Recipe:
         """The trained base model as a Wan folder ``models/base/Toy-T2V`` (real score, critic, Stage-1 init)."""
         from safetensors.torch import save_file
 
-        from model.loader import read_state_dict
         from model.weights import WAN_DIT_WEIGHTS
 
         folder = self.models("base") / MODEL
@@ -443,9 +443,20 @@ class Recipe:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         _copy_folder_without_dit(self.models("init") / MODEL, tmp)
-        sd = read_state_dict(str(self.ckpt("base")))
+        sd = self.base_weights()
         save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / WAN_DIT_WEIGHTS))
         tmp.rename(folder)
+
+    def base_weights(self) -> dict:
+        """The base's released weights: its EMA where the checkpoint keeps one (``ema_weight > 0`` in the base stage),
+        as a released base such as Wan2.1 is, else its trained weights. Every stage after it, its table row and
+        ``--ship_base`` use these."""
+        from model.loader import read_state_dict
+        from toy.diagnose import has_ema
+
+        use_ema = has_ema(self.ckpt("base"))
+        say(f"        base weights: {'generator_ema' if use_ema else 'generator'} of {self.ckpt('base')}")
+        return read_state_dict(str(self.ckpt("base")), use_ema=use_ema)
 
     def ode_data(self, variant: str) -> None:
         """ODE pairs of the Stage-1 model (``get_causal_ode_data.py``) -> LMDB (``create_lmdb_iterative.py``)."""
@@ -490,7 +501,6 @@ class Recipe:
         """Frame-wise and chunk-wise DMD generators -> ``assets/toy/checkpoints/<v>/causal_forcing.pt`` (bf16)."""
         import torch
 
-        from model.loader import read_state_dict
         from model.weights import WAN_DIT_WEIGHTS
 
         for v in VARIANTS:
@@ -501,7 +511,7 @@ class Recipe:
             from safetensors.torch import save_file
 
             target = REPO / "assets" / "toy" / MODEL / WAN_DIT_WEIGHTS
-            sd = read_state_dict(str(self.ckpt("base")))
+            sd = self.base_weights()
             save_file({k: t.to(torch.bfloat16).contiguous() for k, t in sd.items()}, str(target))
             shutil.copyfile(self.models("init") / MODEL / "config.json", target.parent / "config.json")
             say(f"        shipped the base model into {target.relative_to(REPO)}")
