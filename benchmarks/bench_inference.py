@@ -20,7 +20,6 @@ lever that has no switch, patches it out here.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import statistics
 import sys
@@ -65,7 +64,6 @@ VARIANTS = {  # "fast" is the default path of inference.py / StreamingPipeline.f
     "fast_no_graphs": dict(graphs=False),          # A/B: compiled regions, no CUDA graphs
     "fast_lazy_cross": dict(lazy_cross=True),      # A/B: a video's first DiT call fills the cross K/V itself, eagerly
     "fast_autotune": dict(autotune=True),          # A/B: the DiT regions compiled with inductor's max-autotune
-    "fast_dit_priority": dict(dit_priority=True),  # A/B: the DiT on a high-priority CUDA stream, the decode beside it
     "fast_fp8": dict(fp8=True),                    # --fp8: the DiT blocks' products in fp8 (list fp8 variants last)
 }
 
@@ -182,8 +180,8 @@ def benchmark_text_encoder(model, tiny: bool):
     return TextEncoder(model, load_tokenizer(folder), text_len=16 if tiny else 512)
 
 
-def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bool, stream=None) -> dict:
-    with _GcTimer() as gc_timer, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+def run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: bool) -> dict:
+    with _GcTimer() as gc_timer:
         before = _allocator_counts()
         out = _run_once(pipe, ctx, frames, decode)
         after = _allocator_counts()
@@ -220,14 +218,13 @@ def _run_once(pipe: StreamingPipeline, ctx: torch.Tensor, frames: int, decode: b
                                                                                             block_times))
 
 
-def measure(pipe, ctx, frames: int, runs: int, decode: bool, stream=None) -> dict:
-    """Warm-up, then ``runs`` timed videos; ``stream``: the CUDA stream the generation runs on (None: the current)."""
+def measure(pipe, ctx, frames: int, runs: int, decode: bool) -> dict:
     t = time.perf_counter()
-    run_once(pipe, ctx, frames if frames <= 21 else 21, decode, stream)  # warm-up (compile, cuDNN plans, allocator)
+    run_once(pipe, ctx, frames if frames <= 21 else 21, decode)  # warm-up (compile, cuDNN plans, allocator)
     warmup_s = time.perf_counter() - t
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    results = [run_once(pipe, ctx, frames, decode, stream) for _ in range(runs)]
+    results = [run_once(pipe, ctx, frames, decode) for _ in range(runs)]
     med = {k: statistics.median(r[k] for r in results) for k in results[0]
            if not isinstance(results[0][k], list)}
     med["fps_runs"] = [r["fps"] for r in results]
@@ -278,10 +275,7 @@ def main(argv=None) -> int:
             mode = MODES[mode_name]
             pipe = build(mode, variant, vae, models, device, preset, latent_shape, dtype)
             runs = args.long_runs if mode_name == "long" else args.runs
-            # the decode's side stream has the default priority, the lowest: a higher one puts the DiT's kernels first
-            stream = torch.cuda.Stream(device, priority=-1) if variant.get("dit_priority") and device.type == "cuda" \
-                else None
-            e2e = measure(pipe, ctx, mode["frames"], runs, decode=True, stream=stream)
+            e2e = measure(pipe, ctx, mode["frames"], runs, decode=True)
             dit = measure(pipe, ctx, mode["frames"], min(runs, args.dit_runs or runs), decode=False)
             encode_s = None
             if "text_encoder" in models:   # a prompt not seen yet: the encoder's full cost (streamed or resident)
