@@ -282,7 +282,7 @@ def test_a_full_size_video_under_a_24_gib_cap_streams_the_bf16_text_encoder_and_
     480p video with a loaded-size UMT5 resident (10.6 GiB) peaks at 23.0 GiB allocated, 26.0 reserved. The rule must
     stream a loaded bf16 UMT5 (10.6 GiB) under a 24 GiB cap, where the video would run within a GiB of the limit,
     keep it resident on an 80 GiB card, and keep the int8 one (5.4 GiB) resident under the cap, where it ran at a
-    peak of 18.8 GiB (inference_h200_cap24_text_encoder_int8.json)."""
+    peak of 17.4 GiB (inference_h100_cap24_text_encoder_int8.json)."""
     from model.config import get_preset
     from model.int8 import GROUP
     from model.text_encoder import umt5_config
