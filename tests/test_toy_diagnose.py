@@ -168,6 +168,13 @@ def test_compare_pairs_two_result_files_by_prompt(tmp_path):
                           "--out", str(out)]) == 2
     assert diagnose.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--compare_keys", "shape",
                           "--out", str(out)]) == 2
+    # a results file that nests such results in groups: GROUP/ENTRY
+    (tmp_path / "r.json").write_text(json.dumps({"what": "w", "evaluation_prompts": b}))
+    assert diagnose.main(["--compare", str(tmp_path / "a.json"), f"{tmp_path / 'r.json'}:evaluation_prompts/model:x",
+                          "--compare_keys", "faithfulness", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["differences"]["faithfulness"]["difference"] == pytest.approx(0.0)
+    assert diagnose.main(["--compare", str(tmp_path / "a.json"), f"{tmp_path / 'r.json'}:validation_prompts/model:x",
+                          "--out", str(out)]) == 2
 
 
 def test_by_attribute_averages_each_score_over_the_prompts_asking_for_each_value(tmp_path):

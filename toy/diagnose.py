@@ -6,6 +6,7 @@ r"""Where does the toy world lose what a prompt asks for? The measurements of is
     python -m toy.diagnose --parts models --prompts prompts/toy_eval.txt --num_samples 2 --num_real 64 \
         --out output/toy_eval48.json                                         # the 48-prompt evaluation protocol
     python -m toy.diagnose --compare A.json B.json                           # A minus B, paired by prompt
+    python -m toy.diagnose --compare A.json R.json:evaluation_prompts/model:base_50   # a results file's group
     python -m toy.diagnose --by_attribute A.json --compare_keys frame0_present   # per prompted colour, shape, ...
 
 Parts (``--parts``, all by default), each scored by the toy detector (:mod:`toy.eval`):
@@ -363,13 +364,21 @@ def frame_errors(row: Row, checkpoint: str | None, models_dir: Path, clips: list
 
 
 def scored_videos(spec: str) -> list[dict]:
-    """The per-video scores in ``FILE[:ENTRY]``: a result JSON of this module or of ``toy.recipe``'s eval folder
-    (``ENTRY`` names the part, e.g. ``model:base_50``; without it the file must hold one entry with videos)."""
+    """The per-video scores in ``FILE[:[GROUP/]ENTRY]``: a result JSON of this module or of ``toy.recipe``'s eval
+    folder (``ENTRY`` names the part, e.g. ``model:base_50``; without it the file must hold one entry with videos),
+    or a file under ``benchmarks/results`` that nests such results in groups (``evaluation_prompts/model:base_50``)."""
     path, _, entry = spec.partition(":")
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read a result JSON ({err})") from err
+    *groups, entry = entry.split("/")
+    for group in groups:
+        inner = data.get(group)
+        if not isinstance(inner, dict):
+            groups_here = sorted(k for k, v in data.items() if isinstance(v, dict))
+            raise UserError(f"{path}: no group {group!r}; it has {groups_here or 'none'}")
+        data = inner
     found = {k: v["videos"] for k, v in data.items() if isinstance(v, dict) and v.get("videos")}
     if entry:
         if entry not in found:
@@ -465,10 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--compare", nargs=2, default=None, metavar="FILE[:ENTRY]",
+    p.add_argument("--compare", nargs=2, default=None, metavar="FILE[:[GROUP/]ENTRY]",
                    help="instead of the parts: A minus B per score, paired by prompt, from two result JSONs with "
-                        "per-video scores (this module's with --per_video, or a recipe's eval/<row>.json)")
-    p.add_argument("--by_attribute", nargs="+", default=None, metavar="FILE[:ENTRY]",
+                        "per-video scores (this module's with --per_video, a recipe's eval/<row>.json, or a group "
+                        "of a benchmarks/results file, e.g. F.json:evaluation_prompts/model:base_50)")
+    p.add_argument("--by_attribute", nargs="+", default=None, metavar="FILE[:[GROUP/]ENTRY]",
                    help="instead of the parts: each --compare_keys score of these result JSONs averaged over the "
                         "videos of each prompted colour, shape, direction and speed")
     p.add_argument("--compare_keys", nargs="+", default=["faithfulness", *SCORES, "frame0_present"], metavar="KEY",
