@@ -76,6 +76,39 @@ assert t["9"]["first_ms"] == 0.3 and t["9"]["idle_gaps"] == []
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_profile_gpu_idle_tells_waiting_for_the_host_from_waiting_on_the_gpu():
+    """A trace by hand: kernels a, c keep the GPU busy 0.1-0.5 ms after the timed call's mark; b starts 0.3 ms after c
+    ends and was launched 0.25 ms into that gap, inside _hand_out (the host was late); d starts 0.2 ms after b ends
+    but was launched before b ended (a CUDA graph's kernel, or one waiting on an event: not the host's)."""
+    check = """
+import profile_inference as p
+kernel = lambda ts, dur, stream, name, corr: dict(cat="kernel", ts=ts, dur=dur, name=name,
+                                                  args=dict(stream=stream, correlation=corr))
+launch = lambda ts, name, corr: dict(cat="cuda_runtime", ts=ts, dur=5, name=name, args=dict(correlation=corr))
+events = [dict(name=p.TIMED, ts=100.0, dur=2000.0, cat="user_annotation"),
+          kernel(200, 200, 7, "a", 1), kernel(400, 200, 9, "c", 3), kernel(900, 200, 7, "b", 2),
+          kernel(1300, 100, 9, "d", 4),
+          launch(150, "cudaLaunchKernel", 1), launch(120, "cudaLaunchKernel", 3), launch(850, "cudaLaunchKernel", 2),
+          launch(1000, "cudaGraphLaunch", 4),
+          dict(cat="python_function", ts=800, dur=100, name="pipeline/streaming.py(123): _hand_out"),
+          dict(cat="cpu_op", ts=840, dur=20, name="aten::copy_")]
+idle = p.summarize(dict(traceEvents=events), 2e-3, top=2)["gpu_idle"]
+assert idle["gaps"] == 2 and abs(idle["ms"] - 0.5) < 1e-9, idle
+assert idle["host_late_gaps"] == 1 and abs(idle["host_late_ms"] - 0.3) < 1e-9, idle
+first, second = idle["longest"]
+assert (first["before"], first["after"], first["host_late"]) == ("c", "b", True), first
+assert abs(first["ms"] - 0.3) < 1e-9 and abs(first["at_ms"] - 0.5) < 1e-9
+assert abs(first["launched_ms_into_gap"] - 0.25) < 1e-9
+assert first["host"] == ["aten::copy_", "pipeline/streaming.py(123): _hand_out"], first["host"]
+assert (second["before"], second["after"], second["host_late"], second["launch"]) == ("b", "d", False,
+                                                                                    "cudaGraphLaunch")
+assert "host" not in second
+"""
+    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT / "benchmarks", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_bench_endless_records_flat_rows(tmp_path):
     result = run("bench_endless.py", tmp_path / "endless.json", runs=False)
     rows = result["rows"]
