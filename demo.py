@@ -1,4 +1,4 @@
-"""Interactive real-time demo: a local web page that plays the video while it is generated, with prompt switching.
+r"""Interactive real-time demo: a local web page that plays the video while it is generated, with prompt switching.
 
     python demo.py                                  # the shipped toy model, on the CPU
     python demo.py --config_path configs/causal_forcing_dmd_chunkwise.yaml \

@@ -1,4 +1,4 @@
-"""Causal ODE trajectories of a Stage-1 model: the training data of Stage-2a ODE regression (training.md §4).
+r"""Causal ODE trajectories of a Stage-1 model: the training data of Stage-2a ODE regression (training.md §4).
 
     torchrun --nproc_per_node=8 get_causal_ode_data.py --generator_ckpt checkpoints/framewise/ar_diffusion.pt \
         --rawdata_path dataset/clean_data --output_folder dataset/ODE6KCausal_framewise_latents

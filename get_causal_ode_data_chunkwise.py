@@ -1,4 +1,4 @@
-"""The published chunk-wise ODE-data command: ``get_causal_ode_data.py`` with the chunk-wise Stage-1 config.
+r"""The published chunk-wise ODE-data command: ``get_causal_ode_data.py`` with the chunk-wise Stage-1 config.
 
     torchrun --nproc_per_node=8 get_causal_ode_data_chunkwise.py \
         --generator_ckpt checkpoints/chunkwise/ar_diffusion.pt --rawdata_path dataset/clean_data \

@@ -1,4 +1,4 @@
-"""The published frame-wise ODE-data command: ``get_causal_ode_data.py`` with the frame-wise Stage-1 config.
+r"""The published frame-wise ODE-data command: ``get_causal_ode_data.py`` with the frame-wise Stage-1 config.
 
     torchrun --nproc_per_node=8 get_causal_ode_data_framewise.py \
         --generator_ckpt checkpoints/framewise/ar_diffusion.pt --rawdata_path dataset/clean_data \

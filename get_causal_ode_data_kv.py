@@ -1,4 +1,4 @@
-"""The published README's KV-cache ODE-data command: ``get_causal_ode_data.py``, which always uses the KV cache.
+r"""The published README's KV-cache ODE-data command: ``get_causal_ode_data.py``, which always uses the KV cache.
 
     torchrun --nproc_per_node=8 get_causal_ode_data_kv.py --generator_ckpt checkpoints/chunkwise/ar_diffusion.pt \
         --rawdata_path dataset/clean_data --output_folder dataset/ODE6KCausal_chunkwise_latents \

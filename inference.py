@@ -1,4 +1,4 @@
-"""Generate videos from a prompt file with a causal generator, streaming each block to the mp4 as it is decoded.
+r"""Generate videos from a prompt file with a causal generator, streaming each block to the mp4 as it is decoded.
 
     python inference.py --config_path configs/causal_forcing_dmd_chunkwise.yaml \
         --checkpoint_path checkpoints/chunkwise/causal_forcing.pt --data_path prompts/demos.txt \

@@ -1,4 +1,4 @@
-"""Train one stage of Causal Forcing.
+r"""Train one stage of Causal Forcing.
 
     torchrun --nproc_per_node=8 train.py --config_path configs/causal_forcing_dmd_chunkwise.yaml \
         --logdir logs/causal_forcing_dmd_chunkwise [--override max_steps=200 lr=1e-6]

@@ -1,4 +1,4 @@
-"""Inference speed of the streaming pipeline: full-size Wan2.1-1.3B generator + full Wan VAE, random weights.
+r"""Inference speed of the streaming pipeline: full-size Wan2.1-1.3B generator + full Wan VAE, random weights.
 
 Speed does not depend on weight values, so no download is needed. Text embeddings are random ``[1, 512, 4096]``
 tensors made once outside the timed region (the text encoder runs once per prompt, not per frame).

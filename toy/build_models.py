@@ -1,4 +1,4 @@
-"""Build the toy world's Wan model folder (issue 9): ``<out>/Toy-T2V/`` in the real Wan2.1 layout.
+r"""Build the toy world's Wan model folder (issue 9): ``<out>/Toy-T2V/`` in the real Wan2.1 layout.
 
     python -m toy.build_models --out assets/toy                     # 9-frame windows (~7 min on a GPU)
     python -m toy.build_models --out build/toy_ft --vae_init assets/toy/Toy-T2V/vae \

@@ -1,4 +1,4 @@
-"""Build an ODE-trajectory LMDB from a folder of per-sample ``.pt`` files.
+r"""Build an ODE-trajectory LMDB from a folder of per-sample ``.pt`` files.
 
     python utils/create_lmdb_iterative.py --data_path dataset/ODE6KCausal_framewise_latents \
         --lmdb_path dataset/ODE6KCausal_framewise
