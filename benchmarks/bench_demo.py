@@ -177,7 +177,7 @@ def measure(mode_name: str, args, vae, device, dtype) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="block modes to serve")
     p.add_argument("--frames", type=int, default=21, help="latent frames per video (21 -> 81 video frames)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--out", default="bench_demo.json", help="JSON output path")

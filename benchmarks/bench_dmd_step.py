@@ -51,7 +51,7 @@ def parse_args(argv=None):
                    help="compute dtype (default bf16 on CUDA, fp32 on CPU; bf16 on CPU tests the mixed paths)")
     p.add_argument("--random-exit", action="store_true", help="draw exit steps instead of always the last step")
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--out", default="bench_dmd_step.json", help="JSON results file")
     return p.parse_args(argv)
 

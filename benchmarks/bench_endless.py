@@ -120,14 +120,15 @@ def gpu_memory() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["full", "toy"], default="full")
+    p.add_argument("--model", choices=["full", "toy"], default="full",
+                   help="full: the 1.3B generator with random weights on a GPU; toy: the shipped toy model")
     p.add_argument("--rolling", action="store_true", help="Rolling Forcing windows instead of block by block")
     p.add_argument("--minutes", type=float, default=None, help="stream this long (rows per minute)")
     p.add_argument("--frames", type=int, default=None, help="or stream this many latent frames")
     p.add_argument("--interval", type=int, default=500, help="latent frames per row with --frames")
     p.add_argument("--switch_every", type=int, default=96, help="latent frames between prompt switches")
     p.add_argument("--device", default=None, help="toy model: cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", default="bench_endless.json")
+    p.add_argument("--out", default="bench_endless.json", help="JSON output path")
     p.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny random models, 24 frames")
     args = p.parse_args(argv)
     if args.tiny:

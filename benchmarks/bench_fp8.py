@@ -256,7 +256,7 @@ def cudnn_fp8_attention(device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench_fp8.json")
+    p.add_argument("--out", default="bench_fp8.json", help="JSON output path")
     parts = ("layers", "kernels", "sage_attention", "cudnn_fp8_attention", "video")
     p.add_argument("--parts", nargs="+", default=list(parts), choices=parts,
                    help="sections to run, in this order (default: all; the video part alone takes minutes)")

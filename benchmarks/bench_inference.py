@@ -240,8 +240,10 @@ def measure(pipe, ctx, frames: int, runs: int, decode: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", nargs="+", default=["chunk4", "frame4", "frame2", "frame1", "long"], choices=MODES)
-    p.add_argument("--variants", nargs="+", default=["fast"], choices=VARIANTS)
+    p.add_argument("--modes", nargs="+", default=["chunk4", "frame4", "frame2", "frame1", "long"], choices=MODES,
+                   help="block size, steps and length of each timed video (the MODES table of this script)")
+    p.add_argument("--variants", nargs="+", default=["fast"], choices=VARIANTS,
+                   help="pipeline settings to time (the VARIANTS table of this script; fast is what inference.py runs)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--long_runs", type=int, default=1, help="timed runs of the long video")
     p.add_argument("--dit_runs", type=int, default=None, help="timed runs without decoding (default: --runs)")

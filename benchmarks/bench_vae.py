@@ -71,7 +71,8 @@ def measure(decoder, latents: torch.Tensor, block: int, runs: int, device: torch
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=VARIANTS,
+                   help="decoders to time (the VARIANTS table of this script)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per variant (median reported)")
     p.add_argument("--block", type=int, default=3, help="latent frames handed to the decoder per block (3: chunk-wise)")
     p.add_argument("--out", default="bench_vae.json", help="JSON output path")

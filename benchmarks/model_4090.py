@@ -82,11 +82,11 @@ def model(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--h200_attention_tflops", type=float, default=516.0)
-    p.add_argument("--h200_gemm_tflops", type=float, default=590.0)
+    p.add_argument("--h200_attention_tflops", type=float, default=516.0, help="attention rate achieved on the H200")
+    p.add_argument("--h200_gemm_tflops", type=float, default=590.0, help="GEMM rate achieved on the H200")
     p.add_argument("--h200_elementwise_s", type=float, default=0.18, help="chunk-wise 4-step, one video")
     p.add_argument("--h200_vae_s", type=float, default=0.69, help="GPU time of one video's VAE decode")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON output path (none: print only)")
     args = p.parse_args(argv)
     result = model(args)
     for r in result["rows"]:

@@ -213,8 +213,8 @@ def profile_runs(args, setup, mode: dict, variant: dict) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="chunk4", choices=bench.MODES)
-    p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
+    p.add_argument("--mode", default="chunk4", choices=bench.MODES, help="bench_inference.py's mode to profile")
+    p.add_argument("--variant", default="fast", choices=bench.VARIANTS, help="bench_inference.py's variant")
     p.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS, help="which ways to run the mode")
     p.add_argument("--top", type=int, default=15, help="heaviest kernels listed per run")
     p.add_argument("--out", default="profile_inference.json", help="JSON output path")
