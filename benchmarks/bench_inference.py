@@ -268,6 +268,9 @@ def main(argv=None) -> int:
     models, rows = {}, []
     if args.text_encoder:
         models["text_encoder"] = zero_text_encoder(args.tiny)
+        # as from_config builds it: embeddings returned and cached on the video's device, wherever the weights are
+        # (streamed from the CPU, they would otherwise stay on the host and be copied up for every video)
+        models["text_encoder"].output_device = device
         if args.text_encoder_int8:
             models["text_encoder"].to_int8()
     for variant_name in args.variants:
