@@ -213,3 +213,7 @@ def test_frames_part_decodes_the_x0_prediction(tmp_path, repo_root, monkeypatch)
     assert present["0"]["frame0"] == 1.0                      # the round trip keeps frame 0 (1.00 on 48 clips)
     # little noise: the base's prediction keeps the object (measured on 48 clips: 0.98 frame 0, 0.99 later frames)
     assert present["200"]["frame0"] >= 0.75 and present["200"]["later"] >= 0.9, present
+    # the clean latents carry all of frame 0's own channel code; the base's prediction nearly all (48 clips: 0.99 at
+    # t = 200, 1.00 from pure noise), a prediction that coded frame 0 as a later frame would give about 0
+    assert present["0"]["frame0_code"] == 1.0
+    assert 0.8 <= present["200"]["frame0_code"] <= 1.2, present

@@ -25,8 +25,9 @@ Parts (``--parts``, all by default), each scored by the toy detector (:mod:`toy.
   blocks, as in Stage-1 training). Drift that appears only when rolled out is exposure bias;
 * ``frames``: each model's x0 prediction from the encoded clips noised to ``--frame_timesteps``, in the form its
   training sees them (the base: the whole clip; causal models: teacher forcing on the clean clip), as a relative
-  error per latent frame (``|x0_pred - x0|^2 / |x0|^2``), and how often the decoded prediction shows the captioned
-  object in pixel frame 0 against the later frames. A first frame that is predicted as well as the others here but
+  error per latent frame (``|x0_pred - x0|^2 / |x0|^2``), how often the decoded prediction shows the captioned
+  object in pixel frame 0 against the later frames, and how much of latent frame 0's own channel code (its mean
+  offset from the later frames) the prediction carries. A first frame that is predicted as well as the others here but
   comes out empty in the samples would be a training/inference mismatch of the first block; one that is predicted
   worse here is a weakness of the model itself.
 
@@ -326,8 +327,10 @@ def rolled_and_forced(cfg, checkpoint: str | None, use_ema: bool, clips: list[tu
 def frame_errors(row: Row, checkpoint: str | None, models_dir: Path, clips: list[tuple[str, np.ndarray]],
                  timesteps: list[float], seed: int, device: torch.device) -> tuple[dict, dict]:
     """``{t: [relative x0 error of latent frame f]}`` of one model over the clips (one batch), see the module doc, and
-    ``{t: {"frame0": p0, "later": p}}``: the share of clips whose decoded x0 prediction shows the captioned object in
-    pixel frame 0, and in the later frames on average (``t = "0"``: the clean latents, the VAE's round trip)."""
+    ``{t: {"frame0": p0, "later": p, "frame0_code": c}}``: the share of clips whose decoded x0 prediction shows the
+    captioned object in pixel frame 0, and in the later frames on average (``t = "0"``: the clean latents, the VAE's
+    round trip), and how much of latent frame 0's own code the prediction carries: its per-channel offset of frame 0
+    from the later frames projected on the clean latents' (1: all of it; 0: frame 0 predicted as a later frame)."""
     from model.vae import WanVAE
     from pipeline import components
     from toy.vae import videos_to_tensor
@@ -345,10 +348,16 @@ def frame_errors(row: Row, checkpoint: str | None, models_dir: Path, clips: list
     context = encoder.encode([caption for caption, _ in clips])
     gen = torch.Generator(device).manual_seed(seed)
 
+    def code(z: torch.Tensor) -> torch.Tensor:   # per channel, latent frame 0's mean minus the later frames'
+        return z[:, 0].mean((0, 2, 3)) - z[:, 1:].mean((0, 1, 3, 4))
+
+    offset = code(x0)
+
     def presence(latents: torch.Tensor) -> dict:
         tracks = decoded_tracks(vae, clips, latents)
         return {"frame0": round(float(np.mean([t.present[0] for t in tracks])), 3),
-                "later": round(float(np.mean([t.present[1:].mean() for t in tracks])), 3)}
+                "later": round(float(np.mean([t.present[1:].mean() for t in tracks])), 3),
+                "frame0_code": round(float(code(latents) @ offset / (offset @ offset)), 3)}
 
     out, present = {}, {"0": presence(x0)}
     for t in timesteps:
@@ -616,6 +625,8 @@ def format_summary(result: dict) -> str:
         elif name.startswith("frame0_x0:"):
             cells = ", ".join(f"t={t}: {p['frame0']:.2f} / {p['later']:.2f}" for t, p in value.items())
             lines.append(f"{name}: object found in the decoded x0 prediction, frame 0 / later frames: {cells}")
+            cells = ", ".join(f"t={t}: {p['frame0_code']:.2f}" for t, p in value.items() if "frame0_code" in p)
+            lines.append(f"{name}: share of frame 0's own channel code in the x0 prediction: {cells}")
         elif name.startswith("exposure:"):
             for kind in ("rolled_out", "teacher_forced"):
                 line(f"{name[len('exposure:'):]} {kind}", value[kind]["aggregate"])
