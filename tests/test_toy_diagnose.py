@@ -82,6 +82,56 @@ def test_frame0_code_swap_decodes_latent_frame_1_in_the_first_slot():
     assert torch.equal(z[:, 0], torch.ones(3, 2, 4, 4))                         # the caller's latents are left alone
 
 
+class _ColourVAE:
+    """A stand-in encoder: latent frame f is the mean RGB of each 8x8 tile over the pixel frames it codes (frame 0:
+    pixel frame 0 alone, then four each), and latent frame 0 codes no red: its red channel holds the background's."""
+
+    device = torch.device("cpu")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:            # [B, 3, T, H, W] -> [B, F, 3, H/8, W/8]
+        first = x[:, :, :1].clone()
+        first[:, 0] = 24 / 127.5 - 1                               # toy.world.BACKGROUND (24, 24, 24)
+        rest = x[:, :, 1:].unflatten(2, (-1, 4)).mean(3)
+        z = torch.cat([first, rest], dim=2)
+        return torch.nn.functional.avg_pool3d(z, (1, 8, 8)).transpose(1, 2)
+
+
+def test_color_separation_finds_the_pairs_frame_0_codes_closer():
+    """With red dropped from frame 0's code, a pair that differs mostly in red (green 40,180,60 / yellow
+    235,215,40) comes out far closer in frame 0 than later, one that does not differ in red at all (blue 40,80,230 /
+    cyan 40,210,220) about as close (cyan / white: red is their difference); red against an empty clip (220,40,40
+    on 24,24,24) nearly vanishes in frame 0."""
+    result = diagnose.color_separation(_ColourVAE(), num_settings=3)
+    pairs = result["pairs"]
+    assert len(pairs) == 28 and list(pairs.values())[0]["frame0"] == min(p["frame0"] for p in pairs.values())
+    assert pairs["green-yellow"]["ratio"] < 0.5 < pairs["blue-cyan"]["ratio"], pairs
+    assert pairs["cyan-white"]["ratio"] < 0.5 and pairs["green-yellow"]["later"] > pairs["blue-cyan"]["later"]
+    # no red difference: as far apart as later, up to frame 0's smaller spread (no red) that the units divide out
+    assert 0.8 < pairs["blue-cyan"]["ratio"] < 1.5, pairs["blue-cyan"]
+    assert result["empty"]["red"]["ratio"] < 0.3 < result["empty"]["blue"]["ratio"], result["empty"]
+
+
+def test_frame0_confusions_counts_what_a_missed_frame_0_shows(tmp_path):
+    def video(color, present, shown):
+        return {"prompt": f"a {color} circle moving left quickly", "target": {"color": color},
+                "frame0_present": present, "frame0_color": shown}
+
+    nested = {"group": {"model:a": {"videos": [video("cyan", False, "white"), video("cyan", True, "cyan"),
+                                               video("orange", False, None)]}},
+              "other": {"model:b": {"videos": [video("white", False, "cyan"), video("green", False, "orange")]}}}
+    (tmp_path / "r.json").write_text(json.dumps(nested))
+    out = tmp_path / "c.json"
+    assert diagnose.main(["--frame0_confusions", str(tmp_path / "r.json"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["confusions"] == {"cyan>white": 1, "orange>none": 1, "white>cyan": 1, "green>orange": 1}
+    assert result["unordered"] == {"cyan-white": 2, "orange>none": 1, "green-orange": 1}
+    assert {name: s["missed"] for name, s in result["sets"].items()} == {
+        f"{tmp_path / 'r.json'}:group/model:a": 2, f"{tmp_path / 'r.json'}:other/model:b": 2}
+    # one named entry only
+    assert diagnose.main(["--frame0_confusions", f"{tmp_path / 'r.json'}:other/model:b", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["confusions"] == {"white>cyan": 1, "green>orange": 1}
+
+
 @pytest.mark.parametrize("config", ["causal_forcing_dmd_chunkwise", "causal_forcing_dmd_framewise"])
 def test_teacher_forcing_on_its_own_rollout_reproduces_it(config, repo_root, monkeypatch):
     """Forced onto the latents it rolled out itself, from the same noise, the generator makes the same video: the

@@ -8,6 +8,7 @@ r"""Where does the toy world lose what a prompt asks for? The measurements of is
     python -m toy.diagnose --compare A.json B.json                           # A minus B, paired by prompt
     python -m toy.diagnose --compare A.json R.json:evaluation_prompts/model:base_50   # a results file's group
     python -m toy.diagnose --by_attribute A.json --compare_keys frame0_present   # per prompted colour, shape, ...
+    python -m toy.diagnose --frame0_confusions A.json B.json                 # what a missed frame 0 shows instead
 
 Parts (``--parts``, all by default), each scored by the toy detector (:mod:`toy.eval`):
 
@@ -188,14 +189,52 @@ def frame0_code_swap(vae, clips: list[tuple[str, np.ndarray]], z: torch.Tensor, 
             "frame0_rgb_shift_median": round(float(np.median(distance)), 1) if distance else None}
 
 
+@torch.no_grad()
+def color_separation(vae, num_settings: int = 12, batch: int = 4) -> dict:
+    """How far apart the VAE codes the palette's colours, in latent frame 0 and in the later frames. For each of
+    ``num_settings`` shape / direction / speed / start settings the target object is rendered alone (no distractors)
+    in every colour, and once in the background's colour (an empty clip); each clip is encoded. The distance of two
+    colours in latent frame f is the norm of their latents' difference over channels and positions, in units of
+    frame f's spread over all these clips, averaged over the settings. ``pairs``: per colour pair, that distance in
+    frame 0, its mean over the later frames and their ratio; ``empty``: the same for each colour against the empty
+    clip. A ratio well below 1 is a pair that frame 0's code keeps closer than the later frames do."""
+    from itertools import combinations
+
+    from toy.vae import videos_to_tensor
+    from toy.world import BACKGROUND, COLORS, DIRECTIONS, SHAPES, SPEED_ADVERBS, make_video
+
+    names = list(COLORS)
+    z = {}
+    for name in (*names, "empty"):
+        videos = []
+        for k in range(num_settings):
+            attrs = {"shape": SHAPES[k % len(SHAPES)], "direction": list(DIRECTIONS)[k % len(DIRECTIONS)],
+                     "speed": list(SPEED_ADVERBS)[k % len(SPEED_ADVERBS)], "color": names[0]}
+            rgb = BACKGROUND if name == "empty" else COLORS[name]
+            videos.append(make_video(attrs, 33, 64, 64, np.random.default_rng(k), num_distractors=0, rgb=rgb))
+        z[name] = torch.cat([vae.encode(videos_to_tensor(part).to(vae.device)).float().cpu()
+                             for part in chunks(videos, batch)])                       # [N, F, C, h, w]
+    spread = torch.cat(list(z.values())).std(dim=(0, 2, 3, 4))                         # per latent frame
+
+    def distance(a: str, b: str) -> dict:
+        d = (z[a] - z[b]).flatten(2).norm(dim=2).mean(0) / spread                     # [F]
+        return {"frame0": round(float(d[0]), 2), "later": round(float(d[1:].mean()), 2),
+                "ratio": round(float(d[0] / d[1:].mean()), 2)}
+
+    pairs = {f"{a}-{b}": distance(a, b) for a, b in combinations(names, 2)}
+    return {"pairs": dict(sorted(pairs.items(), key=lambda kv: kv[1]["frame0"])),
+            "empty": {name: distance(name, "empty") for name in names}, "settings": num_settings}
+
+
 def vae_part(vae, clips: list[tuple[str, np.ndarray]], seed: int) -> dict:
     """Scores of the round-tripped clips, with their latents' statistics (:func:`vae_roundtrip`), how each latent
-    frame's decode survives noise (:func:`latent_noise_presence`) and what frame 0's own code is worth
-    (:func:`frame0_code_swap`)."""
+    frame's decode survives noise (:func:`latent_noise_presence`), what frame 0's own code is worth
+    (:func:`frame0_code_swap`) and how far apart it keeps the colours (:func:`color_separation`)."""
     decoded, stats, z = vae_roundtrip(vae, [v for _, v in clips])
     return {**score([c for c, _ in clips], decoded, seed=seed), **stats,
             "latent_noise_presence": latent_noise_presence(vae, clips, z, seed),
-            "frame0_code_swap": frame0_code_swap(vae, clips, z, decoded)}
+            "frame0_code_swap": frame0_code_swap(vae, clips, z, decoded),
+            "color_separation": color_separation(vae)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -434,6 +473,57 @@ def by_attribute(specs: list[str], keys: list[str]) -> dict:
     return {"by_attribute": out, "videos": counts}
 
 
+def frame0_confusions(specs: list[str]) -> dict:
+    """What the videos that miss the object in frame 0 show there instead, over result files: counts of ``"asked>
+    shown"`` (the prompt's colour, the colour of frame 0's largest object, ``none`` for an empty frame), summed
+    over every set of per-video scores each ``FILE`` holds (in any group), or over the one ``FILE:[GROUP/]ENTRY``
+    names; ``unordered`` adds the two directions of each colour pair."""
+    sets: dict[str, list[dict]] = {}
+    for spec in specs:
+        if ":" in spec:
+            sets[spec] = scored_videos(spec)
+            continue
+        try:
+            data = json.loads(Path(spec).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{spec}: cannot read a result JSON ({err})") from err
+
+        def walk(node, path: str):
+            if not isinstance(node, dict):
+                return
+            videos = node.get("videos")
+            if isinstance(videos, list) and videos and isinstance(videos[0], dict):
+                sets[f"{spec}:{path}"] = videos
+            for key, value in node.items():
+                walk(value, f"{path}/{key}" if path else key)
+
+        walk(data, "")
+    if not sets:
+        raise UserError(f"no per-video scores in {specs} (a run written without --per_video keeps none)")
+    counts: Counter = Counter()
+    per_set = {}
+    for name, videos in sets.items():
+        if "frame0_color" not in videos[0]:
+            raise UserError(f"{name}: its videos have no frame0_color (scored before it was recorded)")
+        missed = [f"{v['target']['color']}>{v['frame0_color'] or 'none'}" for v in videos if not v["frame0_present"]]
+        counts.update(missed)
+        per_set[name] = {"videos": len(videos), "missed": len(missed)}
+    unordered: Counter = Counter()
+    for key, n in counts.items():
+        asked, shown = key.split(">")
+        unordered["-".join(sorted((asked, shown))) if shown != "none" else key] += n
+    return {"sets": per_set, "confusions": dict(counts.most_common()), "unordered": dict(unordered.most_common())}
+
+
+def format_confusions(result: dict) -> str:
+    videos = sum(s["videos"] for s in result["sets"].values())
+    missed = sum(s["missed"] for s in result["sets"].values())
+    lines = [f"{len(result['sets'])} sets, {videos} videos, frame 0 missed in {missed}; asked>shown:"]
+    lines += [f"  {key} {n}" for key, n in result["confusions"].items()]
+    lines.append("colour pairs: " + ", ".join(f"{key} {n}" for key, n in result["unordered"].items()))
+    return "\n".join(lines)
+
+
 def format_by_attribute(result: dict) -> str:
     lines = []
     for spec, scores in result["by_attribute"].items():
@@ -490,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by_attribute", nargs="+", default=None, metavar="FILE[:[GROUP/]ENTRY]",
                    help="instead of the parts: each --compare_keys score of these result JSONs averaged over the "
                         "videos of each prompted colour, shape, direction and speed")
+    p.add_argument("--frame0_confusions", nargs="+", default=None, metavar="FILE[:[GROUP/]ENTRY]",
+                   help="instead of the parts: what the videos that miss frame 0 show there (the prompt's colour > "
+                        "frame 0's), counted over every per-video set of these result JSONs")
     p.add_argument("--compare_keys", nargs="+", default=["faithfulness", *SCORES, "frame0_present"], metavar="KEY",
                    help="per-video scores --compare and --by_attribute report")
     p.add_argument("--out", default="output/toy_diagnose.json", help="JSON with every part's numbers")
@@ -640,6 +733,11 @@ def format_summary(result: dict) -> str:
                 for sigma, presence in value.get("latent_noise_presence", {}).items():
                     cells = " ".join(f"{p:.2f}" for p in presence)
                     lines.append(f"{name}: latents + noise {sigma} x std: object present per latent frame {cells}")
+                if "color_separation" in value:
+                    closest = list(value["color_separation"]["pairs"].items())[:6]
+                    lines.append(f"{name}: colour pairs closest in latent frame 0 (distance, later frames, ratio): "
+                                 + ", ".join(f"{k} {d['frame0']:.1f} / {d['later']:.1f} / {d['ratio']:.2f}"
+                                             for k, d in closest))
                 if "frame0_code_swap" in value:
                     swap = value["frame0_code_swap"]
                     lines.append(f"{name}: frame 0 present as coded {swap['frame0_present']['as_coded']:.2f}, with "
@@ -663,9 +761,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        if args.compare and args.by_attribute:
-            raise UserError("--compare and --by_attribute: one at a time")
-        if args.compare:
+        if sum(map(bool, (args.compare, args.by_attribute, args.frame0_confusions))) > 1:
+            raise UserError("--compare, --by_attribute and --frame0_confusions: one at a time")
+        if args.frame0_confusions:
+            result, summary = frame0_confusions(args.frame0_confusions), format_confusions
+        elif args.compare:
             result, summary = compare(*args.compare, args.compare_keys, args.seed), format_comparison
         elif args.by_attribute:
             result, summary = by_attribute(args.by_attribute, args.compare_keys), format_by_attribute

@@ -120,13 +120,15 @@ def _bounce(start: float, velocity: float, lo: float, hi: float, num_frames: int
 
 
 def make_video(caption_attrs: dict, num_frames: int, height: int, width: int, rng: np.random.Generator,
-               num_distractors: int | None = None) -> np.ndarray:
+               num_distractors: int | None = None, rgb: tuple[int, int, int] | None = None) -> np.ndarray:
     """Render one clip as uint8 ``[T, H, W, 3]``.
 
     Args:
         caption_attrs: ``{"color", "shape", "direction", "speed"}`` (see :func:`parse_caption`).
         rng: source of all randomness (start position, size, distractors).
         num_distractors: 0-2 distractors; drawn from ``rng`` when None.
+        rgb: the target's colour instead of its palette colour (diagnostics: e.g. the background's, for the same
+            clip without its object); the distractors and every random draw stay the same.
     """
     if num_frames < 2 or min(height, width) < 16:
         raise ValueError(f"need at least 2 frames of at least 16x16 pixels, got {num_frames}x{height}x{width}")
@@ -145,7 +147,7 @@ def make_video(caption_attrs: dict, num_frames: int, height: int, width: int, rn
         video[_shape_masks(SHAPES[rng.integers(len(SHAPES))], cx, cy, r, height, width)] = COLORS[str(color)]
     r = size * rng.uniform(0.1, 0.14)
     cx, cy = _target_track(caption_attrs, num_frames, height, width, r, rng)
-    video[_shape_masks(caption_attrs["shape"], cx, cy, r, height, width)] = COLORS[caption_attrs["color"]]
+    video[_shape_masks(caption_attrs["shape"], cx, cy, r, height, width)] = rgb or COLORS[caption_attrs["color"]]
     return video
 
 
