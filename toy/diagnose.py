@@ -190,10 +190,11 @@ def frame0_code_swap(vae, clips: list[tuple[str, np.ndarray]], z: torch.Tensor, 
 
 
 @torch.no_grad()
-def color_separation(vae, num_settings: int = 12, batch: int = 4) -> dict:
+def color_separation(vae, size: tuple[int, int, int], num_settings: int = 12, batch: int = 4) -> dict:
     """How far apart the VAE codes the palette's colours, in latent frame 0 and in the later frames. For each of
     ``num_settings`` shape / direction / speed / start settings the target object is rendered alone (no distractors)
-    in every colour, and once in the background's colour (an empty clip); each clip is encoded. The distance of two
+    in every colour, and once in the background's colour (an empty clip), as clips of ``size`` (frames, height,
+    width); each clip is encoded. The distance of two
     colours in latent frame f is the norm of their latents' difference over channels and positions, in units of
     frame f's spread over all these clips, averaged over the settings. ``pairs``: per colour pair, that distance in
     frame 0, its mean over the later frames and their ratio; ``empty``: the same for each colour against the empty
@@ -211,7 +212,7 @@ def color_separation(vae, num_settings: int = 12, batch: int = 4) -> dict:
             attrs = {"shape": SHAPES[k % len(SHAPES)], "direction": list(DIRECTIONS)[k % len(DIRECTIONS)],
                      "speed": list(SPEED_ADVERBS)[k % len(SPEED_ADVERBS)], "color": names[0]}
             rgb = BACKGROUND if name == "empty" else COLORS[name]
-            videos.append(make_video(attrs, 33, 64, 64, np.random.default_rng(k), num_distractors=0, rgb=rgb))
+            videos.append(make_video(attrs, *size, np.random.default_rng(k), num_distractors=0, rgb=rgb))
         z[name] = torch.cat([vae.encode(videos_to_tensor(part).to(vae.device)).float().cpu()
                              for part in chunks(videos, batch)])                       # [N, F, C, h, w]
     spread = torch.cat(list(z.values())).std(dim=(0, 2, 3, 4))                         # per latent frame
@@ -234,7 +235,7 @@ def vae_part(vae, clips: list[tuple[str, np.ndarray]], seed: int) -> dict:
     return {**score([c for c, _ in clips], decoded, seed=seed), **stats,
             "latent_noise_presence": latent_noise_presence(vae, clips, z, seed),
             "frame0_code_swap": frame0_code_swap(vae, clips, z, decoded),
-            "color_separation": color_separation(vae)}
+            "color_separation": color_separation(vae, clips[0][1].shape[:3])}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
