@@ -61,9 +61,16 @@ def test_toy_configs_share_the_toy_world(recipe):
         if path.stem.startswith("causal_forcing_dmd"):
             variant = "chunkwise" if "chunkwise" in path.stem else "framewise"
             assert cfg.generator_ckpt == f"assets/toy/checkpoints/{variant}/causal_forcing.pt"
-    base = load_config(recipe.CONFIGS / "base.yaml")
+    base = load_config(recipe.CONFIGS / recipe.STAGES["base"][0])
     assert not base.causal and base.trainer == "diffusion" and base.caption_dropout > 0
-    assert {c for c, _ in recipe.STAGES.values()} == {p.name for p in recipe.CONFIGS.glob("*.yaml")}
+    assert base.image_loss_weight > 0 and base.first_frame_loss_weight > 1   # the shipped base's frame-0 terms
+    for path in recipe.CONFIGS.glob("*.yaml"):   # ... and only the base's: every other stage keeps the reference's
+        if path.name != recipe.STAGES["base"][0]:
+            cfg = load_config(path)
+            assert cfg.image_loss_weight == 0, path.name
+            assert cfg.first_frame_loss_weight in (1.0, 3.0), path.name
+    # every file is a stage's, but the root that they all inherit
+    assert {c for c, _ in recipe.STAGES.values()} | {"base.yaml"} == {p.name for p in recipe.CONFIGS.glob("*.yaml")}
 
 
 def test_every_stage_checkpoint_exists_and_loads(quick_run, recipe):

@@ -23,8 +23,8 @@ Stages, each a subprocess of an entry point users run themselves (``train.py``, 
 Run time: the later stages' defaults (``max_steps`` of configs/toy) were planned for one GPU call of under 10 minutes
 with ``--jobs 16`` (stages that do not read each other run side by side: the toy networks are far too small to fill a
 GPU); measured, Stages 1-3 from the shipped base (``--base_weights``) take 285-453 s on an H100 (two machines), the
-base's 2600 steps add about 350 s (docs/toy_results.md has the stage times). On a CPU the base alone takes hours;
-``--steps_scale`` scales every stage.
+base's 2600 steps add about 420 s with its frame-0 image term (docs/toy_results.md has the stage times). On a CPU the
+base alone takes hours; ``--steps_scale`` scales every stage.
 
 Every stage is skipped when its output file already exists, so an interrupted run continues where it stopped (and
 ``train.py`` itself resumes inside a stage). Logs of each subprocess: ``<workdir>/logs/<stage>.log``.
@@ -56,7 +56,7 @@ STUDENT_STEPS = [1000, 750, 500, 250]
 
 # Trained stages: name -> (configs/toy file, stage whose checkpoint initialises the generator, or None).
 STAGES = {
-    "base": ("base.yaml", None),
+    "base": ("bidirectional_base.yaml", None),
     "ar_framewise": ("ar_diffusion_tf_framewise.yaml", None),
     "ar_chunkwise": ("ar_diffusion_tf_chunkwise.yaml", None),
     "ode_framewise": ("causal_ode_framewise.yaml", "ar_framewise"),
@@ -91,7 +91,7 @@ class Row:
 def table_rows() -> list[Row]:
     """The results table of the issue, in order."""
     few = [f"denoising_step_list=[{','.join(map(str, STUDENT_STEPS))}]", "warp_denoising_step=true"]
-    rows = [Row("base_50", "base (bidirectional)", "50, CFG 3", "base", "base.yaml")]
+    rows = [Row("base_50", "base (bidirectional)", "50, CFG 3", "base", "bidirectional_base.yaml")]
     for v in VARIANTS:
         rows += [Row(f"ar_{v}_50", f"Stage 1 AR {v}", "50, CFG 3", f"ar_{v}", f"ar_diffusion_tf_{v}.yaml"),
                  Row(f"ar_{v}_4", f"Stage 1 AR {v} (undistilled)", "4", f"ar_{v}", f"ar_diffusion_tf_{v}.yaml", few),
