@@ -18,8 +18,9 @@ from utils.datasets import LatentLMDBDataset
 from utils.errors import ConfigError, DataError
 
 NUM_TIMESTEP_BUCKETS = 4  # per-bucket MSE metrics: quarters of [0, num_train_timestep]
-# Independent random streams of one sample: tensor draws on the training device, caption dropout on the CPU, the
-# draws of its one-frame image sample (image_loss_weight).
+# Independent random streams of one sample: its noise and timesteps, caption dropout, the draws of its one-frame image
+# sample (image_loss_weight). All come from CPU generators: the same draws on every device, and no per-sample kernel
+# launches on a GPU (a batch's draws reach it in one copy).
 DRAW_STREAM, CAPTION_STREAM, IMAGE_STREAM = 0, 1, 2
 
 
@@ -104,26 +105,33 @@ class DiffusionObjective(Objective):
 
     def draw(self, x0: torch.Tensor, sample_ids: torch.Tensor | None = None,
              stream: int = DRAW_STREAM) -> DiffusionDraw:
-        """Noise and timesteps for ``x0 [B, F, C, H, W]`` (training.md §3.3), each sample from its own generator
-        seeded by ``(seed, sample_ids[i], stream)`` (independent of batch, rank and world size), else the global
-        RNG."""
+        """Noise and timesteps for ``x0 [B, F, C, H, W]`` (training.md §3.3), each sample from its own CPU generator
+        seeded by ``(seed, sample_ids[i], stream)`` (independent of batch, rank, world size and device), else the
+        global RNG of ``x0``'s device."""
         if sample_ids is None:
-            return self._draw(x0, None)
-        gens = sample_generators(self.cfg.seed, sample_ids, stream, x0.device)
-        draws = [self._draw(x0[i:i + 1], g) for i, g in enumerate(gens)]
-        stack = lambda name: (None if getattr(draws[0], name) is None  # noqa: E731
-                              else torch.cat([getattr(d, name) for d in draws]))
+            return self._draw(x0.shape, x0.dtype, x0.device, None)
+        gens = sample_generators(self.cfg.seed, sample_ids, stream, torch.device("cpu"))
+        draws = [self._draw((1, *x0.shape[1:]), x0.dtype, torch.device("cpu"), g) for g in gens]
+        pin = x0.device.type == "cuda"   # pinned: the copy does not wait for the GPU's queue
+
+        def stack(name: str) -> torch.Tensor | None:
+            if getattr(draws[0], name) is None:
+                return None
+            both = torch.cat([getattr(d, name) for d in draws])
+            return (both.pin_memory() if pin else both).to(x0.device, non_blocking=True)
+
         return DiffusionDraw(stack("noise"), stack("t"), stack("clean_t"), stack("clean_noise"))
 
-    def _draw(self, x0: torch.Tensor, generator: torch.Generator | None) -> DiffusionDraw:
+    def _draw(self, shape: torch.Size | tuple, dtype: torch.dtype, device: torch.device,
+              generator: torch.Generator | None) -> DiffusionDraw:
         cfg = self.cfg
-        b, f = x0.shape[:2]
-        randn = lambda: torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # noqa: E731
+        b, f = shape[:2]
+        randn = lambda: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
         noise = randn()
         # One timestep per block, constant within it; the bidirectional base model takes one per sample.
         t = self.scheduler.sample_training_timesteps(
             b, f, num_frame_per_block=cfg.num_frame_per_block, uniform=not cfg.causal,
-            independent_first_frame=cfg.independent_first_frame, generator=generator, device=x0.device)
+            independent_first_frame=cfg.independent_first_frame, generator=generator, device=device)
         if not (cfg.teacher_forcing and cfg.noise_augmentation_max_timestep > 0):
             return DiffusionDraw(noise, t)
         grid = self.scheduler.timesteps
@@ -131,9 +139,9 @@ class DiffusionObjective(Objective):
         low = min(int((grid > cfg.noise_augmentation_max_timestep).sum()), len(grid) - 1)
         index = self.scheduler.sample_block_indices(
             b, f, cfg.num_frame_per_block, low=low, independent_first_frame=cfg.independent_first_frame,
-            generator=generator, device=x0.device)
+            generator=generator, device=device)
         # Independent noise for the context (the reference reused eps, training.md §12 item 19).
-        return DiffusionDraw(noise, t, grid.to(x0.device)[index], randn())
+        return DiffusionDraw(noise, t, grid.to(device)[index], randn())
 
     def denoising_loss(self, generator: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor,
                        draw: DiffusionDraw) -> tuple[torch.Tensor, torch.Tensor]:
