@@ -318,26 +318,6 @@ def test_stage_overrides_reach_only_their_stage(recipe, tmp_path, monkeypatch):
             recipe.Recipe(args)
 
 
-def test_the_base_compiles_on_a_gpu_only_and_an_override_wins(recipe, tmp_path, monkeypatch):
-    """COMPILED_ON_GPU: the base's train.py gets compile=true first on CUDA (so --stage_override can turn it off),
-    no other stage gets it, and nothing compiles on the CPU."""
-    def overrides(device, *extra):
-        args = recipe.build_parser().parse_args(["--workdir", str(tmp_path), "--device", device, *extra])
-        run, commands = recipe.Recipe(args), {}
-        monkeypatch.setattr(recipe.Recipe, "run", lambda self, name, cmd, what: commands.setdefault(name, cmd))
-        for name in ("base", "ar_framewise"):
-            with pytest.raises(SystemExit):          # the stub runs nothing, so the stage's export is missing
-                run.train(name)
-        return {name: cmd[cmd.index("--override") + 1:] for name, cmd in commands.items()}
-
-    gpu = overrides("cuda")
-    assert recipe.COMPILED_ON_GPU == ("base",) and gpu["base"][0] == "compile=true"
-    assert not any(o.startswith("compile=") for o in gpu["ar_framewise"])
-    assert not any(o.startswith("compile=") for name in ("base", "ar_framewise") for o in overrides("cpu")[name])
-    off = overrides("cuda", "--stage_override", "base:compile=false")["base"]
-    assert [o for o in off if o.startswith("compile=")] == ["compile=true", "compile=false"]   # the last one wins
-
-
 def test_dit_edits_are_checked(recipe):
     config = {"dim": 128, "num_layers": 4, "patch_size": [1, 2, 2]}
     assert recipe._dit_config(config, ["dim=256", "patch_size=[1,1,1]"]) == \

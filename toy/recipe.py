@@ -23,8 +23,7 @@ Stages, each a subprocess of an entry point users run themselves (``train.py``, 
 Run time: the later stages' defaults (``max_steps`` of configs/toy) were planned for one GPU call of under 10 minutes
 with ``--jobs 16`` (stages that do not read each other run side by side: the toy networks are far too small to fill a
 GPU); measured, Stages 1-3 from the shipped base (``--base_weights``) take 285-453 s on an H100 (two machines), the
-base's 2600 steps add about 420 s with its frame-0 image term, uncompiled (docs/toy_results.md has the stage times;
-on a GPU the base now trains compiled, ``COMPILED_ON_GPU``). On a CPU the
+base's 2600 steps add about 420 s with its frame-0 image term (docs/toy_results.md has the stage times). On a CPU the
 base alone takes hours; ``--steps_scale`` scales every stage.
 
 Every stage is skipped when its output file already exists, so an interrupted run continues where it stopped (and
@@ -72,10 +71,6 @@ STAGES = {
     "dmd_framewise_from_cd": ("causal_forcing_dmd_framewise.yaml", "cd_framewise"),   # Stage 2b instead of 2a
     "dmd_rolling_framewise": ("rolling_forcing_dmd_framewise.yaml", "ode_framewise"),  # long video
 }
-# Stages whose transformer blocks train torch.compiled (config key ``compile``) when the recipe runs on a GPU: the
-# base, the longest stage (fp32 forward + backward of a clip batch 83 -> 57 ms on an H200). Not on a CPU, where
-# compiling would take longer than the CI run's few steps; ``--stage_override base:compile=false`` turns it off.
-COMPILED_ON_GPU = ("base",)
 QUICK_ROWS = ("base_50", "dmd_framewise_4", "dmd_chunkwise_4", "dmd_rolling_framewise_4")
 QUICK = dict(steps=2, n_train=8, n_heldout=4, ode_samples=4, batch_size=2, num_prompts=2, num_samples=1)
 
@@ -285,8 +280,7 @@ class Recipe:
         steps = self.steps[name]
         logdir = self.work / "logs" / name
         # checkpoints at the config's interval (a killed run resumes there) and always at the last step
-        compiled = ["compile=true"] if self.device == "cuda" and name in COMPILED_ON_GPU else []
-        overrides = [*compiled, *self.args.override, *self.stage_overrides.get(name, []), f"max_steps={steps}",
+        overrides = [*self.args.override, *self.stage_overrides.get(name, []), f"max_steps={steps}",
                      f"log_iters={min(steps, self.save_every[name])}",
                      f"log_every={max(1, min(50, steps // 4))}",
                      f"wan_models_dir={self.models('init' if name == 'base' else 'base')}"]
@@ -297,9 +291,7 @@ class Recipe:
             overrides.append(f"batch_size={QUICK['batch_size']}")
         cmd = self.launcher() + ["train.py", "--config_path", str(CONFIGS / config), "--logdir", str(logdir),
                                  "--override", *overrides]
-        compiles = [o for o in overrides if o.startswith("compile=")][-1:] == ["compile=true"]
-        self.run(name, cmd, f"train.py {config}, {steps} steps" + (f", from {init}" if init else "")
-                 + (", compiled" if compiles else ""))
+        self.run(name, cmd, f"train.py {config}, {steps} steps" + (f", from {init}" if init else ""))
         from utils.checkpoint import release_path
 
         release = release_path(logdir, steps)
