@@ -143,3 +143,15 @@ def test_bench_text_encoder_host_memory_of_a_loaded_file(tmp_path):
     assert [row["stage"] for row in rows] == ["start", "loaded", "encoded one prompt"]
     assert all(0 < row["anonymous_gib"] <= row["rss_gib"] <= row["peak_gib"] for row in rows)
     assert rows[2]["seconds"] > 0 and rows[1]["peak_gib"] <= rows[2]["peak_gib"]
+
+
+def test_bench_toy_base_step_times_every_part(tmp_path):
+    out = tmp_path / "toy_base_step.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_toy_base_step.py"), "--device", "cpu",
+                    "--batch", "2", "--iters", "1", "--out", str(out)], check=True, cwd=tmp_path, capture_output=True,
+                   timeout=600)
+    result = json.loads(out.read_text())
+    assert result["info"]["batch_size"] == 2 and result["info"]["config"] == "configs/toy/bidirectional_base.yaml"
+    assert [row["part"] for row in result["rows"]] == ["draw_video", "draw_image", "encode", "step",
+                                                        "video_fwd_bwd_fp32", "video_fwd_bwd_bf16"]
+    assert all(row["ms"] > 0 for row in result["rows"])
