@@ -24,13 +24,13 @@ NUM_TIMESTEP_BUCKETS = 4  # per-bucket MSE metrics: quarters of [0, num_train_ti
 DRAW_STREAM, CAPTION_STREAM, IMAGE_STREAM = 0, 1, 2
 
 
-def sample_generators(seed: int, sample_ids: torch.Tensor, stream: int, device: torch.device) -> list[torch.Generator]:
-    """One ``torch.Generator`` on ``device`` per sample id (int64 ``[B]``), its 63-bit seed mixed from
-    ``(seed, sample_id, stream)``."""
+def sample_generators(seed: int, sample_ids: torch.Tensor, stream: int) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per sample id (int64 ``[B]``), its 63-bit seed mixed from ``(seed, sample_id,
+    stream)``."""
     generators = []
     for sample_id in sample_ids.tolist():
         words = np.random.SeedSequence([seed % 2**63, int(sample_id), stream]).generate_state(2, dtype=np.uint32)
-        generators.append(torch.Generator(device=device).manual_seed((int(words[0]) << 31) ^ int(words[1])))
+        generators.append(torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1])))
     return generators
 
 
@@ -98,7 +98,7 @@ class DiffusionObjective(Objective):
         if sample_ids is None:
             uniform = torch.rand(len(prompts))
         else:
-            gens = sample_generators(self.cfg.seed, sample_ids, CAPTION_STREAM, torch.device("cpu"))
+            gens = sample_generators(self.cfg.seed, sample_ids, CAPTION_STREAM)
             uniform = torch.cat([torch.rand(1, generator=g) for g in gens])
         drop = (uniform < p).tolist()   # rand lies in [0, 1): p = 1 drops every caption
         return ["" if d else text for text, d in zip(prompts, drop)]
@@ -110,15 +110,15 @@ class DiffusionObjective(Objective):
         global RNG of ``x0``'s device."""
         if sample_ids is None:
             return self._draw(x0.shape, x0.dtype, x0.device, None)
-        gens = sample_generators(self.cfg.seed, sample_ids, stream, torch.device("cpu"))
+        gens = sample_generators(self.cfg.seed, sample_ids, stream)
         draws = [self._draw((1, *x0.shape[1:]), x0.dtype, torch.device("cpu"), g) for g in gens]
         pin = x0.device.type == "cuda"   # pinned: the copy does not wait for the GPU's queue
 
         def stack(name: str) -> torch.Tensor | None:
             if getattr(draws[0], name) is None:
                 return None
-            both = torch.cat([getattr(d, name) for d in draws])
-            return (both.pin_memory() if pin else both).to(x0.device, non_blocking=True)
+            stacked = torch.cat([getattr(d, name) for d in draws])
+            return (stacked.pin_memory() if pin else stacked).to(x0.device, non_blocking=True)
 
         return DiffusionDraw(stack("noise"), stack("t"), stack("clean_t"), stack("clean_noise"))
 
