@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from common import save_results
 
+from trainer.diffusion import IMAGE_STREAM
 from trainer.registry import build_objective
 from utils.config import load_config
 from utils.distributed import transformer_blocks
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
 
     parts = {
         "draw_video": lambda: objective.draw(on_device, ids),
-        "draw_image": lambda: objective.draw(on_device[:, :1], ids, 2),
+        "draw_image": lambda: objective.draw(on_device[:, :1], ids, IMAGE_STREAM),
         "encode": lambda: objective.encode_prompts(objective.drop_captions(prompts, ids)),
         "step": step,
         "video_fwd_bwd_fp32": video(None),
