@@ -1,13 +1,13 @@
 """Where the time of one toy base training step goes: its draws, its text encoding, its forward and backward.
 
-The toy base (``configs/toy/bidirectional_base.yaml``: a batch of 192 clips of latents ``[9, 16, 8, 8]``, the clip's
+The toy base (``configs/toy/bidirectional_base.yaml``: the config's batch of clips at its latent shape, the clip's
 loss and the one-frame image loss of latent frame 0) is the longest stage of ``python -m toy.recipe``. The DiT is the
 shipped one (``assets/toy/Toy-T2V``); the clips are random latents (speed does not depend on values). Each part is
 timed on its own as wall time between synchronisations (a toy step is bound by the host as much as by the GPU):
 
 - ``draw_video`` / ``draw_image``: the per-sample noise and timesteps of the clip and of its frame 0;
 - ``encode``: caption dropout and the text encoder (its prompt cache hits, as in training);
-- ``step``: the whole step as the training loop runs it (``objective.loss``, backward, fused AdamW);
+- ``step``: the whole step (``objective.loss``, backward, fused AdamW; the loop's gradient clipping left out);
 - ``video_fwd_bwd_<fp32|bf16>[_compiled]``: the clip's forward, loss and backward and the optimizer step alone
   (bf16: ``torch.autocast``; compiled: every transformer block ``torch.compile``d, as the config key ``compile``).
 
