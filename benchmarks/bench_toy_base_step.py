@@ -5,9 +5,12 @@ loss and the one-frame image loss of latent frame 0) is the longest stage of ``p
 shipped one (``assets/toy/Toy-T2V``); the clips are random latents (speed does not depend on values). Each part is
 timed on its own as wall time between synchronisations (a toy step is bound by the host as much as by the GPU):
 
-- ``draw_video`` / ``draw_image``: the per-sample noise and timesteps of the clip and of its frame 0;
-- ``encode``: caption dropout and the text encoder (its prompt cache hits, as in training);
-- ``step``: the whole step (``objective.loss``, backward, fused AdamW; the loop's gradient clipping left out);
+- ``draw_video`` / ``draw_image``: the per-sample noise and timesteps of the clip and of its frame 0, drawn in the
+  training process (the loop's DataLoader workers make them beside the samples: ``trainer/diffusion.py: SampleDraws``);
+- ``encode``: caption dropout and the text encoder, on captions of the toy world's attribute combinations in random
+  order, as training sees them (its prompt cache holds 8);
+- ``step``: the whole step as the training process runs it (``objective.loss`` on a batch that brings its draws,
+  backward, fused AdamW; the loop's gradient clipping left out);
 - ``video_fwd_bwd_<fp32|bf16>[_compiled]``: the clip's forward, loss and backward and the optimizer step alone
   (bf16: ``torch.autocast``; compiled: every transformer block ``torch.compile``d, as the config key ``compile``).
 
@@ -23,7 +26,9 @@ from pathlib import Path
 
 import torch
 from common import save_results
+from torch.utils.data import default_collate
 
+from toy import world
 from trainer.diffusion import IMAGE_STREAM
 from trainer.registry import build_objective
 from utils.config import load_config
@@ -31,7 +36,6 @@ from utils.distributed import transformer_blocks
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "toy" / "bidirectional_base.yaml"
-PROMPTS = ["a red circle moving down quickly", "a purple triangle moving left slowly"]
 
 
 def parse_args(argv=None):
@@ -73,9 +77,12 @@ def main(argv=None) -> dict:
     x0 = torch.randn(batch_size, *cfg.image_or_video_shape[1:])
     if device.type == "cuda":
         x0 = x0.pin_memory()   # as the loop's DataLoader hands batches over
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
+    captions = [world.format_caption(attrs) for attrs in world.all_combinations()]
+    prompts = [captions[i] for i in torch.randint(len(captions), (batch_size,)).tolist()]
     ids = torch.arange(batch_size) + 1000
-    batch = {"clean_latent": x0, "prompts": prompts, "sample_id": ids}
+    # as the loop's batches bring them: each sample's draws, made by a DataLoader worker (here once, up front)
+    made = default_collate([objective.draws({"clean_latent": x}, int(i)) for x, i in zip(x0, ids)])["draws"]
+    batch = {"clean_latent": x0, "prompts": prompts, "sample_id": ids, "draws": made}
     on_device = x0.to(device)
     context = objective.encode_prompts(prompts)
     draw = objective.draw(on_device, ids)

@@ -44,7 +44,7 @@ from pipeline.causal import StepSchedule
 from pipeline.streaming import StreamingPipeline
 from toy import world as S
 from toy.folders import toy_words, write_tiny_wan_folder
-from trainer.diffusion import DiffusionObjective
+from trainer.diffusion import DRAW_STREAM, IMAGE_STREAM, DiffusionObjective
 from trainer.loop import Trainer
 from utils.config import Config
 from utils.datasets import LatentLMDBDataset
@@ -313,6 +313,36 @@ def test_data_resumes_at_the_same_sample(world):
     for a in expected:
         b = next(got)
         assert a["prompts"] == b["prompts"] and torch.equal(a["clean_latent"], b["clean_latent"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("mode", [dict(noise_augmentation_max_timestep=250),                    # context noise
+                                  dict(causal=False, teacher_forcing=False, image_loss_weight=1.0)])  # image draws
+def test_batches_bring_the_draws_the_objective_makes(world, num_workers, mode):
+    """The loop's batches carry every per-sample draw, made where the sample was read (a DataLoader worker): the same
+    noise, timesteps, context noise, image draws and caption drops as the objective draws in-process for those
+    sample ids, and hence the same loss."""
+    cfg = make_config(world, batch_size=6, caption_dropout=0.5, **mode)
+    objective = DiffusionObjective(cfg, num_workers=num_workers)
+    objective.attach(objective.build_networks(torch.device("cpu")))
+    batches = objective.data(rank=0, world_size=1, seed=5)
+    next(batches)
+    batch = next(batches)
+    ids = batch["sample_id"]
+    assert ids.tolist() == list(range(6, 12))
+    x0, made = batch["clean_latent"], batch["draws"]
+    streams = [(DRAW_STREAM, x0, "video")] + ([(IMAGE_STREAM, x0[:, :1], "image")] if cfg.image_loss_weight else [])
+    assert set(made) == {"caption_dropped"} | {key for _, _, key in streams}
+    for stream, clip, key in streams:
+        expected = objective.draw(clip, ids, stream).tensors()
+        assert set(made[key]) == set(expected)
+        for name, value in expected.items():
+            assert torch.equal(made[key][name], value), (key, name)
+    assert ("clean_noise" in made["video"]) == cfg.teacher_forcing
+    dropped = ["" if d else p for p, d in zip(batch["prompts"], made["caption_dropped"].tolist())]
+    assert dropped == objective.drop_captions(batch["prompts"], ids) and "" in dropped and set(dropped) != {""}
+    in_process = {k: v for k, v in batch.items() if k != "draws"}
+    assert torch.equal(objective.loss("generator", batch, 0)[0], objective.loss("generator", in_process, 0)[0])
 
 
 def test_kill_and_resume_equals_the_uninterrupted_run(world, tmp_path, one_thread):

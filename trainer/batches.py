@@ -3,11 +3,11 @@ at the next unconsumed one whatever the DataLoader workers had prefetched."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.datasets import ResumableSampler
 from utils.errors import DataError, UserError
@@ -37,11 +37,16 @@ class GlobalStreamSampler(Sampler[int]):
         """Global position of this rank's ``consumed``-th sample (0-based) since the start / the loaded state."""
         return self.start + consumed * self.num_replicas + self.rank
 
-    def __iter__(self) -> Iterator[int]:
+    def keyed(self) -> Iterator[tuple[int, int]]:
+        """This rank's stream as ``(dataset index, global position)`` pairs."""
         consumed = 0
         while True:
-            yield self.index_at(self.position_of(consumed))
+            position = self.position_of(consumed)
+            yield self.index_at(position), position
             consumed += 1
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for index, _ in self.keyed())
 
     def state_for(self, num_consumed: int) -> dict:
         """State after this rank consumed ``num_consumed`` samples since the sampler was created or loaded."""
@@ -63,28 +68,53 @@ class GlobalStreamSampler(Sampler[int]):
 
 
 class IndexBatches:
-    """Batches of sample indices forever; a batch may straddle two epochs (nothing dropped or repeated), so the
-    count of consumed samples alone locates the run in the sampler."""
+    """Batches of sample indices forever (``keyed``: ``(index, global position)`` pairs of a
+    :class:`GlobalStreamSampler`); a batch may straddle two epochs (nothing dropped or repeated), so the count of
+    consumed samples alone locates the run in the sampler."""
 
-    def __init__(self, sampler: ResumableSampler | GlobalStreamSampler, batch_size: int):
-        self.sampler, self.batch_size = sampler, batch_size
+    def __init__(self, sampler: ResumableSampler | GlobalStreamSampler, batch_size: int, keyed: bool = False):
+        self.sampler, self.batch_size, self.keyed = sampler, batch_size, keyed
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batch: list[int] = []
+    def __iter__(self) -> Iterator[list]:
+        batch: list = []
         while True:
-            for index in self.sampler:  # the rest of the current epoch, then the sampler moves to the next
+            # the rest of the current epoch, then the sampler moves to the next
+            for index in (self.sampler.keyed() if self.keyed else self.sampler):
                 batch.append(index)
                 if len(batch) == self.batch_size:
                     yield batch
                     batch = []
 
 
+class KeyedSamples(Dataset):
+    """``dataset`` read at ``(index, global position)``: the item, its ``sample_id`` (the position) and, with
+    ``per_sample``, what ``per_sample(item, position)`` adds to it (run where the item is read: in a DataLoader
+    worker, off the training process; it must pickle)."""
+
+    def __init__(self, dataset, per_sample: Callable[[dict, int], dict] | None = None):
+        self.dataset, self.per_sample = dataset, per_sample
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, position = key
+        item = dict(self.dataset[index], sample_id=position)
+        return {**item, **self.per_sample(item, position)} if self.per_sample is not None else item
+
+
 class ResumableBatches:
     """Infinite iterator of collated batches with a resumable position; with a :class:`GlobalStreamSampler` each batch
-    carries ``sample_id`` (int64 ``[B]`` stream positions, the key of per-sample draws)."""
+    carries ``sample_id`` (int64 ``[B]`` stream positions, the key of per-sample draws) and what ``per_sample`` makes
+    of each sample (:class:`KeyedSamples`)."""
 
-    def __init__(self, dataset, sampler: ResumableSampler | GlobalStreamSampler, batch_size: int, num_workers: int):
-        self.dataset, self.sampler, self.batch_size, self.num_workers = dataset, sampler, batch_size, num_workers
+    def __init__(self, dataset, sampler: ResumableSampler | GlobalStreamSampler, batch_size: int, num_workers: int,
+                 per_sample: Callable[[dict, int], dict] | None = None):
+        self.keyed = isinstance(sampler, GlobalStreamSampler)
+        if per_sample is not None and not self.keyed:
+            raise ValueError("per_sample needs a GlobalStreamSampler: it is keyed by the global stream position")
+        self.dataset = KeyedSamples(dataset, per_sample) if self.keyed else dataset
+        self.sampler, self.batch_size, self.num_workers = sampler, batch_size, num_workers
         self.consumed = 0   # samples handed out since the sampler was created or loaded
         self._iterator = None
 
@@ -95,7 +125,7 @@ class ResumableBatches:
         if self._iterator is None:
             # Its own generator: otherwise iter() draws the workers' base seed from the global torch RNG, which a
             # resumed run has just restored, and the first step after a resume would see other noise.
-            loader = DataLoader(self.dataset, batch_sampler=IndexBatches(self.sampler, self.batch_size),
+            loader = DataLoader(self.dataset, batch_sampler=IndexBatches(self.sampler, self.batch_size, self.keyed),
                                 num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                                 generator=self._loader_generator())
             self._iterator = iter(loader)
@@ -103,11 +133,7 @@ class ResumableBatches:
             batch = next(self._iterator)
         except UserError as err:   # raised in a worker: torch re-raises it with the worker's traceback as its text
             raise type(err)(_worker_message(err)) from None
-        n = len(batch["prompts"])
-        if isinstance(self.sampler, GlobalStreamSampler):
-            batch["sample_id"] = torch.tensor([self.sampler.position_of(self.consumed + j) for j in range(n)],
-                                              dtype=torch.int64)
-        self.consumed += n
+        self.consumed += len(batch["prompts"])
         return batch
 
     def _loader_generator(self) -> torch.Generator:

@@ -43,6 +43,77 @@ class DiffusionDraw:
     clean_t: torch.Tensor | None = None         # context-augmentation timesteps, [B, F] (teacher forcing only)
     clean_noise: torch.Tensor | None = None     # context-augmentation noise, [B, F, C, H, W]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name (what a DataLoader can collate)."""
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+    def to(self, device: torch.device) -> "DiffusionDraw":
+        """On ``device`` (a non-blocking copy: pinned sources do not wait for the GPU's queue)."""
+        return DiffusionDraw(**{name: value.to(device, non_blocking=True) for name, value in self.tensors().items()})
+
+
+class SampleDraws:
+    """Every draw of the Stage-1 loss (training.md §3.3): noise and timesteps, the context augmentation of teacher
+    forcing, caption dropout, the one-frame image sample's own noise and timestep. A sample's draws come from CPU
+    generators keyed by ``(seed, its stream position, stream)``; called on a dataset item, this makes them all in the
+    DataLoader worker that reads the item (it pickles: the config and the scheduler, no networks)."""
+
+    def __init__(self, cfg: Config, scheduler):
+        self.cfg, self.scheduler = cfg, scheduler
+
+    def __call__(self, item: dict, position: int) -> dict:
+        """``draws`` of one dataset item at stream ``position`` (its latent ``clean_latent [F, C, H, W]``)."""
+        shape = (1, *item["clean_latent"].shape)
+        ids = torch.tensor([position])
+        draws = {"video": _squeeze(self.keyed(shape, ids, DRAW_STREAM).tensors()),
+                 "caption_dropped": self.captions_dropped(ids)[0]}
+        if self.cfg.image_loss_weight > 0:
+            draws["image"] = _squeeze(self.keyed((1, 1, *shape[2:]), ids, IMAGE_STREAM).tensors())
+        return {"draws": draws}
+
+    def keyed(self, shape: tuple, sample_ids: torch.Tensor, stream: int,
+              dtype: torch.dtype = torch.float32) -> DiffusionDraw:
+        """The draws of ``len(sample_ids)`` samples of ``shape[1:]`` (on the CPU), each from its own generator."""
+        gens = sample_generators(self.cfg.seed, sample_ids, stream)
+        draws = [self.draw((1, *shape[1:]), g, dtype=dtype) for g in gens]
+        return DiffusionDraw(**{name: torch.cat([d.tensors()[name] for d in draws]) for name in draws[0].tensors()})
+
+    def captions_dropped(self, sample_ids: torch.Tensor) -> list[bool]:
+        """Whether each sample's caption is replaced by ``""`` (probability ``caption_dropout``; no draw at 0)."""
+        p = self.cfg.caption_dropout
+        if p <= 0:
+            return [False] * len(sample_ids)
+        uniform = torch.cat([torch.rand(1, generator=g) for g in sample_generators(self.cfg.seed, sample_ids,
+                                                                                   CAPTION_STREAM)])
+        return (uniform < p).tolist()   # rand lies in [0, 1): p = 1 drops every caption
+
+    def draw(self, shape: tuple, generator: torch.Generator | None, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> DiffusionDraw:
+        """Draws for a batch of ``shape [B, F, C, H, W]`` from ``generator`` (None: ``device``'s global RNG)."""
+        cfg = self.cfg
+        b, f = shape[:2]
+        randn = lambda: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
+        noise = randn()
+        # One timestep per block, constant within it; the bidirectional base model takes one per sample.
+        t = self.scheduler.sample_training_timesteps(
+            b, f, num_frame_per_block=cfg.num_frame_per_block, uniform=not cfg.causal,
+            independent_first_frame=cfg.independent_first_frame, generator=generator, device=device)
+        if not (cfg.teacher_forcing and cfg.noise_augmentation_max_timestep > 0):
+            return DiffusionDraw(noise, t)
+        grid = self.scheduler.timesteps
+        # Grid entries are descending: indices from `low` on are the timesteps <= the configured maximum.
+        low = min(int((grid > cfg.noise_augmentation_max_timestep).sum()), len(grid) - 1)
+        index = self.scheduler.sample_block_indices(
+            b, f, cfg.num_frame_per_block, low=low, independent_first_frame=cfg.independent_first_frame,
+            generator=generator, device=device)
+        # Independent noise for the context (the reference reused eps, training.md §12 item 19).
+        return DiffusionDraw(noise, t, grid.to(device)[index], randn())
+
+
+def _squeeze(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One sample's draws without the batch dimension (the DataLoader stacks them again)."""
+    return {name: value[0] for name, value in tensors.items()}
+
 
 class DiffusionObjective(Objective):
     """Stage-1 objective (``trainer: diffusion``); ``num_workers`` DataLoader processes read the LMDB."""
@@ -51,6 +122,7 @@ class DiffusionObjective(Objective):
         _check_config(cfg)
         self.cfg = cfg
         self.scheduler = build_scheduler(cfg)
+        self.draws = SampleDraws(cfg, self.scheduler)
         self.num_workers = num_workers
         self.device = torch.device("cpu")
         self.compute_dtype = torch.float32   # dtype of the generator's latent and text inputs
@@ -82,7 +154,8 @@ class DiffusionObjective(Objective):
             raise DataError(f"{cfg.data_path} holds no samples")
         dataset.check_latent_shape(cfg.image_or_video_shape[1:])
         sampler = GlobalStreamSampler(len(dataset), seed=seed, num_replicas=world_size, rank=rank)
-        return self.data_position.attach(ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers))
+        batches = ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers, per_sample=self.draws)
+        return self.data_position.attach(batches)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -92,56 +165,25 @@ class DiffusionObjective(Objective):
     def drop_captions(self, prompts: list[str], sample_ids: torch.Tensor | None = None) -> list[str]:
         """``prompts``, each replaced by ``""`` with probability ``caption_dropout`` (one draw from the prompt's
         generator keyed by ``sample_ids``, else the global CPU RNG; none at probability 0)."""
-        p = self.cfg.caption_dropout
-        if p <= 0:
+        if self.cfg.caption_dropout <= 0:
             return list(prompts)
-        if sample_ids is None:
-            uniform = torch.rand(len(prompts))
+        if sample_ids is not None:
+            dropped = self.draws.captions_dropped(sample_ids)
         else:
-            gens = sample_generators(self.cfg.seed, sample_ids, CAPTION_STREAM)
-            uniform = torch.cat([torch.rand(1, generator=g) for g in gens])
-        drop = (uniform < p).tolist()   # rand lies in [0, 1): p = 1 drops every caption
-        return ["" if d else text for text, d in zip(prompts, drop)]
+            dropped = (torch.rand(len(prompts)) < self.cfg.caption_dropout).tolist()
+        return ["" if d else text for text, d in zip(prompts, dropped)]
 
     def draw(self, x0: torch.Tensor, sample_ids: torch.Tensor | None = None,
              stream: int = DRAW_STREAM) -> DiffusionDraw:
         """Noise and timesteps for ``x0 [B, F, C, H, W]`` (training.md §3.3), each sample from its own CPU generator
         seeded by ``(seed, sample_ids[i], stream)`` (independent of batch, rank, world size and device), else the
-        global RNG of ``x0``'s device."""
+        global RNG of ``x0``'s device. The loop's batches bring these draws made by their DataLoader workers."""
         if sample_ids is None:
-            return self._draw(x0.shape, x0.dtype, x0.device, None)
-        gens = sample_generators(self.cfg.seed, sample_ids, stream)
-        draws = [self._draw((1, *x0.shape[1:]), x0.dtype, torch.device("cpu"), g) for g in gens]
-        pin = x0.device.type == "cuda"   # pinned: the copy does not wait for the GPU's queue
-
-        def stack(name: str) -> torch.Tensor | None:
-            if getattr(draws[0], name) is None:
-                return None
-            stacked = torch.cat([getattr(d, name) for d in draws])
-            return (stacked.pin_memory() if pin else stacked).to(x0.device, non_blocking=True)
-
-        return DiffusionDraw(stack("noise"), stack("t"), stack("clean_t"), stack("clean_noise"))
-
-    def _draw(self, shape: torch.Size | tuple, dtype: torch.dtype, device: torch.device,
-              generator: torch.Generator | None) -> DiffusionDraw:
-        cfg = self.cfg
-        b, f = shape[:2]
-        randn = lambda: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
-        noise = randn()
-        # One timestep per block, constant within it; the bidirectional base model takes one per sample.
-        t = self.scheduler.sample_training_timesteps(
-            b, f, num_frame_per_block=cfg.num_frame_per_block, uniform=not cfg.causal,
-            independent_first_frame=cfg.independent_first_frame, generator=generator, device=device)
-        if not (cfg.teacher_forcing and cfg.noise_augmentation_max_timestep > 0):
-            return DiffusionDraw(noise, t)
-        grid = self.scheduler.timesteps
-        # Grid entries are descending: indices from `low` on are the timesteps <= the configured maximum.
-        low = min(int((grid > cfg.noise_augmentation_max_timestep).sum()), len(grid) - 1)
-        index = self.scheduler.sample_block_indices(
-            b, f, cfg.num_frame_per_block, low=low, independent_first_frame=cfg.independent_first_frame,
-            generator=generator, device=device)
-        # Independent noise for the context (the reference reused eps, training.md §12 item 19).
-        return DiffusionDraw(noise, t, grid.to(device)[index], randn())
+            return self.draws.draw(x0.shape, None, x0.device, x0.dtype)
+        draws = self.draws.keyed(x0.shape, sample_ids, stream, x0.dtype)
+        if x0.device.type == "cuda":   # pinned: the copy does not wait for the GPU's queue
+            draws = DiffusionDraw(**{name: value.pin_memory() for name, value in draws.tensors().items()})
+        return draws.to(x0.device)
 
     def denoising_loss(self, generator: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor,
                        draw: DiffusionDraw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,15 +208,22 @@ class DiffusionObjective(Objective):
             raise ValueError(f"the diffusion objective has one phase, 'generator'; got {phase!r}")
         x0 = batch["clean_latent"].to(self.device, torch.float32, non_blocking=True)
         sample_ids = batch.get("sample_id")   # present in the loop's batches: per-sample, world-size-free draws
-        context = self.encode_prompts(self.drop_captions(batch["prompts"], sample_ids))
+        made = batch.get("draws")             # ... and with them the draws their DataLoader workers made
+        if made is not None:
+            prompts = ["" if d else text for text, d in zip(batch["prompts"], made["caption_dropped"].tolist())]
+            draw = DiffusionDraw(**made["video"]).to(self.device)
+        else:
+            prompts, draw = self.drop_captions(batch["prompts"], sample_ids), self.draw(x0, sample_ids)
+        context = self.encode_prompts(prompts)
         generator = self.networks.trainable["generator"]
-        draw = self.draw(x0, sample_ids)
         loss, mse = self.denoising_loss(generator, x0, context, draw)
         metrics = {"loss": loss.detach(), **self._bucket_metrics(mse.detach(), draw.t)}
         if self.cfg.image_loss_weight > 0:
             # Latent frame 0 is what the causal VAE makes of pixel frame 0 alone: an image's latent, denoised alone.
             image = x0[:, :1]
-            image_loss, _ = self.denoising_loss(generator, image, context, self.draw(image, sample_ids, IMAGE_STREAM))
+            image_draw = DiffusionDraw(**made["image"]).to(self.device) if made is not None else \
+                self.draw(image, sample_ids, IMAGE_STREAM)
+            image_loss, _ = self.denoising_loss(generator, image, context, image_draw)
             metrics["video_loss"], metrics["image_loss"] = loss.detach(), image_loss.detach()
             loss = loss + self.cfg.image_loss_weight * image_loss
             metrics["loss"] = loss.detach()
