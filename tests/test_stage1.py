@@ -319,10 +319,12 @@ def test_data_resumes_at_the_same_sample(world):
 @pytest.mark.parametrize("mode", [dict(noise_augmentation_max_timestep=250),                    # context noise
                                   dict(causal=False, teacher_forcing=False, image_loss_weight=1.0)])  # image draws
 def test_batches_bring_the_draws_the_objective_makes(world, num_workers, mode):
-    """The loop's batches carry every per-sample draw, made where the sample was read (a DataLoader worker): the same
-    noise, timesteps, context noise, image draws and caption drops as the objective draws in-process for those
-    sample ids, and hence the same loss."""
-    cfg = make_config(world, batch_size=6, caption_dropout=0.5, **mode)
+    """With draws_in_workers the loop's batches carry every per-sample draw, made where the sample was read (a
+    DataLoader worker): the same noise, timesteps, context noise, image draws and caption drops as the objective
+    draws in-process for those sample ids, and hence the same loss. Without it, the batches bring none."""
+    without = DiffusionObjective(make_config(world, batch_size=6, **mode), num_workers=0)
+    assert "draws" not in next(without.data(rank=0, world_size=1, seed=5))
+    cfg = make_config(world, batch_size=6, caption_dropout=0.5, draws_in_workers=True, **mode)
     objective = DiffusionObjective(cfg, num_workers=num_workers)
     objective.attach(objective.build_networks(torch.device("cpu")))
     batches = objective.data(rank=0, world_size=1, seed=5)
@@ -347,11 +349,12 @@ def test_batches_bring_the_draws_the_objective_makes(world, num_workers, mode):
 
 def test_kill_and_resume_equals_the_uninterrupted_run(world, tmp_path, one_thread):
     """Killed during step 3 and resumed from the step-2 checkpoint: the same losses as an uninterrupted run, with
-    caption dropout and context noise on (every kind of per-sample draw), two micro-batches per step, one worker."""
+    caption dropout and context noise on (every kind of per-sample draw, made by the one worker that prefetches
+    ahead of the kill), two micro-batches per step."""
     from tests._resume import assert_same_losses, kill_resume_losses
 
     cfg = make_config(world, batch_size=2, total_batch_size=4, lr=1e-3, caption_dropout=0.3,
-                      noise_augmentation_max_timestep=250, sharding_strategy="full")
+                      noise_augmentation_max_timestep=250, sharding_strategy="full", draws_in_workers=True)
     make = lambda cfg: DiffusionObjective(cfg, num_workers=1)   # noqa: E731
     assert_same_losses(*kill_resume_losses(make, cfg, tmp_path))
 

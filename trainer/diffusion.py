@@ -154,7 +154,8 @@ class DiffusionObjective(Objective):
             raise DataError(f"{cfg.data_path} holds no samples")
         dataset.check_latent_shape(cfg.image_or_video_shape[1:])
         sampler = GlobalStreamSampler(len(dataset), seed=seed, num_replicas=world_size, rank=rank)
-        batches = ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers, per_sample=self.draws)
+        per_sample = self.draws if cfg.draws_in_workers else None
+        batches = ResumableBatches(dataset, sampler, cfg.batch_size, self.num_workers, per_sample=per_sample)
         return self.data_position.attach(batches)
 
     @torch.no_grad()
