@@ -55,8 +55,9 @@ class DiffusionDraw:
 class SampleDraws:
     """Every draw of the Stage-1 loss (training.md §3.3): noise and timesteps, the context augmentation of teacher
     forcing, caption dropout, the one-frame image sample's own noise and timestep. A sample's draws come from CPU
-    generators keyed by ``(seed, its stream position, stream)``; called on a dataset item, this makes them all in the
-    DataLoader worker that reads the item (it pickles: the config and the scheduler, no networks)."""
+    generators keyed by ``(seed, its stream position, stream)``. Called on a dataset item (``draws_in_workers``), it
+    makes them all in the DataLoader worker that reads the item (it pickles: the config and the scheduler, no
+    networks)."""
 
     def __init__(self, cfg: Config, scheduler):
         self.cfg, self.scheduler = cfg, scheduler
@@ -178,7 +179,8 @@ class DiffusionObjective(Objective):
              stream: int = DRAW_STREAM) -> DiffusionDraw:
         """Noise and timesteps for ``x0 [B, F, C, H, W]`` (training.md §3.3), each sample from its own CPU generator
         seeded by ``(seed, sample_ids[i], stream)`` (independent of batch, rank, world size and device), else the
-        global RNG of ``x0``'s device. The loop's batches bring these draws made by their DataLoader workers."""
+        global RNG of ``x0``'s device. With ``draws_in_workers`` the loop's batches bring them, made by the DataLoader
+        workers."""
         if sample_ids is None:
             return self.draws.draw(x0.shape, None, x0.device, x0.dtype)
         draws = self.draws.keyed(x0.shape, sample_ids, stream, x0.dtype)
