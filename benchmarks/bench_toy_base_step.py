@@ -8,7 +8,7 @@ timed on its own as wall time between synchronisations (a toy step is bound by t
 - ``draw_video`` / ``draw_image``: the per-sample noise and timesteps of the clip and of its frame 0, drawn in the
   training process (the loop's DataLoader workers make them beside the samples: ``trainer/diffusion.py: SampleDraws``);
 - ``encode``: caption dropout and the text encoder, on captions of the toy world's attribute combinations in random
-  order, as training sees them (its prompt cache holds 8);
+  order, as training sees them (through the config's prompt cache, ``text_encoder_cache_size``);
 - ``step``: the whole step as the training process runs it (``objective.loss`` on a batch that brings its draws,
   backward, fused AdamW; the loop's gradient clipping left out);
 - ``video_fwd_bwd_<fp32|bf16>[_compiled]``: the clip's forward, loss and backward and the optimizer step alone

@@ -66,13 +66,14 @@ def build_bidirectional(cfg: Config, name: str, device=None, dtype=None) -> WanM
 
 
 def build_text_encoder(cfg: Config, device="cpu", dtype=torch.bfloat16, output_device=None) -> TextEncoder:
-    """The UMT5 encoder of ``text_encoder_name`` (int8 weights with ``text_encoder_int8``); its token length is the
-    generator's ``text_len``."""
+    """The UMT5 encoder of ``text_encoder_name`` (int8 weights with ``text_encoder_int8``, a prompt cache of
+    ``text_encoder_cache_size``); its token length is the generator's ``text_len``."""
     folder = resolve_wan_folder(cfg.wan_models_dir, cfg.text_encoder_name, ("text_encoder", "tokenizer"))
     source = model_source(cfg, cfg.generator_name, weights=False)   # the generator's architecture, not built
     text_len = (read_model_config(source) if os.path.isdir(source) else get_preset(source)).text_len
     return TextEncoder.from_pretrained(folder, dtype=dtype, device=device, output_device=output_device,
-                                       text_len=text_len, int8=cfg.text_encoder_int8)
+                                       text_len=text_len, int8=cfg.text_encoder_int8,
+                                       cache_size=cfg.text_encoder_cache_size)
 
 
 def gpu_memory_budget(device: torch.device) -> int:

@@ -256,3 +256,25 @@ def test_shipped_vae_reconstructs_fresh_clips(repo_root):
     assert faithful >= SHIPPED_FAITHFULNESS, (f"reconstructions score {faithful:.3f} on the toy detector (threshold "
                                               f"{SHIPPED_FAITHFULNESS}; the build measured "
                                               f"{info.get('heldout_faithfulness')})")
+
+
+def test_toy_configs_keep_every_caption_in_the_text_encoders_cache(repo_root):
+    """text_encoder_cache_size reaches the encoder: the toy configs keep all 193 captions (with "") so that no
+    training step encodes one again (elsewhere the schema's default, 8, holds); an override reaches it too."""
+    from utils.config import load_config
+
+    captions = [*_captions(), ""]
+    cfg = load_config(repo_root / "configs" / "toy" / "bidirectional_base.yaml",
+                      [f"wan_models_dir={repo_root / 'assets' / 'toy'}"])
+    encoder = build_text_encoder(cfg, dtype=torch.float32)
+    encoded = []
+    run = encoder._run
+    encoder._run = lambda prompts: encoded.extend(prompts) or run(prompts)
+    first = encoder.encode(captions)
+    again = encoder.encode(captions[::-1])
+    assert sorted(encoded) == sorted(captions)       # each once, none again
+    assert torch.equal(again, first.flip(0))
+    plain = load_config(repo_root / "configs" / "toy" / "bidirectional_base.yaml",
+                        [f"wan_models_dir={repo_root / 'assets' / 'toy'}", "text_encoder_cache_size=8"])
+    small = build_text_encoder(plain, dtype=torch.float32)
+    assert small.cache_size == 8 == Config.__dataclass_fields__["text_encoder_cache_size"].default

@@ -77,6 +77,9 @@ class Config:
     text_encoder_name: str = _f("Wan2.1-T2V-1.3B", "model folder providing the umT5 encoder, tokenizer and VAE")
     text_encoder_int8: bool = _f(False, "inference: store UMT5's linear layers and token embedding as int8 (groups "
                                  "of 128, a scale each): 5.8 GB instead of 11.4 (model/int8.py)")
+    text_encoder_cache_size: int = _f(8, "prompts whose embeddings the text encoder keeps, least recently used "
+                                      "dropped first (off over several ranks); a small caption set (the toy's 193) "
+                                      "hits every step when it fits")
     model_kwargs: ModelKwargs = _f(ModelKwargs(), "generator constructor options")
     causal: bool = _f(True, "the generator is block-causal; false (bidirectional) only with trainer: diffusion")
     num_frame_per_block: int = _f(1, "latent frames per autoregressive block: 1 frame-wise, 3 chunk-wise")
@@ -296,6 +299,8 @@ class Config:
         _check(0 <= self.image_loss_weight < float("inf"), "image_loss_weight must be a finite number >= 0",
                self.image_loss_weight)
         _check(0 <= self.caption_dropout <= 1, "caption_dropout must lie in [0, 1]", self.caption_dropout)
+        _check(self.text_encoder_cache_size >= 0, "text_encoder_cache_size must be >= 0 (0: no cache)",
+               self.text_encoder_cache_size)
         for key in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
             _check(0 <= getattr(self, key) < 1, f"{key} must lie in [0, 1)", getattr(self, key))
         _check(0 <= self.weight_decay < float("inf"), "weight_decay must be a finite number >= 0", self.weight_decay)
