@@ -16,6 +16,8 @@ timed on its own as wall time between synchronisations (a toy step is bound by t
 
     python benchmarks/bench_toy_base_step.py --device cuda --compile --out toy_base_step.json
     python benchmarks/bench_toy_base_step.py --device cpu --batch 2 --iters 1    # smoke test
+    python benchmarks/bench_toy_base_step.py --device cpu --parts encode --iters 20 \
+        --override text_encoder_cache_size=8                                    # one part, another config
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="clips per step (default: the config's batch_size)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per part, after 3 warm-up calls")
     p.add_argument("--compile", action="store_true", help="also time the forward and backward with compiled blocks")
+    p.add_argument("--parts", nargs="+", default=None, metavar="PART",
+                   help="time only these parts (default: all; names as in the JSON, e.g. encode step)")
+    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides of the base's config, e.g. text_encoder_cache_size=8")
     p.add_argument("--out", default="bench_toy_base_step.json", help="JSON results file")
     return p.parse_args(argv)
 
@@ -66,7 +72,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True    # the training loop's setting on a GPU
     torch.backends.cudnn.allow_tf32 = True
-    cfg = load_config(CONFIG, [f"wan_models_dir={REPO / 'assets' / 'toy'}"])
+    cfg = load_config(CONFIG, [f"wan_models_dir={REPO / 'assets' / 'toy'}", *args.override])
     objective = build_objective(cfg)
     networks = objective.build_networks(device)
     objective.attach(networks)
@@ -110,16 +116,22 @@ def main(argv=None) -> dict:
         "video_fwd_bwd_fp32": video(None),
         "video_fwd_bwd_bf16": video(torch.bfloat16),
     }
-    rows = [dict(part=name, ms=round(wall_ms(fn, device, args.iters), 2)) for name, fn in parts.items()]
-    if args.compile:
+    compiled = {"video_fwd_bwd_fp32_compiled": video(None), "video_fwd_bwd_bf16_compiled": video(torch.bfloat16),
+                "step_compiled": step} if args.compile else {}
+    wanted = set(args.parts or [*parts, *compiled])
+    if unknown := wanted - {*parts, *compiled}:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {[*parts, *compiled]}")
+    rows = [dict(part=name, ms=round(wall_ms(fn, device, args.iters), 2)) for name, fn in parts.items()
+            if name in wanted]
+    if wanted & set(compiled):
         for block in transformer_blocks(generator):
             block.compile()
-        for name, fn in (("video_fwd_bwd_fp32_compiled", video(None)),
-                         ("video_fwd_bwd_bf16_compiled", video(torch.bfloat16)), ("step_compiled", step)):
-            rows.append(dict(part=name, ms=round(wall_ms(fn, device, args.iters), 2)))
+        rows += [dict(part=name, ms=round(wall_ms(fn, device, args.iters), 2)) for name, fn in compiled.items()
+                 if name in wanted]
     for row in rows:
         print(f"{row['part']:>30}: {row['ms']:8.2f} ms")
-    return save_results(args.out, rows, device, batch_size=batch_size, config=str(CONFIG.relative_to(REPO)))
+    return save_results(args.out, rows, device, batch_size=batch_size, config=str(CONFIG.relative_to(REPO)),
+                        overrides=args.override)
 
 
 if __name__ == "__main__":

@@ -155,3 +155,9 @@ def test_bench_toy_base_step_times_every_part(tmp_path):
     assert [row["part"] for row in result["rows"]] == ["draw_video", "draw_image", "encode", "step",
                                                         "video_fwd_bwd_fp32", "video_fwd_bwd_bf16"]
     assert all(row["ms"] > 0 for row in result["rows"])
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_toy_base_step.py"), "--device", "cpu",
+                    "--batch", "2", "--iters", "1", "--parts", "encode", "--override", "text_encoder_cache_size=8",
+                    "--out", str(out)], check=True, cwd=tmp_path, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert [row["part"] for row in result["rows"]] == ["encode"]
+    assert result["info"]["overrides"] == ["text_encoder_cache_size=8"]
