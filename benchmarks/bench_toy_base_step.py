@@ -16,8 +16,7 @@ timed on its own as wall time between synchronisations (a toy step is bound by t
 
     python benchmarks/bench_toy_base_step.py --device cuda --compile --out toy_base_step.json
     python benchmarks/bench_toy_base_step.py --device cpu --batch 2 --iters 1    # smoke test
-    python benchmarks/bench_toy_base_step.py --device cpu --parts encode --iters 20 \
-        --override text_encoder_cache_size=8                                    # one part, another config
+    python benchmarks/bench_toy_base_step.py --device cpu --parts encode --override text_encoder_cache_size=8
 """
 
 from __future__ import annotations
