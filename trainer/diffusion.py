@@ -111,6 +111,11 @@ class SampleDraws:
         return DiffusionDraw(noise, t, grid.to(device)[index], randn())
 
 
+def _blank(prompts: list[str], dropped: list[bool]) -> list[str]:
+    """``prompts`` with each dropped caption replaced by ``""``."""
+    return ["" if d else text for text, d in zip(prompts, dropped)]
+
+
 def _squeeze(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One sample's draws without the batch dimension (the DataLoader stacks them again)."""
     return {name: value[0] for name, value in tensors.items()}
@@ -173,7 +178,7 @@ class DiffusionObjective(Objective):
             dropped = self.draws.captions_dropped(sample_ids)
         else:
             dropped = (torch.rand(len(prompts)) < self.cfg.caption_dropout).tolist()
-        return ["" if d else text for text, d in zip(prompts, dropped)]
+        return _blank(prompts, dropped)
 
     def draw(self, x0: torch.Tensor, sample_ids: torch.Tensor | None = None,
              stream: int = DRAW_STREAM) -> DiffusionDraw:
@@ -213,7 +218,7 @@ class DiffusionObjective(Objective):
         sample_ids = batch.get("sample_id")   # present in the loop's batches: per-sample, world-size-free draws
         made = batch.get("draws")             # ... and with them the draws their DataLoader workers made
         if made is not None:
-            prompts = ["" if d else text for text, d in zip(batch["prompts"], made["caption_dropped"].tolist())]
+            prompts = _blank(batch["prompts"], made["caption_dropped"].tolist())
             draw = DiffusionDraw(**made["video"]).to(self.device)
         else:
             prompts, draw = self.drop_captions(batch["prompts"], sample_ids), self.draw(x0, sample_ids)
