@@ -28,8 +28,6 @@ from utils.video import pixels_to_uint8
 
 log = logging.getLogger(__name__)
 
-MULTISTEP_STEPS = 50  # Stage-1 models without a few-step list: the published pipeline's 50 solver steps per block
-
 
 @dataclass
 class StreamChunk:
@@ -143,7 +141,7 @@ class StreamingPipeline:
         """A pipeline over networks built already (the training loop's sample videos pass its own)."""
         scheduler = C.build_scheduler(cfg)
         multistep = cfg.denoising_step_list is None
-        schedule = StepSchedule.multistep(scheduler, MULTISTEP_STEPS, cfg.timestep_shift, cfg.sample_solver) \
+        schedule = StepSchedule.multistep(scheduler, cfg.sample_steps, cfg.timestep_shift, cfg.sample_solver) \
             if multistep else StepSchedule.from_config(scheduler, cfg.denoising_step_list,
                                                        cfg.denoising_step_list_first_chunk, cfg.warp_denoising_step)
         shape = cfg.image_or_video_shape

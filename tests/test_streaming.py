@@ -98,20 +98,22 @@ def _with(cfg, backend):
     return dataclasses.replace(cfg, attention_backend=backend)
 
 
-@pytest.mark.parametrize("solver", ["unipc", "euler"])
-def test_many_step_models_sample_with_the_configured_solver(cfg, solver):
-    """No step list (a Stage-1 model): 50 steps of ``sample_solver`` -- by default Wan's UniPC on the published
-    grid -- with classifier-free guidance; the stream still equals its one-shot run."""
+@pytest.mark.parametrize("solver, steps", [("unipc", None), ("unipc", 12), ("euler", 7)])
+def test_many_step_models_sample_with_the_configured_solver(cfg, solver, steps):
+    """No step list (a Stage-1 model): ``sample_steps`` (default 50, as published) steps of ``sample_solver`` -- by
+    default Wan's UniPC on the published grid -- with classifier-free guidance; the stream still equals its one-shot
+    run."""
     import dataclasses
 
     from model.unipc import unipc_grid
 
-    stage1 = dataclasses.replace(cfg, denoising_step_list=None, sample_solver=solver)
+    stage1 = dataclasses.replace(cfg, denoising_step_list=None, sample_solver=solver,
+                                 **({} if steps is None else {"sample_steps": steps}))
     pipe = StreamingPipeline.from_config(stage1, device="cpu", decode=False)
     assert pipe.schedule.rule == solver and pipe.guidance_scale == stage1.guidance_scale
-    assert len(pipe.schedule.timesteps) == 50
+    assert len(pipe.schedule.timesteps) == (steps or 50)
     if solver == "unipc":
-        assert pipe.schedule.timesteps == unipc_grid(50, stage1.timestep_shift)[0]
+        assert pipe.schedule.timesteps == unipc_grid(steps or 50, stage1.timestep_shift)[0]
     chunks = list(pipe.open("a red circle", num_latent_frames=6, seed=1, decode=False))
     assert [c.latents.shape[1] for c in chunks] == [3, 3] and torch.isfinite(chunks[-1].latents).all()
     latents = pipe.generate("a red circle", num_latent_frames=6, seed=1, output_type="latent").latents
@@ -120,8 +122,11 @@ def test_many_step_models_sample_with_the_configured_solver(cfg, solver):
 
 def test_default_config_samples_many_step_models_with_unipc():
     from utils.config import Config
+    from utils.errors import ConfigError
 
     assert Config(trainer="diffusion").sample_solver == "unipc"
+    with pytest.raises(ConfigError, match="sample_steps must be >= 1, got 0"):
+        Config(trainer="diffusion", sample_steps=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -522,8 +522,9 @@ class Recipe:
 
 
 class BaseSampler:
-    """The bidirectional base sampled as the results table's base row: 50 steps of its ``sample_solver`` with CFG
-    (inference.py streams causal generators only). ``sample(prompt, seed)`` -> frames ``[T, 3, H, W]`` in [-1, 1]."""
+    """The bidirectional base sampled as the results table's base row: ``sample_steps`` steps of its
+    ``sample_solver`` with CFG (inference.py streams causal generators only). ``sample(prompt, seed)`` -> frames
+    ``[T, 3, H, W]`` in [-1, 1]."""
 
     def __init__(self, cfg, device: str):
         import torch
@@ -537,7 +538,7 @@ class BaseSampler:
                                                      output_device=self.device)
         self.vae = components.build_vae(cfg, device=self.device)
         self.scheduler = components.build_scheduler(cfg)
-        self.schedule = StepSchedule.multistep(self.scheduler, 50, cfg.timestep_shift, cfg.sample_solver)
+        self.schedule = StepSchedule.multistep(self.scheduler, cfg.sample_steps, cfg.timestep_shift, cfg.sample_solver)
         self.negative = self.encoder.encode([cfg.negative_prompt])
 
     def __call__(self, prompt: str, seed: int):

@@ -101,6 +101,7 @@ class Config:
     warp_denoising_step: bool = _f(False, "map the nominal steps onto the shifted 1000-step grid")
     context_noise: int = _f(0, "timestep of the KV-cache context pass after each block")
     sample_solver: str = _f("unipc", f"many-step sampler (no step list): {' or '.join(SAMPLE_SOLVERS)} (Wan's UniPC)")
+    sample_steps: int = _f(50, "many-step sampler's solver steps per block (no step list; the published 50)")
 
     # --- guidance ---
     guidance_scale: float = _f(3.0, "classifier-free guidance scale (DMD real score, CD teacher, stage-1 sampling)")
@@ -316,7 +317,8 @@ CHOICES = {"trainer": TRAINERS, "attention_backend": ATTENTION_BACKENDS, "sample
 # Keys with a lower bound (null passes; checked first, so the rules below may divide by them).
 MINIMUMS = {"num_frame_per_block": 1, "fps": 1, "num_train_timestep": 1, "discrete_cd_N": 2, "batch_size": 1,
             "ema_start_step": 0, "max_steps": 0, "gc_interval": 0, "log_iters": 1, "log_every": 1, "max_pair": 1,
-            "dfake_gen_update_ratio": 1, "guidance_scale": 0, "real_guidance_scale": 0, "fake_guidance_scale": 0}
+            "sample_steps": 1, "dfake_gen_update_ratio": 1, "guidance_scale": 0, "real_guidance_scale": 0,
+            "fake_guidance_scale": 0}
 # Keys a YAML may give although their value derives from another key (published YAMLs give both):
 # key -> (the source key, the derived value). load_config checks each copy against its source.
 COPIES = {
