@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 
+import common  # noqa: F401  (this checkout's packages first on sys.path)
 import torch
 
 from model.config import get_preset

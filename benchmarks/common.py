@@ -10,6 +10,11 @@ from pathlib import Path
 
 import torch
 
+# Run as ``python benchmarks/X.py``, a script finds the packages of whatever clone is installed (``pip install -e``):
+# put the clone it belongs to first, so that it measures this checkout's code. Every benchmark imports this module
+# before the project's packages.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 def save_results(path: str, rows: list[dict], device: torch.device, **extra) -> dict:
     """Write ``{"info": ..., "rows": rows}`` as JSON to ``path``, print the info line and return it."""

@@ -23,6 +23,8 @@ import argparse
 import json
 import sys
 
+import common  # noqa: F401  (this checkout's packages first on sys.path)
+
 from model.config import get_preset
 
 RATES = {  # TFLOP/s dense, TB/s

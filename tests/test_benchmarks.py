@@ -1,6 +1,7 @@
 """The inference benchmarks run end to end on the CPU with tiny random models (``--tiny``) and account for every
 frame: a 21-latent-frame video is 81 pixel frames, whatever the block size and the decoder. They run as a user runs
-them, ``python benchmarks/<script>.py`` (the script's folder is on its import path). (The speeds themselves are
+them, ``python benchmarks/<script>.py`` (the script's folder is on its import path; ``common`` puts the checkout
+ahead of any installed one). (The speeds themselves are
 measured on a GPU: docs/performance.md.)"""
 
 import json
@@ -161,3 +162,43 @@ def test_bench_toy_base_step_times_every_part(tmp_path):
     result = json.loads(out.read_text())
     assert [row["part"] for row in result["rows"]] == ["encode"]
     assert result["info"]["overrides"] == ["text_encoder_cache_size=8"]
+
+
+PROJECT_PACKAGES = ("app", "model", "pipeline", "toy", "trainer", "utils")
+
+
+def test_every_benchmark_puts_its_own_checkout_first_before_importing_the_project():
+    """A script's folder, not the repository, is on its import path, so ``model`` would come from whatever clone is
+    installed editable: each benchmark imports ``common`` (which puts its checkout first) before any project
+    package."""
+    import ast
+
+    late = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        if path.name == "common.py":
+            continue
+        seen_common = False
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            top = {name.split(".")[0] for name in names}
+            seen_common |= bool(top & {"common", "bench_inference"})   # bench_inference imports common first
+            if top & set(PROJECT_PACKAGES) and not seen_common:
+                late.append(path.name)
+                break
+    assert not late, f"import common before the project's packages in {late}"
+
+
+def test_benchmarks_import_this_checkout_and_not_another_installed_one(tmp_path):
+    """Decoy packages of every project name ahead on the import path (as another clone's editable install would be)
+    are not what a benchmark imports."""
+    import os
+
+    for name in PROJECT_PACKAGES:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the decoy {name}, not this checkout')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    for script in ("model_4090.py", "bench_toy_base_step.py"):
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "usage" in run.stdout, f"{script}: {run.stderr[-1500:]}"
