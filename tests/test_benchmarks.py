@@ -1,8 +1,7 @@
 """The inference benchmarks run end to end on the CPU with tiny random models (``--tiny``) and account for every
 frame: a 21-latent-frame video is 81 pixel frames, whatever the block size and the decoder. They run as a user runs
 them, ``python benchmarks/<script>.py`` (the script's folder is on its import path; ``common`` puts the checkout
-ahead of any installed one). (The speeds themselves are
-measured on a GPU: docs/performance.md.)"""
+ahead of any installed one). (The speeds themselves are measured on a GPU: docs/performance.md.)"""
 
 import json
 import subprocess
