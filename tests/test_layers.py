@@ -1,4 +1,5 @@
-"""The house rules, checked on the source: layers import only downwards, and library code never edits sys.path.
+"""The house rules, checked on the source: layers import only downwards, and importing library code never edits
+sys.path (a script kept at a published path, ``python utils/merge_lmdb.py``, may in its ``__main__`` guard).
 
 Every import statement counts, lazy ones inside functions included (they run up a floor just the same).
 Floors: ``utils`` < ``model`` < ``pipeline`` < ``trainer``; the apps (``app``, the entry scripts) and the toy world
@@ -58,14 +59,38 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     assert violations("model") == ["model/x.py:2 imports pipeline.causal", "model/x.py:3 imports toy"]
 
 
-@pytest.mark.parametrize("top", sorted(FLOORS))
-def test_library_code_does_not_edit_sys_path(top):
-    edits = []
-    for path in sorted((ROOT / top).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+def _main_guard(node: ast.stmt) -> bool:
+    """A module-level ``if __name__ == "__main__" ...:``: its body runs only when the file is run as a script."""
+    return isinstance(node, ast.If) and any(isinstance(n, ast.Constant) and n.value == "__main__"
+                                            for n in ast.walk(node.test))
+
+
+def sys_path_edits(path: Path) -> list[int]:
+    """Lines of ``path`` that call a method of ``sys.path`` or assign to an item or slice of it, outside a
+    module-level ``__main__`` guard."""
+    module = ast.parse(path.read_text(encoding="utf-8"))
+    lines = []
+    for top_node in (n for n in module.body if not _main_guard(n)):
+        for node in ast.walk(top_node):
             target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
             if isinstance(node, ast.Assign):
                 target = next((t.value for t in node.targets if isinstance(t, ast.Subscript)), None)
             if isinstance(target, ast.Attribute) and target.attr == "path" and getattr(target.value, "id", "") == "sys":
-                edits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("top", sorted(FLOORS))
+def test_library_code_does_not_edit_sys_path(top):
+    edits = [f"{path.relative_to(ROOT)}:{line}" for path in sorted((ROOT / top).rglob("*.py"))
+             for line in sys_path_edits(path)]
     assert edits == []
+
+
+def test_the_sys_path_checker_spares_only_the_main_guard(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text("import sys\n"
+                      "if __name__ == '__main__' and not __package__:\n    sys.path[0] = 'here'\n"
+                      "def f():\n    sys.path.insert(0, 'there')\n"
+                      "if sys.platform:\n    sys.path[:] = []\n")
+    assert sys_path_edits(source) == [5, 7]

@@ -160,6 +160,23 @@ def test_create_lmdb_script_runs_from_repo_root(tmp_path):
     assert LMDBReader(tmp_path / "ode").shape("latents") == (3, *ROW)
 
 
+
+@pytest.mark.parametrize("script", ["create_lmdb_iterative", "merge_lmdb", "merge_and_get_clean"])
+def test_published_scripts_import_the_checkout_they_are_in(tmp_path, script):
+    """Run as files, as the published README runs them, the scripts import their own checkout: also where the project
+    is not installed (``python -S``: no .pth file runs, so no editable install either; the site-packages come from
+    PYTHONPATH) and where a decoy ``utils`` is ahead on the path, as another clone's install would be."""
+    import site
+
+    decoy = tmp_path / "decoy" / "utils"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy utils, not this checkout')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(decoy.parent), *site.getsitepackages()]))
+    run = subprocess.run([sys.executable, "-S", str(REPO / "utils" / f"{script}.py"), "--help"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "usage" in run.stdout, run.stderr[-1500:]
+
+
 def make_shards(directory, base: str, sizes):
     return [make_db(directory / f"{base}_{i}", n, seed=i, prompt_prefix=f"{i}-") for i, n in enumerate(sizes)]
 

@@ -14,6 +14,12 @@ import os
 import sys
 from pathlib import Path
 
+# Run as a file (the published `python utils/<script>.py`), Python puts utils/ first on sys.path, where its modules
+# would shadow others and `utils` would be whichever clone is installed: this checkout goes there instead.
+if __name__ == "__main__" and not __package__:
+    _utils = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [os.path.dirname(_utils)] + [p for p in sys.path if os.path.realpath(p or ".") != _utils]
+
 import torch
 
 from utils.errors import DataError, UserError

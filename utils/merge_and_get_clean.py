@@ -12,6 +12,12 @@ import logging
 import os
 import sys
 
+# Run as a file (the published `python utils/<script>.py`), Python puts utils/ first on sys.path, where its modules
+# would shadow others and `utils` would be whichever clone is installed: this checkout goes there instead.
+if __name__ == "__main__" and not __package__:
+    _utils = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [os.path.dirname(_utils)] + [p for p in sys.path if os.path.realpath(p or ".") != _utils]
+
 from utils.errors import UserError
 from utils.merge_lmdb import find_shards, merge_lmdbs
 
