@@ -17,9 +17,10 @@
 # recipe, 319 and 496 s of call, on two H100s with configs/toy as committed (2026-12-06, docs/toy_results.md):
 #   TOY_LIMIT=540 TOY_PICTURES_LIMIT=30 bash benchmarks/toy_recipe_gpu.sh --base_weights \
 #       assets/toy/Toy-T2V/diffusion_pytorch_model.safetensors
-# Training the base as well adds about 350 s: more than one 10-minute call. The same command again on the same machine
-# while it is warm (it keeps the ignored $TOY_WORK folder) continues it, skipping finished stages and resuming a
-# stopped one from its last checkpoint.
+# Training the base as well (its frame-0 image term included) adds about 420 s (426.5 s on an H100,
+# docs/toy_results.md): more than one 10-minute call. The same command again on the same machine while it is warm
+# (it keeps the ignored $TOY_WORK folder) continues it, skipping finished stages and resuming a stopped one from
+# its last checkpoint.
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
 repo=$(cd "$(dirname "$0")/.." && pwd)
