@@ -359,6 +359,42 @@ def test_kill_and_resume_equals_the_uninterrupted_run(world, tmp_path, one_threa
     assert_same_losses(*kill_resume_losses(make, cfg, tmp_path))
 
 
+
+def test_compiled_blocks_train_as_the_eager_model(world, tmp_path, monkeypatch):
+    """``compile: true`` (every transformer block compiled in place; the toy base's option on a GPU) trains as the
+    eager model does: three steps of a bidirectional base with the frame-0 image term (clips and one-frame samples:
+    two input shapes, one recompilation) give the same losses, and the parameter names checkpoints store are the
+    eager model's (no ``_orig_mod.``). On the CPU the blocks are traced with the ``aot_eager`` backend (graph capture,
+    functionalisation and the captured backward, without inductor's code generation), as in tests/test_fast_path.py."""
+    from tests._resume import _record, assert_same_losses
+
+    real_compile = torch.nn.Module.compile
+    compiled = []
+
+    def compile_aot_eager(module, *args, **kwargs):
+        compiled.append(module)
+        return real_compile(module, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_aot_eager)
+    runs = {}
+    try:
+        for flag in (False, True):
+            cfg = make_config(world, causal=False, teacher_forcing=False, image_loss_weight=1.0, lr=1e-3, compile=flag,
+                              logdir=str(tmp_path / f"compile_{flag}"), no_save=True, max_steps=3, log_every=1)
+            objective = DiffusionObjective(cfg, num_workers=0)
+            losses = _record(objective, None)
+            Trainer(cfg, objective).train()
+            close_distributed()
+            runs[flag] = losses, list(objective.networks.trainable["generator"].state_dict())
+    finally:
+        torch._dynamo.reset()   # no compiled code of these blocks stays behind for later tests
+    blocks = runs[True][1]
+    assert len(compiled) == sum(1 for k in blocks if k.endswith("self_attn.q.weight")) > 0   # every block, once
+    assert blocks == runs[False][1] and not any("_orig_mod" in k for k in blocks)
+    assert sorted(runs[True][0]) == [("generator", step) for step in range(3)]
+    assert_same_losses(runs[False][0], runs[True][0], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ training on the toy
 
 @pytest.fixture
