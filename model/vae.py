@@ -145,7 +145,9 @@ class WanVAE(nn.Module):
             state_dict = convert_original_vae_state_dict(state_dict, model.config.num_res_blocks)
         load_strict(model, state_dict, str(path), "the Wan VAE")
         logger.info("loaded Wan VAE from %s", path)
-        return cls(model.to(torch_dtype))
+        # nn.Module.to, not diffusers' override: that one (0.42) warns of "modules that should be kept in float32: []"
+        # whenever a dtype is given, though this VAE has none
+        return cls(nn.Module.to(model, torch_dtype))
 
     def to_channels_last(self) -> WanVAE:
         """Convolution weights and inputs channels-last (faster cuDNN kernels); module by module, as the upsamplers'

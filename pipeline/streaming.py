@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StreamChunk:
-    """One generated block."""
+    """A generated block, decoded; a video's first block (without I2V frames) comes as two: its first frame at
+    once, then the rest."""
 
     block_index: int              # among generated blocks (0 = first)
     start_frame: int              # first latent frame (absolute, prefill included)

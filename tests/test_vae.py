@@ -4,6 +4,7 @@ Tolerances: streaming vs one-shot decode 1e-5 (several latent frames per decoder
 loaded checkpoints vs the source model exact (same weights, same ops).
 """
 
+import logging
 import os
 import re
 
@@ -198,8 +199,16 @@ def test_load_diffusers_folder(vae, latents, tmp_path):
         loaded = WanVAE.from_pretrained(path)
         assert loaded.model.config.base_dim == 8
         assert torch.equal(loaded.decode(latents[:, :2]), vae.decode(latents[:, :2]))
-    half = WanVAE.from_pretrained(tmp_path / "vae", torch_dtype=torch.bfloat16)
+    warnings = []   # diffusers' own logger (it does not propagate to the root logger that caplog reads)
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        half = WanVAE.from_pretrained(tmp_path / "vae", torch_dtype=torch.bfloat16)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
     assert half.dtype == torch.bfloat16 and half.decode(latents[:, :2]).dtype == torch.float32
+    assert warnings == []   # diffusers' to() warns of "modules that should be kept in float32: []" for any dtype
 
 
 def test_wrong_checkpoint_errors(vae, tmp_path):
