@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.int8 import quantize_int8_
-from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_FILES, WAN_TOKENIZER_SUBDIR
+from model.weights import WAN_T5_FILENAME, WAN_TOKENIZER_FILES, WAN_TOKENIZER_SUBDIR, wan_download_hint
 from utils.errors import CheckpointError, WeightsMissingError, key_mismatch, one_line
 
 logger = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class TextEncoder(nn.Module):
             weights, encoder, kind = path, _load_hf_encoder(path, dtype), "transformers"
         else:
             raise WeightsMissingError(f"no text encoder in {path}: expected {WAN_T5_FILENAME} (Wan folder) or "
-                                      "config.json + safetensors")
+                                      f"config.json + safetensors; {wan_download_hint(path)}")
         tokenizer_dir = _find_tokenizer(path, tokenizer_path)
         text_encoder = cls(encoder.to(device), load_tokenizer(tokenizer_dir), text_len=text_len,
                            output_device=output_device, cache_size=cache_size)

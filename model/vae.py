@@ -13,7 +13,7 @@ from torch import nn
 
 from model.loader import load_strict, read_weights_file
 from model.vae_decoder import EAGER_REGIONS, decoder_step
-from model.weights import WAN_VAE_FILENAME
+from model.weights import WAN_VAE_FILENAME, wan_download_hint
 from utils.errors import ConfigError, WeightsMissingError
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ def _autoencoder_class():
 
 logger = logging.getLogger(__name__)
 
-DOWNLOAD_HINT = "hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # Per-channel statistics of Wan2.1 latents (reference utils/wan_wrapper.py); part of the VAE config.
@@ -137,7 +136,8 @@ class WanVAE(nn.Module):
         elif path.is_file():
             weights, full_config = path, {**WAN21_VAE_CONFIG, **config}
         else:
-            raise WeightsMissingError(f"VAE weights not found at {path}; download with: {DOWNLOAD_HINT}")
+            folder = path.parent if path.name == WAN_VAE_FILENAME else path
+            raise WeightsMissingError(f"VAE weights not found at {path}; {wan_download_hint(folder)}")
         state_dict = read_weights_file(weights)
         with torch.device("meta"):  # weights come from the file; skip the random initialisation
             model = _autoencoder_class().from_config(full_config)

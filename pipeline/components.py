@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def model_source(cfg: Config, name: str, weights: bool = True) -> str:
-    """Folder of model ``name`` under ``wan_models_dir`` (downloaded when needed), else the preset name.
+    """Folder of model ``name`` under ``wan_models_dir`` (downloaded when needed), else the preset name (random
+    weights: ``tiny``, ``wan2.1-t2v-1.3b``; a download folder's name, ``Wan2.1-T2V-1.3B``, needs its folder).
     ``weights=False``: a checkpoint brings the weights, so a preset's architecture is as good as the folder's."""
     folder = os.path.join(cfg.wan_models_dir, name)
     preset = PRESET_ALIASES.get(name, name).lower() in PRESETS
@@ -32,9 +33,11 @@ def model_source(cfg: Config, name: str, weights: bool = True) -> str:
         folder = resolve_wan_folder(cfg.wan_models_dir, name, ("dit",))
     if os.path.isdir(folder):
         return folder
-    if preset:
-        if weights:
-            log.warning("no folder %s: building preset %r with RANDOM weights", folder, name)
+    if preset and not weights:   # the preset's own key: a download folder's name alone means its weights
+        log.info("no folder %s: the %s architecture, the checkpoint brings every weight", folder, name)
+        return PRESET_ALIASES.get(name, name).lower()
+    if preset and name not in PRESET_ALIASES:
+        log.warning("no folder %s: building preset %r with RANDOM weights", folder, name)
         return name
     raise WeightsMissingError(f"model folder {folder} not found; {wan_download_hint(folder)}")
 

@@ -139,3 +139,27 @@ def test_check_file(tmp_path):
     with pytest.raises(WeightsMissingError) as info:
         check_file(tmp_path / "other.pt", "checkpoint")
     assert "get it with" not in str(info.value)
+
+
+def test_a_checkpoint_needs_no_dit_folder_and_a_missing_one_names_where_it_goes(tmp_path, monkeypatch):
+    """``generator_name: Wan2.1-T2V-1.3B`` with no such folder under ``wan_models_dir``, offline: with a checkpoint
+    (``weights=False``) the released architecture is built for the checkpoint to fill, nothing fetched; without
+    one, and for the text encoder and the VAE, one line whose command downloads the folder to where the config
+    looks for it (before: a bare ``--local-dir Wan2.1-T2V-1.3B``, and no command for the text encoder)."""
+    import re
+
+    from model.config import get_preset
+    from model.loader import _resolve_source
+    from pipeline.components import build_text_encoder, build_vae, model_source
+    from utils.config import Config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = Config(trainer="score_distillation", wan_models_dir=str(tmp_path / "wan_models"),
+                 generator_name="Wan2.1-T2V-1.3B")
+    config, folder = _resolve_source(model_source(cfg, cfg.generator_name, weights=False))
+    assert config == get_preset("Wan2.1-T2V-1.3B") and folder is None
+    where = re.escape(f"--local-dir {tmp_path / 'wan_models' / 'Wan2.1-T2V-1.3B'}")
+    for build in (lambda cfg: model_source(cfg, cfg.generator_name), build_text_encoder, build_vae):
+        with pytest.raises(WeightsMissingError, match=where):
+            build(cfg)
+    assert not (tmp_path / "wan_models").exists()
