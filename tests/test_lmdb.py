@@ -181,6 +181,26 @@ def make_shards(directory, base: str, sizes):
     return [make_db(directory / f"{base}_{i}", n, seed=i, prompt_prefix=f"{i}-") for i, n in enumerate(sizes)]
 
 
+
+def test_merge_scripts_without_shards_name_the_published_download(tmp_path, capsys):
+    """No shards in ``--data_dir``: one line naming the published dataset's download into that folder, exit status 1;
+    with one name's shards there, those are merged and the missing name is reported on one line."""
+    from utils import merge_and_get_clean, merge_lmdb
+
+    hint = f"the published shards: hf download zhuhz22/Causal-Forcing-data --local-dir {tmp_path}"
+    assert merge_lmdb.main(["--data_dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: no LMDB shards ODE6KCausal_framewise_<i> or ODE6KCausal_chunkwise_<i> in {tmp_path}; {hint}"]
+    assert merge_and_get_clean.main(["--data_dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: no LMDB shards ODE6KCausal_chunkwise_<i> in {tmp_path}; {hint}"]
+    make_shards(tmp_path, "ODE6KCausal_chunkwise", [2, 1])
+    assert merge_lmdb.main(["--data_dir", str(tmp_path)]) == 0
+    last = capsys.readouterr().err.splitlines()[-1]   # after the merge's progress bar
+    assert last == f"skipping: no LMDB shards ODE6KCausal_framewise_<i> in {tmp_path}; {hint}"
+    assert LMDBReader(tmp_path / "ODE6KCausal_chunkwise").shape("latents") == (3, *ROW)
+
+
 def test_merge_round_trip_keeps_sources_by_default(tmp_path):
     parts = make_shards(tmp_path, "ODE_chunk", [3, 1, 2])
     shards = find_shards(tmp_path, "ODE_chunk")

@@ -31,6 +31,12 @@ from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter, is_lmdb_d
 logger = logging.getLogger(__name__)
 
 DEFAULT_NAMES = ("ODE6KCausal_framewise", "ODE6KCausal_chunkwise")
+DATASET_REPO = "zhuhz22/Causal-Forcing-data"   # the published shards of DEFAULT_NAMES (and their clean latents)
+
+
+def dataset_hint(data_dir: str | os.PathLike) -> str:
+    """The command that downloads the published shards into ``data_dir``."""
+    return f"the published shards: hf download {DATASET_REPO} --local-dir {data_dir}"
 
 
 def find_shards(data_dir: str | os.PathLike, name: str) -> list[Path]:
@@ -43,7 +49,8 @@ def find_shards(data_dir: str | os.PathLike, name: str) -> list[Path]:
             if match and path.is_dir() and is_lmdb_dir(path):
                 found.append((int(match.group(1)), path))
     if not found:
-        raise DataError(f"no LMDB shards {name}_<i> in {data_dir}")
+        hint = f"; {dataset_hint(data_dir)}" if name in DEFAULT_NAMES else ""
+        raise DataError(f"no LMDB shards {name}_<i> in {data_dir}{hint}")
     return [path for _, path in sorted(found)]
 
 
@@ -100,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    merged = 0
+    merged, missing = 0, []
     try:
         for name in args.names:
             try:
                 shards = find_shards(args.data_dir, name)
-            except DataError as err:  # e.g. only the chunkwise data was downloaded: merge what is there
-                print(f"skipping {name}: {err}", file=sys.stderr)  # noqa: T201
+            except DataError:  # e.g. only the chunkwise data was downloaded: merge what is there
+                missing.append(name)
                 continue
             dest = os.path.join(args.data_dir, name)
             print(f"merging {len(shards)} {name} shards into {dest}")  # noqa: T201
@@ -117,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)  # noqa: T201
         return 1
+    if missing:
+        shards = " or ".join(f"{name}_<i>" for name in missing)
+        hint = f"; {dataset_hint(args.data_dir)}" if set(missing) <= set(DEFAULT_NAMES) else ""
+        what = "skipping:" if merged else "error:"
+        print(f"{what} no LMDB shards {shards} in {args.data_dir}{hint}", file=sys.stderr)  # noqa: T201
     return 0 if merged else 1
 
 
