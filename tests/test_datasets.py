@@ -1,6 +1,7 @@
 """Prompt and latent datasets and the resumable sampler."""
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -68,6 +69,25 @@ def test_text_dataset_parallel_file(tmp_path):
         TextDataset(prompts, write(tmp_path / "short.txt", "only one\n"))
     with pytest.raises(DataError, match="use one of them"):
         TextDataset(write(tmp_path / "tabs.txt", "a\tb\n"), tmp_path / "e.txt")
+
+
+
+def test_missing_published_data_names_its_download(tmp_path):
+    """The data a shipped config reads, missing: the one line carries the published README's commands that make it
+    in that folder; any other missing path gets the plain line."""
+    data = tmp_path / "dataset"
+    get = f"get it with: hf download zhuhz22/Causal-Forcing-data --local-dir {data} && python utils/"
+    with pytest.raises(DataError, match=re.escape(f"LMDB not found: {data / 'clean_data'}; {get}merge_and_get_clean.py "
+                                                  f"--data_dir {data}")):
+        LatentLMDBDataset(data / "clean_data")
+    with pytest.raises(DataError, match=re.escape(f"; {get}merge_lmdb.py --data_dir {data}")):
+        ODERegressionLMDBDataset(data / "ODE6KCausal_chunkwise")
+    prompts = tmp_path / "vidprom_filtered_extended.txt"
+    with pytest.raises(DataError, match=re.escape(f"prompt file not found: {prompts}; get it with: hf download "
+                                                  f"gdhe17/Self-Forcing {prompts.name} --local-dir {tmp_path}")):
+        TextDataset(prompts)
+    with pytest.raises(DataError, match=f"LMDB not found: {re.escape(str(data / 'mine'))}$"):
+        LatentLMDBDataset(data / "mine")
 
 
 def test_text_dataset_file_errors(tmp_path):

@@ -14,12 +14,13 @@ from torch.utils.data import Dataset, Sampler
 
 from utils.errors import DataError
 from utils.lmdb_store import LATENTS, PROMPTS, open_many
+from utils.published_data import published_data_hint
 
 
 def read_prompt_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
     """Non-blank lines of a UTF-8 prompt file (BOM ignored), right-stripped, as ``(line_number, text)``."""
     if not os.path.isfile(path):
-        raise DataError(f"prompt file not found: {path}")
+        raise DataError(f"prompt file not found: {path}{published_data_hint(path)}")
     try:
         with open(path, encoding="utf-8-sig") as f:   # text mode: \r\n and \r arrive as \n
             # Lines end at \n only: str.splitlines() would also split at Unicode separators (U+2028, U+0085, \f ...)
@@ -80,6 +81,8 @@ class LatentLMDBDataset(Dataset):
     layouts = {4: "[F, C, H, W]", 5: "[S, F, C, H, W]"}   # accepted row ranks
 
     def __init__(self, data_path: str | os.PathLike, max_pair: int | float | None = None):
+        if not os.path.exists(data_path):
+            raise DataError(f"LMDB not found: {data_path}{published_data_hint(data_path)}")
         self.reader = open_many(data_path)
         self.row_shape = self.reader.shape(LATENTS)[1:]
         self._len = len(self.reader) if max_pair is None else min(len(self.reader), int(max_pair))

@@ -27,16 +27,9 @@ import numpy as np
 
 from utils.errors import DataError, UserError
 from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter, is_lmdb_dir
+from utils.published_data import SHARD_NAMES, shards_download
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_NAMES = ("ODE6KCausal_framewise", "ODE6KCausal_chunkwise")
-DATASET_REPO = "zhuhz22/Causal-Forcing-data"   # the published shards of DEFAULT_NAMES (and their clean latents)
-
-
-def dataset_hint(data_dir: str | os.PathLike) -> str:
-    """The command that downloads the published shards into ``data_dir``."""
-    return f"the published shards: hf download {DATASET_REPO} --local-dir {data_dir}"
 
 
 def find_shards(data_dir: str | os.PathLike, name: str) -> list[Path]:
@@ -49,7 +42,7 @@ def find_shards(data_dir: str | os.PathLike, name: str) -> list[Path]:
             if match and path.is_dir() and is_lmdb_dir(path):
                 found.append((int(match.group(1)), path))
     if not found:
-        hint = f"; {dataset_hint(data_dir)}" if name in DEFAULT_NAMES else ""
+        hint = f"; the published shards: {shards_download(data_dir)}" if name in SHARD_NAMES else ""
         raise DataError(f"no LMDB shards {name}_<i> in {data_dir}{hint}")
     return [path for _, path in sorted(found)]
 
@@ -94,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default="dataset",
                         help="directory holding the shards <name>_<i> (default: %(default)s)")
-    parser.add_argument("--names", nargs="+", default=list(DEFAULT_NAMES),
+    parser.add_argument("--names", nargs="+", default=list(SHARD_NAMES),
                         help="shard base names; each <data_dir>/<name>_<i> set is merged into <data_dir>/<name> "
                              "(default: %(default)s)")
     parser.add_argument("--batch_rows", type=int, default=512,
@@ -126,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if missing:
         shards = " or ".join(f"{name}_<i>" for name in missing)
-        hint = f"; {dataset_hint(args.data_dir)}" if set(missing) <= set(DEFAULT_NAMES) else ""
+        hint = f"; the published shards: {shards_download(args.data_dir)}" if set(missing) <= set(SHARD_NAMES) else ""
         what = "skipping:" if merged else "error:"
         print(f"{what} no LMDB shards {shards} in {args.data_dir}{hint}", file=sys.stderr)  # noqa: T201
     return 0 if merged else 1
