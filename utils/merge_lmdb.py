@@ -27,7 +27,7 @@ import numpy as np
 
 from utils.errors import DataError, UserError
 from utils.lmdb_store import LATENTS, PROMPTS, LMDBReader, LMDBWriter, is_lmdb_dir
-from utils.published_data import SHARD_NAMES, shards_download
+from utils.published_data import SHARD_NAMES, shards_hint
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def find_shards(data_dir: str | os.PathLike, name: str) -> list[Path]:
             if match and path.is_dir() and is_lmdb_dir(path):
                 found.append((int(match.group(1)), path))
     if not found:
-        hint = f"; the published shards: {shards_download(data_dir)}" if name in SHARD_NAMES else ""
-        raise DataError(f"no LMDB shards {name}_<i> in {data_dir}{hint}")
+        raise DataError(f"no LMDB shards {name}_<i> in {data_dir}{shards_hint(data_dir, [name])}")
     return [path for _, path in sorted(found)]
 
 
@@ -119,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if missing:
         shards = " or ".join(f"{name}_<i>" for name in missing)
-        hint = f"; the published shards: {shards_download(args.data_dir)}" if set(missing) <= set(SHARD_NAMES) else ""
         what = "skipping:" if merged else "error:"
-        print(f"{what} no LMDB shards {shards} in {args.data_dir}{hint}", file=sys.stderr)  # noqa: T201
+        print(f"{what} no LMDB shards {shards} in {args.data_dir}{shards_hint(args.data_dir, missing)}",  # noqa: T201
+              file=sys.stderr)
     return 0 if merged else 1
 
 

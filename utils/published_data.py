@@ -19,6 +19,11 @@ def shards_download(data_dir: str | os.PathLike) -> str:
     return f"hf download {DATASET_REPO} --local-dir {shlex.quote(str(data_dir))}"
 
 
+def shards_hint(data_dir: str | os.PathLike, names) -> str:
+    """``"; the published shards: <command>"`` when every shard base name of ``names`` is a published one."""
+    return f"; the published shards: {shards_download(data_dir)}" if set(names) <= set(SHARD_NAMES) else ""
+
+
 def published_data_hint(path: str | os.PathLike) -> str:
     """``"; get it with: <commands>"`` when ``path`` is one of the published datasets by its name, else ``""``."""
     path = Path(path)
