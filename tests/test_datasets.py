@@ -71,7 +71,6 @@ def test_text_dataset_parallel_file(tmp_path):
         TextDataset(write(tmp_path / "tabs.txt", "a\tb\n"), tmp_path / "e.txt")
 
 
-
 def test_missing_published_data_names_its_download(tmp_path):
     """The data a shipped config reads, missing: the one line carries the published README's commands that make it
     in that folder; any other missing path gets the plain line."""

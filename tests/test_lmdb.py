@@ -160,7 +160,6 @@ def test_create_lmdb_script_runs_from_repo_root(tmp_path):
     assert LMDBReader(tmp_path / "ode").shape("latents") == (3, *ROW)
 
 
-
 @pytest.mark.parametrize("script", ["create_lmdb_iterative", "merge_lmdb", "merge_and_get_clean"])
 def test_published_scripts_import_the_checkout_they_are_in(tmp_path, script):
     """Run as files, as the published README runs them, the scripts import their own checkout: also where the project
@@ -179,7 +178,6 @@ def test_published_scripts_import_the_checkout_they_are_in(tmp_path, script):
 
 def make_shards(directory, base: str, sizes):
     return [make_db(directory / f"{base}_{i}", n, seed=i, prompt_prefix=f"{i}-") for i, n in enumerate(sizes)]
-
 
 
 def test_merge_scripts_without_shards_name_the_published_download(tmp_path, capsys):

@@ -359,7 +359,6 @@ def test_kill_and_resume_equals_the_uninterrupted_run(world, tmp_path, one_threa
     assert_same_losses(*kill_resume_losses(make, cfg, tmp_path))
 
 
-
 def test_compiled_blocks_train_as_the_eager_model(world, tmp_path, monkeypatch):
     """``compile: true`` (every transformer block compiled in place; the toy base's option on a GPU) trains as the
     eager model does: three steps of a bidirectional base with the frame-0 image term (clips and one-frame samples:

@@ -145,7 +145,7 @@ def test_a_checkpoint_needs_no_dit_folder_and_a_missing_one_names_where_it_goes(
     """``generator_name: Wan2.1-T2V-1.3B`` with no such folder under ``wan_models_dir``, offline: with a checkpoint
     (``weights=False``) the released architecture is built for the checkpoint to fill, nothing fetched; without
     one, and for the text encoder and the VAE, one line whose command downloads the folder to where the config
-    looks for it (before: a bare ``--local-dir Wan2.1-T2V-1.3B``, and no command for the text encoder)."""
+    looks for it."""
     import re
 
     from model.config import get_preset
